@@ -1,0 +1,96 @@
+"""Small file helpers shared by the modules that touch the disk (data layer, runner, save/load)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` in one step.
+
+    A crash or an exception while writing leaves any earlier ``path`` untouched and no
+    half-written file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=_json_default)
+        handle.write("\n")
+    return Path(path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def new_run_dir(parent: str | os.PathLike) -> Path:
+    """Create and return a new, empty ``parent/<timestamp>/`` folder; never reuses one.
+
+    The name is the local time to the microsecond; if that folder exists already (two
+    runs in the same microsecond), a numeric suffix is added.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    for attempt in range(1000):
+        candidate = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new run folder under {parent}")
+
+
+def data_root(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The real-data folder: ``explicit``, else $ANOMALIB_STUDY_DATA, else None."""
+    value = explicit or os.environ.get("ANOMALIB_STUDY_DATA")
+    return Path(value).expanduser() if value else None
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The feature-cache folder: ``explicit``, else $ANOMALIB_STUDY_CACHE, else ~/.cache/anomalib_study."""
+    value = explicit or os.environ.get("ANOMALIB_STUDY_CACHE")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "anomalib_study"

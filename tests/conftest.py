@@ -1,0 +1,33 @@
+"""Shared fixtures: the real-data folder (skips clearly when absent) and small generated data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _real_data_dir() -> Path:
+    value = os.environ.get("ANOMALIB_STUDY_DATA")
+    return Path(value) if value else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real data folder ($ANOMALIB_STUDY_DATA, default ../shared/data); skips if absent."""
+    root = _real_data_dir()
+    if not (root / "README.md").is_file():
+        pytest.skip(
+            f"real data not found at {root}: set ANOMALIB_STUDY_DATA to the shared data folder "
+            "(CI sets it to ../shared/data)"
+        )
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own feature cache, so no test depends on another's leftovers."""
+    monkeypatch.setenv("ANOMALIB_STUDY_CACHE", str(tmp_path_factory.mktemp("cache")))
