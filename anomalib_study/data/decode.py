@@ -43,12 +43,17 @@ def _open_fully(path: Path, what: str) -> Image.Image:
         raise DataError(f"{what} {path} is a folder, not an image file")
     if path.stat().st_size == 0:
         raise DataError(f"{what} {path} is empty (0 bytes): re-copy or re-download the file")
+    image = None
     try:
         image = Image.open(path)
         image.load()  # decode every pixel now: a truncated file fails here, not later
     except Image.DecompressionBombError as exc:
+        if image is not None:
+            image.close()
         raise DataError(f"{what} {path} is too large to decode safely ({exc})") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        if image is not None:
+            image.close()
         reason = str(exc) or type(exc).__name__
         raise DataError(
             f"{what} {path} cannot be decoded ({reason}): the file is corrupt, truncated or "
@@ -105,12 +110,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         DataError: the file is missing, empty (0 bytes), truncated, corrupt or not an image.
     """
     path = Path(path)
-    image = _open_fully(path, "image")
+    original = image = _open_fully(path, "image")
     try:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # a broken EXIF block must not lose an otherwise good image
         warnings.warn(f"{path}: unreadable EXIF orientation ignored ({exc})", stacklevel=2)
-    return _to_rgb(image)
+    result = _to_rgb(image)
+    if result is not original:
+        original.close()  # release the file handle that multi-frame formats keep open
+    return result
 
 
 def _mask_values(path: Path) -> np.ndarray:

@@ -1,0 +1,341 @@
+"""Batched feature extraction with a progress bar, and the on-disk feature cache.
+
+Decoding and preprocessing run in a torch ``DataLoader`` (``num_workers`` processes), so
+they overlap the forward pass. With a cache, only the images whose embeddings are not
+stored yet are decoded and run; the second evaluation of the same images reads one small
+index of content hashes and the stored embeddings.
+
+Cache layout (``<root>/``, default ``<cache_root()>/features``)::
+
+    content_hashes.json              path -> [size, mtime_ns, sha256 of the bytes]
+    <model_key>/key.json             what the key stands for (backbone, weights, preprocessing)
+    <model_key>/<shard>.npz          hashes (N,) str + embeddings (N, D) float32, append-only
+
+``model_key`` is the sha256 of the canonical JSON of the backbone name, the weights'
+sha256, the preprocessing dict and the output kind; an image's entry is keyed by the
+sha256 of its file bytes, so a changed file is a cache miss. Every file is written
+atomically; shards are merged into one when they become many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .backbones import Backbone, resolve_device
+from .data.decode import content_hash, load_image
+from .errors import DataError, ParameterError, StudyError
+from .io import atomic_write, cache_root, sha256_bytes, write_json
+
+CACHE_FORMAT = 1
+_MAX_SHARDS = 16
+
+
+# --------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------
+class FeatureCache:
+    """Embeddings on disk, keyed by (backbone identity, image content hash).
+
+    ``root``: the cache folder (default ``cache_root() / "features"``, i.e.
+    ``$ANOMALIB_STUDY_CACHE/features``).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else cache_root() / "features"
+        self._hash_index: dict[str, list] | None = None
+        self._hash_index_dirty = False
+        self._shards: dict[Path, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    def __repr__(self) -> str:
+        return f"FeatureCache(root={str(self.root)!r})"
+
+    # ---- keys --------------------------------------------------------------------------
+    @staticmethod
+    def key_fields(backbone: Backbone, output: str = "embedding") -> dict:
+        """What a model key stands for (JSON-able)."""
+        return {
+            "format": CACHE_FORMAT,
+            "backbone": backbone.name,
+            "weights_sha256": backbone.weights_sha256,
+            "preprocessing": backbone.preprocessing,
+            "output": output,
+        }
+
+    @classmethod
+    def model_key(cls, backbone: Backbone, output: str = "embedding") -> str:
+        """sha256 of the canonical JSON of :meth:`key_fields` (first 32 hex digits)."""
+        canonical = json.dumps(cls.key_fields(backbone, output), sort_keys=True, separators=(",", ":"))
+        return sha256_bytes(canonical.encode("utf-8"))[:32]
+
+    def content_hashes(self, paths: Sequence[str | os.PathLike], progress: bool = False) -> list[str]:
+        """sha256 of each file's bytes, memoised by (path, size, mtime_ns) in ``content_hashes.json``.
+
+        Raises DataError naming a missing file.
+        """
+        index = self._load_hash_index()
+        hashes = []
+        for path in tqdm(paths, desc="hashing images", disable=not progress or len(paths) < 200, leave=False):
+            real = os.path.realpath(path)
+            try:
+                stat = os.stat(real)
+            except OSError:
+                raise DataError(f"image {path} does not exist: check the path or the data folder") from None
+            entry = index.get(real)
+            if entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
+                hashes.append(entry[2])
+                continue
+            digest = content_hash(real)
+            index[real] = [stat.st_size, stat.st_mtime_ns, digest]
+            self._hash_index_dirty = True
+            hashes.append(digest)
+        self._save_hash_index()
+        return hashes
+
+    def _load_hash_index(self) -> dict[str, list]:
+        if self._hash_index is None:
+            try:
+                self._hash_index = json.loads((self.root / "content_hashes.json").read_text())
+            except (OSError, ValueError):
+                self._hash_index = {}
+        return self._hash_index
+
+    def _save_hash_index(self) -> None:
+        if self._hash_index_dirty:
+            write_json(self.root / "content_hashes.json", self._hash_index)
+            self._hash_index_dirty = False
+
+    # ---- entries -----------------------------------------------------------------------
+    def _folder(self, backbone: Backbone, output: str) -> Path:
+        return self.root / self.model_key(backbone, output)
+
+    def _read_shards(self, folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+        shards = []
+        for path in sorted(folder.glob("*.npz")):
+            try:
+                mtime = path.stat().st_mtime_ns
+                cached = self._shards.get(path)
+                if cached is None or cached[0] != mtime:
+                    with np.load(path, allow_pickle=False) as data:
+                        cached = (mtime, data["hashes"], data["embeddings"])
+                    self._shards[path] = cached
+            except FileNotFoundError:  # merged away by another process meanwhile
+                continue
+            except Exception as error:  # a damaged shard is a cache miss, not a failure
+                warnings.warn(f"feature cache: ignoring unreadable shard {path} ({error})", stacklevel=3)
+                continue
+            shards.append((cached[1], cached[2]))
+        return shards
+
+    def get_many(self, backbone: Backbone, hashes: Sequence[str], output: str = "embedding") -> dict[str, np.ndarray]:
+        """{hash: (D,) float32 row} for those of ``hashes`` that are stored."""
+        wanted = set(hashes)
+        found: dict[str, np.ndarray] = {}
+        for shard_hashes, rows in self._read_shards(self._folder(backbone, output)):
+            for position, digest in enumerate(shard_hashes.tolist()):
+                if digest in wanted:
+                    found[digest] = rows[position]
+        return found
+
+    def put_many(self, backbone: Backbone, hashes: Sequence[str], rows: np.ndarray,
+                 output: str = "embedding") -> None:
+        """Store ``rows`` (N, D) under ``hashes`` (N,) as one new shard, written atomically."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if len(hashes) == 0:
+            return
+        if rows.ndim != 2 or rows.shape[0] != len(hashes):
+            raise ParameterError(f"put_many: rows of shape {rows.shape} do not match {len(hashes)} hashes")
+        folder = self._folder(backbone, output)
+        if not (folder / "key.json").is_file():
+            write_json(folder / "key.json", self.key_fields(backbone, output))
+        self._write_shard(folder / f"{uuid.uuid4().hex}.npz", np.asarray(list(hashes)), rows)
+        shard_files = sorted(folder.glob("*.npz"))
+        if len(shard_files) > _MAX_SHARDS:
+            self._merge(folder, shard_files)
+
+    @staticmethod
+    def _write_shard(path: Path, hashes: np.ndarray, rows: np.ndarray) -> None:
+        with atomic_write(path) as handle:
+            np.savez(handle, hashes=hashes, embeddings=rows)
+
+    def _merge(self, folder: Path, shard_files: list[Path]) -> None:
+        merged: dict[str, np.ndarray] = {}
+        for shard_hashes, rows in self._read_shards(folder):
+            merged.update(zip(shard_hashes.tolist(), rows))
+        if not merged:
+            return
+        self._write_shard(folder / f"{uuid.uuid4().hex}.npz", np.asarray(list(merged)),
+                          np.stack(list(merged.values())))
+        for path in shard_files:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            self._shards.pop(path, None)
+
+
+_DEFAULT_CACHES: dict[Path, FeatureCache] = {}
+
+
+def _resolve_cache(cache) -> FeatureCache | None:
+    if cache is None or cache is False:
+        return None
+    if isinstance(cache, FeatureCache):
+        return cache
+    if cache == "default":
+        root = cache_root() / "features"
+        if root not in _DEFAULT_CACHES:  # one instance per folder keeps its in-memory memos
+            _DEFAULT_CACHES[root] = FeatureCache(root)
+        return _DEFAULT_CACHES[root]
+    raise ParameterError(f"cache={cache!r}: use None, 'default' or a FeatureCache")
+
+
+# --------------------------------------------------------------------------------------
+# Decoding in DataLoader workers
+# --------------------------------------------------------------------------------------
+class _ImageFiles(Dataset):
+    """(position, preprocessed image or None, error message or None) for each path."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int):
+        try:
+            return position, self.transform(load_image(self.paths[position])), None
+        except StudyError as error:  # surfaced in the main process as one clear DataError
+            return position, None, str(error)
+        except Exception as error:
+            return position, None, f"image {self.paths[position]} cannot be preprocessed: {error}"
+
+
+def _collate(items):
+    positions = [item[0] for item in items]
+    errors = [item[2] for item in items if item[2] is not None]
+    if errors:
+        return positions, None, errors
+    return positions, torch.stack([item[1] for item in items]), []
+
+
+def _check_arguments(paths, batch_size, num_workers) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        raise ParameterError("paths must be a list of image paths, not a single path")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ParameterError(f"batch_size={batch_size!r}: give an integer >= 1")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ParameterError(f"num_workers={num_workers!r}: give an integer >= 0")
+    return [Path(p) for p in paths]
+
+
+def _batches(backbone: Backbone, paths: Sequence[Path], batch_size: int, num_workers: int,
+             device: torch.device) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Preprocessed batches on ``device``: (positions in ``paths``, (B, 3, H, W) tensor)."""
+    loader = DataLoader(
+        _ImageFiles(paths, backbone.image_transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    for positions, images, errors in loader:
+        if errors:
+            raise DataError(errors[0])
+        yield positions, images.to(device, non_blocking=True)
+
+
+def _prepare(backbone: Backbone, device) -> torch.device:
+    if not isinstance(backbone, Backbone):
+        raise ParameterError(f"backbone must be a Backbone from load_backbone(), got {type(backbone).__name__}")
+    if device is None:
+        return backbone.device
+    device = resolve_device(device)
+    backbone.to(device)
+    return device
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
+                       num_workers: int = 0, device: str | torch.device | None = None,
+                       cache: None | str | FeatureCache = "default", progress: bool = True,
+                       desc: str | None = None) -> np.ndarray:
+    """Global embeddings of the images at ``paths``: (N, D) float32, rows in the order of ``paths``.
+
+    ``device=None`` uses the backbone's device (otherwise the backbone is moved there).
+    ``cache``: None (no cache), "default" (``$ANOMALIB_STUDY_CACHE/features``) or a
+    :class:`FeatureCache`; only images missing from it are decoded and run. Embeddings are
+    raw features: no direction (higher/lower) is implied.
+    Raises DataError naming the first image that cannot be decoded.
+    """
+    paths = _check_arguments(paths, batch_size, num_workers)
+    device = _prepare(backbone, device)
+    store = _resolve_cache(cache)
+    result = np.zeros((len(paths), backbone.embedding_dim), dtype=np.float32)
+    if not paths:
+        return result
+    if store is not None:
+        hashes = store.content_hashes(paths, progress=progress)
+        found = store.get_many(backbone, hashes)
+        first_position: dict[str, int] = {}
+        for position, digest in enumerate(hashes):
+            if digest in found:
+                result[position] = found[digest]
+            else:
+                first_position.setdefault(digest, position)  # identical files are run once
+        todo = sorted(first_position.values())
+    else:
+        hashes, todo = None, list(range(len(paths)))
+    if todo:
+        computed = np.zeros((len(todo), backbone.embedding_dim), dtype=np.float32)
+        bar = tqdm(total=len(todo), desc=desc or f"{backbone.name} embeddings", disable=not progress, unit="img")
+        try:
+            with torch.inference_mode():
+                for positions, images in _batches(backbone, [paths[i] for i in todo], batch_size,
+                                                  num_workers, device):
+                    embedding = backbone(images)["embedding"]
+                    computed[positions] = embedding.float().cpu().numpy()
+                    bar.update(len(positions))
+        finally:
+            bar.close()
+        result[todo] = computed
+        if store is not None:
+            store.put_many(backbone, [hashes[i] for i in todo], computed)
+            by_hash = {hashes[i]: row for i, row in zip(todo, computed)}
+            for position, digest in enumerate(hashes):
+                if digest in by_hash:
+                    result[position] = by_hash[digest]
+    return result
+
+
+def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike], layers: Sequence[str], *,
+                         batch_size: int = 8, num_workers: int = 0, device: str | torch.device | None = None,
+                         progress: bool = True, desc: str | None = None
+                         ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Yield (positions in ``paths``, {"embedding": (B, D), <layer>: (B, C, h, w), ...}) per batch.
+
+    The tensors stay on the compute device, for PatchCore-style methods to reduce them
+    there. Not cached. Unknown ``layers`` raise ParameterError before any image is read;
+    an undecodable image raises DataError naming it.
+    """
+    paths = _check_arguments(paths, batch_size, num_workers)
+    layers = backbone.check_layers(layers) if isinstance(backbone, Backbone) else layers
+    device = _prepare(backbone, device)
+    bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} feature maps", disable=not progress, unit="img")
+    try:
+        for positions, images in _batches(backbone, paths, batch_size, num_workers, device):
+            with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
+                maps = backbone(images, layers=layers)
+            bar.update(len(positions))
+            yield positions, maps
+    finally:
+        bar.close()

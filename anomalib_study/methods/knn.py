@@ -1,0 +1,193 @@
+"""Deep nearest-neighbour anomaly detection (DN2).
+
+Bergman, Cohen and Hoshen, "Deep Nearest Neighbor Anomaly Detection" (2020): an image's
+anomaly score is the mean Euclidean distance from its (L2-normalised) embedding to the
+embeddings of its k nearest normal training images. Higher = more anomalous.
+
+The decision threshold is calibrated on the training images themselves, leave-one-out:
+each training image is scored against the *other* training images, and the threshold is
+the ``thres_ratio`` quantile of those scores (so about ``1 - thres_ratio`` of normal
+images are flagged).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.preprocessing import normalize
+
+from anomalib_study.errors import ModelFileError, ParameterError, StudyError
+from anomalib_study.methods.base import (
+    BaseDetector,
+    check_bool,
+    check_embeddings,
+    check_fraction,
+    check_int,
+    check_is_fitted,
+    load_model_file,
+    save_model_file,
+)
+from anomalib_study.search import NearestNeighbourIndex
+
+__all__ = ["KNNDetector", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "anomalib_study.knn"
+FORMAT_VERSION = 1
+
+
+def _l2_normalise(X: np.ndarray) -> np.ndarray:
+    # sklearn leaves an all-zero row at zero instead of making it NaN
+    return np.ascontiguousarray(normalize(X, norm="l2", axis=1), dtype=np.float32)
+
+
+class KNNDetector(BaseDetector):
+    """Deep kNN anomaly detector on image embeddings.
+
+    Args:
+        k: number of nearest normal images averaged (clamped to n_train - 1 with a warning).
+        thres_ratio: quantile of the leave-one-out training scores used as threshold, in (0, 1).
+        normalize: L2-normalise every embedding (rows) before the search.
+        index: faiss factory string of the search index (``"Flat"`` = exact).
+        device: where the search runs (``"cpu"``; ``"cuda[:N]"`` only helps with faiss-gpu).
+
+    Attributes (after :meth:`fit`):
+        memory_bank_: (n_train, d) float32 normal embeddings (normalised if ``normalize``).
+        index_: the :class:`~anomalib_study.search.NearestNeighbourIndex` over the bank.
+        k_: the k actually used (``min(k, n_train - 1)``).
+        train_scores_: (n_train,) leave-one-out scores of the training images.
+        threshold_: ``np.quantile(train_scores_, thres_ratio)``.
+        n_features_in_: d.
+    """
+
+    def __init__(self, k: int = 100, thres_ratio: float = 0.92, normalize: bool = True, index: str = "Flat", device: str = "cpu"):
+        self.k = k
+        self.thres_ratio = thres_ratio
+        self.normalize = normalize
+        self.index = index
+        self.device = device
+
+    def _validate_params(self) -> None:
+        check_int("k", self.k, minimum=1)
+        check_fraction("thres_ratio", self.thres_ratio)
+        check_bool("normalize", self.normalize)
+        if not isinstance(self.index, str) or not self.index.strip():
+            raise ParameterError(f"index must be a faiss factory string such as 'Flat', got {self.index!r}")
+
+    def _prepare(self, X, name: str, n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
+        X = check_embeddings(X, name=name, n_features=n_features, min_samples=min_samples)
+        return _l2_normalise(X) if self.normalize else X
+
+    def fit(self, X) -> "KNNDetector":
+        """Fit on normal embeddings ``X`` (n_train, d); n_train >= 2. Returns self."""
+        self._validate_params()
+        X = check_embeddings(X, name="X (normal embeddings)")
+        n = X.shape[0]
+        if n < 2:
+            raise ParameterError(
+                f"KNNDetector needs at least 2 normal images to fit (leave-one-out threshold), got {n}"
+            )
+        if self.normalize:
+            X = _l2_normalise(X)
+        k_used = int(self.k)
+        if k_used >= n:
+            k_used = n - 1
+            warnings.warn(
+                f"k={self.k} is not smaller than the {n} normal images: using k={k_used} (n - 1)",
+                stacklevel=2,
+            )
+        index = NearestNeighbourIndex(factory=self.index, metric="l2", device=self.device).fit(X)
+
+        # Leave-one-out: ask for one neighbour more and drop each image's own entry by
+        # index (not by distance, so an exact duplicate of another image still counts).
+        search_k = k_used + 1
+        distances, indices = index.search(X, search_k)
+        own = indices == np.arange(n)[:, None]
+        # If the image did not find itself (ties among > k duplicates, approximate index),
+        # drop its farthest neighbour instead so that every row keeps k_used entries.
+        own[~own.any(axis=1), -1] = True
+        loo = distances[~own].reshape(n, search_k - 1)
+        self._check_found(loo, "the training images")
+
+        self.memory_bank_ = X
+        self.index_ = index
+        self.k_ = k_used
+        self.n_features_in_ = X.shape[1]
+        self.train_scores_ = loo.mean(axis=1).astype(np.float64)
+        self.threshold_ = float(np.quantile(self.train_scores_, self.thres_ratio))
+        return self
+
+    def _check_found(self, distances: np.ndarray, what: str) -> None:
+        if not np.isfinite(distances).all():
+            rows = int((~np.isfinite(distances).all(axis=1)).sum())
+            raise ParameterError(
+                f"index {self.index!r} returned fewer than k={self.k_ if hasattr(self, 'k_') else self.k} neighbours "
+                f"for {rows} of {what}: use index='Flat' or an IVF index with more points per list"
+            )
+
+    def score(self, X) -> np.ndarray:
+        """Anomaly scores (n,) float64 of embeddings ``X`` (n, d): the mean Euclidean
+        distance to the k_ nearest normal embeddings. Higher = more anomalous."""
+        check_is_fitted(self, ["memory_bank_", "index_", "threshold_"])
+        X = self._prepare(X, "X", n_features=self.n_features_in_)
+        distances, _ = self.index_.search(X, self.k_)
+        self._check_found(distances, "the images")
+        return distances.mean(axis=1).astype(np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        """(n,) int: 1 = anomalous (score > threshold_), 0 = normal."""
+        return (self.score(X) > self.threshold_).astype(int)
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the fitted detector to one versioned ``.npz`` file, atomically. Returns the path."""
+        check_is_fitted(self, ["memory_bank_", "index_", "threshold_"])
+        metadata = {
+            "params": self.get_params(),
+            "k_": self.k_,
+            "threshold_": self.threshold_,
+            "index_describe": self.index_.describe(),
+        }
+        arrays = {
+            "memory_bank_": self.memory_bank_,
+            "train_scores_": self.train_scores_,
+            "index_bytes": np.frombuffer(self.index_.to_bytes(), dtype=np.uint8),
+        }
+        return save_model_file(path, FORMAT_NAME, FORMAT_VERSION, metadata, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "KNNDetector":
+        """Load a detector written by :meth:`save`; a foreign, old or corrupt file -> ModelFileError."""
+        header, arrays = load_model_file(
+            path, FORMAT_NAME, FORMAT_VERSION, required=("memory_bank_", "train_scores_", "index_bytes")
+        )
+        try:
+            params = dict(header["params"])
+            params["device"] = device
+            detector = cls(**params)
+            detector._validate_params()
+            k_used = int(header["k_"])
+            threshold = float(header["threshold_"])
+        except (KeyError, TypeError, ValueError, StudyError) as error:
+            raise ModelFileError(f"{path} has corrupt KNNDetector metadata: {error}") from None
+        try:
+            index = NearestNeighbourIndex.from_bytes(arrays["index_bytes"].tobytes(), device=device)
+        except ModelFileError as error:
+            raise ModelFileError(f"{path}: {error}") from None
+        bank = np.ascontiguousarray(arrays["memory_bank_"], dtype=np.float32)
+        train_scores = np.asarray(arrays["train_scores_"], dtype=np.float64)
+        if bank.ndim != 2 or index.ntotal != bank.shape[0] or index.dim_ != bank.shape[1]:
+            raise ModelFileError(
+                f"{path} is inconsistent: memory bank shape {bank.shape} vs index of {index.ntotal} x {index.dim_}"
+            )
+        if train_scores.shape != (bank.shape[0],) or not 1 <= k_used < bank.shape[0]:
+            raise ModelFileError(f"{path} is inconsistent: {train_scores.shape[0]} train scores, k_={k_used}, bank {bank.shape}")
+        detector.memory_bank_ = bank
+        detector.index_ = index
+        detector.k_ = k_used
+        detector.n_features_in_ = bank.shape[1]
+        detector.train_scores_ = train_scores
+        detector.threshold_ = threshold
+        return detector
