@@ -583,7 +583,9 @@ def _read_state_dict(path: Path, name: str) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*TorchScript archive")
+                    state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception:
                 # OpenAI CLIP files are TorchScript archives (as clip.load handles them)
                 with warnings.catch_warnings():
@@ -823,7 +825,9 @@ def _build_dinov2(spec, path, image_size):
 
 
 def _build_clip(spec, path, image_size):
-    from clip.model import VisionTransformer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # openai-clip imports the deprecated pkg_resources
+        from clip.model import VisionTransformer
 
     if image_size != spec.image_size:
         raise ParameterError(f"{spec.name} works at image_size={spec.image_size} only (got {image_size})")

@@ -76,7 +76,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA)")
     p.add_argument("--reports", default="reports", help="reports folder (default reports)")
     p.add_argument("--force", action="store_true", help="rerun cells whose inputs did not change")
-    p.add_argument("--only", action="append", default=None, help="run only this cell (dataset-backbone); repeatable")
+    p.add_argument("--only", action="append", default=None, help="run only this cell (dataset-backbone, glob allowed); repeatable")
+    p.add_argument("--device", default=None, help="set every cell's device (cpu, cuda, cuda:N)")
+    p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 
     p = sub.add_parser("download", help="download and verify MVTec AD or DAGM 2007 (needs internet)")
     p.add_argument("name", help="mvtec_ad or dagm2007")
@@ -121,19 +123,19 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         k=args.k, thres_ratio=args.thres_ratio, gpu=args.gpu, batch_size=args.batch_size,
         num_workers=args.num_workers, result_dir=args.result_dir, weights=args.weights, index=args.index,
     )
-    flagged = (Path(run_dir) / "abnormal.result").read_text().split()
+    flagged = (Path(run_dir) / "abnormal.result").read_text().splitlines()
     print(f"{len(flagged)} image(s) flagged anomalous; results in {run_dir}")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from anomalib_study.runner import run_study
+    from anomalib_study.runner import exit_code, run_study
 
     results = run_study(
-        args.study, reports_dir=args.reports, jobs=args.jobs, data_root=args.data, only=args.only, force=args.force,
+        args.study, reports_dir=args.reports, jobs=args.jobs, data_root=args.data, only=args.only,
+        force=args.force, device=args.device, kernel_name=args.kernel,
     )
-    failed = [r for r in results if getattr(r, "status", "ok") == "failed"]
-    return 1 if failed else 0
+    return exit_code(results)
 
 
 def _cmd_download(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from anomalib_study import __version__
 from anomalib_study.data.decode import content_hash, is_image_file
@@ -119,9 +120,10 @@ def list_images(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
     return paths
 
 
-def _manifest(image_dir: Path, paths: list[Path]) -> dict[str, str]:
+def _manifest(image_dir: Path, paths: list[Path], progress: bool = True) -> dict[str, str]:
     """relative posix path -> content sha256, for every image."""
-    return {p.relative_to(image_dir).as_posix(): content_hash(p) for p in paths}
+    bar = tqdm(paths, desc=f"hashing {image_dir}", unit="img", disable=not progress, leave=False)
+    return {p.relative_to(image_dir).as_posix(): content_hash(p) for p in bar}
 
 
 def _jsonable(value: Any) -> Any:
@@ -164,12 +166,12 @@ class KNNDatabase:
                 f"but backbone {backbone.name} gives {backbone.embedding_dim}: {fix}"
             )
 
-    def check_images(self, image_dir: str | os.PathLike) -> None:
+    def check_images(self, image_dir: str | os.PathLike, progress: bool = True) -> None:
         """ModelFileError ("stale database") if the images in ``image_dir`` are not exactly
         those (same relative paths, same contents) the database was built from."""
         image_dir = Path(image_dir)
         paths = sorted(p for p in image_dir.rglob("*") if p.is_file() and is_image_file(p)) if image_dir.is_dir() else []
-        now = _manifest(image_dir, paths)
+        now = _manifest(image_dir, paths, progress=progress)
         stored = {entry["path"]: entry["sha256"] for entry in self.metadata["images"]}
         added = sorted(set(now) - set(stored))
         removed = sorted(set(stored) - set(now))
@@ -368,7 +370,7 @@ def detect_abnormal(
             backbone = load_backbone(database.backbone_name, weights=weights, device=device)
             database.check_backbone(backbone)
             if image_dir.is_dir():
-                database.check_images(image_dir)
+                database.check_images(image_dir, progress=progress)
             else:
                 warnings.warn(
                     f"image_dir {image_dir} does not exist: the database {db_dir} is used without checking "
@@ -379,7 +381,7 @@ def detect_abnormal(
         else:
             normal_paths = list_images(image_dir, "image_dir")
             backbone = load_backbone(model_name, weights=weights, device=device)
-            hashes = _manifest(image_dir, normal_paths)
+            hashes = _manifest(image_dir, normal_paths, progress=progress)
             bank = extract_embeddings(backbone, normal_paths, desc="normal images", **extract_options)
             _check_embeddings(bank, len(normal_paths), backbone, image_dir)
             detector = KNNDetector(k=k, thres_ratio=thres_ratio, normalize=True, index=index, device=device).fit(bank)

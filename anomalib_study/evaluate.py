@@ -13,7 +13,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,6 +51,7 @@ def _evaluate_knn(
     device: str = "cpu",
     cache: Any = "default",
     progress: bool = True,
+    k_sweep: Sequence[int] = (),
 ) -> dict[str, Any]:
     from anomalib_study.features import extract_embeddings
     from anomalib_study.methods.knn import KNNDetector
@@ -82,6 +83,15 @@ def _evaluate_knn(
     timings["score_s"] = time.perf_counter() - started
 
     labels = np.array([r.label for r in dataset.test], dtype=int)
+    sweep = []
+    for k_other in sorted({int(v) for v in k_sweep if 0 < int(v) < len(train_x)}):
+        other = KNNDetector(k=k_other, thres_ratio=thres_ratio, normalize=normalize, index=index).fit(train_x)
+        sweep.append({
+            "k": k_other,
+            "image_auroc": image_auroc(labels, other.score(test_x)),
+            "accuracy": accuracy(labels, other.predict(test_x)),
+            "threshold": float(other.threshold_),
+        })
     return {
         "params": {"k": k, "thres_ratio": thres_ratio, "normalize": normalize, "index": index},
         "k_used": int(detector.k_),
@@ -93,6 +103,7 @@ def _evaluate_knn(
         "train_scores": [float(s) for s in detector.train_scores_],
         "classification_report": classification_summary(labels, predictions),
         "timings": timings,
+        "k_sweep": sweep,
         "per_image": [
             {
                 "path": str(r.path),
@@ -139,7 +150,8 @@ def evaluate(
             overwritten (pick another folder).
         dataset_options: extra options of the layout's reader (seed, train_fraction, ...).
         **method_params: the method's parameters (for knn: k, thres_ratio, normalize,
-            index, batch_size, num_workers, cache, progress).
+            index, batch_size, num_workers, cache, progress, and k_sweep: other k
+            values whose AUROC / accuracy are computed on the same embeddings).
 
     Returns:
         A dict with at least ``image_auroc``, ``accuracy``, ``threshold``, ``n_train``,

@@ -441,7 +441,7 @@ class _Runner:
         previous = _read_json(paths["metrics"]) or {}
         run_info = previous.get("_run", {})
         if (not self.force and run_info.get("inputs_hash") == digest and run_info.get("status") == "ok"
-                and paths["html"].is_file() ):
+                and paths["html"].is_file() and not paths["failed_json"].exists()):
             metrics = {k: v for k, v in previous.items() if k != "_run"}
             self.log(f"{tag}: unchanged, not rerun ({_headline_text(metrics, self.study.headline)})".replace(" ()", ""))
             return CellResult(cell.name, cell.dataset, cell.backbone, "unchanged", parameters, metrics,

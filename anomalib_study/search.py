@@ -329,8 +329,11 @@ class NearestNeighbourIndex:
             raise ModelFileError(f"the saved faiss index is corrupt ({_faiss_reason(error)})") from None
         if index.d != dim:
             raise ModelFileError(f"the saved faiss index has dimension {index.d} but its header says {dim}")
-        self = cls(**params, device=device)
-        self._check_params()
+        try:
+            self = cls(**params, device=device)
+            self._check_params()
+        except (TypeError, ParameterError) as error:
+            raise ModelFileError(f"the saved nearest-neighbour index has invalid settings ({error})") from None
         self.index_ = index
         self.dim_ = dim
         self._apply_search_params()

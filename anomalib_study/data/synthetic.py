@@ -71,7 +71,7 @@ def _add_defect(
     image: np.ndarray, kind: str, rng: np.random.Generator, size: int
 ) -> tuple[np.ndarray, tuple[float, float, float, float, float]]:
     """Draw one defect of ``kind`` inside a random ellipse; returns (image, ellipse)."""
-    semi_major = rng.uniform(0.08, 0.16) * size
+    semi_major = rng.uniform(0.12, 0.22) * size
     semi_minor = semi_major * rng.uniform(0.35, 0.7)
     if kind == "scratch":
         semi_minor = max(semi_major * 0.25, 3.0)
