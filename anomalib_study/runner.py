@@ -597,7 +597,7 @@ def run_study(
     cells = select_cells(cells, only)
     kernel = choose_kernel(kernel_name, study.notebook)
     data = io.data_root(data_root)
-    reports = Path(reports_dir)
+    reports = Path(reports_dir).resolve()  # absolute: the kernel runs in the notebook's folder
     runner = _Runner(study, reports / study.notebook.stem, kernel, data.resolve() if data else None, force, log, len(cells))
     log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, jobs {jobs}")
 

@@ -121,7 +121,9 @@ def make_weights(name: str, folder: Path) -> Path:
             return target
         return _save_half(state, target)
     if spec.family == "clip":
-        from clip.model import VisionTransformer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # openai-clip imports pkg_resources
+            from clip.model import VisionTransformer
 
         visual = _cheap_state(lambda: VisionTransformer(**spec.extra))
         return _save_half({f"visual.{k}": v for k, v in visual.items()}, target)
@@ -332,7 +334,9 @@ class _ScriptedCLIPLike(torch.nn.Module):
 
 
 def test_clip_accepts_the_openai_torchscript_archive(tmp_path):
-    from clip.model import VisionTransformer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # openai-clip imports pkg_resources
+        from clip.model import VisionTransformer
 
     extra = BACKBONES["clip_vit_b32"].extra
     with torch.device("meta"):
