@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import inspect
+import math
 import os
 import platform
 import resource
@@ -62,21 +63,25 @@ FULL = {
     "search": {"n_bank": 200_000, "dim": 384, "n_clusters": 1000, "cluster_std": 0.6, "intrinsic_dim": 32,
                "noise_std": 0.05, "n_queries": 1000, "ks": (1, 100), "factory": "IVF1024,PQ32np", "nprobe": 16,
                "nprobe_sweep": (1, 4, 16, 64), "build_only_factories": ("IVF1024,PQ32",), "repeats": 3},
-    "cache": {"repeats": 1},
+    "cache": {"repeats": 1, "num_workers": None},
     "synthetic": {"n_classes": 3, "n_train": 128, "n_test_normal": 64, "n_test_defect": 64, "image_size": 128},
 }
 QUICK = {
-    "detect": {"n_test": 8, "n_bank": 8, "repeats": 1, "n_sweep": 4, "sweep_workers": (0,), "batch_size": 4},
-    "search": {"n_bank": 10_000, "dim": 64, "n_clusters": 50, "cluster_std": 0.6, "intrinsic_dim": 16,
-               "noise_std": 0.05, "n_queries": 50, "ks": (1, 100), "factory": "IVF64,PQ8np", "nprobe": 8,
-               "nprobe_sweep": (1, 8), "build_only_factories": (), "repeats": 1},
-    "cache": {"repeats": 1},
+    "detect": {"n_test": 4, "n_bank": 4, "repeats": 1, "n_sweep": 0, "sweep_workers": (), "batch_size": 2,
+               "num_workers": 0},
+    "search": {"n_bank": 3000, "dim": 32, "n_clusters": 20, "cluster_std": 0.6, "intrinsic_dim": 8,
+               "noise_std": 0.05, "n_queries": 50, "ks": (1, 100), "factory": "IVF16,PQ4np", "nprobe": 4,
+               "nprobe_sweep": (1, 4), "build_only_factories": (), "repeats": 1},
+    "cache": {"repeats": 1, "num_workers": 0},
     "synthetic": {"n_classes": 1, "n_train": 8, "n_test_normal": 4, "n_test_defect": 4, "image_size": 64},
 }
 
 
+_START = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(f"[bench_knn] {message}", file=sys.stderr, flush=True)
+    print(f"[bench_knn {time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
                                         device=device, cache=None, progress=False)
         return detector.score(embeddings)
 
-    log("detect: warm-up")
+    log(f"detect: decoded {n} images beforehand; warm-up")
     bare_forward(backbone, batches[:1])
     pipeline(test_paths[:batch_size], num_workers)
 
@@ -300,6 +305,7 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
     forward_ms = 1e3 * bare_s / n
 
     # Profile: worker count, on a subset, one pass each (after the same warm-up)
+    log("detect: num_workers sweep")
     sweep = []
     subset = test_paths[:n_sweep]
     for workers in tqdm(sweep_workers, desc="num_workers sweep", unit="setting", file=sys.stderr):
@@ -307,13 +313,17 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
             pipeline(subset, workers)
         sweep.append({"num_workers": workers, "images_per_s": len(subset) / clock.wall_s,
                       "main_cpu_s": clock.main_cpu_s, "workers_cpu_s": clock.workers_cpu_s})
-    with Clock() as clock:
-        bare_forward(backbone, [b for b in batches][: max(1, -(-len(subset) // batch_size))])
-    sub_bare = min(len(subset), n) / clock.wall_s if len(subset) >= batch_size else None
+    sub_bare = None
+    if sweep:
+        chosen = batches[: max(1, -(-len(subset) // batch_size))]
+        with Clock() as clock:
+            bare_forward(backbone, chosen)
+        sub_bare = sum(len(b) for b in chosen) / clock.wall_s
     for row in sweep:
         row["ratio_to_bare"] = _ratio(row["images_per_s"], sub_bare)
 
     detect_ips, bare_ips = n / pipe_s, n / bare_s
+    log("detect: done")
     return {
         "images": n,
         "bank_images": len(bank_paths),
@@ -373,7 +383,7 @@ def clustered_embeddings(n: int, dim: int, n_clusters: int, cluster_std: float, 
     product quantisation work at all (isotropic 384-d noise is its worst case).
     """
     rng = np.random.default_rng(seed)
-    mapping = rng.standard_normal((intrinsic_dim, dim), dtype=np.float32) / np.sqrt(intrinsic_dim)
+    mapping = rng.standard_normal((intrinsic_dim, dim), dtype=np.float32) / math.sqrt(intrinsic_dim)
     centres = rng.standard_normal((n_clusters, intrinsic_dim), dtype=np.float32)
     latent = centres[rng.integers(0, n_clusters, n)]
     latent += cluster_std * rng.standard_normal((n, intrinsic_dim), dtype=np.float32)
@@ -484,12 +494,14 @@ def bench_search(*, n_bank: int = 200_000, dim: int = 384, n_clusters: int = 100
 # 3. Feature cache: cold vs warm evaluate
 # --------------------------------------------------------------------------------------
 def bench_cache(layout: str, root: Path, workdir: Path, *, category: str | None = None,
-                backbone: str = BACKBONE, repeats: int = 1, device: str = "cpu") -> dict[str, Any]:
+                backbone: str = BACKBONE, repeats: int = 1, num_workers: int | None = None,
+                device: str = "cpu") -> dict[str, Any]:
     """``evaluate("knn", layout, root)`` twice with a fresh cache folder: cold then warm.
 
     ``cache_speedup`` = cold total / warm total (everything ``evaluate`` does, including
     loading the data set and the backbone); ``extraction_speedup`` = cold / warm time of the
     two ``extract_embeddings`` calls (train + test). Repeats each use a new cache folder.
+    ``num_workers=None`` keeps ``evaluate``'s own default.
     """
     from anomalib_study.evaluate import evaluate
     from anomalib_study.features import FeatureCache
@@ -503,9 +515,9 @@ def bench_cache(layout: str, root: Path, workdir: Path, *, category: str | None 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cold = evaluate("knn", layout, root, category=category, backbone=backbone, device=device,
-                            cache=cache, progress=False)
+                            cache=cache, progress=False, num_workers=num_workers)
             warm = evaluate("knn", layout, root, category=category, backbone=backbone, device=device,
-                            cache=cache, progress=False)
+                            cache=cache, progress=False, num_workers=num_workers)
         rows.append({
             "cold_total_s": cold["timings"]["total_s"], "warm_total_s": warm["timings"]["total_s"],
             "cold_extract_s": extract_s(cold), "warm_extract_s": extract_s(warm),
@@ -521,6 +533,7 @@ def bench_cache(layout: str, root: Path, workdir: Path, *, category: str | None 
     return {
         "dataset": rows[0]["dataset"], "synthetic": rows[0]["synthetic"], "images": rows[0]["n_images"],
         "backbone": backbone, "device": device, "repeats": repeats,
+        "num_workers": num_workers if num_workers is not None else "evaluate's default",
         "cold_total_s": cold_total, "warm_total_s": warm_total, "cache_speedup": cold_total / warm_total,
         "cold_extract_s": cold_extract, "warm_extract_s": warm_extract,
         "extraction_speedup": cold_extract / warm_extract if warm_extract > 0 else None,
@@ -604,14 +617,15 @@ def run(quick: bool = False, data: str | os.PathLike | None = None, out: str | o
             report["detect"] = {
                 "data": {k: images[k] for k in ("source", "synthetic", "note")},
                 **bench_detect(images["test_paths"], images["bank_paths"], workdir / "detect",
-                               batch_size=d.get("batch_size"), repeats=d["repeats"], n_sweep=d["n_sweep"],
+                               batch_size=d.get("batch_size"), num_workers=d.get("num_workers"), repeats=d["repeats"], n_sweep=d["n_sweep"],
                                sweep_workers=d["sweep_workers"], device=device),
             }
         if "cache" in parts:
             layout, root, category, note = cache_dataset(data_dir, workdir, settings["synthetic"], seed)
             log(f"cache: {note}")
             report["cache"] = {"note": note, **bench_cache(layout, root, workdir / "cache", category=category,
-                                                           repeats=settings["cache"]["repeats"], device=device)}
+                                                           repeats=settings["cache"]["repeats"],
+                                                           num_workers=settings["cache"]["num_workers"], device=device)}
         if "search" in parts:
             s = dict(settings["search"])
             report["search"] = bench_search(**s, seed=seed, device=device)

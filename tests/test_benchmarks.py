@@ -1,0 +1,101 @@
+"""Smoke test of benchmarks/bench_knn.py: its --quick run on tiny generated data writes a
+JSON report with every key, and its small helpers give known answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomalib_study.errors import DataError, ParameterError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_knn", REPO / "benchmarks" / "bench_knn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "knn.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_report_has_every_key(quick_report):
+    report = quick_report
+    assert report["quick"] is True
+    machine = report["machine"]
+    for key in ("cpu_count", "torch_threads", "platform", "date", "load_average_1_5_15_min"):
+        assert key in machine
+    assert report["settings"]["search"]["factory"]
+
+    detect = report["detect"]
+    for key in ("detect_images_per_s", "backbone_images_per_s", "throughput_ratio"):
+        assert _positive(detect[key]), key
+    assert detect["throughput_ratio"] == pytest.approx(detect["detect_images_per_s"] / detect["backbone_images_per_s"])
+    assert detect["data"]["synthetic"] is True and "SYNTHETIC" in detect["data"]["note"]
+    assert detect["same_scores_as_bare_forward"] is True
+    assert {"batch_size", "num_workers", "num_workers_used"} <= set(detect["detect_abnormal_defaults"])
+    assert _positive(detect["detect_abnormal"]["per_image_images_per_s"])
+    assert _positive(detect["profile"]["decode_preprocess_ms_per_image_one_process"])
+
+    search = report["search"]
+    for part in ("exact", "ivfpq"):
+        assert _positive(search[part]["bytes_per_embedding"])
+        for k in (1, 100):
+            assert _positive(search[part][f"k{k}"]["queries_per_s"])
+    # Flat stores d float32 per vector (plus a small header)
+    assert search["exact"]["bytes_per_embedding"] == pytest.approx(4 * search["bank"]["dim"], rel=0.01)
+    assert search["memory_ratio"] > 1
+    for k in ("k1", "k100"):
+        assert 0 <= search["recall_at_k"][k] <= 1
+
+    cache = report["cache"]
+    for key in ("cold_total_s", "warm_total_s", "cache_speedup", "cold_extract_s", "warm_extract_s"):
+        assert _positive(cache[key]), key
+    assert cache["runs"][0]["same_scores"] is True
+    assert cache["warm_extract_s"] < cache["cold_extract_s"]
+
+    assert set(report["ratios"]) >= {"detect / bare forward (images/s)", "cold / warm evaluate (cache_speedup)"}
+
+
+def test_recall_at_k_known_answer():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[4, 3, 2, 1], [5, 9, 10, 11]])  # all found; one of four found
+    assert bench.recall_at_k(approx, exact) == pytest.approx((1.0 + 0.25) / 2)
+
+
+def test_clustered_embeddings_are_normalised_and_deterministic():
+    a = bench.clustered_embeddings(300, 24, n_clusters=5, cluster_std=0.3, seed=3, intrinsic_dim=4)
+    b = bench.clustered_embeddings(300, 24, n_clusters=5, cluster_std=0.3, seed=3, intrinsic_dim=4)
+    assert a.shape == (300, 24) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    # clustered: each point's nearest other point is much nearer than a random pair
+    distances = np.linalg.norm(a[:, None] - a[None], axis=2)
+    np.fill_diagonal(distances, np.inf)
+    assert np.median(distances.min(axis=1)) < 0.5 * np.median(distances[np.isfinite(distances)])
+
+
+def test_bad_arguments_raise_clear_errors(tmp_path):
+    with pytest.raises(ParameterError, match="unknown part"):
+        bench.run(quick=True, parts=["detect", "bogus"])
+    with pytest.raises(DataError, match="not a folder"):
+        bench.run(data=tmp_path / "missing", parts=["search"])
+    assert bench.main(["--data", str(tmp_path / "missing"), "--parts", "search"]) == 2

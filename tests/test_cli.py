@@ -1,0 +1,78 @@
+"""The command line: each command runs, and bad input ends in one line naming the problem (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalib_study.cli import main
+
+
+def _images(folder: Path, n: int, seed: int, spot: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = (120 + rng.normal(0, 6, (48, 48, 3))).clip(0, 255)
+        if spot:
+            pixels[14:34, 14:34] = [250, 20, 20]
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def test_detect_builds_database_then_flags_the_odd_images(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    normal = _images(tmp_path / "normal", 10, 0)
+    test = _images(tmp_path / "test", 3, 1)
+    _images(tmp_path / "test" / "odd", 2, 2, spot=True)
+    args = ["detect", str(test), "--image-dir", str(normal), "--db-dir", str(tmp_path / "db"), "--k", "3",
+            "--num-workers", "0", "--batch-size", "4"]
+    assert main(args) == 0
+    assert (tmp_path / "db" / "database.json").is_file()
+    runs = sorted((tmp_path / "result").iterdir())
+    flagged = (runs[0] / "abnormal.result").read_text().splitlines()
+    assert {Path(p).parent.name for p in flagged} == {"odd"}
+    assert main(args) == 0  # loads the database; a second, separate run folder
+    assert len(list((tmp_path / "result").iterdir())) == 2
+    assert "flagged anomalous" in capsys.readouterr().out
+
+
+def test_detect_on_empty_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    _images(tmp_path / "normal", 4, 0)
+    code = main(["detect", str(tmp_path / "empty"), "--image-dir", str(tmp_path / "normal"), "--num-workers", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_backbones_lists_the_registry(capsys):
+    assert main(["backbones"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"efficientnet_lite0", "dinov2_vits14", "clip_vit_b32", "wide_resnet50_2"} <= set(names)
+
+
+def test_missing_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ANOMALIB_STUDY_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _images(tmp_path / "normal", 4, 0)
+    code = main(["detect", str(tmp_path / "normal"), "--image-dir", str(tmp_path / "normal"), "--model-name",
+                 "wide_resnet50_2", "--db-dir", str(tmp_path / "db"), "--result-dir", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "wide_resnet50_2" in err and "ANOMALIB_STUDY_WEIGHTS" in err and "Traceback" not in err
+
+
+def test_make_synthetic(tmp_path, capsys):
+    assert main(["make-synthetic", str(tmp_path / "syn")]) == 0
+    assert (tmp_path / "syn" / "synthetic.json").is_file()
+
+
+def test_unknown_command_exits_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert "invalid choice" in capsys.readouterr().err
