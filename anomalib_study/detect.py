@@ -310,6 +310,7 @@ def detect_abnormal(
     weights: str | os.PathLike | None = None,
     index: str = "Flat",
     progress: bool = True,
+    cache: Any = "default",
 ) -> Path:
     """Flag the anomalous images of ``test_dir`` with the deep-kNN detector; return the run folder.
 
@@ -331,6 +332,8 @@ def detect_abnormal(
         weights: explicit weight file for the backbone.
         index: faiss factory string of the search index (``"Flat"`` = exact).
         progress: show progress bars.
+        cache: the feature cache: ``"default"`` (``$ANOMALIB_STUDY_CACHE``), a
+            :class:`~anomalib_study.features.FeatureCache`, or ``None`` to neither read nor write it.
 
     Returns:
         The new run folder, holding ``abnormal.result``, ``scores.csv`` and ``config.json``.
@@ -346,7 +349,7 @@ def detect_abnormal(
     db_dir = Path(db_dir) if db_dir is not None else Path(DEFAULT_DB_DIR)
     image_dir, test_dir = Path(image_dir), Path(test_dir)
     test_paths = list_images(test_dir, "test_dir")
-    extract_options = dict(batch_size=batch_size, num_workers=workers, device=device, progress=progress)
+    extract_options = dict(batch_size=batch_size, num_workers=workers, device=device, progress=progress, cache=cache)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -27,7 +27,7 @@ __all__ = ["NearestNeighbourIndex", "METRICS", "available_cores"]
 #: metric name -> faiss metric type
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 
-_FACTORY_EXAMPLES = '"Flat" (exact), "IVF1024,PQ16", "PQ16", "HNSW32"'
+_FACTORY_EXAMPLES = '"Flat" (exact), "IVF1024,PQ16np", "PQ16np", "HNSW32" ("np" skips the polysemous training that plain searches never use)'
 _BYTES_MAGIC = b"ASNNIDX1"  # anomalib_study nearest-neighbour index, container version 1
 _threads_set = False
 
