@@ -38,6 +38,39 @@ def _add_knn_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default="Flat", help="faiss factory string (default Flat = exact)")
 
 
+def _coreset_ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (e.g. 0.01, 0.1, 1.0), got {text}")
+    return value
+
+
+def _odd_int(text: str) -> int:
+    value = int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be an odd positive integer (1, 3, 5...), got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _add_patchcore_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("patchcore options (--method patchcore)")
+    group.add_argument("--coreset-ratio", type=_coreset_ratio, default=0.1,
+                       help="share of training patches kept in the memory bank (default 0.1)")
+    group.add_argument("--patch-size", type=_odd_int, default=3, help="neighbourhood side of the patch features (default 3)")
+    group.add_argument("--score", dest="image_score", choices=("max", "reweighted"), default="reweighted",
+                       help="image score: max patch score or the paper's Eq. 7 reweighting (default reweighted)")
+    group.add_argument("--sigma", type=_non_negative_float, default=4.0, help="Gaussian sigma of the anomaly maps (default 4)")
+    group.add_argument("--calibration-fraction", type=float, default=0.1,
+                       help="share of training images held out of the bank to set the threshold (default 0.1; 0 = none)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalib-study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the split where the layout has no official one")
     p.add_argument("--out", required=True, help="folder for metrics.json (never overwritten)")
     _add_knn_options(p)
+    _add_patchcore_options(p)
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
@@ -98,12 +132,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from anomalib_study.evaluate import evaluate
 
     options = {"seed": args.seed} if args.seed is not None else None
-    metrics = evaluate(
-        args.method, args.dataset, args.root, category=args.category, backbone=args.backbone,
-        weights=args.weights, image_size=args.image_size, device=args.device, out=args.out,
-        dataset_options=options, k=args.k, thres_ratio=args.thres_ratio, index=args.index,
-        batch_size=args.batch_size, num_workers=args.num_workers, cache=None if args.no_cache else "default",
+    common = dict(
+        category=args.category, backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+        device=args.device, out=args.out, dataset_options=options, index=args.index, batch_size=args.batch_size,
+        num_workers=args.num_workers, cache=None if args.no_cache else "default",
     )
+    if args.method == "patchcore":
+        metrics = evaluate(
+            args.method, args.dataset, args.root, coreset_ratio=args.coreset_ratio, patch_size=args.patch_size,
+            image_score=args.image_score, sigma=args.sigma, calibration_fraction=args.calibration_fraction, **common,
+        )
+        _print_patchcore(metrics, args)
+        return 0
+    metrics = evaluate(args.method, args.dataset, args.root, k=args.k, thres_ratio=args.thres_ratio, **common)
     report = metrics["classification_report"]
     print(f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: n_train={metrics['n_train']} n_test={metrics['n_test']}")
     print(f"image AUROC {metrics['image_auroc']:.4f}  accuracy {metrics['accuracy']:.4f}  threshold {metrics['threshold']:.4f}")
@@ -113,6 +154,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{name:>14} {row['precision']:9.3f} {row['recall']:9.3f} {row['f1-score']:9.3f} {int(row['support']):8d}")
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
+
+
+def _print_patchcore(metrics: dict, args: argparse.Namespace) -> None:
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    timings = metrics["timings"]
+    print(f"{metrics['dataset']['name']} / {args.backbone} / patchcore: n_train={metrics['n_train']} "
+          f"n_test={metrics['n_test']} memory bank={metrics['memory_bank_size']}")
+    print(f"image AUROC {fmt(metrics['image_auroc'])} ({metrics['params']['image_score']}; max {fmt(metrics['image_auroc_max'])}, "
+          f"reweighted {fmt(metrics['image_auroc_reweighted'])})  image F1-max {fmt(metrics['image_f1_max'])}")
+    print(f"pixel AUROC {fmt(metrics['pixel_auroc'])}  PRO {fmt(metrics['pro'])}  pixel F1-max {fmt(metrics['pixel_f1_max'])}")
+    print(f"fit {timings['fit_s']:.1f} s (coreset {timings['fit_coreset_s']:.1f} s)  predict {timings['predict_s']:.1f} s  "
+          f"peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB")
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:

@@ -75,9 +75,7 @@ def thumbnail(path, size: int = 112, quality: int = 70) -> str:
     """A small JPEG of an image as a ``data:`` URI (longest side ``size`` pixels)."""
     image = load_image(path)
     image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _to_data_uri(image, quality)
 
 
 def thumbnails_html(paths: Sequence, captions: Sequence[str], size: int = 112, quality: int = 70) -> str:
@@ -89,5 +87,70 @@ def thumbnails_html(paths: Sequence, captions: Sequence[str], size: int = 112, q
             '<img src="%s" style="max-width:%dpx;max-height:%dpx"/>'
             '<figcaption style="font-size:10px;word-wrap:break-word">%s</figcaption></figure>'
             % (size + 8, thumbnail(path, size, quality), size, size, html.escape(caption))
+        )
+    return "<div>" + "".join(cells) + "</div>"
+
+
+def _to_data_uri(image, quality: int = 70) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def overlay_image(image, anomaly_map: np.ndarray, mask: np.ndarray | None = None, vmin: float | None = None,
+                  vmax: float | None = None, alpha: float = 0.45, cmap: str = "jet"):
+    """The image with its anomaly map blended on top and the ground-truth outline in white.
+
+    Args:
+        image: PIL image already cropped to the map's geometry (see :func:`crop_like_input`).
+        anomaly_map: (H, W) scores, higher = more anomalous; scaled to [vmin, vmax]
+            (default: the map's own range) so that several overlays can share one scale.
+        mask: (H, W) bool ground truth, or None.
+    Returns:
+        A PIL RGB image of the map's size.
+    """
+    from PIL import Image
+    from scipy import ndimage
+
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    lo = float(anomaly_map.min()) if vmin is None else vmin
+    hi = float(anomaly_map.max()) if vmax is None else vmax
+    scaled = np.clip((anomaly_map - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    heat = (plt.get_cmap(cmap)(scaled)[..., :3] * 255).astype(np.float32)
+    base = np.asarray(image.convert("RGB").resize(anomaly_map.shape[::-1]), dtype=np.float32)
+    blended = (1 - alpha) * base + alpha * heat
+    if mask is not None and mask.any():
+        edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
+        blended[edge] = 255.0
+    return Image.fromarray(blended.clip(0, 255).astype(np.uint8))
+
+
+def crop_like_input(path, preprocessing: dict):
+    """The image at ``path`` resized and centre-cropped as a backbone's preprocessing does
+    (``preprocessing["resize"]`` shorter side, ``preprocessing["crop"]`` square), unnormalised."""
+    from torchvision.transforms.functional import center_crop, resize
+
+    image = load_image(path)
+    image = resize(image, int(preprocessing["resize"]))
+    return center_crop(image, [int(preprocessing["crop"])] * 2)
+
+
+def overlays_html(paths: Sequence, maps: np.ndarray, masks: Sequence | None, captions: Sequence[str],
+                  preprocessing: dict, vmin: float | None = None, vmax: float | None = None, size: int = 150,
+                  quality: int = 70) -> str:
+    """A row of anomaly-map overlays (small JPEGs) with captions, as HTML."""
+    cells = []
+    masks = [None] * len(paths) if masks is None else masks
+    for path, amap, mask, caption in zip(paths, maps, masks, captions):
+        picture = overlay_image(crop_like_input(path, preprocessing), amap, mask, vmin, vmax)
+        picture.thumbnail((size, size))
+        original = crop_like_input(path, preprocessing)
+        original.thumbnail((size, size))
+        cells.append(
+            '<figure style="display:inline-block;margin:4px;text-align:center;width:%dpx">'
+            '<img src="%s" style="width:%dpx"/><img src="%s" style="width:%dpx"/>'
+            '<figcaption style="font-size:10px;word-wrap:break-word">%s</figcaption></figure>'
+            % (size + 8, _to_data_uri(original, quality), size, _to_data_uri(picture, quality), size,
+               html.escape(caption))
         )
     return "<div>" + "".join(cells) + "</div>"

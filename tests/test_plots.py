@@ -37,3 +37,20 @@ def test_thumbnails_are_small_jpegs(tmp_path):
     assert len(raw) < 12_000
     html = plots.thumbnails_html([path, path], ["crack 0.91", "<good>"], size=96)
     assert html.count("<img") == 2 and "&lt;good&gt;" in html
+
+
+def test_overlay_marks_the_mask_outline_and_follows_the_map(tmp_path):
+    path = _image(tmp_path / "b.png", (320, 240))
+    preprocessing = {"resize": 64, "crop": 56}
+    crop = plots.crop_like_input(path, preprocessing)
+    assert crop.size == (56, 56)
+    amap = np.zeros((56, 56), dtype=np.float32)
+    amap[:, 28:] = 1.0  # right half anomalous
+    mask = np.zeros((56, 56), dtype=bool)
+    mask[10:30, 10:30] = True
+    out = np.asarray(plots.overlay_image(crop, amap, mask))
+    assert out.shape == (56, 56, 3)
+    assert (out[10, 10:30] == 255).all()  # outline drawn in white
+    assert out[40:, 40:, 0].mean() > out[40:, :20, 0].mean()  # jet: high values are red
+    html = plots.overlays_html([path], amap[None], [mask], ["crack 0.9"], preprocessing, size=48)
+    assert html.count("<img") == 2 and "crack 0.9" in html

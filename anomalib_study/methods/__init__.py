@@ -7,8 +7,9 @@ calibrated ``threshold_``.
 
 from anomalib_study.methods.base import BaseDetector, NotFittedError, check_is_fitted
 from anomalib_study.methods.knn import KNNDetector
+from anomalib_study.methods.patchcore import PatchCore
 
 #: method name -> estimator class
-METHODS = {"knn": KNNDetector}
+METHODS = {"knn": KNNDetector, "patchcore": PatchCore}
 
-__all__ = ["BaseDetector", "KNNDetector", "METHODS", "NotFittedError", "check_is_fitted"]
+__all__ = ["BaseDetector", "KNNDetector", "METHODS", "PatchCore", "NotFittedError", "check_is_fitted"]

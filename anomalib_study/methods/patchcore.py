@@ -1,0 +1,647 @@
+"""PatchCore: a memory bank of locally aware patch features, subsampled by a greedy coreset.
+
+Roth, Pemula, Zepeda, Schölkopf, Brox and Gehler, "Towards Total Recall in Industrial
+Anomaly Detection" (CVPR 2022); reference code amazon-science/patchcore-inspection and
+anomalib's ``PatchcoreModel``.
+
+* Training: patch features (:mod:`anomalib_study.patches`) of the normal images; the
+  memory bank ``memory_bank_`` is a greedy k-centre coreset of them
+  (:mod:`anomalib_study.methods.coreset`), searched through the shared faiss layer.
+* Patch score: Euclidean distance of a test patch to its nearest memory-bank patch.
+  Higher = more anomalous.
+* Image score, both always computed in one pass:
+  ``"max"``: the largest patch score s* = ||m_test* - m*||;
+  ``"reweighted"`` (paper Eq. 7): s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*,
+  where N_b(m*) are the b = ``num_neighbours`` memory-bank patches nearest to m* (m* included),
+  computed as ``-expm1(d* - logsumexp(d))`` (no overflow for huge distances). As in anomalib,
+  b = 9 by default; b = 1 (or a bank of one patch) makes it equal to "max".
+* Anomaly map: the patch scores on the (h, w) grid, upsampled bilinearly to the output size
+  (default the backbone's preprocessed input, e.g. 224 x 224) and smoothed with a Gaussian
+  of ``sigma`` (kernel side 2 * int(4 * sigma + 0.5) + 1, reflect padding).
+* Threshold (not in the paper, which only ranks): ``calibration_fraction`` of the training
+  images (seeded choice) is held out of the memory bank and scored like test images;
+  ``threshold_`` is the ``thres_ratio`` quantile of their image scores (so about
+  ``1 - thres_ratio`` of normal images are flagged). ``calibration_fraction=0`` puts every
+  training image in the bank (as the paper does); ``threshold_`` is then NaN and
+  :meth:`predict` refuses to run.
+
+Split: :meth:`PatchCore.fit` / :meth:`PatchCore.score_patches` work on patch features
+(n_images, h*w, D) with no I/O; :meth:`PatchCore.fit_paths` / :meth:`PatchCore.score_paths`
+run the backbone over image files batch by batch (training features go straight into one
+preallocated float32 array; never a list of tensors plus a concatenation).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomalib_study.errors import ModelFileError, ParameterError, StudyError
+from anomalib_study.methods.base import (
+    BaseDetector,
+    check_int,
+    check_is_fitted,
+    load_model_file,
+    save_model_file,
+)
+from anomalib_study.methods.coreset import SAMPLERS
+from anomalib_study.patches import PatchFeatures
+from anomalib_study.search import NearestNeighbourIndex
+
+__all__ = ["PatchCore", "reweighted_image_scores", "anomaly_maps", "gaussian_kernel_size", "FORMAT_NAME",
+           "FORMAT_VERSION", "IMAGE_SCORES"]
+
+FORMAT_NAME = "anomalib_study.patchcore"
+FORMAT_VERSION = 1
+IMAGE_SCORES = ("max", "reweighted")
+_MEMMAP_BYTES = 2 * 1024**3  # training features larger than this go to a temporary memory-mapped file
+_FITTED = ["memory_bank_", "index_", "grid_shape_", "threshold_"]
+
+
+# ---------------------------------------------------------------------------------- pure parts
+def reweighted_image_scores(support_distances) -> np.ndarray:
+    """Paper Eq. 7 from distances: (n, b) -> (n,) float64.
+
+    ``support_distances[i, 0]`` is s* = ||m_test* - m*|| (the image's largest patch score)
+    and ``support_distances[i, 1:]`` the distances from the same test patch to the other
+    b - 1 memory-bank neighbours of m*. Returns ``(1 - softmax(row)[0]) * row[0]``,
+    computed as ``-expm1(row[0] - logsumexp(row)) * row[0]``: finite for any finite
+    distances (no exp overflow). Higher = more anomalous. b = 1 returns s* unchanged.
+    """
+    d = np.asarray(support_distances, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] < 1:
+        raise ParameterError(f"support_distances must be (n, b) with b >= 1, got shape {d.shape}")
+    if d.shape[1] == 1:
+        return d[:, 0].copy()
+    top = d.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(d - top).sum(axis=1))
+    weight = -np.expm1(d[:, 0] - lse)
+    return weight * d[:, 0]
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """Side of the Gaussian kernel used for ``sigma``: 2 * int(4 * sigma + 0.5) + 1 (scipy's truncate=4)."""
+    return 2 * int(4.0 * float(sigma) + 0.5) + 1
+
+
+def anomaly_maps(patch_scores, size: tuple[int, int], sigma: float = 4.0, device: str | torch.device = "cpu") -> np.ndarray:
+    """Patch scores on their grid -> smoothed anomaly maps at ``size``.
+
+    Args:
+        patch_scores: (n, h, w) patch scores (higher = more anomalous).
+        size: output (H, W), e.g. the backbone's preprocessed input side.
+        sigma: Gaussian sigma in output pixels (0 = no smoothing).
+        device: where the upsampling and blur run.
+
+    Returns:
+        (n, H, W) float32 maps, bilinear upsampling (align_corners=False) then a Gaussian
+        blur of side :func:`gaussian_kernel_size` with reflect padding. Higher = more anomalous.
+    """
+    from torchvision.transforms.functional import gaussian_blur
+
+    scores = torch.as_tensor(np.asarray(patch_scores, dtype=np.float32), device=device)
+    if scores.ndim != 3:
+        raise ParameterError(f"patch_scores must be (n, h, w), got shape {tuple(scores.shape)}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma < 0:
+        raise ParameterError(f"sigma must be a number >= 0, got {sigma!r}")
+    height, width = int(size[0]), int(size[1])
+    maps = F.interpolate(scores[:, None], size=(height, width), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        side = gaussian_kernel_size(sigma)
+        if side // 2 >= min(height, width):  # reflect padding needs pad < size
+            raise ParameterError(f"sigma={sigma} is too large for {height}x{width} maps (kernel {side} px)")
+        maps = gaussian_blur(maps, kernel_size=[side, side], sigma=[float(sigma), float(sigma)])
+    return maps[:, 0].cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------- estimator
+class PatchCore(BaseDetector):
+    """PatchCore anomaly detector (see the module docstring for the method).
+
+    Args:
+        backbone: registered backbone name, or a loaded :class:`~anomalib_study.backbones.Backbone`
+            (only needed by :meth:`fit_paths` / :meth:`score_paths`).
+        weights: explicit weight file for a backbone given by name.
+        image_size: input side for a backbone given by name (None = its default).
+        layers: the two (or more) maps used (None = ``backbone.patch_layers``).
+        patch_size: odd neighbourhood side p of the local averaging (paper: 3).
+        per_layer_dim: channels per layer after adaptive pooling (None = native).
+        target_dim: channels of the final patch embedding (None = sum of the layers').
+        sampler: ``"greedy"`` (the paper's coreset) or ``"random"`` (ablation).
+        coreset_ratio: share of the training patches kept in the bank, in (0, 1].
+        projection_dim: dimension of the coreset's random projection (paper: 128).
+        image_score: ``"reweighted"`` (Eq. 7) or ``"max"``; which one :meth:`score` returns.
+        num_neighbours: b of Eq. 7 (neighbours of m* in the bank, m* included; anomalib: 9).
+        sigma: Gaussian sigma of the anomaly maps, in output pixels (paper: 4).
+        index: faiss factory string of the bank search (``"Flat"`` = exact; e.g. ``"IVF256,PQ16"``).
+        thres_ratio: quantile of the calibration images' scores used as ``threshold_``.
+        calibration_fraction: share of the training images held out of the bank to set
+            ``threshold_``, in [0, 1) (0 = paper: all in the bank, no threshold).
+        seed: seeds the coreset and the calibration choice.
+        batch_size, num_workers: image batches for the backbone.
+        device: ``"cpu"`` or ``"cuda[:N]"``: backbone, patch features, coreset, maps.
+        progress: tqdm bars.
+
+    Attributes (after fit): ``memory_bank_`` (M, D) float32, ``index_``
+    (NearestNeighbourIndex), ``grid_shape_`` (h, w), ``n_features_in_`` (D),
+    ``n_train_images_``, ``n_train_patches_`` (patches the coreset chose from),
+    ``calibration_scores_max_`` / ``calibration_scores_reweighted_`` (n_cal,),
+    ``threshold_`` (float, NaN without calibration), ``backbone_identity_`` (dict or None),
+    ``timings_`` (seconds: extract_s, coreset_s, index_s, calibration_s).
+    """
+
+    def __init__(self, backbone: Any = "efficientnet_lite0", weights: str | os.PathLike | None = None,
+                 image_size: int | None = None, layers: Sequence[str] | None = None, patch_size: int = 3,
+                 per_layer_dim: int | None = None, target_dim: int | None = None, sampler: str = "greedy",
+                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, image_score: str = "reweighted",
+                 num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", thres_ratio: float = 0.99,
+                 calibration_fraction: float = 0.1, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
+                 device: str = "cpu", progress: bool = True):
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.layers = layers
+        self.patch_size = patch_size
+        self.per_layer_dim = per_layer_dim
+        self.target_dim = target_dim
+        self.sampler = sampler
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.image_score = image_score
+        self.num_neighbours = num_neighbours
+        self.sigma = sigma
+        self.index = index
+        self.thres_ratio = thres_ratio
+        self.calibration_fraction = calibration_fraction
+        self.seed = seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = device
+        self.progress = progress
+
+    # ------------------------------------------------------------------ checks
+    def _validate_params(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ParameterError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ParameterError(f"image_score must be 'max' or 'reweighted', got {self.image_score!r}")
+        check_int("num_neighbours", self.num_neighbours, minimum=1)
+        check_int("seed", self.seed)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("num_workers", self.num_workers, minimum=0)
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or self.sigma < 0:
+            raise ParameterError(f"sigma must be a number >= 0 (0 = no smoothing), got {self.sigma!r}")
+        for name in ("thres_ratio",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ParameterError(f"{name} must be in (0, 1], got {value!r}")
+        value = self.calibration_fraction
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ParameterError(f"calibration_fraction must be in [0, 1) (0 = no threshold), got {value!r}")
+        if not isinstance(self.index, str) or not self.index.strip():
+            raise ParameterError(f"index must be a faiss factory string such as 'Flat', got {self.index!r}")
+        from anomalib_study.patches import patch_features
+
+        patch_features([torch.zeros(1, 1, 1, 1)], self.patch_size, self.per_layer_dim, self.target_dim)
+        self._make_sampler().run(np.zeros((1, 1), np.float32))
+
+    def _patch_maker(self) -> PatchFeatures:
+        return PatchFeatures(self.layers, self.patch_size, self.per_layer_dim, self.target_dim)
+
+    def _make_sampler(self):
+        if self.sampler == "greedy":
+            return SAMPLERS["greedy"](ratio=self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed,
+                                      device=self.device, progress=self.progress)
+        return SAMPLERS[self.sampler](ratio=self.coreset_ratio, seed=self.seed)
+
+    def calibration_images(self, n_images: int) -> np.ndarray:
+        """Indices (sorted) of the training images held out to set ``threshold_`` (seeded)."""
+        if self.calibration_fraction == 0 or n_images < 2:
+            return np.zeros(0, dtype=np.int64)
+        count = min(n_images - 1, max(1, int(round(self.calibration_fraction * n_images))))
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(n_images, size=count, replace=False)).astype(np.int64)
+
+    @staticmethod
+    def _as_patches(X, name: str, n_features: int | None = None, n_patches: int | None = None) -> np.ndarray:
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        try:
+            array = np.asarray(X, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise ParameterError(f"{name} must be an array (n_images, h*w, D) of numbers: {error}") from None
+        if array.ndim != 3 or 0 in array.shape:
+            raise ParameterError(f"{name} must be a non-empty (n_images, h*w, D) array, got shape {array.shape}")
+        if n_features is not None and array.shape[2] != n_features:
+            raise ParameterError(f"{name} has D={array.shape[2]} but the model was fitted on D={n_features}: "
+                                 "use the same backbone, layers and dimensions")
+        if n_patches is not None and array.shape[1] != n_patches:
+            raise ParameterError(f"{name} has {array.shape[1]} patches per image but the model was fitted on "
+                                 f"{n_patches}: use the same image size")
+        return array
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, grid_shape: tuple[int, int] | None = None) -> "PatchCore":
+        """Fit on the patch features ``X`` (n_images, h*w, D) of normal images. Returns self.
+
+        ``grid_shape`` (h, w) defaults to a square grid. The calibration images (see
+        ``calibration_fraction``) are taken out of ``X`` (one copy of the rest is made; use
+        :meth:`fit_paths` to avoid it).
+        """
+        self._validate_params()
+        X = self._as_patches(X, "X (normal patch features)")
+        n, p, _ = X.shape
+        held = self.calibration_images(n)
+        keep = np.setdiff1d(np.arange(n), held)
+        bank_part = X if held.size == 0 else X[keep]
+        self._fit_arrays(bank_part, X[held], self._grid(grid_shape, p), backbone_identity=None, extract_s=0.0)
+        return self
+
+    @staticmethod
+    def _grid(grid_shape, n_patches: int) -> tuple[int, int]:
+        if grid_shape is None:
+            side = int(round(math.sqrt(n_patches)))
+            if side * side != n_patches:
+                raise ParameterError(f"{n_patches} patches per image is not a square grid: pass grid_shape=(h, w)")
+            return side, side
+        h, w = (int(v) for v in grid_shape)
+        if h * w != n_patches:
+            raise ParameterError(f"grid_shape {grid_shape} does not hold {n_patches} patches per image")
+        return h, w
+
+    def _fit_arrays(self, bank_part: np.ndarray, calibration: np.ndarray, grid: tuple[int, int],
+                    backbone_identity: dict | None, extract_s: float) -> None:
+        n_bank, p, d = bank_part.shape
+        rows = bank_part.reshape(n_bank * p, d)
+        for start in range(0, rows.shape[0], 65536):  # chunked: no boolean copy of the whole array
+            if not np.isfinite(rows[start:start + 65536]).all():
+                raise ParameterError("the training patch features contain NaN or infinite values")
+        started = time.perf_counter()
+        chosen = self._make_sampler().run(rows)
+        coreset_s = time.perf_counter() - started
+        bank = np.ascontiguousarray(rows[np.sort(chosen)], dtype=np.float32)
+        started = time.perf_counter()
+        index = NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=self.device).fit(bank)
+        index_s = time.perf_counter() - started
+
+        self.memory_bank_ = bank
+        self.index_ = index
+        self.grid_shape_ = tuple(grid)
+        self.n_features_in_ = int(d)
+        self.n_train_images_ = int(n_bank + calibration.shape[0])
+        self.n_train_patches_ = int(n_bank * p)
+        self.backbone_identity_ = backbone_identity
+        started = time.perf_counter()
+        if calibration.shape[0]:
+            _, scores_max, scores_rw = self._score_arrays(calibration)
+        else:
+            scores_max = scores_rw = np.zeros(0, dtype=np.float64)
+        self.calibration_scores_max_ = scores_max
+        self.calibration_scores_reweighted_ = scores_rw
+        self.threshold_ = self._threshold()
+        self.timings_ = {"extract_s": float(extract_s), "coreset_s": coreset_s, "index_s": index_s,
+                         "calibration_s": time.perf_counter() - started}
+
+    def _threshold(self) -> float:
+        scores = self.calibration_scores_reweighted_ if self.image_score == "reweighted" else self.calibration_scores_max_
+        return float(np.quantile(scores, self.thres_ratio)) if scores.size else float("nan")
+
+    # ------------------------------------------------------------------ scoring (features)
+    def _score_arrays(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n, p, d = X.shape
+        distances, indices = self.index_.search(X.reshape(n * p, d), 1)
+        if not np.isfinite(distances).all():
+            raise ParameterError(f"index {self.index!r} found no neighbour for some patches: use index='Flat' "
+                                 "or an IVF index with more points per list")
+        patch_scores = distances[:, 0].reshape(n, p)
+        best = np.argmax(patch_scores, axis=1)
+        image_max = patch_scores[np.arange(n), best].astype(np.float64)
+        b = min(int(self.num_neighbours), self.index_.ntotal)
+        if b < 2:
+            return patch_scores, image_max, image_max.copy()
+        nearest_bank = indices[:, 0].reshape(n, p)[np.arange(n), best]  # m* of each image
+        test_patch = X[np.arange(n), best]  # (n, d)
+        # N_b(m*): m* itself first, then its b - 1 nearest other bank patches
+        _, support = self.index_.search(self.memory_bank_[nearest_bank], b)
+        ordered = np.empty((n, b), dtype=np.int64)
+        for i in range(n):
+            others = [j for j in support[i] if j != nearest_bank[i] and j >= 0][: b - 1]
+            while len(others) < b - 1:  # approximate index returned too few: repeat m* (weight only shrinks)
+                others.append(nearest_bank[i])
+            ordered[i] = [nearest_bank[i], *others]
+        gathered = self.memory_bank_[ordered]  # (n, b, d)
+        support_distances = np.sqrt(((gathered.astype(np.float64) - test_patch[:, None, :]) ** 2).sum(axis=2))
+        support_distances[:, 0] = image_max  # s* as searched (same value up to rounding)
+        return patch_scores, image_max, reweighted_image_scores(support_distances)
+
+    def score_patches(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Score patch features ``X`` (n, h*w, D) of test images.
+
+        Returns ``(patch_scores, image_scores_max, image_scores_reweighted)``:
+        (n, h*w) float32 distances to the nearest memory-bank patch (grid row-major,
+        reshape to ``(n, *grid_shape_)``), and the two image scores (n,) float64.
+        Higher = more anomalous everywhere.
+        """
+        check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
+        X = self._as_patches(X, "X", n_features=self.n_features_in_, n_patches=self.grid_shape_[0] * self.grid_shape_[1])
+        return self._score_arrays(X)
+
+    def score(self, X) -> np.ndarray:
+        """Image anomaly scores (n,) float64 of patch features ``X`` (n, h*w, D), of the kind
+        ``image_score``. Higher = more anomalous."""
+        _, image_max, image_rw = self.score_patches(X)
+        return image_rw if self.image_score == "reweighted" else image_max
+
+    def predict(self, X) -> np.ndarray:
+        """(n,) int: 1 = anomalous (score > threshold_), 0 = normal. Needs calibration_fraction > 0."""
+        scores = self.score(X)
+        self._check_threshold()
+        return (scores > self.threshold_).astype(int)
+
+    def _check_threshold(self) -> None:
+        if not np.isfinite(self.threshold_):
+            raise ParameterError("this PatchCore has no threshold (fitted with calibration_fraction=0): "
+                                 "refit with calibration_fraction > 0, or rank images by score()")
+
+    def anomaly_maps(self, patch_scores, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(n, h*w) or (n, h, w) patch scores -> (n, H, W) float32 smoothed maps (see :func:`anomaly_maps`).
+
+        ``size`` (H, W) defaults to the backbone's input side, else 8 x the grid.
+        """
+        check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
+        scores = np.asarray(patch_scores, dtype=np.float32)
+        if scores.ndim == 2:
+            scores = scores.reshape(scores.shape[0], *self.grid_shape_)
+        if size is None:
+            side = (self.backbone_identity_ or {}).get("image_size")
+            size = (side, side) if side else (8 * self.grid_shape_[0], 8 * self.grid_shape_[1])
+        return anomaly_maps(scores, size, sigma=float(self.sigma), device=self._torch_device())
+
+    # ------------------------------------------------------------------ images
+    def _torch_device(self) -> torch.device:
+        from anomalib_study.backbones import resolve_device
+
+        return resolve_device(self.device)
+
+    def get_backbone(self):
+        """The backbone object (loaded from its name the first time, and checked against
+        the fitted model's identity: another backbone or weights -> ModelFileError)."""
+        from anomalib_study.backbones import Backbone, load_backbone
+
+        if getattr(self, "_backbone_module", None) is None:
+            if isinstance(self.backbone, Backbone):
+                module = self.backbone
+            elif isinstance(self.backbone, str):
+                module = load_backbone(self.backbone, weights=self.weights, device=self.device, image_size=self.image_size)
+            else:
+                raise ParameterError(f"backbone must be a registered name or a loaded Backbone, got {self.backbone!r}")
+            self._check_identity(module)
+            self._backbone_module = module
+        return self._backbone_module
+
+    def _identity(self, backbone) -> dict:
+        return {"name": backbone.name, "weights_sha256": backbone.weights_sha256, "image_size": backbone.image_size,
+                "preprocessing": backbone.preprocessing, "layers": self._patch_maker().resolve_layers(backbone)}
+
+    def _check_identity(self, backbone) -> None:
+        expected = getattr(self, "backbone_identity_", None)
+        if not expected:
+            return
+        found = self._identity(backbone)
+        for key in ("name", "weights_sha256", "image_size", "layers"):
+            if expected.get(key) != found.get(key):
+                raise ModelFileError(
+                    f"this PatchCore model was fitted with backbone {expected.get('name')!r} "
+                    f"(weights sha256 {str(expected.get('weights_sha256'))[:12]}..., image_size "
+                    f"{expected.get('image_size')}, layers {expected.get('layers')}) but is used with "
+                    f"{found.get('name')!r} ({key} differs: {found.get(key)!r}): use the same backbone and weights, "
+                    "or fit a new model"
+                )
+
+    def _iter_patch_batches(self, paths, desc: str):
+        from anomalib_study.features import extract_feature_maps
+
+        backbone = self.get_backbone()
+        maker = self._patch_maker()
+        layers = maker.resolve_layers(backbone)
+        for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=self.batch_size,
+                                                    num_workers=self.num_workers, device=self.device,
+                                                    progress=self.progress, desc=desc):
+            with torch.inference_mode():
+                features, grid = maker(maps, layers)
+            yield positions, features.cpu().numpy(), grid
+
+    def extract_patches(self, paths: Sequence[str | os.PathLike], desc: str = "patch features"
+                        ) -> tuple[np.ndarray, tuple[int, int]]:
+        """Patch features of image files: ``(features (n, h*w, D) float32, (h, w))``.
+
+        For studies that fit several models on the same features (e.g. a coreset ablation)
+        with :meth:`fit` / :meth:`score_patches`; :meth:`fit_paths` avoids holding them twice.
+        """
+        self._validate_params()
+        paths = list(paths)
+        if not paths:
+            raise ParameterError("extract_patches needs at least one image")
+        out = grid = None
+        for positions, features, grid_here in self._iter_patch_batches(paths, desc):
+            if out is None:
+                grid = tuple(grid_here)
+                out = np.empty((len(paths), *features.shape[1:]), dtype=np.float32)
+            out[positions] = features
+        return out, grid
+
+    def fit_paths(self, paths: Sequence[str | os.PathLike]) -> "PatchCore":
+        """Fit on normal image files: backbone -> patch features -> coreset -> index. Returns self.
+
+        Features are written batch by batch into one preallocated float32 array (a
+        temporary memory-mapped file above 2 GiB); calibration images into a second small one.
+        """
+        self._validate_params()
+        paths = list(paths)
+        if not paths:
+            raise ParameterError("fit_paths needs at least one normal image")
+        self._backbone_module = None
+        for name in ("backbone_identity_",):
+            self.__dict__.pop(name, None)
+        backbone = self.get_backbone()
+        held = self.calibration_images(len(paths))
+        slot = np.full(len(paths), -1, dtype=np.int64)  # row in the bank array, or -(1 + row) in calibration
+        keep = np.setdiff1d(np.arange(len(paths)), held)
+        slot[keep] = np.arange(keep.size)
+        slot[held] = -1 - np.arange(held.size)
+        bank_part = calibration = grid = None
+        temp = None
+        started = time.perf_counter()
+        try:
+            for positions, features, grid_here in self._iter_patch_batches(paths, "PatchCore train features"):
+                if bank_part is None:
+                    grid = grid_here
+                    _, p, d = features.shape
+                    nbytes = keep.size * p * d * 4
+                    if nbytes > _MEMMAP_BYTES:
+                        from anomalib_study.io import cache_root
+
+                        cache_root().mkdir(parents=True, exist_ok=True)
+                        temp = tempfile.TemporaryFile(dir=cache_root())
+                        bank_part = np.memmap(temp, dtype=np.float32, mode="w+", shape=(keep.size, p, d))
+                    else:
+                        bank_part = np.empty((keep.size, p, d), dtype=np.float32)
+                    calibration = np.empty((held.size, p, d), dtype=np.float32)
+                for position, row in zip(positions, features):
+                    where = slot[position]
+                    if where >= 0:
+                        bank_part[where] = row
+                    else:
+                        calibration[-1 - where] = row
+            extract_s = time.perf_counter() - started
+            self._fit_arrays(bank_part, calibration, grid, self._identity(backbone), extract_s)
+        finally:
+            del bank_part
+            if temp is not None:
+                temp.close()
+        return self
+
+    def score_paths(self, paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None,
+                    keep_patch_scores: bool = False) -> dict[str, np.ndarray]:
+        """Score image files.
+
+        Returns a dict: ``image_scores`` (n,) of the kind ``image_score``,
+        ``image_scores_max`` and ``image_scores_reweighted`` (n,) float64,
+        ``anomaly_maps`` (n, H, W) float32 at ``size`` (default: the backbone's
+        preprocessed input, image_size x image_size; the map covers that resized and
+        centre-cropped input, not the original file), and with ``keep_patch_scores``
+        ``patch_scores`` (n, h, w) float32. Higher = more anomalous everywhere.
+        """
+        check_is_fitted(self, _FITTED, fit_call="fit_paths(paths)")
+        paths = list(paths)
+        backbone = self.get_backbone()
+        if size is None:
+            size = (backbone.image_size, backbone.image_size)
+        n = len(paths)
+        out = {
+            "image_scores_max": np.zeros(n, dtype=np.float64),
+            "image_scores_reweighted": np.zeros(n, dtype=np.float64),
+            "anomaly_maps": np.zeros((n, int(size[0]), int(size[1])), dtype=np.float32),
+        }
+        if keep_patch_scores:
+            out["patch_scores"] = np.zeros((n, *self.grid_shape_), dtype=np.float32)
+        for positions, features, grid in self._iter_patch_batches(paths, "PatchCore scoring"):
+            if tuple(grid) != tuple(self.grid_shape_) or features.shape[2] != self.n_features_in_:
+                raise ParameterError(f"features of grid {grid} x D={features.shape[2]} do not match the fitted "
+                                     f"{self.grid_shape_} x D={self.n_features_in_}: use the same backbone and image size")
+            patch, image_max, image_rw = self._score_arrays(features)
+            grid_scores = patch.reshape(len(positions), *self.grid_shape_)
+            out["image_scores_max"][positions] = image_max
+            out["image_scores_reweighted"][positions] = image_rw
+            out["anomaly_maps"][positions] = anomaly_maps(grid_scores, size, float(self.sigma), self._torch_device())
+            if keep_patch_scores:
+                out["patch_scores"][positions] = grid_scores
+        out["image_scores"] = out["image_scores_reweighted" if self.image_score == "reweighted" else "image_scores_max"]
+        return out
+
+    def predict_paths(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """(n,) int: 1 = anomalous (image score > threshold_) for image files."""
+        check_is_fitted(self, _FITTED, fit_call="fit_paths(paths)")
+        self._check_threshold()
+        scores = self.score_paths(paths)["image_scores"]
+        return (scores > self.threshold_).astype(int)
+
+    # ------------------------------------------------------------------ save / load
+    def __repr__(self) -> str:
+        params = self.get_params()
+        if not isinstance(params["backbone"], str):  # not the whole nn.Module tree
+            params["backbone"] = f"<Backbone {getattr(params['backbone'], 'name', '?')}>"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+
+    def _params_for_file(self) -> dict:
+        params = self.get_params()
+        if not isinstance(params["backbone"], str):  # a loaded Backbone: store how to load it again
+            module = params["backbone"]
+            params["backbone"] = getattr(module, "name", str(module))
+            params["image_size"] = getattr(module, "image_size", params["image_size"])
+            params["weights"] = params["weights"] or getattr(module, "weights_path", None)
+        params["weights"] = None if params["weights"] is None else str(params["weights"])
+        params["layers"] = None if params["layers"] is None else list(params["layers"])
+        return params
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the fitted model (memory bank, configuration, backbone identity, threshold)
+        to one versioned ``.npz``, atomically. Returns the path."""
+        check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
+        metadata = {
+            "params": self._params_for_file(),
+            "grid_shape_": list(self.grid_shape_),
+            "threshold_": None if not np.isfinite(self.threshold_) else self.threshold_,
+            "n_train_images_": self.n_train_images_,
+            "n_train_patches_": self.n_train_patches_,
+            "backbone_identity_": self.backbone_identity_,
+            "timings_": self.timings_,
+            "index_describe": self.index_.describe(),
+        }
+        arrays = {
+            "memory_bank_": self.memory_bank_,
+            "calibration_scores_max_": self.calibration_scores_max_,
+            "calibration_scores_reweighted_": self.calibration_scores_reweighted_,
+        }
+        if self.index.strip() != "Flat":  # a trained index is kept; Flat is rebuilt from the bank
+            arrays["index_bytes"] = np.frombuffer(self.index_.to_bytes(), dtype=np.uint8)
+        return save_model_file(path, FORMAT_NAME, FORMAT_VERSION, metadata, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backbone: Any = None, device: str = "cpu") -> "PatchCore":
+        """Load a model written by :meth:`save`.
+
+        ``backbone``: None (loaded by name when images are scored), or a loaded Backbone,
+        which must be the one the model was fitted with (same name, weights sha256, image
+        size and layers), else ModelFileError. A foreign, old or corrupt file -> ModelFileError.
+        """
+        header, arrays = load_model_file(path, FORMAT_NAME, FORMAT_VERSION,
+                                         required=("memory_bank_", "calibration_scores_max_",
+                                                   "calibration_scores_reweighted_"))
+        try:
+            params = dict(header["params"])
+            params["device"] = device
+            if backbone is not None:
+                params["backbone"] = backbone
+            model = cls(**params)
+            model._validate_params()
+            grid = tuple(int(v) for v in header["grid_shape_"])
+            threshold = header["threshold_"]
+            threshold = float("nan") if threshold is None else float(threshold)
+            identity = header["backbone_identity_"]
+        except (KeyError, TypeError, ValueError, StudyError) as error:
+            raise ModelFileError(f"{path} has corrupt PatchCore metadata: {error}") from None
+        bank = np.ascontiguousarray(arrays["memory_bank_"], dtype=np.float32)
+        if bank.ndim != 2 or bank.shape[0] < 1:
+            raise ModelFileError(f"{path} is inconsistent: memory bank of shape {bank.shape}")
+        try:
+            if "index_bytes" in arrays:
+                index = NearestNeighbourIndex.from_bytes(arrays["index_bytes"].tobytes(), device=device)
+            else:
+                index = NearestNeighbourIndex(factory=model.index, metric="l2", seed=int(model.seed), device=device).fit(bank)
+        except ModelFileError as error:
+            raise ModelFileError(f"{path}: {error}") from None
+        if index.ntotal != bank.shape[0] or index.dim_ != bank.shape[1]:
+            raise ModelFileError(f"{path} is inconsistent: bank {bank.shape} vs index {index.ntotal} x {index.dim_}")
+        model.memory_bank_ = bank
+        model.index_ = index
+        model.grid_shape_ = grid
+        model.n_features_in_ = int(bank.shape[1])
+        model.n_train_images_ = int(header.get("n_train_images_", 0))
+        model.n_train_patches_ = int(header.get("n_train_patches_", 0))
+        model.backbone_identity_ = identity
+        model.calibration_scores_max_ = np.asarray(arrays["calibration_scores_max_"], dtype=np.float64)
+        model.calibration_scores_reweighted_ = np.asarray(arrays["calibration_scores_reweighted_"], dtype=np.float64)
+        model.threshold_ = threshold
+        model.timings_ = dict(header.get("timings_") or {})
+        if backbone is not None:
+            model.get_backbone()  # checks the identity now, not at the first image
+        return model

@@ -1,0 +1,140 @@
+"""Locally aware patch features (PatchCore, Roth et al. 2022, Sec. 3.1), from backbone feature maps.
+
+Each map (B, C_i, h_i, w_i) is averaged over a ``patch_size`` x ``patch_size``
+neighbourhood (stride 1, zero padding ``patch_size // 2``, padded zeros counted as in
+``torch.nn.Unfold`` + adaptive pooling of amazon-science/patchcore-inspection and
+anomalib's ``AvgPool2d(3, 1, 1)``), the coarser maps are upsampled (bilinear) to the grid
+of the finest one, each layer is optionally reduced to ``per_layer_dim`` channels by
+adaptive average pooling over the channels, the layers are concatenated, and the result
+is optionally pooled to ``target_dim`` channels.
+
+The defaults (``per_layer_dim=None``, ``target_dim=None``) keep the native channels
+(EfficientNet-Lite0 stage2 + stage3: 40 + 112 = 152): pooling small channel counts *up*
+to the paper's 1024 only repeats values and inflates the memory bank.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from anomalib_study.errors import ParameterError
+
+__all__ = ["PatchFeatures", "patch_features"]
+
+
+def _check_dim(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{name} must be None (keep the native channels) or an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_patch_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ParameterError(f"patch_size must be an odd integer >= 1 (1 = no neighbourhood averaging), got {value!r}")
+    return value
+
+
+def _pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, dim, h, w) by adaptive average pooling over the channel axis."""
+    b, c, h, w = x.shape
+    if dim == c:
+        return x
+    flat = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)
+    return F.adaptive_avg_pool1d(flat, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+def patch_features(maps: Sequence[torch.Tensor], patch_size: int = 3, per_layer_dim: int | None = None,
+                   target_dim: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch embeddings from feature maps.
+
+    Args:
+        maps: the layers' maps, each (B, C_i, h_i, w_i), on any device; the first map with
+            the largest grid sets the output grid.
+        patch_size: odd neighbourhood side p (1 = no averaging).
+        per_layer_dim: channels each layer is pooled to (None = native C_i).
+        target_dim: channels of the final embedding (None = sum of the layers' channels).
+
+    Returns:
+        ``(features, (h, w))``: features (B, h * w, D) float32 on the maps' device, rows in
+        row-major grid order (row ``i * w + j`` is grid cell (i, j)); D = target_dim, or
+        the sum of the (pooled) layer channels.
+    """
+    patch_size = _check_patch_size(patch_size)
+    per_layer_dim = _check_dim("per_layer_dim", per_layer_dim)
+    target_dim = _check_dim("target_dim", target_dim)
+    if isinstance(maps, torch.Tensor) or len(maps) == 0:
+        raise ParameterError("maps must be a non-empty list of (B, C, h, w) tensors")
+    for i, m in enumerate(maps):
+        if not isinstance(m, torch.Tensor) or m.ndim != 4:
+            shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ParameterError(f"map {i} must be a (B, C, h, w) tensor, got {shape}")
+        if m.shape[0] != maps[0].shape[0]:
+            raise ParameterError(f"maps have different batch sizes: {[int(x.shape[0]) for x in maps]}")
+    grid = max((tuple(m.shape[-2:]) for m in maps), key=lambda hw: hw[0] * hw[1])
+    layers = []
+    for m in maps:
+        m = m.float()
+        if patch_size > 1:
+            m = F.avg_pool2d(m, kernel_size=patch_size, stride=1, padding=patch_size // 2, count_include_pad=True)
+        if tuple(m.shape[-2:]) != grid:
+            m = F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        if per_layer_dim is not None:
+            m = _pool_channels(m, per_layer_dim)
+        layers.append(m)
+    stacked = torch.cat(layers, dim=1) if len(layers) > 1 else layers[0]
+    if target_dim is not None:
+        stacked = _pool_channels(stacked, target_dim)
+    b, d = stacked.shape[:2]
+    features = stacked.permute(0, 2, 3, 1).reshape(b, grid[0] * grid[1], d).contiguous()
+    return features, (int(grid[0]), int(grid[1]))
+
+
+class PatchFeatures:
+    """Callable form of :func:`patch_features` that also knows which backbone maps to take.
+
+    Args:
+        layers: map names of the backbone (None = ``backbone.patch_layers``, the two
+            mid-level maps: stride 8 and 16 for CNNs, two blocks for ViTs).
+        patch_size, per_layer_dim, target_dim: as in :func:`patch_features`.
+
+    ``__call__(maps: dict name -> (B, C, h, w))`` -> ``(features (B, h*w, D), (h, w))``.
+    """
+
+    def __init__(self, layers: Sequence[str] | None = None, patch_size: int = 3, per_layer_dim: int | None = None,
+                 target_dim: int | None = None):
+        self.layers = layers
+        self.patch_size = patch_size
+        self.per_layer_dim = per_layer_dim
+        self.target_dim = target_dim
+
+    def resolve_layers(self, backbone) -> list[str]:
+        """The map names to request from ``backbone`` (validated by the backbone)."""
+        layers = list(backbone.patch_layers) if self.layers is None else self.layers
+        return backbone.check_layers(layers)
+
+    def output_dim(self, channels: Sequence[int]) -> int:
+        """D for layers with ``channels`` each."""
+        if self.target_dim is not None:
+            return int(self.target_dim)
+        if self.per_layer_dim is not None:
+            return int(self.per_layer_dim) * len(channels)
+        return int(sum(channels))
+
+    def __call__(self, maps: dict[str, torch.Tensor], layers: Sequence[str] | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int]]:
+        names = list(layers if layers is not None else (self.layers or []))
+        if not names:
+            raise ParameterError("PatchFeatures needs the layer names: pass layers= or call resolve_layers(backbone)")
+        missing = [name for name in names if name not in maps]
+        if missing:
+            raise ParameterError(f"feature maps {missing} are missing; got {sorted(maps)}")
+        return patch_features([maps[name] for name in names], self.patch_size, self.per_layer_dim, self.target_dim)
+
+    def __repr__(self) -> str:
+        return (f"PatchFeatures(layers={self.layers!r}, patch_size={self.patch_size!r}, "
+                f"per_layer_dim={self.per_layer_dim!r}, target_dim={self.target_dim!r})")

@@ -1,0 +1,697 @@
+"""Our PatchCore against anomalib 2.7.0's, on the same images, side by side. Writes one JSON.
+
+    bash benchmarks/setup_anomalib_venv.sh            # once: anomalib in its own venv
+    python benchmarks/bench_patchcore.py [--data DIR] [--sizes 50 300] [--out reports/benchmarks/patchcore.json]
+
+What is compared (every setting is written to the JSON):
+
+* the same training images: the first N Magnetic-tile MT_Free images of
+  ``mtd_train_filenames.txt`` (the DifferNet / PatchCore training split), N in ``--sizes``;
+* the same test images for predict speed: ``--n-test`` images drawn with a fixed seed from
+  the Magnetic-tile test split (normals and defects);
+* the same backbone: torchvision's ``wide_resnet50_2`` architecture with RANDOM weights
+  (no WideResNet weights exist on this machine; a cost comparison does not need trained
+  ones). anomalib builds it through timm with ``pre_trained=False``; we load a random-init
+  torchvision state dict written once to a temporary file (our loader is strict);
+* the same layers (layer2 + layer3), image size (224 px, our backbone's preprocessing,
+  used verbatim on both sides), coreset ratio (0.10) and torch threads.
+
+Each measurement runs in its own process (anomalib's in its venv via
+``benchmarks/anomalib_side.py``, ours via ``python benchmarks/bench_patchcore.py --our-side``),
+so that ``ru_maxrss`` (the resident-set high-water mark) is the peak of that one run. The
+ratios are ``fit_speedup`` = anomalib fit s / ours, ``predict_speedup`` = our images/s /
+anomalib's, ``peak_memory_ratio`` = our peak RSS / anomalib's. The 1-minute load average
+is recorded with every measurement: other work on a shared machine slows both sides.
+
+A long anomalib run (its fit at 300 images takes about 45 minutes) may be started ahead
+with ``--anomalib-only N`` (same work folder); the main run then reuses its result when the
+parameters and image lists match. Sizes for which anomalib has no result are never
+invented: an extrapolation (quadratic fit of its coreset time in N) is written under a key
+that says so.
+
+The scaling table (``--scaling``) fits OUR PatchCore on 100 / 300 / 761 Magnetic-tile
+normals and reports fit time, coreset time per training image and peak memory against the
+size of the patch bank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_OUT = REPO / "reports" / "benchmarks" / "patchcore.json"
+DEFAULT_VENV = Path(os.environ.get("ANOMALIB_VENV", "/work/.venvs/anomalib-2.7.0"))
+DEFAULT_WORK = Path(tempfile.gettempdir()) / "bench_patchcore"
+ANOMALIB_SIDE = Path(__file__).resolve().parent / "anomalib_side.py"
+
+BACKBONE = "wide_resnet50_2"
+LAYERS = ("layer2", "layer3")
+CORESET_RATIO = 0.10
+N_TEST = 50
+SEED = 0
+
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[bench_patchcore {time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float] | None:
+    """os.getloadavg() rounded (1, 5, 15 minutes), None where the platform has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def peak_rss_mb() -> float:
+    """ru_maxrss of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) used by this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --------------------------------------------------------------------------------------
+# The images both sides see
+# --------------------------------------------------------------------------------------
+def magnetic_tile_lists(data: Path, n_train: int, n_test: int = N_TEST, seed: int = SEED) -> tuple[list[Path], list[Path]]:
+    """(first ``n_train`` training images in the reader's order, ``n_test`` seeded test images).
+
+    Training images are MT_Free images of the DifferNet/PatchCore split; the test images are
+    drawn without replacement from the test split (MT_Free held-out normals and every
+    defect image) with ``numpy.random.default_rng(seed)``, then sorted. Raises DataError
+    when the folder is missing or holds fewer images than asked for.
+    """
+    import numpy as np
+
+    from anomalib_study.data.readers import load_dataset
+    from anomalib_study.errors import DataError
+
+    root = Path(data) / "magnetic_tile"
+    if not root.is_dir():
+        raise DataError(f"Magnetic-tile data not found at {root}: pass --data <folder holding magnetic_tile/> "
+                        "or set ANOMALIB_STUDY_DATA")
+    dataset = load_dataset("magnetic_tile", root)
+    train = [r.path for r in dataset.train]
+    test = sorted(r.path for r in dataset.test)
+    if n_train > len(train):
+        raise DataError(f"{root}: asked for {n_train} training images, the split has {len(train)}")
+    if n_test > len(test):
+        raise DataError(f"{root}: asked for {n_test} test images, the split has {len(test)}")
+    picked = np.random.default_rng(seed).choice(len(test), size=n_test, replace=False)
+    return train[:n_train], sorted(test[i] for i in picked)
+
+
+def write_list(paths: Sequence[Path], target: Path) -> str:
+    """Write one absolute path a line to ``target`` (atomically); return the list's sha256."""
+    from anomalib_study.io import atomic_write
+
+    text = "".join(f"{Path(p).resolve()}\n" for p in paths)
+    with atomic_write(target, "w") as handle:
+        handle.write(text)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def preprocessing_of(image_size: int = 224) -> dict:
+    """Our backbone's preprocessing dict (resize, crop, interpolation, mean, std), used by both sides."""
+    from anomalib_study.backbones import IMAGENET_MEAN, IMAGENET_STD, _preprocessing
+
+    # torchvision ResNets: resize the short side to size*256/224, centre-crop size (backbones._build_resnet)
+    return _preprocessing(int(round(image_size * 256 / 224)), image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+
+# --------------------------------------------------------------------------------------
+# anomalib's side (subprocess in its venv)
+# --------------------------------------------------------------------------------------
+def anomalib_python(venv: Path = DEFAULT_VENV) -> Path:
+    """The venv's python; StudyError with the fix when the venv is missing."""
+    from anomalib_study.errors import StudyError
+
+    python = Path(venv) / "bin" / "python"
+    if not python.is_file():
+        raise StudyError(f"anomalib venv not found at {venv}: run `bash benchmarks/setup_anomalib_venv.sh` "
+                         "(or set ANOMALIB_VENV to its folder)")
+    return python
+
+
+def run_anomalib(n_train: int, work: Path, data: Path, venv: Path = DEFAULT_VENV, n_test: int = N_TEST,
+                 ratio: float = CORESET_RATIO, threads: int = 2, reuse: bool = True) -> dict:
+    """anomalib's fit + predict on the first ``n_train`` training images, in its own process.
+
+    Result (the JSON of anomalib_side.py) is cached as ``work/anomalib_<n>.json`` keyed by
+    the image lists' hashes and the parameters; ``reuse`` takes a matching cached result.
+    """
+    from anomalib_study.errors import StudyError
+    from anomalib_study.io import write_json
+
+    work.mkdir(parents=True, exist_ok=True)
+    train, test = magnetic_tile_lists(data, n_train, n_test)
+    train_sha = write_list(train, work / f"train_{n_train}.txt")
+    test_sha = write_list(test, work / f"test_{n_test}.txt")
+    pre = preprocessing_of()
+    key = {"train_sha256": train_sha, "test_sha256": test_sha, "ratio": ratio, "threads": threads,
+           "backbone": BACKBONE, "layers": list(LAYERS), "preprocessing": pre}
+    cached = work / f"anomalib_{n_train}.json"
+    if reuse and cached.is_file():
+        previous = json.loads(cached.read_text())
+        if previous.get("key") == key:
+            log(f"anomalib N={n_train}: reusing {cached} (measured {previous.get('measured_at')})")
+            return previous
+    command = [str(anomalib_python(venv)), "-W", "ignore", str(ANOMALIB_SIDE),
+               "--train-list", str(work / f"train_{n_train}.txt"), "--test-list", str(work / f"test_{n_test}.txt"),
+               "--preprocessing", json.dumps(pre), "--backbone", BACKBONE, "--layers", *LAYERS,
+               "--coreset-ratio", str(ratio), "--threads", str(threads)]
+    log(f"anomalib N={n_train}: running in {venv} ...")
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    stderr_log = work / f"anomalib_{n_train}.log"  # progress of a long run: tail -f this file
+    with open(stderr_log, "w", encoding="utf-8") as err:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=str(work))
+    if done.returncode != 0:
+        tail = stderr_log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise StudyError(f"anomalib side failed (exit {done.returncode}) for N={n_train} (log {stderr_log}):\n{tail}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update({"key": key, "measured_at": started, "command": " ".join(command[:4]) + " ..."})
+    write_json(cached, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Our side (subprocess: `python benchmarks/bench_patchcore.py --our-side ...`)
+# --------------------------------------------------------------------------------------
+def random_wide_resnet_weights(folder: Path, seed: int = SEED) -> Path:
+    """A random-initialised torchvision ``wide_resnet50_2`` state dict file (written once, atomically).
+
+    The stand-in for ImageNet weights, which do not exist on this machine; anomalib's side
+    uses its own random initialisation (timm, ``pre_trained=False``): the cost is the same.
+    """
+    import torch
+    import torchvision
+
+    from anomalib_study.io import atomic_write
+
+    target = Path(folder) / f"wide_resnet50_2_random_seed{seed}.pth"
+    if not target.is_file():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        state = torchvision.models.wide_resnet50_2(weights=None).state_dict()
+        with atomic_write(target, "wb") as handle:
+            torch.save(state, handle)
+    return target
+
+
+# --------------------------------------------------------------------------------------
+# Ratios, extrapolation, table
+# --------------------------------------------------------------------------------------
+def ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
+    """The comparison of one training-set size (None where a side lacks the figure).
+
+    ``fit_speedup`` = anomalib fit s / our fit s (> 1: we are faster);
+    ``predict_speedup`` = our images/s / anomalib's (> 1: we are faster);
+    ``peak_memory_ratio`` = our peak RSS / anomalib's (< 1: we use less), whole processes;
+    ``peak_memory_above_imports_ratio``: the same on (peak - RSS after imports), which
+    discounts the ~1 GB that importing anomalib's whole package costs before any work;
+    ``fit_cpu_speedup`` / ``predict_cpu_speedup``: the same on CPU seconds (user + system),
+    which other programs on a shared machine disturb less than wall time.
+    """
+    def div(a, b):
+        return None if a is None or b in (None, 0) else float(a) / float(b)
+
+    def above(side):
+        base = side.get("rss_after_imports_mb", side.get("rss_before_model_mb"))
+        return None if base is None or side.get("peak_rss_mb") is None else side["peak_rss_mb"] - base
+
+    return {
+        "fit_speedup": div(theirs.get("fit_s"), ours.get("fit_s")),
+        "predict_speedup": div(ours.get("predict_images_per_s"), theirs.get("predict_images_per_s")),
+        "peak_memory_ratio": div(ours.get("peak_rss_mb"), theirs.get("peak_rss_mb")),
+        "peak_memory_above_imports_ratio": div(above(ours), above(theirs)),
+        "coreset_speedup": div(theirs.get("fit_coreset_s"), ours.get("fit_coreset_s")),
+        "fit_cpu_speedup": div(theirs.get("fit_cpu_s"), ours.get("fit_cpu_s")),
+        "predict_cpu_speedup": div(theirs.get("predict_cpu_s"), ours.get("predict_cpu_s")),
+    }
+
+
+def quadratic_extrapolation(sizes: Sequence[float], seconds: Sequence[float], target: float) -> float:
+    """Least-squares ``a * n**2 + b * n`` through the measured (size, seconds), evaluated at ``target``.
+
+    No constant term: zero images cost zero. Needs at least two distinct sizes. Used ONLY
+    for anomalib sizes that could not be measured, and labelled as an extrapolation.
+    """
+    import numpy as np
+
+    from anomalib_study.errors import ParameterError
+
+    n = np.asarray(sizes, dtype=float)
+    if len(set(n.tolist())) < 2 or len(n) != len(seconds):
+        raise ParameterError(f"quadratic_extrapolation needs >= 2 distinct sizes with one time each, got {list(sizes)}")
+    design = np.stack([n ** 2, n], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, np.asarray(seconds, dtype=float), rcond=None)
+    return float(a * target ** 2 + b * target)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) in ``columns`` order; floats with 3 significant digits."""
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value)
+
+    body = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: str = BACKBONE,
+             weights: str | os.PathLike | None = None, layers: Sequence[str] | None = LAYERS,
+             coreset_ratio: float = CORESET_RATIO, image_size: int | None = None, batch_size: int = 8,
+             threads: int = 0, device: str = "cpu", progress: bool = False) -> dict:
+    """Our PatchCore timed like anomalib_side.py: fit_paths on ``train_paths`` then score_paths on ``test_paths``.
+
+    The backbone is loaded BEFORE the clocks start (anomalib's model is also built before
+    its fit). Every training image goes into the bank (``calibration_fraction=0``, as in
+    anomalib and the paper); ``num_neighbours=9`` as anomalib. ``fit_s`` is the wall time of
+    ``fit_paths`` (decode + backbone + patch features + coreset + exact faiss index);
+    ``predict_*`` cover ``score_paths`` (decode + backbone + search + both image scores +
+    smoothed anomaly maps). Peak memory is this process's ru_maxrss (MiB).
+    """
+    import torch
+
+    from anomalib_study import __version__
+    from anomalib_study.backbones import load_backbone
+    from anomalib_study.methods.patchcore import PatchCore
+
+    if threads:
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = {"side": "anomalib_study", "anomalib_study": __version__, "torch": torch.__version__,
+                              "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+                              "device": device, "n_train": len(train_paths), "n_test": len(test_paths),
+                              "load_average_start": load_average(), "rss_after_imports_mb": peak_rss_mb()}
+    module = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
+    result["rss_after_model_mb"] = peak_rss_mb()
+    model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=coreset_ratio,
+                      calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device,
+                      progress=progress)
+    result["parameters"] = {k: v for k, v in model.get_params().items() if k != "backbone"}
+    result["parameters"].update(backbone=backbone, weights=None if weights is None else str(weights),
+                                layers=model._patch_maker().resolve_layers(module), preprocessing=module.preprocessing)
+    cpu_start, start = cpu_seconds(), time.perf_counter()
+    model.fit_paths(train_paths)
+    fit_s = time.perf_counter() - start
+    timings = dict(model.timings_)
+    result.update({
+        "fit_s": fit_s,
+        "fit_cpu_s": cpu_seconds() - cpu_start,
+        "fit_extract_s": timings.get("extract_s"),
+        "fit_coreset_s": timings.get("coreset_s"),
+        "fit_index_s": timings.get("index_s"),
+        "bank_rows": int(model.n_train_patches_),
+        "bank_dim": int(model.n_features_in_),
+        "bank_mb": model.n_train_patches_ * model.n_features_in_ * 4 / 2**20,
+        "coreset_rows": int(model.memory_bank_.shape[0]),
+        "coreset_s_per_train_image": (timings.get("coreset_s") or 0.0) / max(len(train_paths), 1),
+        "peak_rss_after_fit_mb": peak_rss_mb(),
+        "load_average_after_fit": load_average(),
+    })
+    if test_paths:
+        cpu_start, start = cpu_seconds(), time.perf_counter()
+        scored = model.score_paths(test_paths)
+        predict_s = time.perf_counter() - start
+        result.update({
+            "predict_cpu_s": cpu_seconds() - cpu_start,
+            "predict_s": predict_s,
+            "predict_images_per_s": len(test_paths) / predict_s,
+            "image_scores": [float(v) for v in scored["image_scores"]],
+            "anomaly_map_shape": list(scored["anomaly_maps"].shape[1:]),
+            "load_average_after_predict": load_average(),
+        })
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_memory_note"] = "ru_maxrss of this process (resident-set high-water mark, MiB)"
+    return result
+
+
+def run_ours(train_paths: Sequence[Path], test_paths: Sequence[Path], work: Path, tag: str, backbone: str = BACKBONE,
+             weights: Path | None = None, coreset_ratio: float = CORESET_RATIO, threads: int = 2) -> dict:
+    """:func:`our_side` in a fresh process (so ru_maxrss is this run's own peak); returns its JSON."""
+    from anomalib_study.errors import StudyError
+
+    work.mkdir(parents=True, exist_ok=True)
+    train_list, test_list = work / f"ours_{tag}_train.txt", work / f"ours_{tag}_test.txt"
+    write_list(train_paths, train_list)
+    write_list(test_paths, test_list)
+    command = [sys.executable, str(Path(__file__).resolve()), "--our-side", "--train-list", str(train_list),
+               "--test-list", str(test_list), "--backbone", backbone, "--coreset-ratio", str(coreset_ratio),
+               "--threads", str(threads)]
+    if weights is not None:
+        command += ["--weights", str(weights)]
+    log(f"ours {tag}: {backbone}, {len(train_paths)} train / {len(test_paths)} test images ...")
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    if done.returncode != 0:
+        raise StudyError(f"our side failed (exit {done.returncode}) for {tag}:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["measured_at"] = _dt.datetime.now().isoformat(timespec="seconds")
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# The two parts of the report
+# --------------------------------------------------------------------------------------
+def _cached_or_run(path: Path, key: dict, reuse: bool, run) -> dict:
+    """A measurement stored at ``path`` with this ``key`` (reuse), else ``run()`` stored there."""
+    from anomalib_study.io import write_json
+
+    if reuse and path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("key") == key:
+            log(f"reusing {path.name} (measured {previous.get('measured_at')})")
+            return previous
+    result = run()
+    result["key"] = key
+    write_json(path, result)
+    return result
+
+
+def _summary(side: dict | None) -> dict | None:
+    """The figures of one measurement that go into the report (no per-image scores)."""
+    if side is None:
+        return None
+    keep = ("side", "anomalib", "anomalib_study", "torch", "measured_at", "n_train", "n_test", "fit_s", "fit_extract_s", "fit_coreset_s", "fit_index_s",
+            "coreset_s_per_train_image", "fit_cpu_s", "predict_cpu_s", "bank_rows", "bank_dim", "bank_mb", "coreset_rows", "predict_s",
+            "predict_images_per_s", "peak_rss_after_fit_mb", "peak_rss_mb", "rss_after_imports_mb",
+            "rss_before_model_mb", "rss_after_model_mb", "torch_threads", "load_average_start",
+            "load_average_after_extract", "load_average_after_fit", "load_average_after_predict")
+    return {k: side[k] for k in keep if k in side}
+
+
+def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: Path, n_test: int = N_TEST,
+                     threads: int = 2, reuse: bool = True) -> dict:
+    """Our fit + predict for backbone ``name`` on the first ``n`` training images (fresh process,
+    stored as ``work/ours_<name>_<n>.json`` and reused when images and settings match)."""
+    train, test = magnetic_tile_lists(data, n, n_test)
+    tag = f"{name}_{n}"
+    key = {"train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
+           "test_sha256": write_list(test, work / f"ours_{tag}_test.txt"), "backbone": name,
+           "weights": None if weights is None else str(weights), "ratio": CORESET_RATIO, "threads": threads}
+    return _cached_or_run(work / f"ours_{tag}.json", key, reuse,
+                          lambda: run_ours(train, test, work, tag, name, weights, CORESET_RATIO, threads))
+
+
+def compare(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: Path, anomalib_sizes: Sequence[int],
+            n_test: int = N_TEST, threads: int = 2, reuse: bool = True) -> list[dict]:
+    """One row per training-set size: anomalib's and our measurement (same images), and the ratios.
+
+    anomalib is run for the sizes in ``anomalib_sizes``; for any other size a stored result
+    of an earlier run (``--anomalib-only``) is used if one matches, else the row holds
+    ``anomalib: null`` and an extrapolation from the measured sizes, labelled as such.
+    """
+    rows = []
+    for n in sizes:
+        train, test = magnetic_tile_lists(data, n, n_test)
+        theirs = None
+        cached = work / f"anomalib_{n}.json"
+        if n in anomalib_sizes:
+            theirs = run_anomalib(n, work, data, venv, n_test, CORESET_RATIO, threads, reuse)
+        elif cached.is_file():
+            theirs = run_anomalib(n, work, data, venv, n_test, CORESET_RATIO, threads, reuse=True) \
+                if json.loads(cached.read_text()).get("key", {}).get("train_sha256") == write_list(
+                    train, work / f"train_{n}.txt") else None
+        ours = ours_measurement(BACKBONE, weights, n, data, work, n_test, threads, reuse)
+        row = {"n_train": n, "n_test": n_test, "anomalib": _summary(theirs), "ours": _summary(ours),
+               "ratios": ratios(ours, theirs) if theirs else None}
+        if theirs and ours.get("image_scores") and theirs.get("image_scores"):
+            import numpy as np
+
+            # same images, random weights on both sides (different random draws): scores are not
+            # expected to agree; their rank correlation is reported only as a sanity figure
+            a, b = np.asarray(ours["image_scores"]), np.asarray(theirs["image_scores"])
+            row["score_rank_correlation"] = float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+        rows.append(row)
+        r = row["ratios"] or {}
+        log(f"N={n}: fit ours {ours['fit_s']:.1f} s, anomalib {theirs['fit_s'] if theirs else float('nan'):.1f} s; "
+            f"fit_speedup {r.get('fit_speedup')}, predict_speedup {r.get('predict_speedup')}, "
+            f"peak_memory_ratio {r.get('peak_memory_ratio')}")
+    _extrapolate_missing(rows)
+    return rows
+
+
+def _extrapolate_missing(rows: list[dict]) -> None:
+    """For rows without an anomalib measurement: its fit time extrapolated from the measured rows
+    (coreset: a*n^2 + b*n least squares; feature extraction: mean seconds per image times n).
+    Written under ``anomalib_extrapolated`` / ``ratios_vs_extrapolation``, never as a measurement."""
+    measured = [r for r in rows if r["anomalib"]]
+    if len(measured) < 2:
+        return
+    sizes = [r["n_train"] for r in measured]
+    coreset = [r["anomalib"]["fit_coreset_s"] for r in measured]
+    per_image = sum(r["anomalib"]["fit_extract_s"] / r["n_train"] for r in measured) / len(measured)
+    for row in rows:
+        if row["anomalib"]:
+            continue
+        n = row["n_train"]
+        coreset_s = quadratic_extrapolation(sizes, coreset, n)
+        extract_s = per_image * n
+        row["anomalib_extrapolated"] = {
+            "EXTRAPOLATION": f"not measured: anomalib's fit at N={n} extrapolated from its measurements at N={sizes}",
+            "method": "coreset s = a*n^2 + b*n (least squares); extraction s = mean s/image * n",
+            "fit_coreset_s": coreset_s, "fit_extract_s": extract_s, "fit_s": coreset_s + extract_s,
+        }
+        ours = row["ours"]
+        row["ratios_vs_extrapolation"] = {
+            "fit_speedup_extrapolated": (coreset_s + extract_s) / ours["fit_s"],
+            "coreset_speedup_extrapolated": coreset_s / ours["fit_coreset_s"] if ours.get("fit_coreset_s") else None,
+        }
+
+
+def scaling(sizes: Sequence[int], data: Path, work: Path, backbones: Sequence[tuple[str, Path | None]],
+            threads: int = 2, reuse: bool = True, n_test: int = N_TEST) -> list[dict]:
+    """OUR fit time, coreset time per image and peak memory against the number of training images.
+
+    One fresh process per (backbone, N); a measurement of the comparison with the same
+    backbone, images and settings is reused. ``memory_above_imports_per_bank_mb`` = (peak RSS -
+    RSS after imports) / bank size: roughly constant (or falling) when memory grows no faster
+    than the bank.
+    """
+    rows = []
+    for name, weights in backbones:
+        for n in sizes:
+            result = ours_measurement(name, weights, n, data, work, n_test, threads, reuse)
+            row = {"backbone": name, "random_weights": weights is not None, **_summary(result)}
+            above = result["peak_rss_mb"] - result["rss_after_imports_mb"]
+            row["peak_above_imports_mb"] = above
+            row["memory_above_imports_per_bank_mb"] = above / result["bank_mb"]
+            rows.append(row)
+            log(f"scaling {name} N={n}: fit {result['fit_s']:.1f} s (coreset {result['fit_coreset_s']:.1f} s), "
+                f"peak {result['peak_rss_mb']:.0f} MiB, bank {result['bank_mb']:.0f} MiB")
+    return rows
+
+
+def memory_check(rows: Sequence[dict]) -> dict:
+    """Per backbone: does peak memory (above imports) grow no faster than the bank?
+
+    True when, from the smallest to the largest N, the growth factor of (peak - imports) is
+    at most the bank's growth factor (+10 % slack for allocator noise).
+    """
+    out = {}
+    for name in dict.fromkeys(r["backbone"] for r in rows):
+        mine = sorted((r for r in rows if r["backbone"] == name), key=lambda r: r["n_train"])
+        if len(mine) < 2:
+            continue
+        first, last = mine[0], mine[-1]
+        memory_growth = last["peak_above_imports_mb"] / first["peak_above_imports_mb"]
+        bank_growth = last["bank_mb"] / first["bank_mb"]
+        out[name] = {"n": [first["n_train"], last["n_train"]], "memory_growth": memory_growth,
+                     "bank_growth": bank_growth, "memory_grows_no_faster_than_bank": memory_growth <= 1.1 * bank_growth}
+    return out
+
+
+def machine_info() -> dict:
+    import torch
+
+    from anomalib_study import __version__
+
+    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "anomalib_study": __version__,
+            "memory_total_mb": _total_memory_mb(), "load_average_1_5_15_min": load_average()}
+
+
+def _total_memory_mb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _flat(rows: Sequence[dict], key: str, source: str = "ratios") -> dict[str, float | None]:
+    return {str(r["n_train"]): (r.get(source) or {}).get(key) for r in rows}
+
+
+def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters: dict, started: str) -> dict:
+    anomalib_version = next((r["anomalib"] for r in rows if r["anomalib"]), None)
+    return {
+        "benchmark": "PatchCore: anomalib_study vs anomalib 2.7.0 (same images, backbone, size, coreset ratio)",
+        "started": started,
+        "machine": machine_info(),
+        "anomalib_version": "2.7.0" if anomalib_version else None,
+        "parameters": parameters,
+        "fit_speedup": _flat(rows, "fit_speedup"),
+        "predict_speedup": _flat(rows, "predict_speedup"),
+        "peak_memory_ratio": _flat(rows, "peak_memory_ratio"),
+        "peak_memory_above_imports_ratio": _flat(rows, "peak_memory_above_imports_ratio"),
+        "coreset_speedup": _flat(rows, "coreset_speedup"),
+        "fit_cpu_speedup": _flat(rows, "fit_cpu_speedup"),
+        "predict_cpu_speedup": _flat(rows, "predict_cpu_speedup"),
+        "fit_speedup_extrapolated": {k: v for k, v in _flat(rows, "fit_speedup_extrapolated",
+                                                          "ratios_vs_extrapolation").items() if v is not None},
+        "goals": {"fit_speedup_at_300": ">= 10", "predict_speedup": ">= 2", "peak_memory_ratio": "<= 1"},
+        "comparison": list(rows),
+        "scaling": list(scaling_rows),
+        "scaling_memory_check": memory_check(scaling_rows) if scaling_rows else {},
+        "notes": [
+            "Timings are wall-clock seconds on a shared 2-core machine: other processes ran at the same time "
+            "(see the load averages recorded with every measurement), which slows both sides.",
+            "Peak memory = resource.getrusage(RUSAGE_SELF).ru_maxrss of the measuring process (one process per "
+            "measurement); tracemalloc does not see torch's native allocations. It includes the imports: "
+            "'peak_memory_above_imports_ratio' discounts them (anomalib's package import alone is ~1 GB).",
+            "Backbone wide_resnet50_2 with random weights on both sides (no WideResNet weights exist here): "
+            "the cost is that of trained weights; the scores are not comparable.",
+            "anomalib is driven through PatchcoreModel (forward in training mode per batch = "
+            "Patchcore.training_step, subsample_embedding = Patchcore.fit), without Lightning's loop.",
+            "Any anomalib figure under 'anomalib_extrapolated' is an extrapolation, not a measurement.",
+        ],
+    }
+
+
+def print_tables(report: dict) -> None:
+    rows = []
+    for r in report["comparison"]:
+        a, o, q = r["anomalib"] or {}, r["ours"], r["ratios"] or {}
+        ext = r.get("anomalib_extrapolated") or {}
+        rows.append({"N": r["n_train"], "anomalib_fit_s": a.get("fit_s") or (f"~{ext['fit_s']:.0f} (extrap.)" if ext else None),
+                     "ours_fit_s": o["fit_s"], "fit_speedup": q.get("fit_speedup") or (
+                         f"~{r['ratios_vs_extrapolation']['fit_speedup_extrapolated']:.1f} (extrap.)" if ext else None),
+                     "anomalib_img/s": a.get("predict_images_per_s"), "ours_img/s": o.get("predict_images_per_s"),
+                     "predict_speedup": q.get("predict_speedup"), "fit_cpu_speedup": q.get("fit_cpu_speedup"),
+                     "predict_cpu_speedup": q.get("predict_cpu_speedup"), "anomalib_peak_MiB": a.get("peak_rss_mb"),
+                     "ours_peak_MiB": o.get("peak_rss_mb"), "peak_memory_ratio": q.get("peak_memory_ratio"),
+                     "load_1min": (o.get("load_average_start") or [None])[0]})
+    print("\nPatchCore vs anomalib 2.7.0 (wide_resnet50_2 random init, layer2+layer3, 224 px, coreset 10 %)")
+    print(format_table(rows, list(rows[0]) if rows else ["N"]))
+    if report["scaling"]:
+        print("\nScaling of OUR PatchCore (Magnetic-tile normals)")
+        print(format_table(report["scaling"], ["backbone", "n_train", "bank_rows", "bank_mb", "fit_s", "fit_extract_s",
+                                               "fit_coreset_s", "coreset_s_per_train_image", "peak_rss_mb",
+                                               "peak_above_imports_mb", "memory_above_imports_per_bank_mb"]))
+        for name, check in report["scaling_memory_check"].items():
+            print(f"  {name}: memory grew x{check['memory_growth']:.2f} while the bank grew x{check['bank_growth']:.2f}")
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+def _our_side_main(args: argparse.Namespace) -> int:
+    train = [Path(line) for line in Path(args.train_list).read_text().split("\n") if line.strip()]
+    test = [Path(line) for line in Path(args.test_list).read_text().split("\n") if line.strip()] if args.test_list else []
+    result = our_side(train, test, backbone=args.backbone, weights=args.weights, layers=args.layers,
+                      coreset_ratio=args.coreset_ratio, image_size=args.image_size, threads=args.threads,
+                      device=args.device)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from anomalib_study.errors import StudyError
+    from anomalib_study.io import data_root, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="data folder holding magnetic_tile/ (default $ANOMALIB_STUDY_DATA "
+                                                     "or ../shared/data)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON report")
+    parser.add_argument("--work", default=str(DEFAULT_WORK), help="image lists, weights file, stored measurements")
+    parser.add_argument("--venv", default=str(DEFAULT_VENV), help="anomalib's venv (setup_anomalib_venv.sh)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 300], help="training-set sizes compared")
+    parser.add_argument("--anomalib-sizes", type=int, nargs="*", default=None,
+                        help="sizes anomalib is run for now (default: all --sizes); others use a stored run or "
+                             "are extrapolated (labelled)")
+    parser.add_argument("--n-test", type=int, default=N_TEST, help="test images timed for predict")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--scaling-sizes", type=int, nargs="*", default=[100, 300, 761])
+    parser.add_argument("--scaling-backbones", nargs="*", default=["efficientnet_lite0", BACKBONE])
+    parser.add_argument("--no-reuse", action="store_true", help="measure again even where a stored result matches")
+    parser.add_argument("--anomalib-only", type=int, default=None, metavar="N",
+                        help="only run (and store) anomalib's measurement at N training images, e.g. ahead in the background")
+    # the child process of one of our measurements
+    parser.add_argument("--our-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--train-list", help=argparse.SUPPRESS)
+    parser.add_argument("--test-list", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", default=BACKBONE, help=argparse.SUPPRESS)
+    parser.add_argument("--weights", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", nargs="*", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--coreset-ratio", type=float, default=CORESET_RATIO, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        if args.our_side:
+            if args.layers is None and args.backbone == BACKBONE:
+                args.layers = list(LAYERS)
+            return _our_side_main(args)
+        data = data_root(args.data) or (REPO.parent / "shared" / "data")
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        venv = Path(args.venv)
+        if args.anomalib_only is not None:
+            result = run_anomalib(args.anomalib_only, work, data, venv, args.n_test, CORESET_RATIO, args.threads,
+                                  reuse=not args.no_reuse)
+            print(json.dumps(_summary(result), indent=1))
+            return 0
+        started = _dt.datetime.now().isoformat(timespec="seconds")
+        weights = random_wide_resnet_weights(work)
+        anomalib_sizes = args.sizes if args.anomalib_sizes is None else args.anomalib_sizes
+        rows = compare(args.sizes, data, work, venv, weights, anomalib_sizes, args.n_test, args.threads,
+                       reuse=not args.no_reuse)
+        backbones = [(name, weights if name == BACKBONE else None) for name in args.scaling_backbones]
+        scaling_rows = scaling(args.scaling_sizes, data, work, backbones, args.threads, not args.no_reuse, args.n_test) \
+            if args.scaling_sizes else []
+        parameters = {"data": str(data), "images": "Magnetic-tile MT_Free training split (first N), seeded test draw",
+                      "backbone": BACKBONE, "weights": "random initialisation (torchvision seed 0 / timm)",
+                      "layers": list(LAYERS), "image_size": 224, "preprocessing": preprocessing_of(),
+                      "coreset_ratio": CORESET_RATIO, "num_neighbours": 9, "batch_size": 8, "torch_threads": args.threads,
+                      "n_test": args.n_test, "sizes": list(args.sizes), "anomalib_measured_now": list(anomalib_sizes),
+                      "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones)}
+        report = build_report(rows, scaling_rows, parameters, started)
+        write_json(args.out, report)
+        print_tables(report)
+        log(f"wrote {args.out}")
+        return 0
+    except StudyError as error:
+        print(f"bench_patchcore: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

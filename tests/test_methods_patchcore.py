@@ -1,0 +1,203 @@
+"""PatchCore: Eq. 7 by hand, anomaly-map smoothing, scores on tiny features, save/load, end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from anomalib_study.errors import ModelFileError, ParameterError
+from anomalib_study.methods import METHODS, NotFittedError
+from anomalib_study.methods.patchcore import PatchCore, anomaly_maps, gaussian_kernel_size, reweighted_image_scores
+
+
+def test_reweighting_matches_eq7_by_hand():
+    d = np.array([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])
+    expected0 = (1 - math.exp(1) / (math.exp(1) + math.exp(2) + math.exp(3))) * 1.0
+    expected1 = (1 - 1 / 3) * 2.0
+    assert reweighted_image_scores(d) == pytest.approx([expected0, expected1])
+    assert reweighted_image_scores(np.array([[4.0]])) == pytest.approx([4.0])  # b = 1: the max score
+
+
+def test_reweighting_is_stable_for_huge_distances():
+    d = np.array([[1000.0, 1001.0, 1500.0], [5000.0, 1.0, 1.0]])
+    out = reweighted_image_scores(d)
+    assert np.isfinite(out).all()
+    # softmax(row)[0]: 1 / (1 + e + e^500) ~ 0 -> weight ~1; second: ~1 -> weight ~ 2 e^-4999 ~ 0
+    assert out[0] == pytest.approx(1000.0)
+    assert 0.0 <= out[1] < 1e-300
+
+
+def test_anomaly_map_smoothing_is_a_gaussian_of_sigma():
+    grid = np.zeros((1, 41, 41), dtype=np.float32)
+    grid[0, 20, 20] = 1.0
+    smoothed = anomaly_maps(grid, size=(41, 41), sigma=4.0)[0]  # same size: no upsampling
+    reference = ndimage.gaussian_filter(grid[0], sigma=4.0, mode="reflect", truncate=4.0)
+    assert np.allclose(smoothed, reference, atol=1e-5)
+    ys, xs = np.mgrid[:41, :41]
+    variance = float((smoothed * (xs - 20) ** 2).sum() / smoothed.sum())
+    assert variance == pytest.approx(16.0, rel=0.02)
+    assert gaussian_kernel_size(4.0) == 33
+    unsmoothed = anomaly_maps(np.full((2, 4, 4), 3.0), size=(16, 16), sigma=0)
+    assert unsmoothed.shape == (2, 16, 16) and np.allclose(unsmoothed, 3.0)
+
+
+def _tiny_features(rng, n_images, value=0.0):
+    # 2 x 2 grid of 3-D patches near ``value``
+    return (value + 0.01 * rng.normal(size=(n_images, 4, 3))).astype(np.float32)
+
+
+def test_scores_on_tiny_features_by_hand():
+    rng = np.random.default_rng(0)
+    train = _tiny_features(rng, 5)
+    model = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, num_neighbours=1, sigma=0, progress=False).fit(train)
+    assert model.memory_bank_.shape == (20, 3) and model.grid_shape_ == (2, 2)
+    test = _tiny_features(rng, 2)
+    test[1, 3] = [3.0, 4.0, 0.0]  # one far patch: distance ~5 to every bank patch
+    patch, image_max, image_rw = model.score_patches(test)
+    bank = model.memory_bank_
+    exact = np.sqrt(((test.reshape(-1, 1, 3) - bank[None]) ** 2).sum(-1)).min(1).reshape(2, 4)
+    assert np.allclose(patch, exact, atol=1e-4)
+    assert image_max[1] == pytest.approx(5.0, abs=0.05) and image_max[0] < 0.1
+    assert np.allclose(image_rw, image_max)  # b = 1
+    assert model.score(test)[1] > model.score(test)[0]
+    maps = model.anomaly_maps(patch, size=(8, 8))
+    assert maps.shape == (2, 8, 8) and maps[1, 6:, 6:].mean() > maps[1, :2, :2].mean()
+
+
+def test_reweighted_score_uses_the_neighbourhood_of_m_star():
+    bank_points = np.array([[0, 0], [1, 0], [10, 0], [0, 20]], dtype=np.float32)
+    train = bank_points.reshape(1, 4, 2)
+    model = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, num_neighbours=3, progress=False).fit(train)
+    test = np.array([[[0, 0], [1, 0], [10, 0], [-2, 0]]], dtype=np.float32)  # max patch (-2, 0): m* = (0, 0)
+    _, image_max, image_rw = model.score_patches(test)
+    assert image_max[0] == pytest.approx(2.0)
+    # N_3(m*) = (0,0), (1,0), (10,0); the test patch (-2,0) is 2, 3 and 12 away from them
+    expected = (1 - math.exp(2) / (math.exp(2) + math.exp(3) + math.exp(12))) * 2.0
+    assert image_rw[0] == pytest.approx(expected)
+
+
+def test_coreset_ratio_sets_the_bank_size_and_calibration_threshold():
+    rng = np.random.default_rng(1)
+    train = _tiny_features(rng, 10)
+    model = PatchCore(coreset_ratio=0.25, calibration_fraction=0.2, thres_ratio=0.5, progress=False).fit(train)
+    assert model.memory_bank_.shape == (8, 3)  # 8 bank images x 4 patches x 0.25
+    assert model.calibration_scores_max_.shape == (2,) and model.n_train_images_ == 10
+    assert model.threshold_ == pytest.approx(np.quantile(model.calibration_scores_reweighted_, 0.5))
+    test = _tiny_features(rng, 2)
+    test[1] += 50
+    predicted = model.predict(test)
+    assert predicted[1] == 1
+    assert predicted.tolist() == (model.score(test) > model.threshold_).astype(int).tolist()
+
+
+def test_no_threshold_without_calibration():
+    model = PatchCore(calibration_fraction=0.0, progress=False).fit(_tiny_features(np.random.default_rng(2), 4))
+    assert math.isnan(model.threshold_)
+    with pytest.raises(ParameterError, match="calibration_fraction"):
+        model.predict(_tiny_features(np.random.default_rng(3), 1))
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"coreset_ratio": 0}, "ratio"), ({"image_score": "mean"}, "image_score"), ({"patch_size": 4}, "patch_size"),
+    ({"sampler": "kmeans"}, "sampler"), ({"sigma": -1}, "sigma"), ({"calibration_fraction": 1.0}, "calibration"),
+    ({"num_neighbours": 0}, "num_neighbours"), ({"index": ""}, "index"),
+])
+def test_bad_parameters(params, match):
+    with pytest.raises(ParameterError, match=match):
+        PatchCore(progress=False, **params).fit(_tiny_features(np.random.default_rng(0), 3))
+
+
+def test_bad_input_and_not_fitted():
+    model = PatchCore(progress=False)
+    with pytest.raises(NotFittedError, match="PatchCore is not fitted"):
+        model.score(np.zeros((1, 4, 3)))
+    with pytest.raises(ParameterError, match=r"\(n_images, h\*w, D\)"):
+        model.fit(np.zeros((4, 3)))
+    model.fit(_tiny_features(np.random.default_rng(0), 3))
+    with pytest.raises(ParameterError, match="D=5"):
+        model.score(np.zeros((1, 4, 5)))
+    with pytest.raises(ParameterError, match="patches per image"):
+        model.score(np.zeros((1, 9, 3)))
+    bad = _tiny_features(np.random.default_rng(0), 3)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ParameterError, match="NaN"):
+        PatchCore(progress=False).fit(bad)
+
+
+def test_save_load_roundtrip_and_refusals(tmp_path):
+    rng = np.random.default_rng(4)
+    model = PatchCore(coreset_ratio=0.5, calibration_fraction=0.25, progress=False).fit(_tiny_features(rng, 8))
+    test = _tiny_features(rng, 3)
+    path = model.save(tmp_path / "model.npz")
+    loaded = PatchCore.load(path)
+    assert np.array_equal(loaded.memory_bank_, model.memory_bank_)
+    assert np.allclose(loaded.score(test), model.score(test))
+    assert loaded.threshold_ == model.threshold_ and loaded.grid_shape_ == model.grid_shape_
+    assert loaded.get_params()["coreset_ratio"] == 0.5
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ModelFileError, match="junk.npz"):
+        PatchCore.load(tmp_path / "junk.npz")
+    with pytest.raises(ModelFileError, match="does not exist"):
+        PatchCore.load(tmp_path / "missing.npz")
+
+
+def test_trained_index_option_is_saved(tmp_path):
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(100, 4, 3)).astype(np.float32)
+    model = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, index="IVF4,Flat", progress=False).fit(train)
+    assert model.index_.describe()["factory"] == "IVF4,Flat"
+    test = rng.normal(size=(3, 4, 3)).astype(np.float32)
+    loaded = PatchCore.load(model.save(tmp_path / "ivf.npz"))
+    assert loaded.index_.describe()["factory"] == "IVF4,Flat"
+    assert np.allclose(loaded.score(test), model.score(test))
+
+
+def test_registered():
+    assert METHODS["patchcore"] is PatchCore
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def synthetic_class(tmp_path_factory):
+    from anomalib_study.data import load_dataset
+    from anomalib_study.data.synthetic import make_synthetic_dagm
+
+    root = make_synthetic_dagm(tmp_path_factory.mktemp("synthetic"), seed=0)
+    return load_dataset("dagm", root, category="Class1")
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_class):
+    from anomalib_study.backbones import load_backbone
+
+    backbone = load_backbone("efficientnet_lite0", image_size=128)
+    model = PatchCore(backbone=backbone, coreset_ratio=0.1, progress=False)
+    return model.fit_paths([r.path for r in synthetic_class.train])
+
+
+def test_end_to_end_on_the_synthetic_set(fitted, synthetic_class, tmp_path):
+    from anomalib_study.backbones import load_backbone
+    from anomalib_study.metrics import image_auroc
+
+    assert fitted.grid_shape_ == (16, 16) and fitted.n_features_in_ == 152  # stage2 40 + stage3 112 channels
+    assert fitted.memory_bank_.shape[0] == int(0.1 * 22 * 256)  # 2 of 24 images held out for the threshold
+    out = fitted.score_paths([r.path for r in synthetic_class.test], keep_patch_scores=True)
+    labels = np.array([r.label for r in synthetic_class.test])
+    assert out["anomaly_maps"].shape == (len(labels), 128, 128) and out["patch_scores"].shape == (len(labels), 16, 16)
+    # the global kNN reaches ~0.7 here; local patches do far better
+    assert image_auroc(labels, out["image_scores_max"]) > 0.85
+    assert image_auroc(labels, out["image_scores_reweighted"]) > 0.85
+    assert np.array_equal(out["image_scores"], out["image_scores_reweighted"])
+
+    path = fitted.save(tmp_path / "patchcore.npz")
+    again = PatchCore.load(path, backbone=fitted.get_backbone())
+    subset = [r.path for r in synthetic_class.test[-3:]]
+    assert np.allclose(again.score_paths(subset)["image_scores"], out["image_scores"][-3:], rtol=1e-4)
+    by_name = PatchCore.load(path)  # the backbone is loaded from the stored name, size and weights
+    assert by_name.get_backbone().image_size == 128
+    other = load_backbone("efficientnet_lite0", image_size=96)
+    with pytest.raises(ModelFileError, match="image_size"):
+        PatchCore.load(path, backbone=other)
