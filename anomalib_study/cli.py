@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalib-study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("detect", help="flag the anomalous images of a folder with the kNN detector")
+    p = sub.add_parser("detect", help="flag the anomalous images of a folder with the kNN detector or PatchCore")
     p.add_argument("test_dir", help="folder of images to check")
     p.add_argument("--db-dir", default=None, help="database folder: loaded if valid, else built and saved there")
     p.add_argument("--image-dir", default="images", help="folder of normal images to build the database from")
@@ -85,7 +85,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--result-dir", default="result", help="runs are written to <result-dir>/<timestamp>/")
-    _add_knn_options(p)
+    p.add_argument("--method", choices=("knn", "patchcore"), default="knn", help="detector (default knn)")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="backbone input side (default: the backbone's)")
+    p.add_argument("--k", type=_positive_int, default=100, help="(knn) neighbours averaged (default 100)")
+    p.add_argument(
+        "--thres-ratio", type=_ratio, default=None,
+        help="share of normal images the threshold keeps normal (default 0.92 for knn; 0.99 for patchcore, "
+             "of its held-out calibration images)",
+    )
+    p.add_argument("--index", default="Flat", help="faiss factory string (default Flat = exact)")
+    _add_patchcore_options(p)
+    p.add_argument("--max-overlays", type=int, default=100,
+                   help="(patchcore) anomaly-map overlays written for at most this many flagged images (default 100)")
 
     p = sub.add_parser("evaluate", help="evaluate a method on a data set and write <out>/metrics.json")
     p.add_argument("--method", default="knn", help="method (default knn)")
@@ -178,9 +189,15 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         args.test_dir, db_dir=args.db_dir, image_dir=args.image_dir, model_name=args.model_name,
         k=args.k, thres_ratio=args.thres_ratio, gpu=args.gpu, batch_size=args.batch_size,
         num_workers=args.num_workers, result_dir=args.result_dir, weights=args.weights, index=args.index,
+        method=args.method, image_size=args.image_size, coreset_ratio=args.coreset_ratio, patch_size=args.patch_size,
+        image_score=args.image_score, sigma=args.sigma, calibration_fraction=args.calibration_fraction,
+        max_overlays=args.max_overlays,
     )
     flagged = (Path(run_dir) / "abnormal.result").read_text().splitlines()
     print(f"{len(flagged)} image(s) flagged anomalous; results in {run_dir}")
+    overlays = Path(run_dir) / "overlays"
+    if overlays.is_dir():
+        print(f"anomaly-map overlays in {overlays}")
     return 0
 
 

@@ -76,3 +76,39 @@ def test_unknown_command_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["frobnicate"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_detect_patchcore_end_to_end_with_overlays(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    normal = _images(tmp_path / "normal", 8, 0)
+    test = _images(tmp_path / "test", 2, 1)
+    _images(tmp_path / "test" / "odd", 2, 2, spot=True)
+    args = ["detect", str(test), "--method", "patchcore", "--coreset-ratio", "0.1", "--image-size", "64",
+            "--calibration-fraction", "0.25", "--image-dir", str(normal), "--num-workers", "0", "--batch-size", "8"]
+    code = main(args)
+    captured = capsys.readouterr()
+    if code == 2 and "weights" in captured.err:
+        pytest.skip(f"efficientnet_lite0 weights not installed: {captured.err.strip()}")
+    assert code == 0, captured.err
+    assert (tmp_path / "patchcore_db" / "patchcore_model.npz").is_file()  # the default patchcore db_dir
+    run = next((tmp_path / "result").iterdir())
+    flagged = (run / "abnormal.result").read_text().splitlines()
+    assert {Path(p).parent.name for p in flagged} == {"odd"} and len(flagged) == 2
+    assert sorted(p.name for p in (run / "overlays" / "odd").iterdir()) == ["00.jpg", "01.jpg"]
+    assert "overlays" in captured.out
+    assert main(args) == 0  # loads the database; a second run folder
+    assert len(list((tmp_path / "result").iterdir())) == 2
+    capsys.readouterr()
+    # a kNN run pointed at the PatchCore database: one line, no traceback
+    code = main(["detect", str(test), "--image-dir", str(normal), "--db-dir", str(tmp_path / "patchcore_db")])
+    err = capsys.readouterr().err
+    assert code == 2 and "built for method 'patchcore', not 'knn'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_detect_bad_calibration_fraction_is_one_line(tmp_path, capsys):
+    _images(tmp_path / "normal", 2, 0)
+    code = main(["detect", str(tmp_path / "normal"), "--method", "patchcore", "--calibration-fraction", "0",
+                 "--image-dir", str(tmp_path / "normal"), "--result-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "calibration_fraction" in err and "Traceback" not in err

@@ -146,7 +146,7 @@ def test_corrupt_foreign_old_database_refused(fake, folders):
     with pytest.raises(ModelFileError, match="version 99"):
         load_database(folders.db)
     meta_path.write_text(json.dumps({**meta, "format": "something.else"}))
-    with pytest.raises(ModelFileError, match="not a kNN database"):
+    with pytest.raises(ModelFileError, match=r"not a detect \(kNN or PatchCore\) database"):
         load_database(folders.db)
     meta_path.write_text("{ not json")
     with pytest.raises(ModelFileError, match="corrupt"):
@@ -221,3 +221,125 @@ def test_real_efficientnet_lite0(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == "efficientnet_lite0" and len(config["weights_sha256"]) == 64
     assert config["embedding_dim"] == config["index"]["dim"]
+
+
+# ---------------------------------------------------------------------- PatchCore
+def _texture(path: Path, seed: int, spot: bool = False) -> Path:
+    """48 x 48 grey noise; ``spot``: a bright 16 x 16 square in the middle (the anomaly)."""
+    rng = np.random.default_rng(seed)
+    pixels = (120 + rng.normal(0, 10, (48, 48, 3))).clip(0, 255)
+    if spot:
+        pixels[16:32, 16:32] = 250
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def _pc_run(root: Path, **options):
+    params = dict(db_dir=root / "pc_db", image_dir=root / "images", method="patchcore", image_size=64,
+                  calibration_fraction=0.2, result_dir=root / "result", num_workers=0, batch_size=8, progress=False)
+    params.update(options)
+    return detect_abnormal(root / "test", **params)
+
+
+@pytest.fixture(scope="module")
+def patchcore_built(tmp_path_factory):
+    """A PatchCore database built once (real efficientnet_lite0 at 64 px) and its first run."""
+    from anomalib_study.errors import WeightsError
+
+    root = tmp_path_factory.mktemp("patchcore")
+    for i in range(10):
+        _texture(root / "images" / f"n{i}.png", i)
+    for i in range(3):
+        _texture(root / "test" / f"good{i}.png", 100 + i)
+    anomalies = [_texture(root / "test" / "bad" / "a.png", 200, spot=True),
+                 _texture(root / "test" / "bad" / "a.jpg", 201, spot=True)]
+    try:
+        run = _pc_run(root)
+    except WeightsError as error:
+        pytest.skip(f"efficientnet_lite0 weights not installed: {error}")
+    return SimpleNamespace(root=root, run=run, anomalies=anomalies)
+
+
+def test_patchcore_build_flags_the_odd_images_and_writes_overlays(patchcore_built):
+    run, root = patchcore_built.run, patchcore_built.root
+    flagged = (run / "abnormal.result").read_text().splitlines()
+    assert sorted(flagged) == sorted(str(p) for p in patchcore_built.anomalies)
+    table = pd.read_csv(run / "scores.csv")
+    assert list(table.columns) == ["path", "score", "predicted"] and len(table) == 5
+    assert table.loc[table.predicted == 1, "score"].min() > table.loc[table.predicted == 0, "score"].max()
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "patchcore" and config["database_built"] is True
+    assert config["backbone"] == "efficientnet_lite0" and len(config["weights_sha256"]) == 64
+    assert config["image_size"] == 64 and config["coreset_ratio"] == 0.1 and config["thres_ratio"] == 0.99
+    assert config["n_calibration"] == 2 and config["n_train_images"] == 10
+    assert 0 < config["memory_bank_size"] == config["n_bank"] <= config["n_train_patches"] // 10 + 1
+    assert config["n_abnormal"] == 2 and "build_database_s" in config["timings"]
+    stored = json.loads((root / "pc_db" / "database.json").read_text())
+    assert stored["method"] == "patchcore" and stored["model_file"] == "patchcore_model.npz"
+    assert config["threshold"] == stored["patchcore"]["threshold"]
+    assert sorted(p.name for p in (root / "pc_db").iterdir()) == ["database.json", "patchcore_model.npz"]
+    # one overlay per flagged image; a.png and a.jpg share a stem, so both keep their extension
+    overlays = run / "overlays"
+    assert sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.jpg")) == ["bad/a_jpg.jpg", "bad/a_png.jpg"]
+    assert config["overlays"]["count"] == 2 and config["overlays"]["vmin"] < config["overlays"]["vmax"]
+    listing = pd.read_csv(overlays / "overlays.csv")
+    assert set(listing["overlay"]) == {"bad/a_jpg.jpg", "bad/a_png.jpg"}
+    picture = np.asarray(Image.open(overlays / "bad" / "a_png.jpg").convert("RGB"), dtype=float)
+    assert picture.shape == (64, 64, 3)
+    centre, corner = picture[28:36, 28:36], picture[:8, :8]  # jet: hot = red, cold = blue
+    assert centre[..., 0].mean() - centre[..., 2].mean() > corner[..., 0].mean() - corner[..., 2].mean() + 50
+
+
+def test_patchcore_second_run_loads_the_database_in_a_new_folder(patchcore_built):
+    with pytest.warns(UserWarning, match="coreset_ratio=0.5 ignored"):
+        second = _pc_run(patchcore_built.root, coreset_ratio=0.5, max_overlays=1)
+    assert second != patchcore_built.run and patchcore_built.run.exists()
+    config = json.loads((second / "config.json").read_text())
+    assert config["database_built"] is False and "load_database_s" in config["timings"]
+    assert config["coreset_ratio"] == 0.1 and config["overlays"]["count"] == 1
+    assert [p.name for p in (second / "overlays").rglob("*.jpg")] == ["a_png.jpg"]  # the highest score only
+    first = pd.read_csv(patchcore_built.run / "scores.csv")
+    np.testing.assert_allclose(pd.read_csv(second / "scores.csv")["score"], first["score"], rtol=1e-5)
+
+
+def test_database_of_another_method_refused(fake, folders, patchcore_built):
+    _run(folders)  # a kNN database
+    with pytest.raises(ModelFileError, match="built for method 'knn', not 'patchcore'"):
+        _run(folders, method="patchcore")
+    with pytest.raises(ModelFileError, match="built for method 'patchcore', not 'knn'"):
+        _run(folders, db_dir=patchcore_built.root / "pc_db")
+    assert load_database(patchcore_built.root / "pc_db").method == "patchcore"
+
+
+def test_patchcore_stale_database_refused(patchcore_built, tmp_path):
+    import shutil
+
+    for name in ("images", "test", "pc_db"):
+        shutil.copytree(patchcore_built.root / name, tmp_path / name)
+    _texture(tmp_path / "images" / "n00.png", 999)
+    with pytest.raises(ModelFileError, match=r"stale database: 1 image\(s\) added"):
+        _pc_run(tmp_path)
+    assert not (tmp_path / "result").exists()
+
+
+def test_patchcore_needs_a_threshold(fake, folders):
+    with pytest.raises(ParameterError, match="calibration_fraction"):
+        _run(folders, method="patchcore", calibration_fraction=0)
+    with pytest.raises(ParameterError, match="method must be one of"):
+        _run(folders, method="padim")
+
+
+def test_overlay_names_unique():
+    names = detect._overlay_names([Path("a.png"), Path("b/a.png"), Path("b/a.JPG"), Path("c.bmp")])
+    assert [n.as_posix() for n in names] == ["a.jpg", "b/a_png.jpg", "b/a_JPG.jpg", "c.jpg"]
+
+
+def test_legacy_knn_database_still_read(fake, folders):
+    _run(folders)
+    meta_path = folders.db / "database.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("method")
+    meta_path.write_text(json.dumps({**meta, "format": "anomalib_study.knn_database", "version": 1}))
+    assert load_database(folders.db).method == "knn"
+    assert json.loads((_run(folders) / "config.json").read_text())["database_built"] is False
