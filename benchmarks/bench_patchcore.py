@@ -407,14 +407,19 @@ def _summary(side: dict | None) -> dict | None:
 
 
 def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: Path, n_test: int = N_TEST,
-                     threads: int = 2, reuse: bool = True) -> dict:
+                     threads: int = 2, reuse: bool = True, stored_only: bool = False) -> dict | None:
     """Our fit + predict for backbone ``name`` on the first ``n`` training images (fresh process,
-    stored as ``work/ours_<name>_<n>.json`` and reused when images and settings match)."""
+    stored as ``work/ours_<name>_<n>.json`` and reused when images and settings match).
+    ``stored_only``: return the stored result, or None when there is none (never measure)."""
     train, test = magnetic_tile_lists(data, n, n_test)
     tag = f"{name}_{n}"
     key = {"train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
            "test_sha256": write_list(test, work / f"ours_{tag}_test.txt"), "backbone": name,
            "weights": None if weights is None else str(weights), "ratio": CORESET_RATIO, "threads": threads}
+    if stored_only:
+        stored = work / f"ours_{tag}.json"
+        previous = json.loads(stored.read_text()) if stored.is_file() else {}
+        return previous if previous.get("key") == key else None
     return _cached_or_run(work / f"ours_{tag}.json", key, reuse,
                           lambda: run_ours(train, test, work, tag, name, weights, CORESET_RATIO, threads))
 
@@ -486,7 +491,7 @@ def _extrapolate_missing(rows: list[dict]) -> None:
 
 
 def scaling(sizes: Sequence[int], data: Path, work: Path, backbones: Sequence[tuple[str, Path | None]],
-            threads: int = 2, reuse: bool = True, n_test: int = N_TEST) -> list[dict]:
+            threads: int = 2, reuse: bool = True, n_test: int = N_TEST, stored_only: bool = False) -> list[dict]:
     """OUR fit time, coreset time per image and peak memory against the number of training images.
 
     One fresh process per (backbone, N); a measurement of the comparison with the same
@@ -497,7 +502,12 @@ def scaling(sizes: Sequence[int], data: Path, work: Path, backbones: Sequence[tu
     rows = []
     for name, weights in backbones:
         for n in sizes:
-            result = ours_measurement(name, weights, n, data, work, n_test, threads, reuse)
+            result = ours_measurement(name, weights, n, data, work, n_test, threads, reuse, stored_only)
+            if result is None:
+                rows.append({"backbone": name, "n_train": n, "not_measured": "no stored measurement (run without "
+                             "--stored-only to measure it)"})
+                log(f"scaling {name} N={n}: not measured")
+                continue
             row = {"backbone": name, "random_weights": weights is not None, **_summary(result)}
             above = result["peak_rss_mb"] - result["rss_after_imports_mb"]
             row["peak_above_imports_mb"] = above
@@ -516,7 +526,7 @@ def memory_check(rows: Sequence[dict]) -> dict:
     """
     out = {}
     for name in dict.fromkeys(r["backbone"] for r in rows):
-        mine = sorted((r for r in rows if r["backbone"] == name), key=lambda r: r["n_train"])
+        mine = sorted((r for r in rows if r["backbone"] == name and "bank_mb" in r), key=lambda r: r["n_train"])
         if len(mine) < 2:
             continue
         first, last = mine[0], mine[-1]
@@ -602,7 +612,7 @@ def print_tables(report: dict) -> None:
     print(format_table(rows, list(rows[0]) if rows else ["N"]))
     if report["scaling"]:
         print("\nScaling of OUR PatchCore (Magnetic-tile normals)")
-        print(format_table(report["scaling"], ["backbone", "n_train", "bank_rows", "bank_mb", "fit_s", "fit_extract_s",
+        print(format_table(report["scaling"], ["backbone", "n_train", "bank_rows", "bank_mb", "fit_s", "fit_cpu_s", "fit_extract_s",
                                                "fit_coreset_s", "coreset_s_per_train_image", "peak_rss_mb",
                                                "peak_above_imports_mb", "memory_above_imports_per_bank_mb"]))
         for name, check in report["scaling_memory_check"].items():
@@ -642,6 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scaling-sizes", type=int, nargs="*", default=[100, 300, 761])
     parser.add_argument("--scaling-backbones", nargs="*", default=["efficientnet_lite0", BACKBONE])
     parser.add_argument("--no-reuse", action="store_true", help="measure again even where a stored result matches")
+    parser.add_argument("--note", action="append", default=[], help="a note added to the report (repeatable)")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="scaling table from stored measurements only (missing ones are listed as not measured)")
     parser.add_argument("--anomalib-only", type=int, default=None, metavar="N",
                         help="only run (and store) anomalib's measurement at N training images, e.g. ahead in the background")
     # the child process of one of our measurements
@@ -675,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = compare(args.sizes, data, work, venv, weights, anomalib_sizes, args.n_test, args.threads,
                        reuse=not args.no_reuse)
         backbones = [(name, weights if name == BACKBONE else None) for name in args.scaling_backbones]
-        scaling_rows = scaling(args.scaling_sizes, data, work, backbones, args.threads, not args.no_reuse, args.n_test) \
+        scaling_rows = scaling(args.scaling_sizes, data, work, backbones, args.threads, not args.no_reuse, args.n_test,
+                               args.stored_only) \
             if args.scaling_sizes else []
         parameters = {"data": str(data), "images": "Magnetic-tile MT_Free training split (first N), seeded test draw",
                       "backbone": BACKBONE, "weights": "random initialisation (torchvision seed 0 / timm)",
@@ -684,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "n_test": args.n_test, "sizes": list(args.sizes), "anomalib_measured_now": list(anomalib_sizes),
                       "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones)}
         report = build_report(rows, scaling_rows, parameters, started)
+        report["notes"].extend(args.note)
         write_json(args.out, report)
         print_tables(report)
         log(f"wrote {args.out}")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from anomalib_study.errors import ParameterError
 
+_PRUNE_PATIENCE = 20  # consecutive steps of little pruning before switching to the plain update
 _THREADED_ELEMENTS = 32 * 1024 * 1024  # below this many projected values the greedy loop runs on one thread
 
 __all__ = ["BaseSampler", "GreedyCoresetSampler", "RandomSampler", "SAMPLERS", "coreset_size"]
@@ -197,8 +198,13 @@ class GreedyCoresetSampler(BaseSampler):
         centres = torch.empty(m, x.shape[1], dtype=torch.float32, device=x.device)
         centres[0] = x[start]
         bar = tqdm(total=m, initial=1, desc="greedy coreset", unit="centre", disable=not self.progress, leave=False)
+        wide = 0  # recent steps where pruning could not skip most points
         try:
             for step in range(1, m):
+                if wide >= _PRUNE_PATIENCE:
+                    # pruning does not pay on these features (common for real patch features): finish
+                    # with the plain update, one matrix-vector pass and an in-place minimum per centre
+                    return self._greedy_plain(x, norms, min_sq, selected, step, m, bar)
                 pick = int(torch.argmax(min_sq))
                 selected[step] = pick
                 centre = x[pick]
@@ -208,6 +214,7 @@ class GreedyCoresetSampler(BaseSampler):
                 cc_sq = ((centres[:step] - centre) ** 2).sum(dim=1)
                 can_win = cc_sq[nearest] < 4.0 * min_sq
                 n_candidates = int(can_win.sum())
+                wide = wide + 1 if n_candidates > n // 4 else 0
                 if n_candidates > n // 2:  # little to prune: one contiguous pass is cheaper than a gather
                     new_sq = self._sq_dist_to(x, norms, None, pick)
                     closer = new_sq < min_sq
@@ -224,6 +231,16 @@ class GreedyCoresetSampler(BaseSampler):
                 bar.update(1)
         finally:
             bar.close()
+        return selected.cpu().numpy()
+
+    def _greedy_plain(self, x, norms, min_sq, selected, first_step, m, bar) -> np.ndarray:
+        """The rest of the greedy selection from ``first_step`` on, without pruning (same result)."""
+        for step in range(first_step, m):
+            pick = int(torch.argmax(min_sq))
+            selected[step] = pick
+            torch.minimum(min_sq, self._sq_dist_to(x, norms, None, pick), out=min_sq)
+            min_sq[pick] = 0.0
+            bar.update(1)
         return selected.cpu().numpy()
 
 
