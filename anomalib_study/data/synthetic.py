@@ -35,7 +35,7 @@ from anomalib_study.io import write_json
 from .decode import ellipse_mask
 
 SYNTHETIC_STAMP = "synthetic.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: larger defects (semi-major axis 12-22 % of the side)
 DEFECT_KINDS = ("scratch", "blob", "spot")
 _TEXTURES = ("weave", "clouds", "streaks", "grain")
 
