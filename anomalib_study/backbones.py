@@ -216,17 +216,28 @@ class Backbone(nn.Module):
             raise ParameterError(f"{self.name}.transform expects a PIL image, got {type(image).__name__}")
         return self._transform(image.convert("RGB"))
 
-    def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None,
+                embedding: bool = True) -> dict[str, torch.Tensor]:
         """x: (B, 3, H, W) preprocessed batch -> {"embedding": (B, D), <layer>: (B, C, h, w), ...}.
 
-        ``layers=None`` returns the embedding only. Unknown layer names raise ParameterError.
+        ``layers=None`` returns the embedding only. ``embedding=False`` (with layers) returns
+        the maps only, and backbones that can stop after the last requested map do so
+        (PatchCore needs no deeper stage). Unknown layer names raise ParameterError.
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ParameterError(f"{self.name}: expected a (B, 3, H, W) tensor, got {shape}")
         layers = self.check_layers(layers)
         with torch.no_grad():
-            return self._features(x, layers)
+            if embedding or not layers:
+                return self._features(x, layers)
+            return self._maps_only(x, layers)
+
+    def _maps_only(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The requested maps without the embedding; subclasses that can stop early override it."""
+        out = self._features(x, layers)
+        out.pop("embedding", None)
+        return out
 
     def check_layers(self, layers: Sequence[str] | None) -> list[str]:
         """Validated, de-duplicated list of map names; ParameterError names the known maps."""
@@ -330,6 +341,13 @@ class EfficientNetBackbone(Backbone):
             out[layer] = by_index[index]
         return out
 
+    def _maps_only(self, x, layers):
+        indices = [int(layer[len("stage"):]) for layer in layers]
+        taken = sorted(set(indices))
+        maps = self.model.forward_intermediates(x, indices=taken, intermediates_only=True, stop_early=True)
+        by_index = dict(zip(taken, maps))
+        return {layer: by_index[index] for layer, index in zip(layers, indices)}
+
 
 class ResNetBackbone(Backbone):
     """torchvision ResNet / WideResNet: maps ``layer1``..``layer4``, embedding = avgpool output."""
@@ -346,6 +364,18 @@ class ResNetBackbone(Backbone):
             if name in layers:
                 out[name] = x
         out["embedding"] = torch.flatten(m.avgpool(x), 1)
+        return out
+
+    def _maps_only(self, x, layers):
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        out = {}
+        for name in self._map_names():
+            x = getattr(m, name)(x)
+            if name in layers:
+                out[name] = x
+                if len(out) == len(set(layers)):
+                    break  # the deeper stages are not needed
         return out
 
 
@@ -394,6 +424,13 @@ class TimmViTBackbone(Backbone):
         for layer, index in zip(layers, indices):
             out[layer] = by_index[index]
         return out
+
+    def _maps_only(self, x, layers):
+        indices = [int(layer[len("stage"):]) for layer in layers]
+        taken = sorted(set(indices))
+        maps = self.model.forward_intermediates(x, indices=taken, intermediates_only=True, stop_early=True)
+        by_index = dict(zip(taken, maps))
+        return {layer: by_index[index] for layer, index in zip(layers, indices)}
 
 
 class CLIPBackbone(Backbone):

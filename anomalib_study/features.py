@@ -319,9 +319,12 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
 
 def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike], layers: Sequence[str], *,
                          batch_size: int = 8, num_workers: int = 0, device: str | torch.device | None = None,
-                         progress: bool = True, desc: str | None = None
+                         progress: bool = True, desc: str | None = None, embedding: bool = True
                          ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield (positions in ``paths``, {"embedding": (B, D), <layer>: (B, C, h, w), ...}) per batch.
+
+    ``embedding=False`` leaves the embedding out, so that backbones can stop after the
+    last requested map.
 
     The tensors stay on the compute device, for PatchCore-style methods to reduce them
     there. Not cached. Unknown ``layers`` raise ParameterError before any image is read;
@@ -334,7 +337,7 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
     try:
         for positions, images in _batches(backbone, paths, batch_size, num_workers, device):
             with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
-                maps = backbone(images, layers=layers)
+                maps = backbone(images, layers=layers, embedding=embedding)
             bar.update(len(positions))
             yield positions, maps
     finally:

@@ -351,3 +351,31 @@ def test_clip_accepts_the_openai_torchscript_archive(tmp_path):
     assert backbone.feature_info["block5"] == {"channels": 768, "stride": 32}
     with pytest.raises(ParameterError, match="224"):
         load_backbone("clip_vit_b32", weights=path, image_size=112)
+
+
+@pytest.mark.parametrize("name,weights_fixture", [("efficientnet_lite0", None)])
+def test_maps_only_equal_the_full_forward(name, weights_fixture):
+    from anomalib_study.backbones import load_backbone
+
+    net = load_backbone(name, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    full = net(x, layers=["stage2", "stage3"])
+    maps = net(x, layers=["stage2", "stage3"], embedding=False)
+    assert set(maps) == {"stage2", "stage3"}
+    for layer in maps:
+        assert torch.allclose(maps[layer], full[layer])
+
+
+def test_resnet_maps_only_stop_early_and_match(tmp_path):
+    import torchvision
+
+    from anomalib_study.backbones import load_backbone
+
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    net = load_backbone("resnet18", weights=path, image_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    full = net(x, layers=["layer2", "layer3"])
+    maps = net(x, layers=["layer3", "layer2"], embedding=False)
+    assert set(maps) == {"layer2", "layer3"}
+    assert torch.allclose(maps["layer3"], full["layer3"]) and torch.allclose(maps["layer2"], full["layer2"])

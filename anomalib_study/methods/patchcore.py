@@ -434,7 +434,7 @@ class PatchCore(BaseDetector):
         layers = maker.resolve_layers(backbone)
         for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=self.batch_size,
                                                     num_workers=self.num_workers, device=self.device,
-                                                    progress=self.progress, desc=desc):
+                                                    progress=self.progress, desc=desc, embedding=False):
             with torch.inference_mode():
                 features, grid = maker(maps, layers)
             yield positions, features.cpu().numpy(), grid
