@@ -426,9 +426,10 @@ class TimmViTBackbone(Backbone):
         return out
 
     def _maps_only(self, x, layers):
-        indices = [int(layer[len("stage"):]) for layer in layers]
+        indices = [int(layer[len("block"):]) for layer in layers]
         taken = sorted(set(indices))
-        maps = self.model.forward_intermediates(x, indices=taken, intermediates_only=True, stop_early=True)
+        maps = self.model.forward_intermediates(x, indices=taken, norm=False, output_fmt="NCHW",
+                                                intermediates_only=True, stop_early=True)
         by_index = dict(zip(taken, maps))
         return {layer: by_index[index] for layer, index in zip(layers, indices)}
 

@@ -353,17 +353,18 @@ def test_clip_accepts_the_openai_torchscript_archive(tmp_path):
         load_backbone("clip_vit_b32", weights=path, image_size=112)
 
 
-@pytest.mark.parametrize("name,weights_fixture", [("efficientnet_lite0", None)])
-def test_maps_only_equal_the_full_forward(name, weights_fixture):
+@pytest.mark.parametrize("name,size,layers", [("efficientnet_lite0", 64, ["stage2", "stage3"]),
+                                               ("dinov2_vits14", 224, ["block5", "block8"])])
+def test_maps_only_equal_the_full_forward(name, size, layers):
     from anomalib_study.backbones import load_backbone
 
-    net = load_backbone(name, image_size=64)
-    x = torch.randn(2, 3, 64, 64)
-    full = net(x, layers=["stage2", "stage3"])
-    maps = net(x, layers=["stage2", "stage3"], embedding=False)
-    assert set(maps) == {"stage2", "stage3"}
+    net = load_backbone(name, image_size=size)
+    x = torch.randn(1, 3, size, size)
+    full = net(x, layers=layers)
+    maps = net(x, layers=layers, embedding=False)
+    assert set(maps) == set(layers)
     for layer in maps:
-        assert torch.allclose(maps[layer], full[layer])
+        assert torch.allclose(maps[layer], full[layer], atol=1e-5)
 
 
 def test_resnet_maps_only_stop_early_and_match(tmp_path):
