@@ -301,7 +301,7 @@ def _build_transform(preprocessing: dict):
 
     modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
     return transforms.Compose([
-        transforms.Resize(preprocessing["resize"], interpolation=modes[preprocessing["interpolation"]]),
+        transforms.Resize(resize_argument(preprocessing), interpolation=modes[preprocessing["interpolation"]]),
         transforms.CenterCrop(preprocessing["crop"]),
         transforms.ToTensor(),
         transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
@@ -896,23 +896,51 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+#: how an image is brought to the square input: ``"crop"`` keeps the aspect ratio (shorter
+#: side resized, centre crop: the backbone's own preprocessing, the default), ``"squash"``
+#: resizes the whole image to image_size x image_size (nothing cut off, aspect ratio not
+#: kept: for long narrow images such as KolektorSDD's 500 x 1250 strips or Magnetic-tile's
+#: crops, where a centre crop can cut the defect out)
+RESIZE_MODES = ("crop", "squash")
+
+
+def squash_preprocessing(preprocessing: dict) -> dict:
+    """``preprocessing`` with the whole image resized to ``crop`` x ``crop`` (no cut)."""
+    side = int(preprocessing["crop"])
+    return {**preprocessing, "resize": [side, side], "resize_mode": "squash"}
+
+
+def resize_argument(preprocessing: dict) -> int | list[int]:
+    """``preprocessing["resize"]`` as torchvision's ``resize`` takes it: an int (shorter
+    side, aspect ratio kept) or ``[height, width]`` (the whole image, ``"squash"``)."""
+    size = preprocessing["resize"]
+    return [int(v) for v in size] if isinstance(size, (list, tuple)) else int(size)
+
+
 def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
                   weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  image_size: int | None = None, download: bool = False) -> Backbone:
+                  image_size: int | None = None, resize_mode: str = "crop", download: bool = False) -> Backbone:
     """Build the registered backbone ``name`` with its weights, frozen, in eval mode on ``device``.
 
     ``image_size`` overrides the input side (ViT position embeddings are resampled; CNNs
-    simply see a larger or smaller crop). Raises ParameterError for an unknown name or size,
-    WeightsError for a missing or mismatching weights file.
+    simply see a larger or smaller crop). ``resize_mode`` is one of :data:`RESIZE_MODES`:
+    ``"crop"`` (default) resizes the shorter side and centre-crops, ``"squash"`` resizes
+    the whole image to the square input. Raises ParameterError for an unknown name, size
+    or mode, WeightsError for a missing or mismatching weights file.
     """
     spec = _spec(name)
     if image_size is None:
         image_size = spec.image_size
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 32:
         raise ParameterError(f"image_size={image_size!r} for {name}: give an integer >= 32")
+    if resize_mode not in RESIZE_MODES:
+        raise ParameterError(f"resize_mode={resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
     device = resolve_device(device)
     path = resolve_weights(name, weights=weights, weights_dir=weights_dir, download=download)
     backbone = _BUILDERS[spec.family](spec, path, image_size)
+    if resize_mode == "squash":
+        backbone.preprocessing = squash_preprocessing(backbone.preprocessing)
+        backbone._transform = _build_transform(backbone.preprocessing)
     backbone.eval()
     backbone.requires_grad_(False)
     backbone.to(device)

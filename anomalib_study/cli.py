@@ -59,6 +59,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resize-mode", choices=("crop", "squash"), default="crop",
+        help="crop: shorter side resized, centre crop (default); squash: the whole image resized to the square "
+             "input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile)",
+    )
+
+
 def _add_patchcore_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("patchcore options (--method patchcore)")
     group.add_argument("--coreset-ratio", type=_coreset_ratio, default=0.1,
@@ -87,6 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-dir", default="result", help="runs are written to <result-dir>/<timestamp>/")
     p.add_argument("--method", choices=("knn", "patchcore"), default="knn", help="detector (default knn)")
     p.add_argument("--image-size", type=_positive_int, default=None, help="backbone input side (default: the backbone's)")
+    _add_resize_mode(p)
     p.add_argument("--k", type=_positive_int, default=100, help="(knn) neighbours averaged (default 100)")
     p.add_argument(
         "--thres-ratio", type=_ratio, default=None,
@@ -106,6 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
     p.add_argument("--image-size", type=_positive_int, default=None)
+    _add_resize_mode(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--num-workers", type=int, default=None)
@@ -145,7 +155,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     options = {"seed": args.seed} if args.seed is not None else None
     common = dict(
         category=args.category, backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-        device=args.device, out=args.out, dataset_options=options, index=args.index, batch_size=args.batch_size,
+        resize_mode=args.resize_mode, device=args.device, out=args.out, dataset_options=options, index=args.index, batch_size=args.batch_size,
         num_workers=args.num_workers, cache=None if args.no_cache else "default",
     )
     if args.method == "patchcore":
@@ -189,7 +199,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         args.test_dir, db_dir=args.db_dir, image_dir=args.image_dir, model_name=args.model_name,
         k=args.k, thres_ratio=args.thres_ratio, gpu=args.gpu, batch_size=args.batch_size,
         num_workers=args.num_workers, result_dir=args.result_dir, weights=args.weights, index=args.index,
-        method=args.method, image_size=args.image_size, coreset_ratio=args.coreset_ratio, patch_size=args.patch_size,
+        method=args.method, image_size=args.image_size, resize_mode=args.resize_mode, coreset_ratio=args.coreset_ratio, patch_size=args.patch_size,
         image_score=args.image_score, sigma=args.sigma, calibration_fraction=args.calibration_fraction,
         max_overlays=args.max_overlays,
     )

@@ -97,11 +97,12 @@ DEFAULT_DB_DIR = DEFAULT_DB_DIRS["knn"]
 # ---------------------------------------------------------------------- the backbone layer
 # Thin wrappers so that this module imports without torch models loaded, and so that
 # tests can replace them (monkeypatch) by a tiny fake backbone and extractor.
-def load_backbone(name: str, weights=None, device: str = "cpu", image_size: int | None = None):
+def load_backbone(name: str, weights=None, device: str = "cpu", image_size: int | None = None,
+                  resize_mode: str = "crop"):
     """:func:`anomalib_study.backbones.load_backbone` (imported on first use)."""
     from anomalib_study.backbones import load_backbone as _load_backbone
 
-    return _load_backbone(name, weights=weights, device=device, image_size=image_size)
+    return _load_backbone(name, weights=weights, device=device, image_size=image_size, resize_mode=resize_mode)
 
 
 def extract_embeddings(backbone, paths, **options) -> np.ndarray:
@@ -111,11 +112,12 @@ def extract_embeddings(backbone, paths, **options) -> np.ndarray:
     return _extract(backbone, paths, **options)
 
 
-def _load_backbone(name: str, weights, device: str, image_size: int | None):
-    # image_size only when given, so that simple replacements of load_backbone keep working
-    if image_size is None:
-        return load_backbone(name, weights=weights, device=device)
-    return load_backbone(name, weights=weights, device=device, image_size=image_size)
+def _load_backbone(name: str, weights, device: str, image_size: int | None, resize_mode: str = "crop"):
+    # image_size and resize_mode only when given, so that simple replacements of load_backbone keep working
+    options = {} if image_size is None else {"image_size": image_size}
+    if resize_mode != "crop":
+        options["resize_mode"] = resize_mode
+    return load_backbone(name, weights=weights, device=device, **options)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -205,6 +207,10 @@ class DetectDatabase:
     @property
     def image_size(self) -> int | None:
         return self.metadata["backbone"].get("image_size")
+
+    @property
+    def resize_mode(self) -> str:
+        return (self.metadata["backbone"].get("preprocessing") or {}).get("resize_mode", "crop")
 
     def check_backbone(self, backbone) -> None:
         """ModelFileError unless ``backbone`` has the name, weights, preprocessing and
@@ -516,6 +522,7 @@ def detect_abnormal(
     method: str = "knn",
     coreset_ratio: float = 0.1,
     image_size: int | None = None,
+    resize_mode: str = "crop",
     patch_size: int = 3,
     image_score: str = "reweighted",
     sigma: float = 4.0,
@@ -551,6 +558,8 @@ def detect_abnormal(
         method: ``"knn"`` (one embedding per image) or ``"patchcore"`` (patch memory bank).
         coreset_ratio: (PatchCore) share of the training patches kept in the memory bank, in (0, 1].
         image_size: backbone input side (None = the backbone's default).
+        resize_mode: ``"crop"`` (shorter side resized, centre crop; default) or ``"squash"``
+            (the whole image resized to the square input, nothing cut off).
         patch_size, image_score, sigma, seed: (PatchCore) see :class:`~anomalib_study.methods.patchcore.PatchCore`.
         calibration_fraction: (PatchCore) share of the normal images held out of the bank
             to set the threshold, in (0, 1) (detect needs a threshold, so not 0).
@@ -572,6 +581,8 @@ def detect_abnormal(
     max_overlays = check_int("max_overlays", max_overlays, minimum=0)
     if image_size is not None:
         image_size = check_int("image_size", image_size, minimum=1)
+    if resize_mode not in ("crop", "squash"):
+        raise ParameterError(f"resize_mode must be 'crop' or 'squash', got {resize_mode!r}")
     if method == "patchcore":
         calibration_fraction = check_fraction("calibration_fraction", calibration_fraction)
     device = resolve_device(gpu)
@@ -592,7 +603,8 @@ def detect_abnormal(
             detector, stored = database.detector, database.metadata
             section = stored[method]
             compared = [("model_name", model_name, stored["backbone"]["name"]), ("thres_ratio", thres_ratio, section["thres_ratio"]),
-                        ("index", index, section["index"]), ("image_size", image_size, database.image_size)]
+                        ("index", index, section["index"]), ("image_size", image_size, database.image_size),
+                        ("resize_mode", None if resize_mode == "crop" else resize_mode, database.resize_mode)]
             if method == "knn":
                 compared.append(("k", k, section["k"]))
             else:
@@ -608,7 +620,8 @@ def detect_abnormal(
                         f"which is used (delete {db_dir} or pass another db_dir to rebuild)",
                         stacklevel=2,
                     )
-            backbone = _load_backbone(database.backbone_name, weights, device, database.image_size)
+            backbone = _load_backbone(database.backbone_name, weights, device, database.image_size,
+                                      database.resize_mode)
             database.check_backbone(backbone)
             if method == "patchcore":
                 detector.set_params(backbone=backbone, **run_options)
@@ -625,7 +638,7 @@ def detect_abnormal(
         else:
             ratio = DEFAULT_THRES_RATIO[method] if thres_ratio is None else thres_ratio
             normal_paths = list_images(image_dir, "image_dir")
-            backbone = _load_backbone(model_name, weights, device, image_size)
+            backbone = _load_backbone(model_name, weights, device, image_size, resize_mode)
             hashes = _manifest(image_dir, normal_paths, progress=progress)
             if method == "knn":
                 bank = extract_embeddings(backbone, normal_paths, desc="normal images", **extract_options)

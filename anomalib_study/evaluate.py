@@ -119,13 +119,15 @@ def _evaluate_knn(
 
 def masks_like_input(records, preprocessing: dict) -> np.ndarray:
     """Ground-truth masks (n, crop, crop) bool, put through the backbone's geometric
-    preprocessing (shorter side resized to ``preprocessing["resize"]`` with nearest
-    neighbour, then centre-cropped to ``preprocessing["crop"]``), so that they line up
+    preprocessing (resized to ``preprocessing["resize"]`` with nearest neighbour: the
+    shorter side, or the whole image for ``"squash"``, then centre-cropped to
+    ``preprocessing["crop"]``), so that they line up
     with anomaly maps of the preprocessed input. Records without a mask give all-False."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import center_crop, resize
 
+    from anomalib_study.backbones import resize_argument
     from anomalib_study.data.decode import load_mask
 
     crop = int(preprocessing["crop"])
@@ -134,7 +136,7 @@ def masks_like_input(records, preprocessing: dict) -> np.ndarray:
         if record.mask_path is None:
             continue
         mask = torch.from_numpy(load_mask(record).astype(np.uint8))[None]
-        mask = resize(mask, int(preprocessing["resize"]), interpolation=InterpolationMode.NEAREST)
+        mask = resize(mask, resize_argument(preprocessing), interpolation=InterpolationMode.NEAREST)
         out[i] = center_crop(mask, [crop, crop])[0].numpy() > 0
     return out
 
@@ -236,9 +238,13 @@ def _evaluate_patchcore(
     started = time.perf_counter()
     masks = None
     side = backbone.image_size
+    geometry = (
+        f"the whole image resized to {side} x {side}, aspect ratio not kept"
+        if backbone.preprocessing.get("resize_mode") == "squash"
+        else f"shorter side resized to {backbone.preprocessing['resize']}, centre crop {backbone.preprocessing['crop']}"
+    )
     pixel_note = (
-        f"pixel metrics on the backbone's preprocessed input ({side} x {side}: shorter side resized to "
-        f"{backbone.preprocessing['resize']}, centre crop {backbone.preprocessing['crop']}); masks put through the "
+        f"pixel metrics on the backbone's preprocessed input ({side} x {side}: {geometry}); masks put through the "
         "same resize (nearest neighbour) and crop; anomaly maps bilinearly upsampled from the patch grid, "
         f"Gaussian sigma {sigma}"
     )
@@ -372,6 +378,7 @@ def evaluate(
     backbone: str = "efficientnet_lite0",
     weights: str | os.PathLike | None = None,
     image_size: int | None = None,
+    resize_mode: str = "crop",
     device: str = "cpu",
     out: str | os.PathLike | None = None,
     dataset_options: dict[str, Any] | None = None,
@@ -387,6 +394,9 @@ def evaluate(
         backbone: a registered backbone name (``anomalib-study backbones`` lists them).
         weights: an explicit weight file for the backbone.
         image_size: overrides the backbone's default input size.
+        resize_mode: ``"crop"`` (shorter side resized, centre crop: the backbone's own
+            preprocessing) or ``"squash"`` (the whole image resized to the square input, for
+            long narrow images whose defects a centre crop can cut off).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: folder for ``metrics.json``; an existing ``metrics.json`` there is never
             overwritten (pick another folder).
@@ -417,7 +427,7 @@ def evaluate(
         raise StudyError(f"{data.name} ({root}) has no training images: {method} needs normal images to fit on")
     if not data.test:
         raise StudyError(f"{data.name} ({root}) has no test images to evaluate")
-    net = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
+    net = load_backbone(backbone, weights=weights, device=device, image_size=image_size, resize_mode=resize_mode)
     load_s = time.perf_counter() - started
 
     result = METHODS[method](data, net, device=device, **method_params)

@@ -127,11 +127,14 @@ def overlay_image(image, anomaly_map: np.ndarray, mask: np.ndarray | None = None
 
 def crop_like_input(path, preprocessing: dict):
     """The image at ``path`` resized and centre-cropped as a backbone's preprocessing does
-    (``preprocessing["resize"]`` shorter side, ``preprocessing["crop"]`` square), unnormalised."""
+    (``preprocessing["resize"]``: shorter side, or the whole image for ``"squash"``; then
+    ``preprocessing["crop"]`` square), unnormalised."""
     from torchvision.transforms.functional import center_crop, resize
 
+    from anomalib_study.backbones import resize_argument
+
     image = load_image(path)
-    image = resize(image, int(preprocessing["resize"]))
+    image = resize(image, resize_argument(preprocessing))
     return center_crop(image, [int(preprocessing["crop"])] * 2)
 
 

@@ -380,3 +380,17 @@ def test_resnet_maps_only_stop_early_and_match(tmp_path):
     maps = net(x, layers=["layer3", "layer2"], embedding=False)
     assert set(maps) == {"layer2", "layer3"}
     assert torch.allclose(maps["layer3"], full["layer3"]) and torch.allclose(maps["layer2"], full["layer2"])
+
+
+def test_squash_resizes_the_whole_image_and_bad_modes_are_named(tmp_path):
+    path = make_weights("resnet18", tmp_path)
+    crop = load_backbone("resnet18", weights=path, image_size=64)
+    squash = load_backbone("resnet18", weights=path, image_size=64, resize_mode="squash")
+    assert squash.preprocessing["resize_mode"] == "squash" and "resize_mode" not in crop.preprocessing
+    pixels = np.zeros((60, 240, 3), dtype=np.uint8)
+    pixels[:, 200:] = 255  # a bright band at the right end, which a centre crop cuts off
+    image = Image.fromarray(pixels)
+    assert squash.transform(image).shape == crop.transform(image).shape == (3, 64, 64)
+    assert squash.transform(image)[:, :, -5:].mean() > crop.transform(image)[:, :, -5:].mean() + 1.0
+    with pytest.raises(ParameterError, match="resize_mode"):
+        load_backbone("resnet18", weights=path, resize_mode="stretch")

@@ -112,3 +112,22 @@ def test_detect_bad_calibration_fraction_is_one_line(tmp_path, capsys):
                  "--image-dir", str(tmp_path / "normal"), "--result-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "calibration_fraction" in err and "Traceback" not in err
+
+
+def test_detect_resize_mode_squash_is_stored_in_the_database(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    normal = _images(tmp_path / "normal", 6, 0)
+    args = ["detect", str(normal), "--image-dir", str(normal), "--db-dir", str(tmp_path / "db"), "--k", "2",
+            "--num-workers", "0", "--batch-size", "4", "--resize-mode", "squash"]
+    assert main(args) == 0
+    stored = json.loads((tmp_path / "db" / "database.json").read_text())
+    assert stored["backbone"]["preprocessing"]["resize_mode"] == "squash"
+    assert main(args[:-2]) == 0  # default (crop) asked: the database's own squash backbone is used
+
+
+def test_resize_mode_choices_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--dataset", "dagm", "--root", "x", "--out", "y", "--resize-mode", "stretch"])
+    assert "invalid choice" in capsys.readouterr().err

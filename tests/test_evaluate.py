@@ -155,3 +155,27 @@ def test_patchcore_coreset_ablation_rows(synthetic_root):
     assert small["memory_bank_size"] < full["memory_bank_size"] == result["n_train_patches"]
     assert full["image_auroc_max"] > 0.8 and full["pixel_auroc"] > 0.85
     assert small["peak_memory_added_mb"] is not None and small["fit_s"] > 0
+
+
+def test_squash_keeps_the_defect_a_centre_crop_cuts_off(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_study.backbones import squash_preprocessing
+    from anomalib_study.data.records import ImageRecord
+    from anomalib_study.evaluate import masks_like_input
+    from anomalib_study.plots import crop_like_input
+
+    mask = np.zeros((100, 200), dtype=np.uint8)  # defect in the right quarter: outside any centre crop
+    mask[:, 150:] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    Image.fromarray(mask).save(tmp_path / "i.png")
+    records = [ImageRecord(tmp_path / "i.png", "test", 1, "cut", tmp_path / "m.png")]
+    crop = {"resize": 50, "crop": 40}
+    assert not masks_like_input(records, crop).any()
+    squash = squash_preprocessing(crop)
+    assert squash["resize"] == [40, 40] and squash["resize_mode"] == "squash"
+    out = masks_like_input(records, squash)  # whole image to 40 x 40: columns 150..199 of 200 -> 30..39
+    assert out.shape == (1, 40, 40) and out[0, :, 30:].all() and not out[0, :, :30].any()
+    picture = np.asarray(crop_like_input(tmp_path / "i.png", squash).convert("L"))
+    assert picture.shape == (40, 40) and picture[:, 31:].min() > 200 and picture[:, :29].max() < 50

@@ -103,7 +103,7 @@ def test_no_threshold_without_calibration():
 @pytest.mark.parametrize("params, match", [
     ({"coreset_ratio": 0}, "ratio"), ({"image_score": "mean"}, "image_score"), ({"patch_size": 4}, "patch_size"),
     ({"sampler": "kmeans"}, "sampler"), ({"sigma": -1}, "sigma"), ({"calibration_fraction": 1.0}, "calibration"),
-    ({"num_neighbours": 0}, "num_neighbours"), ({"index": ""}, "index"),
+    ({"num_neighbours": 0}, "num_neighbours"), ({"index": ""}, "index"), ({"resize_mode": "stretch"}, "resize_mode"),
 ])
 def test_bad_parameters(params, match):
     with pytest.raises(ParameterError, match=match):
@@ -201,3 +201,18 @@ def test_end_to_end_on_the_synthetic_set(fitted, synthetic_class, tmp_path):
     other = load_backbone("efficientnet_lite0", image_size=96)
     with pytest.raises(ModelFileError, match="image_size"):
         PatchCore.load(path, backbone=other)
+    squashed = load_backbone("efficientnet_lite0", image_size=128, resize_mode="squash")
+    with pytest.raises(ModelFileError, match="preprocessing"):  # same network and size, other geometry
+        PatchCore.load(path, backbone=squashed)
+
+
+def test_squash_mode_is_saved_and_restored(synthetic_class, tmp_path):
+    from anomalib_study.backbones import load_backbone
+
+    backbone = load_backbone("efficientnet_lite0", image_size=64, resize_mode="squash")
+    model = PatchCore(backbone=backbone, coreset_ratio=0.05, progress=False).fit_paths(
+        [r.path for r in synthetic_class.train[:6]])
+    path = model.save(tmp_path / "squash.npz")
+    by_name = PatchCore.load(path)
+    assert by_name.resize_mode == "squash"
+    assert by_name.get_backbone().preprocessing["resize_mode"] == "squash"

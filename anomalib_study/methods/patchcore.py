@@ -33,6 +33,7 @@ preallocated float32 array; never a list of tensors plus a concatenation).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -122,6 +123,11 @@ def anomaly_maps(patch_scores, size: tuple[int, int], sigma: float = 4.0, device
     return maps[:, 0].cpu().numpy()
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples -> lists, arrays -> lists)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
 # ---------------------------------------------------------------------------------- estimator
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector (see the module docstring for the method).
@@ -131,6 +137,8 @@ class PatchCore(BaseDetector):
             (only needed by :meth:`fit_paths` / :meth:`score_paths`).
         weights: explicit weight file for a backbone given by name.
         image_size: input side for a backbone given by name (None = its default).
+        resize_mode: ``"crop"`` (shorter side resized, centre crop) or ``"squash"`` (the
+            whole image resized to the square input), for a backbone given by name.
         layers: the two (or more) maps used (None = ``backbone.patch_layers``).
         patch_size: odd neighbourhood side p of the local averaging (paper: 3).
         per_layer_dim: channels per layer after adaptive pooling (None = native).
@@ -159,7 +167,8 @@ class PatchCore(BaseDetector):
     """
 
     def __init__(self, backbone: Any = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-                 image_size: int | None = None, layers: Sequence[str] | None = None, patch_size: int = 3,
+                 image_size: int | None = None, resize_mode: str = "crop", layers: Sequence[str] | None = None,
+                 patch_size: int = 3,
                  per_layer_dim: int | None = None, target_dim: int | None = None, sampler: str = "greedy",
                  coreset_ratio: float = 0.1, projection_dim: int | None = 128, image_score: str = "reweighted",
                  num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", thres_ratio: float = 0.99,
@@ -168,6 +177,7 @@ class PatchCore(BaseDetector):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
+        self.resize_mode = resize_mode
         self.layers = layers
         self.patch_size = patch_size
         self.per_layer_dim = per_layer_dim
@@ -189,6 +199,10 @@ class PatchCore(BaseDetector):
 
     # ------------------------------------------------------------------ checks
     def _validate_params(self) -> None:
+        from anomalib_study.backbones import RESIZE_MODES
+
+        if self.resize_mode not in RESIZE_MODES:
+            raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.sampler not in SAMPLERS:
             raise ParameterError(f"sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         if self.image_score not in IMAGE_SCORES:
@@ -400,7 +414,8 @@ class PatchCore(BaseDetector):
             if isinstance(self.backbone, Backbone):
                 module = self.backbone
             elif isinstance(self.backbone, str):
-                module = load_backbone(self.backbone, weights=self.weights, device=self.device, image_size=self.image_size)
+                module = load_backbone(self.backbone, weights=self.weights, device=self.device,
+                                       image_size=self.image_size, resize_mode=self.resize_mode)
             else:
                 raise ParameterError(f"backbone must be a registered name or a loaded Backbone, got {self.backbone!r}")
             self._check_identity(module)
@@ -416,8 +431,8 @@ class PatchCore(BaseDetector):
         if not expected:
             return
         found = self._identity(backbone)
-        for key in ("name", "weights_sha256", "image_size", "layers"):
-            if expected.get(key) != found.get(key):
+        for key in ("name", "weights_sha256", "image_size", "layers", "preprocessing"):
+            if key in expected and _jsonable(expected.get(key)) != _jsonable(found.get(key)):
                 raise ModelFileError(
                     f"this PatchCore model was fitted with backbone {expected.get('name')!r} "
                     f"(weights sha256 {str(expected.get('weights_sha256'))[:12]}..., image_size "
@@ -567,6 +582,7 @@ class PatchCore(BaseDetector):
             module = params["backbone"]
             params["backbone"] = getattr(module, "name", str(module))
             params["image_size"] = getattr(module, "image_size", params["image_size"])
+            params["resize_mode"] = getattr(module, "preprocessing", {}).get("resize_mode", "crop")
             params["weights"] = params["weights"] or getattr(module, "weights_path", None)
         params["weights"] = None if params["weights"] is None else str(params["weights"])
         params["layers"] = None if params["layers"] is None else list(params["layers"])
