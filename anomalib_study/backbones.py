@@ -187,6 +187,9 @@ class Backbone(nn.Module):
         self.embedding_dim = 0
         # ViTs carry position embeddings for exactly image_size; CNNs accept any size
         self._fixed_input = spec.family in ("timm_vit", "dinov2_onnx", "clip")
+        # inputs (and so activations) in channels-last layout: set by families whose
+        # convolutions run faster that way on the CPU (oneDNN); maps are returned contiguous
+        self._channels_last = False
 
     # subclasses implement this: embedding (B, D) and the requested maps (B, C, h, w)
     def _features(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -229,9 +232,12 @@ class Backbone(nn.Module):
             raise ParameterError(f"{self.name}: expected a (B, 3, H, W) tensor, got {shape}")
         layers = self.check_layers(layers)
         with torch.no_grad():
-            if embedding or not layers:
-                return self._features(x, layers)
-            return self._maps_only(x, layers)
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self._features(x, layers) if embedding or not layers else self._maps_only(x, layers)
+        if self._channels_last:
+            out = {name: value.contiguous() for name, value in out.items()}
+        return out
 
     def _maps_only(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """The requested maps without the embedding; subclasses that can stop early override it."""
@@ -686,7 +692,9 @@ def _build_efficientnet(spec, path, image_size):
     resize = int(round(image_size / model.pretrained_cfg.get("crop_pct", 0.875)))
     # ImageNet statistics (WEIGHTS.md: these converted Google checkpoints classify correctly with them)
     pre = _preprocessing(resize, image_size, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
-    return EfficientNetBackbone(spec, model, image_size, pre, str(path), weights_sha256(path))
+    backbone = EfficientNetBackbone(spec, model, image_size, pre, str(path), weights_sha256(path))
+    backbone._channels_last = True  # oneDNN's depthwise convolutions: ~1.3x faster on 2 CPU cores
+    return backbone.to(memory_format=torch.channels_last)
 
 
 def _build_resnet(spec, path, image_size):
@@ -695,7 +703,29 @@ def _build_resnet(spec, path, image_size):
     model = _on_meta(lambda: getattr(torchvision.models, spec.arch)(weights=None))
     _load_strict(model, _read_state_dict(path, spec.name), path, spec.name)
     pre = _preprocessing(int(round(image_size * 256 / 224)), image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-    return ResNetBackbone(spec, model, image_size, pre, str(path), weights_sha256(path))
+    backbone = ResNetBackbone(spec, fold_resnet_batchnorm(model.eval()), image_size, pre, str(path), weights_sha256(path))
+    backbone._channels_last = True
+    return backbone.to(memory_format=torch.channels_last)
+
+
+def fold_resnet_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm of a torchvision ResNet / WideResNet (eval mode) into the
+    convolution before it, in place: the same function (float rounding aside) with one
+    pass less over every activation. With channels-last inputs this made the WideResNet-50
+    forward to layer3 about 1.4x faster on 2 CPU cores (``benchmarks/bench_patchcore.py``)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.conv1, model.bn1 = fuse_conv_bn_eval(model.conv1, model.bn1), nn.Identity()
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            for i in (1, 2, 3):
+                conv, bn = getattr(block, f"conv{i}", None), getattr(block, f"bn{i}", None)
+                if conv is not None and bn is not None:
+                    setattr(block, f"conv{i}", fuse_conv_bn_eval(conv, bn))
+                    setattr(block, f"bn{i}", nn.Identity())
+            if block.downsample is not None:
+                block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
+    return model
 
 
 class _ScriptHolder(nn.Module):

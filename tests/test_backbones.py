@@ -394,3 +394,29 @@ def test_squash_resizes_the_whole_image_and_bad_modes_are_named(tmp_path):
     assert squash.transform(image)[:, :, -5:].mean() > crop.transform(image)[:, :, -5:].mean() + 1.0
     with pytest.raises(ParameterError, match="resize_mode"):
         load_backbone("resnet18", weights=path, resize_mode="stretch")
+
+
+def test_folded_resnet_matches_the_plain_torchvision_network(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(weights=None).eval()
+    for module in plain.modules():  # non-trivial running statistics, so that folding has work to do
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(plain.state_dict(), path)
+    backbone = load_backbone("resnet18", weights=path, image_size=64)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    x = torch.randn(2, 3, 64, 64)
+    out = backbone(x, layers=["layer2", "layer4"])
+    with torch.no_grad():
+        h = plain.maxpool(plain.relu(plain.bn1(plain.conv1(x))))
+        l2 = plain.layer2(plain.layer1(h))
+        l4 = plain.layer4(plain.layer3(l2))
+        embedding = torch.flatten(plain.avgpool(l4), 1)
+    for got, want in ((out["layer2"], l2), (out["layer4"], l4), (out["embedding"], embedding)):
+        assert got.is_contiguous() and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
