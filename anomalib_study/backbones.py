@@ -324,6 +324,22 @@ def _preprocessing(resize: int, crop: int, mean, std, interpolation: str) -> dic
 # --------------------------------------------------------------------------------------
 # Families
 # --------------------------------------------------------------------------------------
+def _timm_intermediates(model, x, layers, prefix: str, embedding: bool, default_index: int | None = None,
+                        **options) -> dict[str, torch.Tensor]:
+    """Maps named ``<prefix><i>`` (and the pre-logits embedding) through timm's
+    ``forward_intermediates``; without the embedding it stops after the deepest map asked for."""
+    indices = [int(layer[len(prefix):]) for layer in layers]
+    taken = sorted(set(indices)) or ([default_index] if default_index is not None else [])
+    if embedding:
+        final, maps = model.forward_intermediates(x, indices=taken, **options)
+    else:
+        maps = model.forward_intermediates(x, indices=taken, intermediates_only=True, stop_early=True, **options)
+    by_index = dict(zip(taken, maps))
+    out = {"embedding": model.forward_head(final, pre_logits=True)} if embedding else {}
+    out.update({layer: by_index[index] for layer, index in zip(layers, indices)})
+    return out
+
+
 class EfficientNetBackbone(Backbone):
     """timm ``tf_efficientnet_lite*`` with its ImageNet classifier kept (``model.classifier``).
 
@@ -338,21 +354,10 @@ class EfficientNetBackbone(Backbone):
         return {f"stage{i}": self.model.feature_info[i]["reduction"] for i in range(1, 5)}
 
     def _features(self, x, layers):
-        indices = [int(layer[len("stage"):]) for layer in layers]
-        taken = sorted(set(indices)) or [4]
-        final, maps = self.model.forward_intermediates(x, indices=taken)
-        by_index = dict(zip(taken, maps))
-        out = {"embedding": self.model.forward_head(final, pre_logits=True)}
-        for layer, index in zip(layers, indices):
-            out[layer] = by_index[index]
-        return out
+        return _timm_intermediates(self.model, x, layers, "stage", embedding=True, default_index=4)
 
     def _maps_only(self, x, layers):
-        indices = [int(layer[len("stage"):]) for layer in layers]
-        taken = sorted(set(indices))
-        maps = self.model.forward_intermediates(x, indices=taken, intermediates_only=True, stop_early=True)
-        by_index = dict(zip(taken, maps))
-        return {layer: by_index[index] for layer, index in zip(layers, indices)}
+        return _timm_intermediates(self.model, x, layers, "stage", embedding=False)
 
 
 class ResNetBackbone(Backbone):
@@ -422,22 +427,10 @@ class TimmViTBackbone(Backbone):
     def _features(self, x, layers):
         if not layers:
             return {"embedding": self.model.forward_head(self.model.forward_features(x), pre_logits=True)}
-        indices = [int(layer[len("block"):]) for layer in layers]
-        final, maps = self.model.forward_intermediates(x, indices=sorted(set(indices)), norm=False,
-                                                       output_fmt="NCHW")
-        by_index = dict(zip(sorted(set(indices)), maps))
-        out = {"embedding": self.model.forward_head(final, pre_logits=True)}
-        for layer, index in zip(layers, indices):
-            out[layer] = by_index[index]
-        return out
+        return _timm_intermediates(self.model, x, layers, "block", embedding=True, norm=False, output_fmt="NCHW")
 
     def _maps_only(self, x, layers):
-        indices = [int(layer[len("block"):]) for layer in layers]
-        taken = sorted(set(indices))
-        maps = self.model.forward_intermediates(x, indices=taken, norm=False, output_fmt="NCHW",
-                                                intermediates_only=True, stop_early=True)
-        by_index = dict(zip(taken, maps))
-        return {layer: by_index[index] for layer, index in zip(layers, indices)}
+        return _timm_intermediates(self.model, x, layers, "block", embedding=False, norm=False, output_fmt="NCHW")
 
 
 class CLIPBackbone(Backbone):

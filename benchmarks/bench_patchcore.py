@@ -406,6 +406,13 @@ def _summary(side: dict | None) -> dict | None:
     return {k: side[k] for k in keep if k in side}
 
 
+def package_sources_hash() -> str:
+    """sha256 over the package's source files (the runner's own fingerprint of the code)."""
+    from anomalib_study.runner import package_sources_hash as _hash
+
+    return _hash()
+
+
 def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: Path, n_test: int = N_TEST,
                      threads: int = 2, reuse: bool = True, stored_only: bool = False) -> dict | None:
     """Our fit + predict for backbone ``name`` on the first ``n`` training images (fresh process,
@@ -415,7 +422,8 @@ def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: 
     tag = f"{name}_{n}"
     key = {"train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
            "test_sha256": write_list(test, work / f"ours_{tag}_test.txt"), "backbone": name,
-           "weights": None if weights is None else str(weights), "ratio": CORESET_RATIO, "threads": threads}
+           "weights": None if weights is None else str(weights), "ratio": CORESET_RATIO, "threads": threads,
+           "package_sources": package_sources_hash()}  # a measurement of older code is never reused
     if stored_only:
         stored = work / f"ours_{tag}.json"
         previous = json.loads(stored.read_text()) if stored.is_file() else {}
