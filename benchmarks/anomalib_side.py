@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     pre = json.loads(args.preprocessing)
     transform = _transform(pre)
-    train_paths = _read_list(args.train_list)
+    train_paths = _read_list(args.train_list) if args.train_list else []
     test_paths = _read_list(args.test_list) if args.test_list else []
     result: dict = {
         "side": "anomalib",
@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     model = PatchcoreModel(layers=list(args.layers), backbone=args.backbone, pre_trained=False,
                            num_neighbors=args.num_neighbors).to(device)
     result["rss_after_model_mb"] = _rss_mb()
+    if args.bank_rows:
+        return _predict_only(args, model, transform, test_paths, device, result)
 
     # ---- fit: Patchcore.training_step on every batch, then Patchcore.fit ----------------
     model.train()
@@ -192,9 +194,33 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _predict_only(args, model, transform, test_paths, device, result: dict) -> dict:
+    """Predict timing only: the memory bank is ``--bank-rows`` x ``--bank-dim`` seeded random
+    rows (the shape of the coreset of a fit; the search cost depends on the shape only), one
+    untimed warm-up batch, then every test image timed as in :func:`run`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(args.seed)
+    model.memory_bank = torch.randn(args.bank_rows, args.bank_dim, generator=generator).to(device)
+    model.eval()
+    with torch.no_grad():
+        model(next(_batches(test_paths[:args.batch_size], transform, args.batch_size, device)))  # warm-up
+        cpu_start = _cpu_s()
+        start = time.perf_counter()
+        for batch in _batches(test_paths, transform, args.batch_size, device):
+            model(batch)
+        predict_s = time.perf_counter() - start
+    result.update({"mode": "predict only (random bank of the coreset's shape)", "bank_rows": args.bank_rows,
+                   "bank_dim": args.bank_dim, "predict_cpu_s": _cpu_s() - cpu_start, "predict_s": predict_s,
+                   "predict_images_per_s": len(test_paths) / predict_s, "load_average_after_predict": _load(),
+                   "peak_rss_mb": _rss_mb()})
+    _log(f"predict only: {len(test_paths) / predict_s:.2f} images/s")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train-list", required=True, help="text file: one training image path a line")
+    parser.add_argument("--train-list", default=None, help="text file: one training image path a line")
     parser.add_argument("--test-list", default=None, help="text file: one test image path a line (predict timing)")
     parser.add_argument("--preprocessing", required=True,
                         help='JSON: {"resize": int, "crop": int, "interpolation": "bilinear", "mean": [...], "std": [...]}')
@@ -206,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bank-rows", type=int, default=0,
+                        help="predict timing only: a random memory bank of this many rows (no fit)")
+    parser.add_argument("--bank-dim", type=int, default=1536, help="columns of that bank (layer2 + layer3: 1536)")
     args = parser.parse_args(argv)
+    if not args.bank_rows and not args.train_list:
+        parser.error("--train-list is required (unless --bank-rows is given for a predict-only timing)")
+    if args.bank_rows and not args.test_list:
+        parser.error("--bank-rows (predict only) needs --test-list")
     if not 0 < args.coreset_ratio <= 1:
         parser.error(f"--coreset-ratio must be in (0, 1], got {args.coreset_ratio}")
     result = run(args)

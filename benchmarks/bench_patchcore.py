@@ -353,6 +353,88 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     return result
 
 
+def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str = BACKBONE,
+                     weights: str | os.PathLike | None = None, layers: Sequence[str] | None = LAYERS,
+                     batch_size: int = 8, threads: int = 0, device: str = "cpu", seed: int = SEED) -> dict:
+    """Our predict timing only, as anomalib_side.py's ``--bank-rows``: a memory bank of
+    ``bank_rows`` seeded random rows (the coreset's shape; the search cost depends on the shape
+    only), one untimed warm-up batch, then ``score_paths`` on every test image."""
+    import numpy as np
+    import torch
+
+    from anomalib_study.backbones import load_backbone
+    from anomalib_study.methods.patchcore import PatchCore
+
+    if threads:
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = {"side": "anomalib_study", "mode": "predict only (random bank of the coreset's shape)",
+                              "torch_threads": torch.get_num_threads(), "n_test": len(test_paths),
+                              "load_average_start": load_average(), "rss_after_imports_mb": peak_rss_mb()}
+    module = load_backbone(backbone, weights=weights, device=device)
+    model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=1.0,
+                      calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device, progress=False)
+    warm, grid = model.extract_patches(test_paths[:batch_size])  # warm-up batch; gives the grid and dimension
+    per_image = grid[0] * grid[1]
+    n_images = -(-bank_rows // per_image)
+    bank = np.random.default_rng(seed).standard_normal((n_images, per_image, warm.shape[2]), dtype=np.float32)
+    model.fit(bank, grid_shape=grid)
+    cpu_start, start = cpu_seconds(), time.perf_counter()
+    model.score_paths(test_paths)
+    predict_s = time.perf_counter() - start
+    result.update({"bank_rows": int(model.memory_bank_.shape[0]), "bank_dim": int(model.n_features_in_),
+                   "predict_cpu_s": cpu_seconds() - cpu_start, "predict_s": predict_s,
+                   "predict_images_per_s": len(test_paths) / predict_s, "load_average_after_predict": load_average(),
+                   "peak_rss_mb": peak_rss_mb()})
+    return result
+
+
+def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: Path,
+                         n_test: int = N_TEST, threads: int = 2, repeats: int = 2) -> dict:
+    """Predict speed of both sides in turn, in this one run: for each training-set size N, a
+    memory bank of the 10 % coreset's shape (N x 784 patches x 0.1 rows, 1536 columns),
+    ``repeats`` rounds of (anomalib, ours), each a fresh process with one warm-up batch.
+    ``predict_speedup`` = median of our images/s / median of anomalib's."""
+    import statistics
+
+    from anomalib_study.errors import StudyError
+    from anomalib_study.methods.coreset import coreset_size
+
+    _, test = magnetic_tile_lists(data, max(sizes), n_test)
+    test_list = work / f"predict_test_{n_test}.txt"
+    write_list(test, test_list)
+    patches_per_image = (224 // 8) ** 2  # layer2 of a ResNet has stride 8: 28 x 28 patches at 224 px
+    out = {}
+    for n in sizes:
+        rows = coreset_size(n * patches_per_image, CORESET_RATIO)
+        runs = {"anomalib": [], "ours": []}
+        for round_ in range(repeats):
+            for side in ("anomalib", "ours"):
+                if side == "anomalib":
+                    command = [str(anomalib_python(venv)), "-W", "ignore", str(ANOMALIB_SIDE), "--test-list",
+                               str(test_list), "--preprocessing", json.dumps(preprocessing_of()), "--backbone",
+                               BACKBONE, "--layers", *LAYERS, "--threads", str(threads), "--bank-rows", str(rows)]
+                else:
+                    command = [sys.executable, str(Path(__file__).resolve()), "--our-side", "--test-list",
+                               str(test_list), "--weights", str(weights), "--threads", str(threads),
+                               "--bank-rows", str(rows)]
+                log(f"predict side by side N={n} (bank {rows} rows), round {round_ + 1}/{repeats}: {side} ...")
+                done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(work))
+                if done.returncode != 0:
+                    raise StudyError(f"{side} predict-only run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[side].append({k: result.get(k) for k in ("predict_images_per_s", "predict_s", "predict_cpu_s",
+                                                              "bank_rows", "bank_dim", "peak_rss_mb",
+                                                              "load_average_start", "load_average_after_predict")})
+                log(f"  {side}: {result['predict_images_per_s']:.2f} images/s")
+        medians = {side: statistics.median(r["predict_images_per_s"] for r in v) for side, v in runs.items()}
+        cpu = {side: statistics.median(r["predict_cpu_s"] for r in v) for side, v in runs.items()}
+        out[str(n)] = {"bank_rows": rows, "n_test": n_test, "runs": runs,
+                       "anomalib_images_per_s": medians["anomalib"], "ours_images_per_s": medians["ours"],
+                       "predict_speedup": medians["ours"] / medians["anomalib"],
+                       "predict_cpu_speedup": cpu["anomalib"] / cpu["ours"]}
+    return out
+
+
 def run_ours(train_paths: Sequence[Path], test_paths: Sequence[Path], work: Path, tag: str, backbone: str = BACKBONE,
              weights: Path | None = None, coreset_ratio: float = CORESET_RATIO, threads: int = 2) -> dict:
     """:func:`our_side` in a fresh process (so ru_maxrss is this run's own peak); returns its JSON."""
@@ -567,8 +649,13 @@ def _flat(rows: Sequence[dict], key: str, source: str = "ratios") -> dict[str, f
     return {str(r["n_train"]): (r.get(source) or {}).get(key) for r in rows}
 
 
-def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters: dict, started: str) -> dict:
+def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters: dict, started: str,
+                 predict_rows: dict | None = None) -> dict:
+    """The JSON report. ``predict_speedup`` is the side-by-side predict timing (same run,
+    alternating processes) where there is one, else the predict part of the fit runs."""
     anomalib_version = next((r["anomalib"] for r in rows if r["anomalib"]), None)
+    in_fit_runs = _flat(rows, "predict_speedup")
+    side_by_side = {n: r["predict_speedup"] for n, r in (predict_rows or {}).items()}
     return {
         "benchmark": "PatchCore: anomalib_study vs anomalib 2.7.0 (same images, backbone, size, coreset ratio)",
         "started": started,
@@ -576,7 +663,10 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
         "anomalib_version": "2.7.0" if anomalib_version else None,
         "parameters": parameters,
         "fit_speedup": _flat(rows, "fit_speedup"),
-        "predict_speedup": _flat(rows, "predict_speedup"),
+        "predict_speedup": side_by_side or in_fit_runs,
+        "predict_speedup_source": "predict_side_by_side" if side_by_side else "comparison (predict after each fit)",
+        "predict_speedup_in_fit_runs": in_fit_runs,
+        "predict_side_by_side": predict_rows or {},
         "peak_memory_ratio": _flat(rows, "peak_memory_ratio"),
         "peak_memory_above_imports_ratio": _flat(rows, "peak_memory_above_imports_ratio"),
         "coreset_speedup": _flat(rows, "coreset_speedup"),
@@ -599,6 +689,11 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
             "anomalib is driven through PatchcoreModel (forward in training mode per batch = "
             "Patchcore.training_step, subsample_embedding = Patchcore.fit), without Lightning's loop.",
             "Any anomalib figure under 'anomalib_extrapolated' is an extrapolation, not a measurement.",
+            "predict_speedup comes from 'predict_side_by_side': both sides timed in turn in this one run, each "
+            "in a fresh process with one untimed warm-up batch, against a memory bank of the 10 % coreset's "
+            "shape filled with seeded random rows (exact search: its cost depends on the shape only); the "
+            "median over the rounds. 'predict_speedup_in_fit_runs' is the predict part of the fit runs, which "
+            "ran at other times (other machine load).",
         ],
     }
 
@@ -618,6 +713,13 @@ def print_tables(report: dict) -> None:
                      "load_1min": (o.get("load_average_start") or [None])[0]})
     print("\nPatchCore vs anomalib 2.7.0 (wide_resnet50_2 random init, layer2+layer3, 224 px, coreset 10 %)")
     print(format_table(rows, list(rows[0]) if rows else ["N"]))
+    if report.get("predict_side_by_side"):
+        print("\nPredict speed side by side (same run, alternating processes, bank of the coreset's shape)")
+        print(format_table([{"N": n, "bank_rows": r["bank_rows"], "anomalib_img/s": r["anomalib_images_per_s"],
+                             "ours_img/s": r["ours_images_per_s"], "predict_speedup": r["predict_speedup"],
+                             "predict_cpu_speedup": r["predict_cpu_speedup"]}
+                            for n, r in report["predict_side_by_side"].items()],
+                           ["N", "bank_rows", "anomalib_img/s", "ours_img/s", "predict_speedup", "predict_cpu_speedup"]))
     if report["scaling"]:
         print("\nScaling of OUR PatchCore (Magnetic-tile normals)")
         print(format_table(report["scaling"], ["backbone", "n_train", "bank_rows", "bank_mb", "fit_s", "fit_cpu_s", "fit_extract_s",
@@ -631,8 +733,13 @@ def print_tables(report: dict) -> None:
 # Command line
 # --------------------------------------------------------------------------------------
 def _our_side_main(args: argparse.Namespace) -> int:
-    train = [Path(line) for line in Path(args.train_list).read_text().split("\n") if line.strip()]
     test = [Path(line) for line in Path(args.test_list).read_text().split("\n") if line.strip()] if args.test_list else []
+    if args.bank_rows:
+        result = our_predict_only(test, args.bank_rows, backbone=args.backbone, weights=args.weights,
+                                  layers=args.layers, threads=args.threads, device=args.device)
+        print(json.dumps(result))
+        return 0
+    train = [Path(line) for line in Path(args.train_list).read_text().split("\n") if line.strip()]
     result = our_side(train, test, backbone=args.backbone, weights=args.weights, layers=args.layers,
                       coreset_ratio=args.coreset_ratio, image_size=args.image_size, threads=args.threads,
                       device=args.device)
@@ -666,7 +773,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--anomalib-only", type=int, default=None, metavar="N",
                         help="only run (and store) anomalib's measurement at N training images, e.g. ahead in the background")
     # the child process of one of our measurements
+    parser.add_argument("--predict-sizes", type=int, nargs="*", default=[50, 100, 300],
+                        help="sizes whose predict speed is timed side by side (bank of the coreset's shape)")
+    parser.add_argument("--predict-repeats", type=int, default=2, help="rounds of (anomalib, ours) per size")
     parser.add_argument("--our-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bank-rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--train-list", help=argparse.SUPPRESS)
     parser.add_argument("--test-list", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", default=BACKBONE, help=argparse.SUPPRESS)
@@ -699,13 +810,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         scaling_rows = scaling(args.scaling_sizes, data, work, backbones, args.threads, not args.no_reuse, args.n_test,
                                args.stored_only) \
             if args.scaling_sizes else []
+        stored_predict = work / "predict_side_by_side.json"
+        if args.stored_only:
+            predict_rows = json.loads(stored_predict.read_text()) if stored_predict.is_file() else {}
+        elif args.predict_sizes:
+            predict_rows = predict_side_by_side(args.predict_sizes, data, work, venv, weights, args.n_test,
+                                                args.threads, args.predict_repeats)
+            write_json(stored_predict, predict_rows)
+        else:
+            predict_rows = {}
         parameters = {"data": str(data), "images": "Magnetic-tile MT_Free training split (first N), seeded test draw",
                       "backbone": BACKBONE, "weights": "random initialisation (torchvision seed 0 / timm)",
                       "layers": list(LAYERS), "image_size": 224, "preprocessing": preprocessing_of(),
                       "coreset_ratio": CORESET_RATIO, "num_neighbours": 9, "batch_size": 8, "torch_threads": args.threads,
                       "n_test": args.n_test, "sizes": list(args.sizes), "anomalib_measured_now": list(anomalib_sizes),
                       "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones)}
-        report = build_report(rows, scaling_rows, parameters, started)
+        report = build_report(rows, scaling_rows, parameters, started, predict_rows)
         report["notes"].extend(args.note)
         write_json(args.out, report)
         print_tables(report)
