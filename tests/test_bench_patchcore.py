@@ -171,3 +171,20 @@ def test_bad_weights_file_is_one_clear_error(tmp_path, capsys):
                        "--weights", str(tmp_path / "missing.pth")])
     assert code == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_our_predict_only_side_and_the_headline_uses_the_side_by_side_timing(tmp_path, resnet18_random, capsys):
+    data = _magnetic_tile(tmp_path)
+    _, test = bench.magnetic_tile_lists(data, n_train=3, n_test=2)
+    bench.write_list(test, tmp_path / "test.txt")
+    code = bench.main(["--our-side", "--test-list", str(tmp_path / "test.txt"), "--backbone", "resnet18",
+                       "--weights", str(resnet18_random), "--layers", "layer2", "layer3", "--threads", "1",
+                       "--bank-rows", "100"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 224 px -> layer2 grid 28 x 28 = 784 patches an image: 100 rows round up to one image's worth
+    assert result["bank_rows"] == 784 and result["bank_dim"] == 384 and result["predict_images_per_s"] > 0
+    side = {"50": {"predict_speedup": 1.5}}
+    report = bench.build_report([], [], {}, "now", side)
+    assert report["predict_speedup"] == {"50": 1.5} and report["predict_speedup_source"] == "predict_side_by_side"
+    assert bench.build_report([], [], {}, "now")["predict_speedup_source"].startswith("comparison")
