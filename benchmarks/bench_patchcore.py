@@ -758,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON report")
     parser.add_argument("--work", default=str(DEFAULT_WORK), help="image lists, weights file, stored measurements")
     parser.add_argument("--venv", default=str(DEFAULT_VENV), help="anomalib's venv (setup_anomalib_venv.sh)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 300], help="training-set sizes compared")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[50, 100, 300], help="training-set sizes compared (none: skip)")
     parser.add_argument("--anomalib-sizes", type=int, nargs="*", default=None,
                         help="sizes anomalib is run for now (default: all --sizes); others use a stored run or "
                              "are extrapolated (labelled)")
