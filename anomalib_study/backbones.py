@@ -366,7 +366,9 @@ class ResNetBackbone(Backbone):
     def _map_names(self):
         return ["layer1", "layer2", "layer3", "layer4"]
 
-    def _features(self, x, layers):
+    def _stages(self, x, layers, stop_early: bool):
+        """(requested maps, output of the last stage run); ``stop_early`` skips the stages
+        after the deepest requested map (the embedding then is not computed)."""
         m = self.model
         x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         out = {}
@@ -374,20 +376,17 @@ class ResNetBackbone(Backbone):
             x = getattr(m, name)(x)
             if name in layers:
                 out[name] = x
-        out["embedding"] = torch.flatten(m.avgpool(x), 1)
+                if stop_early and len(out) == len(set(layers)):
+                    break  # the deeper stages are not needed
+        return out, x
+
+    def _features(self, x, layers):
+        out, last = self._stages(x, layers, stop_early=False)
+        out["embedding"] = torch.flatten(self.model.avgpool(last), 1)
         return out
 
     def _maps_only(self, x, layers):
-        m = self.model
-        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-        out = {}
-        for name in self._map_names():
-            x = getattr(m, name)(x)
-            if name in layers:
-                out[name] = x
-                if len(out) == len(set(layers)):
-                    break  # the deeper stages are not needed
-        return out
+        return self._stages(x, layers, stop_early=True)[0]
 
 
 class InceptionFIDBackbone(Backbone):
