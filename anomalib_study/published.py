@@ -94,6 +94,10 @@ def patchcore_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             differs.append("the paper's mean over all 15 MVTec AD categories, not this category")
         if data["layout"] == "mvtec_ad":
             differs.append("images downscaled to 256 px before our preprocessing (the paper resizes the originals)")
+        preprocessing = metrics["backbone"].get("preprocessing") or {}
+        if preprocessing.get("resize_mode") == "squash":
+            side = metrics["backbone"].get("image_size", preprocessing.get("crop"))
+            differs.append(f"input: the whole image squashed to {side} x {side} px (aspect ratio not kept)")
         rows.append({"source": "published (PatchCore)", "data": key, "backbone": PATCHCORE_SETTING["backbone"],
                      "coreset": figure["coreset"], "image_auroc": figure["image_auroc"],
                      "pixel_auroc": figure["pixel_auroc"], "pro": figure["pro"],

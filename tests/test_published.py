@@ -23,3 +23,11 @@ def test_patchcore_rows_for_bottle_include_the_mvtec_mean():
     assert rows[1]["image_auroc"] == 1.0 and rows[2]["pro"] == 0.931
     assert "coreset 10 % vs 1 %" in rows[1]["what differs"]
     assert "no published" in patchcore_comparison(_metrics("mvtec_3d", "mvtec_3d/tire"))[1]["what differs"]
+
+
+def test_patchcore_rows_say_when_the_input_was_squashed():
+    squashed = _metrics("magnetic_tile", "magnetic_tile")
+    squashed["backbone"].update(image_size=224, preprocessing={"resize": [224, 224], "crop": 224, "resize_mode": "squash"})
+    rows = patchcore_comparison(squashed)
+    assert rows[1]["image_auroc"] == 0.979 and "squashed to 224 x 224" in rows[1]["what differs"]
+    assert "squashed" not in patchcore_comparison(_metrics("magnetic_tile", "magnetic_tile"))[1]["what differs"]
