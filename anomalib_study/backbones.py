@@ -921,7 +921,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 #: how an image is brought to the square input: ``"crop"`` keeps the aspect ratio (shorter
 #: side resized, centre crop: the backbone's own preprocessing, the default), ``"squash"``
 #: resizes the whole image to image_size x image_size (nothing cut off, aspect ratio not
-#: kept: for long narrow images such as KolektorSDD's 500 x 1250 strips or Magnetic-tile's
+#: kept: for long narrow images such as KolektorSDD's ~205 x 512 strips or Magnetic-tile's
 #: crops, where a centre crop can cut the defect out)
 RESIZE_MODES = ("crop", "squash")
 

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from anomalib_study import __version__
 from anomalib_study.data.decode import content_hash, is_image_file
 from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
-from anomalib_study.io import atomic_write, sha256_file, new_run_dir, write_json
+from anomalib_study.io import as_json, atomic_write, new_run_dir, sha256_file, write_json
 from anomalib_study.methods.base import check_fraction, check_int
 from anomalib_study.methods.knn import KNNDetector
 from anomalib_study.search import available_cores
@@ -163,10 +163,6 @@ def _manifest(image_dir: Path, paths: list[Path], progress: bool = True) -> dict
     return {p.relative_to(image_dir).as_posix(): content_hash(p) for p in bar}
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
 def _method_of(model) -> str:
     from anomalib_study.methods.patchcore import PatchCore
 
@@ -224,10 +220,10 @@ class DetectDatabase:
                 f"database {self.path} was built with {stored['name']} weights sha256 {stored['weights_sha256'][:12]}..., "
                 f"but the weights loaded now have sha256 {str(backbone.weights_sha256)[:12]}...: {fix}"
             )
-        if _jsonable(backbone.preprocessing) != stored["preprocessing"]:
+        if as_json(backbone.preprocessing) != stored["preprocessing"]:
             raise ModelFileError(
                 f"database {self.path} was built with preprocessing {stored['preprocessing']}, "
-                f"but backbone {backbone.name} now uses {_jsonable(backbone.preprocessing)}: {fix}"
+                f"but backbone {backbone.name} now uses {as_json(backbone.preprocessing)}: {fix}"
             )
         if stored.get("embedding_dim") is not None and int(backbone.embedding_dim) != int(stored["embedding_dim"]):
             raise ModelFileError(
@@ -270,7 +266,7 @@ def _knn_section(detector: KNNDetector) -> dict:
 
 
 def _patchcore_section(model) -> dict:
-    params = _jsonable({name: value for name, value in model.get_params().items() if name != "backbone"})
+    params = as_json({name: value for name, value in model.get_params().items() if name != "backbone"})
     keep = ("layers", "patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
             "image_score", "num_neighbours", "sigma", "index", "thres_ratio", "calibration_fraction", "seed")
     identity = model.backbone_identity_ or {}
@@ -321,7 +317,7 @@ def save_database(
         "backbone": {
             "name": backbone.name,
             "weights_sha256": backbone.weights_sha256,
-            "preprocessing": _jsonable(backbone.preprocessing),
+            "preprocessing": as_json(backbone.preprocessing),
             "image_size": getattr(backbone, "image_size", None),
             "embedding_dim": int(backbone.embedding_dim) if method == "knn" else None,
         },
@@ -581,8 +577,10 @@ def detect_abnormal(
     max_overlays = check_int("max_overlays", max_overlays, minimum=0)
     if image_size is not None:
         image_size = check_int("image_size", image_size, minimum=1)
-    if resize_mode not in ("crop", "squash"):
-        raise ParameterError(f"resize_mode must be 'crop' or 'squash', got {resize_mode!r}")
+    from anomalib_study.backbones import RESIZE_MODES
+
+    if resize_mode not in RESIZE_MODES:
+        raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
     if method == "patchcore":
         calibration_fraction = check_fraction("calibration_fraction", calibration_fraction)
     device = resolve_device(gpu)
@@ -689,7 +687,7 @@ def detect_abnormal(
         "database_built": built,
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
-        "preprocessing": _jsonable(backbone.preprocessing),
+        "preprocessing": as_json(backbone.preprocessing),
         "image_size": getattr(backbone, "image_size", None),
     }
     if method == "knn":

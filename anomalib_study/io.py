@@ -72,6 +72,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples -> lists, numpy -> Python, paths
+    and other objects -> strings): for comparing settings with stored ones."""
+    return json.loads(json.dumps(value, default=_json_default_or_str))
+
+
+def _json_default_or_str(value: Any) -> Any:
+    try:
+        return _json_default(value)
+    except TypeError:
+        return str(value)
+
+
 def new_run_dir(parent: str | os.PathLike) -> Path:
     """Create and return a new, empty ``parent/<timestamp>/`` folder; never reuses one.
 

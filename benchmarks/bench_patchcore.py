@@ -488,18 +488,13 @@ def _summary(side: dict | None) -> dict | None:
     return {k: side[k] for k in keep if k in side}
 
 
-def package_sources_hash() -> str:
-    """sha256 over the package's source files (the runner's own fingerprint of the code)."""
-    from anomalib_study.runner import package_sources_hash as _hash
-
-    return _hash()
-
-
 def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: Path, n_test: int = N_TEST,
                      threads: int = 2, reuse: bool = True, stored_only: bool = False) -> dict | None:
     """Our fit + predict for backbone ``name`` on the first ``n`` training images (fresh process,
     stored as ``work/ours_<name>_<n>.json`` and reused when images and settings match).
     ``stored_only``: return the stored result, or None when there is none (never measure)."""
+    from anomalib_study.runner import package_sources_hash
+
     train, test = magnetic_tile_lists(data, n, n_test)
     tag = f"{name}_{n}"
     key = {"train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),

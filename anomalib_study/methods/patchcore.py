@@ -33,7 +33,6 @@ preallocated float32 array; never a list of tensors plus a concatenation).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalib_study.errors import ModelFileError, ParameterError, StudyError
+from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
     BaseDetector,
     check_int,
@@ -121,11 +121,6 @@ def anomaly_maps(patch_scores, size: tuple[int, int], sigma: float = 4.0, device
             raise ParameterError(f"sigma={sigma} is too large for {height}x{width} maps (kernel {side} px)")
         maps = gaussian_blur(maps, kernel_size=[side, side], sigma=[float(sigma), float(sigma)])
     return maps[:, 0].cpu().numpy()
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as it reads back from a JSON file (tuples -> lists, arrays -> lists)."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 # ---------------------------------------------------------------------------------- estimator
@@ -432,7 +427,7 @@ class PatchCore(BaseDetector):
             return
         found = self._identity(backbone)
         for key in ("name", "weights_sha256", "image_size", "layers", "preprocessing"):
-            if key in expected and _jsonable(expected.get(key)) != _jsonable(found.get(key)):
+            if key in expected and as_json(expected.get(key)) != as_json(found.get(key)):
                 raise ModelFileError(
                     f"this PatchCore model was fitted with backbone {expected.get('name')!r} "
                     f"(weights sha256 {str(expected.get('weights_sha256'))[:12]}..., image_size "
