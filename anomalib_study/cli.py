@@ -12,51 +12,20 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from anomalib_study.checks import positive_int
 from anomalib_study.errors import StudyError
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _parser_type(read):
+    """A reader of :mod:`anomalib_study.checks` (raising ParameterError) as an argparse type."""
+    def parse(text: str):
+        try:
+            return read(text)
+        except (ValueError, StudyError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
-def _add_knn_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--k", type=_positive_int, default=100, help="neighbours averaged (default 100)")
-    parser.add_argument(
-        "--thres-ratio", type=_ratio, default=0.92,
-        help="share of normal images the threshold keeps normal (default 0.92)",
-    )
-    parser.add_argument("--index", default="Flat", help="faiss factory string (default Flat = exact)")
-
-
-def _coreset_ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (e.g. 0.01, 0.1, 1.0), got {text}")
-    return value
-
-
-def _odd_int(text: str) -> int:
-    value = int(text)
-    if value < 1 or value % 2 == 0:
-        raise argparse.ArgumentTypeError(f"must be an odd positive integer (1, 3, 5...), got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+    parse.__name__ = getattr(read, "__name__", "value")
+    return parse
 
 
 def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
@@ -67,67 +36,107 @@ def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_patchcore_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("patchcore options (--method patchcore)")
-    group.add_argument("--coreset-ratio", type=_coreset_ratio, default=0.1,
-                       help="share of training patches kept in the memory bank (default 0.1)")
-    group.add_argument("--patch-size", type=_odd_int, default=3, help="neighbourhood side of the patch features (default 3)")
-    group.add_argument("--score", dest="image_score", choices=("max", "reweighted"), default="reweighted",
-                       help="image score: max patch score or the paper's Eq. 7 reweighting (default reweighted)")
-    group.add_argument("--sigma", type=_non_negative_float, default=4.0, help="Gaussian sigma of the anomaly maps (default 4)")
-    group.add_argument("--calibration-fraction", type=float, default=0.1,
-                       help="share of training images held out of the bank to set the threshold (default 0.1; 0 = none)")
+def _method_options(specs) -> dict[str, list]:
+    """flag -> the (spec, MethodParam) pairs that declare it, over every method, in order."""
+    options: dict[str, list] = {}
+    for spec in specs:
+        for param in spec.params:
+            if param.type is not None:
+                options.setdefault(param.cli_flag, []).append((spec, param))
+    return options
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One option per method parameter flag (read from the methods' declarations), default
+    None, so that only what the user gives reaches the method; its help names the methods
+    and their defaults."""
+    from anomalib_study.methods import SPECS
+
+    group = parser.add_argument_group("method options (each applies to the methods named in its help)")
+    for flag, declared in _method_options(SPECS.values()).items():
+        first = declared[0][1]
+        owners = ", ".join(f"{spec.name} {param.default!r}" for spec, param in declared)
+        choices = []
+        for _, param in declared:
+            choices += [c for c in (param.choices or ()) if c not in choices]
+        help_text = f"{first.help} (default: {owners})"
+        dest = "method_" + flag.lstrip("-").replace("-", "_")
+        if first.type is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=_parser_type(first.type), default=None,
+                               choices=choices or None, help=help_text)
+
+
+def _method_params(args: argparse.Namespace) -> dict:
+    """The method options the user gave, by parameter name; StudyError for one the chosen
+    method does not have."""
+    from anomalib_study.methods import SPECS, get_method
+
+    spec = get_method(args.method)
+    params = {}
+    for flag, declared in _method_options(SPECS.values()).items():
+        value = getattr(args, "method_" + flag.lstrip("-").replace("-", "_"))
+        if value is None:
+            continue
+        mine = [param for owner, param in declared if owner is spec]
+        if not mine:
+            owners = ", ".join(owner.name for owner, _ in declared)
+            raise StudyError(f"{flag} is an option of method {owners}, not of {spec.name}")
+        params[mine[0].name] = value
+    return params
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from anomalib_study.methods import SPECS
+
+    methods = tuple(SPECS)
     parser = argparse.ArgumentParser(prog="anomalib-study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("detect", help="flag the anomalous images of a folder with the kNN detector or PatchCore")
+    p = sub.add_parser("detect", help="flag the anomalous images of a folder with any method")
     p.add_argument("test_dir", help="folder of images to check")
-    p.add_argument("--db-dir", default=None, help="database folder: loaded if valid, else built and saved there")
+    p.add_argument("--db-dir", default=None, help="database folder: loaded if valid, else built and saved there "
+                                                    "(default <method>_db)")
     p.add_argument("--image-dir", default="images", help="folder of normal images to build the database from")
     p.add_argument("--model-name", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
     p.add_argument("--gpu", action="store_true", help="use CUDA")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_parser_type(positive_int), default=128)
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--result-dir", default="result", help="runs are written to <result-dir>/<timestamp>/")
-    p.add_argument("--method", choices=("knn", "patchcore"), default="knn", help="detector (default knn)")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="backbone input side (default: the backbone's)")
+    p.add_argument("--method", choices=methods, default="knn", help="detector (default knn)")
+    p.add_argument("--image-size", type=_parser_type(positive_int), default=None,
+                   help="backbone input side (default: the backbone's)")
     _add_resize_mode(p)
-    p.add_argument("--k", type=_positive_int, default=100, help="(knn) neighbours averaged (default 100)")
-    p.add_argument(
-        "--thres-ratio", type=_ratio, default=None,
-        help="share of normal images the threshold keeps normal (default 0.92 for knn; 0.99 for patchcore, "
-             "of its held-out calibration images)",
-    )
-    p.add_argument("--index", default="Flat", help="faiss factory string (default Flat = exact)")
-    _add_patchcore_options(p)
     p.add_argument("--max-overlays", type=int, default=100,
-                   help="(patchcore) anomaly-map overlays written for at most this many flagged images (default 100)")
+                   help="(methods with anomaly maps) overlays written for at most this many flagged images (default 100)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a test folder holding unreadable images (all named) instead of skipping them")
+    p.add_argument("--skip-unreadable-normal", action="store_true",
+                   help="build the database without the unreadable normal images (recorded in it) instead of refusing")
+    _add_method_options(p)
 
     p = sub.add_parser("evaluate", help="evaluate a method on a data set and write <out>/metrics.json")
-    p.add_argument("--method", default="knn", help="method (default knn)")
+    p.add_argument("--method", choices=methods, default="knn", help="method (default knn)")
     p.add_argument("--dataset", required=True, help="layout: mvtec_ad, mvtec_loco, mvtec_3d, dagm, magnetic_tile, kolektorsdd, neu_det, folder, ood")
     p.add_argument("--root", required=True, help="the data set's folder")
     p.add_argument("--category", default=None, help="category inside root (mvtec_ad bottle, dagm Class1, ...)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
-    p.add_argument("--image-size", type=_positive_int, default=None)
+    p.add_argument("--image-size", type=_parser_type(positive_int), default=None)
     _add_resize_mode(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_parser_type(positive_int), default=32)
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--seed", type=int, default=None, help="seed of the split where the layout has no official one")
     p.add_argument("--out", required=True, help="folder for metrics.json (never overwritten)")
-    _add_knn_options(p)
-    _add_patchcore_options(p)
+    _add_method_options(p)
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
-    p.add_argument("--jobs", type=_positive_int, default=1, help="grid cells run in parallel")
+    p.add_argument("--jobs", type=_parser_type(positive_int), default=1, help="grid cells run in parallel")
     p.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA)")
     p.add_argument("--reports", default="reports", help="reports folder (default reports)")
     p.add_argument("--force", action="store_true", help="rerun cells whose inputs did not change")
@@ -153,41 +162,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from anomalib_study.evaluate import evaluate
 
     options = {"seed": args.seed} if args.seed is not None else None
-    common = dict(
-        category=args.category, backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-        resize_mode=args.resize_mode, device=args.device, out=args.out, dataset_options=options, index=args.index, batch_size=args.batch_size,
-        num_workers=args.num_workers, cache=None if args.no_cache else "default",
+    metrics = evaluate(
+        args.method, args.dataset, args.root, category=args.category, backbone=args.backbone, weights=args.weights,
+        image_size=args.image_size, resize_mode=args.resize_mode, device=args.device, out=args.out,
+        dataset_options=options, batch_size=args.batch_size, num_workers=args.num_workers,
+        cache=None if args.no_cache else "default", **_method_params(args),
     )
-    if args.method == "patchcore":
-        metrics = evaluate(
-            args.method, args.dataset, args.root, coreset_ratio=args.coreset_ratio, patch_size=args.patch_size,
-            image_score=args.image_score, sigma=args.sigma, calibration_fraction=args.calibration_fraction, **common,
-        )
-        _print_patchcore(metrics, args)
-        return 0
-    metrics = evaluate(args.method, args.dataset, args.root, k=args.k, thres_ratio=args.thres_ratio, **common)
-    report = metrics["classification_report"]
-    print(f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: n_train={metrics['n_train']} n_test={metrics['n_test']}")
-    print(f"image AUROC {metrics['image_auroc']:.4f}  accuracy {metrics['accuracy']:.4f}  threshold {metrics['threshold']:.4f}")
-    print(f"{'':>14} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
-    for name in ("normal", "anomalous", "macro avg", "weighted avg"):
-        row = report[name]
-        print(f"{name:>14} {row['precision']:9.3f} {row['recall']:9.3f} {row['f1-score']:9.3f} {int(row['support']):8d}")
-    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    _print_metrics(metrics, args)
     return 0
 
 
-def _print_patchcore(metrics: dict, args: argparse.Namespace) -> None:
+def _print_metrics(metrics: dict, args: argparse.Namespace) -> None:
     def fmt(value) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     timings = metrics["timings"]
-    print(f"{metrics['dataset']['name']} / {args.backbone} / patchcore: n_train={metrics['n_train']} "
-          f"n_test={metrics['n_test']} memory bank={metrics['memory_bank_size']}")
-    print(f"image AUROC {fmt(metrics['image_auroc'])} ({metrics['params']['image_score']}; max {fmt(metrics['image_auroc_max'])}, "
-          f"reweighted {fmt(metrics['image_auroc_reweighted'])})  image F1-max {fmt(metrics['image_f1_max'])}")
-    print(f"pixel AUROC {fmt(metrics['pixel_auroc'])}  PRO {fmt(metrics['pro'])}  pixel F1-max {fmt(metrics['pixel_f1_max'])}")
-    print(f"fit {timings['fit_s']:.1f} s (coreset {timings['fit_coreset_s']:.1f} s)  predict {timings['predict_s']:.1f} s  "
+    print(f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: n_train={metrics['n_train']} "
+          f"n_test={metrics['n_test']}")
+    kinds = "".join(f", {kind} {fmt(metrics[f'image_auroc_{kind}'])}" for kind in metrics.get("score_kinds", []))
+    print(f"image AUROC {fmt(metrics['image_auroc'])}{kinds}  image F1-max {fmt(metrics.get('image_f1_max'))}")
+    print(f"accuracy {fmt(metrics['accuracy'])}  threshold {fmt(metrics['threshold'])} ({metrics['threshold_rule']})")
+    if metrics.get("pixel_auroc") is not None:
+        print(f"pixel AUROC {fmt(metrics['pixel_auroc'])}  PRO {fmt(metrics['pro'])}  "
+              f"pixel F1-max {fmt(metrics['pixel_f1_max'])}")
+    report = metrics.get("classification_report")
+    if report:
+        print(f"{'':>14} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+        for name in ("normal", "anomalous", "macro avg", "weighted avg"):
+            row = report[name]
+            print(f"{name:>14} {row['precision']:9.3f} {row['recall']:9.3f} {row['f1-score']:9.3f} "
+                  f"{int(row['support']):8d}")
+    print(f"fit {timings['fit_s']:.1f} s  predict {timings['predict_s']:.1f} s  "
           f"peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB")
     print(f"wrote {Path(args.out) / 'metrics.json'}")
 
@@ -196,12 +201,11 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from anomalib_study.detect import detect_abnormal
 
     run_dir = detect_abnormal(
-        args.test_dir, db_dir=args.db_dir, image_dir=args.image_dir, model_name=args.model_name,
-        k=args.k, thres_ratio=args.thres_ratio, gpu=args.gpu, batch_size=args.batch_size,
-        num_workers=args.num_workers, result_dir=args.result_dir, weights=args.weights, index=args.index,
-        method=args.method, image_size=args.image_size, resize_mode=args.resize_mode, coreset_ratio=args.coreset_ratio, patch_size=args.patch_size,
-        image_score=args.image_score, sigma=args.sigma, calibration_fraction=args.calibration_fraction,
-        max_overlays=args.max_overlays,
+        args.test_dir, db_dir=args.db_dir, image_dir=args.image_dir, model_name=args.model_name, gpu=args.gpu,
+        batch_size=args.batch_size, num_workers=args.num_workers, result_dir=args.result_dir, weights=args.weights,
+        method=args.method, image_size=args.image_size, resize_mode=args.resize_mode,
+        max_overlays=args.max_overlays, strict=args.strict, skip_unreadable_normal=args.skip_unreadable_normal,
+        **_method_params(args),
     )
     flagged = (Path(run_dir) / "abnormal.result").read_text().splitlines()
     print(f"{len(flagged)} image(s) flagged anomalous; results in {run_dir}")
@@ -256,15 +260,22 @@ _COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    warnings.simplefilter("default")
-    try:
-        return _COMMANDS[args.command](args)
-    except StudyError as error:
-        print(f"anomalib-study {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    prefix = f"anomalib-study {args.command}"
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr)  # one line, no source location
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show_warning
+        try:
+            return _COMMANDS[args.command](args)
+        except StudyError as error:
+            print(f"{prefix}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,29 +1,34 @@
-"""``detect_abnormal``: flag the anomalous images of a folder with the deep-kNN detector or PatchCore.
+"""``detect_abnormal``: flag the anomalous images of a folder with any registered method.
 
-The detector (``method="knn"`` or ``"patchcore"``) is fitted on a folder of normal images
-(``image_dir``) and kept in a **database folder** (``db_dir``, default ``knn_db`` or
-``patchcore_db`` in the current folder), reused by later runs as long as it still matches
-the method, the backbone and the normal images:
+The method (``method="knn"``, ``"patchcore"``, ...: :data:`anomalib_study.methods.SPECS`)
+is fitted on a folder of normal images (``image_dir``) and kept in a **database folder**
+(``db_dir``, default ``<method>_db`` in the current folder), reused by later runs as long as
+it still matches the method, the backbone and the normal images. Everything
+method-specific (how it is fitted on files, scores them, describes itself, its default
+threshold rule) comes from the method's own declaration
+(:class:`~anomalib_study.methods.base.MethodSpec`); this module holds none of it.
 
-``db_dir/knn_model.npz`` or ``db_dir/patchcore_model.npz``
-    the fitted model, written by :meth:`KNNDetector.save <anomalib_study.methods.knn.KNNDetector.save>`
-    (memory bank of image embeddings, faiss index, leave-one-out scores, threshold) or
-    :meth:`PatchCore.save <anomalib_study.methods.patchcore.PatchCore.save>` (coreset memory
+``db_dir/<method>_model.npz``
+    the fitted model, written by the estimator's ``save`` (kNN: memory bank of image
+    embeddings, faiss index, leave-one-out scores, threshold; PatchCore: coreset memory
     bank of patch features, configuration, backbone identity, calibration scores, threshold).
 ``db_dir/database.json``
     format ``"anomalib_study.detect_database"``, version 2: the ``method``; backbone name,
     weights sha256, preprocessing, image size, embedding dimension; the method's settings
-    and threshold (section ``"knn"`` or ``"patchcore"``); the model file's name and sha256;
-    and every normal image (path relative to ``image_dir``, content sha256). It is written
-    last, so a database folder without it is incomplete and simply rebuilt. Version-1 kNN
-    databases (format ``"anomalib_study.knn_database"``) are still read.
+    and threshold (a section named after the method: its ``describe``); the model file's
+    name and sha256; every normal image (path relative to ``image_dir``, content sha256);
+    and the unreadable normal images that were skipped (``skipped_images``, only with
+    ``skip_unreadable_normal``). It is written last, so a database folder without it (a
+    build that was interrupted) is not a database, and the next call rebuilds it. Version-1
+    kNN databases (format ``"anomalib_study.knn_database"``) are still read.
 
 Loading refuses (ModelFileError, with how to fix it) a database of another format or
-version, built for the other method, whose two files do not belong together, whose
+version, built for another method, whose two files do not belong together, whose
 backbone weights, preprocessing or dimension differ from the backbone loaded now, or whose
 normal images changed since it was built ("stale database").
 
 Thresholds (higher score = more anomalous; an image is flagged when score > threshold):
+each method's own rule, recorded as ``threshold_rule`` in ``config.json``:
 
 * kNN: the ``thres_ratio`` quantile (default 0.92) of the leave-one-out scores of the
   normal images.
@@ -32,22 +37,41 @@ Thresholds (higher score = more anomalous; an image is flagged when score > thre
   images, chosen with ``seed``, are kept out of the memory bank and scored like test
   images. So about ``1 - thres_ratio`` of normal images are expected to be flagged.
 
-Every run writes a new folder ``<result_dir>/<timestamp>/`` (never overwritten) with
-``abnormal.result`` (the test images predicted anomalous, one path per line),
-``scores.csv`` (path, score, predicted; higher score = more anomalous) and
-``config.json`` (everything needed to reproduce the run, with timings). PatchCore runs also
-write ``overlays/``: one small JPEG per test image flagged anomalous (the
-``max_overlays`` highest-scoring ones if more are flagged), named after the image's path
-relative to ``test_dir`` (``bad/red.png`` -> ``overlays/bad/red.jpg``; ``red_png.jpg``
-when two images share a stem), showing the backbone's resized and centre-cropped input
-with the anomaly map blended on one colour scale for the whole run (the minimum and maximum
-of all the run's maps, recorded in ``config.json``), plus ``overlays/overlays.csv``
-(path, score, overlay).
+Image files: every image under a folder, recursively, by the package's one listing rule
+(:func:`~anomalib_study.data.decode.image_files`): images behind symbolic links are read,
+hidden files and folders and files that are not images (by suffix) are passed over
+silently. **Unreadable test images** (empty, truncated, not an image, over the
+decompression-bomb limit, a dangling link) are skipped: every readable image is scored,
+each skipped file is listed with its reason in ``skipped.csv``, counted in ``config.json``
+and summed up in one warning. ``strict=True`` refuses them instead, before any work, naming
+every one. Unreadable **normal** images are always refused before any work (a database is
+never built silently from fewer images than given), unless ``skip_unreadable_normal=True``,
+which leaves them out and records them in the database.
+
+Test images are scored in a stream of chunks, so memory does not grow with the folder
+beyond the scores themselves (the maps kept for the overlays are bounded by
+``max_overlays``); they are not put in the feature cache (``cache`` serves the normal images).
+
+Every run writes a new folder ``<result_dir>/<timestamp>/`` (never overwritten), built in a
+hidden ``<result_dir>/.<timestamp>.<random>.partial/`` folder and renamed when complete, so
+an interrupted run (Ctrl-C removes its partial folder; a killed process leaves it hidden)
+never leaves a folder that looks like a result. It holds ``abnormal.result`` (the test
+images predicted anomalous, one path per line), ``scores.csv`` (path, score, predicted;
+higher score = more anomalous), ``skipped.csv`` (path, reason; header only when nothing was
+skipped) and ``config.json`` (everything needed to reproduce the run, with timings).
+Methods that give anomaly maps (PatchCore) also write ``overlays/``: one small JPEG per
+test image flagged anomalous (the ``max_overlays`` highest-scoring ones if more are
+flagged), named after the image's path relative to ``test_dir`` (``bad/red.png`` ->
+``overlays/bad/red.jpg``; ``red_png.jpg`` when two images share a stem), showing the
+backbone's resized and centre-cropped input with the anomaly map blended on one colour
+scale for the whole run (the minimum and maximum of all the run's maps, recorded in
+``config.json``), plus ``overlays/overlays.csv`` (path, score, overlay).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import heapq
 import json
 import os
 import time
@@ -61,11 +85,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from anomalib_study import __version__
-from anomalib_study.data.decode import content_hash, is_image_file
+from anomalib_study.checks import check_bool, check_fraction, check_int
+from anomalib_study.data.decode import content_hash, find_unreadable, image_files
 from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
-from anomalib_study.io import as_json, atomic_write, new_run_dir, sha256_file, write_json
-from anomalib_study.methods.base import check_fraction, check_int
-from anomalib_study.methods.knn import KNNDetector
+from anomalib_study.io import as_json, atomic_write, run_dir_in_progress, sha256_file, write_json
+from anomalib_study.methods import SPECS, get_method
+from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.search import available_cores
 
 __all__ = [
@@ -86,12 +111,9 @@ DB_FORMAT = "anomalib_study.detect_database"
 DB_VERSION = 2
 LEGACY_FORMAT, LEGACY_VERSION = "anomalib_study.knn_database", 1  # kNN-only databases, still read
 DB_FILE = "database.json"
-METHODS = ("knn", "patchcore")
-MODEL_FILES = {"knn": "knn_model.npz", "patchcore": "patchcore_model.npz"}
-DEFAULT_DB_DIRS = {"knn": "knn_db", "patchcore": "patchcore_db"}
-DEFAULT_THRES_RATIO = {"knn": 0.92, "patchcore": 0.99}
-MODEL_FILE = MODEL_FILES["knn"]
-DEFAULT_DB_DIR = DEFAULT_DB_DIRS["knn"]
+METHODS = tuple(SPECS)
+#: test images scored per chunk: bounds the memory a run needs whatever the folder's size
+CHUNK_IMAGES = 512
 
 
 # ---------------------------------------------------------------------- the backbone layer
@@ -103,14 +125,6 @@ def load_backbone(name: str, weights=None, device: str = "cpu", image_size: int 
     from anomalib_study.backbones import load_backbone as _load_backbone
 
     return _load_backbone(name, weights=weights, device=device, image_size=image_size, resize_mode=resize_mode)
-
-
-def extract_embeddings(backbone, paths, **options) -> np.ndarray:
-    """:func:`anomalib_study.features.extract_embeddings` (imported on first use): (N, D) float32."""
-    from anomalib_study.features import extract_embeddings as _extract
-
-    return _extract(backbone, paths, **options)
-
 
 def _load_backbone(name: str, weights, device: str, image_size: int | None, resize_mode: str = "crop"):
     # image_size and resize_mode only when given, so that simple replacements of load_backbone keep working
@@ -147,36 +161,27 @@ def resolve_device(gpu: bool | int | str) -> str:
 
 
 def list_images(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
-    """Every image file under ``folder`` (recursively), sorted; DataError naming ``what`` if none."""
+    """Every image file under ``folder`` (recursively, by the package's one listing rule:
+    :func:`~anomalib_study.data.decode.image_files`), sorted; DataError naming ``what`` if none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{what} {folder} does not exist or is not a folder")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    paths = image_files(folder)
     if not paths:
         raise DataError(f"{what} {folder} holds no image files (.png, .jpg, .bmp, .tif): nothing to do")
     return paths
 
 
-def _manifest(image_dir: Path, paths: list[Path], progress: bool = True) -> dict[str, str]:
-    """relative posix path -> content sha256, for every image."""
+def unreadable_message(bad: dict[Path, str], what: str, folder: Path, fix: str) -> str:
+    """One message naming every unreadable image of ``bad`` (path -> reason)."""
+    lines = "\n".join(f"  {path}: {reason}" for path, reason in bad.items())
+    return f"{len(bad)} image(s) in {what} {folder} cannot be read, {fix}:\n{lines}"
+
+
+def _manifest(image_dir: Path, paths: list[Path], progress: bool = True) -> dict[str, str | None]:
+    """relative posix path -> content sha256 (None for a link whose target is missing), for every image."""
     bar = tqdm(paths, desc=f"hashing {image_dir}", unit="img", disable=not progress, leave=False)
-    return {p.relative_to(image_dir).as_posix(): content_hash(p) for p in bar}
-
-
-def _method_of(model) -> str:
-    from anomalib_study.methods.patchcore import PatchCore
-
-    if isinstance(model, KNNDetector):
-        return "knn"
-    if isinstance(model, PatchCore):
-        return "patchcore"
-    raise ParameterError(f"detect databases hold a KNNDetector or a PatchCore, not a {type(model).__name__}")
-
-
-def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ParameterError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    return method
+    return {p.relative_to(image_dir).as_posix(): content_hash(p) if p.exists() else None for p in bar}
 
 
 # ---------------------------------------------------------------------- the database
@@ -235,9 +240,10 @@ class DetectDatabase:
         """ModelFileError ("stale database") if the images in ``image_dir`` are not exactly
         those (same relative paths, same contents) the database was built from."""
         image_dir = Path(image_dir)
-        paths = sorted(p for p in image_dir.rglob("*") if p.is_file() and is_image_file(p)) if image_dir.is_dir() else []
-        now = _manifest(image_dir, paths, progress=progress)
+        now = _manifest(image_dir, image_files(image_dir), progress=progress)
         stored = {entry["path"]: entry["sha256"] for entry in self.metadata["images"]}
+        # unreadable images skipped when the database was built count as they were then
+        stored.update({entry["path"]: entry.get("sha256") for entry in self.metadata.get("skipped_images", [])})
         added = sorted(set(now) - set(stored))
         removed = sorted(set(stored) - set(now))
         changed = sorted(p for p in set(now) & set(stored) if now[p] != stored[p])
@@ -252,66 +258,36 @@ class DetectDatabase:
 
 KNNDatabase = DetectDatabase  # the name of version 1
 
-
-def _knn_section(detector: KNNDetector) -> dict:
-    return {
-        "k": int(detector.k),
-        "k_used": int(detector.k_),
-        "thres_ratio": float(detector.thres_ratio),
-        "threshold": float(detector.threshold_),
-        "normalize": bool(detector.normalize),
-        "index": detector.index,
-        "index_describe": detector.index_.describe(),
-    }
-
-
-def _patchcore_section(model) -> dict:
-    params = as_json({name: value for name, value in model.get_params().items() if name != "backbone"})
-    keep = ("layers", "patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
-            "image_score", "num_neighbours", "sigma", "index", "thres_ratio", "calibration_fraction", "seed")
-    identity = model.backbone_identity_ or {}
-    return {
-        **{name: params[name] for name in keep},
-        "layers_used": identity.get("layers"),
-        "threshold": float(model.threshold_),
-        "threshold_rule": (f"{model.thres_ratio} quantile of the {model.image_score} image scores of the "
-                           f"{model.calibration_scores_max_.size} calibration images held out of the memory bank"),
-        "memory_bank_size": int(model.memory_bank_.shape[0]),
-        "feature_dim": int(model.n_features_in_),
-        "grid_shape": list(model.grid_shape_),
-        "n_train_images": int(model.n_train_images_),
-        "n_calibration": int(model.calibration_scores_max_.size),
-        "n_train_patches": int(model.n_train_patches_),
-        "index_describe": model.index_.describe(),
-        "fit_timings": dict(model.timings_),
-    }
-
-
 def save_database(
     db_dir: str | os.PathLike,
     detector,
     backbone,
     image_dir: str | os.PathLike,
     image_hashes: dict[str, str],
+    skipped: list[dict] = (),
+    method: str | None = None,
 ) -> Path:
-    """Save a fitted detector (KNNDetector or PatchCore) and its provenance as a database folder.
+    """Save a fitted model and its provenance as a database folder.
 
-    ``image_hashes`` maps each normal image's path relative to ``image_dir`` to its content
-    sha256 (for kNN in the order of the memory bank; for PatchCore every training image,
-    calibration images included). ``database.json`` is written last and atomically, so an
-    interrupted save leaves no database that looks valid.
+    ``method``: the method's name (default: the registered method whose estimator
+    ``detector`` is). ``image_hashes`` maps each normal image's path relative to
+    ``image_dir`` to its content sha256 (every image the model was fitted on, held-out
+    calibration images included). ``skipped``: the unreadable normal images left out
+    (``{"path", "sha256", "reason"}`` each), recorded under ``skipped_images``.
+    ``database.json`` is written last and atomically, so an interrupted save leaves no
+    database that looks valid (and the next call rebuilds it).
     """
     db_dir = Path(db_dir)
-    method = _method_of(detector)
-    n_model = detector.memory_bank_.shape[0] if method == "knn" else detector.n_train_images_
+    spec = get_method(method) if method is not None else _spec_of(detector)
+    n_model = spec.n_images(detector)
     if len(image_hashes) != n_model:
-        raise ParameterError(f"{len(image_hashes)} image hashes given for a {method} model fitted on {n_model} images")
+        raise ParameterError(f"{len(image_hashes)} image hashes given for a {spec.name} model fitted on {n_model} images")
     db_dir.mkdir(parents=True, exist_ok=True)
-    model_path = detector.save(db_dir / MODEL_FILES[method])
+    model_path = detector.save(db_dir / spec.model_file)
     metadata = {
         "format": DB_FORMAT,
         "version": DB_VERSION,
-        "method": method,
+        "method": spec.name,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "anomalib_study_version": __version__,
         "backbone": {
@@ -319,17 +295,27 @@ def save_database(
             "weights_sha256": backbone.weights_sha256,
             "preprocessing": as_json(backbone.preprocessing),
             "image_size": getattr(backbone, "image_size", None),
-            "embedding_dim": int(backbone.embedding_dim) if method == "knn" else None,
+            "embedding_dim": int(backbone.embedding_dim) if spec.uses_embedding else None,
         },
-        method: _knn_section(detector) if method == "knn" else _patchcore_section(detector),
-        "model_file": MODEL_FILES[method],
+        spec.name: as_json(spec.describe(detector)),
+        "model_file": spec.model_file,
         "model_sha256": sha256_file(model_path),
         "image_dir": str(Path(image_dir).resolve()),
         "n_images": len(image_hashes),
         "images": [{"path": p, "sha256": h} for p, h in image_hashes.items()],
+        "n_skipped_images": len(skipped),
+        "skipped_images": list(skipped),
     }
     write_json(db_dir / DB_FILE, metadata)
     return db_dir
+
+
+def _spec_of(model) -> MethodSpec:
+    for spec in SPECS.values():
+        if type(model) is spec.estimator:
+            return spec
+    raise ParameterError(f"detect databases hold a model of a registered method ({', '.join(SPECS)}), "
+                         f"not a {type(model).__name__}")
 
 
 def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | None = None) -> DetectDatabase:
@@ -337,7 +323,7 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
 
     Checks the format, version and completeness of ``database.json``, that it was built for
     ``method`` (when given), that the model file is the file it describes (sha256), and that
-    the model agrees with it (threshold, number of images, dimension). Anything wrong ->
+    the model agrees with it (the method's own ``check_loaded``). Anything wrong ->
     ModelFileError naming the folder. The backbone and the normal images are checked
     separately (:meth:`DetectDatabase.check_backbone`, :meth:`DetectDatabase.check_images`).
     """
@@ -345,7 +331,7 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
     meta_path = db_dir / DB_FILE
     fix = f"delete {db_dir} (or pass another db_dir) to rebuild it"
     if method is not None:
-        _check_method(method)
+        get_method(method)
     if not meta_path.is_file():
         raise ModelFileError(f"{db_dir} is not a detect database: {DB_FILE} is missing")
     try:
@@ -355,36 +341,32 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
     found = metadata.get("format") if isinstance(metadata, dict) else None
     if found == LEGACY_FORMAT and metadata.get("version") == LEGACY_VERSION:
         metadata["method"] = "knn"
+        metadata.setdefault("model_file", "knn_model.npz")
     elif found != DB_FORMAT:
         raise ModelFileError(f"{meta_path} holds format {found!r}, not {DB_FORMAT!r}: it is not a detect "
-                             f"(kNN or PatchCore) database; {fix}")
+                             f"({' or '.join(spec.label for spec in SPECS.values())}) database; {fix}")
     elif metadata.get("version") != DB_VERSION:
         raise ModelFileError(
             f"{meta_path} is database version {metadata.get('version')!r}; this code reads version {DB_VERSION}: {fix}"
         )
     stored_method = metadata.get("method")
-    if stored_method not in METHODS:
+    if stored_method not in SPECS:
         raise ModelFileError(f"{meta_path} names an unknown method {stored_method!r}: {fix}")
     if method is not None and stored_method != method:
         raise ModelFileError(
             f"database {db_dir} was built for method {stored_method!r}, not {method!r}: pass another db_dir "
             f"for {method} (or delete {db_dir} to rebuild it with {method})"
         )
+    spec = SPECS[stored_method]
     try:
         backbone = metadata["backbone"]
         for key in ("name", "weights_sha256", "preprocessing"):
             backbone[key]
-        section = metadata[stored_method]
-        threshold = float(section["threshold"])
-        if stored_method == "knn":
-            k_used = int(section["k_used"])
-            for key in ("k", "thres_ratio", "index"):
-                section[key]
+        if spec.uses_embedding:
             int(backbone["embedding_dim"])
-        else:
-            bank_size, feature_dim = int(section["memory_bank_size"]), int(section["feature_dim"])
+        section = metadata[stored_method]
+        section["threshold"]
         images = metadata["images"]
-        n_images = len(images)
         for entry in images:
             entry["path"], entry["sha256"]
         model_file, model_sha = metadata["model_file"], metadata["model_sha256"]
@@ -395,34 +377,17 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
         raise ModelFileError(f"{db_dir} is incomplete: {model_file} is missing; {fix}")
     if sha256_file(model_path) != model_sha:
         raise ModelFileError(f"{model_path} is not the model {meta_path} describes (sha256 differs): {fix}")
-    if stored_method == "knn":
-        detector = KNNDetector.load(model_path, device=device)
-        if (
-            detector.k_ != k_used
-            or not np.isclose(detector.threshold_, threshold)
-            or detector.memory_bank_.shape[0] != n_images
-            or detector.n_features_in_ != int(backbone["embedding_dim"])
-        ):
-            raise ModelFileError(
-                f"{db_dir} is inconsistent: the model (k={detector.k_}, threshold={detector.threshold_:.6g}, "
-                f"{detector.memory_bank_.shape[0]} x {detector.n_features_in_}) does not match {DB_FILE} "
-                f"(k={k_used}, threshold={threshold:.6g}, {n_images} images x {backbone['embedding_dim']}): {fix}"
-            )
-    else:
-        from anomalib_study.methods.patchcore import PatchCore
-
-        detector = PatchCore.load(model_path, device=device)
-        if (
-            not np.isclose(detector.threshold_, threshold, equal_nan=True)
-            or detector.memory_bank_.shape != (bank_size, feature_dim)
-            or detector.n_train_images_ != n_images
-        ):
-            raise ModelFileError(
-                f"{db_dir} is inconsistent: the model (threshold={detector.threshold_:.6g}, bank "
-                f"{detector.memory_bank_.shape[0]} x {detector.n_features_in_}, {detector.n_train_images_} images) "
-                f"does not match {DB_FILE} (threshold={threshold:.6g}, bank {bank_size} x {feature_dim}, "
-                f"{n_images} images): {fix}"
-            )
+    detector = spec.load(model_path, device=device)
+    try:
+        problem = spec.check_loaded(detector, section, len(images))
+    except (KeyError, TypeError, ValueError) as error:
+        problem = f"its description lacks or garbles field {error}"
+    if problem is None and spec.uses_embedding and getattr(detector, "n_features_in_", None) not in (
+            None, int(backbone["embedding_dim"])):
+        problem = (f"the model holds {detector.n_features_in_}-dimensional embeddings, {DB_FILE} says "
+                   f"{backbone['embedding_dim']}")
+    if problem is not None:
+        raise ModelFileError(f"{db_dir} is inconsistent: {problem}: {fix}")
     return DetectDatabase(path=db_dir, detector=detector, metadata=metadata)
 
 
@@ -505,240 +470,312 @@ def detect_abnormal(
     db_dir: str | os.PathLike | None = None,
     image_dir: str | os.PathLike = "images",
     model_name: str = "efficientnet_lite0",
-    k: int = 100,
+    k: int | None = None,
     thres_ratio: float | None = None,
     gpu: bool | int | str = False,
     batch_size: int = 128,
     num_workers: int = 8,
     result_dir: str | os.PathLike = "result",
     weights: str | os.PathLike | None = None,
-    index: str = "Flat",
+    index: str | None = None,
     progress: bool = True,
     cache: Any = "default",
     method: str = "knn",
-    coreset_ratio: float = 0.1,
+    *,
     image_size: int | None = None,
     resize_mode: str = "crop",
-    patch_size: int = 3,
-    image_score: str = "reweighted",
-    sigma: float = 4.0,
-    calibration_fraction: float = 0.1,
-    seed: int = 0,
     max_overlays: int = 100,
+    strict: bool = False,
+    skip_unreadable_normal: bool = False,
+    **method_params: Any,
 ) -> Path:
-    """Flag the anomalous images of ``test_dir`` with the kNN detector or PatchCore; return the run folder.
+    """Flag the anomalous images of ``test_dir`` with a registered method; return the run folder.
 
     Args:
-        test_dir: folder of images to check (searched recursively).
-        db_dir: database folder (default ``"knn_db"`` or ``"patchcore_db"`` in the current
-            folder). If it holds a database, that database is used (its backbone and
-            settings win over the arguments, with a warning where they differ) after
-            checking it was built for ``method`` and is not stale; otherwise the database
-            is built from ``image_dir`` and saved there.
+        test_dir: folder of images to check (searched recursively; see the module doc for
+            which files count and what happens to unreadable ones).
+        db_dir: database folder (default ``"<method>_db"`` in the current folder). If it
+            holds a database, that database is used (its backbone and settings win over the
+            arguments, with a warning where they differ) after checking it was built for
+            ``method`` and is not stale; otherwise the database is built from ``image_dir``
+            and saved there.
         image_dir: folder of normal images (searched recursively) the database is built
             from, and checked against when a database is reused.
         model_name: backbone name (see ``anomalib_study.backbones.BACKBONES``).
-        k: (kNN) number of nearest normal images (clamped to n_normal - 1 with a warning).
-        thres_ratio: quantile used as threshold, in (0, 1); None = 0.92 for kNN (of the
-            leave-one-out normal scores), 0.99 for PatchCore (of the held-out calibration
-            images' scores; see the module doc).
+        k, thres_ratio, index: method parameters, kept here by name and position for the
+            seed's calls: (kNN) neighbours averaged; the quantile used as threshold, in
+            (0, 1) (None = the method's default: 0.92 of the kNN leave-one-out normal
+            scores, 0.99 of PatchCore's held-out calibration images' scores); the faiss
+            factory string of the search (``"Flat"`` = exact). None = the method's default.
         gpu: False (cpu), True (cuda) or a GPU number; CUDA unavailable -> ParameterError.
         batch_size: images per forward pass.
         num_workers: image-loading processes (clamped to the cores available).
         result_dir: runs are written to ``<result_dir>/<timestamp>/``.
         weights: explicit weight file for the backbone.
-        index: faiss factory string of the search index (``"Flat"`` = exact).
         progress: show progress bars.
-        cache: (kNN) the feature cache: ``"default"`` (``$ANOMALIB_STUDY_CACHE``), a
-            :class:`~anomalib_study.features.FeatureCache`, or ``None`` to neither read nor write it.
-        method: ``"knn"`` (one embedding per image) or ``"patchcore"`` (patch memory bank).
-        coreset_ratio: (PatchCore) share of the training patches kept in the memory bank, in (0, 1].
+        cache: the feature cache for the normal images, for methods that cache embeddings
+            (kNN): ``"default"`` (``$ANOMALIB_STUDY_CACHE``), a
+            :class:`~anomalib_study.features.FeatureCache`, or ``None``.
+        method: a registered method (``"knn"``: one embedding per image; ``"patchcore"``:
+            patch memory bank and anomaly maps; ``anomalib_study.methods.SPECS`` lists them).
         image_size: backbone input side (None = the backbone's default).
         resize_mode: ``"crop"`` (shorter side resized, centre crop; default) or ``"squash"``
             (the whole image resized to the square input, nothing cut off).
-        patch_size, image_score, sigma, seed: (PatchCore) see :class:`~anomalib_study.methods.patchcore.PatchCore`.
-        calibration_fraction: (PatchCore) share of the normal images held out of the bank
-            to set the threshold, in (0, 1) (detect needs a threshold, so not 0).
-        max_overlays: (PatchCore) at most this many overlays (the highest-scoring flagged
-            images) are written; 0 = none.
+        max_overlays: (methods with anomaly maps) at most this many overlays (the
+            highest-scoring flagged images) are written; 0 = none.
+        strict: refuse, before any work, a test folder holding unreadable images (every one
+            named) instead of skipping them.
+        skip_unreadable_normal: build the database without the unreadable normal images
+            (recorded in it) instead of refusing them.
+        **method_params: the method's other parameters by name (PatchCore: coreset_ratio,
+            patch_size, image_score, sigma, calibration_fraction (in (0, 1): detect needs a
+            threshold), seed, ...; see each method's ``SPEC.params``). An unknown name ->
+            ParameterError listing the valid ones.
 
     Returns:
-        The new run folder, holding ``abnormal.result``, ``scores.csv``, ``config.json`` and,
-        for PatchCore, ``overlays/``.
+        The new run folder, holding ``abnormal.result``, ``scores.csv``, ``skipped.csv``,
+        ``config.json`` and, for methods with anomaly maps, ``overlays/``.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    method = _check_method(method)
-    k = check_int("k", k, minimum=1)
-    if thres_ratio is not None:
-        thres_ratio = check_fraction("thres_ratio", thres_ratio)
+    spec = get_method(method)
+    declared = {param.name for param in spec.params}
+    given = {}
+    for name, value in (("k", k), ("thres_ratio", thres_ratio), ("index", index)):
+        if value is not None and name not in declared:
+            warnings.warn(f"{name}={value!r} ignored: method {spec.name!r} has no parameter {name}", stacklevel=2)
+        elif value is not None:
+            given[name] = value
+    given.update(method_params)
+    params = spec.resolve_params(given)
+    spec.check_params(params)
+    problem = spec.threshold_problem(params) if spec.threshold_problem is not None else None
+    if problem:
+        raise ParameterError(f"detect needs a threshold: {problem}")
     batch_size = check_int("batch_size", batch_size, minimum=1)
     num_workers = check_int("num_workers", num_workers, minimum=0)
     max_overlays = check_int("max_overlays", max_overlays, minimum=0)
+    strict = check_bool("strict", strict)
+    skip_unreadable_normal = check_bool("skip_unreadable_normal", skip_unreadable_normal)
     if image_size is not None:
         image_size = check_int("image_size", image_size, minimum=1)
     from anomalib_study.backbones import RESIZE_MODES
 
     if resize_mode not in RESIZE_MODES:
         raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
-    if method == "patchcore":
-        calibration_fraction = check_fraction("calibration_fraction", calibration_fraction)
     device = resolve_device(gpu)
     workers = min(num_workers, available_cores())
-    db_dir = Path(db_dir) if db_dir is not None else Path(DEFAULT_DB_DIRS[method])
+    db_dir = Path(db_dir) if db_dir is not None else Path(spec.default_db_dir)
     image_dir, test_dir = Path(image_dir), Path(test_dir)
     test_paths = list_images(test_dir, "test_dir")
-    extract_options = dict(batch_size=batch_size, num_workers=workers, device=device, progress=progress, cache=cache)
-    run_options = dict(batch_size=batch_size, num_workers=workers, progress=progress)
-    maps = None
+    if strict:
+        bad = find_unreadable(test_paths, progress=progress, desc="checking test images")
+        if bad:
+            raise DataError(unreadable_message(
+                bad, "test_dir", test_dir, "and strict=True (--strict) refuses them; nothing was done: remove or "
+                "replace them, or run without --strict to score the others and list these in skipped.csv"))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step = time.perf_counter()
         built = not (db_dir / DB_FILE).is_file()
-        if not built:
-            database = load_database(db_dir, device=device, method=method)
-            detector, stored = database.detector, database.metadata
-            section = stored[method]
-            compared = [("model_name", model_name, stored["backbone"]["name"]), ("thres_ratio", thres_ratio, section["thres_ratio"]),
-                        ("index", index, section["index"]), ("image_size", image_size, database.image_size),
-                        ("resize_mode", None if resize_mode == "crop" else resize_mode, database.resize_mode)]
-            if method == "knn":
-                compared.append(("k", k, section["k"]))
-            else:
-                compared += [("coreset_ratio", coreset_ratio, section["coreset_ratio"]),
-                             ("patch_size", patch_size, section["patch_size"]),
-                             ("image_score", image_score, section["image_score"]), ("sigma", sigma, section["sigma"]),
-                             ("calibration_fraction", calibration_fraction, section["calibration_fraction"]),
-                             ("seed", seed, section["seed"])]
-            for name, passed, used in compared:
-                if passed is not None and passed != used:
-                    warnings.warn(
-                        f"{name}={passed!r} ignored: the database {db_dir} was built with {name}={used!r}, "
-                        f"which is used (delete {db_dir} or pass another db_dir to rebuild)",
-                        stacklevel=2,
-                    )
-            backbone = _load_backbone(database.backbone_name, weights, device, database.image_size,
-                                      database.resize_mode)
-            database.check_backbone(backbone)
-            if method == "patchcore":
-                detector.set_params(backbone=backbone, **run_options)
-                detector.get_backbone()  # the model's own identity check (layers, image size)
-            if image_dir.is_dir():
-                database.check_images(image_dir, progress=progress)
-            else:
-                warnings.warn(
-                    f"image_dir {image_dir} does not exist: the database {db_dir} is used without checking "
-                    "that its normal images are still current",
-                    stacklevel=2,
-                )
-            timings["load_database_s"] = time.perf_counter() - step
+        if built:
+            detector, backbone = _build_database(
+                spec, params, db_dir, image_dir, model_name, weights, image_size, resize_mode, skip_unreadable_normal,
+                RunOptions(device=device, batch_size=batch_size, num_workers=workers, progress=progress, cache=cache))
         else:
-            ratio = DEFAULT_THRES_RATIO[method] if thres_ratio is None else thres_ratio
-            normal_paths = list_images(image_dir, "image_dir")
-            backbone = _load_backbone(model_name, weights, device, image_size, resize_mode)
-            hashes = _manifest(image_dir, normal_paths, progress=progress)
-            if method == "knn":
-                bank = extract_embeddings(backbone, normal_paths, desc="normal images", **extract_options)
-                _check_embeddings(bank, len(normal_paths), backbone, image_dir)
-                detector = KNNDetector(k=k, thres_ratio=ratio, normalize=True, index=index, device=device).fit(bank)
-            else:
-                from anomalib_study.methods.patchcore import PatchCore
-
-                if len(normal_paths) < 2:
-                    raise DataError(f"image_dir {image_dir} holds {len(normal_paths)} image: PatchCore needs at "
-                                    "least 2 normal images (some are held out to set the threshold)")
-                detector = PatchCore(backbone=backbone, weights=weights, coreset_ratio=coreset_ratio,
-                                     patch_size=patch_size, image_score=image_score, sigma=sigma, index=index,
-                                     thres_ratio=ratio, calibration_fraction=calibration_fraction, seed=seed,
-                                     device=device, **run_options).fit_paths(normal_paths)
-            save_database(db_dir, detector, backbone, image_dir, hashes)
-            stored = json.loads((db_dir / DB_FILE).read_text(encoding="utf-8"))
-            timings["build_database_s"] = time.perf_counter() - step
+            detector, backbone = _reuse_database(spec, given, db_dir, image_dir, model_name, weights, image_size,
+                                                 resize_mode, device, progress)
+        stored = json.loads((db_dir / DB_FILE).read_text(encoding="utf-8"))
+        timings["build_database_s" if built else "load_database_s"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        if method == "knn":
-            test_x = extract_embeddings(backbone, test_paths, desc="test images", **extract_options)
-            _check_embeddings(test_x, len(test_paths), backbone, test_dir)
-            timings["extract_test_s"] = time.perf_counter() - step
-            step = time.perf_counter()
-            scores = detector.score(test_x)
-        else:
-            result = detector.score_paths(test_paths)
-            scores, maps = result["image_scores"], result["anomaly_maps"]
-        predicted = (scores > detector.threshold_).astype(int)
-        timings["score_s"] = time.perf_counter() - step
+        run = RunOptions(device=device, batch_size=batch_size, num_workers=workers, progress=False, cache=None)
+        with run_dir_in_progress(result_dir) as run_folder:
+            stream = _score_stream(spec, detector, backbone, test_paths, run, max_overlays, progress)
+            timings["score_s"] = time.perf_counter() - step
+            if not np.isfinite(stream.scores).any():
+                raise DataError(unreadable_message(
+                    {test_paths[i]: why for i, why in stream.skipped.items()}, "test_dir", test_dir,
+                    "and no other image is there: nothing was scored; replace them with readable images"))
+            config = _write_run(run_folder.path, spec, detector, backbone, test_dir, test_paths, stream,
+                                max_overlays, progress, timings)
+            config.update({
+                "test_dir": str(test_dir.resolve()),
+                "image_dir": str(image_dir.resolve()),
+                "db_dir": str(db_dir.resolve()),
+                "database_built": built,
+                "database_created": stored.get("created"),
+                "device": device,
+                "batch_size": batch_size,
+                "num_workers": workers,
+                "strict": strict,
+                "warnings": [str(w.message) for w in caught],
+            })
+            timings["total_s"] = time.perf_counter() - started
+            config["timings"] = timings
+            write_json(run_folder.path / "config.json", config)
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if stream.skipped:
+        warnings.warn(f"{len(stream.skipped)} of {len(test_paths)} test image(s) could not be read and were skipped "
+                      f"(not scored): listed with the reasons in {run_folder.final / 'skipped.csv'}", stacklevel=2)
+    return run_folder.final
 
-    run_dir = new_run_dir(result_dir)
-    flagged = [str(p) for p, flag in zip(test_paths, predicted) if flag]
+
+def _build_database(spec: MethodSpec, params: dict, db_dir: Path, image_dir: Path, model_name: str, weights,
+                    image_size, resize_mode: str, skip_unreadable: bool, run: RunOptions):
+    """Fit the method on ``image_dir`` and save the database; (model, backbone)."""
+    normal_paths = list_images(image_dir, "image_dir")
+    if len(normal_paths) < spec.min_images:
+        raise DataError(f"image_dir {image_dir} holds {len(normal_paths)} image(s): {spec.name} needs at least "
+                        f"{spec.min_images} normal images")
+    bad = find_unreadable(normal_paths, progress=run.progress, desc="checking normal images")
+    skipped = []
+    if bad:
+        if not skip_unreadable:
+            raise DataError(unreadable_message(
+                bad, "image_dir", image_dir, "so no database was built (it must not hold fewer images than given): "
+                "fix or remove them, or pass skip_unreadable_normal=True (--skip-unreadable-normal) to build "
+                "without them (they are then recorded in the database)"))
+        skipped = [{"path": path.relative_to(image_dir).as_posix(),
+                    "sha256": content_hash(path) if path.exists() else None, "reason": reason}
+                   for path, reason in bad.items()]
+        normal_paths = [path for path in normal_paths if path not in bad]
+        if len(normal_paths) < spec.min_images:
+            raise DataError(unreadable_message(bad, "image_dir", image_dir, f"and fewer than {spec.min_images} "
+                                               "readable ones are left: nothing to build a database from"))
+        warnings.warn(f"{len(bad)} unreadable normal image(s) of {image_dir} left out of the database "
+                      f"(recorded under skipped_images in {db_dir / DB_FILE})", stacklevel=3)
+    backbone = _load_backbone(model_name, weights, run.device, image_size, resize_mode)
+    hashes = _manifest(image_dir, normal_paths, progress=run.progress)
+    detector = spec.fit_paths(backbone, normal_paths, params, run)
+    save_database(db_dir, detector, backbone, image_dir, hashes, skipped, method=spec.name)
+    return detector, backbone
+
+
+def _reuse_database(spec: MethodSpec, given: dict, db_dir: Path, image_dir: Path, model_name: str, weights,
+                    image_size, resize_mode: str, device: str, progress: bool):
+    """Load the database, warn where the arguments differ from it, check backbone and images."""
+    database = load_database(db_dir, device=device, method=spec.name)
+    section = database.metadata[spec.name]
+    compared = [("model_name", model_name, database.backbone_name), ("image_size", image_size, database.image_size),
+                ("resize_mode", None if resize_mode == "crop" else resize_mode, database.resize_mode)]
+    compared += [(name, value, section.get(name)) for name, value in given.items()]
+    for name, passed, used in compared:
+        if passed is not None and as_json(passed) != as_json(used):
+            warnings.warn(
+                f"{name}={passed!r} ignored: the database {db_dir} was built with {name}={used!r}, "
+                f"which is used (delete {db_dir} or pass another db_dir to rebuild)",
+                stacklevel=3,
+            )
+    backbone = _load_backbone(database.backbone_name, weights, device, database.image_size, database.resize_mode)
+    database.check_backbone(backbone)
+    if image_dir.is_dir():
+        database.check_images(image_dir, progress=progress)
+    else:
+        warnings.warn(f"image_dir {image_dir} does not exist: the database {db_dir} is used without checking "
+                      "that its normal images are still current", stacklevel=3)
+    return database.detector, backbone
+
+
+@dataclass
+class _Scored:
+    """What a streamed run keeps: every score, the skipped images, and the maps of the overlays."""
+
+    scores: np.ndarray  # (n,) float64, NaN where skipped
+    skipped: dict[int, str]  # position -> reason
+    kept_maps: dict[int, np.ndarray] = field(default_factory=dict)  # the max_overlays best flagged images
+    vmin: float = float("inf")
+    vmax: float = float("-inf")
+
+
+def _score_stream(spec: MethodSpec, detector, backbone, paths: list[Path], run: RunOptions, max_overlays: int,
+                  progress: bool) -> _Scored:
+    """Score ``paths`` chunk by chunk (:data:`CHUNK_IMAGES`); only the scores and at most
+    ``max_overlays`` anomaly maps (of the highest-scoring flagged images) outlive a chunk."""
+    threshold = float(detector.threshold_)
+    out = _Scored(scores=np.full(len(paths), np.nan), skipped={})
+    best: list[tuple[float, int]] = []  # min-heap of (score, position) of the kept maps
+    bar = tqdm(total=len(paths), desc=f"{spec.name}: scoring {len(paths)} test images", unit="img",
+               disable=not progress)
+    try:
+        for start in range(0, len(paths), CHUNK_IMAGES):
+            chunk = paths[start:start + CHUNK_IMAGES]
+            errors: dict[int, str] = {}
+            result = spec.score_paths(detector, backbone, chunk, run, errors)
+            out.skipped.update({start + i: why for i, why in errors.items()})
+            scores = np.asarray(result["image_scores"], dtype=np.float64)
+            out.scores[start:start + len(chunk)] = scores
+            maps = result.get("anomaly_maps") if spec.produces_maps else None
+            if maps is not None:
+                readable = np.isfinite(scores)
+                if readable.any():
+                    out.vmin = min(out.vmin, float(np.nanmin(maps[readable])))
+                    out.vmax = max(out.vmax, float(np.nanmax(maps[readable])))
+                for i in np.flatnonzero(readable & (scores > threshold)):
+                    item = (float(scores[i]), -(start + int(i)))  # ties: the earlier image wins
+                    if len(best) < max_overlays:
+                        heapq.heappush(best, item)
+                        out.kept_maps[start + int(i)] = np.array(maps[i])
+                    elif best and item > best[0]:
+                        dropped = heapq.heapreplace(best, item)
+                        del out.kept_maps[-dropped[1]]
+                        out.kept_maps[start + int(i)] = np.array(maps[i])
+            del result, maps
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return out
+
+
+def _write_run(run_dir: Path, spec: MethodSpec, detector, backbone, test_dir: Path, test_paths: list[Path],
+               stream: _Scored, max_overlays: int, progress: bool, timings: dict) -> dict:
+    """abnormal.result, scores.csv, skipped.csv and overlays/ into ``run_dir``; the config so far."""
+    readable = np.isfinite(stream.scores)
+    scored_paths = [p for p, ok in zip(test_paths, readable) if ok]
+    scores = stream.scores[readable]
+    predicted = (scores > detector.threshold_).astype(int)
+    flagged = [str(p) for p, flag in zip(scored_paths, predicted) if flag]
     with atomic_write(run_dir / "abnormal.result", "w") as handle:
         handle.write("".join(f"{p}\n" for p in flagged))
-    table = pd.DataFrame({"path": [str(p) for p in test_paths], "score": scores, "predicted": predicted})
+    table = pd.DataFrame({"path": [str(p) for p in scored_paths], "score": scores, "predicted": predicted})
     with atomic_write(run_dir / "scores.csv", "w") as handle:
         table.to_csv(handle, index=False, lineterminator="\n")
+    skipped = pd.DataFrame({"path": [str(test_paths[i]) for i in sorted(stream.skipped)],
+                            "reason": [stream.skipped[i] for i in sorted(stream.skipped)]}, columns=["path", "reason"])
+    with atomic_write(run_dir / "skipped.csv", "w") as handle:
+        skipped.to_csv(handle, index=False, lineterminator="\n")
+    section = as_json(spec.describe(detector))
     config = {
         "anomalib_study_version": __version__,
-        "method": method,
-        "test_dir": str(test_dir.resolve()),
-        "image_dir": str(image_dir.resolve()),
-        "db_dir": str(db_dir.resolve()),
-        "database_built": built,
+        "method": spec.name,
         "backbone": backbone.name,
         "weights_sha256": backbone.weights_sha256,
         "preprocessing": as_json(backbone.preprocessing),
         "image_size": getattr(backbone, "image_size", None),
-    }
-    if method == "knn":
-        config.update({
-            "embedding_dim": int(backbone.embedding_dim),
-            "k": int(detector.k),
-            "k_used": int(detector.k_),
-            "thres_ratio": float(detector.thres_ratio),
-            "threshold": float(detector.threshold_),
-            "normalize": bool(detector.normalize),
-            "index": detector.index_.describe(),
-            "n_bank": int(detector.memory_bank_.shape[0]),
-        })
-    else:
-        section = _patchcore_section(detector)
-        section["index"] = section.pop("index_describe")
-        step = time.perf_counter()
-        order = [i for i in np.argsort(-scores, kind="stable") if predicted[i]][:max_overlays]
-        vmin, vmax = float(maps.min()), float(maps.max())
-        names = _overlay_names([p.relative_to(test_dir) for p in test_paths])  # stable whatever is selected
-        written = write_overlays(run_dir / "overlays", [test_paths[i] for i in order], test_dir, maps[order],
-                                 scores[order], backbone.preprocessing, vmin, vmax, names=[names[i] for i in order],
-                                 progress=progress)
-        timings["overlays_s"] = time.perf_counter() - step
-        config.update({
-            **section,
-            "n_bank": section["memory_bank_size"],
-            "overlays": {"folder": "overlays", "count": len(written), "max_overlays": max_overlays,
-                         "n_flagged": len(flagged), "vmin": vmin, "vmax": vmax,
-                         "what": "flagged images, highest scores first, on the backbone's cropped input; "
-                                 "one colour scale (vmin, vmax = min, max of all the run's anomaly maps)"},
-        })
-    timings["total_s"] = time.perf_counter() - started
-    config.update({
-        "n_test": len(test_paths),
+        **({"embedding_dim": int(backbone.embedding_dim)} if spec.uses_embedding else {}),
+        **section,
+        "index": section.get("index_describe", section.get("index")),
+        "n_found": len(test_paths),
+        "n_test": len(scored_paths),
+        "n_skipped": len(stream.skipped),
+        "skipped_list": "skipped.csv",
         "n_abnormal": len(flagged),
-        "device": device,
-        "batch_size": batch_size,
-        "num_workers": workers,
-        "database_created": stored.get("created"),
-        "warnings": [str(w.message) for w in caught],
-        "timings": timings,
-    })
-    write_json(run_dir / "config.json", config)
-    return run_dir
-
-
-def _check_embeddings(x: np.ndarray, n: int, backbone, folder: Path) -> None:
-    x = np.asarray(x)
-    if x.shape != (n, int(backbone.embedding_dim)):
-        raise StudyError(
-            f"backbone {backbone.name} gave embeddings of shape {x.shape} for the {n} images of {folder}, "
-            f"expected ({n}, {backbone.embedding_dim})"
-        )
+    }
+    if spec.produces_maps:
+        step = time.perf_counter()
+        order = sorted(stream.kept_maps, key=lambda i: (-stream.scores[i], i))[:max_overlays]
+        names = _overlay_names([p.relative_to(test_dir) for p in test_paths])  # stable whatever is selected
+        written = write_overlays(run_dir / "overlays", [test_paths[i] for i in order], test_dir,
+                                 np.stack([stream.kept_maps[i] for i in order]) if order else np.zeros((0, 1, 1)),
+                                 stream.scores[order], backbone.preprocessing, stream.vmin, stream.vmax,
+                                 names=[names[i] for i in order], progress=progress)
+        timings["overlays_s"] = time.perf_counter() - step
+        config["overlays"] = {
+            "folder": "overlays", "count": len(written), "max_overlays": max_overlays, "n_flagged": len(flagged),
+            "vmin": stream.vmin, "vmax": stream.vmax,
+            "what": "flagged images, highest scores first, on the backbone's cropped input; one colour scale "
+                    "(vmin, vmax = min, max of all the run's anomaly maps)",
+        }
+    return config

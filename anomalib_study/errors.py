@@ -24,3 +24,7 @@ class ModelFileError(StudyError):
 
 class ParameterError(StudyError, ValueError):
     """A parameter has an impossible value (e.g. k larger than the memory bank allows)."""
+
+
+class NotFittedError(StudyError, AttributeError):
+    """A method (or a search index) was used before ``fit``."""

@@ -3,7 +3,9 @@
 ``evaluate`` reads the data set, extracts features with the chosen backbone (through the
 feature cache), fits the method on the training (normal) images, scores the test images
 and returns the metrics as one JSON-able dict; with ``out`` it also writes
-``<out>/metrics.json``. Methods plug in through :data:`METHODS`.
+``<out>/metrics.json``. Every method takes the same path: its declaration
+(:class:`~anomalib_study.methods.base.MethodSpec`, in its own module) says how it is fitted
+and scored, so no method is named here.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from anomalib_study import __version__
-from anomalib_study.errors import ParameterError, StudyError
-from anomalib_study.io import write_json
+from anomalib_study.errors import StudyError
+from anomalib_study.io import as_json, write_json
+from anomalib_study.methods.base import MethodSpec, RunOptions
 
 
 def _default_workers() -> int:
@@ -38,83 +41,121 @@ def _backbone_record(backbone) -> dict[str, Any]:
     }
 
 
-def _evaluate_knn(
-    dataset,
-    backbone,
-    *,
-    k: int = 100,
-    thres_ratio: float = 0.92,
-    normalize: bool = True,
-    index: str = "Flat",
-    batch_size: int = 32,
-    num_workers: int | None = None,
-    device: str = "cpu",
-    cache: Any = "default",
-    progress: bool = True,
-    k_sweep: Sequence[int] = (),
-) -> dict[str, Any]:
-    from anomalib_study.features import extract_embeddings
-    from anomalib_study.methods.knn import KNNDetector
-    from anomalib_study.metrics import accuracy, classification_summary, image_auroc
+def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
+                     sweep_values: Sequence = (), return_maps: bool = False) -> dict[str, Any]:
+    """Fit ``spec``'s method on the training images, score the test images, every metric.
 
-    workers = _default_workers() if num_workers is None else num_workers
+    The same path for every method: its declaration says how it is fitted and scores
+    files, which extra image scores it gives, whether it gives anomaly maps (then pixel
+    AUROC, PRO and F1-max where the data set has masks) and how it describes itself.
+    """
+    from anomalib_study.metrics import (
+        accuracy, classification_summary, f1_max, image_auroc, pixel_auroc, pixel_f1_max, pro_score,
+    )
+
     timings: dict[str, float] = {}
-    common = dict(batch_size=batch_size, num_workers=workers, device=device, cache=cache, progress=progress)
-
-    started = time.perf_counter()
-    train_x = extract_embeddings(backbone, [r.path for r in dataset.train], desc="train embeddings", **common)
-    timings["extract_train_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    test_x = extract_embeddings(backbone, [r.path for r in dataset.test], desc="test embeddings", **common)
-    timings["extract_test_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        detector = KNNDetector(k=k, thres_ratio=thres_ratio, normalize=normalize, index=index).fit(train_x)
-    for warning in caught:  # surface the k clamp etc. once, and keep it in the metrics
-        warnings.warn(warning.message, stacklevel=2)
-    timings["fit_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        model = spec.fit_paths(backbone, [r.path for r in dataset.train], params, run)
+        timings["fit_s"] = time.perf_counter() - started
+        timings.update({f"fit_{k}": v for k, v in getattr(model, "timings_", {}).items()})
+        rss_after_fit = _peak_rss_mb()
+        started = time.perf_counter()
+        scored = spec.score_paths(model, backbone, [r.path for r in dataset.test], run)
+        timings["predict_s"] = time.perf_counter() - started
+        timings["predict_images_per_s"] = len(dataset.test) / max(timings["predict_s"], 1e-9)
+    for warning in caught:  # surface them once (the k clamp, ...), and keep them in the metrics
+        warnings.warn(warning.message, stacklevel=3)
 
-    started = time.perf_counter()
-    scores = detector.score(test_x)
-    predictions = detector.predict(test_x)
-    timings["score_s"] = time.perf_counter() - started
-
+    described = as_json(spec.describe(model))
     labels = np.array([r.label for r in dataset.test], dtype=int)
-    sweep = []
-    for k_other in sorted({int(v) for v in k_sweep if 0 < int(v) < len(train_x)}):
-        other = KNNDetector(k=k_other, thres_ratio=thres_ratio, normalize=normalize, index=index).fit(train_x)
-        sweep.append({
-            "k": k_other,
-            "image_auroc": image_auroc(labels, other.score(test_x)),
-            "accuracy": accuracy(labels, other.predict(test_x)),
-            "threshold": float(other.threshold_),
-        })
-    return {
-        "params": {"k": k, "thres_ratio": thres_ratio, "normalize": normalize, "index": index},
-        "k_used": int(detector.k_),
-        "index": detector.index_.describe(),
+    scores = np.asarray(scored["image_scores"], dtype=np.float64)
+    threshold = described.get("threshold")
+    f1, f1_threshold = f1_max(labels, scores)
+    result: dict[str, Any] = {
+        "params": {**params, **{name: described[name] for name in params if name in described}},
+        **{name: value for name, value in described.items() if name not in params and name != "index_describe"},
+        "index": described.get("index_describe"),
+        "embedding_dim": int(getattr(model, "n_features_in_", backbone.embedding_dim)),
         "warnings": [str(w.message) for w in caught],
+        "score_kinds": list(spec.score_kinds),
         "image_auroc": image_auroc(labels, scores),
-        "accuracy": accuracy(labels, predictions),
-        "threshold": float(detector.threshold_),
-        "train_scores": [float(s) for s in detector.train_scores_],
-        "classification_report": classification_summary(labels, predictions),
-        "timings": timings,
-        "k_sweep": sweep,
-        "per_image": [
-            {
-                "path": str(r.path),
-                "label": int(r.label),
-                "defect_type": r.defect_type,
-                "score": float(s),
-                "predicted": int(p),
-            }
-            for r, s, p in zip(dataset.test, scores, predictions)
-        ],
+        **{f"image_auroc_{kind}": image_auroc(labels, scored[f"image_scores_{kind}"]) for kind in spec.score_kinds},
+        "image_f1_max": f1,
+        "image_f1_threshold": f1_threshold,
+        "threshold": threshold,
+        "accuracy": None,
+        "classification_report": None,
     }
+    predictions = None
+    if threshold is not None:
+        predictions = (scores > threshold).astype(int)
+        result["accuracy"] = accuracy(labels, predictions)
+        result["classification_report"] = classification_summary(labels, predictions)
+    if spec.calibration_scores is not None:
+        calibration = np.asarray(spec.calibration_scores(model), dtype=np.float64)
+        result["train_scores"] = [float(s) for s in calibration]
+        result["n_calibration_images"] = int(calibration.size)
+    if spec.sweep is not None and len(sweep_values):
+        result[f"{spec.sweep_param}_sweep"] = [
+            {spec.sweep_param: value, "image_auroc": image_auroc(labels, other),
+             "accuracy": accuracy(labels, (other > other_threshold).astype(int)), "threshold": other_threshold}
+            for value, other, other_threshold in spec.sweep(model, scored, params, sweep_values)
+        ]
+
+    maps = scored.get("anomaly_maps") if spec.produces_maps else None
+    masks = None
+    if maps is not None:
+        started = time.perf_counter()
+        side = backbone.image_size
+        geometry = (
+            f"the whole image resized to {side} x {side}, aspect ratio not kept"
+            if backbone.preprocessing.get("resize_mode") == "squash"
+            else f"shorter side resized to {backbone.preprocessing['resize']}, centre crop {backbone.preprocessing['crop']}"
+        )
+        if dataset.has_masks:
+            masks = masks_like_input(dataset.test, backbone.preprocessing)
+            pixel_f1, pixel_threshold = pixel_f1_max(masks, maps)
+            result.update({
+                "pixel_auroc": pixel_auroc(masks, maps),
+                "pro": pro_score(masks, maps, fpr_limit=0.3),
+                "pixel_f1_max": pixel_f1,
+                "pixel_f1_threshold": pixel_threshold,
+                "pixel_metrics_note": (
+                    f"pixel metrics on the backbone's preprocessed input ({side} x {side}: {geometry}); masks put "
+                    f"through the same resize (nearest neighbour) and crop; anomaly maps {described.get('map_rule', '')}"
+                ).rstrip(),
+            })
+        else:
+            result.update({"pixel_auroc": None, "pro": None, "pixel_f1_max": None, "pixel_f1_threshold": None,
+                           "pixel_metrics_note": f"no pixel metrics: {dataset.name} has no ground-truth masks for "
+                                                 "every anomalous test image"})
+        timings["pixel_metrics_s"] = time.perf_counter() - started
+    result["timings"] = timings
+    result["peak_memory"] = {
+        "peak_rss_mb_after_fit": rss_after_fit,
+        "peak_rss_mb": _peak_rss_mb(),
+        "how": "resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's peak resident memory since it started "
+               "(includes the backbone and anything run before in the same process)",
+    }
+    bank = getattr(model, "memory_bank_", None)
+    if bank is not None:
+        result["peak_memory"]["memory_bank_mb"] = bank.nbytes / 2**20
+    rows = []
+    for i, record in enumerate(dataset.test):
+        row = {"path": str(record.path), "label": int(record.label), "defect_type": record.defect_type,
+               "score": float(scores[i])}
+        row.update({f"score_{kind}": float(scored[f"image_scores_{kind}"][i]) for kind in spec.score_kinds})
+        if predictions is not None:
+            row["predicted"] = int(predictions[i])
+        if maps is not None:
+            row["map_max"] = float(maps[i].max())
+        rows.append(row)
+    result["per_image"] = rows
+    if return_maps:
+        result.update({"anomaly_maps": maps, "masks": masks, "model": model})
+    return result
 
 
 def masks_like_input(records, preprocessing: dict) -> np.ndarray:
@@ -145,151 +186,6 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
-
-
-def _evaluate_patchcore(
-    dataset,
-    backbone,
-    *,
-    layers: Sequence[str] | None = None,
-    patch_size: int = 3,
-    per_layer_dim: int | None = None,
-    target_dim: int | None = None,
-    sampler: str = "greedy",
-    coreset_ratio: float = 0.1,
-    projection_dim: int | None = 128,
-    image_score: str = "reweighted",
-    num_neighbours: int = 9,
-    sigma: float = 4.0,
-    index: str = "Flat",
-    thres_ratio: float = 0.99,
-    calibration_fraction: float = 0.1,
-    seed: int = 0,
-    batch_size: int = 8,
-    num_workers: int | None = None,
-    device: str = "cpu",
-    cache: Any = None,
-    progress: bool = True,
-    return_maps: bool = False,
-) -> dict[str, Any]:
-    """PatchCore: fit on the training images, score the test images, image and pixel metrics.
-
-    ``cache`` is accepted for a uniform call but unused (patch features are not cached).
-    With ``return_maps`` the returned dict also holds ``anomaly_maps`` (n_test, S, S)
-    float32 and ``masks`` (n_test, S, S) bool (S = the backbone's input side), which
-    :func:`evaluate` never writes to ``metrics.json``; ``model`` (the fitted PatchCore) too.
-    """
-    from anomalib_study.methods.patchcore import PatchCore
-    from anomalib_study.metrics import accuracy, f1_max, image_auroc, pixel_auroc, pixel_f1_max, pro_score
-
-    workers = _default_workers() if num_workers is None else num_workers
-    model = PatchCore(
-        backbone=backbone, layers=layers, patch_size=patch_size, per_layer_dim=per_layer_dim, target_dim=target_dim,
-        sampler=sampler, coreset_ratio=coreset_ratio, projection_dim=projection_dim, image_score=image_score,
-        num_neighbours=num_neighbours, sigma=sigma, index=index, thres_ratio=thres_ratio,
-        calibration_fraction=calibration_fraction, seed=seed, batch_size=batch_size, num_workers=workers,
-        device=device, progress=progress,
-    )
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    model.fit_paths([r.path for r in dataset.train])
-    timings["fit_s"] = time.perf_counter() - started
-    timings.update({f"fit_{k}": v for k, v in model.timings_.items()})
-    rss_after_fit = _peak_rss_mb()
-
-    started = time.perf_counter()
-    scored = model.score_paths([r.path for r in dataset.test])
-    timings["predict_s"] = time.perf_counter() - started
-    timings["predict_images_per_s"] = len(dataset.test) / max(timings["predict_s"], 1e-9)
-
-    labels = np.array([r.label for r in dataset.test], dtype=int)
-    chosen = scored["image_scores"]
-    f1, f1_threshold = f1_max(labels, chosen)
-    result: dict[str, Any] = {
-        "params": {
-            "layers": list(model._patch_maker().resolve_layers(backbone)), "patch_size": patch_size,
-            "per_layer_dim": per_layer_dim, "target_dim": target_dim, "sampler": sampler,
-            "coreset_ratio": coreset_ratio, "projection_dim": projection_dim, "image_score": image_score,
-            "num_neighbours": num_neighbours, "sigma": sigma, "index": index, "thres_ratio": thres_ratio,
-            "calibration_fraction": calibration_fraction, "seed": seed,
-        },
-        "index": model.index_.describe(),
-        "memory_bank_size": int(model.memory_bank_.shape[0]),
-        "embedding_dim": int(model.n_features_in_),
-        "grid_shape": list(model.grid_shape_),
-        "n_train_patches": int(model.n_train_patches_),
-        "n_calibration_images": int(model.calibration_scores_max_.size),
-        "image_auroc": image_auroc(labels, chosen),
-        "image_auroc_max": image_auroc(labels, scored["image_scores_max"]),
-        "image_auroc_reweighted": image_auroc(labels, scored["image_scores_reweighted"]),
-        "image_f1_max": f1,
-        "image_f1_threshold": f1_threshold,
-        "threshold": None if not np.isfinite(model.threshold_) else float(model.threshold_),
-        "threshold_rule": (
-            f"{thres_ratio} quantile of the {image_score} scores of {model.calibration_scores_max_.size} training "
-            "images held out of the memory bank" if np.isfinite(model.threshold_)
-            else "none: calibration_fraction=0 (every training image is in the memory bank)"
-        ),
-        "accuracy": None,
-    }
-    if np.isfinite(model.threshold_):
-        result["accuracy"] = accuracy(labels, (chosen > model.threshold_).astype(int))
-
-    started = time.perf_counter()
-    masks = None
-    side = backbone.image_size
-    geometry = (
-        f"the whole image resized to {side} x {side}, aspect ratio not kept"
-        if backbone.preprocessing.get("resize_mode") == "squash"
-        else f"shorter side resized to {backbone.preprocessing['resize']}, centre crop {backbone.preprocessing['crop']}"
-    )
-    pixel_note = (
-        f"pixel metrics on the backbone's preprocessed input ({side} x {side}: {geometry}); masks put through the "
-        "same resize (nearest neighbour) and crop; anomaly maps bilinearly upsampled from the patch grid, "
-        f"Gaussian sigma {sigma}"
-    )
-    if dataset.has_masks:
-        masks = masks_like_input(dataset.test, backbone.preprocessing)
-        maps = scored["anomaly_maps"]
-        pixel_f1, pixel_threshold = pixel_f1_max(masks, maps)
-        result.update({
-            "pixel_auroc": pixel_auroc(masks, maps),
-            "pro": pro_score(masks, maps, fpr_limit=0.3),
-            "pixel_f1_max": pixel_f1,
-            "pixel_f1_threshold": pixel_threshold,
-            "pixel_metrics_note": pixel_note,
-        })
-    else:
-        reason = f"no pixel metrics: {dataset.name} has no ground-truth masks for every anomalous test image"
-        result.update({"pixel_auroc": None, "pro": None, "pixel_f1_max": None, "pixel_f1_threshold": None,
-                       "pixel_metrics_note": reason})
-    timings["pixel_metrics_s"] = time.perf_counter() - started
-    result["timings"] = timings
-    result["peak_memory"] = {
-        "peak_rss_mb_after_fit": rss_after_fit,
-        "peak_rss_mb": _peak_rss_mb(),
-        "how": "resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's peak resident memory since it started "
-               "(includes the backbone and anything run before in the same process)",
-        "memory_bank_mb": model.memory_bank_.nbytes / 2**20,
-    }
-    result["per_image"] = [
-        {
-            "path": str(r.path),
-            "label": int(r.label),
-            "defect_type": r.defect_type,
-            "score": float(s),
-            "score_max": float(a),
-            "score_reweighted": float(b),
-            "map_max": float(m.max()),
-        }
-        for r, s, a, b, m in zip(dataset.test, chosen, scored["image_scores_max"], scored["image_scores_reweighted"],
-                                 scored["anomaly_maps"])
-    ]
-    if return_maps:
-        result["anomaly_maps"] = scored["anomaly_maps"]
-        result["masks"] = masks
-        result["model"] = model
-    return result
 
 
 def patchcore_coreset_ablation(
@@ -365,9 +261,6 @@ def patchcore_coreset_ablation(
 #: keys of a method's result that are returned in memory but never written to metrics.json
 IN_MEMORY_KEYS = ("anomaly_maps", "masks", "model")
 
-#: method name -> function(dataset, backbone, **params) -> metrics dict
-METHODS: dict[str, Callable[..., dict[str, Any]]] = {"knn": _evaluate_knn, "patchcore": _evaluate_patchcore}
-
 
 def evaluate(
     method: str,
@@ -382,12 +275,20 @@ def evaluate(
     device: str = "cpu",
     out: str | os.PathLike | None = None,
     dataset_options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    cache: Any = "default",
+    progress: bool = True,
+    return_maps: bool = False,
     **method_params: Any,
 ) -> dict[str, Any]:
     """Run ``method`` on a data set and return its metrics (and write ``<out>/metrics.json``).
 
+    Every method goes through the same path (its declaration in
+    :data:`anomalib_study.methods.SPECS` says how it is fitted and scored).
+
     Args:
-        method: a key of :data:`METHODS` (``"knn"``, ``"patchcore"``).
+        method: a registered method (``"knn"``, ``"patchcore"``, ...).
         dataset: the layout name (``"mvtec_ad"``, ``"magnetic_tile"``, ``"dagm"``, ...).
         root: the data set's folder.
         category: the category inside ``root`` where the layout has them.
@@ -401,22 +302,31 @@ def evaluate(
         out: folder for ``metrics.json``; an existing ``metrics.json`` there is never
             overwritten (pick another folder).
         dataset_options: extra options of the layout's reader (seed, train_fraction, ...).
-        **method_params: the method's parameters (for knn: k, thres_ratio, normalize,
-            index, batch_size, num_workers, cache, progress, and k_sweep: other k
-            values whose AUROC / accuracy are computed on the same embeddings; for
-            patchcore: see :func:`_evaluate_patchcore`, e.g. coreset_ratio, patch_size,
-            image_score, sigma, index, return_maps).
+        batch_size: images per forward pass (None: the method's ``batch_size``).
+        num_workers: image-loading processes (None: the cores less one, at most 4).
+        cache: the feature cache for methods that cache embeddings (kNN): ``"default"``,
+            a FeatureCache or None.
+        progress: progress bars.
+        return_maps: also return (never write) ``anomaly_maps`` (n_test, S, S), ``masks``
+            and the fitted ``model``, for methods that give anomaly maps.
+        **method_params: the method's parameters (its ``SPEC.params``: for knn k,
+            thres_ratio, normalize, index; for patchcore coreset_ratio, patch_size,
+            image_score, sigma, index, ...), and ``<p>_sweep``: other values of the
+            method's sweep parameter scored on the same features (knn: ``k_sweep``).
 
     Returns:
-        A dict with at least ``image_auroc``, ``accuracy``, ``threshold``, ``n_train``,
-        ``n_test``, ``timings`` (seconds), ``per_image`` scores and the
-        ``classification_report``.
+        A dict with at least ``image_auroc``, ``accuracy`` and ``threshold`` (None where the
+        method has no threshold), ``n_train``, ``n_test``, ``timings`` (seconds),
+        ``per_image`` scores and the ``classification_report``.
     """
     from anomalib_study.backbones import load_backbone
     from anomalib_study.data import load_dataset
+    from anomalib_study.methods import get_method
 
-    if method not in METHODS:
-        raise ParameterError(f"unknown method {method!r}: choose one of {', '.join(sorted(METHODS))}")
+    spec = get_method(method)
+    sweep_values = method_params.pop(f"{spec.sweep_param}_sweep", ()) if spec.sweep_param else ()
+    params = spec.resolve_params(method_params)
+    spec.check_params(params)
     metrics_path = Path(out) / "metrics.json" if out is not None else None
     if metrics_path is not None and metrics_path.exists():
         raise StudyError(f"{metrics_path} exists already: results are never overwritten; choose another --out")
@@ -430,7 +340,10 @@ def evaluate(
     net = load_backbone(backbone, weights=weights, device=device, image_size=image_size, resize_mode=resize_mode)
     load_s = time.perf_counter() - started
 
-    result = METHODS[method](data, net, device=device, **method_params)
+    run = RunOptions(device=device, batch_size=spec.batch_size if batch_size is None else batch_size,
+                     num_workers=_default_workers() if num_workers is None else num_workers, progress=progress,
+                     cache=cache)
+    result = _evaluate_method(spec, data, net, params, run, sweep_values, return_maps)
     in_memory = {key: result.pop(key) for key in IN_MEMORY_KEYS if key in result}
     result["timings"] = {"load_s": load_s, **result["timings"], "total_s": time.perf_counter() - started}
     metrics = {

@@ -222,11 +222,11 @@ class _ImageFiles(Dataset):
 
 
 def _collate(items):
-    positions = [item[0] for item in items]
-    errors = [item[2] for item in items if item[2] is not None]
-    if errors:
-        return positions, None, errors
-    return positions, torch.stack([item[1] for item in items]), []
+    """(positions of the decoded images, their (B, 3, H, W) batch or None, [(position, error)])."""
+    good = [item for item in items if item[2] is None]
+    errors = [(item[0], item[2]) for item in items if item[2] is not None]
+    images = torch.stack([item[1] for item in good]) if good else None
+    return [item[0] for item in good], images, errors
 
 
 def _check_arguments(paths, batch_size, num_workers) -> list[Path]:
@@ -240,16 +240,24 @@ def _check_arguments(paths, batch_size, num_workers) -> list[Path]:
 
 
 def _batches(backbone: Backbone, paths: Sequence[Path], batch_size: int, num_workers: int,
-             device: torch.device) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Preprocessed batches on ``device``: (positions in ``paths``, (B, 3, H, W) tensor)."""
+             device: torch.device, errors: dict[int, str] | None = None
+             ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Preprocessed batches on ``device``: (positions in ``paths``, (B, 3, H, W) tensor).
+
+    An image that cannot be decoded raises DataError naming it, or, with ``errors`` (a
+    dict), is left out of its batch and recorded there (position -> the reason).
+    """
     loader = DataLoader(
         _ImageFiles(paths, backbone.image_transform), batch_size=batch_size, shuffle=False,
         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
     )
-    for positions, images, errors in loader:
-        if errors:
-            raise DataError(errors[0])
-        yield positions, images.to(device, non_blocking=True)
+    for positions, images, failed in loader:
+        if failed:
+            if errors is None:
+                raise DataError(failed[0][1])
+            errors.update(failed)
+        if positions:
+            yield positions, images.to(device, non_blocking=True)
 
 
 def _prepare(backbone: Backbone, device) -> torch.device:
@@ -268,14 +276,16 @@ def _prepare(backbone: Backbone, device) -> torch.device:
 def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
                        num_workers: int = 0, device: str | torch.device | None = None,
                        cache: None | str | FeatureCache = "default", progress: bool = True,
-                       desc: str | None = None) -> np.ndarray:
+                       desc: str | None = None, errors: dict[int, str] | None = None) -> np.ndarray:
     """Global embeddings of the images at ``paths``: (N, D) float32, rows in the order of ``paths``.
 
     ``device=None`` uses the backbone's device (otherwise the backbone is moved there).
     ``cache``: None (no cache), "default" (``$ANOMALIB_STUDY_CACHE/features``) or a
     :class:`FeatureCache`; only images missing from it are decoded and run. Embeddings are
     raw features: no direction (higher/lower) is implied.
-    Raises DataError naming the first image that cannot be decoded.
+    Raises DataError naming the first image that cannot be decoded; with ``errors`` (a
+    dict) such images are skipped instead: position in ``paths`` -> reason is recorded
+    there, their rows are NaN, and nothing is cached for them.
     """
     paths = _check_arguments(paths, batch_size, num_workers)
     device = _prepare(backbone, device)
@@ -296,30 +306,42 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
     else:
         hashes, todo = None, list(range(len(paths)))
     if todo:
-        computed = np.zeros((len(todo), backbone.embedding_dim), dtype=np.float32)
+        computed = np.full((len(todo), backbone.embedding_dim), np.nan, dtype=np.float32)
+        failed: dict[int, str] | None = None if errors is None else {}
         bar = tqdm(total=len(todo), desc=desc or f"{backbone.name} embeddings", disable=not progress, unit="img")
         try:
             with torch.inference_mode():
                 for positions, images in _batches(backbone, [paths[i] for i in todo], batch_size,
-                                                  num_workers, device):
+                                                  num_workers, device, failed):
                     embedding = backbone(images)["embedding"]
                     computed[positions] = embedding.float().cpu().numpy()
                     bar.update(len(positions))
         finally:
             bar.close()
         result[todo] = computed
+        if failed:
+            if hashes is None:
+                errors.update({todo[i]: why for i, why in failed.items()})
+            else:  # identical copies of an unreadable file (run once) are unreadable too
+                reason_of = {hashes[todo[i]]: why for i, why in failed.items()}
+                errors.update({position: reason_of[digest] for position, digest in enumerate(hashes)
+                               if digest in reason_of})
         if store is not None:
-            store.put_many(backbone, [hashes[i] for i in todo], computed)
-            by_hash = {hashes[i]: row for i, row in zip(todo, computed)}
+            readable = [j for j in range(len(todo)) if failed is None or j not in failed]
+            store.put_many(backbone, [hashes[todo[j]] for j in readable], computed[readable])
+            by_hash = {hashes[todo[j]]: computed[j] for j in readable}
             for position, digest in enumerate(hashes):
                 if digest in by_hash:
                     result[position] = by_hash[digest]
+        if failed:
+            result[sorted(errors)] = np.nan
     return result
 
 
 def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike], layers: Sequence[str], *,
                          batch_size: int = 8, num_workers: int = 0, device: str | torch.device | None = None,
-                         progress: bool = True, desc: str | None = None, embedding: bool = True
+                         progress: bool = True, desc: str | None = None, embedding: bool = True,
+                         errors: dict[int, str] | None = None
                          ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield (positions in ``paths``, {"embedding": (B, D), <layer>: (B, C, h, w), ...}) per batch.
 
@@ -328,14 +350,15 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
 
     The tensors stay on the compute device, for PatchCore-style methods to reduce them
     there. Not cached. Unknown ``layers`` raise ParameterError before any image is read;
-    an undecodable image raises DataError naming it.
+    an undecodable image raises DataError naming it, or with ``errors`` (a dict) is left
+    out and recorded there (position -> reason).
     """
     paths = _check_arguments(paths, batch_size, num_workers)
     layers = backbone.check_layers(layers) if isinstance(backbone, Backbone) else layers
     device = _prepare(backbone, device)
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} feature maps", disable=not progress, unit="img")
     try:
-        for positions, images in _batches(backbone, paths, batch_size, num_workers, device):
+        for positions, images in _batches(backbone, paths, batch_size, num_workers, device, errors):
             with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
                 maps = backbone(images, layers=layers, embedding=embedding)
             bar.update(len(positions))

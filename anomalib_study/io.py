@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -102,6 +103,55 @@ def new_run_dir(parent: str | os.PathLike) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not create a new run folder under {parent}")
+
+
+@contextlib.contextmanager
+def run_dir_in_progress(parent: str | os.PathLike) -> Iterator[Path]:
+    """Write a run into a hidden folder that becomes ``parent/<timestamp>/`` only when done.
+
+    Yields a :class:`RunFolder` whose ``path`` is the work folder
+    ``parent/.<timestamp>.<random>.partial/``. When the block ends without error the work
+    folder is renamed, in one step, to the first free ``parent/<timestamp>[-N]/`` (as
+    :func:`new_run_dir` names them), which is then ``final``::
+
+        with run_dir_in_progress("result") as run:
+            ...write into run.path...
+        run_dir = run.final
+
+    An exception (Ctrl-C included) removes the work folder; a killed process leaves only
+    the hidden ``.partial`` folder, so a run folder without that suffix is always complete.
+    """
+    import shutil
+
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    work = Path(tempfile.mkdtemp(prefix=f".{stamp}.", suffix=".partial", dir=parent))
+    holder = RunFolder(work)
+    try:
+        yield holder
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    for attempt in range(1000):
+        candidate = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()  # claim the name; then replace the empty folder by the finished run
+        except FileExistsError:
+            continue
+        os.replace(work, candidate)
+        holder.final = candidate
+        return
+    raise RuntimeError(f"could not name the run folder under {parent} (the finished run is in {work})")
+
+
+@dataclass
+class RunFolder:
+    """A run being written by :func:`run_dir_in_progress`: ``path`` (the hidden work
+    folder), ``final`` (the finished run's folder, set when the block ends without error)."""
+
+    path: Path
+    final: Path | None = None
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path | None:

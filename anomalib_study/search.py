@@ -20,6 +20,7 @@ import warnings
 import faiss
 import numpy as np
 
+from anomalib_study.checks import check_is_fitted
 from anomalib_study.errors import ModelFileError, ParameterError
 
 __all__ = ["NearestNeighbourIndex", "METRICS", "available_cores"]
@@ -154,9 +155,6 @@ class NearestNeighbourIndex:
             raise ParameterError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def _check_fitted(self) -> None:
-        # imported here: anomalib_study.methods imports this module
-        from anomalib_study.methods.base import check_is_fitted
-
         check_is_fitted(self, ["index_", "dim_"], fit_call="fit(bank)")
 
     # ------------------------------------------------------------------ build

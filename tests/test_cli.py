@@ -131,3 +131,33 @@ def test_resize_mode_choices_are_checked(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--dataset", "dagm", "--root", "x", "--out", "y", "--resize-mode", "stretch"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_detect_skips_broken_files_with_one_summary_line_or_refuses_them_with_strict(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    normal, test = _images(tmp_path / "normal", 6, 0), _images(tmp_path / "test", 3, 1)
+    (test / "zero.png").write_bytes(b"")
+    (test / "text.jpg").write_text("not an image")
+    common = ["--image-dir", str(normal), "--db-dir", str(tmp_path / "db"), "--k", "2", "--num-workers", "0",
+              "--batch-size", "4", "--image-size", "64"]
+    code = main(["detect", str(test), "--strict", *common])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and errors[0].endswith("anomalib-study detect: error: 2 image(s) in test_dir "
+                                                   f"{test} cannot be read, and strict=True (--strict) refuses them; "
+                                                   "nothing was done: remove or replace them, or run without --strict "
+                                                   "to score the others and list these in skipped.csv:")
+    assert "zero.png" in err and "text.jpg" in err and not (tmp_path / "db").exists()
+
+    assert main(["detect", str(test), *common]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if "could not be read" in line]
+    assert warning == [line for line in warning if line.startswith("anomalib-study detect: warning: 2 of 5 test")]
+    assert len(warning) == 1 and "skipped.csv" in warning[0]
+    assert "flagged anomalous" in captured.out
+
+
+def test_detect_refuses_an_option_of_another_method(tmp_path, capsys):
+    code = main(["detect", str(tmp_path), "--method", "patchcore", "--k", "3"])
+    assert code == 2 and "--k is an option of method knn, not of patchcore" in capsys.readouterr().err

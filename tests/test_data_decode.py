@@ -165,3 +165,39 @@ def test_ellipse_mask_orientation():
     assert upright[3, 10] and upright[17, 10] and not upright[10, 3]
     rising = ellipse_mask((21, 21), [(8, 1, np.pi / 4, 10, 10)])
     assert rising[5, 15] and not rising[5, 5]  # counter-clockwise as displayed: up and to the right
+
+
+def test_image_files_one_listing_rule(tmp_path):
+    from anomalib_study.data.decode import image_files
+
+    root = tmp_path / "folder"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.png", "B.JPG", "sub/c.bmp", ".hidden.png", "notes.txt", "sub/d.tiff"):
+        (root / name).write_bytes(b"x")
+    (root / ".git").mkdir()
+    (root / ".git" / "e.png").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.png").write_bytes(b"x")
+    (root / "link.png").symlink_to(outside / "f.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a loop must end
+    names = [p.relative_to(root).as_posix() for p in image_files(root)]
+    assert names == ["B.JPG", "a.png", "dangling.jpg", "link.png", "linked/f.png", "sub/c.bmp", "sub/d.tiff"]
+    assert [p.name for p in image_files(root, recursive=False)] == ["B.JPG", "a.png", "dangling.jpg", "link.png"]
+    assert image_files(tmp_path / "missing") == []
+
+
+def test_find_unreadable_names_every_broken_file(tmp_path):
+    from anomalib_study.data.decode import find_unreadable
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good)
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    bad = find_unreadable([good, tmp_path / "zero.png", tmp_path / "text.jpg", tmp_path / "missing.png"])
+    assert list(bad) == [tmp_path / "zero.png", tmp_path / "text.jpg", tmp_path / "missing.png"]
+    assert "empty (0 bytes)" in bad[tmp_path / "zero.png"] and "cannot be decoded" in bad[tmp_path / "text.jpg"]
+    assert "does not exist" in bad[tmp_path / "missing.png"]
+    assert find_unreadable([good]) == {}

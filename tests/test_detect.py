@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from anomalib_study import detect
+from anomalib_study.methods import knn
 from anomalib_study.detect import detect_abnormal, load_database, resolve_device
 from anomalib_study.errors import DataError, ModelFileError, ParameterError
 
@@ -36,7 +37,7 @@ def fake(monkeypatch):
         return np.array([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).mean(axis=(0, 1)) for p in paths])
 
     monkeypatch.setattr(detect, "load_backbone", load_backbone)
-    monkeypatch.setattr(detect, "extract_embeddings", extract_embeddings)
+    monkeypatch.setattr(knn, "extract_embeddings", extract_embeddings)
     return state
 
 
@@ -85,7 +86,7 @@ def test_build_then_detect(fake, folders):
     assert config["n_bank"] == 12 and config["n_test"] == 6 and config["n_abnormal"] == 2
     assert config["index"]["factory"] == "Flat" and config["index"]["ntotal"] == 12
     assert config["db_dir"] == str(folders.db.resolve())
-    assert {"build_database_s", "extract_test_s", "score_s", "total_s"} <= set(config["timings"])
+    assert {"build_database_s", "score_s", "total_s"} <= set(config["timings"])  # test images: extracted and scored in one stream
     assert sorted(p.name for p in folders.db.iterdir()) == ["database.json", "knn_model.npz"]
     stored = json.loads((folders.db / "database.json").read_text())
     assert [e["path"] for e in stored["images"]] == sorted(e["path"] for e in stored["images"])
@@ -343,3 +344,320 @@ def test_legacy_knn_database_still_read(fake, folders):
     meta_path.write_text(json.dumps({**meta, "format": "anomalib_study.knn_database", "version": 1}))
     assert load_database(folders.db).method == "knn"
     assert json.loads((_run(folders) / "config.json").read_text())["database_built"] is False
+
+
+# ---------------------------------------------------------------------- real folders: hostile files
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _bomb_png(path: Path) -> Path:
+    """A valid PNG header claiming 30000 x 30000 pixels: over PIL's decompression-bomb limit."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+                     + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+    return path
+
+
+def _odd_readable_images(folder: Path, source: Image.Image) -> list[Path]:
+    """The readable odd images a user's folder holds (16-bit, palette, CMYK, RGBA, EXIF-rotated,
+    one pixel, a name with spaces and accents)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    small = source.convert("RGB").resize((96, 80))
+    grey16 = Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257))
+    paths = [folder / "grey16.png", folder / "palette.png", folder / "cmyk.jpg", folder / "rgba.png",
+             folder / "rotated.jpg", folder / "one_pixel.png", folder / "ünï cödé – image.png"]
+    grey16.save(paths[0])
+    small.convert("P", palette=Image.ADAPTIVE).save(paths[1])
+    small.convert("CMYK").save(paths[2])
+    small.convert("RGBA").save(paths[3])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    small.save(paths[4], exif=exif)
+    small.resize((1, 1)).save(paths[5])
+    small.save(paths[6])
+    return paths
+
+
+def _hostile_files(folder: Path, good: Path) -> dict[str, Path]:
+    """Unreadable files with image suffixes (each must be skipped or refused, and named)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = folder / "truncated.jpg"
+    Image.open(good).convert("RGB").save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "not_an_image.png").write_text("this is a text file with an image suffix\n")
+    _bomb_png(folder / "bomb.png")
+    (folder / "dangling.png").symlink_to(folder / "no_such_file.png")
+    return {name: folder / name for name in ("truncated.jpg", "zero.png", "not_an_image.png", "bomb.png",
+                                             "dangling.png")}
+
+
+def _silently_ignored(folder: Path) -> None:
+    (folder / ".hidden.png").write_bytes(b"not an image, but hidden")
+    (folder / ".thumbnails").mkdir()
+    (folder / ".thumbnails" / "x.png").write_bytes(b"also hidden")
+    (folder / "notes.txt").write_text("not an image file")
+    (folder / "scores.csv").write_text("a,b\n")
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, real_data):
+    """Real MVTec AD bottle images (normal folder and test folder), with odd readable images, a
+    symlinked image and folder, hidden and non-image files, and five unreadable files mixed in."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("hostile")
+    bottle = real_data / "mvtec_ad" / "bottle"
+    normals = sorted((bottle / "train" / "good").glob("*.png"))[:8]
+    images = root / "images"
+    images.mkdir()
+    for path in normals:  # small copies keep the test fast; they are still the real pictures
+        Image.open(path).convert("RGB").resize((128, 128)).save(images / path.name)
+    test = root / "test"
+    real_test = [sorted((bottle / "test" / "good").glob("*.png"))[0], sorted((bottle / "test" / "broken_large").glob("*.png"))[0]]
+    test.mkdir()
+    readable = []
+    for path in real_test:
+        target = test / f"{path.parent.name}_{path.name}"
+        Image.open(path).convert("RGB").resize((128, 128)).save(target)
+        readable.append(target)
+    readable += _odd_readable_images(test / "odd", Image.open(readable[0]))
+    outside = root / "elsewhere"
+    outside.mkdir()
+    shutil.copy(readable[0], outside / "linked_target.png")
+    (test / "link.png").symlink_to(outside / "linked_target.png")
+    (test / "linked_folder").symlink_to(outside, target_is_directory=True)
+    readable += [test / "link.png", test / "linked_folder" / "linked_target.png"]
+    broken = _hostile_files(test / "broken", readable[0])
+    _silently_ignored(test)
+    return SimpleNamespace(root=root, images=images, test=test, readable=sorted(readable), broken=broken)
+
+
+def _hostile_run(hostile, tmp_path, method="knn", **options):
+    params = dict(db_dir=tmp_path / "db", image_dir=hostile.images, result_dir=tmp_path / "result", method=method,
+                  image_size=64, batch_size=8, num_workers=0, progress=False)
+    params.update({"k": 3} if method == "knn" else {"calibration_fraction": 0.25})
+    params.update(options)
+    return detect_abnormal(hostile.test, **params)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("method", ["knn", "patchcore"])
+def test_unreadable_test_images_are_skipped_and_listed(hostile, tmp_path, method):
+    with pytest.warns(UserWarning, match=r"5 of 16 test image\(s\) could not be read and were skipped .*skipped\.csv"):
+        run = _hostile_run(hostile, tmp_path, method=method)
+    scored = pd.read_csv(run / "scores.csv")
+    assert sorted(scored["path"]) == sorted(str(p) for p in hostile.readable)  # every readable image, nothing else
+    assert scored["score"].notna().all()
+    skipped = pd.read_csv(run / "skipped.csv").set_index("path")["reason"]
+    assert sorted(skipped.index) == sorted(str(p) for p in hostile.broken.values())
+    reasons = {name: skipped[str(path)] for name, path in hostile.broken.items()}
+    assert "empty (0 bytes)" in reasons["zero.png"]
+    assert "cannot be decoded" in reasons["truncated.jpg"] and "cannot be decoded" in reasons["not_an_image.png"]
+    assert "too large to decode safely" in reasons["bomb.png"]
+    assert "does not exist" in reasons["dangling.png"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["n_found"] == 16 and config["n_test"] == 11 and config["n_skipped"] == 5
+    assert config["skipped_list"] == "skipped.csv" and config["strict"] is False
+    assert not any(".hidden" in p or ".thumbnails" in p or p.endswith((".txt", ".csv")) for p in scored["path"])
+
+
+@pytest.mark.realdata
+def test_strict_refuses_before_any_work_naming_every_broken_file(hostile, tmp_path):
+    with pytest.raises(DataError) as caught:
+        _hostile_run(hostile, tmp_path, strict=True)
+    message = str(caught.value)
+    assert message.startswith("5 image(s) in test_dir") and "strict=True" in message
+    for path in hostile.broken.values():
+        assert str(path) in message
+    assert not (tmp_path / "db").exists() and not (tmp_path / "result").exists()  # no work done
+
+
+@pytest.mark.realdata
+def test_unreadable_normal_images_refused_unless_skipped(hostile, tmp_path):
+    import shutil
+
+    normal = tmp_path / "normal"
+    shutil.copytree(hostile.images, normal)
+    (normal / "zero.png").write_bytes(b"")
+    (normal / "sub").mkdir()
+    (normal / "sub" / "text.jpg").write_text("no image")
+    with pytest.raises(DataError) as caught:
+        _hostile_run(hostile, tmp_path, image_dir=normal)
+    message = str(caught.value)
+    assert "2 image(s) in image_dir" in message and "no database was built" in message
+    assert "zero.png" in message and "text.jpg" in message and "--skip-unreadable-normal" in message
+    assert not (tmp_path / "db").exists() and not (tmp_path / "result").exists()
+
+    with pytest.warns(UserWarning, match=r"2 unreadable normal image\(s\) .* left out of the database"):
+        run = _hostile_run(hostile, tmp_path, image_dir=normal, skip_unreadable_normal=True)
+    stored = json.loads((tmp_path / "db" / "database.json").read_text())
+    assert stored["n_images"] == 8 and stored["n_skipped_images"] == 2
+    assert {entry["path"] for entry in stored["skipped_images"]} == {"zero.png", "sub/text.jpg"}
+    assert json.loads((run / "config.json").read_text())["n_bank"] == 8
+    second = _hostile_run(hostile, tmp_path, image_dir=normal)  # the recorded skips do not make it stale
+    assert json.loads((second / "config.json").read_text())["database_built"] is False
+    (normal / "zero.png").write_bytes((normal / "000.png").read_bytes())  # repaired: now the folder changed
+    with pytest.raises(ModelFileError, match=r"stale database: 0 image\(s\) added, 0 removed, 1 changed"):
+        _hostile_run(hostile, tmp_path, image_dir=normal)
+
+
+@pytest.mark.realdata
+def test_nothing_readable_is_a_clear_error(hostile, tmp_path):
+    only_broken = tmp_path / "only_broken"
+    _hostile_files(only_broken, hostile.readable[0])
+    with pytest.raises(DataError, match=r"5 image\(s\) in test_dir .* nothing was scored"):
+        detect_abnormal(only_broken, db_dir=tmp_path / "db", image_dir=hostile.images, k=3, image_size=64,
+                        result_dir=tmp_path / "result", num_workers=0, progress=False)
+    assert list((tmp_path / "result").iterdir()) == []  # the partial run folder is gone
+
+
+def test_hidden_and_non_image_files_are_ignored_everywhere(fake, folders):
+    _silently_ignored(folders.images)
+    _silently_ignored(folders.test)
+    run = _run(folders)
+    stored = json.loads((folders.db / "database.json").read_text())
+    assert stored["n_images"] == 12 and not any(e["path"].startswith(".") for e in stored["images"])
+    assert len(pd.read_csv(run / "scores.csv")) == 6
+    (folders.images / ".another_hidden.png").write_bytes(b"x")  # still not stale: hidden files do not count
+    assert json.loads((_run(folders) / "config.json").read_text())["database_built"] is False
+
+
+def test_scoring_streams_in_bounded_chunks(fake, folders, monkeypatch):
+    """No call scores more than CHUNK_IMAGES images: memory does not grow with the folder."""
+    import dataclasses
+
+    from anomalib_study.methods import SPECS
+
+    rng = np.random.default_rng(1)
+    for i in range(23):
+        _image(folders.test / "many" / f"m{i:02d}.png", _greyish(rng))
+    monkeypatch.setattr(detect, "CHUNK_IMAGES", 5)
+    seen = []
+    score_paths = SPECS["knn"].score_paths
+
+    def spy(model, backbone, paths, run, errors):
+        seen.append(len(paths))
+        return score_paths(model, backbone, paths, run, errors)
+
+    monkeypatch.setitem(SPECS, "knn", dataclasses.replace(SPECS["knn"], score_paths=spy))
+    run = _run(folders)
+    assert seen == [5, 5, 5, 5, 5, 4] and sum(seen) == 29
+    table = pd.read_csv(run / "scores.csv")
+    assert len(table) == 29 and table["score"].notna().all()
+
+
+def test_kept_maps_are_bounded_by_max_overlays():
+    """The stream keeps the maps of the max_overlays highest-scoring flagged images only."""
+    from anomalib_study.methods.base import MethodSpec, RunOptions
+
+    scores = np.array([0.1, 5.0, 3.0, 9.0, 0.2, 7.0, 4.0, 8.0, 6.0, 0.3])
+    spec = MethodSpec(name="toy", label="toy", estimator=object, description="", params=(),
+                      fit_paths=None, describe=None, check_loaded=None, n_images=None, produces_maps=True,
+                      score_paths=lambda model, backbone, paths, run, errors: {
+                          "image_scores": scores[[int(p) for p in paths]],
+                          "anomaly_maps": np.stack([np.full((2, 2), float(p)) for p in paths])})
+    model = SimpleNamespace(threshold_=1.0)
+    old = detect.CHUNK_IMAGES
+    detect.CHUNK_IMAGES = 3
+    try:
+        out = detect._score_stream(spec, model, None, [str(i) for i in range(10)], RunOptions(), 3, False)
+    finally:
+        detect.CHUNK_IMAGES = old
+    assert sorted(out.kept_maps) == [3, 5, 7]  # 9.0, 8.0, 7.0
+    assert all(out.kept_maps[i][0, 0] == i for i in out.kept_maps)
+    assert out.vmin == 0.0 and out.vmax == 9.0 and np.array_equal(out.scores, scores)
+
+
+# ---------------------------------------------------------------------- interrupted runs
+_CHILD = r'''
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import numpy as np
+from PIL import Image
+from anomalib_study import detect
+from anomalib_study.methods import knn
+
+root, mode = Path(sys.argv[1]), sys.argv[2]
+
+def load_backbone(name, weights=None, device="cpu"):
+    return SimpleNamespace(name=name, weights_sha256="a" * 64, preprocessing={"resize": 8}, embedding_dim=3)
+
+def extract_embeddings(backbone, paths, **options):
+    which = "normal" if options.get("desc") == "normal images" else "test"
+    if mode == f"slow_{which}":
+        (root / f"started_{which}").write_text("x")
+        time.sleep(120)  # killed here
+    return np.array([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).mean(axis=(0, 1)) for p in paths])
+
+detect.load_backbone = load_backbone
+knn.extract_embeddings = extract_embeddings
+detect.CHUNK_IMAGES = 2
+run = detect.detect_abnormal(root / "test", db_dir=root / "db", image_dir=root / "images", k=3, thres_ratio=0.9,
+                             result_dir=root / "result", num_workers=0, progress=False)
+print(run)
+'''
+
+
+def _child(root: Path, mode: str):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(root), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when_started(process, marker: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the child never reached the slow step"
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=30)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_killed_while_scoring_leaves_earlier_results_and_database_intact(folders):
+    first = _child(folders.root, "full")
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    earlier = Path(out.strip())
+    before_run, before_db = _snapshot(earlier), _snapshot(folders.db)
+
+    second = _child(folders.root, "slow_test")
+    _kill_when_started(second, folders.root / "started_test")
+
+    assert _snapshot(earlier) == before_run and _snapshot(folders.db) == before_db
+    finished = [p for p in folders.result.iterdir() if not p.name.startswith(".")]
+    assert finished == [earlier]  # nothing that looks like a result was left by the killed run
+    partial = [p for p in folders.result.iterdir() if p.name.startswith(".")]
+    assert len(partial) == 1 and partial[0].name.endswith(".partial")
+    assert not (partial[0] / "config.json").exists()
+    assert load_database(folders.db).metadata["n_images"] == 12
+
+
+def test_build_killed_halfway_leaves_no_database_and_the_next_call_rebuilds(folders):
+    building = _child(folders.root, "slow_normal")
+    _kill_when_started(building, folders.root / "started_normal")
+    assert not (folders.db / "database.json").exists()
+    with pytest.raises(ModelFileError, match="not a detect database"):
+        load_database(folders.db)
+    again = _child(folders.root, "full")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    config = json.loads((Path(out.strip()) / "config.json").read_text())
+    assert config["database_built"] is True and config["n_test"] == 6

@@ -178,3 +178,38 @@ def test_many_small_writes_are_merged_and_kept(backbone, tmp_path):
     found = FeatureCache(tmp_path / "cache").get_many(backbone, hashes)
     np.testing.assert_array_equal(np.stack([found[h] for h in hashes]), rows)
     assert not list(folder.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_unreadable_images_are_recorded_and_skipped_with_errors(backbone, tmp_path, cached):
+    (tmp_path / "img").mkdir()
+    paths = _write_images(tmp_path / "img", 5)
+    broken = tmp_path / "img" / "broken.png"
+    broken.write_bytes(b"not an image")
+    copy = tmp_path / "img" / "broken_copy.png"
+    copy.write_bytes(b"not an image")  # same bytes: run once through the cache, both reported
+    mixed = [paths[0], broken, paths[1], copy, paths[2]]
+    cache = FeatureCache(tmp_path / "cache") if cached else None
+    with pytest.raises(DataError, match="broken.png cannot be decoded"):
+        extract_embeddings(backbone, mixed, batch_size=2, cache=cache, progress=False)
+    errors: dict[int, str] = {}
+    out = extract_embeddings(backbone, mixed, batch_size=2, cache=cache, progress=False, errors=errors)
+    assert sorted(errors) == [1, 3] and "cannot be decoded" in errors[1]
+    assert np.isnan(out[[1, 3]]).all() and np.isfinite(out[[0, 2, 4]]).all()
+    np.testing.assert_allclose(out[[0, 2, 4]], _one_by_one(backbone, [paths[0], paths[1], paths[2]]), atol=1e-4)
+    if cached:  # nothing was stored for the unreadable file: a second call reports it again
+        again: dict[int, str] = {}
+        extract_embeddings(backbone, mixed, batch_size=2, cache=cache, progress=False, errors=again)
+        assert sorted(again) == [1, 3]
+
+
+def test_feature_maps_skip_unreadable_images_with_errors(backbone, tmp_path):
+    (tmp_path / "img").mkdir()
+    paths = _write_images(tmp_path / "img", 3)
+    (tmp_path / "img" / "zero.png").write_bytes(b"")
+    mixed = [paths[0], tmp_path / "img" / "zero.png", paths[1], paths[2]]
+    errors: dict[int, str] = {}
+    layer = backbone.patch_layers[0]
+    seen = [pos for positions, _ in extract_feature_maps(backbone, mixed, [layer], batch_size=2, progress=False,
+                                                         errors=errors) for pos in positions]
+    assert seen == [0, 2, 3] and list(errors) == [1] and "empty (0 bytes)" in errors[1]

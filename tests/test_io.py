@@ -13,3 +13,24 @@ def test_as_json_is_what_a_json_file_reads_back():
     out = as_json(value)
     assert out["size"] == [224, 224] and out["mean"] == [0.5, 0.25] and out["n"] == 3
     assert out["path"] == "a/b" and out["other"] == str(object)
+
+
+def test_run_dir_in_progress_appears_only_when_complete(tmp_path):
+    import pytest
+
+    from anomalib_study.io import run_dir_in_progress
+
+    with run_dir_in_progress(tmp_path / "runs") as run:
+        (run.path / "scores.csv").write_text("a\n")
+        assert run.path.name.startswith(".") and run.path.name.endswith(".partial") and run.final is None
+        assert [p for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")] == []
+    assert run.final.parent == tmp_path / "runs" and not run.final.name.startswith(".")
+    assert (run.final / "scores.csv").read_text() == "a\n" and not run.path.exists()
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the partial folder is removed, nothing else touched
+        with run_dir_in_progress(tmp_path / "runs") as other:
+            (other.path / "x").write_text("half")
+            raise KeyboardInterrupt
+    assert sorted((tmp_path / "runs").iterdir()) == [run.final]
+    with run_dir_in_progress(tmp_path / "runs") as second:
+        pass
+    assert second.final != run.final and len(list((tmp_path / "runs").iterdir())) == 2

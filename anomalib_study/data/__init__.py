@@ -1,6 +1,6 @@
 """The data layer: records, robust decoding, one reader per layout, synthetic data, downloads."""
 
-from .decode import content_hash, load_image, load_mask
+from .decode import content_hash, find_unreadable, image_files, load_image, load_mask
 from .download import download
 from .readers import LAYOUTS, load_dataset
 from .records import ANOMALOUS, GOOD, NORMAL, Dataset, ImageRecord
@@ -15,6 +15,8 @@ __all__ = [
     "LAYOUTS",
     "content_hash",
     "download",
+    "find_unreadable",
+    "image_files",
     "load_dataset",
     "load_image",
     "load_mask",

@@ -35,6 +35,65 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def image_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """The image files of ``folder``, sorted: the one listing rule of the package.
+
+    * A file counts when its suffix is one of :data:`IMAGE_EXTENSIONS`; other files are
+      passed over silently.
+    * Hidden names (a file or folder below ``folder`` whose name starts with ``.``) are
+      passed over silently, whatever they hold.
+    * Symbolic links are followed, to files and (with ``recursive``) to folders; each real
+      folder is read once, so a link loop ends. A link whose target is missing is listed,
+      so that reading it reports it instead of it vanishing without a word.
+
+    Every folder of images the package reads (the readers, ``detect``, a detect
+    database's staleness check) is listed through this function.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found: list[Path] = []
+    seen: set[str] = set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in files:
+            path = Path(here) / name
+            if is_image_file(path) and (path.is_file() or path.is_symlink()):
+                found.append(path)
+    return sorted(found)
+
+
+def find_unreadable(paths, progress: bool = False, desc: str = "checking images", workers: int = 2) -> dict[Path, str]:
+    """Decode every image of ``paths`` fully; ``{path: reason}`` for those that cannot be read.
+
+    The reason is the message :func:`load_image` raises (empty file, truncated, not an
+    image, over the decompression-bomb limit, missing). Decoding runs in ``workers``
+    threads (PIL releases the GIL while it decodes). Order: that of ``paths``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    paths = [Path(p) for p in paths]
+
+    def reason(path: Path) -> str | None:
+        try:
+            load_image(path).close()
+        except DataError as error:
+            return str(error)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(tqdm(pool.map(reason, paths), total=len(paths), desc=desc, unit="img",
+                            disable=not progress, leave=False))
+    return {path: why for path, why in zip(paths, reasons) if why is not None}
+
+
 def _open_fully(path: Path, what: str) -> Image.Image:
     """Open ``path`` and force a full decode; any failure becomes one clear DataError."""
     if not path.exists():

@@ -28,7 +28,7 @@ from PIL import Image
 from anomalib_study.errors import DataError, ParameterError
 from anomalib_study.io import atomic_write, cache_root, sha256_bytes
 
-from .decode import ellipse_mask, is_image_file
+from .decode import ellipse_mask, image_files, is_image_file
 from .records import ANOMALOUS, GOOD, NORMAL, Dataset, ImageRecord
 from .synthetic import SYNTHETIC_STAMP
 
@@ -37,10 +37,7 @@ from .synthetic import SYNTHETIC_STAMP
 
 def _images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files of ``folder`` (case-insensitive suffixes), sorted by path."""
-    if not folder.is_dir():
-        return []
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and is_image_file(p))
+    return image_files(folder, recursive=recursive)
 
 
 def _subdirs(folder: Path) -> list[Path]:

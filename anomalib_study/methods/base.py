@@ -13,12 +13,14 @@ import inspect
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from anomalib_study.errors import ModelFileError, ParameterError, StudyError
+from anomalib_study.checks import check_bool, check_fraction, check_int, check_is_fitted
+from anomalib_study.errors import ModelFileError, NotFittedError, ParameterError
 from anomalib_study.io import atomic_write
 
 __all__ = [
@@ -31,50 +33,12 @@ __all__ = [
     "check_embeddings",
     "save_model_file",
     "load_model_file",
+    "MethodParam",
+    "MethodSpec",
+    "RunOptions",
 ]
 
 _METADATA_KEY = "__metadata__"
-
-
-class NotFittedError(StudyError, AttributeError):
-    """A method was used before ``fit``."""
-
-
-def check_is_fitted(estimator: Any, attributes: str | Iterable[str], fit_call: str = "fit(normal_embeddings)") -> None:
-    """Raise :class:`NotFittedError` unless ``estimator`` has every one of ``attributes``.
-
-    The message names the class and says what to call, e.g. "KNNDetector is not fitted
-    yet: call fit(normal_embeddings) first".
-    """
-    names = [attributes] if isinstance(attributes, str) else list(attributes)
-    if not all(hasattr(estimator, name) for name in names):
-        raise NotFittedError(
-            f"{type(estimator).__name__} is not fitted yet: call {fit_call} first"
-        )
-
-
-def check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as an int (bools refused), at least ``minimum``; else ParameterError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ParameterError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ParameterError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_fraction(name: str, value: Any) -> float:
-    """``value`` as a float strictly between 0 and 1; else ParameterError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ParameterError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
-    if not 0.0 < float(value) < 1.0:
-        raise ParameterError(f"{name} must be strictly between 0 and 1, got {value}")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ParameterError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
 
 
 def check_embeddings(X: Any, name: str = "X", n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
@@ -184,3 +148,134 @@ def load_model_file(path: str | os.PathLike, format_name: str, version: int, req
     if missing:
         raise ModelFileError(f"{path} is incomplete: arrays {missing} are missing")
     return header, arrays
+
+
+# ---------------------------------------------------------------------- method declarations
+@dataclass(frozen=True)
+class MethodParam:
+    """One parameter of a method, as ``evaluate``, ``detect`` and the command line offer it.
+
+    ``type`` (``int``, ``float``, ``str``, ``bool``) is how the command line reads it
+    (``bool``: ``--name`` / ``--no-name``); ``None`` keeps it off the command line (lists,
+    objects). ``flag`` overrides the command-line flag (default ``--<name-with-dashes>``).
+    The estimator validates the value, so a bad one gets the estimator's own message.
+    """
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] | None = None
+    choices: tuple | None = None
+    flag: str | None = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How images go through the backbone: not part of a fitted model, never stored with it.
+
+    ``cache``: the feature cache for methods that cache embeddings (``None``, ``"default"``
+    or a :class:`~anomalib_study.features.FeatureCache`).
+    """
+
+    device: str = "cpu"
+    batch_size: int = 32
+    num_workers: int = 0
+    progress: bool = True
+    cache: Any = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What ``evaluate``, ``detect`` and the command line need of a method.
+
+    ``name`` is the method's key (``"knn"``), ``label`` how reports name it (``"kNN"``),
+    ``batch_size`` the images per forward pass ``evaluate`` uses unless told otherwise.
+    Each method module declares one as ``SPEC``; :data:`anomalib_study.methods.METHODS`
+    maps names to them. A new method plugs in by declaring its own, with no change to the
+    shared modules. The hooks (all pure functions of their arguments):
+
+    ``fit_paths(backbone, paths, params, run) -> model``
+        fit on normal image files; ``params`` holds every declared parameter (defaults
+        filled in), ``run`` the :class:`RunOptions`.
+    ``score_paths(model, backbone, paths, run, errors) -> dict``
+        ``image_scores`` (n,) float (higher = more anomalous), one ``image_scores_<kind>``
+        per name of ``score_kinds``, and ``anomaly_maps`` (n, S, S) float32 when
+        ``produces_maps``. With ``errors`` (an empty dict) an unreadable image is skipped:
+        position -> reason is recorded there and its scores are NaN; without, it raises
+        DataError.
+    ``describe(model) -> dict``
+        JSON-able: the value of every declared parameter the model was fitted with,
+        ``threshold`` (None if the model has none), ``threshold_rule`` (one sentence), and
+        the method's own figures (bank size, k used, ...).
+    ``check_loaded(model, section, n_images) -> str | None``
+        what is inconsistent between a loaded model and the ``describe`` section and
+        image count stored beside it, or None.
+    ``n_images(model) -> int``
+        how many normal images the model was fitted on (held-out calibration included).
+    ``sweep(model, scored, params, values) -> list``
+        optional, for ``evaluate``: the test images (``scored``: what ``score_paths``
+        returned) scored with other values of one parameter (``sweep_param``), as
+        ``(value, test_scores, threshold)`` triples.
+    ``threshold_problem(params) -> str | None``
+        optional: why a model fitted with ``params`` would have no threshold (``detect``
+        needs one and refuses such parameters before any work), or None.
+    ``calibration_scores(model) -> array``
+        optional: the scores of the normal images the threshold was taken from.
+    """
+
+    name: str
+    label: str
+    estimator: type
+    description: str
+    params: tuple[MethodParam, ...]
+    fit_paths: Callable[..., Any]
+    score_paths: Callable[..., dict]
+    describe: Callable[[Any], dict]
+    check_loaded: Callable[[Any, dict, int], str | None]
+    n_images: Callable[[Any], int]
+    score_kinds: tuple[str, ...] = ()
+    produces_maps: bool = False
+    batch_size: int = 32
+    uses_embedding: bool = False
+    min_images: int = 2
+    sweep: Callable[..., list] | None = None
+    sweep_param: str | None = None
+    threshold_problem: Callable[[dict], str | None] | None = None
+    calibration_scores: Callable[[Any], Any] | None = None
+
+    @property
+    def model_file(self) -> str:
+        """The model's file name inside a detect database folder."""
+        return f"{self.name}_model.npz"
+
+    @property
+    def default_db_dir(self) -> str:
+        return f"{self.name}_db"
+
+    def defaults(self) -> dict[str, Any]:
+        return {param.name: param.default for param in self.params}
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Every declared parameter: ``given`` values over the defaults. An undeclared name
+        -> ParameterError listing the valid ones."""
+        unknown = sorted(set(given) - {param.name for param in self.params})
+        if unknown:
+            valid = ", ".join(param.name for param in self.params)
+            raise ParameterError(f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; its parameters: {valid}")
+        return {**self.defaults(), **given}
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """ParameterError (the estimator's own message) if a value is impossible: checked
+        before any image is read."""
+        model = self.estimator(**params)
+        validate = getattr(model, "_validate_params", None)
+        if validate is not None:
+            validate()
+
+    def load(self, path: str | os.PathLike, device: str = "cpu"):
+        """The fitted model saved at ``path`` (the estimator's own ``load``)."""
+        return self.estimator.load(path, device=device)

@@ -44,9 +44,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomalib_study.checks import fraction_up_to_one, non_negative_float, odd_positive_int, open_fraction, positive_int
 from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
+    MethodParam,
+    MethodSpec,
+    RunOptions,
     BaseDetector,
     check_int,
     check_is_fitted,
@@ -58,7 +62,7 @@ from anomalib_study.patches import PatchFeatures
 from anomalib_study.search import NearestNeighbourIndex
 
 __all__ = ["PatchCore", "reweighted_image_scores", "anomaly_maps", "gaussian_kernel_size", "FORMAT_NAME",
-           "FORMAT_VERSION", "IMAGE_SCORES"]
+           "FORMAT_VERSION", "IMAGE_SCORES", "SPEC"]
 
 FORMAT_NAME = "anomalib_study.patchcore"
 FORMAT_VERSION = 1
@@ -436,7 +440,7 @@ class PatchCore(BaseDetector):
                     "or fit a new model"
                 )
 
-    def _iter_patch_batches(self, paths, desc: str):
+    def _iter_patch_batches(self, paths, desc: str, errors: dict[int, str] | None = None):
         from anomalib_study.features import extract_feature_maps
 
         backbone = self.get_backbone()
@@ -444,7 +448,8 @@ class PatchCore(BaseDetector):
         layers = maker.resolve_layers(backbone)
         for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=self.batch_size,
                                                     num_workers=self.num_workers, device=self.device,
-                                                    progress=self.progress, desc=desc, embedding=False):
+                                                    progress=self.progress, desc=desc, embedding=False,
+                                                    errors=errors):
             with torch.inference_mode():
                 features, grid = maker(maps, layers)
             yield positions, features.cpu().numpy(), grid
@@ -520,7 +525,7 @@ class PatchCore(BaseDetector):
         return self
 
     def score_paths(self, paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None,
-                    keep_patch_scores: bool = False) -> dict[str, np.ndarray]:
+                    keep_patch_scores: bool = False, errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
         """Score image files.
 
         Returns a dict: ``image_scores`` (n,) of the kind ``image_score``,
@@ -529,6 +534,10 @@ class PatchCore(BaseDetector):
         preprocessed input, image_size x image_size; the map covers that resized and
         centre-cropped input, not the original file), and with ``keep_patch_scores``
         ``patch_scores`` (n, h, w) float32. Higher = more anomalous everywhere.
+
+        An image that cannot be decoded raises DataError naming it; with ``errors`` (an
+        empty dict) it is skipped instead: position -> reason is recorded there and its
+        scores and map are NaN.
         """
         check_is_fitted(self, _FITTED, fit_call="fit_paths(paths)")
         paths = list(paths)
@@ -537,13 +546,13 @@ class PatchCore(BaseDetector):
             size = (backbone.image_size, backbone.image_size)
         n = len(paths)
         out = {
-            "image_scores_max": np.zeros(n, dtype=np.float64),
-            "image_scores_reweighted": np.zeros(n, dtype=np.float64),
-            "anomaly_maps": np.zeros((n, int(size[0]), int(size[1])), dtype=np.float32),
+            "image_scores_max": np.full(n, np.nan, dtype=np.float64),
+            "image_scores_reweighted": np.full(n, np.nan, dtype=np.float64),
+            "anomaly_maps": np.full((n, int(size[0]), int(size[1])), np.nan, dtype=np.float32),
         }
         if keep_patch_scores:
-            out["patch_scores"] = np.zeros((n, *self.grid_shape_), dtype=np.float32)
-        for positions, features, grid in self._iter_patch_batches(paths, "PatchCore scoring"):
+            out["patch_scores"] = np.full((n, *self.grid_shape_), np.nan, dtype=np.float32)
+        for positions, features, grid in self._iter_patch_batches(paths, "PatchCore scoring", errors):
             if tuple(grid) != tuple(self.grid_shape_) or features.shape[2] != self.n_features_in_:
                 raise ParameterError(f"features of grid {grid} x D={features.shape[2]} do not match the fitted "
                                      f"{self.grid_shape_} x D={self.n_features_in_}: use the same backbone and image size")
@@ -656,3 +665,107 @@ class PatchCore(BaseDetector):
         if backbone is not None:
             model.get_backbone()  # checks the identity now, not at the first image
         return model
+
+
+# ---------------------------------------------------------------------- the method's declaration
+_SETTINGS = ("patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
+             "image_score", "num_neighbours", "sigma", "index", "thres_ratio", "calibration_fraction", "seed")
+
+
+def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> PatchCore:
+    return PatchCore(backbone=backbone, **params, batch_size=run.batch_size, num_workers=run.num_workers,
+                     device=run.device, progress=run.progress).fit_paths(list(paths))
+
+
+def _score_paths(model: PatchCore, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
+    if model.backbone is not backbone:  # a loaded model: score with the backbone loaded now (identity checked)
+        model.set_params(backbone=backbone)
+        model._backbone_module = None
+    model.set_params(batch_size=run.batch_size, num_workers=run.num_workers, progress=run.progress)
+    model.get_backbone()
+    return model.score_paths(list(paths), errors=errors)
+
+
+def _describe(model: PatchCore) -> dict:
+    params = as_json({name: getattr(model, name) for name in _SETTINGS})
+    identity = model.backbone_identity_ or {}
+    n_calibration = int(model.calibration_scores_max_.size)
+    has_threshold = bool(np.isfinite(model.threshold_))
+    return {
+        **params,
+        "layers": identity.get("layers", as_json(model.layers)),
+        "threshold": float(model.threshold_) if has_threshold else None,
+        "threshold_rule": (
+            f"{model.thres_ratio} quantile of the {model.image_score} image scores of the {n_calibration} training "
+            "images held out of the memory bank" if has_threshold
+            else "none: calibration_fraction=0 (every training image is in the memory bank)"
+        ),
+        "memory_bank_size": int(model.memory_bank_.shape[0]),
+        "n_bank": int(model.memory_bank_.shape[0]),
+        "feature_dim": int(model.n_features_in_),
+        "grid_shape": list(model.grid_shape_),
+        "n_train_images": int(model.n_train_images_),
+        "n_calibration": n_calibration,
+        "n_train_patches": int(model.n_train_patches_),
+        "index_describe": model.index_.describe(),
+        "fit_timings": dict(model.timings_),
+        "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}",
+    }
+
+
+def _check_loaded(model: PatchCore, section: dict, n_images: int) -> str | None:
+    threshold = section["threshold"]
+    threshold = float("nan") if threshold is None else float(threshold)
+    bank = (int(section["memory_bank_size"]), int(section["feature_dim"]))
+    if (not np.isclose(model.threshold_, threshold, equal_nan=True) or model.memory_bank_.shape != bank
+            or model.n_train_images_ != n_images):
+        return (f"the model (threshold={model.threshold_:.6g}, bank {model.memory_bank_.shape[0]} x "
+                f"{model.n_features_in_}, {model.n_train_images_} images) does not match its description "
+                f"(threshold={threshold:.6g}, bank {bank[0]} x {bank[1]}, {n_images} images)")
+    return None
+
+
+def _threshold_problem(params: dict) -> str | None:
+    if params["calibration_fraction"] == 0:
+        return ("calibration_fraction=0 holds no normal image out of the memory bank, so the model has no "
+                "threshold: give calibration_fraction in (0, 1), e.g. 0.1")
+    return None
+
+
+SPEC = MethodSpec(
+    name="patchcore",
+    label="PatchCore",
+    estimator=PatchCore,
+    description="PatchCore (Roth et al., CVPR 2022): coreset memory bank of patch features, anomaly maps",
+    params=(
+        MethodParam("layers", None, "backbone stages of the patch features (None: two mid-level stages)"),
+        MethodParam("patch_size", 3, "neighbourhood side of the patch features", odd_positive_int),
+        MethodParam("per_layer_dim", None, "channels each stage is pooled to (None: the paper's default)"),
+        MethodParam("target_dim", None, "dimension of the patch embedding (None: the paper's default)"),
+        MethodParam("sampler", "greedy", "coreset sampler", str, choices=tuple(sorted(SAMPLERS))),
+        MethodParam("coreset_ratio", 0.1, "share of training patches kept in the memory bank", fraction_up_to_one),
+        MethodParam("projection_dim", 128, "random projection of the greedy coreset's distances"),
+        MethodParam("image_score", "reweighted", "image score: max patch score or the paper's Eq. 7 reweighting",
+                    str, choices=IMAGE_SCORES, flag="--score"),
+        MethodParam("num_neighbours", 9, "bank neighbours of the nearest patch used by the reweighting",
+                    positive_int),
+        MethodParam("sigma", 4.0, "Gaussian sigma of the anomaly maps, in pixels", non_negative_float),
+        MethodParam("index", "Flat", "faiss factory string of the bank search (Flat = exact)", str),
+        MethodParam("thres_ratio", 0.99, "share of held-out normal images the threshold keeps normal",
+                    open_fraction),
+        MethodParam("calibration_fraction", 0.1, "share of training images held out of the bank to set the "
+                    "threshold (0 = none)", float),
+        MethodParam("seed", 0, "seed of the coreset and of the held-out choice", int, flag="--model-seed"),
+    ),
+    fit_paths=_fit_paths,
+    score_paths=_score_paths,
+    describe=_describe,
+    check_loaded=_check_loaded,
+    n_images=lambda model: int(model.n_train_images_),
+    score_kinds=IMAGE_SCORES,
+    produces_maps=True,
+    batch_size=8,
+    threshold_problem=_threshold_problem,
+    calibration_scores=lambda model: (model.calibration_scores_reweighted_ if model.image_score == "reweighted"
+                                      else model.calibration_scores_max_),
+)
