@@ -99,3 +99,19 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         bench.run(data=tmp_path / "missing", parts=["search"])
     assert bench.main(["--data", str(tmp_path / "missing"), "--parts", "search"]) == 2
+
+
+def test_bench_detect_quick_streams_with_flat_memory(tmp_path):
+    """bench_detect.py --quick (kNN only): two folder sizes, each in a fresh process, both in chunks."""
+    spec = importlib.util.spec_from_file_location("bench_detect", REPO / "benchmarks" / "bench_detect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "detect.json"
+    assert module.main(["--quick", "--methods", "knn", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    part = report["methods"]["knn"]
+    small, large = part["rows"]
+    assert (small["n_images"], large["n_images"]) == (60, 240) and large["n_scored"] == 240
+    assert small["chunk_images"] == large["chunk_images"] == 32
+    assert _positive(small["added_mb"]) and _positive(large["images_per_s"])
+    assert part["growth_bytes_per_image"] is not None and report["settings"]["image_size"] == 64
