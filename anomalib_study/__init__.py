@@ -7,7 +7,7 @@ Data flows one way: files -> records (:mod:`anomalib_study.data`) -> images -> f
 
 The public API is importable from the top level::
 
-    from anomalib_study import detect_abnormal, evaluate, load_backbone, KNNDetector, PatchCore
+    from anomalib_study import detect_abnormal, evaluate, load_backbone, KNNDetector, PatchCore, AutoEncoder
 
 Each name is imported on first use (PEP 562), so ``import anomalib_study`` stays fast and
 loads neither torch nor faiss.
@@ -27,6 +27,7 @@ _PUBLIC = {
     "load_backbone": "anomalib_study.backbones",
     "load_dataset": "anomalib_study.data",
     "make_synthetic_dagm": "anomalib_study.data.synthetic",
+    "AutoEncoder": "anomalib_study.methods.autoencoder",
     "KNNDetector": "anomalib_study.methods.knn",
     "PatchCore": "anomalib_study.methods.patchcore",
     "StudyError": "anomalib_study.errors",
@@ -36,6 +37,7 @@ __all__ = sorted(_PUBLIC) + ["__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from anomalib_study.backbones import load_backbone
+    from anomalib_study.methods.autoencoder import AutoEncoder
     from anomalib_study.data import load_dataset
     from anomalib_study.data.synthetic import make_synthetic_dagm
     from anomalib_study.detect import detect_abnormal

@@ -30,9 +30,9 @@ def _parser_type(read):
 
 def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--resize-mode", choices=("crop", "squash"), default="crop",
-        help="crop: shorter side resized, centre crop (default); squash: the whole image resized to the square "
-             "input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile)",
+        "--resize-mode", choices=("crop", "squash"), default=None,
+        help="crop: shorter side resized, centre crop (default; the autoencoder: squash); squash: the whole image "
+             "resized to the square input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile)",
     )
 
 
@@ -107,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--result-dir", default="result", help="runs are written to <result-dir>/<timestamp>/")
     p.add_argument("--method", choices=methods, default="knn", help="detector (default knn)")
     p.add_argument("--image-size", type=_parser_type(positive_int), default=None,
-                   help="backbone input side (default: the backbone's)")
+                   help="input side (default: the method's, e.g. 128 for the autoencoder, else the backbone's)")
     _add_resize_mode(p)
     p.add_argument("--max-overlays", type=int, default=100,
                    help="(methods with anomaly maps) overlays written for at most this many flagged images (default 100)")

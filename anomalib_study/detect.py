@@ -310,6 +310,12 @@ def save_database(
     return db_dir
 
 
+def _either(names) -> str:
+    """"a", "a or b", "a, b or c"."""
+    names = list(names)
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _spec_of(model) -> MethodSpec:
     for spec in SPECS.values():
         if type(model) is spec.estimator:
@@ -344,7 +350,7 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
         metadata.setdefault("model_file", "knn_model.npz")
     elif found != DB_FORMAT:
         raise ModelFileError(f"{meta_path} holds format {found!r}, not {DB_FORMAT!r}: it is not a detect "
-                             f"({' or '.join(spec.label for spec in SPECS.values())}) database; {fix}")
+                             f"({_either(spec.label for spec in SPECS.values())}) database; {fix}")
     elif metadata.get("version") != DB_VERSION:
         raise ModelFileError(
             f"{meta_path} is database version {metadata.get('version')!r}; this code reads version {DB_VERSION}: {fix}"
@@ -483,7 +489,7 @@ def detect_abnormal(
     method: str = "knn",
     *,
     image_size: int | None = None,
-    resize_mode: str = "crop",
+    resize_mode: str | None = None,
     max_overlays: int = 100,
     strict: bool = False,
     skip_unreadable_normal: bool = False,
@@ -518,9 +524,11 @@ def detect_abnormal(
             :class:`~anomalib_study.features.FeatureCache`, or ``None``.
         method: a registered method (``"knn"``: one embedding per image; ``"patchcore"``:
             patch memory bank and anomaly maps; ``anomalib_study.methods.SPECS`` lists them).
-        image_size: backbone input side (None = the backbone's default).
-        resize_mode: ``"crop"`` (shorter side resized, centre crop; default) or ``"squash"``
-            (the whole image resized to the square input, nothing cut off).
+        image_size: input side (None = the method's, e.g. 128 for the autoencoder, else the
+            backbone's default).
+        resize_mode: ``"crop"`` (shorter side resized, centre crop) or ``"squash"`` (the whole
+            image resized to the square input, nothing cut off); None = the method's own
+            (the autoencoder squashes), else ``"crop"``.
         max_overlays: (methods with anomaly maps) at most this many overlays (the
             highest-scoring flagged images) are written; 0 = none.
         strict: refuse, before any work, a test folder holding unreadable images (every one
@@ -561,8 +569,12 @@ def detect_abnormal(
         image_size = check_int("image_size", image_size, minimum=1)
     from anomalib_study.backbones import RESIZE_MODES
 
-    if resize_mode not in RESIZE_MODES:
+    if resize_mode is not None and resize_mode not in RESIZE_MODES:
         raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {resize_mode!r}")
+    given_geometry = {"image_size": image_size, "resize_mode": resize_mode}  # what the user passed
+    resize_mode = spec.resolve_resize_mode(resize_mode)
+    if image_size is None:
+        image_size = spec.image_size
     device = resolve_device(gpu)
     workers = min(num_workers, available_cores())
     db_dir = Path(db_dir) if db_dir is not None else Path(spec.default_db_dir)
@@ -584,8 +596,8 @@ def detect_abnormal(
                 spec, params, db_dir, image_dir, model_name, weights, image_size, resize_mode, skip_unreadable_normal,
                 RunOptions(device=device, batch_size=batch_size, num_workers=workers, progress=progress, cache=cache))
         else:
-            detector, backbone = _reuse_database(spec, given, db_dir, image_dir, model_name, weights, image_size,
-                                                 resize_mode, device, progress)
+            detector, backbone = _reuse_database(spec, given, db_dir, image_dir, model_name, weights,
+                                                 given_geometry, device, progress)
         stored = json.loads((db_dir / DB_FILE).read_text(encoding="utf-8"))
         timings["build_database_s" if built else "load_database_s"] = time.perf_counter() - step
 
@@ -655,12 +667,13 @@ def _build_database(spec: MethodSpec, params: dict, db_dir: Path, image_dir: Pat
 
 
 def _reuse_database(spec: MethodSpec, given: dict, db_dir: Path, image_dir: Path, model_name: str, weights,
-                    image_size, resize_mode: str, device: str, progress: bool):
+                    given_geometry: dict, device: str, progress: bool):
     """Load the database, warn where the arguments differ from it, check backbone and images."""
     database = load_database(db_dir, device=device, method=spec.name)
     section = database.metadata[spec.name]
-    compared = [("model_name", model_name, database.backbone_name), ("image_size", image_size, database.image_size),
-                ("resize_mode", None if resize_mode == "crop" else resize_mode, database.resize_mode)]
+    compared = [("model_name", model_name, database.backbone_name),
+                ("image_size", given_geometry["image_size"], database.image_size),
+                ("resize_mode", given_geometry["resize_mode"], database.resize_mode)]
     compared += [(name, value, section.get(name)) for name, value in given.items()]
     for name, passed, used in compared:
         if passed is not None and as_json(passed) != as_json(used):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -271,7 +273,7 @@ def evaluate(
     backbone: str = "efficientnet_lite0",
     weights: str | os.PathLike | None = None,
     image_size: int | None = None,
-    resize_mode: str = "crop",
+    resize_mode: str | None = None,
     device: str = "cpu",
     out: str | os.PathLike | None = None,
     dataset_options: dict[str, Any] | None = None,
@@ -294,10 +296,12 @@ def evaluate(
         category: the category inside ``root`` where the layout has them.
         backbone: a registered backbone name (``anomalib-study backbones`` lists them).
         weights: an explicit weight file for the backbone.
-        image_size: overrides the backbone's default input size.
+        image_size: the input side (None: the method's, e.g. 128 for the autoencoder, else
+            the backbone's default).
         resize_mode: ``"crop"`` (shorter side resized, centre crop: the backbone's own
             preprocessing) or ``"squash"`` (the whole image resized to the square input, for
-            long narrow images whose defects a centre crop can cut off).
+            long narrow images whose defects a centre crop can cut off); None: the method's
+            own (the autoencoder squashes), else ``"crop"``.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: folder for ``metrics.json``; an existing ``metrics.json`` there is never
             overwritten (pick another folder).
@@ -327,6 +331,9 @@ def evaluate(
     sweep_values = method_params.pop(f"{spec.sweep_param}_sweep", ()) if spec.sweep_param else ()
     params = spec.resolve_params(method_params)
     spec.check_params(params)
+    resize_mode = spec.resolve_resize_mode(resize_mode)
+    if image_size is None:
+        image_size = spec.image_size
     metrics_path = Path(out) / "metrics.json" if out is not None else None
     if metrics_path is not None and metrics_path.exists():
         raise StudyError(f"{metrics_path} exists already: results are never overwritten; choose another --out")
@@ -366,3 +373,15 @@ def evaluate(
         write_json(metrics_path, metrics)
     metrics.update(in_memory)
     return metrics
+
+
+class _CallableModule(types.ModuleType):
+    """``from anomalib_study import evaluate`` must give something callable, but once this
+    module is imported, Python sets the package's attribute ``evaluate`` to the module
+    itself (it shares the function's name): calling the module calls the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

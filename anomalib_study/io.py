@@ -127,6 +127,7 @@ def run_dir_in_progress(parent: str | os.PathLike) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     work = Path(tempfile.mkdtemp(prefix=f".{stamp}.", suffix=".partial", dir=parent))
+    os.chmod(work, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; a run folder gets the usual permissions
     holder = RunFolder(work)
     try:
         yield holder

@@ -13,7 +13,8 @@ method from 50 generated normal images, and then each (method, folder size) runs
 ``detect_abnormal`` in a **fresh process**, whose peak resident memory
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is read before the call (imports done, backbone
 loaded once to warm it) and after it. ``added_mb`` = after - before is what the run
-needed; ``growth_bytes_per_image`` = the difference of ``added_mb`` between the two
+needed above the peak the imports and the backbone's loading reached (0 when the run
+stays below it, as tiny runs may: then the ratio is None); ``growth_bytes_per_image`` = the difference of ``added_mb`` between the two
 sizes per extra image. For comparison the report also gives, computed (not measured),
 what holding every test embedding / anomaly map at once would take at the largest size.
 
@@ -161,17 +162,21 @@ def run(sizes: Sequence[int], methods: Sequence[str], image_size: int, work: Pat
     return report
 
 
+def _fmt(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def summary(report: dict) -> list[str]:
     lines = [f"{'method':<10} {'images':>7} {'peak before MB':>15} {'peak after MB':>14} {'added MB':>9} {'img/s':>7}"]
+    sizes = report["settings"]["sizes"]
     for method, part in report["methods"].items():
         for row in part["rows"]:
             lines.append(f"{method:<10} {row['n_images']:>7} {row['peak_rss_before_mb']:>15.0f} "
                          f"{row['peak_rss_after_mb']:>14.0f} {row['added_mb']:>9.1f} {row['images_per_s']:>7.1f}")
-        growth = part["growth_bytes_per_image"]
-        lines.append(f"{method}: added-memory ratio {part['peak_memory_ratio_large_to_small']:.2f} for "
-                     f"{report['settings']['sizes'][-1] / report['settings']['sizes'][0]:.0f}x the images; growth "
-                     f"{growth:.0f} bytes per extra image; holding every {part['held_at_once_what'].split(' at once')[0][6:]}"
-                     f" would take {part['held_at_once_mb_computed']:.0f} MB (computed)")
+        lines.append(f"{method}: added-memory ratio {_fmt(part['peak_memory_ratio_large_to_small'])} for "
+                     f"{sizes[-1] / sizes[0]:.0f}x the images; growth {_fmt(part['growth_bytes_per_image'], '.0f')} "
+                     f"bytes per extra image; {part['held_at_once_what'].replace(' at once', '')} held at once "
+                     f"would take {part['held_at_once_mb_computed']:.0f} MB (computed)")
     return lines
 
 

@@ -147,7 +147,7 @@ def test_corrupt_foreign_old_database_refused(fake, folders):
     with pytest.raises(ModelFileError, match="version 99"):
         load_database(folders.db)
     meta_path.write_text(json.dumps({**meta, "format": "something.else"}))
-    with pytest.raises(ModelFileError, match=r"not a detect \(kNN or PatchCore\) database"):
+    with pytest.raises(ModelFileError, match=r"not a detect \(kNN, PatchCore or .*\) database"):
         load_database(folders.db)
     meta_path.write_text("{ not json")
     with pytest.raises(ModelFileError, match="corrupt"):
@@ -440,16 +440,27 @@ def hostile(tmp_path_factory, real_data):
     return SimpleNamespace(root=root, images=images, test=test, readable=sorted(readable), broken=broken)
 
 
+#: small settings of every registered method for the tests on real folders (a new method must add its own)
+SMALL = {"knn": {"k": 3}, "patchcore": {"calibration_fraction": 0.25},
+         "autoencoder": {"epochs": 2, "val_fraction": 0.25}}
+
+
+def test_every_registered_method_is_in_the_real_folder_tests():
+    from anomalib_study.methods import SPECS
+
+    assert sorted(SMALL) == sorted(SPECS)
+
+
 def _hostile_run(hostile, tmp_path, method="knn", **options):
     params = dict(db_dir=tmp_path / "db", image_dir=hostile.images, result_dir=tmp_path / "result", method=method,
                   image_size=64, batch_size=8, num_workers=0, progress=False)
-    params.update({"k": 3} if method == "knn" else {"calibration_fraction": 0.25})
+    params.update(SMALL[method])
     params.update(options)
     return detect_abnormal(hostile.test, **params)
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("method", ["knn", "patchcore"])
+@pytest.mark.parametrize("method", sorted(SMALL))
 def test_unreadable_test_images_are_skipped_and_listed(hostile, tmp_path, method):
     with pytest.warns(UserWarning, match=r"5 of 16 test image\(s\) could not be read and were skipped .*skipped\.csv"):
         run = _hostile_run(hostile, tmp_path, method=method)

@@ -179,3 +179,38 @@ def test_squash_keeps_the_defect_a_centre_crop_cuts_off(tmp_path):
     assert out.shape == (1, 40, 40) and out[0, :, 30:].all() and not out[0, :, :30].any()
     picture = np.asarray(crop_like_input(tmp_path / "i.png", squash).convert("L"))
     assert picture.shape == (40, 40) and picture[:, 31:].min() > 200 and picture[:, :29].max() < 50
+
+
+# ---------------------------------------------------------------------------------- autoencoder
+def test_evaluate_autoencoder_through_the_generic_path(synthetic_root, tmp_path):
+    """The autoencoder needs nothing of evaluate but its declaration: both scores, maps and
+    pixel metrics, its threshold rule, its training history, the squashed 64 px input."""
+    metrics = evaluate("autoencoder", "dagm", synthetic_root, category="Class1", image_size=64, epochs=2,
+                       out=tmp_path / "run", progress=False, return_maps=True)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["method"] == "autoencoder" and written["score_kinds"] == ["mse", "residual"]
+    assert written["backbone"]["preprocessing"]["resize_mode"] == "squash"  # the method's own geometry
+    for key in ("image_auroc", "image_auroc_mse", "image_auroc_residual", "pixel_auroc", "pro", "threshold",
+                "accuracy", "classification_report", "train_scores"):
+        assert written[key] is not None, key
+    assert written["image_auroc"] == written["image_auroc_residual"]
+    assert written["params"]["epochs"] == 2 and written["epochs_run"] <= 2 and len(written["history"]) <= 2
+    assert "held out of training" in written["threshold_rule"] and "squared reconstruction" in written["pixel_metrics_note"]
+    assert metrics["anomaly_maps"].shape == (written["n_test"], 64, 64)
+    assert {"score_mse", "score_residual", "predicted", "map_max"} <= set(written["per_image"][0])
+
+
+def test_autoencoder_refuses_a_cropped_input(synthetic_root):
+    with pytest.raises(ParameterError, match="works on resize_mode='squash' only"):
+        evaluate("autoencoder", "dagm", synthetic_root, resize_mode="crop", epochs=1)
+
+
+def test_cli_evaluate_autoencoder(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "cli_ae"
+    code = main(["evaluate", "--method", "autoencoder", "--dataset", "dagm", "--root", str(synthetic_root),
+                 "--category", "Class2", "--image-size", "64", "--epochs", "1", "--score", "mse", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pixel AUROC" in printed and "mse" in printed
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["params"]["image_score"] == "mse" and written["image_auroc"] == written["image_auroc_mse"]

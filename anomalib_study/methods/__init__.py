@@ -11,13 +11,14 @@ anomaly maps. ``evaluate``, ``detect`` and the command line read those declarati
 
 from anomalib_study.checks import check_is_fitted
 from anomalib_study.errors import NotFittedError, ParameterError
-from anomalib_study.methods import knn, patchcore
+from anomalib_study.methods import autoencoder, knn, patchcore
+from anomalib_study.methods.autoencoder import AutoEncoder
 from anomalib_study.methods.base import BaseDetector, MethodParam, MethodSpec, RunOptions
 from anomalib_study.methods.knn import KNNDetector
 from anomalib_study.methods.patchcore import PatchCore
 
 #: method name -> its declaration, in the order the command line lists them
-SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (knn.SPEC, patchcore.SPEC)}
+SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (knn.SPEC, patchcore.SPEC, autoencoder.SPEC)}
 
 #: method name -> estimator class
 METHODS = {name: spec.estimator for name, spec in SPECS.items()}
@@ -30,5 +31,5 @@ def get_method(name: str) -> MethodSpec:
     return SPECS[name]
 
 
-__all__ = ["BaseDetector", "KNNDetector", "METHODS", "MethodParam", "MethodSpec", "NotFittedError", "PatchCore",
+__all__ = ["AutoEncoder", "BaseDetector", "KNNDetector", "METHODS", "MethodParam", "MethodSpec", "NotFittedError", "PatchCore",
            "RunOptions", "SPECS", "check_is_fitted", "get_method"]

@@ -193,7 +193,10 @@ class MethodSpec:
     """What ``evaluate``, ``detect`` and the command line need of a method.
 
     ``name`` is the method's key (``"knn"``), ``label`` how reports name it (``"kNN"``),
-    ``batch_size`` the images per forward pass ``evaluate`` uses unless told otherwise.
+    ``batch_size`` the images per forward pass ``evaluate`` uses unless told otherwise,
+    ``resize_mode`` the only input geometry the method works with (None: any; the
+    autoencoder squashes the whole image, so its maps line up only with ``"squash"``),
+    ``image_size`` the input side used when none is given (None: the backbone's default).
     Each method module declares one as ``SPEC``; :data:`anomalib_study.methods.METHODS`
     maps names to them. A new method plugs in by declaring its own, with no change to the
     shared modules. The hooks (all pure functions of their arguments):
@@ -240,6 +243,8 @@ class MethodSpec:
     score_kinds: tuple[str, ...] = ()
     produces_maps: bool = False
     batch_size: int = 32
+    resize_mode: str | None = None
+    image_size: int | None = None
     uses_embedding: bool = False
     min_images: int = 2
     sweep: Callable[..., list] | None = None
@@ -267,6 +272,16 @@ class MethodSpec:
             valid = ", ".join(param.name for param in self.params)
             raise ParameterError(f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; its parameters: {valid}")
         return {**self.defaults(), **given}
+
+    def resolve_resize_mode(self, resize_mode: str | None) -> str:
+        """The input geometry to use: ``resize_mode``, or when None the method's own (or
+        ``"crop"``); ParameterError if the method works with another one only."""
+        if resize_mode is None:
+            return self.resize_mode or "crop"
+        if self.resize_mode is not None and resize_mode != self.resize_mode:
+            raise ParameterError(f"method {self.name!r} works on resize_mode={self.resize_mode!r} only "
+                                 f"(got {resize_mode!r}): leave resize_mode unset or pass {self.resize_mode!r}")
+        return resize_mode
 
     def check_params(self, params: dict[str, Any]) -> None:
         """ParameterError (the estimator's own message) if a value is impossible: checked
