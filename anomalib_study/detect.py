@@ -85,9 +85,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from anomalib_study import __version__
-from anomalib_study.checks import check_bool, check_fraction, check_int
+from anomalib_study.checks import check_bool, check_int
 from anomalib_study.data.decode import content_hash, find_unreadable, image_files
-from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
+from anomalib_study.errors import DataError, ModelFileError, ParameterError
 from anomalib_study.io import as_json, atomic_write, run_dir_in_progress, sha256_file, write_json
 from anomalib_study.methods import SPECS, get_method
 from anomalib_study.methods.base import MethodSpec, RunOptions
