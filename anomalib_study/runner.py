@@ -1,4 +1,4 @@
-"""Run a study: execute a notebook over a grid of data sets x backbones and render the reports.
+"""Run a study: execute a notebook over a grid of data sets x backbones (or variants) and render the reports.
 
 A study file (YAML) names one notebook and the grid::
 
@@ -13,7 +13,19 @@ A study file (YAML) names one notebook and the grid::
 
 Each grid cell ``<dataset key>-<backbone>`` runs the notebook once with papermill, with the
 parameters ``shared parameters + dataset entry + backbone`` (later ones win), plus
-``metrics_out`` and ``report_name``, which the runner sets. In string parameters,
+``metrics_out`` and ``report_name``, which the runner sets.
+
+Instead of ``backbones`` (exactly one of the two), the second axis can be ``variants``: a
+mapping of names to parameters, for studies whose columns are not backbones (e.g. the
+models of one method)::
+
+    variants:
+      conv: {model: conv}
+      pretrained-efficientnet_lite0: {model: pretrained, backbone: efficientnet_lite0}
+
+Each cell is then ``<dataset key>-<variant name>`` with the parameters ``shared parameters +
+dataset entry + variant entry`` (later ones win); a variant, a dataset entry or the shared
+parameters may set ``backbone`` (with ``backbones`` only the list sets it). In string parameters,
 ``{data}`` becomes the real-data folder (``--data`` or $ANOMALIB_STUDY_DATA; a cell that
 needs it while it is unset or missing is skipped, with a message) and ``{synthetic}`` the
 synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``).
@@ -23,7 +35,10 @@ hand and one run here see the same relative paths; every path the runner passes 
 
 Outputs, per cell, under ``reports/<notebook stem>/``:
 ``<cell>.ipynb`` (executed), ``<cell>.html`` (nbconvert, code inputs hidden, cells tagged
-``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``). Every
+``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``). The
+notebook receives ``metrics_out = <staging folder>/<cell>.metrics.json``; other files it
+writes beside it named ``<cell>.<suffix>`` (e.g. ``<cell>.all_results.csv``) are moved
+beside the report when the cell succeeds (and dropped when it fails). Every
 file is written to a temporary name and moved into place, the metrics last, so a crash
 never leaves a half-written report. A cell whose notebook raises keeps its last good
 report and gets ``<cell>.failed.html`` / ``.failed.ipynb`` / ``.failed.json`` instead;
@@ -37,8 +52,10 @@ metrics file, its HTML exists and its last run succeeded; ``force=True`` reruns 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import fnmatch
+import glob
 import html
 import json
 import os
@@ -58,7 +75,8 @@ from anomalib_study import io
 from anomalib_study.errors import ParameterError, StudyError
 
 PREFERRED_KERNEL = "anomalib-study"
-STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "datasets")
+STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "variants", "datasets")
+AXES = ("backbones", "variants")  # the grid's second axis: a study file gives exactly one
 RUNNER_PARAMETERS = ("metrics_out", "report_name")  # set by the runner, never by a study file
 REPORT_SIZE_WARNING = 1_500_000  # bytes; reports embed their images, notebooks keep them small
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -79,8 +97,10 @@ class Study:
         title: shown in the index.
         headline: metric keys shown in the index, in order.
         parameters: shared by every cell.
-        backbones: backbone names (one grid column each).
+        backbones: backbone names (one grid column each); empty when the file gives ``variants``.
         datasets: dataset key -> that row's parameters (``dataset`` at least).
+        variants: variant name -> that column's parameters (one grid column each); None
+            when the file gives ``backbones``.
     """
 
     path: Path
@@ -90,16 +110,27 @@ class Study:
     parameters: dict[str, Any]
     backbones: tuple[str, ...]
     datasets: dict[str, dict[str, Any]]
+    variants: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def axis(self) -> str:
+        """What the grid's columns are: ``"backbone"`` or ``"variant"``."""
+        return "backbone" if self.variants is None else "variant"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: a (dataset key, backbone) pair and its unresolved parameters."""
+    """One grid cell: a (dataset key, backbone or variant) pair and its unresolved parameters.
+
+    ``backbone`` is the column's backbone (for a variants grid the ``backbone`` parameter
+    the cell sets, "" if none); ``variant`` the variant's name (None in a backbones grid).
+    """
 
     name: str
     dataset: str
     backbone: str
     parameters: dict[str, Any]
+    variant: str | None = None
 
 
 @dataclass
@@ -107,7 +138,7 @@ class CellResult:
     """What happened to one grid cell.
 
     Attributes:
-        name: ``<dataset key>-<backbone>``.
+        name: ``<dataset key>-<backbone>`` (or ``<dataset key>-<variant>``).
         status: ``"ok"`` (ran), ``"unchanged"`` (inputs unchanged, not rerun),
             ``"failed"`` (the notebook raised; see ``message``) or ``"skipped"``
             (not runnable here, e.g. the real data is absent; see ``message``).
@@ -127,6 +158,7 @@ class CellResult:
     duration_s: float = 0.0
     html: Path | None = None
     message: str = ""
+    variant: str | None = None
 
 
 # --------------------------------------------------------------------------- study files
@@ -169,14 +201,30 @@ def read_study(study_file: str | os.PathLike) -> Study:
     if not isinstance(parameters, dict):
         raise bad("parameters", "must be a mapping of notebook parameters, e.g. {k: 100}")
 
-    backbones = data.get("backbones")
-    if not isinstance(backbones, list) or not backbones:
-        raise bad("backbones", "must be a non-empty list of backbone names (the grid would be empty)")
-    for name in backbones:
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise bad("backbones", f"has the entry {name!r}: use names of letters, digits, '_', '.' and '-'")
-    if len(set(backbones)) != len(backbones):
-        raise bad("backbones", "lists a backbone twice")
+    given = [axis for axis in AXES if axis in data]
+    if len(given) != 1:
+        why = ("and 'variants' are both given: use one of the two as the grid's second axis"
+               if given else "is missing: give either 'backbones' (a list of backbone names) or 'variants' "
+               "(a mapping of variant name -> parameters)")
+        raise bad("backbones", why)
+    backbones, variants = data.get("backbones"), None
+    if given == ["backbones"]:
+        if not isinstance(backbones, list) or not backbones:
+            raise bad("backbones", "must be a non-empty list of backbone names (the grid would be empty)")
+        for name in backbones:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise bad("backbones", f"has the entry {name!r}: use names of letters, digits, '_', '.' and '-'")
+        if len(set(backbones)) != len(backbones):
+            raise bad("backbones", "lists a backbone twice")
+    else:
+        backbones, variants = [], data["variants"]
+        if not isinstance(variants, dict) or not variants:
+            raise bad("variants", "must be a non-empty mapping of name -> {parameter: value, ...} (the grid would be empty)")
+        for key, entry in variants.items():
+            if not isinstance(key, str) or not _NAME.match(key):
+                raise bad(f"variants.{key}", "is not a usable name: use letters, digits, '_', '.' and '-'")
+            if not isinstance(entry, dict):
+                raise bad(f"variants.{key}", "must be a mapping of notebook parameters, e.g. {model: conv} ({} for none)")
 
     datasets = data.get("datasets")
     if not isinstance(datasets, dict) or not datasets:
@@ -188,19 +236,27 @@ def read_study(study_file: str | os.PathLike) -> Study:
             raise bad(f"datasets.{key}", "must be a mapping with at least 'dataset: <layout name>'")
         _check_layout(entry["dataset"], lambda why, key=key: bad(f"datasets.{key}.dataset", why))
 
-    for where, mapping in [("parameters", parameters)] + [(f"datasets.{k}", v) for k, v in datasets.items()]:
+    sections = ([("parameters", parameters)] + [(f"datasets.{k}", v) for k, v in datasets.items()]
+                + [(f"variants.{k}", v) for k, v in (variants or {}).items()])
+    for where, mapping in sections:
         for name, value in mapping.items():
             if name in RUNNER_PARAMETERS:
                 raise bad(f"{where}.{name}", "is set by the runner for each cell: remove it")
-            if name == "backbone":
+            if name == "backbone" and variants is None:
                 raise bad(f"{where}.{name}", "is set per cell from 'backbones': list it there")
             for placeholder in _PLACEHOLDER.findall(value) if isinstance(value, str) else ():
                 if placeholder not in _PLACEHOLDERS:
                     raise bad(f"{where}.{name}", f"uses the unknown placeholder {{{placeholder}}} (known: {{data}}, {{synthetic}})")
 
-    return Study(path=path, notebook=found.resolve(), title=title, headline=tuple(headline),
-                 parameters=dict(parameters), backbones=tuple(backbones),
-                 datasets={k: dict(v) for k, v in datasets.items()})
+    study = Study(path=path, notebook=found.resolve(), title=title, headline=tuple(headline),
+                  parameters=dict(parameters), backbones=tuple(backbones),
+                  datasets={k: dict(v) for k, v in datasets.items()},
+                  variants=None if variants is None else {k: dict(v) for k, v in variants.items()})
+    names = [cell.name for cell in expand_grid(study)]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # e.g. dataset "a-b" x column "c" and dataset "a" x column "b-c"
+        raise bad("datasets", f"and the {study.axis}s give the cell name {twice[0]!r} twice: rename one")
+    return study
 
 
 def _check_layout(layout: str, bad: Callable[[str], StudyError]) -> None:
@@ -213,12 +269,21 @@ def _check_layout(layout: str, bad: Callable[[str], StudyError]) -> None:
 
 
 def expand_grid(study: Study) -> list[Cell]:
-    """The grid, datasets (file order) x backbones (file order); parameters not yet resolved."""
+    """The grid, datasets (file order) x backbones or variants (file order); parameters not yet resolved.
+
+    A backbones grid's cell has ``shared + dataset entry + {"backbone": name}``, a variants
+    grid's ``shared + dataset entry + variant entry`` (later ones win)."""
     cells = []
     for key, entry in study.datasets.items():
-        for backbone in study.backbones:
-            parameters = {**study.parameters, **entry, "backbone": backbone}
-            cells.append(Cell(name=f"{key}-{backbone}", dataset=key, backbone=backbone, parameters=parameters))
+        if study.variants is None:
+            for backbone in study.backbones:
+                parameters = {**study.parameters, **entry, "backbone": backbone}
+                cells.append(Cell(name=f"{key}-{backbone}", dataset=key, backbone=backbone, parameters=parameters))
+        else:
+            for variant, settings in study.variants.items():
+                parameters = {**study.parameters, **entry, **settings}
+                cells.append(Cell(name=f"{key}-{variant}", dataset=key, backbone=str(parameters.get("backbone", "")),
+                                  parameters=parameters, variant=variant))
     return cells
 
 
@@ -251,13 +316,15 @@ def check_notebook_parameters(study: Study, cells: Sequence[Cell]) -> None:
     declared = notebook_parameters(study.notebook)
     if declared is None:
         raise StudyError(f"notebook {study.notebook} has no code cell tagged 'parameters': tag one (papermill reads it)")
-    for name in RUNNER_PARAMETERS + ("backbone",):
+    for name in RUNNER_PARAMETERS + (("backbone",) if study.variants is None else ()):
         if name not in declared:
             raise StudyError(f"notebook {study.notebook} does not declare '{name}' in its parameters cell: the runner sets it")
     for cell in cells:
         for name in cell.parameters:
             if name not in declared:
-                where = "parameters" if name in study.parameters else f"datasets.{cell.dataset}"
+                where = ("parameters" if name in study.parameters
+                         else f"datasets.{cell.dataset}" if name in study.datasets.get(cell.dataset, {})
+                         else f"variants.{cell.variant}")
                 raise StudyError(
                     f"study file {study.path}: key '{where}.{name}' is not a parameter of {study.notebook.name} "
                     f"(its parameters: {', '.join(declared)})"
@@ -433,7 +500,8 @@ class _Runner:
         parameters, reason = resolve_parameters(cell.parameters, data=self.data, synthetic=self.synthetic_root)
         if reason:
             self.log(f"{tag}: skipped, {reason}")
-            return CellResult(cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason)
+            return CellResult(cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason,
+                              variant=cell.variant)
         parameters["report_name"] = cell.name
         digest = inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash)
 
@@ -445,7 +513,7 @@ class _Runner:
             metrics = {k: v for k, v in previous.items() if k != "_run"}
             self.log(f"{tag}: unchanged, not rerun ({_headline_text(metrics, self.study.headline)})".replace(" ()", ""))
             return CellResult(cell.name, cell.dataset, cell.backbone, "unchanged", parameters, metrics,
-                              html=paths["html"])
+                              html=paths["html"], variant=cell.variant)
 
         self.log(f"{tag}: start")
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -472,7 +540,7 @@ class _Runner:
         from papermill.exceptions import PapermillExecutionError
 
         executed = staging / f"{cell.name}.ipynb"
-        metrics_tmp = staging / "metrics.json"
+        metrics_tmp = staging / f"{cell.name}.metrics.json"
         started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         start = time.perf_counter()
         error: tuple[str, str] | None = None
@@ -502,6 +570,8 @@ class _Runner:
             "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": digest,
             "kernel": self.kernel, "duration_s": duration, "started_at": started_at,
         }
+        if cell.variant is not None:  # a variants grid: the index's second column names the variant
+            run["variant"] = cell.variant
         title = f"{self.study.title}: {cell.name}"
         node = nbformat.read(executed, as_version=4) if executed.is_file() else None
         page = ""
@@ -528,11 +598,14 @@ class _Runner:
             self.log(f"{tag}: FAILED after {duration:.1f} s: {error[0]}: {_first_line(error[1])} "
                      f"(see {paths['failed_html']})")
             return CellResult(cell.name, cell.dataset, cell.backbone, "failed", parameters, {}, duration,
-                              paths["failed_html"], f"{error[0]}: {error[1]}")
+                              paths["failed_html"], f"{error[0]}: {error[1]}", variant=cell.variant)
 
         metrics.setdefault("synthetic", any(isinstance(v, str) and "{synthetic}" in v for v in cell.parameters.values()))
         metrics["_run"] = run
         os.replace(executed, paths["ipynb"])
+        for extra in sorted(staging.glob(f"{glob.escape(cell.name)}.*")):  # the notebook's side files (tables, ...)
+            if extra != metrics_tmp and extra.is_file():
+                os.replace(extra, self.out_dir / extra.name)
         with io.atomic_write(paths["html"], "w") as handle:
             handle.write(page)
         io.write_json(paths["metrics"], metrics)  # last: a complete report is one with matching metrics
@@ -543,7 +616,8 @@ class _Runner:
                      "small (JPEG thumbnails)")
         metrics.pop("_run")
         self.log(f"{tag}: ok in {duration:.1f} s {_headline_text(metrics, self.study.headline)}".rstrip())
-        return CellResult(cell.name, cell.dataset, cell.backbone, "ok", parameters, metrics, duration, paths["html"])
+        return CellResult(cell.name, cell.dataset, cell.backbone, "ok", parameters, metrics, duration, paths["html"],
+                          variant=cell.variant)
 
 
 def _first_line(text: str) -> str:
@@ -592,7 +666,7 @@ def run_study(
     study = read_study(study_file)
     cells = expand_grid(study)
     if device is not None:
-        cells = [Cell(c.name, c.dataset, c.backbone, {**c.parameters, "device": device}) for c in cells]
+        cells = [dataclasses.replace(c, parameters={**c.parameters, "device": device}) for c in cells]
     check_notebook_parameters(study, cells)
     cells = select_cells(cells, only)
     kernel = choose_kernel(kernel_name, study.notebook)
@@ -650,7 +724,9 @@ def _collect(reports: Path) -> dict[str, dict[str, dict[str, Any]]]:
 
 def write_index(reports_dir: str | os.PathLike = "reports") -> Path:
     """Write ``reports_dir/index.html``: every report found under ``reports_dir/*/``, grouped by
-    notebook and sorted by name, plus links to ``reports_dir/benchmarks/*.json``. Deterministic."""
+    notebook and sorted by name, plus links to ``reports_dir/benchmarks/*.json``. Deterministic.
+
+    The second column is the backbone, or the variant for the cells of a study with ``variants``."""
     reports = Path(reports_dir)
     reports.mkdir(parents=True, exist_ok=True)
     esc = html.escape
@@ -668,7 +744,9 @@ def write_index(reports_dir: str | os.PathLike = "reports") -> Path:
         parts.append(f"<h2>{esc(folder)}</h2>")
         if titles:
             parts.append(f"<p>{esc(' / '.join(titles))}</p>")
-        parts.append("<table><tr><th>dataset</th><th>backbone</th>"
+        with_variant = [bool(r.get("variant")) for _, r in runs]
+        column = "variant" if all(with_variant) else "backbone / variant" if any(with_variant) else "backbone"
+        parts.append(f"<table><tr><th>dataset</th><th>{column}</th>"
                      + "".join(f"<th>{esc(k)}</th>" for k in headline)
                      + "<th>status</th><th>duration (s)</th><th>report</th><th>note</th></tr>")
         for name, entry in sorted(cells.items()):
@@ -693,7 +771,7 @@ def write_index(reports_dir: str | os.PathLike = "reports") -> Path:
             duration = run.get("duration_s")
             parts.append(
                 f"<tr class='{esc(status)}'><td>{esc(str(run.get('dataset', name)))}</td>"
-                f"<td>{esc(str(run.get('backbone', '')))}</td>"
+                f"<td>{esc(str(run.get('variant') or run.get('backbone', '')))}</td>"
                 + "".join(f"<td class='num'>{esc(_format_value(metrics.get(k)))}</td>" for k in headline)
                 + f"<td>{esc(status)}</td>"
                 f"<td class='num'>{'' if duration is None else f'{float(duration):.1f}'}</td>"

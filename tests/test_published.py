@@ -1,4 +1,4 @@
-from anomalib_study.published import DN2_ACCURACY, dn2_comparison, patchcore_comparison
+from anomalib_study.published import DN2_ACCURACY, autoencoder_comparison, dn2_comparison, patchcore_comparison
 
 
 def _metrics(layout, name, backbone="efficientnet_lite0", synthetic=False, **extra):
@@ -31,3 +31,32 @@ def test_patchcore_rows_say_when_the_input_was_squashed():
     rows = patchcore_comparison(squashed)
     assert rows[1]["image_auroc"] == 0.979 and "squashed to 224 x 224" in rows[1]["what differs"]
     assert "squashed" not in patchcore_comparison(_metrics("magnetic_tile", "magnetic_tile"))[1]["what differs"]
+
+
+def _autoencoder_metrics(model):
+    metrics = _metrics("dagm", "synthetic_dagm", synthetic=True, image_auroc_residual=0.91, image_auroc_mse=0.72,
+                       epochs_run=3, fit_timings={"train_s": 90.0},
+                       environment={"cpu_count": 2, "device": "cpu"})
+    metrics["backbone"]["label"] = "EfficientNet-Lite0 (ImageNet)"
+    metrics["params"].update(model=model, loss="mse_ssim", ssim_weight=0.5)
+    return metrics
+
+
+def test_autoencoder_rows_are_published_ranges_on_other_data():
+    rows = autoencoder_comparison(_autoencoder_metrics("pretrained"))
+    ours, published = rows[:2], rows[2:]
+    assert [(r["score"], r["image_auroc"]) for r in ours] == [("residual", 0.91), ("mse", 0.72)]
+    assert ours[0]["data"] == "synthetic_dagm (synthetic)" and "1.5 min on a 2-core CPU, 3 epochs" == ours[0]["training"]
+    assert len(published) == 8 and {r["source"] for r in published} == {"published (seed work)"}
+    by_key = {(r["model"], r["loss"], r["data"]): r for r in published}
+    assert by_key[("CAE", "MSE", "MVTec AD hazelnut")]["image_auroc"] == "0.70-0.80"
+    assert by_key[("CAE", "SSIM", "MVTec AD zipper")]["image_auroc"] == "0.65-0.75"
+    assert by_key[("ResNet", "MSE", "MVTec AD zipper")]["image_auroc"] == "0.70-0.80"
+    assert by_key[("ResNet", "SSIM", "MVTec AD hazelnut")]["image_auroc"] == "0.85-0.90"
+    assert by_key[("ResNet", "SSIM", "MVTec AD zipper")]["image_auroc"] == "0.75-0.85+"
+    resnet = by_key[("ResNet", "MSE", "MVTec AD hazelnut")]["what differs"]
+    assert "not available here" in resnet and "RTX 3050" in resnet and "2-core CPU" in resnet
+    assert "ResNet-18" in resnet and "EfficientNet-Lite0" in resnet
+    assert all(r["training"] == "8-15 min on an RTX 3050 GPU" for r in published)
+    conv = autoencoder_comparison(_autoencoder_metrics("conv"))
+    assert conv[0]["model"].startswith("CAE") and "ResNet-18" not in conv[2]["what differs"]

@@ -23,6 +23,7 @@ device = "cpu"        # device
 x = 0.0               # shifts the metric
 fail = False          # raise in the body
 write = True          # write metrics_out
+side = False          # also write a side file beside metrics_out
 metrics_out = ""      # metrics JSON
 report_name = ""      # report title
 '''
@@ -35,6 +36,9 @@ if fail:
 with open(metrics_out if write else os.devnull, "w") as handle:
     json.dump({"image_auroc": 0.5 + x, "accuracy": 0.25, "root": root, "backbone": backbone,
                "threads": os.environ.get("OMP_NUM_THREADS")}, handle)
+if side:
+    with open(metrics_out.replace(".metrics.json", ".all_results.csv"), "w") as handle:
+        handle.write("path,score\\n")
 '''
 
 
@@ -108,6 +112,85 @@ def test_grid_is_datasets_times_backbones_with_later_parameters_winning(project)
     assert [c.name for c in runner.select_cells(cells, "real-b")] == ["real-b"]
     with pytest.raises(StudyError, match="nope"):
         runner.select_cells(cells, ["nope"])
+
+
+VARIANTS = {"conv": {"x": 0.5, "category": "c"}, "pretrained-b2": {"backbone": "b2", "x": 0.7}}
+
+
+def test_variants_grid_is_datasets_times_variants_with_the_variant_winning(project):
+    path = _write_study(project["study"], backbones=None, variants=VARIANTS, parameters={"x": 0.1, "backbone": "b0"})
+    text = yaml.safe_load(path.read_text())
+    del text["backbones"]
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    study = runner.read_study(path)
+    assert study.axis == "variant" and study.backbones == ()
+    cells = runner.expand_grid(study)
+    assert [c.name for c in cells] == ["synth-conv", "synth-pretrained-b2", "plain-conv", "plain-pretrained-b2",
+                                       "real-conv", "real-pretrained-b2"]
+    assert [c.variant for c in cells[:2]] == ["conv", "pretrained-b2"]
+    # shared < dataset entry < variant entry
+    assert cells[2].parameters == {"x": 0.5, "backbone": "b0", "dataset": "dagm", "root": "/nowhere/plain",
+                                   "category": "c"}
+    assert cells[3].parameters["x"] == 0.7 and cells[3].parameters["backbone"] == "b2"
+    assert (cells[2].backbone, cells[3].backbone) == ("b0", "b2")
+    assert cells[4].parameters["category"] == "c"  # the variant's category beats the dataset entry's
+    assert [c.name for c in runner.select_cells(cells, "*-conv")] == ["synth-conv", "plain-conv", "real-conv"]
+    runner.check_notebook_parameters(study, cells)
+    backbones = runner.read_study(_write_study(project["study"], backbones=["a", "b"]))
+    assert backbones.axis == "backbone" and backbones.variants is None
+    assert all(c.variant is None for c in runner.expand_grid(backbones))
+
+
+def test_variants_and_backbones_exactly_one_of_the_two(project):
+    both = _write_study(project["study"], variants=VARIANTS)
+    with pytest.raises(StudyError) as caught:
+        runner.read_study(both)
+    assert "'backbones'" in str(caught.value) and "'variants'" in str(caught.value) and str(both) in str(caught.value)
+    text = yaml.safe_load(both.read_text())
+    del text["backbones"], text["variants"]
+    both.write_text(yaml.safe_dump(text))
+    with pytest.raises(StudyError) as caught:
+        runner.read_study(both)
+    assert "'backbones'" in str(caught.value) and "missing" in str(caught.value) and str(both) in str(caught.value)
+    assert "'variants'" in str(caught.value)
+
+
+@pytest.mark.parametrize("variants, key", [
+    ({}, "variants"),
+    (["conv"], "variants"),
+    ({"bad name": {}}, "variants.bad name"),
+    ({"conv": "model"}, "variants.conv"),
+    ({"conv": {"report_name": "r"}}, "variants.conv.report_name"),
+    ({"conv": {"root": "{nope}"}}, "variants.conv.root"),
+])
+def test_bad_variants_name_the_file_and_the_key(project, variants, key):
+    text = yaml.safe_load(project["study"].read_text())
+    del text["backbones"]
+    text["variants"] = variants
+    project["study"].write_text(yaml.safe_dump(text))
+    with pytest.raises(StudyError) as caught:
+        runner.read_study(project["study"])
+    assert f"'{key}'" in str(caught.value) and str(project["study"]) in str(caught.value)
+
+
+def test_variant_parameter_unknown_to_the_notebook_names_the_variant(project):
+    text = yaml.safe_load(project["study"].read_text())
+    del text["backbones"]
+    text["variants"] = {"v": {"kk": 1}}
+    project["study"].write_text(yaml.safe_dump(text))
+    study = runner.read_study(project["study"])
+    with pytest.raises(StudyError, match=r"'variants\.v\.kk' is not a parameter of tiny\.ipynb"):
+        runner.check_notebook_parameters(study, runner.expand_grid(study))
+
+
+def test_cell_names_must_be_unique(project):
+    path = _write_study(project["study"], backbones=["b-c"],
+                        datasets={"a": {"dataset": "dagm"}, "a-b": {"dataset": "dagm"}})
+    runner.read_study(path)  # a-b-c and a-b-b-c: distinct
+    path = _write_study(project["study"], backbones=["c", "b-c"],
+                        datasets={"a": {"dataset": "dagm"}, "a-b": {"dataset": "dagm"}})
+    with pytest.raises(StudyError, match="'a-b-c' twice"):
+        runner.read_study(path)
 
 
 def test_placeholders_are_resolved_or_the_cell_skipped(tmp_path):
@@ -186,6 +269,16 @@ def test_index_is_deterministic_and_lists_benchmarks(tmp_path):
     assert "nb/d-b.html" in first and "http" not in first
 
 
+def test_index_names_the_variant_column(tmp_path):
+    for folder, run in [("by_variant", {"variant": "conv", "backbone": ""}), ("by_backbone", {"backbone": "b"})]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "d-x.metrics.json").write_text(json.dumps({"_run": {"dataset": "d", "status": "ok", **run}}))
+    page = runner.write_index(tmp_path).read_text()
+    by_backbone, by_variant = page.split("<h2>by_variant</h2>")
+    assert "<th>backbone</th>" in by_backbone and "<td>b</td>" in by_backbone
+    assert "<th>variant</th>" in by_variant and "<td>conv</td>" in by_variant and "<th>backbone</th>" not in by_variant
+
+
 # --------------------------------------------------------------------------- with execution
 
 
@@ -262,6 +355,26 @@ def test_run_rerun_failure_and_recovery(project):
     assert "failed run" not in index and "class='failed'" not in index
 
 
+def test_variants_study_runs_names_cells_by_variant_and_keeps_side_files(project):
+    text = yaml.safe_load(project["study"].read_text())
+    del text["backbones"]
+    text["datasets"] = {"plain": {"dataset": "dagm", "root": "/nowhere/plain"}}
+    text["variants"] = {"low": {"x": 0.1, "side": True}, "high-b": {"x": 0.4, "backbone": "b"}}
+    project["study"].write_text(yaml.safe_dump(text, sort_keys=False))
+    results, lines = _run(project)
+    assert list(results) == ["plain-low", "plain-high-b"]
+    assert {n: r.status for n, r in results.items()} == {"plain-low": "ok", "plain-high-b": "ok"}
+    assert results["plain-low"].variant == "low" and results["plain-high-b"].backbone == "b"
+    assert results["plain-high-b"].metrics["image_auroc"] == pytest.approx(0.9)
+    assert results["plain-high-b"].metrics["backbone"] == "b" and results["plain-low"].metrics["backbone"] == "tiny"
+    out = project["reports"] / "tiny"
+    assert json.loads((out / "plain-low.metrics.json").read_text())["_run"]["variant"] == "low"
+    assert (out / "plain-low.all_results.csv").read_text() == "path,score\n"  # moved out of the staging folder
+    assert not (out / "plain-high-b.all_results.csv").exists() and not list(out.glob(".*"))
+    index = (project["reports"] / "index.html").read_text()
+    assert "<th>variant</th>" in index and "<td>high-b</td>" in index and "tiny/plain-low.html" in index
+
+
 def test_notebook_without_metrics_fails_and_unknown_kernel_is_refused(project):
     path = _write_study(project["study"], datasets={"plain": {"dataset": "dagm", "write": False}})
     with pytest.raises(StudyError, match="kernel 'no-such-kernel' is not installed"):
@@ -290,7 +403,7 @@ def test_parallel_jobs_give_the_same_outputs(project):
 
 def test_shipped_study_files_are_valid():
     studies = sorted((REPO / "studies").glob("*.yaml"))
-    assert {p.name for p in studies} >= {"default.yaml", "knn.yaml"}
+    assert {p.name for p in studies} >= {"default.yaml", "knn.yaml", "autoencoder_smoke.yaml", "autoencoder.yaml"}
     for path in studies:
         study = runner.read_study(path)
         cells = runner.expand_grid(study)
@@ -300,3 +413,10 @@ def test_shipped_study_files_are_valid():
     assert [c.name for c in default] == ["synthetic_dagm-efficientnet_lite0"]
     knn = runner.expand_grid(runner.read_study(REPO / "studies" / "knn.yaml"))
     assert len(knn) == 16 and {c.backbone for c in knn} == {"efficientnet_lite0", "dinov2_vits14"}
+    smoke = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder_smoke.yaml"))
+    assert [c.name for c in smoke] == ["synthetic_dagm-conv", "synthetic_dagm-pretrained-efficientnet_lite0"]
+    assert smoke[1].parameters["model"] == "pretrained" and smoke[1].parameters["backbone"] == "efficientnet_lite0"
+    full = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder.yaml"))
+    assert len(full) == 12 and {c.variant for c in full} == {"conv", "pretrained-efficientnet_lite0"}
+    assert [c.name for c in full if c.parameters.get("ablation_losses")] == [
+        "mvtec_ad-bottle-conv", "mvtec_ad-bottle-pretrained-efficientnet_lite0"]
