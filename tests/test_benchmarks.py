@@ -116,3 +116,20 @@ def test_bench_detect_quick_streams_with_flat_memory(tmp_path):
     assert small["added_mb"] >= 0 and large["added_mb"] >= 0 and _positive(large["images_per_s"])
     assert part["growth_bytes_per_image"] is not None and report["settings"]["image_size"] == 64
     assert any(line.startswith("knn: added-memory ratio") for line in module.summary(report))
+
+
+def test_bench_autoencoder_quick_default_and_longer(tmp_path):
+    """bench_autoencoder.py --quick on the synthetic set (conv model): the default run and the 3x longer one."""
+    spec = importlib.util.spec_from_file_location("bench_autoencoder", REPO / "benchmarks" / "bench_autoencoder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "autoencoder.json"
+    assert module.main(["--quick", "--parts", "default,longer", "--models", "conv", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [row["model"] for row in report["default"]] == ["conv"]
+    assert report["default_train_minutes"] == max(row["train_minutes"] for row in report["default"])
+    for default, longer in zip(report["default"], report["longer"]):
+        assert longer["epochs_run"] == 3 * default["epochs_run"] and longer["stopped_early"] is False
+        assert longer["image_auroc_residual_gain_over_default"] == pytest.approx(
+            longer["image_auroc_residual"] - default["image_auroc_residual"])
+    assert isinstance(report["native_bf16"], bool)
