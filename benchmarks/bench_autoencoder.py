@@ -120,26 +120,27 @@ def _evaluate(layout: str, root: Path, category: str | None, model: str, **param
     }
 
 
-def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models: Sequence[str] = MODELS) -> dict:
+def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models: Sequence[str] = MODELS,
+        out: Path | None = None) -> dict:
+    """Every part in turn; with ``out`` the report so far is written after each part (marked
+    ``"complete": false`` until the last), so a long run that is stopped keeps what it measured."""
     from bench_knn import machine_info
 
     from anomalib_study.methods.autoencoder import native_bf16
 
-    report: dict[str, Any] = {"machine_before": machine_info(), "native_bf16": native_bf16("cpu"), "quick": quick}
+    report: dict[str, Any] = {"machine_before": machine_info(), "native_bf16": native_bf16("cpu"), "quick": quick,
+                              "complete": False}
+
+    def save() -> None:
+        if out is not None:
+            write_json(out, {**report, "machine_now": {"load_average_1_5_15_min":
+                                                       machine_info()["load_average_1_5_15_min"]}})
     synthetic = _synthetic(work)
     categories = [] if quick or data is None else [c for c in ("bottle", "transistor")
                                                    if (data / "mvtec_ad" / c / "train").is_dir()]
     report["settings"] = {"parts": list(parts), "mvtec_ad_categories": categories,
                           "data": str(data) if data else None, "default": "30 epochs max, patience 5, "
                           "val_fraction 0.1, loss mse_ssim (a = 0.5), 128 px, batch 16, lr 1e-3, fp32"}
-    if "speed" in parts:
-        if categories:
-            paths = sorted((data / "mvtec_ad" / categories[0] / "train" / "good").glob("*.png"))[:64]
-        else:
-            from anomalib_study.data import load_dataset
-
-            paths = [r.path for r in load_dataset("dagm", synthetic, category="Class1").train][:24 if quick else 64]
-        report["speed"] = bench_speed(paths, 64 if quick else 128, ("fp32", "bf16"), models=models)
     if "default" in parts:
         rows = []
         targets = [("mvtec_ad", data / "mvtec_ad", c) for c in categories] or [("dagm", synthetic, "Class1")]
@@ -154,6 +155,31 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
         report["default_train_minutes"] = max(row["train_minutes"] for row in rows)
         report["default_train_minutes_by_model"] = {m: max(r["train_minutes"] for r in rows if r["model"] == m)
                                                     for m in models}
+        save()
+    if "speed" in parts:
+        if categories:
+            paths = sorted((data / "mvtec_ad" / categories[0] / "train" / "good").glob("*.png"))[:64]
+        else:
+            from anomalib_study.data import load_dataset
+
+            paths = [r.path for r in load_dataset("dagm", synthetic, category="Class1").train][:24 if quick else 64]
+        report["speed"] = bench_speed(paths, 64 if quick else 128, ("fp32", "bf16"), models=models)
+        save()
+    if "bf16" in parts:
+        rows = []
+        for model in models:
+            pair = {}
+            for precision in ("fp32", "bf16"):
+                log(f"bf16 effect: synthetic {model} {precision}")
+                pair[precision] = _evaluate("dagm", synthetic, "Class1", model, precision=precision,
+                                            epochs=1 if quick else 5, image_size=64 if quick else 128)
+            rows.append({"model": model, "fp32": pair["fp32"], "bf16": pair["bf16"],
+                         "image_auroc_residual_change": pair["bf16"]["image_auroc_residual"]
+                         - pair["fp32"]["image_auroc_residual"],
+                         "image_auroc_mse_change": pair["bf16"]["image_auroc_mse"] - pair["fp32"]["image_auroc_mse"],
+                         "train_speed_ratio_bf16_to_fp32": pair["fp32"]["train_minutes"] / pair["bf16"]["train_minutes"]})
+        report["bf16"] = rows
+        save()
     if "longer" in parts and report.get("default"):
         rows = []
         for first in [r for r in report["default"] if r["data"] == report["default"][0]["data"]]:
@@ -170,20 +196,8 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
             rows.append(longer)
             log(f"  {longer['train_minutes']:.1f} min, image AUROC {longer['image_auroc_residual']:.3f} (residual)")
         report["longer"] = rows
-    if "bf16" in parts:
-        rows = []
-        for model in models:
-            pair = {}
-            for precision in ("fp32", "bf16"):
-                log(f"bf16 effect: synthetic {model} {precision}")
-                pair[precision] = _evaluate("dagm", synthetic, "Class1", model, precision=precision,
-                                            epochs=1 if quick else 5, image_size=64 if quick else 128)
-            rows.append({"model": model, "fp32": pair["fp32"], "bf16": pair["bf16"],
-                         "image_auroc_residual_change": pair["bf16"]["image_auroc_residual"]
-                         - pair["fp32"]["image_auroc_residual"],
-                         "image_auroc_mse_change": pair["bf16"]["image_auroc_mse"] - pair["fp32"]["image_auroc_mse"],
-                         "train_speed_ratio_bf16_to_fp32": pair["fp32"]["train_minutes"] / pair["bf16"]["train_minutes"]})
-        report["bf16"] = rows
+        save()
+    report["complete"] = True
     report["machine_after"] = {"load_average_1_5_15_min": machine_info()["load_average_1_5_15_min"]}
     return report
 
@@ -216,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="synthetic set, 64 px, 1-2 epochs (smoke test)")
     parser.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)")
-    parser.add_argument("--parts", default="speed,default,longer,bf16")
+    parser.add_argument("--parts", default="default,speed,bf16,longer", help="in this order (default: "
+                        "default,speed,bf16,longer; the report is written after each)")
     parser.add_argument("--models", default=",".join(MODELS), help="conv,pretrained (default both)")
     parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
                                                      "--quick writes nothing unless given)")
@@ -224,12 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = data_root(args.data) or REPO.parent / "shared" / "data"
     data = data if (data / "mvtec_ad").is_dir() else None
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - {"speed", "default", "longer", "bf16"})
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}: choose from speed, default, longer, bf16")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     with tempfile.TemporaryDirectory(prefix="bench_autoencoder_") as scratch:
-        report = run(parts, data, args.quick, Path(scratch), models)
+        report = run(parts, data, args.quick, Path(scratch), models, out)
     for line in summary(report):
         print(line)
-    out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     if out is not None:
         write_json(out, report)
         log(f"wrote {out}")
