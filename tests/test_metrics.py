@@ -168,3 +168,41 @@ def test_pro_eight_connectivity():
 def test_pro_no_region_is_nan():
     with pytest.warns(UndefinedMetricWarning, match="no defective region"):
         assert np.isnan(pro_score(np.zeros((2, 3, 3)), np.random.default_rng(0).random((2, 3, 3))))
+
+
+# ---------------------------------------------------------------------- clustering
+def test_clustering_metrics_perfect_and_permuted():
+    from anomalib_study.metrics import clustering_metrics
+
+    truth = ["good", "good", "crack", "crack", "hole", "hole"]
+    perfect = clustering_metrics(truth, truth)
+    assert (perfect["nmi"], perfect["ari"], perfect["f1"]) == (1.0, 1.0, 1.0)
+    permuted = clustering_metrics(truth, [2, 2, 0, 0, 1, 1])  # the same partition, other names
+    assert permuted["nmi"] == pytest.approx(1.0) and permuted["ari"] == pytest.approx(1.0) and permuted["f1"] == 1.0
+    assert permuted["matching"] == {"2": "good", "0": "crack", "1": "hole"}
+
+
+def test_clustering_metrics_known_values():
+    from anomalib_study.metrics import clustering_metrics
+
+    # independent partitions: no shared information, ARI of this 2 x 2 case is -0.5 (hand-computed:
+    # index 0, expected index (2 * 2 / 6) = 2/3, max index 2 -> (0 - 2/3) / (2 - 2/3))
+    out = clustering_metrics([0, 0, 1, 1], [0, 1, 0, 1])
+    assert out["nmi"] == pytest.approx(0.0, abs=1e-12) and out["ari"] == pytest.approx(-0.5) and out["f1"] == 0.5
+    # one cluster: nothing learnt, F1 = the largest class's share
+    single = clustering_metrics([0, 0, 0, 1, 2], [7] * 5)
+    assert single["nmi"] == pytest.approx(0.0, abs=1e-12) and single["ari"] == pytest.approx(0.0)
+    assert single["f1"] == pytest.approx(3 / 5) and single["n_clusters"] == 1
+    # more clusters than classes: the unmatched cluster's images count as wrong
+    more = clustering_metrics([0, 0, 0, 1, 1, 1], [0, 0, 5, 1, 1, 1])
+    assert more["f1"] == pytest.approx(5 / 6) and more["n_clusters"] == 3 and more["n_classes"] == 2
+    assert len(more["matching"]) == 2
+
+
+def test_clustering_metrics_bad_input():
+    from anomalib_study.metrics import clustering_metrics
+
+    with pytest.raises(ParameterError, match="same length"):
+        clustering_metrics([0, 1], [0])
+    with pytest.raises(ParameterError, match="at least one"):
+        clustering_metrics([], [])
