@@ -70,16 +70,18 @@ import math
 import os
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
+from anomalib_study.features import _collate, _ImageFiles
 from anomalib_study.io import as_json, atomic_write
 from anomalib_study.checks import open_fraction, positive_int
 from anomalib_study.methods.base import (
@@ -339,37 +341,13 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
 
 
 # ---------------------------------------------------------------------------------- decoding
-class _SquashedImages(Dataset):
-    """(position, (3, S, S) uint8 tensor or None, error message or None) for each path."""
+def _squash(image, image_size: int) -> torch.Tensor:
+    """A decoded RGB image resized whole to (3, S, S) uint8 (bilinear, antialiased)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import pil_to_tensor, resize
 
-    def __init__(self, paths: Sequence[Path], image_size: int):
-        self.paths = list(paths)
-        self.image_size = int(image_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, position: int):
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.functional import pil_to_tensor, resize
-
-        from anomalib_study.data.decode import load_image
-
-        try:
-            image = load_image(self.paths[position])
-        except DataError as error:  # carried to the main process, which raises it as it was
-            return position, None, str(error)
-        squashed = resize(image, [self.image_size, self.image_size], interpolation=InterpolationMode.BILINEAR,
-                          antialias=True)
-        return position, pil_to_tensor(squashed), None
-
-
-def _collate(items):
-    """(positions of the decoded images, their uint8 batch or None, [(position, error)])."""
-    good = [item for item in items if item[2] is None]
-    failed = [(item[0], item[2]) for item in items if item[2] is not None]
-    batch = torch.stack([item[1] for item in good]) if good else None
-    return [item[0] for item in good], batch, failed
+    return pil_to_tensor(resize(image, [image_size, image_size], interpolation=InterpolationMode.BILINEAR,
+                                antialias=True))
 
 
 def _iter_decoded(paths: Sequence[str | os.PathLike], image_size: int, batch_size: int, num_workers: int,
@@ -380,8 +358,9 @@ def _iter_decoded(paths: Sequence[str | os.PathLike], image_size: int, batch_siz
 
     An undecodable image raises its DataError, or with ``errors`` (a dict) is left out of
     its batch and recorded there (position -> reason)."""
-    loader = DataLoader(_SquashedImages([Path(p) for p in paths], image_size), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=_collate,
+    # the feature layer's decoding dataset and collate: errors carried as messages, batches of the readable
+    loader = DataLoader(_ImageFiles([Path(p) for p in paths], partial(_squash, image_size=int(image_size))),
+                        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         prefetch_factor=1 if num_workers else None)
     with tqdm(total=len(paths), desc=desc, unit="image", disable=not progress, leave=False) as bar:
         for positions, batch, failed in loader:
