@@ -46,14 +46,14 @@ def _method_options(specs) -> dict[str, list]:
     return options
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One option per method parameter flag (read from the methods' declarations), default
-    None, so that only what the user gives reaches the method; its help names the methods
-    and their defaults."""
+def _add_method_options(parser: argparse.ArgumentParser, specs=None) -> None:
+    """One option per method parameter flag (read from the methods' declarations: ``specs``,
+    default every method), default None, so that only what the user gives reaches the
+    method; its help names the methods and their defaults."""
     from anomalib_study.methods import SPECS
 
     group = parser.add_argument_group("method options (each applies to the methods named in its help)")
-    for flag, declared in _method_options(SPECS.values()).items():
+    for flag, declared in _method_options((SPECS if specs is None else specs).values()).items():
         first = declared[0][1]
         owners = ", ".join(f"{spec.name} {param.default!r}" for spec, param in declared)
         choices = []
@@ -76,7 +76,7 @@ def _method_params(args: argparse.Namespace) -> dict:
     spec = get_method(args.method)
     params = {}
     for flag, declared in _method_options(SPECS.values()).items():
-        value = getattr(args, "method_" + flag.lstrip("-").replace("-", "_"))
+        value = getattr(args, "method_" + flag.lstrip("-").replace("-", "_"), None)
         if value is None:
             continue
         mine = [param for owner, param in declared if owner is spec]

@@ -1,6 +1,6 @@
 """``detect_abnormal``: flag the anomalous images of a folder with any registered method.
 
-The method (``method="knn"``, ``"patchcore"``, ...: :data:`anomalib_study.methods.SPECS`)
+The method (``method="knn"``, ``"patchcore"``, ...: :data:`anomalib_study.methods.DETECTORS`)
 is fitted on a folder of normal images (``image_dir``) and kept in a **database folder**
 (``db_dir``, default ``<method>_db`` in the current folder), reused by later runs as long as
 it still matches the method, the backbone and the normal images. Everything
@@ -89,7 +89,7 @@ from anomalib_study.checks import check_bool, check_int
 from anomalib_study.data.decode import content_hash, find_unreadable, image_files
 from anomalib_study.errors import DataError, ModelFileError, ParameterError
 from anomalib_study.io import as_json, atomic_write, run_dir_in_progress, sha256_file, write_json
-from anomalib_study.methods import SPECS, get_method
+from anomalib_study.methods import DETECTORS, get_detector
 from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.search import available_cores
 
@@ -111,7 +111,7 @@ DB_FORMAT = "anomalib_study.detect_database"
 DB_VERSION = 2
 LEGACY_FORMAT, LEGACY_VERSION = "anomalib_study.knn_database", 1  # kNN-only databases, still read
 DB_FILE = "database.json"
-METHODS = tuple(SPECS)
+METHODS = tuple(DETECTORS)
 #: test images scored per chunk: bounds the memory a run needs whatever the folder's size
 CHUNK_IMAGES = 512
 
@@ -278,7 +278,7 @@ def save_database(
     database that looks valid (and the next call rebuilds it).
     """
     db_dir = Path(db_dir)
-    spec = get_method(method) if method is not None else _spec_of(detector)
+    spec = get_detector(method) if method is not None else _spec_of(detector)
     n_model = spec.n_images(detector)
     if len(image_hashes) != n_model:
         raise ParameterError(f"{len(image_hashes)} image hashes given for a {spec.name} model fitted on {n_model} images")
@@ -317,10 +317,10 @@ def _either(names) -> str:
 
 
 def _spec_of(model) -> MethodSpec:
-    for spec in SPECS.values():
+    for spec in DETECTORS.values():
         if type(model) is spec.estimator:
             return spec
-    raise ParameterError(f"detect databases hold a model of a registered method ({', '.join(SPECS)}), "
+    raise ParameterError(f"detect databases hold a model of a registered method ({', '.join(DETECTORS)}), "
                          f"not a {type(model).__name__}")
 
 
@@ -337,7 +337,7 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
     meta_path = db_dir / DB_FILE
     fix = f"delete {db_dir} (or pass another db_dir) to rebuild it"
     if method is not None:
-        get_method(method)
+        get_detector(method)
     if not meta_path.is_file():
         raise ModelFileError(f"{db_dir} is not a detect database: {DB_FILE} is missing")
     try:
@@ -350,20 +350,20 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
         metadata.setdefault("model_file", "knn_model.npz")
     elif found != DB_FORMAT:
         raise ModelFileError(f"{meta_path} holds format {found!r}, not {DB_FORMAT!r}: it is not a detect "
-                             f"({_either(spec.label for spec in SPECS.values())}) database; {fix}")
+                             f"({_either(spec.label for spec in DETECTORS.values())}) database; {fix}")
     elif metadata.get("version") != DB_VERSION:
         raise ModelFileError(
             f"{meta_path} is database version {metadata.get('version')!r}; this code reads version {DB_VERSION}: {fix}"
         )
     stored_method = metadata.get("method")
-    if stored_method not in SPECS:
+    if stored_method not in DETECTORS:
         raise ModelFileError(f"{meta_path} names an unknown method {stored_method!r}: {fix}")
     if method is not None and stored_method != method:
         raise ModelFileError(
             f"database {db_dir} was built for method {stored_method!r}, not {method!r}: pass another db_dir "
             f"for {method} (or delete {db_dir} to rebuild it with {method})"
         )
-    spec = SPECS[stored_method]
+    spec = DETECTORS[stored_method]
     try:
         backbone = metadata["backbone"]
         for key in ("name", "weights_sha256", "preprocessing"):
@@ -523,7 +523,7 @@ def detect_abnormal(
             (kNN): ``"default"`` (``$ANOMALIB_STUDY_CACHE``), a
             :class:`~anomalib_study.features.FeatureCache`, or ``None``.
         method: a registered method (``"knn"``: one embedding per image; ``"patchcore"``:
-            patch memory bank and anomaly maps; ``anomalib_study.methods.SPECS`` lists them).
+            patch memory bank and anomaly maps; ``anomalib_study.methods.DETECTORS`` lists them).
         image_size: input side (None = the method's, e.g. 128 for the autoencoder, else the
             backbone's default).
         resize_mode: ``"crop"`` (shorter side resized, centre crop) or ``"squash"`` (the whole
@@ -546,7 +546,7 @@ def detect_abnormal(
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    spec = get_method(method)
+    spec = get_detector(method)
     declared = {param.name for param in spec.params}
     given = {}
     for name, value in (("k", k), ("thres_ratio", thres_ratio), ("index", index)):

@@ -184,6 +184,98 @@ def masks_like_input(records, preprocessing: dict) -> np.ndarray:
     return out
 
 
+#: evaluation protocols of the clustering task: which test images are grouped, and into how many clusters
+CLUSTERING_PROTOCOLS = {
+    "reproduction": "the test images of the data set, 'combined' (several defects in one image) removed, the normal "
+                    "test images kept as one more class; as many clusters as classes (the anomaly-clustering "
+                    "reproduction's protocol, which produced its published table)",
+    "anomalous_only": "the anomalous test images only ('combined' removed), as many clusters as defect types",
+}
+
+
+def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
+                         protocol: str | None = None, return_maps: bool = False) -> dict[str, Any]:
+    """Group the protocol's test images with ``spec``'s method (label-free), then score each
+    variant against the defect types: NMI, ARI, F1, the curve over the method's free
+    parameter and its best point as an oracle (chosen with the labels: never the result)."""
+    from anomalib_study.metrics import clustering_metrics
+
+    protocol = "reproduction" if protocol is None else protocol
+    if protocol not in CLUSTERING_PROTOCOLS:
+        raise StudyError(f"protocol must be one of {', '.join(CLUSTERING_PROTOCOLS)}, got {protocol!r}")
+    records = [r for r in dataset.test if r.defect_type != "combined"]
+    if protocol == "anomalous_only":
+        records = [r for r in records if r.label == 1]
+    classes = np.array([r.defect_type for r in records])
+    n_classes = int(np.unique(classes).size) if len(records) else 0
+    if n_classes < 2:
+        raise StudyError(f"{dataset.name}: protocol {protocol!r} leaves {len(records)} image(s) of {n_classes} "
+                         "type(s): clustering needs at least two types")
+    n_clusters = params.get("n_clusters") or n_classes
+    normal_paths = [r.path for r in dataset.train]
+    started = time.perf_counter()
+    grouped = spec.cluster_images(backbone, [r.path for r in records], normal_paths, params, run, n_clusters)
+    timings = {"cluster_total_s": time.perf_counter() - started, **grouped["timings"]}
+    counts = {str(k): int(v) for k, v in zip(*np.unique(classes, return_counts=True))}
+    result: dict[str, Any] = {
+        "params": params,
+        "protocol": {"name": protocol, "description": CLUSTERING_PROTOCOLS[protocol], "n_images": len(records),
+                     "class_counts": counts, "n_classes": n_classes, "n_clusters": int(n_clusters),
+                     "n_clusters_rule": ("given" if params.get("n_clusters") else "as many as classes (protocol)"),
+                     "n_normal_images": len(normal_paths)},
+        "grid": grouped.get("grid"),
+        "modes": {},
+    }
+    per_image = [{"path": str(r.path), "label": int(r.label), "defect_type": r.defect_type} for r in records]
+    in_memory = {}
+    for variant in grouped["runs"]:
+        name = variant["name"]
+        scores = clustering_metrics(classes, variant["labels"])
+        curve = [{"tau": point["value"], "relative": point["relative"],
+                  **{k: v for k, v in clustering_metrics(classes, point["labels"]).items() if k in ("nmi", "ari", "f1")}}
+                 for point in variant["curve"]]
+        best = max(curve, key=lambda point: point["nmi"]) if curve else None
+        clusters = np.unique(variant["labels"])
+        kinds = sorted(counts)
+        contingency = [[int(np.sum((variant["labels"] == c) & (classes == k))) for k in kinds] for c in clusters]
+        result["modes"][name] = {
+            **{k: scores[k] for k in ("nmi", "ari", "f1", "n_clusters", "matching")},
+            **as_json(variant["description"]),
+            "tau_curve": curve,
+            "oracle": None if best is None else {
+                **best, "note": "tau picked by looking at the labels (the best NMI on the curve): an upper bound, "
+                                "never our result"},
+            "confusion": {"clusters": [int(c) for c in clusters], "classes": kinds, "counts": contingency},
+        }
+        for key in ("nmi", "ari", "f1"):
+            result[f"{key}_{name}"] = scores[key]
+        for row, label in zip(per_image, variant["labels"]):
+            row[f"cluster_{name}"] = int(label)
+        if return_maps:
+            in_memory[name] = {k: variant.get(k) for k in ("labels", "weights", "embeddings", "patch_scores")}
+    result["per_image"] = per_image
+    result["timings"] = timings
+    result["peak_memory"] = {"peak_rss_mb": _peak_rss_mb(),
+                             "how": "resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's peak resident memory"}
+    if return_maps:
+        result["clustering_runs"] = in_memory
+        result["records"] = records
+    return result
+
+
+def _evaluate_detection(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
+                        protocol: str | None = None, return_maps: bool = False, sweep_values: Sequence = ()
+                        ) -> dict[str, Any]:
+    if protocol is not None:
+        raise StudyError(f"protocol={protocol!r}: detection methods have one protocol (fit on the normal training "
+                         "images, score the test images); leave protocol unset")
+    return _evaluate_method(spec, dataset, backbone, params, run, sweep_values, return_maps)
+
+
+#: task -> its evaluation path (a method's declaration names its task)
+EVALUATORS = {"detection": _evaluate_detection, "clustering": _evaluate_clustering}
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -261,7 +353,7 @@ def patchcore_coreset_ablation(
 
 
 #: keys of a method's result that are returned in memory but never written to metrics.json
-IN_MEMORY_KEYS = ("anomaly_maps", "masks", "model")
+IN_MEMORY_KEYS = ("anomaly_maps", "masks", "model", "clustering_runs", "records")
 
 
 def evaluate(
@@ -282,6 +374,7 @@ def evaluate(
     cache: Any = "default",
     progress: bool = True,
     return_maps: bool = False,
+    protocol: str | None = None,
     **method_params: Any,
 ) -> dict[str, Any]:
     """Run ``method`` on a data set and return its metrics (and write ``<out>/metrics.json``).
@@ -312,7 +405,12 @@ def evaluate(
             a FeatureCache or None.
         progress: progress bars.
         return_maps: also return (never write) ``anomaly_maps`` (n_test, S, S), ``masks``
-            and the fitted ``model``, for methods that give anomaly maps.
+            and the fitted ``model``, for methods that give anomaly maps; for clustering
+            methods ``clustering_runs`` (per variant: labels, patch weights, embeddings,
+            patch scores) and the ``records`` grouped.
+        protocol: clustering methods: which test images are grouped
+            (:data:`CLUSTERING_PROTOCOLS`: ``"reproduction"`` by default, or
+            ``"anomalous_only"``); detection methods have one protocol (leave None).
         **method_params: the method's parameters (its ``SPEC.params``: for knn k,
             thres_ratio, normalize, index; for patchcore coreset_ratio, patch_size,
             image_score, sigma, index, ...), and ``<p>_sweep``: other values of the
@@ -340,7 +438,8 @@ def evaluate(
 
     started = time.perf_counter()
     data = load_dataset(dataset, root, category=category, **(dataset_options or {}))
-    if not data.train:
+    needs_normal = spec.task == "detection" or (spec.needs_normal_images is not None and spec.needs_normal_images(params))
+    if not data.train and needs_normal:
         raise StudyError(f"{data.name} ({root}) has no training images: {method} needs normal images to fit on")
     if not data.test:
         raise StudyError(f"{data.name} ({root}) has no test images to evaluate")
@@ -350,11 +449,14 @@ def evaluate(
     run = RunOptions(device=device, batch_size=spec.batch_size if batch_size is None else batch_size,
                      num_workers=_default_workers() if num_workers is None else num_workers, progress=progress,
                      cache=cache)
-    result = _evaluate_method(spec, data, net, params, run, sweep_values, return_maps)
+    evaluator = EVALUATORS[spec.task]
+    extra = {"sweep_values": sweep_values} if sweep_values else {}
+    result = evaluator(spec, data, net, params, run, protocol=protocol, return_maps=return_maps, **extra)
     in_memory = {key: result.pop(key) for key in IN_MEMORY_KEYS if key in result}
     result["timings"] = {"load_s": load_s, **result["timings"], "total_s": time.perf_counter() - started}
     metrics = {
         "method": method,
+        "task": spec.task,
         "dataset": data.summary(),
         "synthetic": data.synthetic,
         "backbone": _backbone_record(net),

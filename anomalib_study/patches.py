@@ -15,14 +15,17 @@ to the paper's 1024 only repeats values and inflates the memory bank.
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 
 from anomalib_study.errors import ParameterError
 
-__all__ = ["PatchFeatures", "patch_features"]
+__all__ = ["PatchFeatures", "patch_features", "iter_patch_features", "collect_patch_features"]
 
 
 def _check_dim(name: str, value) -> int | None:
@@ -138,3 +141,47 @@ class PatchFeatures:
     def __repr__(self) -> str:
         return (f"PatchFeatures(layers={self.layers!r}, patch_size={self.patch_size!r}, "
                 f"per_layer_dim={self.per_layer_dim!r}, target_dim={self.target_dim!r})")
+
+
+def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, *, batch_size: int = 8,
+                        num_workers: int = 0, device=None, progress: bool = True, desc: str | None = None,
+                        errors: dict[int, str] | None = None
+                        ) -> Iterator[tuple[list[int], np.ndarray, tuple[int, int]]]:
+    """Yield ``(positions in paths, features (B, h*w, D) float32 numpy, (h, w))`` per batch.
+
+    The one loop from image files to patch features (PatchCore and anomaly clustering both
+    use it): the backbone's maps of ``maker``'s layers, reduced by ``maker`` on the compute
+    device. ``errors`` as in :func:`~anomalib_study.features.extract_feature_maps`.
+    """
+    from anomalib_study.features import extract_feature_maps
+
+    layers = maker.resolve_layers(backbone)
+    for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=batch_size,
+                                                num_workers=num_workers, device=device, progress=progress,
+                                                desc=desc, embedding=False, errors=errors):
+        with torch.inference_mode():
+            features, grid = maker(maps, layers)
+        yield positions, features.cpu().numpy(), grid
+
+
+def collect_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, **options
+                           ) -> tuple[np.ndarray, tuple[int, int]]:
+    """All patch features of ``paths`` in one array: ``(features (n, h*w, D) float32, (h, w))``.
+
+    ``options`` as in :func:`iter_patch_features`; with ``errors`` the rows of unreadable
+    images are NaN. ParameterError for an empty ``paths``; DataError if no image is readable.
+    """
+    from anomalib_study.errors import DataError
+
+    paths = list(paths)
+    if not paths:
+        raise ParameterError("patch features need at least one image")
+    out = grid = None
+    for positions, features, grid_here in iter_patch_features(backbone, paths, maker, **options):
+        if out is None:
+            grid = tuple(grid_here)
+            out = np.full((len(paths), *features.shape[1:]), np.nan, dtype=np.float32)
+        out[positions] = features
+    if out is None:
+        raise DataError(f"none of the {len(paths)} images could be read")
+    return out, grid

@@ -11,17 +11,22 @@ anomaly maps. ``evaluate``, ``detect`` and the command line read those declarati
 
 from anomalib_study.checks import check_is_fitted
 from anomalib_study.errors import NotFittedError, ParameterError
-from anomalib_study.methods import autoencoder, knn, patchcore
+from anomalib_study.methods import autoencoder, clustering, knn, patchcore
 from anomalib_study.methods.autoencoder import AutoEncoder
+from anomalib_study.methods.clustering import AnomalyClustering
 from anomalib_study.methods.base import BaseDetector, MethodParam, MethodSpec, RunOptions
 from anomalib_study.methods.knn import KNNDetector
 from anomalib_study.methods.patchcore import PatchCore
 
 #: method name -> its declaration, in the order the command line lists them
-SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (knn.SPEC, patchcore.SPEC, autoencoder.SPEC)}
+SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (knn.SPEC, patchcore.SPEC, autoencoder.SPEC,
+                                                                  clustering.SPEC)}
 
 #: method name -> estimator class
 METHODS = {name: spec.estimator for name, spec in SPECS.items()}
+
+#: the methods ``detect`` takes (task "detection"); the others group images (``anomalib-study cluster``)
+DETECTORS: dict[str, MethodSpec] = {name: spec for name, spec in SPECS.items() if spec.task == "detection"}
 
 
 def get_method(name: str) -> MethodSpec:
@@ -31,5 +36,15 @@ def get_method(name: str) -> MethodSpec:
     return SPECS[name]
 
 
-__all__ = ["AutoEncoder", "BaseDetector", "KNNDetector", "METHODS", "MethodParam", "MethodSpec", "NotFittedError", "PatchCore",
-           "RunOptions", "SPECS", "check_is_fitted", "get_method"]
+def get_detector(name: str) -> MethodSpec:
+    """The declaration of detection method ``name``; ParameterError naming the detectors
+    otherwise (and saying where a clustering method goes instead)."""
+    spec = get_method(name)
+    if spec.task != "detection":
+        raise ParameterError(f"method {name!r} groups images into anomaly types, it does not flag anomalous "
+                             f"images: use `anomalib-study cluster` (detect methods: {', '.join(map(repr, DETECTORS))})")
+    return spec
+
+
+__all__ = ["AnomalyClustering", "AutoEncoder", "DETECTORS", "BaseDetector", "KNNDetector", "METHODS", "MethodParam", "MethodSpec", "NotFittedError", "PatchCore",
+           "RunOptions", "SPECS", "check_is_fitted", "get_detector", "get_method"]

@@ -80,6 +80,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from anomalib_study.hardware import PRECISIONS, native_bf16, resolve_precision
 from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
 from anomalib_study.features import _collate, _ImageFiles
 from anomalib_study.io import as_json, atomic_write
@@ -123,7 +124,6 @@ FORMAT_VERSION = 1
 MODELS = ("conv", "pretrained")
 LOSSES = ("mse", "mse_ssim")
 IMAGE_SCORES = ("mse", "residual")
-PRECISIONS = ("fp32", "bf16", "auto")
 RESIDUAL_SIGMA = 4.0  # Gaussian sigma (px) of the residual maps
 RESIDUAL_TOP_FRACTION = 0.01  # the "residual" image score averages this share of the map's highest pixels
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -306,38 +306,6 @@ def split_validation(n_images: int, val_fraction: float, seed: int) -> tuple[np.
     rng = np.random.default_rng(seed)
     held = np.sort(rng.choice(n_images, size=count, replace=False)).astype(np.int64)
     return np.setdiff1d(np.arange(n_images, dtype=np.int64), held), held
-
-
-def native_bf16(device: str | torch.device = "cpu") -> bool:
-    """True when ``device`` computes bfloat16 natively (CPU: avx512_bf16 / amx_bf16 / ARM bf16 flags)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = set()
-            for line in handle:
-                if line.lower().startswith(("flags", "features")):
-                    flags.update(line.split(":", 1)[1].split())
-        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:  # no /proc (macOS, Windows): trust what PyTorch dispatches to
-        capability = torch.backends.cpu.get_cpu_capability().upper()
-        return "BF16" in capability or "AMX" in capability
-
-
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``"fp32"`` / ``"bf16"`` / ``"auto"`` -> the precision used, ``"fp32"`` or ``"bf16"``."""
-    if precision not in PRECISIONS:
-        raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
-        raise ParameterError(f"precision='bf16': {device} does not support bfloat16; use 'fp32' or 'auto'")
-    if precision == "bf16" and not native_bf16(device):
-        warnings.warn("precision='bf16' on a CPU without native bfloat16: it is emulated and slow "
-                      "(precision='auto' picks fp32 here)", stacklevel=3)
-    return precision
 
 
 # ---------------------------------------------------------------------------------- decoding

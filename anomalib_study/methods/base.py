@@ -228,6 +228,25 @@ class MethodSpec:
         needs one and refuses such parameters before any work), or None.
     ``calibration_scores(model) -> array``
         optional: the scores of the normal images the threshold was taken from.
+
+    ``task`` says which evaluation path a method takes: ``"detection"`` (the hooks above:
+    ``evaluate`` reports AUROC, ``detect`` builds databases) or ``"clustering"`` (grouping
+    images into anomaly types: ``evaluate`` reports NMI / ARI / F1, ``detect`` refuses it).
+    A clustering method declares instead:
+
+    ``cluster_images(backbone, paths, normal_paths, params, run, n_clusters) -> dict``
+        group the images at ``paths`` without labels (``normal_paths``: normal images, for
+        variants that use them, or empty; ``n_clusters``: None = the method chooses).
+        Returns ``runs``: one dict per variant compared (``name``, ``labels`` (n,),
+        ``description`` (JSON-able: settings and what was chosen, e.g. tau and how),
+        ``curve``: the labels at other values of the method's free parameter, as a list of
+        ``{"value", "relative", "labels"}``, and optionally ``weights`` / ``embeddings``
+        arrays kept in memory only), ``timings`` and ``grid`` (patch grid or None).
+    ``needs_normal_images(params) -> bool``
+        whether ``params`` need normal (training) images.
+    ``validate(params)``
+        ParameterError if a value is impossible (default: the estimator built with
+        ``params`` validates them).
     """
 
     name: str
@@ -235,11 +254,15 @@ class MethodSpec:
     estimator: type
     description: str
     params: tuple[MethodParam, ...]
-    fit_paths: Callable[..., Any]
-    score_paths: Callable[..., dict]
-    describe: Callable[[Any], dict]
-    check_loaded: Callable[[Any, dict, int], str | None]
-    n_images: Callable[[Any], int]
+    fit_paths: Callable[..., Any] | None = None
+    score_paths: Callable[..., dict] | None = None
+    describe: Callable[[Any], dict] | None = None
+    check_loaded: Callable[[Any, dict, int], str | None] | None = None
+    n_images: Callable[[Any], int] | None = None
+    task: str = "detection"
+    cluster_images: Callable[..., dict] | None = None
+    needs_normal_images: Callable[[dict], bool] | None = None
+    validate: Callable[[dict], None] | None = None
     score_kinds: tuple[str, ...] = ()
     produces_maps: bool = False
     batch_size: int = 32
@@ -286,6 +309,9 @@ class MethodSpec:
     def check_params(self, params: dict[str, Any]) -> None:
         """ParameterError (the estimator's own message) if a value is impossible: checked
         before any image is read."""
+        if self.validate is not None:
+            self.validate(params)
+            return
         model = self.estimator(**params)
         validate = getattr(model, "_validate_params", None)
         if validate is not None:

@@ -441,18 +441,11 @@ class PatchCore(BaseDetector):
                 )
 
     def _iter_patch_batches(self, paths, desc: str, errors: dict[int, str] | None = None):
-        from anomalib_study.features import extract_feature_maps
+        from anomalib_study.patches import iter_patch_features
 
-        backbone = self.get_backbone()
-        maker = self._patch_maker()
-        layers = maker.resolve_layers(backbone)
-        for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=self.batch_size,
-                                                    num_workers=self.num_workers, device=self.device,
-                                                    progress=self.progress, desc=desc, embedding=False,
-                                                    errors=errors):
-            with torch.inference_mode():
-                features, grid = maker(maps, layers)
-            yield positions, features.cpu().numpy(), grid
+        return iter_patch_features(self.get_backbone(), paths, self._patch_maker(), batch_size=self.batch_size,
+                                   num_workers=self.num_workers, device=self.device, progress=self.progress,
+                                   desc=desc, errors=errors)
 
     def extract_patches(self, paths: Sequence[str | os.PathLike], desc: str = "patch features"
                         ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -461,17 +454,12 @@ class PatchCore(BaseDetector):
         For studies that fit several models on the same features (e.g. a coreset ablation)
         with :meth:`fit` / :meth:`score_patches`; :meth:`fit_paths` avoids holding them twice.
         """
+        from anomalib_study.patches import collect_patch_features
+
         self._validate_params()
-        paths = list(paths)
-        if not paths:
-            raise ParameterError("extract_patches needs at least one image")
-        out = grid = None
-        for positions, features, grid_here in self._iter_patch_batches(paths, desc):
-            if out is None:
-                grid = tuple(grid_here)
-                out = np.empty((len(paths), *features.shape[1:]), dtype=np.float32)
-            out[positions] = features
-        return out, grid
+        return collect_patch_features(self.get_backbone(), list(paths), self._patch_maker(), batch_size=self.batch_size,
+                                      num_workers=self.num_workers, device=self.device, progress=self.progress,
+                                      desc=desc)
 
     def fit_paths(self, paths: Sequence[str | os.PathLike]) -> "PatchCore":
         """Fit on normal image files: backbone -> patch features -> coreset -> index. Returns self.
