@@ -1,4 +1,4 @@
-"""The ``anomalib-study`` command: detect, evaluate, run, download, make-synthetic, backbones.
+"""The ``anomalib-study`` command: detect, cluster, evaluate, run, download, make-synthetic, backbones.
 
 Errors caused by the input (a missing file, a bad parameter, a stale database) print one
 line naming what is wrong and exit with status 2; no traceback.
@@ -88,7 +88,7 @@ def _method_params(args: argparse.Namespace) -> dict:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from anomalib_study.methods import SPECS
+    from anomalib_study.methods import DETECTORS, SPECS
 
     methods = tuple(SPECS)
     parser = argparse.ArgumentParser(prog="anomalib-study", description=__doc__.splitlines()[0])
@@ -105,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_parser_type(positive_int), default=128)
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--result-dir", default="result", help="runs are written to <result-dir>/<timestamp>/")
-    p.add_argument("--method", choices=methods, default="knn", help="detector (default knn)")
+    p.add_argument("--method", choices=tuple(DETECTORS), default="knn", help="detector (default knn)")
     p.add_argument("--image-size", type=_parser_type(positive_int), default=None,
                    help="input side (default: the method's, e.g. 128 for the autoencoder, else the backbone's)")
     _add_resize_mode(p)
@@ -115,7 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="refuse a test folder holding unreadable images (all named) instead of skipping them")
     p.add_argument("--skip-unreadable-normal", action="store_true",
                    help="build the database without the unreadable normal images (recorded in it) instead of refusing")
-    _add_method_options(p)
+    _add_method_options(p, DETECTORS)
 
     p = sub.add_parser("evaluate", help="evaluate a method on a data set and write <out>/metrics.json")
     p.add_argument("--method", choices=methods, default="knn", help="method (default knn)")
@@ -132,7 +132,33 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--seed", type=int, default=None, help="seed of the split where the layout has no official one")
     p.add_argument("--out", required=True, help="folder for metrics.json (never overwritten)")
+    p.add_argument("--protocol", default=None, choices=("reproduction", "anomalous_only"),
+                   help="clustering methods: the test images grouped (default reproduction: normal test images kept "
+                        "as one class, 'combined' removed; anomalous_only: defects only)")
     _add_method_options(p)
+
+    p = sub.add_parser("cluster", help="group the images of a folder into anomaly types (anomaly clustering)")
+    p.add_argument("folder", help="folder of images to group (e.g. a day's rejected parts)")
+    p.add_argument("--normal-dir", default=None,
+                   help="folder of normal images: semi-supervised patch scores (default: unsupervised, none needed)")
+    p.add_argument("--n-clusters", type=_parser_type(positive_int), default=None,
+                   help="number of clusters (default: chosen by the silhouette over 2..--max-clusters)")
+    p.add_argument("--max-clusters", type=_parser_type(positive_int), default=10)
+    p.add_argument("--out", default="clusters", help="runs are written to <out>/<timestamp>/ (default clusters)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
+    p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
+    p.add_argument("--image-size", type=_parser_type(positive_int), default=None)
+    _add_resize_mode(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=_parser_type(positive_int), default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="refuse a folder holding unreadable images instead of "
+                                                         "skipping them")
+    p.add_argument("--tau", type=float, default=None, help="softmax temperature of the patch weights (default: "
+                                                           "the label-free rule)")
+    p.add_argument("--linkage", default="ward", choices=("ward", "average", "complete", "single", "kmeans", "spectral"))
+    p.add_argument("--n-references", type=_parser_type(positive_int), default=None,
+                   help="unsupervised: reference images per image (default all: exact)")
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
@@ -166,10 +192,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         args.method, args.dataset, args.root, category=args.category, backbone=args.backbone, weights=args.weights,
         image_size=args.image_size, resize_mode=args.resize_mode, device=args.device, out=args.out,
         dataset_options=options, batch_size=args.batch_size, num_workers=args.num_workers,
-        cache=None if args.no_cache else "default", **_method_params(args),
+        cache=None if args.no_cache else "default", protocol=args.protocol, **_method_params(args),
     )
-    _print_metrics(metrics, args)
+    (_print_clustering if metrics.get("task") == "clustering" else _print_metrics)(metrics, args)
     return 0
+
+
+def _print_clustering(metrics: dict, args: argparse.Namespace) -> None:
+    protocol = metrics["protocol"]
+    print(f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: {protocol['n_images']} images of "
+          f"{protocol['n_classes']} types, {protocol['n_clusters']} clusters (protocol {protocol['name']})")
+    print(f"{'mode':>16} {'NMI':>6} {'ARI':>6} {'F1':>6}  tau")
+    for mode, row in metrics["modes"].items():
+        tau = "-" if row["tau"] is None else f"{row['tau']:.4g}"
+        oracle = row.get("oracle")
+        note = f"  (oracle tau {oracle['tau']:.4g}: NMI {oracle['nmi']:.3f})" if oracle and oracle["tau"] is not None else ""
+        print(f"{mode:>16} {row['nmi']:6.3f} {row['ari']:6.3f} {row['f1']:6.3f}  {tau}{note}")
+    print(f"total {metrics['timings']['total_s']:.1f} s  peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB")
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
 
 
 def _print_metrics(metrics: dict, args: argparse.Namespace) -> None:
@@ -195,6 +235,30 @@ def _print_metrics(metrics: dict, args: argparse.Namespace) -> None:
     print(f"fit {timings['fit_s']:.1f} s  predict {timings['predict_s']:.1f} s  "
           f"peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB")
     print(f"wrote {Path(args.out) / 'metrics.json'}")
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    import json
+
+    from anomalib_study.cluster import cluster_folder
+
+    run_dir = cluster_folder(
+        args.folder, args.out, normal_dir=args.normal_dir, n_clusters=args.n_clusters, max_clusters=args.max_clusters,
+        backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+        resize_mode=args.resize_mode or "crop", device=args.device, batch_size=args.batch_size,
+        num_workers=args.num_workers, strict=args.strict, tau=args.tau, linkage=args.linkage,
+        n_references=args.n_references,
+    )
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    sizes = ", ".join(f"{k}: {v}" for k, v in config["cluster_sizes"].items())
+    print(f"{config['n_clustered']} image(s) in {config['n_clusters']} clusters ({sizes}); "
+          f"{config['settings']['mode']} patch scores")
+    print(f"number of clusters: {config['n_clusters_rule']}")
+    print(f"tau: {config['tau_rule']}")
+    if config["n_skipped"]:
+        print(f"{config['n_skipped']} unreadable image(s) skipped: see {Path(run_dir) / 'skipped.csv'}")
+    print(f"results in {run_dir}")
+    return 0
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
@@ -250,6 +314,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "detect": _cmd_detect,
+    "cluster": _cmd_cluster,
     "evaluate": _cmd_evaluate,
     "run": _cmd_run,
     "download": _cmd_download,

@@ -157,3 +157,263 @@ def overlays_html(paths: Sequence, maps: np.ndarray, masks: Sequence | None, cap
                html.escape(caption))
         )
     return "<div>" + "".join(cells) + "</div>"
+
+
+def figure_jpeg(fig: Figure, quality: int = 70) -> bytes:
+    """The figure as JPEG bytes (at the figure's DPI, white background): for figures that are
+    mostly photographs (thumbnail sheets, weight maps), several times smaller than a PNG.
+    Display with ``IPython.display.Image(data, format="jpeg")``."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="jpeg", dpi=fig.dpi, facecolor="white", pil_kwargs={"quality": quality, "optimize": True})
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------ anomaly clustering
+def plot_confusion(counts, clusters: Sequence, classes: Sequence[str], title: str | None = None) -> Figure:
+    """Heatmap of a clustering against the true types, counts written in the cells.
+
+    Args:
+        counts: (n_clusters, n_classes) image counts, row = cluster, column = type
+            (the ``confusion`` of a clustering result).
+        clusters: the row labels (cluster numbers).
+        classes: the column labels (defect types).
+    """
+    import seaborn as sns
+
+    counts = np.asarray(counts, dtype=int).reshape(len(clusters), len(classes))
+    width = min(9.0, 1.6 + 0.62 * len(classes))
+    height = min(7.0, 1.1 + 0.38 * len(clusters))
+    fig, ax = plt.subplots(figsize=(width, height))
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, linewidths=0.5, linecolor="white",
+                xticklabels=[str(c) for c in classes], yticklabels=[f"cluster {c}" for c in clusters],
+                annot_kws={"fontsize": 8}, ax=ax)
+    ax.set(xlabel="true type", ylabel="")
+    ax.tick_params(labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    plt.setp(ax.get_yticklabels(), rotation=0)
+    ax.set_title(title or "Clusters x true types (images)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _tau_positions(relatives: Sequence[float]) -> tuple[list[float], float, float]:
+    """x positions on a log axis for tau / label-free tau: 0 and inf get a place half a
+    decade beyond the smallest and largest finite positive values."""
+    finite = [r for r in relatives if r is not None and 0 < r < np.inf]
+    lo, hi = (min(finite), max(finite)) if finite else (1.0, 1.0)
+    zero, infinity = lo / 10 ** 0.6, hi * 10 ** 0.6
+
+    def place(r):
+        if r is None or np.isinf(r):
+            return infinity
+        return zero if r == 0 else float(r)
+
+    return [place(r) for r in relatives], zero, infinity
+
+
+def plot_tau_curve(curves: dict[str, list[dict]], chosen: dict[str, float] | None = None,
+                   title: str | None = None, chosen_label: str = "chosen tau (label-free)",
+                   reference: str = "label-free tau") -> Figure:
+    """NMI, ARI and F1 against tau relative to the label-free tau, one panel per mode.
+
+    Args:
+        curves: ``mode -> [{tau, relative, nmi, ari, f1}, ...]`` (the ``tau_curve`` of each
+            mode; modes with an empty curve, e.g. ``average``, are left out). ``relative``
+            is tau / the label-free tau; 0 (all weight on the top patch) and inf (uniform
+            weights) are drawn at the two ends of the log axis, joined by dotted lines,
+            with labelled ticks.
+        chosen: ``mode -> relative tau that was used`` (1.0 for the label-free rule), marked
+            by a vertical line. The best-NMI point is marked as "oracle (labels)": it is
+            picked by looking at the labels, an upper bound rather than a result.
+        chosen_label: legend of the chosen tau; reference: what ``relative`` divides by (x label),
+            e.g. "given tau" when tau was set by hand.
+    """
+    chosen = chosen or {}
+    modes = [m for m, curve in curves.items() if curve]
+    if not modes:
+        fig, ax = plt.subplots(figsize=_FIGSIZE)
+        ax.text(0.5, 0.5, "no tau curve (no mode with patch scores)", ha="center", va="center", fontsize=9)
+        ax.set_axis_off()
+        return fig
+    fig, axes = plt.subplots(1, len(modes), figsize=(min(4.2 * len(modes), 12.6), 3.4), sharey=True, squeeze=False)
+    colours = {"nmi": "tab:blue", "ari": "tab:orange", "f1": "tab:green"}
+    for ax, mode in zip(axes[0], modes):
+        points = sorted(curves[mode], key=lambda p: np.inf if p["relative"] is None else p["relative"])
+        relatives = [np.inf if p["relative"] is None else float(p["relative"]) for p in points]
+        xs, zero, infinity = _tau_positions(relatives)
+        inner = [i for i, r in enumerate(relatives) if 0 < r < np.inf]
+        for key, colour in colours.items():
+            ys = [p[key] for p in points]
+            ax.plot([xs[i] for i in inner], [ys[i] for i in inner], marker="o", markersize=3.5, color=colour,
+                    label=key.upper())
+            ends = [i for i in range(len(points)) if i not in inner]
+            for i in ends:  # off-scale ends, dotted to their neighbour on the scale
+                neighbour = min(inner, key=lambda j: abs(j - i)) if inner else i
+                ax.plot([xs[neighbour], xs[i]], [ys[neighbour], ys[i]], linestyle=":", color=colour, linewidth=1)
+                ax.plot(xs[i], ys[i], marker="s", markersize=3.5, color=colour)
+        best = max(range(len(points)), key=lambda i: points[i]["nmi"])
+        ax.plot(xs[best], points[best]["nmi"], marker="*", markersize=12, color="tab:red", linestyle="none",
+                label=f"oracle (labels): NMI {points[best]['nmi']:.3f}")
+        if mode in chosen and chosen[mode] is not None:
+            x_chosen = _tau_positions([chosen[mode]] + relatives)[0][0]
+            ax.axvline(x_chosen, color="black", linestyle="--", linewidth=1, label=chosen_label)
+        ax.set_xscale("log")
+        ticks = sorted(set(xs))
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["0\n(top)" if t == zero else "inf\n(uniform)" if t == infinity else f"{t:g}"
+                            for t in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel(f"tau / {reference}", fontsize=8)
+        ax.set_title(mode, fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="best")
+    axes[0, 0].set_ylabel("score against the true types", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _thumbnail_tile(path, thumb: int) -> tuple[np.ndarray, bool]:
+    """(thumb, thumb, 3) uint8: the image shrunk to fit, centred on white; or, for a file
+    that cannot be read, a grey placeholder with a red cross. Second value: readable."""
+    from PIL import Image, ImageDraw
+
+    from anomalib_study.errors import DataError
+
+    tile = Image.new("RGB", (thumb, thumb), (255, 255, 255))
+    try:
+        image = load_image(path)
+    except DataError:
+        tile.paste((200, 200, 200), (0, 0, thumb, thumb))
+        draw = ImageDraw.Draw(tile)
+        draw.line((4, 4, thumb - 5, thumb - 5), fill=(200, 0, 0), width=3)
+        draw.line((4, thumb - 5, thumb - 5, 4), fill=(200, 0, 0), width=3)
+        return np.asarray(tile), False
+    image.thumbnail((thumb, thumb))
+    tile.paste(image, ((thumb - image.width) // 2, (thumb - image.height) // 2))
+    return np.asarray(tile), True
+
+
+def cluster_thumbnail_sheet(paths_by_cluster: dict[int, Sequence], max_per_cluster: int = 12, thumb: int = 96,
+                            titles: dict[int, Sequence[str]] | None = None) -> Figure:
+    """One row per cluster, of small thumbnails of its first ``max_per_cluster`` images.
+
+    Each row is one axes (its thumbnails pasted side by side), titled "cluster k (n images)".
+    ``thumb``: side of a thumbnail in pixels at the figure's DPI. ``titles``: optional
+    ``cluster -> captions`` (one per path, e.g. the true type), written under the thumbnails.
+    An image that cannot be read (missing, corrupt) is not an error: it is drawn as a grey
+    placeholder with a red cross, its caption says "unreadable", and the row title counts it.
+    """
+    clusters = list(paths_by_cluster)
+    if not clusters:
+        raise ValueError("paths_by_cluster is empty: no cluster to draw")
+    columns = max(1, min(max_per_cluster, max(len(paths_by_cluster[c]) for c in clusters)))
+    gap = max(2, thumb // 24)
+    dpi = float(plt.rcParams["figure.dpi"])
+    row_inches = (thumb + 34) / dpi
+    fig, axes = plt.subplots(len(clusters), 1, squeeze=False,
+                             figsize=((columns * (thumb + gap) + 20) / dpi, row_inches * len(clusters)))
+    for ax, cluster in zip(axes[:, 0], clusters):
+        paths = list(paths_by_cluster[cluster])
+        shown = paths[:max_per_cluster]
+        captions = list((titles or {}).get(cluster, []))[:len(shown)]
+        strip = np.full((thumb, columns * (thumb + gap) - gap, 3), 255, dtype=np.uint8)
+        unreadable = 0
+        for j, path in enumerate(shown):
+            tile, ok = _thumbnail_tile(path, thumb)
+            unreadable += not ok
+            strip[:, j * (thumb + gap): j * (thumb + gap) + thumb] = tile
+            caption = (captions[j] if j < len(captions) else "") if ok else "unreadable"
+            if caption:
+                ax.text(j * (thumb + gap) + thumb / 2, thumb + 2, caption, ha="center", va="top", fontsize=6,
+                        color="black" if ok else "tab:red")
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_axis_off()
+        head = f"cluster {cluster} ({len(paths)} image{'s' if len(paths) != 1 else ''}"
+        if len(shown) < len(paths):
+            head += f", {len(shown)} shown"
+        if unreadable:
+            head += f", {unreadable} unreadable"
+        ax.set_title(head + ")", fontsize=8, loc="left")
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.3 / (row_inches * len(clusters)), bottom=0.02, hspace=0.45)
+    return fig
+
+
+def plot_embedding_2d(embeddings, labels: Sequence, title: str | None = None) -> Figure:
+    """The image embeddings (n, D) projected on their first two principal components
+    (sklearn PCA, centred, not whitened), one colour per label (e.g. the true type)."""
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(embeddings, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] != len(labels):
+        raise ValueError(f"embeddings must be (n, D) with one label per row, got {X.shape} and {len(labels)} labels")
+    components = min(2, X.shape[0], X.shape[1])
+    pca = PCA(n_components=components).fit(X)
+    xy = np.zeros((X.shape[0], 2))
+    xy[:, :components] = pca.transform(X)
+    ratios = list(pca.explained_variance_ratio_) + [0.0] * (2 - components)
+    labels = np.asarray([str(v) for v in labels])
+    fig, ax = plt.subplots(figsize=_FIGSIZE)
+    markers = "osD^vP*X<>"
+    for i, label in enumerate(dict.fromkeys(labels)):
+        chosen = labels == label
+        ax.scatter(xy[chosen, 0], xy[chosen, 1], s=18, marker=markers[i % len(markers)], alpha=0.8,
+                   label=f"{label} ({int(chosen.sum())})")
+    ax.set(xlabel=f"PC 1 ({ratios[0]:.0%} of the variance)", ylabel=f"PC 2 ({ratios[1]:.0%})",
+           title=title or "Image embeddings, PCA")
+    ax.legend(fontsize=7, loc="best", markerscale=0.9)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_weight_maps(images: Sequence, weights, grid: Sequence[int], masks: Sequence | None = None,
+                     titles: Sequence[str] | None = None, columns: int = 6) -> Figure:
+    """The patch weights alpha of each image drawn over it (the paper's "matrix alpha").
+
+    Args:
+        images: PIL images or (H, W[, 3]) arrays, in the geometry the weights were computed
+            on (the backbone's preprocessed input: see :func:`crop_like_input`).
+        weights: (n, h * w) weights per image (rows sum to 1), reshaped to ``grid`` = (h, w),
+            upsampled bilinearly to the image and shown in ``inferno``, each on its own
+            scale from 0 to its largest weight (written in the title).
+        masks: per image a (H', W') bool ground truth or None; its outline is drawn in
+            cyan (resized to the image, nearest neighbour, if its size differs).
+        titles: per image a caption.
+        columns: images per row.
+    """
+    from PIL import Image
+
+    weights = np.asarray(weights, dtype=np.float64)
+    h, w = (int(v) for v in grid)
+    if weights.ndim != 2 or weights.shape[0] != len(images) or weights.shape[1] != h * w:
+        raise ValueError(f"weights must be ({len(images)}, {h * w}) for {len(images)} images on a {h} x {w} grid, "
+                         f"got {weights.shape}")
+    n = len(images)
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.75 * columns, 1.95 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k >= n:
+            ax.remove()
+            continue
+        image = images[k]
+        picture = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        H, W = picture.shape[:2]
+        alpha = Image.fromarray(weights[k].reshape(h, w).astype(np.float32), mode="F")
+        alpha = np.asarray(alpha.resize((W, H), Image.BILINEAR))
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+        ax.imshow(alpha, cmap="inferno", alpha=0.55, vmin=0.0, vmax=max(float(weights[k].max()), 1e-12))
+        mask = None if masks is None else masks[k]
+        if mask is not None and np.asarray(mask).any():
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != (H, W):
+                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((W, H), Image.NEAREST)) > 127
+            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.9)
+        caption = (titles[k] + "\n") if titles is not None else ""
+        ax.set_title(f"{caption}max alpha {weights[k].max():.3f}", fontsize=7)
+    fig.tight_layout(pad=0.3)
+    return fig

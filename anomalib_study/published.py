@@ -158,3 +158,81 @@ def autoencoder_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                          "score": None, "data": f"MVTec AD {category}", "image_auroc": figure,
                          "training": AUTOENCODER_SETTING["training"], "what differs": "; ".join(differs)})
     return rows
+
+
+#: Anomaly clustering (Sohn et al., WACV 2023) and its public DINO ViT-B/8 reproduction, on MVTec AD.
+#: NMI / ARI / F1 (F1 after matching clusters to types); None where the source prints no figure.
+ANOMALY_CLUSTERING_SETTING = {
+    "paper": {"source": "published (Sohn et al., WACV 2023)", "backbone": "WideResNet-50 (ImageNet)",
+              "tau": "as in the paper"},
+    "reproduction": {"source": "published (DINO ViT-B/8 reproduction)", "backbone": "DINO ViT-B/8",
+                     "tau": "chosen with the labels (best of its sweep)"},
+    "reproduction_per_category": {"source": "published (DINO ViT-B/8 reproduction)", "backbone": "DINO ViT-B/8",
+                                  "tau": "tau = 2 (on its own distance scale)"},
+}
+ANOMALY_CLUSTERING = [  # (setting, data, mode, {nmi, ari, f1})
+    ("paper", "MVTec AD objects (mean)", "unsupervised", {"nmi": 0.451, "ari": None, "f1": None}),
+    ("paper", "MVTec AD objects (mean)", "semi_supervised", {"nmi": 0.577, "ari": None, "f1": None}),
+    ("paper", "MVTec AD textures (mean)", "unsupervised", {"nmi": 0.674, "ari": None, "f1": None}),
+    ("paper", "MVTec AD textures (mean)", "semi_supervised", {"nmi": 0.669, "ari": None, "f1": None}),
+    ("reproduction", "MVTec AD objects (mean)", "unsupervised", {"nmi": 0.430, "ari": 0.292, "f1": 0.543}),
+    ("reproduction", "MVTec AD objects (mean)", "semi_supervised", {"nmi": 0.608, "ari": 0.496, "f1": 0.696}),
+    ("reproduction", "MVTec AD textures (mean)", "unsupervised", {"nmi": 0.757, "ari": 0.686, "f1": 0.806}),
+    ("reproduction", "MVTec AD textures (mean)", "semi_supervised", {"nmi": 0.790, "ari": 0.741, "f1": 0.857}),
+    ("reproduction_per_category", "mvtec_ad/bottle", "unsupervised", {"nmi": 0.578, "ari": 0.460, "f1": 0.687}),
+    ("reproduction_per_category", "mvtec_ad/bottle", "semi_supervised", {"nmi": 0.680, "ari": 0.564, "f1": 0.759}),
+    ("reproduction_per_category", "mvtec_ad/transistor", "unsupervised", {"nmi": 0.543, "ari": 0.542, "f1": 0.780}),
+    ("reproduction_per_category", "mvtec_ad/transistor", "semi_supervised",
+     {"nmi": 0.576, "ari": 0.375, "f1": 0.610}),
+]
+_MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor",
+                  "zipper")
+
+
+def anomaly_clustering_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows ``{source, data, mode, backbone, tau, nmi, ari, f1, what differs}``.
+
+    This run first (one row per mode it ran, tau as it was chosen), then every published
+    anomaly-clustering figure: the paper's NMI means over the MVTec AD object and texture
+    categories, the DINO ViT-B/8 reproduction's means (tau chosen with the labels) and its
+    per-category rows (tau = 2). Rows on this run's own category come first, then the means
+    of its family (objects or textures), then the rest.
+    """
+    data = metrics["dataset"]
+    name = data["name"] + (" (synthetic)" if metrics.get("synthetic") else "")
+    backbone = metrics["backbone"]["label"]
+    protocol = (metrics.get("protocol") or {}).get("name", "reproduction")
+    rows = []
+    for mode, result in metrics["modes"].items():
+        tau = result.get("tau")
+        given = (metrics.get("params") or {}).get("tau") is not None
+        rows.append({"source": "this run", "data": name, "mode": mode, "backbone": backbone,
+                     "tau": ("uniform weights (no tau)" if tau is None
+                             else f"{tau:.3g} ({'given' if given else 'label-free rule'})"),
+                     "nmi": result["nmi"], "ari": result["ari"], "f1": result["f1"], "what differs": ""})
+    category = data["name"].split("/", 1)[1] if data["layout"] == "mvtec_ad" and "/" in data["name"] else None
+    family = ("objects" if category in _MVTEC_OBJECTS or data["layout"] == "mvtec_3d"
+              else "textures")  # DAGM, Magnetic-tile, NEU-DET, KolektorSDD: surfaces
+
+    def rank(entry):
+        row_data = entry[1]
+        return (0 if category and row_data.endswith("/" + category) else 1 if family in row_data else 2)
+
+    for setting, row_data, mode, figures in sorted(ANOMALY_CLUSTERING, key=rank):
+        source = ANOMALY_CLUSTERING_SETTING[setting]
+        differs = []
+        if not (category and row_data.endswith("/" + category)):
+            differs.append(f"data: {row_data} vs {name} in this run"
+                           + (" (a mean over every MVTec AD category of the family; we have only some)"
+                              if "mean" in row_data else ""))
+        differs.append(f"backbone: {source['backbone']} (weights not available here) vs this run's {backbone}")
+        differs.append(f"tau: {source['tau']} vs this run's " + (
+            "given tau" if (metrics.get("params") or {}).get("tau") is not None
+            else "label-free rule (no labels used)"))
+        if setting != "paper" and protocol != "reproduction":
+            differs.append(f"protocol: this run's {protocol!r} vs the reproduction's (normal test images kept as a class)")
+        if mode not in metrics["modes"]:
+            differs.append(f"mode {mode} not run here")
+        rows.append({"source": source["source"], "data": row_data, "mode": mode, "backbone": source["backbone"],
+                     "tau": source["tau"], **figures, "what differs": "; ".join(differs)})
+    return rows

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from anomalib_study.errors import ParameterError
+from anomalib_study.hardware import native_bf16
 from anomalib_study.methods.clustering import LINKAGES, choose_n_clusters, cluster_embeddings
 from anomalib_study.metrics import clustering_metrics
 
@@ -53,3 +56,150 @@ def test_bad_parameters_are_named():
         choose_n_clusters(X[:2])
     with pytest.raises(ParameterError, match="no candidate"):
         choose_n_clusters(X, candidates=[1, 50])
+
+
+# ------------------------------------------------------------------ patch scores, weights, estimator
+from anomalib_study.methods import clustering as clu  # noqa: E402
+
+
+def _brute_unsupervised(Z):
+    n = Z.shape[0]
+    out = np.zeros(Z.shape[:2])
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                d = np.sqrt(((Z[i][:, None, :].astype(np.float64) - Z[j][None]) ** 2).sum(-1))
+                out[i] += d.min(axis=1)
+    return out / (n - 1)
+
+
+def _bags(n=12, P=9, D=5, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, P, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("block_rows", [8192, 9 * 3, 9])  # one block; several blocks (off-diagonal pairs); 1 image
+def test_unsupervised_scores_equal_the_definition(monkeypatch, block_rows):
+    Z = _bags()
+    monkeypatch.setattr(clu, "_BLOCK_ROWS", block_rows)
+    np.testing.assert_allclose(clu.unsupervised_patch_scores(Z), _brute_unsupervised(Z), rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_never_matches_itself():
+    Z = _bags(n=3)
+    Z[1] = Z[0]  # a duplicate: image 0's nearest other image is at distance 0, its own copy does not count twice
+    scores = clu.unsupervised_patch_scores(Z)
+    # (a zero distance comes out as ~1e-4: float32 cancellation in |a|^2 + |b|^2 - 2ab)
+    np.testing.assert_allclose(scores[0], _brute_unsupervised(Z)[0], atol=1e-3)
+    assert (scores[0] > 0.05).all()
+
+
+def test_reference_subset_leaves_the_image_itself_out(monkeypatch):
+    Z = _bags(n=10)
+    rng = np.random.default_rng(4)
+    refs = np.sort(rng.choice(10, size=4, replace=False))
+    expected = np.zeros(Z.shape[:2])
+    for i in range(10):
+        others = [j for j in refs if j != i]
+        for j in others:
+            d = np.sqrt(((Z[i][:, None, :].astype(np.float64) - Z[j][None]) ** 2).sum(-1))
+            expected[i] += d.min(axis=1) / len(others)
+    monkeypatch.setattr(clu, "_BLOCK_ROWS", 18)
+    np.testing.assert_allclose(clu.unsupervised_patch_scores(Z, n_references=4, seed=4), expected, atol=1e-5)
+    exact = clu.unsupervised_patch_scores(Z)
+    np.testing.assert_allclose(clu.unsupervised_patch_scores(Z, n_references=10), exact, atol=1e-6)
+
+
+def test_projection_and_bf16_approximate_the_exact_scores():
+    Z = _bags(n=8, P=16, D=64)
+    exact = clu.unsupervised_patch_scores(Z)
+    projected = clu.unsupervised_patch_scores(Z, distance_dim=32)
+    assert projected.shape == exact.shape and not np.allclose(projected, exact)
+    assert np.corrcoef(projected.ravel(), exact.ravel())[0, 1] > 0.5
+    with pytest.warns(UserWarning, match="emulated") if not native_bf16() else contextlib.nullcontext():
+        bf16 = clu.unsupervised_patch_scores(Z, precision="bf16")
+    np.testing.assert_allclose(bf16, exact, rtol=0.05)
+
+
+def test_semi_supervised_scores_are_nearest_bank_distances():
+    Z, bank = _bags(n=4), _bags(n=6, seed=1).reshape(-1, 5)
+    scores = clu.semi_supervised_patch_scores(Z, bank)
+    d = np.sqrt(((Z.reshape(-1, 1, 5).astype(np.float64) - bank[None]) ** 2).sum(-1)).min(axis=1)
+    np.testing.assert_allclose(scores.ravel(), d, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ParameterError, match="features"):
+        clu.semi_supervised_patch_scores(Z, bank[:, :3])
+
+
+def test_weights_softmax_top_patch_ties_and_uniform():
+    s = np.array([[0.0, 1.0, 1.0, -2.0], [3.0, 0.0, 0.0, 0.0]])
+    top = clu.patch_weights(s, 0)
+    np.testing.assert_allclose(top, [[0, 0.5, 0.5, 0], [1, 0, 0, 0]])
+    soft = clu.patch_weights(s, 1.0)
+    np.testing.assert_allclose(soft[1], np.exp([3, 0, 0, 0]) / np.exp([3, 0, 0, 0]).sum())
+    np.testing.assert_allclose(clu.patch_weights(s, float("inf")), 0.25)
+    assert np.allclose(clu.patch_weights(s * 1000, 1.0).sum(axis=1), 1)  # no overflow
+    with pytest.raises(ParameterError, match="tau must be"):
+        clu.patch_weights(s, -1)
+
+
+def test_label_free_tau_hits_the_share_and_scales_with_the_scores():
+    s = np.random.default_rng(0).gamma(2.0, size=(30, 100))
+    tau = clu.label_free_tau(s, 0.2)
+    assert np.median(clu.effective_share(clu.patch_weights(s, tau))) == pytest.approx(0.2, abs=1e-6)
+    assert clu.label_free_tau(s * 7, 0.2) == pytest.approx(7 * tau, rel=1e-6)
+    assert clu.label_free_tau(np.ones((3, 5))) == 0.0
+    with pytest.raises(ParameterError, match="weight_share"):
+        clu.label_free_tau(s, 1.5)
+
+
+def _defect_bags(seed=0, n_per=10, P=64, D=12, nuisance=1.0):
+    """Three defect types, each a few patches shifted along its own axis, under a strong
+    per-image nuisance shared by all its patches: the average embedding follows the nuisance,
+    a patch-weighted one the defect."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), n_per)
+    Z = rng.normal(0, 0.2, (y.size, P, D)).astype(np.float32)
+    Z += rng.normal(0, nuisance, (y.size, 1, D)).astype(np.float32) * (np.arange(D) >= 3)
+    for i, kind in enumerate(y):
+        Z[i, rng.choice(P, 3, replace=False), kind] += 6.0
+    normal = rng.normal(0, 0.2, (15, P, D)).astype(np.float32)
+    normal += rng.normal(0, nuisance, (15, 1, D)).astype(np.float32) * (np.arange(D) >= 3)
+    return Z, y, normal
+
+
+def test_weighted_modes_recover_types_that_the_average_misses():
+    Z, y, normal = _defect_bags()
+    nmi = {}
+    for mode in clu.MODES:
+        model = clu.AnomalyClustering(mode=mode, n_clusters=3, coreset_ratio=1.0, progress=False).fit(normal)
+        labels = model.fit_predict(Z)
+        nmi[mode] = clustering_metrics(y, labels)["nmi"]
+        assert model.weights_.shape == Z.shape[:2] and np.allclose(model.weights_.sum(axis=1), 1)
+        assert model.embeddings_.shape == (30, 12)
+    assert nmi["semi_supervised"] > 0.9 and nmi["unsupervised"] > 0.9
+    assert nmi["average"] < 0.5
+
+
+def test_estimator_chooses_clusters_and_reclusters():
+    Z, y, _ = _defect_bags()
+    model = clu.AnomalyClustering(progress=False).fit()
+    labels = model.fit_predict(Z)
+    assert model.n_clusters_ == 3 and "silhouette" in model.n_clusters_rule_
+    assert clustering_metrics(y, labels)["f1"] > 0.9
+    described = model.describe()
+    assert described["tau"] == pytest.approx(model.tau_) and "label-free" in described["tau_rule"]
+    again = model.recluster(tau=0.0, n_clusters=2)
+    assert set(again) == {0, 1} and model.tau_ == 0.0
+
+
+def test_estimator_refuses_impossible_use():
+    with pytest.raises(ParameterError, match="mode must be one of"):
+        clu.AnomalyClustering(mode="supervised").fit()
+    with pytest.raises(ParameterError, match="needs normal images"):
+        clu.AnomalyClustering(mode="semi_supervised").fit()
+    with pytest.raises(ParameterError, match="at least 2 images"):
+        clu.unsupervised_patch_scores(_bags(n=1))
+    model = clu.AnomalyClustering(mode="semi_supervised", coreset_ratio=1.0, progress=False).fit(_bags(n=3))
+    with pytest.raises(ParameterError, match="features per patch"):
+        model.fit_predict(_bags(n=4, D=7))
+    with pytest.raises(ParameterError, match="NaN"):
+        clu.AnomalyClustering(progress=False).fit().fit_predict(np.full((3, 2, 2), np.nan))

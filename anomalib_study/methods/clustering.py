@@ -60,7 +60,7 @@ from anomalib_study.methods.base import BaseDetector, check_embeddings
 
 __all__ = [
     "AnomalyClustering", "LINKAGES", "MODES", "PRECISIONS", "choose_n_clusters", "cluster_embeddings",
-    "effective_share", "label_free_tau", "native_bf16", "patch_weights", "resolve_precision",
+    "TAU_FACTORS", "effective_share", "label_free_tau", "patch_weights",
     "semi_supervised_patch_scores", "unsupervised_patch_scores", "weighted_embeddings",
 ]
 
