@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -97,6 +98,9 @@ def cluster_folder(
     if bad and strict:
         raise DataError(unreadable_message(bad, "folder", folder, "and strict is set: fix or remove them"))
     readable = [p for p in paths if p not in bad]
+    if bad:
+        warnings.warn(f"{len(bad)} of {len(paths)} images could not be read and were left out: they are listed with "
+                      "the reason in skipped.csv", stacklevel=2)
     if len(readable) < 3:
         raise DataError(f"folder {folder} holds {len(readable)} readable image(s): clustering needs at least 3")
     if n_clusters is not None and n_clusters > len(readable):

@@ -196,6 +196,12 @@ def plot_confusion(counts, clusters: Sequence, classes: Sequence[str], title: st
     return fig
 
 
+def _relative_tau(value) -> float:
+    """A curve point's ``relative`` as a float: None and the string ``"inf"`` (how metrics
+    files store it, JSON having no infinity) are infinite."""
+    return np.inf if value is None else float(value)
+
+
 def _tau_positions(relatives: Sequence[float]) -> tuple[list[float], float, float]:
     """x positions on a log axis for tau / label-free tau: 0 and inf get a place half a
     decade beyond the smallest and largest finite positive values."""
@@ -219,7 +225,8 @@ def plot_tau_curve(curves: dict[str, list[dict]], chosen: dict[str, float] | Non
     Args:
         curves: ``mode -> [{tau, relative, nmi, ari, f1}, ...]`` (the ``tau_curve`` of each
             mode; modes with an empty curve, e.g. ``average``, are left out). ``relative``
-            is tau / the label-free tau; 0 (all weight on the top patch) and inf (uniform
+            is tau / the label-free tau (None or the string ``"inf"`` for infinity, as metrics
+            files store it); 0 (all weight on the top patch) and inf (uniform
             weights) are drawn at the two ends of the log axis, joined by dotted lines,
             with labelled ticks.
         chosen: ``mode -> relative tau that was used`` (1.0 for the label-free rule), marked
@@ -238,8 +245,8 @@ def plot_tau_curve(curves: dict[str, list[dict]], chosen: dict[str, float] | Non
     fig, axes = plt.subplots(1, len(modes), figsize=(min(4.2 * len(modes), 12.6), 3.4), sharey=True, squeeze=False)
     colours = {"nmi": "tab:blue", "ari": "tab:orange", "f1": "tab:green"}
     for ax, mode in zip(axes[0], modes):
-        points = sorted(curves[mode], key=lambda p: np.inf if p["relative"] is None else p["relative"])
-        relatives = [np.inf if p["relative"] is None else float(p["relative"]) for p in points]
+        points = sorted(curves[mode], key=lambda p: _relative_tau(p["relative"]))
+        relatives = [_relative_tau(p["relative"]) for p in points]
         xs, zero, infinity = _tau_positions(relatives)
         inner = [i for i, r in enumerate(relatives) if 0 < r < np.inf]
         for key, colour in colours.items():
@@ -255,7 +262,7 @@ def plot_tau_curve(curves: dict[str, list[dict]], chosen: dict[str, float] | Non
         ax.plot(xs[best], points[best]["nmi"], marker="*", markersize=12, color="tab:red", linestyle="none",
                 label=f"oracle (labels): NMI {points[best]['nmi']:.3f}")
         if mode in chosen and chosen[mode] is not None:
-            x_chosen = _tau_positions([chosen[mode]] + relatives)[0][0]
+            x_chosen = _tau_positions([_relative_tau(chosen[mode])] + relatives)[0][0]
             ax.axvline(x_chosen, color="black", linestyle="--", linewidth=1, label=chosen_label)
         ax.set_xscale("log")
         ticks = sorted(set(xs))

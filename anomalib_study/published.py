@@ -221,10 +221,12 @@ def anomaly_clustering_comparison(metrics: dict[str, Any]) -> list[dict[str, Any
     for setting, row_data, mode, figures in sorted(ANOMALY_CLUSTERING, key=rank):
         source = ANOMALY_CLUSTERING_SETTING[setting]
         differs = []
-        if not (category and row_data.endswith("/" + category)):
-            differs.append(f"data: {row_data} vs {name} in this run"
-                           + (" (a mean over every MVTec AD category of the family; we have only some)"
-                              if "mean" in row_data else ""))
+        if "mean" in row_data:
+            kind = "object" if "objects" in row_data else "texture"
+            differs.append(f"data: the mean over every MVTec AD {kind} category (only some are here) vs "
+                           f"{name} in this run")
+        elif not (category and row_data.endswith("/" + category)):
+            differs.append(f"data: {row_data} vs {name} in this run")
         differs.append(f"backbone: {source['backbone']} (weights not available here) vs this run's {backbone}")
         differs.append(f"tau: {source['tau']} vs this run's " + (
             "given tau" if (metrics.get("params") or {}).get("tau") is not None

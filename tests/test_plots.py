@@ -67,9 +67,9 @@ def test_confusion_heatmap_annotates_every_cell():
 
 
 def _curve(peak_at):
-    relatives = [0.0, 0.1, 0.5, 1.0, 2.0, 10.0, float("inf")]
-    return [{"tau": None if r == float("inf") else r * 0.3, "relative": r,
-             "nmi": 0.9 if r == peak_at else 0.4, "ari": 0.3, "f1": 0.5} for r in relatives]
+    relatives = [0.0, 0.1, 0.5, 1.0, 2.0, 10.0, "inf"]  # infinity as metrics files store it
+    return [{"tau": None if r == "inf" else r * 0.3, "relative": r,
+             "nmi": 0.9 if r == peak_at else 0.4, "ari": 0.3, "f1": 0.5} for r in relatives][::-1]
 
 
 def test_tau_curve_has_a_panel_per_scored_mode_and_marks_chosen_and_oracle():
@@ -87,6 +87,11 @@ def test_tau_curve_has_a_panel_per_scored_mode_and_marks_chosen_and_oracle():
     # the oracle at tau = 0 sits at the left end, below the smallest finite value
     star = next(line for line in fig.axes[1].lines if line.get_marker() == "*")
     assert star.get_xdata()[0] < 0.1
+    # float infinity and None are read as infinity too
+    curve = [{**p, "relative": float("inf")} if p["relative"] == "inf" else p for p in _curve("inf")]
+    fig = plots.plot_tau_curve({"unsupervised": curve}, {"unsupervised": 1.0})
+    star = next(line for line in fig.axes[0].lines if line.get_marker() == "*")
+    assert star.get_xdata()[0] > 10.0
     # a run without any curve still gives a figure
     assert isinstance(plots.plot_tau_curve({"average": []}, {}), Figure)
 

@@ -240,7 +240,8 @@ class MethodSpec:
         Returns ``runs``: one dict per variant compared (``name``, ``labels`` (n,),
         ``description`` (JSON-able: settings and what was chosen, e.g. tau and how),
         ``curve``: the labels at other values of the method's free parameter, as a list of
-        ``{"value", "relative", "labels"}``, and optionally ``weights`` / ``embeddings``
+        ``{"value", "relative", "labels"}`` (``relative``: the value over the one chosen, or
+        the string ``"inf"``; ``value`` None for an infinite one), and optionally ``weights`` / ``embeddings``
         arrays kept in memory only), ``timings`` and ``grid`` (patch grid or None).
     ``needs_normal_images(params) -> bool``
         whether ``params`` need normal (training) images.

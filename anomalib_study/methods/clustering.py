@@ -683,7 +683,8 @@ def _cluster_images(backbone, paths, normal_paths, params: dict, run, n_clusters
             free_tau = label_free_tau(model.patch_scores_, model.weight_share) if model.tau is None else model.tau
             for factor in TAU_FACTORS:
                 value = free_tau * factor if math.isfinite(factor) else math.inf
-                curve.append({"value": None if math.isinf(value) else float(value), "relative": factor,
+                curve.append({"value": None if math.isinf(value) else float(value),
+                              "relative": factor if math.isfinite(factor) else "inf",
                               "labels": model.recluster(tau=value).copy()})
             model.recluster()  # back to the chosen tau
         runs.append({"name": mode, "labels": labels, "description": description, "curve": curve,
