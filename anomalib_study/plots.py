@@ -160,11 +160,13 @@ def overlays_html(paths: Sequence, maps: np.ndarray, masks: Sequence | None, cap
 
 
 def figure_jpeg(fig: Figure, quality: int = 70) -> bytes:
-    """The figure as JPEG bytes (at the figure's DPI, white background): for figures that are
-    mostly photographs (thumbnail sheets, weight maps), several times smaller than a PNG.
-    Display with ``IPython.display.Image(data, format="jpeg")``."""
+    """The figure as JPEG bytes (at the figure's DPI, white background, cropped to what is
+    drawn as the notebooks' inline PNGs are): for figures that are mostly photographs
+    (thumbnail sheets, weight maps), several times smaller than a PNG. Display with
+    ``IPython.display.Image(data, format="jpeg")``."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="jpeg", dpi=fig.dpi, facecolor="white", pil_kwargs={"quality": quality, "optimize": True})
+    fig.savefig(buffer, format="jpeg", dpi=fig.dpi, facecolor="white", bbox_inches="tight", pad_inches=0.05,
+                pil_kwargs={"quality": quality, "optimize": True})
     return buffer.getvalue()
 
 
