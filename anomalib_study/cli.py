@@ -158,7 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                                            "the label-free rule)")
     p.add_argument("--linkage", default="ward", choices=("ward", "average", "complete", "single", "kmeans", "spectral"))
     p.add_argument("--n-references", type=_parser_type(positive_int), default=None,
-                   help="unsupervised: reference images per image (default all: exact)")
+                   help="unsupervised: reference images per image, a seeded subset (default 100; a number >= the "
+                        "images compares every image with all the others: exact)")
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
@@ -247,7 +248,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, image_size=args.image_size,
         resize_mode=args.resize_mode or "crop", device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, strict=args.strict, tau=args.tau, linkage=args.linkage,
-        n_references=args.n_references,
+        **({"n_references": args.n_references} if args.n_references is not None else {}),
     )
     config = json.loads((Path(run_dir) / "config.json").read_text())
     sizes = ", ".join(f"{k}: {v}" for k, v in config["cluster_sizes"].items())

@@ -169,12 +169,15 @@ def _nearest_distances(A: torch.Tensor, a_norms: torch.Tensor, B: torch.Tensor, 
         products = (A.to(torch.bfloat16) @ B.to(torch.bfloat16).T).float()
         block = products.mul_(-2.0).add_(b_norms[None, :])
     else:
-        block = torch.addmm(b_norms[None, :], A, B.T, alpha=-2.0)
-    block.add_(a_norms[:, None])
+        block = torch.addmm(b_norms[None, :], A, B.T, alpha=-2.0)  # |b|^2 - 2ab
     ca, cb = A.shape[0] // P, B.shape[0] // P
+    if not both:  # |a|^2 is constant along each row: added after the minimum, on (ca, P, cb) values only
+        rows = block.view(ca, P, cb, P).amin(dim=3).add_(a_norms.view(ca, P, 1))
+        return rows.clamp_(min=0).sqrt_(), None
+    block.add_(a_norms[:, None])
     block = block.view(ca, P, cb, P)
     rows = block.amin(dim=3).clamp_(min=0).sqrt_()
-    cols = block.amin(dim=1).clamp_(min=0).sqrt_() if both else None
+    cols = block.amin(dim=1).clamp_(min=0).sqrt_()
     return rows, cols
 
 
@@ -360,7 +363,9 @@ class AnomalyClustering(BaseDetector):
         n_clusters: number of clusters; None = chosen by the silhouette over 2..``max_clusters``.
         max_clusters: largest number tried when choosing.
         n_references: unsupervised mode: compare each image with a seeded random subset of this
-            many images (None = every other image: exact).
+            many images (default 100: exact up to 101 images; None = every other image, exact
+            at any size). The cost grows as n x n_references instead of n^2 / 2
+            (``benchmarks/bench_clustering.py`` measures both, and the NMI of each).
         distance_dim: unsupervised mode: random projection of the patch features for the
             distances (None = exact).
         precision: unsupervised distance products: ``"fp32"``, ``"bf16"``, ``"auto"``.
@@ -382,7 +387,7 @@ class AnomalyClustering(BaseDetector):
                  patch_size: int = 3, per_layer_dim: int | None = None, target_dim: int | None = None,
                  mode: str = "unsupervised", tau: float | None = None, weight_share: float = 0.1,
                  linkage: str = "ward", n_clusters: int | None = None, max_clusters: int = 10,
-                 n_references: int | None = None, distance_dim: int | None = None, precision: str = "fp32",
+                 n_references: int | None = 100, distance_dim: int | None = None, precision: str = "fp32",
                  coreset_ratio: float = 0.1, projection_dim: int | None = 128, index: str = "Flat", seed: int = 0,
                  batch_size: int = 16, num_workers: int = 0, device: str = "cpu", progress: bool = True):
         self.backbone = backbone
@@ -725,7 +730,8 @@ def _build_spec():
                         "spread over", float),
             MethodParam("linkage", "ward", "clustering algorithm", str, choices=LINKAGES),
             MethodParam("max_clusters", 10, "largest number of clusters tried when choosing it", positive_int),
-            MethodParam("n_references", None, "unsupervised: reference images per image (None: all, exact)",
+            MethodParam("n_references", 100, "unsupervised: reference images per image (None, or >= the images: "
+                        "all of them, exact)",
                         positive_int),
             MethodParam("distance_dim", None, "unsupervised: random projection of the distances (None: exact)",
                         positive_int),
