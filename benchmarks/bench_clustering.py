@@ -102,19 +102,14 @@ def _subset(types: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: Path | None = None) -> dict:
-    from bench_knn import machine_info
+    from bench_knn import PartialReport
 
     from anomalib_study.backbones import load_backbone
     from anomalib_study.hardware import native_bf16
     from anomalib_study.methods.clustering import AnomalyClustering
 
-    report: dict[str, Any] = {"machine_before": machine_info(), "native_bf16": native_bf16("cpu"), "quick": quick,
-                              "complete": False}
-
-    def save() -> None:
-        if out is not None:
-            write_json(out, {**report, "machine_now": {"load_average_1_5_15_min":
-                                                       machine_info()["load_average_1_5_15_min"]}})
+    report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick)
+    save = report.save
 
     name, records = _records(data, quick, work)
     types = np.array([r.defect_type for r in records])
@@ -187,9 +182,7 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: P
             log(f"scaling N={row['n_images']}: default {row['default_seconds']:.1f} s, exact {row['exact_seconds']:.1f} s")
             report["scaling"] = rows
             save()
-    report["complete"] = True
-    report["machine_after"] = {"load_average_1_5_15_min": machine_info()["load_average_1_5_15_min"]}
-    return report
+    return dict(report.finish())
 
 
 def summary(report: dict) -> list[str]:

@@ -113,6 +113,26 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class PartialReport(dict):
+    """A benchmark report rewritten after each part (``save``), marked ``"complete": false``
+    until ``finish``, so that a long run that is stopped keeps what it measured. Starts with
+    ``machine_before`` (:func:`machine_info`); ``out`` None writes nothing."""
+
+    def __init__(self, out: Path | None, **fields: Any):
+        super().__init__(machine_before=machine_info(), **fields, complete=False)
+        self.out = out
+
+    def save(self) -> None:
+        if self.out is not None:
+            write_json(self.out, {**self, "machine_now": {"load_average_1_5_15_min":
+                                                          machine_info()["load_average_1_5_15_min"]}})
+
+    def finish(self) -> "PartialReport":
+        self["complete"] = True
+        self["machine_after"] = {"load_average_1_5_15_min": machine_info()["load_average_1_5_15_min"]}
+        return self
+
+
 class Clock:
     """Wall time, this process's CPU time and finished child processes' CPU time (DataLoader
     workers are joined at the end of each pass, so their CPU time is counted)."""

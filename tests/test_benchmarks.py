@@ -133,3 +133,23 @@ def test_bench_autoencoder_quick_default_and_longer(tmp_path):
         assert longer["image_auroc_residual_gain_over_default"] == pytest.approx(
             longer["image_auroc_residual"] - default["image_auroc_residual"])
     assert isinstance(report["native_bf16"], bool)
+
+
+def test_bench_clustering_quick_default_options_and_scaling(tmp_path):
+    """bench_clustering.py --quick on the synthetic set: the default pipeline, the exact computation
+    and the cheaper options on the same features, and the cost against N."""
+    spec = importlib.util.spec_from_file_location("bench_clustering", REPO / "benchmarks" / "bench_clustering.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "clustering.json"
+    assert module.main(["--quick", "--parts", "default,options,scaling", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["settings"]["n_images"] == 60
+    for key in ("total_seconds", "peak_memory_gb", "exact_nmi", "default_nmi"):
+        assert isinstance(report[key], float)
+    assert report["total_seconds"] == pytest.approx(sum(report["default"]["stages_s"].values()), abs=0.01)
+    assert report["default_nmi_gap"] == pytest.approx(report["default_nmi"] - report["exact_nmi"])
+    assert set(report["options"]) == {"exact", "references_64", "references_128", "references_256", "distance_dim_64"}
+    assert report["options"]["exact"]["settings"] == {"n_references": None}
+    assert [row["n_images"] for row in report["scaling"]] == [20, 40, 60]
+    assert any(line.startswith("default pipeline") for line in module.summary(report))

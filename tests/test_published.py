@@ -1,4 +1,6 @@
-from anomalib_study.published import DN2_ACCURACY, autoencoder_comparison, dn2_comparison, patchcore_comparison
+from anomalib_study.published import (
+    DN2_ACCURACY, anomaly_clustering_comparison, autoencoder_comparison, dn2_comparison, patchcore_comparison,
+)
 
 
 def _metrics(layout, name, backbone="efficientnet_lite0", synthetic=False, **extra):
@@ -60,3 +62,22 @@ def test_autoencoder_rows_are_published_ranges_on_other_data():
     assert all(r["training"] == "8-15 min on an RTX 3050 GPU" for r in published)
     conv = autoencoder_comparison(_autoencoder_metrics("conv"))
     assert conv[0]["model"].startswith("CAE") and "ResNet-18" not in conv[2]["what differs"]
+
+
+def test_anomaly_clustering_rows_put_our_category_first_and_say_what_differs():
+    metrics = _metrics("mvtec_ad", "mvtec_ad/bottle", protocol={"name": "reproduction"}, modes={
+        "unsupervised": {"tau": 0.42, "nmi": 0.5, "ari": 0.4, "f1": 0.6},
+        "average": {"tau": None, "nmi": 0.3, "ari": 0.2, "f1": 0.4}})
+    rows = anomaly_clustering_comparison(metrics)
+    assert [(r["source"], r["mode"], r["nmi"]) for r in rows[:2]] == [("this run", "unsupervised", 0.5),
+                                                                       ("this run", "average", 0.3)]
+    assert "label-free" in rows[0]["tau"] and rows[1]["tau"] == "uniform weights (no tau)"
+    published = rows[2:]
+    assert [(r["data"], r["mode"], r["nmi"]) for r in published[:2]] == [
+        ("mvtec_ad/bottle", "unsupervised", 0.578), ("mvtec_ad/bottle", "semi_supervised", 0.680)]
+    assert published[0]["ari"] == 0.460 and published[0]["f1"] == 0.687
+    assert "DINO ViT-B/8 (weights not available here)" in published[0]["what differs"]
+    assert "mode semi_supervised not run here" in published[1]["what differs"]
+    means = [r for r in published if "mean" in r["data"]]
+    assert {r["nmi"] for r in means if r["source"].startswith("published (Sohn")} == {0.451, 0.577, 0.674, 0.669}
+    assert all("only some are here" in r["what differs"] for r in means)
