@@ -370,7 +370,9 @@ class AnomalyClustering(BaseDetector):
             distances (None = exact).
         precision: unsupervised distance products: ``"fp32"``, ``"bf16"``, ``"auto"``.
         coreset_ratio, projection_dim: semi-supervised memory bank: the share of the normal
-            patches kept by PatchCore's greedy coreset (1 = all) and its random projection.
+            patches kept by PatchCore's greedy coreset and its random projection (default 1 =
+            every normal patch, exact, as the reproduction; on a few hundred images the
+            exact search is faster than the greedy selection, which pays off on larger sets).
         index: faiss factory string of the semi-supervised search (``"Flat"`` = exact).
         seed: seeds the reference subset, the projection, the coreset and the clustering.
         batch_size, num_workers, device, progress: how images go through the backbone.
@@ -388,7 +390,7 @@ class AnomalyClustering(BaseDetector):
                  mode: str = "unsupervised", tau: float | None = None, weight_share: float = 0.1,
                  linkage: str = "ward", n_clusters: int | None = None, max_clusters: int = 10,
                  n_references: int | None = 100, distance_dim: int | None = None, precision: str = "fp32",
-                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, index: str = "Flat", seed: int = 0,
+                 coreset_ratio: float = 1.0, projection_dim: int | None = 128, index: str = "Flat", seed: int = 0,
                  batch_size: int = 16, num_workers: int = 0, device: str = "cpu", progress: bool = True):
         self.backbone = backbone
         self.weights = weights
@@ -737,7 +739,8 @@ def _build_spec():
                         positive_int),
             MethodParam("precision", "fp32", "unsupervised distance products: fp32, bf16 or auto (bf16 where native)",
                         str, choices=PRECISIONS),
-            MethodParam("coreset_ratio", 0.1, "semi-supervised: share of normal patches kept in the memory bank",
+            MethodParam("coreset_ratio", 1.0, "semi-supervised: share of normal patches kept in the memory bank "
+                        "(1 = all, exact, the reproduction's choice; < 1: PatchCore's greedy coreset)",
                         fraction_up_to_one),
             MethodParam("projection_dim", 128, "semi-supervised: random projection of the greedy coreset"),
             MethodParam("index", "Flat", "faiss factory string of the semi-supervised search (Flat = exact)", str),
