@@ -46,7 +46,7 @@ def _method_options(specs) -> dict[str, list]:
     return options
 
 
-def _add_method_options(parser: argparse.ArgumentParser, specs=None) -> None:
+def _add_method_options(parser: argparse.ArgumentParser, specs=None, skip: Sequence[str] = ()) -> None:
     """One option per method parameter flag (read from the methods' declarations: ``specs``,
     default every method), default None, so that only what the user gives reaches the
     method; its help names the methods and their defaults."""
@@ -54,6 +54,8 @@ def _add_method_options(parser: argparse.ArgumentParser, specs=None) -> None:
 
     group = parser.add_argument_group("method options (each applies to the methods named in its help)")
     for flag, declared in _method_options((SPECS if specs is None else specs).values()).items():
+        if all(param.name in skip for _, param in declared):
+            continue
         first = declared[0][1]
         owners = ", ".join(f"{spec.name} {param.default!r}" for spec, param in declared)
         choices = []
@@ -88,6 +90,7 @@ def _method_params(args: argparse.Namespace) -> dict:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from anomalib_study.evaluate import CLUSTERING_PROTOCOLS
     from anomalib_study.methods import DETECTORS, SPECS
 
     methods = tuple(SPECS)
@@ -132,7 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--seed", type=int, default=None, help="seed of the split where the layout has no official one")
     p.add_argument("--out", required=True, help="folder for metrics.json (never overwritten)")
-    p.add_argument("--protocol", default=None, choices=("reproduction", "anomalous_only"),
+    p.add_argument("--protocol", default=None, choices=tuple(CLUSTERING_PROTOCOLS),
                    help="clustering methods: the test images grouped (default reproduction: normal test images kept "
                         "as one class, 'combined' removed; anomalous_only: defects only)")
     _add_method_options(p)
@@ -141,9 +144,6 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of images to group (e.g. a day's rejected parts)")
     p.add_argument("--normal-dir", default=None,
                    help="folder of normal images: semi-supervised patch scores (default: unsupervised, none needed)")
-    p.add_argument("--n-clusters", type=_parser_type(positive_int), default=None,
-                   help="number of clusters (default: chosen by the silhouette over 2..--max-clusters)")
-    p.add_argument("--max-clusters", type=_parser_type(positive_int), default=10)
     p.add_argument("--out", default="clusters", help="runs are written to <out>/<timestamp>/ (default clusters)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
@@ -154,12 +154,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="refuse a folder holding unreadable images instead of "
                                                          "skipping them")
-    p.add_argument("--tau", type=float, default=None, help="softmax temperature of the patch weights (default: "
-                                                           "the label-free rule)")
-    p.add_argument("--linkage", default="ward", choices=("ward", "average", "complete", "single", "kmeans", "spectral"))
-    p.add_argument("--n-references", type=_parser_type(positive_int), default=None,
-                   help="unsupervised: reference images per image, a seeded subset (default 100; a number >= the "
-                        "images compares every image with all the others: exact)")
+    p.set_defaults(method="clustering")  # the method options below are anomaly clustering's
+    _add_method_options(p, {"clustering": SPECS["clustering"]}, skip=("modes",))
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
@@ -244,11 +240,9 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from anomalib_study.cluster import cluster_folder
 
     run_dir = cluster_folder(
-        args.folder, args.out, normal_dir=args.normal_dir, n_clusters=args.n_clusters, max_clusters=args.max_clusters,
-        backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-        resize_mode=args.resize_mode or "crop", device=args.device, batch_size=args.batch_size,
-        num_workers=args.num_workers, strict=args.strict, tau=args.tau, linkage=args.linkage,
-        **({"n_references": args.n_references} if args.n_references is not None else {}),
+        args.folder, args.out, normal_dir=args.normal_dir, backbone=args.backbone, weights=args.weights,
+        image_size=args.image_size, resize_mode=args.resize_mode or "crop", device=args.device,
+        batch_size=args.batch_size, num_workers=args.num_workers, strict=args.strict, **_method_params(args),
     )
     config = json.loads((Path(run_dir) / "config.json").read_text())
     sizes = ", ".join(f"{k}: {v}" for k, v in config["cluster_sizes"].items())

@@ -212,6 +212,8 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
         raise StudyError(f"{dataset.name}: protocol {protocol!r} leaves {len(records)} image(s) of {n_classes} "
                          "type(s): clustering needs at least two types")
     n_clusters = params.get("n_clusters") or n_classes
+    if n_clusters > len(records):
+        raise StudyError(f"n_clusters={n_clusters} is more than the {len(records)} images protocol {protocol!r} groups")
     normal_paths = [r.path for r in dataset.train]
     started = time.perf_counter()
     grouped = spec.cluster_images(backbone, [r.path for r in records], normal_paths, params, run, n_clusters)
@@ -222,7 +224,9 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
         "protocol": {"name": protocol, "description": CLUSTERING_PROTOCOLS[protocol], "n_images": len(records),
                      "class_counts": counts, "n_classes": n_classes, "n_clusters": int(n_clusters),
                      "n_clusters_rule": ("given" if params.get("n_clusters") else "as many as classes (protocol)"),
-                     "n_normal_images": len(normal_paths)},
+                     "n_normal_images_available": len(normal_paths),
+                     "n_normal_images": len(normal_paths) if "semi_supervised" in
+                     [variant["name"] for variant in grouped["runs"]] else 0},
         "grid": grouped.get("grid"),
         "modes": {},
     }
@@ -239,8 +243,9 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
         kinds = sorted(counts)
         contingency = [[int(np.sum((variant["labels"] == c) & (classes == k))) for k in kinds] for c in clusters]
         result["modes"][name] = {
-            **{k: scores[k] for k in ("nmi", "ari", "f1", "n_clusters", "matching")},
-            **as_json(variant["description"]),
+            **as_json(variant["description"]),  # settings and what the method chose; the scores below win
+            **{k: scores[k] for k in ("nmi", "ari", "f1", "matching")},
+            "n_clusters": scores["n_clusters"],  # clusters found (can be fewer than asked, e.g. one empty)
             "tau_curve": curve,
             "oracle": None if best is None else {
                 **best, "note": "tau picked by looking at the labels (the best NMI on the curve): an upper bound, "

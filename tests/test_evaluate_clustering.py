@@ -71,6 +71,21 @@ def test_bad_clustering_parameters_are_refused_before_any_work(synthetic_root):
         evaluate("knn", "dagm", synthetic_root, protocol="reproduction", progress=False)
 
 
+def test_impossible_groupings_are_refused_before_the_features(synthetic_root, tmp_path, monkeypatch):
+    from anomalib_study.methods import clustering
+
+    monkeypatch.setattr(clustering.AnomalyClustering, "extract", lambda *a, **k: pytest.fail("features extracted"))
+    with pytest.raises(StudyError, match="n_clusters=99 is more than the 60 images"):
+        evaluate("clustering", "dagm", synthetic_root, image_size=64, progress=False, n_clusters=99)
+    neu = tmp_path / "neu_det" / "IMAGES"  # defect images only, as NEU-DET: no semi-supervised mode
+    neu.mkdir(parents=True)
+    for kind in ("scratches", "patches"):
+        for i, path in enumerate(sorted((synthetic_root / "Class1" / "Test").glob("*.PNG"))[:3]):
+            (neu / f"{kind}_{i + 1}.jpg").write_bytes(path.read_bytes())
+    with pytest.raises(StudyError, match="has no training images"):
+        evaluate("clustering", "neu_det", neu.parent, image_size=64, progress=False, modes=["semi_supervised"])
+
+
 def test_cli_evaluate_clustering_prints_the_table(synthetic_root, tmp_path, capsys):
     code = main(["evaluate", "--method", "clustering", "--dataset", "dagm", "--root", str(synthetic_root),
                  "--image-size", "64", "--modes", "unsupervised,average", "--out", str(tmp_path / "cli")])

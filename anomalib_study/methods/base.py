@@ -188,6 +188,13 @@ class RunOptions:
     cache: Any = None
 
 
+#: task -> the hooks a method of that task must declare
+TASKS = {
+    "detection": ("fit_paths", "score_paths", "describe", "check_loaded", "n_images"),
+    "clustering": ("cluster_images",),
+}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What ``evaluate``, ``detect`` and the command line need of a method.
@@ -275,6 +282,13 @@ class MethodSpec:
     sweep_param: str | None = None
     threshold_problem: Callable[[dict], str | None] | None = None
     calibration_scores: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"method {self.name!r}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        missing = [hook for hook in TASKS[self.task] if getattr(self, hook) is None]
+        if missing:
+            raise ValueError(f"method {self.name!r} of task {self.task!r} must declare {', '.join(missing)}")
 
     @property
     def model_file(self) -> str:

@@ -56,18 +56,17 @@ from tqdm.auto import tqdm
 
 from anomalib_study.checks import check_int, check_is_fitted
 from anomalib_study.errors import ParameterError
+from anomalib_study.hardware import PRECISIONS
 from anomalib_study.methods.base import BaseDetector, check_embeddings
 
 __all__ = [
-    "AnomalyClustering", "LINKAGES", "MODES", "PRECISIONS", "choose_n_clusters", "cluster_embeddings",
-    "TAU_FACTORS", "effective_share", "label_free_tau", "patch_weights",
+    "AnomalyClustering", "LINKAGES", "MODES", "choose_n_clusters", "cluster_embeddings",
+    "TAU_FACTORS", "effective_share", "label_free_tau", "patch_weights", "unsupervised_is_exact",
     "semi_supervised_patch_scores", "unsupervised_patch_scores", "weighted_embeddings",
 ]
 
 #: patch-score modes: the paper's two, and uniform weights
 MODES = ("unsupervised", "semi_supervised", "average")
-#: precision of the unsupervised distance products
-PRECISIONS = ("fp32", "bf16", "auto")
 #: rows of one side of a distance block: (rows x rows) float32 = 256 MiB at 8192
 _BLOCK_ROWS = 8192
 
@@ -188,9 +187,10 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
 
     Patch p of image i scores the mean, over the reference images j != i, of the Euclidean
     distance from p to its nearest patch of j (the paper's and the reproduction's
-    definition). References: every image (exact; ``n_references`` None or >= n) or a seeded
-    random subset of ``n_references`` images (i's own image is left out of its mean when it
-    is one of them). ``distance_dim``: compute the distances after a seeded Gaussian random
+    definition). References: every image (exact; ``n_references`` None, or at least half the
+    images, where a subset would cost as much as the exact computation, which does each
+    pair of images once) or a seeded random subset of ``n_references`` images (i's own image
+    is left out of its mean when it is one of them). :func:`unsupervised_is_exact` says which. ``distance_dim``: compute the distances after a seeded Gaussian random
     projection to that many dimensions (None = exact). ``precision``: ``"bf16"`` matrix
     products (norms and minima in float32), ``"auto"`` = bf16 where native.
 
@@ -215,10 +215,15 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
     with torch.inference_mode():
         X = _project(Z, distance_dim, seed).to(torch_device)
         flat = X.reshape(n * P, -1)
+        # distances do not change under a shift: centring keeps |a|^2 + |b|^2 - 2ab from cancelling
+        # (ReLU features sit far from the origin), in float32 and above all in bf16
+        flat = flat - flat.mean(dim=0, keepdim=True)
+        if bf16:  # the norms of the values the bf16 products see
+            flat = flat.to(torch.bfloat16).float()
         norms = (flat * flat).sum(dim=1)
         sums = torch.zeros(n, P, dtype=torch.float64, device=torch_device)
         counts = torch.zeros(n, dtype=torch.float64, device=torch_device)
-        if n_references is None or n_references >= n:
+        if n_references is None or 2 * n_references >= n + 1:  # a subset would cost as much as exact
             starts = list(range(0, n, block))
             pairs = [(a, b) for ai, a in enumerate(starts) for b in starts[ai:]]
             bar = tqdm(pairs, desc=f"unsupervised patch scores ({n} images, exact)", disable=not progress,
@@ -256,22 +261,39 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
         return (sums / counts[:, None]).float().cpu().numpy()
 
 
+def unsupervised_is_exact(n_images: int, n_references: int | None) -> bool:
+    """Whether :func:`unsupervised_patch_scores` compares every image with all the others."""
+    return n_references is None or 2 * n_references >= n_images + 1
+
+
 def semi_supervised_patch_scores(Z, bank, *, index: str = "Flat", device: str = "cpu",
                                  chunk_patches: int = 65536) -> np.ndarray:
     """The semi-supervised patch scores (n, P) float32: the Euclidean distance from each patch
-    of ``Z`` (n, P, D) to its nearest row of the normal patch ``bank`` (M, D), searched with
-    :class:`~anomalib_study.search.NearestNeighbourIndex` (``index``: a faiss factory string,
-    ``"Flat"`` = exact)."""
+    of ``Z`` (n, P, D) to its nearest row of the normal patches ``bank``: an (M, D) array
+    (searched with :class:`~anomalib_study.search.NearestNeighbourIndex` of factory
+    ``index``, ``"Flat"`` = exact) or such an index already fitted."""
     from anomalib_study.search import NearestNeighbourIndex
 
     Z = _as_bags(Z)
     n, P, D = Z.shape
-    bank = check_embeddings(bank, name="bank (normal patch embeddings)", n_features=D)
-    searcher = NearestNeighbourIndex(factory=index, device=device).fit(bank)
+    if isinstance(bank, NearestNeighbourIndex):
+        searcher = bank
+    else:
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        if bank.ndim != 2 or bank.shape[1] != D:
+            raise ParameterError(f"the bank of normal patches has shape {bank.shape}, but Z has {D} features per "
+                                 "patch: use the same backbone and patch settings")
+        searcher = NearestNeighbourIndex(factory=index, device=device).fit(bank)
+    if searcher.dim_ != D:
+        raise ParameterError(f"Z has {D} features per patch but the normal images had {searcher.dim_}: use the "
+                             "same backbone and patch settings")
     flat = Z.reshape(n * P, D).numpy()
     out = np.empty(n * P, dtype=np.float32)
     for start in range(0, n * P, chunk_patches):
         out[start:start + chunk_patches] = searcher.search(flat[start:start + chunk_patches], 1)[0][:, 0]
+    if not np.isfinite(out).all():
+        raise ParameterError(f"index {searcher.factory!r} found no neighbour for some patches: use index='Flat' "
+                             "or an IVF index with more points per list")
     return out.reshape(n, P)
 
 
@@ -310,14 +332,20 @@ def label_free_tau(scores, weight_share: float = 0.1) -> float:
     ``weight_share`` in (0, 1): the median over images of :func:`effective_share` of
     :func:`patch_weights` (scores, tau) equals it (found by bisection on log tau; it grows
     with tau). Scale-free: multiplying the scores by c multiplies tau by c. Uses no label.
-    Returns 0.0 when every image's scores are constant (any tau gives uniform weights).
+    Images whose scores are constant are left out of the median (every tau gives them
+    uniform weights). Returns 0.0 when every image's scores are constant.
     """
     s = np.asarray(scores, dtype=np.float64)
     if isinstance(weight_share, bool) or not isinstance(weight_share, (int, float)) or not 0 < weight_share < 1:
         raise ParameterError(f"weight_share must be in (0, 1) (e.g. 0.1 = a tenth of the patches), got {weight_share!r}")
-    spread = float(np.median(s.std(axis=1))) if s.ndim == 2 else 0.0
-    if s.ndim != 2 or spread == 0 or s.shape[1] == 1:
+    if s.ndim != 2 or s.shape[1] == 1:
         return 0.0
+    stds = s.std(axis=1)
+    varied = stds > 0
+    if not varied.any():  # every image's scores are constant: any tau gives uniform weights
+        return 0.0
+    s = s[varied]  # constant images get uniform weights at any tau: they do not choose it
+    spread = float(np.median(stds[varied]))
     target = max(float(weight_share), 1.0 / s.shape[1])
 
     def share(log_tau: float) -> float:
@@ -377,7 +405,8 @@ class AnomalyClustering(BaseDetector):
         seed: seeds the reference subset, the projection, the coreset and the clustering.
         batch_size, num_workers, device, progress: how images go through the backbone.
 
-    Attributes after :meth:`fit`: ``memory_bank_`` (M, D) (semi-supervised; else None),
+    Attributes after :meth:`fit`: ``index_`` (the semi-supervised memory bank, a
+    :class:`~anomalib_study.search.NearestNeighbourIndex`; else None), ``bank_shape_`` (M, D),
     ``n_normal_images_``. After :meth:`fit_predict`: ``labels_`` (n,), ``patch_scores_``
     (n, P) (None for ``average``), ``weights_`` (n, P), ``embeddings_`` (n, D), ``tau_``,
     ``tau_rule_`` (a sentence), ``n_clusters_``, ``n_clusters_rule_``, ``silhouette_``
@@ -421,7 +450,6 @@ class AnomalyClustering(BaseDetector):
     # ------------------------------------------------------------------ checks
     def _validate_params(self) -> None:
         from anomalib_study.backbones import RESIZE_MODES
-        from anomalib_study.hardware import PRECISIONS as precisions
         from anomalib_study.methods.coreset import GreedyCoresetSampler
         from anomalib_study.patches import patch_features
 
@@ -431,8 +459,8 @@ class AnomalyClustering(BaseDetector):
             raise ParameterError(f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
-        if self.precision not in precisions:
-            raise ParameterError(f"precision must be one of {', '.join(precisions)}, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tau is not None:
             patch_weights(np.zeros((1, 1)), self.tau)
         label_free_tau(np.zeros((1, 2)), self.weight_share)
@@ -489,7 +517,8 @@ class AnomalyClustering(BaseDetector):
 
         self._validate_params()
         self.timings_ = {}
-        self.memory_bank_ = None
+        self.bank_shape_ = None
+        self.index_ = None
         self.n_normal_images_ = 0
         if Z_normal is not None:
             Z_normal = _as_bags(Z_normal, name="Z_normal")
@@ -498,12 +527,19 @@ class AnomalyClustering(BaseDetector):
             if Z_normal is None:
                 raise ParameterError("mode='semi_supervised' needs normal images: call fit(Z_normal) (or "
                                      "fit_paths(normal_paths)) first, or use mode='unsupervised'")
+            from anomalib_study.search import NearestNeighbourIndex
+
             started = time.perf_counter()
-            bank = Z_normal.reshape(-1, Z_normal.shape[-1]).numpy()
-            keep = GreedyCoresetSampler(self.coreset_ratio, self.projection_dim, self.seed, device=self.device,
-                                        progress=self.progress).run(bank)
-            self.memory_bank_ = np.ascontiguousarray(bank[np.sort(keep)])
+            bank = Z_normal.reshape(-1, Z_normal.shape[-1]).numpy()  # a view: no copy at coreset_ratio=1
+            if self.coreset_ratio < 1:
+                keep = GreedyCoresetSampler(self.coreset_ratio, self.projection_dim, self.seed, device=self.device,
+                                            progress=self.progress).run(bank)
+                bank = np.ascontiguousarray(bank[np.sort(keep)])
             self.timings_["coreset_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            self.index_ = NearestNeighbourIndex(factory=self.index, device=self.device).fit(bank)
+            self.bank_shape_ = tuple(int(v) for v in bank.shape)  # the index holds the bank itself
+            self.timings_["index_s"] = time.perf_counter() - started
         self.fitted_ = True
         return self
 
@@ -526,7 +562,7 @@ class AnomalyClustering(BaseDetector):
         if self.mode == "average":
             return None
         if self.mode == "semi_supervised":
-            return semi_supervised_patch_scores(Z, self.memory_bank_, index=self.index, device=self.device)
+            return semi_supervised_patch_scores(Z, self.index_, device=self.device)
         return unsupervised_patch_scores(Z, n_references=self.n_references, distance_dim=self.distance_dim,
                                          precision=self.precision, seed=self.seed, device=self.device,
                                          progress=self.progress)
@@ -544,11 +580,16 @@ class AnomalyClustering(BaseDetector):
         """Cluster labels (n,) of the images whose patch embeddings are ``Z`` (n, P, D)."""
         check_is_fitted(self, "fitted_")
         Z = _as_bags(Z)
-        if Z.shape[0] < 2:
-            raise ParameterError(f"clustering needs at least 2 images, got {Z.shape[0]}")
-        if self.memory_bank_ is not None and self.memory_bank_.shape[1] != Z.shape[2]:
+        n = Z.shape[0]
+        if n < 2:
+            raise ParameterError(f"clustering needs at least 2 images, got {n}")
+        if self.n_clusters is not None and self.n_clusters > n:
+            raise ParameterError(f"n_clusters={self.n_clusters} is more than the {n} images to cluster")
+        if self.n_clusters is None and n < 3:
+            raise ParameterError(f"choosing the number of clusters needs at least 3 images, got {n}: pass n_clusters")
+        if self.bank_shape_ is not None and self.bank_shape_[1] != Z.shape[2]:
             raise ParameterError(f"Z has {Z.shape[2]} features per patch but the normal images had "
-                                 f"{self.memory_bank_.shape[1]}: use the same backbone and patch settings")
+                                 f"{self.bank_shape_[1]}: use the same backbone and patch settings")
         started = time.perf_counter()
         self.patch_scores_ = self.patch_scores(Z)
         self.timings_["patch_scores_s"] = time.perf_counter() - started
@@ -560,11 +601,12 @@ class AnomalyClustering(BaseDetector):
     def fit_predict_paths(self, paths: Sequence[str | os.PathLike],
                           errors: dict[int, str] | None = None) -> np.ndarray:
         """:meth:`fit_predict` on image files. With ``errors`` (a dict) unreadable images are
-        left out (position -> reason recorded there, label -1); the others are clustered."""
+        left out (position -> reason recorded there, label -1; ``positions_`` lists the
+        others, the rows of ``weights_`` / ``embeddings_``); without, one raises DataError."""
         started = time.perf_counter()
         Z, grid = self.extract(paths, desc="anomaly clustering: patch features", errors=errors)
         extract_s = time.perf_counter() - started
-        keep = np.flatnonzero(np.isfinite(Z).all(axis=(1, 2)))
+        keep = np.setdiff1d(np.arange(len(Z)), np.fromiter(errors or (), dtype=np.int64))
         labels = np.full(len(Z), -1, dtype=np.int64)
         labels[keep] = self.fit_predict(Z[keep], grid)
         self.timings_["extract_s"] = extract_s
@@ -621,7 +663,9 @@ class AnomalyClustering(BaseDetector):
             "n_patches": int(self._Z.shape[1]),
             "feature_dim": int(self._Z.shape[2]),
             "grid_shape": None if self.grid_shape_ is None else list(self.grid_shape_),
-            "memory_bank_size": None if self.memory_bank_ is None else int(self.memory_bank_.shape[0]),
+            "memory_bank_size": None if self.bank_shape_ is None else self.bank_shape_[0],
+            "unsupervised_exact": (unsupervised_is_exact(int(self.labels_.size), self.n_references)
+                                   if self.mode == "unsupervised" else None),
             "n_normal_images": int(self.n_normal_images_),
             "median_weight_share": float(np.median(effective_share(self.weights_))),
             "timings": dict(self.timings_),
@@ -678,6 +722,7 @@ def _cluster_images(backbone, paths, normal_paths, params: dict, run, n_clusters
                 Z_normal, _ = model.extract(normal_paths, desc="anomaly clustering: normal patch features")
                 timings["normal_extract_s"] = time.perf_counter() - started
             model.fit(Z_normal)
+            Z_normal = None  # the index holds its own copy
         else:
             model.fit(None)
         started = time.perf_counter()
@@ -685,17 +730,16 @@ def _cluster_images(backbone, paths, normal_paths, params: dict, run, n_clusters
         timings[f"{mode}_s"] = time.perf_counter() - started
         timings.update({f"{mode}_{key}": value for key, value in model.timings_.items()})
         description = model.describe()
+        chosen = {"weights": model.weights_, "embeddings": model.embeddings_}
         curve = []
         if model.patch_scores_ is not None:
-            free_tau = label_free_tau(model.patch_scores_, model.weight_share) if model.tau is None else model.tau
+            free_tau = model.tau_  # the label-free (or given) tau of this run
             for factor in TAU_FACTORS:
                 value = free_tau * factor if math.isfinite(factor) else math.inf
                 curve.append({"value": None if math.isinf(value) else float(value),
                               "relative": factor if math.isfinite(factor) else "inf",
-                              "labels": model.recluster(tau=value).copy()})
-            model.recluster()  # back to the chosen tau
-        runs.append({"name": mode, "labels": labels, "description": description, "curve": curve,
-                     "weights": model.weights_, "embeddings": model.embeddings_,
+                              "labels": labels.copy() if factor == 1.0 else model.recluster(tau=value).copy()})
+        runs.append({"name": mode, "labels": labels, "description": description, "curve": curve, **chosen,
                      "patch_scores": model.patch_scores_})
     return {"runs": runs, "timings": timings, "grid": list(grid)}
 
