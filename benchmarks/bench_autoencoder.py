@@ -126,10 +126,36 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
     ``"complete": false`` until the last), so a long run that is stopped keeps what it measured."""
     from bench_knn import PartialReport
 
-    from anomalib_study.methods.autoencoder import native_bf16
+    from anomalib_study.hardware import native_bf16
 
     report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick)
     save = report.save
+    synthetic = _synthetic(work)
+    categories = [] if quick or data is None else [c for c in ("bottle", "transistor")
+                                                   if (data / "mvtec_ad" / c / "train").is_dir()]
+    report["settings"] = {"parts": list(parts), "mvtec_ad_categories": categories,
+                          "data": str(data) if data else None, "default": "30 epochs max, patience 5, "
+                          "val_fraction 0.1, loss mse_ssim (a = 0.5), 128 px, batch 16, lr 1e-3, fp32"}
+    if "default" in parts:
+        rows = []
+        targets = [("mvtec_ad", data / "mvtec_ad", c) for c in categories] or [("dagm", synthetic, "Class1")]
+        for layout, root, category in targets:
+            for model in models:
+                log(f"default training: {category} {model}")
+                rows.append(_evaluate(layout, root, category, model,
+                                      **({"image_size": 64, "epochs": 1} if quick else {})))
+                log(f"  {rows[-1]['train_minutes']:.1f} min, {rows[-1]['epochs_run']} epochs, image AUROC "
+                    f"{rows[-1]['image_auroc_residual']:.3f} (residual) / {rows[-1]['image_auroc_mse']:.3f} (mse)")
+        report["default"] = rows
+        report["default_train_minutes"] = max(row["train_minutes"] for row in rows)
+        report["default_train_minutes_by_model"] = {m: max(r["train_minutes"] for r in rows if r["model"] == m)
+                                                    for m in models}
+        save()
+    if "speed" in parts:
+        if categories:
+            paths = sorted((data / "mvtec_ad" / categories[0] / "train" / "good").glob("*.png"))[:64]
+        else:
+            from anomalib_study.data import load_dataset
 
             paths = [r.path for r in load_dataset("dagm", synthetic, category="Class1").train][:24 if quick else 64]
         report["speed"] = bench_speed(paths, 64 if quick else 128, ("fp32", "bf16"), models=models)

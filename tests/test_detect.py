@@ -440,15 +440,15 @@ def hostile(tmp_path_factory, real_data):
     return SimpleNamespace(root=root, images=images, test=test, readable=sorted(readable), broken=broken)
 
 
-#: small settings of every registered method for the tests on real folders (a new method must add its own)
+#: small settings of every detection method for the tests on real folders (a new one must add its own)
 SMALL = {"knn": {"k": 3}, "patchcore": {"calibration_fraction": 0.25},
          "autoencoder": {"epochs": 2, "val_fraction": 0.25}}
 
 
 def test_every_registered_method_is_in_the_real_folder_tests():
-    from anomalib_study.methods import SPECS
+    from anomalib_study.methods import DETECTORS
 
-    assert sorted(SMALL) == sorted(SPECS)
+    assert sorted(SMALL) == sorted(DETECTORS)
 
 
 def _hostile_run(hostile, tmp_path, method="knn", **options):
@@ -565,13 +565,17 @@ def test_scoring_streams_in_bounded_chunks(fake, folders, monkeypatch):
     assert len(table) == 29 and table["score"].notna().all()
 
 
+def _never(*args):
+    pytest.fail("a hook the stream must not call was called")
+
+
 def test_kept_maps_are_bounded_by_max_overlays():
     """The stream keeps the maps of the max_overlays highest-scoring flagged images only."""
     from anomalib_study.methods.base import MethodSpec, RunOptions
 
     scores = np.array([0.1, 5.0, 3.0, 9.0, 0.2, 7.0, 4.0, 8.0, 6.0, 0.3])
     spec = MethodSpec(name="toy", label="toy", estimator=object, description="", params=(),
-                      fit_paths=None, describe=None, check_loaded=None, n_images=None, produces_maps=True,
+                      fit_paths=_never, describe=_never, check_loaded=_never, n_images=_never, produces_maps=True,
                       score_paths=lambda model, backbone, paths, run, errors: {
                           "image_scores": scores[[int(p) for p in paths]],
                           "anomaly_maps": np.stack([np.full((2, 2), float(p)) for p in paths])})
