@@ -25,6 +25,7 @@ from anomalib_study import __version__
 from anomalib_study.errors import StudyError
 from anomalib_study.io import as_json, write_json
 from anomalib_study.methods.base import MethodSpec, RunOptions
+from anomalib_study.profiling import peak_rss_mb as _peak_rss_mb
 
 
 def _default_workers() -> int:
@@ -279,12 +280,6 @@ def _evaluate_detection(spec: MethodSpec, dataset, backbone, params: dict, run: 
 
 #: task -> its evaluation path (a method's declaration names its task)
 EVALUATORS = {"detection": _evaluate_detection, "clustering": _evaluate_clustering}
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
 def patchcore_coreset_ablation(

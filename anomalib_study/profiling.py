@@ -24,6 +24,14 @@ def current_rss_mb() -> float | None:
         return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started, in MiB
+    (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, kilobytes on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 @dataclass
 class PeakMemory:
     """Peak resident memory during a ``with`` block, sampled every ``interval`` seconds.

@@ -29,7 +29,6 @@ unless ``--out`` is given. Times are wall-clock seconds.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
 import time
@@ -56,7 +55,9 @@ def log(message: str) -> None:
 
 
 def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    from anomalib_study.profiling import peak_rss_mb
+
+    return peak_rss_mb() / 1024.0
 
 
 def _records(data: Path | None, quick: bool, work: Path):

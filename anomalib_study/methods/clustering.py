@@ -132,16 +132,10 @@ def choose_n_clusters(X, candidates: Iterable[int] | None = None, linkage: str =
 
 # ------------------------------------------------------------------------------ patch scores
 def _as_bags(Z, name: str = "Z") -> torch.Tensor:
-    """(n, P, D) float32 tensor of patch embeddings, checked."""
-    if isinstance(Z, torch.Tensor):
-        array = Z.detach().to("cpu", torch.float32)
-    else:
-        try:
-            array = torch.from_numpy(np.ascontiguousarray(np.asarray(Z, dtype=np.float32)))
-        except (TypeError, ValueError) as error:
-            raise ParameterError(f"{name} must be an (n_images, n_patches, dim) array of numbers: {error}") from None
-    if array.ndim != 3 or 0 in array.shape:
-        raise ParameterError(f"{name} must be (n_images, n_patches, dim) with no empty axis, got {tuple(array.shape)}")
+    """(n, P, D) float32 tensor of patch embeddings, checked (PatchCore's shape check, and finite)."""
+    from anomalib_study.methods.patchcore import PatchCore
+
+    array = torch.from_numpy(np.ascontiguousarray(PatchCore._as_patches(Z, name)))
     if not torch.isfinite(array).all():
         bad = torch.nonzero(~torch.isfinite(array).reshape(array.shape[0], -1).all(dim=1)).flatten().tolist()
         raise ParameterError(f"{name} has NaN or infinite values in {len(bad)} image(s) (first: image {bad[0]}): "
