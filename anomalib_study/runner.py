@@ -30,6 +30,10 @@ parameters may set ``backbone`` (with ``backbones`` only the list sets it). In s
 needs it while it is unset or missing is skipped, with a message) and ``{synthetic}`` the
 synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``).
 
+A suite file (``title`` + ``studies:``, a list of study files or inline studies) runs several
+studies in order into the same reports folder, e.g. ``studies/default.yaml``: every method
+family on the synthetic set, then the comparison (see :func:`read_studies`).
+
 The kernel starts in the notebook's own folder (as in JupyterLab), so a notebook opened by
 hand and one run here see the same relative paths; every path the runner passes is absolute.
 
@@ -76,6 +80,7 @@ from anomalib_study.errors import ParameterError, StudyError
 
 PREFERRED_KERNEL = "anomalib-study"
 STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "variants", "datasets")
+SUITE_KEYS = ("title", "studies")
 AXES = ("backbones", "variants")  # the grid's second axis: a study file gives exactly one
 RUNNER_PARAMETERS = ("metrics_out", "report_name")  # set by the runner, never by a study file
 REPORT_SIZE_WARNING = 1_500_000  # bytes; reports embed their images, notebooks keep them small
@@ -164,8 +169,7 @@ class CellResult:
 # --------------------------------------------------------------------------- study files
 
 
-def read_study(study_file: str | os.PathLike) -> Study:
-    """Read and validate a study file; raises StudyError naming the file and the bad key."""
+def _load_yaml(study_file: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     path = Path(study_file)
     if not path.is_file():
         raise StudyError(f"study file {path} not found: pass a YAML file such as studies/default.yaml")
@@ -174,10 +178,74 @@ def read_study(study_file: str | os.PathLike) -> Study:
     except yaml.YAMLError as error:
         raise StudyError(f"study file {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise StudyError(f"study file {path}: expected a mapping with the keys {', '.join(STUDY_KEYS)}")
+        raise StudyError(f"study file {path}: expected a mapping with the keys {', '.join(STUDY_KEYS)} "
+                         f"(or, for a suite, {', '.join(SUITE_KEYS)})")
+    return path, data
 
+
+def read_study(study_file: str | os.PathLike) -> Study:
+    """Read and validate a study file; raises StudyError naming the file and the bad key.
+
+    A suite file (``studies:``) is refused here: :func:`read_studies` reads both kinds."""
+    path, data = _load_yaml(study_file)
+    if "studies" in data:
+        raise StudyError(f"study file {path} is a suite of studies (key 'studies'): read it with read_studies")
+    return _parse_study(data, path, f"study file {path}")
+
+
+def read_studies(study_file: str | os.PathLike) -> list[Study]:
+    """The studies a file runs, in order: the file itself, or the parts of a suite.
+
+    A suite file has the keys ``title`` (optional) and ``studies``: a list whose entries are
+    study file paths (relative to the suite's folder) or inline study mappings (their
+    ``notebook`` resolved like a study file's). Its parts run one after the other, so a part
+    may read the reports of the ones before it (e.g. the comparison notebook)::
+
+        title: The whole study on the synthetic set
+        studies:
+          - knn_quick.yaml
+          - {notebook: notebooks/02_patchcore.ipynb, backbones: [efficientnet_lite0],
+             datasets: {synthetic_quick: {dataset: dagm, root: "{synthetic}"}}}
+    """
+    path, data = _load_yaml(study_file)
+    if "studies" not in data:
+        return [_parse_study(data, path, f"study file {path}")]
+    unknown = sorted(set(map(str, data)) - set(SUITE_KEYS))
+    if unknown:
+        raise StudyError(f"study file {path}: key '{unknown[0]}' is not a suite key (a suite has only "
+                         f"{', '.join(SUITE_KEYS)}; put study keys inside its parts)")
+    parts = data["studies"]
+    if not isinstance(parts, list) or not parts:
+        raise StudyError(f"study file {path}: key 'studies' must be a non-empty list of study files or inline studies")
+    studies = []
+    for number, part in enumerate(parts):
+        where = f"study file {path}: studies[{number}]"
+        if isinstance(part, str):
+            sub = path.parent / part
+            if not sub.is_file():
+                raise StudyError(f"{where} names {part}, which is not found (looked at {sub})")
+            sub_path, sub_data = _load_yaml(sub)
+            if "studies" in sub_data:
+                raise StudyError(f"{where} names the suite {part}: a suite's parts must be studies, not suites")
+            studies.append(_parse_study(sub_data, sub_path, f"study file {sub_path}"))
+        elif isinstance(part, dict):
+            studies.append(_parse_study(part, path, where))
+        else:
+            raise StudyError(f"{where} must be a study file path or a study mapping, got {type(part).__name__}")
+    seen: dict[str, Path] = {}
+    for study in studies:  # two parts writing the same report would overwrite each other
+        for cell in expand_grid(study):
+            key = f"{study.notebook.stem}/{cell.name}"
+            if key in seen:
+                raise StudyError(f"study file {path}: two parts ({seen[key]} and {study.path}) give the report {key}: "
+                                 "rename a dataset key")
+            seen[key] = study.path
+    return studies
+
+
+def _parse_study(data: Mapping[str, Any], path: Path, where: str) -> Study:
     def bad(key: str, why: str) -> StudyError:
-        return StudyError(f"study file {path}: key '{key}' {why}")
+        return StudyError(f"{where}: key '{key}' {why}")
 
     unknown = sorted(set(map(str, data)) - set(STUDY_KEYS))
     if unknown:
@@ -645,13 +713,14 @@ def run_study(
     """Execute a study's grid and render its reports; returns one CellResult per selected cell.
 
     Args:
-        study_file: the YAML study file (see the module docstring).
+        study_file: the YAML study file (see the module docstring), or a suite of studies
+            (``studies:``, see :func:`read_studies`), whose parts run in order.
         reports_dir: reports go to ``reports_dir/<notebook stem>/``; the index to
             ``reports_dir/index.html`` (rewritten at the end).
         jobs: grid cells run at once (each in its own kernel process with
             ``cpu_count // jobs`` OpenMP/MKL threads unless those variables are set).
         data_root: the real data folder for ``{data}`` (default $ANOMALIB_STUDY_DATA).
-        only: cell names or glob patterns to run (None = all).
+        only: cell names or glob patterns to run (None = all; in a suite, across its parts).
         force: rerun cells whose inputs did not change.
         kernel_name: Jupyter kernel (default "anomalib-study" if installed, else the
             notebook's own, else "python3").
@@ -663,28 +732,39 @@ def run_study(
     """
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ParameterError(f"jobs must be a whole number >= 1, got {jobs!r}")
-    study = read_study(study_file)
-    cells = expand_grid(study)
-    if device is not None:
-        cells = [dataclasses.replace(c, parameters={**c.parameters, "device": device}) for c in cells]
-    check_notebook_parameters(study, cells)
-    cells = select_cells(cells, only)
-    kernel = choose_kernel(kernel_name, study.notebook)
+    studies = read_studies(study_file)
+    grids = []
+    for study in studies:
+        cells = expand_grid(study)
+        if device is not None:
+            cells = [dataclasses.replace(c, parameters={**c.parameters, "device": device}) for c in cells]
+        check_notebook_parameters(study, cells)
+        grids.append(cells)
+    if only is not None:  # a pattern must match a cell of some part; each part keeps its matches
+        patterns = [only] if isinstance(only, str) else list(only)
+        every = [cell for cells in grids for cell in cells]
+        select_cells(every, patterns)
+        grids = [[c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)] for cells in grids]
     data = io.data_root(data_root)
     reports = Path(reports_dir).resolve()  # absolute: the kernel runs in the notebook's folder
-    runner = _Runner(study, reports / study.notebook.stem, kernel, data.resolve() if data else None, force, log, len(cells))
-    log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, jobs {jobs}")
-
-    with _kernel_threads(jobs):
-        if jobs == 1:
-            results = [runner.run(i, cell) for i, cell in enumerate(cells, 1)]
-        else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                results = list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
+    results: list[CellResult] = []
+    for study, cells in zip(studies, grids):  # parts in order: a later part may read the earlier reports
+        if not cells:
+            continue
+        kernel = choose_kernel(kernel_name, study.notebook)
+        runner = _Runner(study, reports / study.notebook.stem, kernel, data.resolve() if data else None, force, log,
+                         len(cells))
+        log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, jobs {jobs}")
+        with _kernel_threads(jobs):
+            if jobs == 1:
+                results += [runner.run(i, cell) for i, cell in enumerate(cells, 1)]
+            else:
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    results += list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
 
     index = write_index(reports)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "unchanged", "failed", "skipped")}
-    log(f"study {study.path}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; index {index}")
+    log(f"study {study_file}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; index {index}")
     return results
 
 

@@ -405,12 +405,20 @@ def test_shipped_study_files_are_valid():
     studies = sorted((REPO / "studies").glob("*.yaml"))
     assert {p.name for p in studies} >= {"default.yaml", "knn.yaml", "autoencoder_smoke.yaml", "autoencoder.yaml"}
     for path in studies:
-        study = runner.read_study(path)
-        cells = runner.expand_grid(study)
-        runner.check_notebook_parameters(study, cells)
-        assert cells
-    default = runner.expand_grid(runner.read_study(REPO / "studies" / "default.yaml"))
-    assert [c.name for c in default] == ["synthetic_dagm-efficientnet_lite0"]
+        for study in runner.read_studies(path):
+            cells = runner.expand_grid(study)
+            runner.check_notebook_parameters(study, cells)
+            assert cells
+    # the main job: every method family on the synthetic set, named apart from the full studies' cells
+    default = runner.read_studies(REPO / "studies" / "default.yaml")
+    notebooks = [s.notebook.name for s in default]
+    assert notebooks[:4] == ["01_knn_detection.ipynb", "02_patchcore.ipynb", "03_autoencoder.ipynb",
+                             "04_anomaly_clustering.ipynb"]
+    names = {c.name for s in default for c in runner.expand_grid(s)}
+    assert all(name.startswith("synthetic_quick-") for name in names)
+    full = {c.name for f in ("knn", "patchcore", "autoencoder", "clustering")
+            for c in runner.expand_grid(runner.read_study(REPO / "studies" / f"{f}.yaml"))}
+    assert not names & full
     knn = runner.expand_grid(runner.read_study(REPO / "studies" / "knn.yaml"))
     assert len(knn) == 16 and {c.backbone for c in knn} == {"efficientnet_lite0", "dinov2_vits14"}
     smoke = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder_smoke.yaml"))
@@ -420,3 +428,63 @@ def test_shipped_study_files_are_valid():
     assert len(full) == 12 and {c.variant for c in full} == {"conv", "pretrained-efficientnet_lite0"}
     assert [c.name for c in full if c.parameters.get("ablation_losses")] == [
         "mvtec_ad-bottle-conv", "mvtec_ad-bottle-pretrained-efficientnet_lite0"]
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def _write_suite(project, parts, name="suite.yaml"):
+    path = project["root"] / "studies" / name
+    path.write_text(yaml.safe_dump({"title": "Suite", "studies": parts}, sort_keys=False))
+    return path
+
+
+def test_suite_runs_its_parts_in_order_into_one_index(project):
+    _write_study(project["root"] / "studies" / "other.yaml", notebook="notebooks/other.ipynb",
+                 datasets={"synth": {"dataset": "dagm", "root": "{synthetic}", "x": 0.2}})
+    _write_notebook(project["root"] / "notebooks" / "other.ipynb")
+    inline = {"notebook": "notebooks/tiny.ipynb", "backbones": ["tiny"],
+              "datasets": {"synth": {"dataset": "dagm", "root": "{synthetic}"}}}
+    suite = _write_suite(project, ["other.yaml", inline])
+    studies = runner.read_studies(suite)
+    assert [s.notebook.name for s in studies] == ["other.ipynb", "tiny.ipynb"]
+    with pytest.raises(StudyError, match="suite of studies"):
+        runner.read_study(suite)
+    lines = []
+    results = runner.run_study(suite, reports_dir=project["reports"], log=lines.append)
+    assert [(r.name, r.status) for r in results] == [("synth-tiny", "ok"), ("synth-tiny", "ok")]
+    assert results[0].metrics["image_auroc"] == pytest.approx(0.7) and results[1].metrics["image_auroc"] == 0.5
+    assert (project["reports"] / "other" / "synth-tiny.html").is_file()
+    assert (project["reports"] / "tiny" / "synth-tiny.html").is_file()
+    assert lines[0].startswith("study ") and "other.ipynb" in lines[0]
+    index = (project["reports"] / "index.html").read_text()
+    assert "other" in index and "tiny" in index
+    # --only applies across the parts; a pattern that matches no part's cell is refused
+    again = runner.run_study(suite, reports_dir=project["reports"], only="synth-*", log=lambda line: None)
+    assert [r.status for r in again] == ["unchanged", "unchanged"]
+    with pytest.raises(StudyError, match="matches no cell"):
+        runner.run_study(suite, reports_dir=project["reports"], only="nope", log=lambda line: None)
+
+
+@pytest.mark.parametrize("parts, message", [
+    ([], "non-empty list"),
+    (["missing.yaml"], "missing.yaml, which is not found"),
+    ([3], "must be a study file path or a study mapping"),
+    ([{"notebook": "notebooks/tiny.ipynb", "backbones": ["tiny"]}], r"studies\[0\]: key 'datasets'"),
+    (["tiny.yaml", "tiny.yaml"], "give the report tiny/synth-tiny"),
+])
+def test_bad_suites_are_refused_naming_the_part(project, parts, message):
+    suite = _write_suite(project, parts)
+    with pytest.raises(StudyError, match=message):
+        runner.read_studies(suite)
+
+
+def test_suite_refuses_study_keys_and_nested_suites(project):
+    path = project["root"] / "studies" / "mixed.yaml"
+    path.write_text(yaml.safe_dump({"studies": ["tiny.yaml"], "backbones": ["tiny"]}))
+    with pytest.raises(StudyError, match="'backbones' is not a suite key"):
+        runner.read_studies(path)
+    inner = _write_suite(project, ["tiny.yaml"], name="inner.yaml")
+    outer = _write_suite(project, [inner.name], name="outer.yaml")
+    with pytest.raises(StudyError, match="a suite's parts must be studies"):
+        runner.read_studies(outer)
