@@ -340,7 +340,7 @@ def status_counts(reports: pd.DataFrame) -> dict[str, int]:
 def records(table: pd.DataFrame) -> list[dict[str, Any]]:
     """A table as JSON-ready rows (NaN -> None, the ``metrics`` column left out)."""
     kept = table.drop(columns=[c for c in ("metrics",) if c in table.columns])
-    return json.loads(kept.to_json(orient="records"))
+    return json.loads(kept.to_json(orient="records", double_precision=15))
 
 
 def summary(reports: pd.DataFrame) -> dict[str, Any]:
