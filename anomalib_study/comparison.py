@@ -182,9 +182,8 @@ def collect_reports(reports_dir: str | os.PathLike, *, notebooks_dir: str | os.P
         rows.append(_report_row(report, fresh, why))
     table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if len(table):  # a cell that never succeeded has no method: it is the one of its notebook's other cells
-        known = table[table["method"] != ""].groupby("notebook")["method"].first()
-        missing = table["method"] == ""
-        table.loc[missing, "method"] = table.loc[missing, "notebook"].map(known).fillna("")
+        known = table[table["method"] != ""].groupby("notebook")["method"].first().to_dict()
+        table["method"] = [method or known.get(notebook, "") for method, notebook in zip(table["method"], table["notebook"])]
         table["task"] = [task or _task(method) for task, method in zip(table["task"], table["method"])]
     return table
 
