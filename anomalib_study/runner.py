@@ -27,8 +27,11 @@ Each cell is then ``<dataset key>-<variant name>`` with the parameters ``shared 
 dataset entry + variant entry`` (later ones win); a variant, a dataset entry or the shared
 parameters may set ``backbone`` (with ``backbones`` only the list sets it). In string parameters,
 ``{data}`` becomes the real-data folder (``--data`` or $ANOMALIB_STUDY_DATA; a cell that
-needs it while it is unset or missing is skipped, with a message) and ``{synthetic}`` the
-synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``).
+needs it while it is unset or missing is skipped, with a message), ``{synthetic}`` the
+synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``) and
+``{reports}`` the reports folder (for a notebook that reads the other reports, e.g. the
+comparison; its inputs hash then covers every other ``*/*.metrics.json`` and ``*.failed.json``).
+A dataset entry names a layout (``dataset:``) unless the notebook has no ``dataset`` parameter.
 
 The kernel starts in the notebook's own folder (as in JupyterLab), so a notebook opened by
 hand and one run here see the same relative paths; every path the runner passes is absolute.
@@ -42,7 +45,10 @@ beside the report when the cell succeeds (and dropped when it fails). Every
 file is written to a temporary name and moved into place, the metrics last, so a crash
 never leaves a half-written report. A cell whose notebook raises keeps its last good
 report and gets ``<cell>.failed.html`` / ``.failed.ipynb`` / ``.failed.json`` instead;
-these are removed by its next successful run. ``reports/index.html`` links everything.
+these are removed by its next successful run. ``reports/index.html`` (:mod:`anomalib_study.frontpage`)
+is the front page: the comparison across the reports, then every report with its status.
+``_run`` records ``notebook_sha256`` and ``sources_hash`` beside ``inputs_hash``, so that the
+index can tell a report whose notebook or package code changed since it ran (stale).
 
 A cell is skipped (status ``"unchanged"``) when its inputs hash (notebook bytes, resolved
 parameters, the package's source files, the data-root path) equals the one stored in its
