@@ -28,6 +28,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def package_sources_hash() -> str:
+    """sha256 over the package's ``*.py`` files (relative path and bytes, in sorted order):
+    what a report's code was, recorded by the runner and compared by the index."""
+    package = Path(__file__).resolve().parent
+    digest = []
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.append(f"{path.relative_to(package).as_posix()}:{sha256_file(path)}")
+    return sha256_bytes("\n".join(digest).encode())
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` in one step.

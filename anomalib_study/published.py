@@ -189,14 +189,14 @@ _MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill",
                   "zipper")
 
 
-def anomaly_clustering_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def anomaly_clustering_comparison(metrics: dict[str, Any], nearest_only: bool = False) -> list[dict[str, Any]]:
     """Rows ``{source, data, mode, backbone, tau, nmi, ari, f1, what differs}``.
 
     This run first (one row per mode it ran, tau as it was chosen), then every published
     anomaly-clustering figure: the paper's NMI means over the MVTec AD object and texture
     categories, the DINO ViT-B/8 reproduction's means (tau chosen with the labels) and its
     per-category rows (tau = 2). Rows on this run's own category come first, then the means
-    of its family (objects or textures), then the rest.
+    of its family (objects or textures), then the rest (left out with ``nearest_only``).
     """
     data = metrics["dataset"]
     name = data["name"] + (" (synthetic)" if metrics.get("synthetic") else "")
@@ -219,6 +219,8 @@ def anomaly_clustering_comparison(metrics: dict[str, Any]) -> list[dict[str, Any
         return (0 if category and row_data.endswith("/" + category) else 1 if family in row_data else 2)
 
     for setting, row_data, mode, figures in sorted(ANOMALY_CLUSTERING, key=rank):
+        if nearest_only and rank((setting, row_data)) == 2:
+            continue
         source = ANOMALY_CLUSTERING_SETTING[setting]
         differs = []
         if "mean" in row_data:

@@ -27,8 +27,11 @@ Each cell is then ``<dataset key>-<variant name>`` with the parameters ``shared 
 dataset entry + variant entry`` (later ones win); a variant, a dataset entry or the shared
 parameters may set ``backbone`` (with ``backbones`` only the list sets it). In string parameters,
 ``{data}`` becomes the real-data folder (``--data`` or $ANOMALIB_STUDY_DATA; a cell that
-needs it while it is unset or missing is skipped, with a message) and ``{synthetic}`` the
-synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``).
+needs it while it is unset or missing is skipped, with a message), ``{synthetic}`` the
+synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``) and
+``{reports}`` the reports folder (for a notebook that reads the other reports, e.g. the
+comparison; its inputs hash then covers every other ``*/*.metrics.json`` and ``*.failed.json``).
+A dataset entry names a layout (``dataset:``) unless the notebook has no ``dataset`` parameter.
 
 A suite file (``title`` + ``studies:``, a list of study files or inline studies) runs several
 studies in order into the same reports folder, e.g. ``studies/default.yaml``: every method
@@ -46,7 +49,10 @@ beside the report when the cell succeeds (and dropped when it fails). Every
 file is written to a temporary name and moved into place, the metrics last, so a crash
 never leaves a half-written report. A cell whose notebook raises keeps its last good
 report and gets ``<cell>.failed.html`` / ``.failed.ipynb`` / ``.failed.json`` instead;
-these are removed by its next successful run. ``reports/index.html`` links everything.
+these are removed by its next successful run. ``reports/index.html`` (:mod:`anomalib_study.frontpage`)
+is the front page: the comparison across the reports, then every report with its status.
+``_run`` records ``notebook_sha256`` and ``sources_hash`` beside ``inputs_hash``, so that the
+index can tell a report whose notebook or package code changed since it ran (stale).
 
 A cell is skipped (status ``"unchanged"``) when its inputs hash (notebook bytes, resolved
 parameters, the package's source files, the data-root path) equals the one stored in its
@@ -89,7 +95,7 @@ NEEDS_DATA = "needs the real data: set ANOMALIB_STUDY_DATA or pass --data"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
-_PLACEHOLDERS = ("data", "synthetic")
+_PLACEHOLDERS = ("data", "synthetic", "reports")
 
 
 @dataclass(frozen=True)
@@ -297,12 +303,15 @@ def _parse_study(data: Mapping[str, Any], path: Path, where: str) -> Study:
     datasets = data.get("datasets")
     if not isinstance(datasets, dict) or not datasets:
         raise bad("datasets", "must be a non-empty mapping of name -> {dataset: <layout>, root: ...} (the grid would be empty)")
+    # a notebook without a `dataset` parameter (e.g. the comparison over the reports) takes no layout
+    takes_layout = "dataset" in (notebook_parameters(found) or ["dataset"])
     for key, entry in datasets.items():
         if not isinstance(key, str) or not _NAME.match(key):
             raise bad(f"datasets.{key}", "is not a usable name: use letters, digits, '_', '.' and '-'")
-        if not isinstance(entry, dict) or not isinstance(entry.get("dataset"), str):
+        if not isinstance(entry, dict) or (takes_layout and not isinstance(entry.get("dataset"), str)):
             raise bad(f"datasets.{key}", "must be a mapping with at least 'dataset: <layout name>'")
-        _check_layout(entry["dataset"], lambda why, key=key: bad(f"datasets.{key}.dataset", why))
+        if "dataset" in entry:
+            _check_layout(entry["dataset"], lambda why, key=key: bad(f"datasets.{key}.dataset", why))
 
     sections = ([("parameters", parameters)] + [(f"datasets.{k}", v) for k, v in datasets.items()]
                 + [(f"variants.{k}", v) for k, v in (variants or {}).items()])
@@ -314,7 +323,8 @@ def _parse_study(data: Mapping[str, Any], path: Path, where: str) -> Study:
                 raise bad(f"{where}.{name}", "is set per cell from 'backbones': list it there")
             for placeholder in _PLACEHOLDER.findall(value) if isinstance(value, str) else ():
                 if placeholder not in _PLACEHOLDERS:
-                    raise bad(f"{where}.{name}", f"uses the unknown placeholder {{{placeholder}}} (known: {{data}}, {{synthetic}})")
+                    raise bad(f"{where}.{name}", f"uses the unknown placeholder {{{placeholder}}} "
+                                         "(known: {data}, {synthetic}, {reports})")
 
     study = Study(path=path, notebook=found.resolve(), title=title, headline=tuple(headline),
                   parameters=dict(parameters), backbones=tuple(backbones),
@@ -413,15 +423,19 @@ def select_cells(cells: Sequence[Cell], only: str | Iterable[str] | None) -> lis
 
 
 def resolve_parameters(parameters: Mapping[str, Any], *, data: Path | None,
-                       synthetic: Callable[[], Path]) -> tuple[dict[str, Any], str | None]:
-    """Replace ``{data}`` / ``{synthetic}`` in string values.
+                       synthetic: Callable[[], Path], reports: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """Replace ``{data}`` / ``{synthetic}`` / ``{reports}`` in string values.
 
     Returns ``(parameters, reason)``: ``reason`` is None when the cell can run, else why it
-    is skipped (the real data is unset, or the folder it names does not exist).
-    ``synthetic`` is only called when a value uses ``{synthetic}``.
+    is skipped (the real data is unset, or the folder it names does not exist; no reports
+    folder given for ``{reports}``). ``synthetic`` is only called when a value uses ``{synthetic}``.
     """
     resolved = {}
     for name, value in parameters.items():
+        if isinstance(value, str) and "{reports}" in value:
+            if reports is None:
+                return dict(parameters), "needs the reports folder ({reports}): run it through run_study"
+            value = value.replace("{reports}", str(reports))
         if isinstance(value, str) and "{data}" in value:
             if data is None:
                 return dict(parameters), NEEDS_DATA
@@ -445,14 +459,28 @@ def synthetic_root() -> Path:
 
 
 def package_sources_hash() -> str:
-    """sha256 over the package's ``*.py`` files (relative path and bytes, in sorted order)."""
-    package = Path(__file__).resolve().parent
+    """sha256 over the package's ``*.py`` files (:func:`anomalib_study.io.package_sources_hash`)."""
+    return io.package_sources_hash()
+
+
+def uses_reports(parameters: Mapping[str, Any]) -> bool:
+    """Whether a cell reads the other reports (a parameter uses ``{reports}``)."""
+    return any(isinstance(value, str) and "{reports}" in value for value in parameters.values())
+
+
+def reports_hash(reports_dir: Path, exclude: Path | None = None) -> str:
+    """sha256 over every ``*/*.metrics.json`` and ``*/*.failed.json`` under ``reports_dir``
+    (relative path and bytes, sorted), the folder ``exclude`` left out: the inputs of a cell
+    that reads the other reports, so that it reruns exactly when one of them changes."""
+    reports_dir = Path(reports_dir)
+    skipped = Path(exclude).resolve() if exclude is not None else None
     digest = []
-    for path in sorted(package.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        digest.append(f"{path.relative_to(package).as_posix()}:{io.sha256_file(path)}")
-    return io.sha256_bytes("\n".join(digest).encode())
+    for pattern in ("*/*.metrics.json", "*/*.failed.json"):
+        for path in sorted(reports_dir.glob(pattern)):
+            if path.name.startswith(".") or path.parent.resolve() == skipped:
+                continue
+            digest.append(f"{path.relative_to(reports_dir).as_posix()}:{io.sha256_file(path)}")
+    return io.sha256_bytes("\n".join(sorted(digest)).encode())
 
 
 def inputs_hash(notebook: Path, parameters: Mapping[str, Any], data: Path | None, sources_hash: str) -> str:
@@ -565,13 +593,16 @@ class _Runner:
 
     def run(self, index: int, cell: Cell) -> CellResult:
         tag = f"[{index}/{self.total}] {cell.name}"
-        parameters, reason = resolve_parameters(cell.parameters, data=self.data, synthetic=self.synthetic_root)
+        parameters, reason = resolve_parameters(cell.parameters, data=self.data, synthetic=self.synthetic_root,
+                                                reports=self.out_dir.parent)
         if reason:
             self.log(f"{tag}: skipped, {reason}")
             return CellResult(cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason,
                               variant=cell.variant)
         parameters["report_name"] = cell.name
         digest = inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash)
+        if uses_reports(cell.parameters):  # its inputs are the other reports, too
+            digest = io.sha256_bytes(f"{digest}:{reports_hash(self.out_dir.parent, exclude=self.out_dir)}".encode())
 
         paths = self.paths(cell.name)
         previous = _read_json(paths["metrics"]) or {}
@@ -637,6 +668,8 @@ class _Runner:
             "cell": cell.name, "dataset": cell.dataset, "backbone": cell.backbone,
             "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": digest,
             "kernel": self.kernel, "duration_s": duration, "started_at": started_at,
+            # recorded apart from inputs_hash, so that the index can tell a stale report
+            "notebook_sha256": io.sha256_file(self.study.notebook), "sources_hash": self.sources_hash,
         }
         if cell.variant is not None:  # a variants grid: the index's second column names the variant
             run["variant"] = cell.variant
@@ -762,7 +795,7 @@ def run_study(
                 with ThreadPoolExecutor(max_workers=jobs) as pool:
                     results += list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
 
-    index = write_index(reports)
+    index = write_index(reports, study=study, results=results, sources_hash=runner.sources_hash)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "unchanged", "failed", "skipped")}
     log(f"study {study_file}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; index {index}")
     return results
@@ -775,96 +808,14 @@ def exit_code(results: Iterable[CellResult]) -> int:
 
 # --------------------------------------------------------------------------- index
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 2em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; }
-th { background: #f0f0f0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.failed td { background: #fde8e8; }
-.note { color: #8a5a00; }
-.error { color: #a00; font-family: monospace; font-size: 0.9em; }
-"""
 
+def write_index(reports_dir: str | os.PathLike = "reports", *, study: Study | None = None,
+                results: Sequence[CellResult] = (), sources_hash: str | None = None) -> Path:
+    """Write the front page ``reports_dir/index.html`` (:func:`anomalib_study.frontpage.write_index`).
 
-def _collect(reports: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """notebook folder -> cell name -> {"metrics": ..., "failed": ...} from the JSON files found."""
-    found: dict[str, dict[str, dict[str, Any]]] = {}
-    for folder in sorted(p for p in reports.iterdir() if p.is_dir() and p.name != "benchmarks" and not p.name.startswith(".")):
-        for path in sorted(folder.glob("*.json")):
-            for suffix, kind in ((".failed.json", "failed"), (".metrics.json", "metrics")):
-                if path.name.endswith(suffix) and not path.name.startswith("."):
-                    data = _read_json(path)
-                    if data is not None:
-                        name = path.name[: -len(suffix)]
-                        found.setdefault(folder.name, {}).setdefault(name, {})[kind] = data
-                    break
-    return found
+    ``study`` and ``results``: the study just run, so that its skipped cells are listed with
+    their reason; ``sources_hash``: the package sources its cells ran with (default: now's)."""
+    from anomalib_study import frontpage
 
-
-def write_index(reports_dir: str | os.PathLike = "reports") -> Path:
-    """Write ``reports_dir/index.html``: every report found under ``reports_dir/*/``, grouped by
-    notebook and sorted by name, plus links to ``reports_dir/benchmarks/*.json``. Deterministic.
-
-    The second column is the backbone, or the variant for the cells of a study with ``variants``."""
-    reports = Path(reports_dir)
-    reports.mkdir(parents=True, exist_ok=True)
-    esc = html.escape
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>anomalib_study reports</title>",
-             f"<style>{_CSS}</style></head><body>", "<h1>anomalib_study reports</h1>"]
-    groups = _collect(reports)
-    if not groups:
-        parts.append("<p>No reports yet: run <code>anomalib-study run studies/default.yaml</code>.</p>")
-    for folder, cells in groups.items():
-        runs = [(name, e.get("failed", e.get("metrics", {})).get("_run", {})) for name, e in sorted(cells.items())]
-        titles = sorted({r.get("title") for _, r in runs if r.get("title")})
-        headline: list[str] = []
-        for _, r in runs:
-            headline += [k for k in r.get("headline", []) if k not in headline]
-        parts.append(f"<h2>{esc(folder)}</h2>")
-        if titles:
-            parts.append(f"<p>{esc(' / '.join(titles))}</p>")
-        with_variant = [bool(r.get("variant")) for _, r in runs]
-        column = "variant" if all(with_variant) else "backbone / variant" if any(with_variant) else "backbone"
-        parts.append(f"<table><tr><th>dataset</th><th>{column}</th>"
-                     + "".join(f"<th>{esc(k)}</th>" for k in headline)
-                     + "<th>status</th><th>duration (s)</th><th>report</th><th>note</th></tr>")
-        for name, entry in sorted(cells.items()):
-            good = entry.get("metrics")
-            failed = entry.get("failed")
-            run = (failed or good or {}).get("_run", {})
-            metrics = good or {}
-            status = "failed" if failed else run.get("status", "?")
-            links = []
-            if good and (folder_path := reports / folder / f"{name}.html").is_file():
-                label = "last good report" if failed else "report"
-                links.append(f"<a href='{esc(folder)}/{esc(folder_path.name)}'>{label}</a>")
-            if failed:
-                links.append(f"<a href='{esc(folder)}/{esc(name)}.failed.html'>failed run</a>")
-            notes = []
-            if metrics.get("synthetic") is True:
-                notes.append("<span class='note'>synthetic, not DAGM</span>")
-            if failed:
-                err = failed.get("_run", {}).get("error", {})
-                notes.append(f"<span class='error'>{esc(str(err.get('ename', '')))}: "
-                             f"{esc(_first_line(str(err.get('evalue', ''))))}</span>")
-            duration = run.get("duration_s")
-            parts.append(
-                f"<tr class='{esc(status)}'><td>{esc(str(run.get('dataset', name)))}</td>"
-                f"<td>{esc(str(run.get('variant') or run.get('backbone', '')))}</td>"
-                + "".join(f"<td class='num'>{esc(_format_value(metrics.get(k)))}</td>" for k in headline)
-                + f"<td>{esc(status)}</td>"
-                f"<td class='num'>{'' if duration is None else f'{float(duration):.1f}'}</td>"
-                f"<td>{' | '.join(links)}</td><td>{' '.join(notes)}</td></tr>"
-            )
-        parts.append("</table>")
-    benchmarks = sorted((reports / "benchmarks").glob("*.json")) if (reports / "benchmarks").is_dir() else []
-    if benchmarks:
-        parts.append("<h2>benchmarks</h2><ul>")
-        parts += [f"<li><a href='benchmarks/{esc(p.name)}'>{esc(p.name)}</a></li>" for p in benchmarks]
-        parts.append("</ul>")
-    parts.append("</body></html>\n")
-    index = reports / "index.html"
-    with io.atomic_write(index, "w") as handle:
-        handle.write("\n".join(parts))
-    return index
+    skipped = {(study.notebook.stem, r.name): r.message for r in results if study is not None and r.status == "skipped"}
+    return frontpage.write_index(reports_dir, skipped=skipped, sources_hash=sources_hash)

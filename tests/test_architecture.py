@@ -25,6 +25,7 @@ LAYERS = {
     "anomalib_study.methods": 5,
     "anomalib_study.metrics": 6, "anomalib_study.plots": 6,
     "anomalib_study.evaluate": 7, "anomalib_study.detect": 7, "anomalib_study.cluster": 7,
+    "anomalib_study.comparison": 7, "anomalib_study.frontpage": 7,
     "anomalib_study.runner": 8,
     "anomalib_study.cli": 9,
 }

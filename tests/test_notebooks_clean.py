@@ -43,8 +43,10 @@ def test_notebook_has_exactly_one_parameters_cell(path):
     assert len(tagged) == 1, f"{path.name}: cells tagged 'parameters': {tagged}; papermill needs exactly one"
     assert nb.cells[tagged[0]].cell_type == "code", f"{path.name}: the 'parameters' cell must be a code cell"
     names = notebook_parameters(path)
-    for required in ("dataset", "root", "category", "backbone", "device", "metrics_out", "report_name"):
-        assert required in names, f"{path.name}: the parameters cell must declare '{required}' (the runner sets it)"
+    # every notebook takes what the runner sets; one that reads a data set also takes its location and backbone
+    required = ("metrics_out", "report_name") + (("root", "category", "backbone", "device") if "dataset" in names else ())
+    for name in required:
+        assert name in names, f"{path.name}: the parameters cell must declare '{name}' (the runner or a study sets it)"
 
 
 @pytest.mark.parametrize("path", _notebooks(), ids=_ids())
@@ -59,3 +61,16 @@ def test_papermill_reads_every_parameter(path):
         f"{path.name}: papermill cannot read the parameter line(s) of {missing}: "
         "keep each to `name = value  # comment` with no '=' in the comment"
     )
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=_ids())
+def test_every_parameter_has_a_type_and_a_comment(path):
+    """`papermill --help-notebook` shows each parameter's type (from `name: type = value`) and
+    its comment; an untyped line shows "Unknown type"."""
+    import papermill
+
+    inferred = papermill.inspect_notebook(str(path))
+    untyped = [name for name, p in inferred.items() if p["inferred_type_name"] in (None, "None")]
+    uncommented = [name for name, p in inferred.items() if not (p["help"] or "").strip()]
+    assert not untyped, f"{path.name}: parameters without a type: {untyped}; write `name: type = value  # comment`"
+    assert not uncommented, f"{path.name}: parameters without a comment: {uncommented}; add `# what it is`"

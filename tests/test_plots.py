@@ -146,3 +146,28 @@ def test_figure_jpeg_is_a_small_jpeg(tmp_path):
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=fig.dpi)
     assert len(data) < len(png.getvalue())
+
+
+def test_auroc_heatmap_shows_each_value_and_leaves_missing_ones_blank():
+    values = np.array([[0.91, np.nan], [0.55, 0.999]])
+    fig = plots.plot_auroc_heatmap(values, ["kNN · b1", "PatchCore · b1"], ["bottle", "tile"])
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "data set" and ax.get_ylabel() == "method · backbone / variant"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bottle", "tile"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["kNN · b1", "PatchCore · b1"]
+    assert sorted(t.get_text() for t in ax.texts) == ["0.550", "0.910", "0.999"]  # no text for the missing cell
+    mesh = ax.collections[0].get_array().reshape(2, 2)  # the colours drawn: the values, the missing one masked
+    assert mesh.mask[0, 1] and not mesh.mask[1].any() and abs(mesh[0, 0] - 0.91) < 1e-12
+
+
+def test_auroc_vs_speed_is_a_log_scatter_with_one_point_per_report():
+    fig = plots.plot_auroc_vs_speed([0.9, 0.8, 0.7], [2.0, 20.0, 200.0], ["kNN", "PatchCore", "kNN"], ["b1", "b1", "b2"])
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "image AUROC"
+    assert "images per second" in ax.get_xlabel()
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert sorted(map(tuple, points.tolist())) == [(2.0, 0.9), (20.0, 0.8), (200.0, 0.7)]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"kNN", "PatchCore", "b1", "b2"} <= set(legend)
+    empty = plots.plot_auroc_vs_speed([], [], [], [])
+    assert "no report" in empty.axes[0].texts[0].get_text()

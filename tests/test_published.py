@@ -81,3 +81,12 @@ def test_anomaly_clustering_rows_put_our_category_first_and_say_what_differs():
     means = [r for r in published if "mean" in r["data"]]
     assert {r["nmi"] for r in means if r["source"].startswith("published (Sohn")} == {0.451, 0.577, 0.674, 0.669}
     assert all("only some are here" in r["what differs"] for r in means)
+
+
+def test_anomaly_clustering_nearest_only_keeps_our_category_and_its_family():
+    metrics = _metrics("mvtec_ad", "mvtec_ad/bottle", protocol={"name": "reproduction"}, modes={
+        "unsupervised": {"tau": 0.42, "nmi": 0.5, "ari": 0.4, "f1": 0.6}})
+    every = anomaly_clustering_comparison(metrics)
+    nearest = anomaly_clustering_comparison(metrics, nearest_only=True)
+    assert nearest == [r for r in every if "textures" not in r["data"] and "transistor" not in r["data"]]
+    assert {r["data"] for r in nearest[1:]} == {"mvtec_ad/bottle", "MVTec AD objects (mean)"}

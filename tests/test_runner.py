@@ -210,6 +210,30 @@ def test_placeholders_are_resolved_or_the_cell_skipped(tmp_path):
     assert reason == runner.NEEDS_DATA
     _, reason = runner.resolve_parameters({"root": "{data}/absent"}, data=data, synthetic=synthetic)
     assert "ANOMALIB_STUDY_DATA" in reason and "absent" in reason
+    params, reason = runner.resolve_parameters({"reports": "{reports}"}, data=None, synthetic=synthetic,
+                                               reports=tmp_path / "reports")
+    assert reason is None and params["reports"] == str(tmp_path / "reports")
+    _, reason = runner.resolve_parameters({"reports": "{reports}"}, data=None, synthetic=synthetic)
+    assert "reports folder" in reason
+    assert runner.uses_reports({"reports": "{reports}/x"}) and not runner.uses_reports({"root": "{data}"})
+
+
+def test_reports_hash_follows_the_other_reports_metrics(tmp_path):
+    (tmp_path / "01_a").mkdir()
+    (tmp_path / "05_own").mkdir()
+    metrics = tmp_path / "01_a" / "c.metrics.json"
+    metrics.write_text("{}")
+    own = tmp_path / "05_own" / "all.metrics.json"
+    own.write_text("{}")
+    base = runner.reports_hash(tmp_path, exclude=tmp_path / "05_own")
+    own.write_text('{"changed": 1}')  # its own report is not its input
+    (tmp_path / "01_a" / "c.html").write_text("<html>")  # nor the rendered pages
+    assert runner.reports_hash(tmp_path, exclude=tmp_path / "05_own") == base
+    metrics.write_text('{"image_auroc": 0.5}')
+    changed = runner.reports_hash(tmp_path, exclude=tmp_path / "05_own")
+    assert changed != base
+    (tmp_path / "01_a" / "d.failed.json").write_text("{}")
+    assert runner.reports_hash(tmp_path, exclude=tmp_path / "05_own") != changed
 
 
 @pytest.mark.parametrize("change, key", [
@@ -299,6 +323,8 @@ def test_run_rerun_failure_and_recovery(project):
         assert metrics["image_auroc"] == pytest.approx(auroc) and metrics["root"] == root
         assert metrics["_run"]["status"] == "ok" and metrics["_run"]["parameters"]["report_name"] == name
         assert metrics["_run"]["duration_s"] > 0 and len(metrics["_run"]["inputs_hash"]) == 64
+        assert metrics["_run"]["notebook_sha256"] == runner.io.sha256_file(project["root"] / "notebooks" / "tiny.ipynb")
+        assert metrics["_run"]["sources_hash"] == "fixed"  # what the index judges staleness by
         assert metrics["synthetic"] is (name == "synth-tiny")
         page = (out / f"{name}.html").read_text()
         assert "VISIBLE_OUTPUT" in page and f"VISIBLE_OUTPUT {name} notebooks" in page  # cwd = notebook folder
@@ -375,6 +401,22 @@ def test_variants_study_runs_names_cells_by_variant_and_keeps_side_files(project
     assert "<th>variant</th>" in index and "<td>high-b</td>" in index and "tiny/plain-low.html" in index
 
 
+def test_a_cell_reading_the_reports_reruns_when_they_change(project):
+    path = _write_study(project["study"], datasets={"over": {"dataset": "dagm", "root": "{reports}"}})
+    other = project["reports"] / "other"
+    other.mkdir(parents=True)
+    (other / "c.metrics.json").write_text('{"image_auroc": 0.5}')
+    results, _ = _run(project)
+    assert results["over-tiny"].status == "ok"
+    assert results["over-tiny"].metrics["root"] == str(project["reports"].resolve())
+    results, _ = _run(project)
+    assert results["over-tiny"].status == "unchanged"  # its own new report is not one of its inputs
+    (other / "c.metrics.json").write_text('{"image_auroc": 0.6}')
+    results, _ = _run(project)
+    assert results["over-tiny"].status == "ok"
+    assert path.is_file()
+
+
 def test_notebook_without_metrics_fails_and_unknown_kernel_is_refused(project):
     path = _write_study(project["study"], datasets={"plain": {"dataset": "dagm", "write": False}})
     with pytest.raises(StudyError, match="kernel 'no-such-kernel' is not installed"):
@@ -424,6 +466,8 @@ def test_shipped_study_files_are_valid():
     smoke = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder_smoke.yaml"))
     assert [c.name for c in smoke] == ["synthetic_dagm-conv", "synthetic_dagm-pretrained-efficientnet_lite0"]
     assert smoke[1].parameters["model"] == "pretrained" and smoke[1].parameters["backbone"] == "efficientnet_lite0"
+    compare = runner.expand_grid(runner.read_study(REPO / "studies" / "comparison.yaml"))
+    assert [(c.name, c.parameters) for c in compare] == [("all-comparison", {"reports": "{reports}"})]
     full = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder.yaml"))
     assert len(full) == 12 and {c.variant for c in full} == {"conv", "pretrained-efficientnet_lite0"}
     assert [c.name for c in full if c.parameters.get("ablation_losses")] == [

@@ -1,0 +1,365 @@
+"""The comparison across the executed reports, read back from their metrics files.
+
+Every number comes from ``reports/<notebook>/<cell>.metrics.json`` (the cell's last good
+run) or ``<cell>.failed.json`` (its last run failed), never from a rendered notebook, and
+the published figures from :mod:`anomalib_study.published`::
+
+    reports = collect_reports("reports")      # one row per report
+    detection_table(reports)                  # image / pixel AUROC, PRO, accuracy, times
+    clustering_table(reports)                 # NMI / ARI / F1 per mode, tau and how it was chosen
+    published_table(reports)                  # the published figures beside ours
+
+A report's ``status`` is ``"ok"``, ``"failed"`` (its last run raised; the numbers, if any,
+are the last good run's) or ``"stale"`` (its notebook or the package sources changed since
+it ran). ``freshness`` says ``"current"``, ``"stale"`` or ``"unknown"`` (a report written
+before the runner recorded ``notebook_sha256`` and ``sources_hash``, or whose notebook is
+not found).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from anomalib_study import io, published
+
+#: detection methods, in the order the tables list them
+DETECTION_METHODS = ("knn", "patchcore", "autoencoder")
+METHOD_LABELS = {"knn": "kNN (DN2)", "patchcore": "PatchCore", "autoencoder": "autoencoder",
+                 "clustering": "anomaly clustering"}
+#: the published comparison of each method (this run's row first, then the published figures)
+COMPARISONS: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
+    "knn": published.dn2_comparison,
+    "patchcore": published.patchcore_comparison,
+    "autoencoder": published.autoencoder_comparison,
+    "clustering": lambda metrics: published.anomaly_clustering_comparison(metrics, nearest_only=True),
+}
+#: column headings for display
+LABELS = {
+    "dataset": "data set", "method": "method", "config": "backbone / variant", "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC", "pro": "PRO", "accuracy": "accuracy", "fit_s": "fit (s)",
+    "predict_images_per_s": "predict (images/s)", "status": "status", "note": "note", "mode": "mode",
+    "nmi": "NMI", "ari": "ARI", "f1": "F1", "tau": "tau", "tau_rule": "tau chosen by",
+}
+REPORT_COLUMNS = (
+    "notebook", "cell", "dataset", "data", "method", "task", "backbone", "variant", "config", "status",
+    "freshness", "note", "image_auroc", "pixel_auroc", "pro", "accuracy", "fit_s", "predict_images_per_s",
+    "synthetic", "duration_s", "metrics",
+)
+DETECTION_COLUMNS = ("dataset", "method", "config", "image_auroc", "pixel_auroc", "pro", "accuracy", "fit_s",
+                     "predict_images_per_s", "status", "note", "synthetic", "notebook", "cell")
+CLUSTERING_COLUMNS = ("dataset", "config", "mode", "nmi", "ari", "f1", "tau", "tau_rule", "status", "note",
+                      "synthetic", "notebook", "cell")
+_SKIPPED_FOLDERS = ("benchmarks",)
+
+
+@dataclass(frozen=True)
+class Report:
+    """One grid cell's files under ``reports/<notebook>/``.
+
+    Attributes:
+        notebook: the notebook folder's name (the notebook's stem).
+        cell: the cell name (``<dataset key>-<backbone or variant>``).
+        folder: the notebook folder.
+        metrics: the last good run's metrics (with ``_run``), None if it never succeeded.
+        failed: ``{"_run": ...}`` of the last run if it failed, else None.
+    """
+
+    notebook: str
+    cell: str
+    folder: Path
+    metrics: dict[str, Any] | None
+    failed: dict[str, Any] | None
+
+    @property
+    def run(self) -> dict[str, Any]:
+        """The ``_run`` record of the last run (the failed one if it failed)."""
+        return (self.failed or self.metrics or {}).get("_run") or {}
+
+    @property
+    def html(self) -> Path | None:
+        """The last good report's HTML, if it exists."""
+        path = self.folder / f"{self.cell}.html"
+        return path if self.metrics is not None and path.is_file() else None
+
+    @property
+    def failed_html(self) -> Path | None:
+        """The failed run's HTML, if the last run failed and it exists."""
+        path = self.folder / f"{self.cell}.failed.html"
+        return path if self.failed is not None and path.is_file() else None
+
+    @property
+    def error(self) -> str:
+        """``"<exception name>: <first line of its message>"`` of a failed run, else ""."""
+        if self.failed is None:
+            return ""
+        error = self.run.get("error") or {}
+        lines = str(error.get("evalue", "")).strip().splitlines()
+        return f"{error.get('ename', 'error')}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def read_reports(reports_dir: str | os.PathLike) -> list[Report]:
+    """Every report under ``reports_dir/*/`` (``benchmarks/`` and hidden files left out),
+    sorted by notebook folder and cell name. Unreadable JSON files are passed over."""
+    reports_dir = Path(reports_dir)
+    if not reports_dir.is_dir():
+        return []
+    found: list[Report] = []
+    for folder in sorted(p for p in reports_dir.iterdir()
+                         if p.is_dir() and p.name not in _SKIPPED_FOLDERS and not p.name.startswith(".")):
+        cells: dict[str, dict[str, Any]] = {}
+        for path in sorted(folder.glob("*.json")):
+            if path.name.startswith("."):
+                continue
+            for suffix, kind in ((".failed.json", "failed"), (".metrics.json", "metrics")):
+                if path.name.endswith(suffix):
+                    data = _read_json(path)
+                    if data is not None:
+                        cells.setdefault(path.name[: -len(suffix)], {})[kind] = data
+                    break
+        found += [Report(folder.name, name, folder, entry.get("metrics"), entry.get("failed"))
+                  for name, entry in sorted(cells.items())]
+    return found
+
+
+def freshness(report: Report, notebook_sha256: str | None, sources_hash: str) -> tuple[str, str]:
+    """``(freshness, why)`` of a report's last good run: ``"current"``, ``"stale"`` (its
+    notebook's bytes, ``notebook_sha256`` now, or the package sources differ from the
+    recorded ones) or ``"unknown"`` (nothing recorded, or the notebook not found: None)."""
+    run = (report.metrics or {}).get("_run") or {}
+    recorded_notebook, recorded_sources = run.get("notebook_sha256"), run.get("sources_hash")
+    if not recorded_notebook or not recorded_sources:
+        return "unknown", "run before the notebook and sources hashes were recorded"
+    if notebook_sha256 is None:
+        return "unknown", f"notebook {report.notebook}.ipynb not found"
+    changed = []
+    if notebook_sha256 != recorded_notebook:
+        changed.append(f"{report.notebook}.ipynb changed")
+    if sources_hash != recorded_sources:
+        changed.append("the package sources changed")
+    return ("stale", " and ".join(changed) + " since it ran") if changed else ("current", "")
+
+
+def find_notebook(report: Report, notebooks_dir: Path | None = None) -> Path | None:
+    """The notebook a report's folder is named after, as it is now: ``notebooks_dir/<folder>.ipynb``
+    (default: ``notebooks/`` beside the reports folder), else the path its run recorded."""
+    folder = notebooks_dir if notebooks_dir is not None else report.folder.parent.parent / "notebooks"
+    candidates = [Path(folder) / f"{report.notebook}.ipynb"]
+    if report.run.get("notebook"):
+        candidates.append(Path(report.run["notebook"]))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def collect_reports(reports_dir: str | os.PathLike, *, notebooks_dir: str | os.PathLike | None = None,
+                    sources_hash: str | None = None) -> pd.DataFrame:
+    """One row per report under ``reports_dir`` (columns :data:`REPORT_COLUMNS`).
+
+    Args:
+        reports_dir: the reports folder (``reports/<notebook>/<cell>.metrics.json``).
+        notebooks_dir: where the notebooks are now (default: ``notebooks/`` beside
+            ``reports_dir``, else the path each run recorded); for ``freshness``.
+        sources_hash: the package sources to compare with (default: this package's now).
+
+    ``fit_s`` is the fitting time including the extraction of the training features,
+    ``predict_images_per_s`` the test images scored per second (extraction included);
+    ``metrics`` holds the whole metrics dict (None for a cell that never succeeded).
+    """
+    sources_hash = io.package_sources_hash() if sources_hash is None else sources_hash
+    notebooks = None if notebooks_dir is None else Path(notebooks_dir)
+    rows, hashes = [], {}
+    for report in read_reports(reports_dir):
+        notebook = find_notebook(report, notebooks)
+        if notebook is not None and notebook not in hashes:
+            hashes[notebook] = io.sha256_file(notebook)
+        fresh, why = (freshness(report, hashes.get(notebook), sources_hash) if report.metrics is not None
+                      else ("unknown", ""))
+        rows.append(_report_row(report, fresh, why))
+    table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
+    if len(table):  # a cell that never succeeded has no method: it is the one of its notebook's other cells
+        known = table[table["method"] != ""].groupby("notebook")["method"].first().to_dict()
+        table["method"] = [method or known.get(notebook, "") for method, notebook in zip(table["method"], table["notebook"])]
+        table["task"] = [task or _task(method) for task, method in zip(table["task"], table["method"])]
+    return table
+
+
+def _task(method: str) -> str:
+    return "detection" if method in DETECTION_METHODS else "clustering" if method == "clustering" else ""
+
+
+def _report_row(report: Report, fresh: str, why: str) -> dict[str, Any]:
+    metrics = report.metrics or {}
+    run = report.run
+    data = metrics.get("dataset") if isinstance(metrics.get("dataset"), dict) else {}
+    method = str(metrics.get("method") or "")
+    fit_s, images_per_s = _speed(metrics)
+    variant = str(run.get("variant") or "")
+    backbone = str(run.get("backbone") or "")
+    status = "failed" if report.failed is not None else "stale" if fresh == "stale" else "ok"
+    note = report.error or why
+    if report.failed is not None and report.metrics is not None:
+        note += " (numbers: the last good run)"
+    return {
+        "notebook": report.notebook, "cell": report.cell, "dataset": str(run.get("dataset") or report.cell),
+        "data": str(data.get("name", "")), "method": method, "task": str(metrics.get("task") or _task(method)),
+        "backbone": backbone, "variant": variant, "config": variant or backbone, "status": status,
+        "freshness": fresh, "note": note,
+        **{key: _number(metrics.get(key)) for key in ("image_auroc", "pixel_auroc", "pro", "accuracy")},
+        "fit_s": fit_s, "predict_images_per_s": images_per_s, "synthetic": metrics.get("synthetic") is True,
+        "duration_s": _number(run.get("duration_s")), "metrics": report.metrics,
+    }
+
+
+def _speed(metrics: dict[str, Any]) -> tuple[float, float]:
+    """``(fit seconds, test images per second)``, NaN where the report has no timing."""
+    timings = metrics.get("timings") or {}
+    if "predict_images_per_s" in timings:
+        return _number(timings.get("fit_s")), _number(timings["predict_images_per_s"])
+    if "extract_train_s" in timings:  # the first kNN reports timed the extraction apart from fit and score
+        fit = _number(timings["extract_train_s"]) + _number(timings.get("fit_s", 0.0))
+        predict = _number(timings.get("extract_test_s", 0.0)) + _number(timings.get("score_s", 0.0))
+        n_test = metrics.get("n_test")
+        return fit, (n_test / predict if isinstance(n_test, (int, float)) and predict > 0 else math.nan)
+    return _number(timings.get("fit_s")), math.nan
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def method_label(method: str, config: str) -> str:
+    """``"PatchCore · efficientnet_lite0"``: a method and its backbone or variant."""
+    label = METHOD_LABELS.get(method, method)
+    return f"{label} · {config}" if config else label
+
+
+def _method_order(table: pd.DataFrame) -> pd.Series:
+    order = {m: i for i, m in enumerate(DETECTION_METHODS)}
+    return table["method"].map(lambda m: order.get(m, len(order)))
+
+
+def detection_table(reports: pd.DataFrame) -> pd.DataFrame:
+    """The detection reports (kNN, PatchCore, autoencoders), one row per report, sorted by
+    data set, method and backbone / variant; columns :data:`DETECTION_COLUMNS` (``method``
+    is the display label). NaN where a report has no such figure (e.g. kNN gives no maps)."""
+    table = reports[reports["task"] == "detection"].copy()
+    table = table.assign(_order=_method_order(table)).sort_values(["dataset", "_order", "config", "notebook"])
+    table["method"] = [METHOD_LABELS.get(m, m) for m in table["method"]]
+    return table[list(DETECTION_COLUMNS)].reset_index(drop=True)
+
+
+def auroc_matrix(reports: pd.DataFrame, value: str = "image_auroc") -> pd.DataFrame:
+    """``value`` (default image AUROC) of each detection report as a matrix: one row per
+    method and backbone / variant (:func:`method_label`), one column per data set."""
+    table = reports[(reports["task"] == "detection") & reports[value].notna()].copy()
+    if not len(table):
+        return pd.DataFrame(dtype=float)
+    table = table.assign(_order=_method_order(table), row=[method_label(m, c) for m, c in zip(table["method"],
+                                                                                            table["config"])])
+    rows = list(dict.fromkeys(table.sort_values(["_order", "config"])["row"]))
+    matrix = table.pivot_table(index="row", columns="dataset", values=value, aggfunc="first")
+    matrix = matrix.reindex(index=rows, columns=sorted(matrix.columns))
+    matrix.index.name, matrix.columns.name = "method", "data set"
+    return matrix
+
+
+def speed_table(reports: pd.DataFrame) -> pd.DataFrame:
+    """The detection reports with both an image AUROC and a prediction speed: columns
+    ``method`` (label), ``config``, ``dataset``, ``image_auroc``, ``predict_images_per_s``."""
+    table = detection_table(reports)
+    table = table[table["image_auroc"].notna() & table["predict_images_per_s"].notna()]
+    return table[["method", "config", "dataset", "image_auroc", "predict_images_per_s"]].reset_index(drop=True)
+
+
+def clustering_table(reports: pd.DataFrame) -> pd.DataFrame:
+    """The anomaly-clustering reports, one row per data set x backbone x mode: NMI, ARI, F1,
+    tau and how it was chosen (columns :data:`CLUSTERING_COLUMNS`)."""
+    rows = []
+    for report in reports[reports["task"] == "clustering"].sort_values(["dataset", "config"]).itertuples():
+        modes = (report.metrics or {}).get("modes") or {}
+        if not modes:  # never succeeded: one row saying so
+            rows.append({"dataset": report.dataset, "config": report.config, "mode": "", "status": report.status,
+                         "note": report.note, "synthetic": report.synthetic, "notebook": report.notebook,
+                         "cell": report.cell})
+        for mode, result in modes.items():
+            rows.append({
+                "dataset": report.dataset, "config": report.config, "mode": mode,
+                **{key: _number(result.get(key)) for key in ("nmi", "ari", "f1", "tau")},
+                "tau_rule": str(result.get("tau_rule") or ""), "status": report.status, "note": report.note,
+                "synthetic": report.synthetic, "notebook": report.notebook, "cell": report.cell,
+            })
+    return pd.DataFrame(rows, columns=list(CLUSTERING_COLUMNS))
+
+
+def published_table(reports: pd.DataFrame, method: str | None = None) -> pd.DataFrame:
+    """The published figures beside ours: for every report with metrics (of ``method``, or
+    every method), the rows of its comparison in :mod:`anomalib_study.published` (this run
+    first, then the published figures nearest to it, each saying what differs).
+
+    Columns: ``method`` (label), ``dataset``, ``config``, ``kind`` (``"this run"`` or
+    ``"published"``), then the comparison's own columns (``source``, ``data``, the figures,
+    ``what differs``). A report too old for the comparison keeps the rows it stored itself.
+    """
+    frames = []
+    selected = reports[reports["metrics"].notna() & reports["method"].isin(list(COMPARISONS))]
+    if method is not None:
+        selected = selected[selected["method"] == method]
+    selected = selected.assign(_order=selected["method"].map(list(COMPARISONS).index))
+    for report in selected.sort_values(["_order", "dataset", "config"]).itertuples():
+        try:
+            rows = COMPARISONS[report.method](report.metrics)
+        except (KeyError, TypeError, ValueError):  # an older metrics layout: the rows it stored when it ran
+            rows = report.metrics.get("published") or []
+        if not rows:
+            continue
+        frame = pd.DataFrame(rows)
+        kind = ["this run" if s == "this run" else "published" for s in frame.get("source", ["published"] * len(frame))]
+        frame.insert(0, "kind", kind)
+        frame.insert(0, "config", report.config)
+        frame.insert(0, "dataset", report.dataset)
+        frame.insert(0, "method", METHOD_LABELS.get(report.method, report.method))
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["method", "dataset", "config", "kind", "source", "data", "what differs"])
+    table = pd.concat(frames, ignore_index=True)
+    return table[[c for c in table.columns if c != "what differs"] + ["what differs"]]
+
+
+def status_counts(reports: pd.DataFrame) -> dict[str, int]:
+    """Reports per status, e.g. ``{"ok": 40, "stale": 2, "failed": 1}`` (zeros left out)."""
+    counts = reports["status"].value_counts() if len(reports) else pd.Series(dtype=int)
+    return {status: int(counts[status]) for status in ("ok", "stale", "failed") if counts.get(status, 0)}
+
+
+def records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """A table as JSON-ready rows (NaN -> None, the ``metrics`` column left out)."""
+    kept = table.drop(columns=[c for c in ("metrics",) if c in table.columns])
+    return json.loads(kept.to_json(orient="records", double_precision=15))
+
+
+def summary(reports: pd.DataFrame) -> dict[str, Any]:
+    """What notebook 05 writes as its metrics: status counts, the detection and clustering
+    tables, and the image-AUROC matrix (method x data set)."""
+    matrix = auroc_matrix(reports)
+    return {
+        "method": "comparison",
+        "n_reports": int(len(reports)),
+        "status_counts": status_counts(reports),
+        "detection": records(detection_table(reports)),
+        "clustering": records(clustering_table(reports)),
+        "image_auroc_matrix": {row: {col: (None if pd.isna(v) else float(v)) for col, v in values.items()}
+                               for row, values in matrix.to_dict(orient="index").items()},
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
