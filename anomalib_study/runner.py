@@ -249,9 +249,9 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
     return studies
 
 
-def _parse_study(data: Mapping[str, Any], path: Path, where: str) -> Study:
+def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
     def bad(key: str, why: str) -> StudyError:
-        return StudyError(f"{where}: key '{key}' {why}")
+        return StudyError(f"{origin}: key '{key}' {why}")
 
     unknown = sorted(set(map(str, data)) - set(STUDY_KEYS))
     if unknown:
@@ -781,6 +781,8 @@ def run_study(
     data = io.data_root(data_root)
     reports = Path(reports_dir).resolve()  # absolute: the kernel runs in the notebook's folder
     results: list[CellResult] = []
+    skipped: dict[tuple[str, str], str] = {}  # (notebook stem, cell) -> why, listed on the front page
+    sources: str | None = None
     for study, cells in zip(studies, grids):  # parts in order: a later part may read the earlier reports
         if not cells:
             continue
@@ -790,12 +792,15 @@ def run_study(
         log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, jobs {jobs}")
         with _kernel_threads(jobs):
             if jobs == 1:
-                results += [runner.run(i, cell) for i, cell in enumerate(cells, 1)]
+                part = [runner.run(i, cell) for i, cell in enumerate(cells, 1)]
             else:
                 with ThreadPoolExecutor(max_workers=jobs) as pool:
-                    results += list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
+                    part = list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
+        results += part
+        skipped.update({(study.notebook.stem, r.name): r.message for r in part if r.status == "skipped"})
+        sources = runner.sources_hash
 
-    index = write_index(reports, study=study, results=results, sources_hash=runner.sources_hash)
+    index = write_index(reports, skipped=skipped, sources_hash=sources)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "unchanged", "failed", "skipped")}
     log(f"study {study_file}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; index {index}")
     return results
@@ -809,13 +814,13 @@ def exit_code(results: Iterable[CellResult]) -> int:
 # --------------------------------------------------------------------------- index
 
 
-def write_index(reports_dir: str | os.PathLike = "reports", *, study: Study | None = None,
-                results: Sequence[CellResult] = (), sources_hash: str | None = None) -> Path:
+def write_index(reports_dir: str | os.PathLike = "reports", *, skipped: Mapping[tuple[str, str], str] | None = None,
+                sources_hash: str | None = None) -> Path:
     """Write the front page ``reports_dir/index.html`` (:func:`anomalib_study.frontpage.write_index`).
 
-    ``study`` and ``results``: the study just run, so that its skipped cells are listed with
-    their reason; ``sources_hash``: the package sources its cells ran with (default: now's)."""
+    ``skipped``: (notebook stem, cell name) -> why, for the cells of the run just made that
+    could not run here (listed with their reason); ``sources_hash``: the package sources its
+    cells ran with (default: now's)."""
     from anomalib_study import frontpage
 
-    skipped = {(study.notebook.stem, r.name): r.message for r in results if study is not None and r.status == "skipped"}
-    return frontpage.write_index(reports_dir, skipped=skipped, sources_hash=sources_hash)
+    return frontpage.write_index(reports_dir, skipped=dict(skipped or {}), sources_hash=sources_hash)
