@@ -35,7 +35,12 @@ hand and one run here see the same relative paths; every path the runner passes 
 
 Outputs, per cell, under ``reports/<notebook stem>/``:
 ``<cell>.ipynb`` (executed), ``<cell>.html`` (nbconvert, code inputs hidden, cells tagged
-``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``). The
+``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``: the study,
+cell, resolved parameters, inputs hash, kernel, duration, status and ``provenance``, what
+produced the report: package version, git commit of the notebook's checkout and whether it was
+dirty, CPU model, logical cores, threads (``OMP_NUM_THREADS``), GPU or "none", python and torch
+versions, from :func:`anomalib_study.provenance.collect`; ``anomalib-study verify`` re-runs
+reports and names what differs). The
 notebook receives ``metrics_out = <staging folder>/<cell>.metrics.json``; other files it
 writes beside it named ``<cell>.<suffix>`` (e.g. ``<cell>.all_results.csv``) are moved
 beside the report when the cell succeeds (and dropped when it fails). Every
@@ -71,7 +76,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
-from anomalib_study import io
+from anomalib_study import io, provenance
 from anomalib_study.errors import ParameterError, StudyError
 
 PREFERRED_KERNEL = "anomalib-study"
@@ -569,6 +574,8 @@ class _Runner:
             "cell": cell.name, "dataset": cell.dataset, "backbone": cell.backbone,
             "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": digest,
             "kernel": self.kernel, "duration_s": duration, "started_at": started_at,
+            # the kernel's torch reads OMP_NUM_THREADS; evaluate records the count it ran with
+            "provenance": provenance.collect(self.study.notebook, torch_threads=False),
         }
         if cell.variant is not None:  # a variants grid: the index's second column names the variant
             run["variant"] = cell.variant
