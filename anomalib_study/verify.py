@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from anomalib_study import runner
 from anomalib_study.errors import ParameterError, StudyError
 
-__all__ = ["UNCOMPARED", "MISSING", "Drift", "VerifyResult", "compare_metrics", "provenance_differences", "verify_reports",
-           "exit_code", "format_table"]
+__all__ = ["UNCOMPARED", "MISSING", "Drift", "VerifyResult", "compare_metrics", "committed_reports", "exit_code",
+           "flatten", "format_table", "provenance_differences", "verify_reports"]
 
 #: fnmatch patterns: a key whose path has a part matching one of these is not compared
 UNCOMPARED = (
@@ -440,7 +440,8 @@ def _rerun_study(study_path: Path, entries: list[_Committed], out: Path, toleran
 
 def format_table(results: Sequence[VerifyResult], tolerance: float = 0.0, drifts_shown: int = 5) -> str:
     """The verdict as text: one row per report (status, keys compared, matched, drifted, the
-    worst drift), then per report its provenance differences, first drifts and messages."""
+    worst drift), then per report the keys found on one side only, the first values that
+    drifted, its provenance differences and messages."""
     import pandas as pd
 
     rows = []
@@ -456,9 +457,17 @@ def format_table(results: Sequence[VerifyResult], tolerance: float = 0.0, drifts
     lines = [f"verify: {len(results)} report(s), numbers compared {rule}",
              table.to_string(index=False, justify="left")]
     for result in results:
-        details = [f"  drift {d.describe()}" for d in result.drifts[:drifts_shown]]
-        if len(result.drifts) > drifts_shown:
-            details.append(f"  ... and {len(result.drifts) - drifts_shown} more drifted key(s)")
+        details = []
+        for side, attribute in (("the committed report", "new"), ("the re-run", "committed")):
+            only = [d.key for d in result.drifts if getattr(d, attribute) is MISSING]
+            if only:  # e.g. a report written by older code, before a key was added
+                shown = ", ".join(only[:drifts_shown]) + (f" and {len(only) - drifts_shown} more"
+                                                         if len(only) > drifts_shown else "")
+                details.append(f"  {len(only)} key(s) only in {side}: {shown}")
+        valued = [d for d in result.drifts if d.committed is not MISSING and d.new is not MISSING]
+        details += [f"  drift {d.describe()}" for d in valued[:drifts_shown]]
+        if len(valued) > drifts_shown:
+            details.append(f"  ... and {len(valued) - drifts_shown} more drifted value(s)")
         details += [f"  differs: {line}" for line in result.differences]
         if result.message and result.status in ("failed", "skipped"):
             details.append(f"  {result.status}: {result.message}")
