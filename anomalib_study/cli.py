@@ -1,4 +1,4 @@
-"""The ``anomalib-study`` command: detect, cluster, evaluate, run, download, make-synthetic, backbones.
+"""The ``anomalib-study`` command: detect, cluster, evaluate, run, verify, download, make-synthetic, backbones.
 
 Errors caused by the input (a missing file, a bad parameter, a stale database) print one
 line naming what is wrong and exit with status 2; no traceback.
@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from anomalib_study.checks import positive_int
+from anomalib_study.checks import non_negative_float, positive_int
 from anomalib_study.errors import StudyError
 
 
@@ -167,6 +167,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="set every cell's device (cpu, cuda, cuda:N)")
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 
+    p = sub.add_parser("verify", help="re-run committed reports in a scratch folder and compare their metrics "
+                                      "(exit 1 on a drift)")
+    p.add_argument("--only", action="append", default=None,
+                   help="verify only this report: cell name or <notebook>/<cell>, glob allowed; repeatable")
+    p.add_argument("--tolerance", type=_parser_type(non_negative_float), default=0.0,
+                   help="largest absolute difference of two numbers that still matches (default 0: exact)")
+    p.add_argument("--reports", default="reports", help="the committed reports folder, only read (default reports)")
+    p.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA); without it, "
+                                                "reports of real data are skipped")
+    p.add_argument("--keep-scratch", default=None, metavar="DIR",
+                   help="re-run into DIR and keep it (default: a temporary folder, removed)")
+    p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
+
     p = sub.add_parser("download", help="download and verify MVTec AD or DAGM 2007 (needs internet)")
     p.add_argument("name", help="mvtec_ad or dagm2007")
     p.add_argument("dest", help="folder to extract into")
@@ -284,6 +297,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return exit_code(results)
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from anomalib_study.verify import exit_code, verify_reports
+
+    results = verify_reports(args.reports, only=args.only, tolerance=args.tolerance, data_root=args.data,
+                             scratch=args.keep_scratch, kernel_name=args.kernel)
+    return exit_code(results)
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from anomalib_study.data.download import download
 
@@ -312,6 +333,7 @@ _COMMANDS = {
     "cluster": _cmd_cluster,
     "evaluate": _cmd_evaluate,
     "run": _cmd_run,
+    "verify": _cmd_verify,
     "download": _cmd_download,
     "make-synthetic": _cmd_make_synthetic,
     "backbones": _cmd_backbones,

@@ -26,6 +26,7 @@ from anomalib_study.errors import StudyError
 from anomalib_study.io import as_json, write_json
 from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.profiling import peak_rss_mb as _peak_rss_mb
+from anomalib_study.provenance import collect as collect_provenance
 
 
 def _default_workers() -> int:
@@ -42,6 +43,28 @@ def _backbone_record(backbone) -> dict[str, Any]:
         "image_size": backbone.image_size,
         "embedding_dim": backbone.embedding_dim,
     }
+
+
+def _environment(spec: MethodSpec, backbone, params: dict, device: str) -> dict[str, Any]:
+    """What produced the figures (the ``environment`` block of ``metrics.json``), recorded in the
+    process that computed them: versions, machine, threads (this process's torch count), GPU,
+    git commit (of the current folder's checkout), the sha256 of the backbone weights the
+    model computed with (``"none"`` when it uses none, e.g. an autoencoder trained from
+    scratch) and the method's ``seed`` when it has one."""
+    uses_weights = spec.uses_backbone_weights is None or spec.uses_backbone_weights(params)
+    recorded = collect_provenance()
+    environment = {
+        "anomalib_study": __version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        **{key: recorded[key] for key in ("cpu_model", "threads", "gpu", "torch", "git_commit", "git_dirty")},
+        "weights_sha256": (backbone.weights_sha256 or "none") if uses_weights else "none",
+    }
+    if "seed" in params:
+        environment["seed"] = params["seed"]
+    return environment
 
 
 def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
@@ -463,13 +486,7 @@ def evaluate(
         "n_train": len(data.train),
         "n_test": len(data.test),
         **result,
-        "environment": {
-            "anomalib_study": __version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "device": device,
-        },
+        "environment": _environment(spec, net, params, device),
     }
     if metrics_path is not None:
         write_json(metrics_path, metrics)

@@ -42,7 +42,12 @@ hand and one run here see the same relative paths; every path the runner passes 
 
 Outputs, per cell, under ``reports/<notebook stem>/``:
 ``<cell>.ipynb`` (executed), ``<cell>.html`` (nbconvert, code inputs hidden, cells tagged
-``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``). The
+``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``: the study,
+cell, resolved parameters, inputs hash, kernel, duration, status and ``provenance``, what
+produced the report: package version, git commit of the notebook's checkout and whether it was
+dirty, CPU model, logical cores, threads (``OMP_NUM_THREADS``), GPU or "none", python and torch
+versions, from :func:`anomalib_study.provenance.collect`; ``anomalib-study verify`` re-runs
+reports and names what differs). The
 notebook receives ``metrics_out = <staging folder>/<cell>.metrics.json``; other files it
 writes beside it named ``<cell>.<suffix>`` (e.g. ``<cell>.all_results.csv``) are moved
 beside the report when the cell succeeds (and dropped when it fails). Every
@@ -81,7 +86,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
-from anomalib_study import io
+from anomalib_study import io, provenance
 from anomalib_study.errors import ParameterError, StudyError
 
 PREFERRED_KERNEL = "anomalib-study"
@@ -158,6 +163,7 @@ class CellResult:
         html: the report to read: the new or kept report, the ``.failed.html`` of a
             failed cell, None when skipped.
         message: why a cell failed or was skipped ("" otherwise).
+        notebook: the stem of the notebook it ran (its reports folder), e.g. ``01_knn_detection``.
     """
 
     name: str
@@ -170,6 +176,7 @@ class CellResult:
     html: Path | None = None
     message: str = ""
     variant: str | None = None
+    notebook: str = ""
 
 
 # --------------------------------------------------------------------------- study files
@@ -670,6 +677,8 @@ class _Runner:
             "kernel": self.kernel, "duration_s": duration, "started_at": started_at,
             # recorded apart from inputs_hash, so that the index can tell a stale report
             "notebook_sha256": io.sha256_file(self.study.notebook), "sources_hash": self.sources_hash,
+            # the kernel's torch reads OMP_NUM_THREADS; evaluate records the count it ran with
+            "provenance": provenance.collect(self.study.notebook, torch_threads=False),
         }
         if cell.variant is not None:  # a variants grid: the index's second column names the variant
             run["variant"] = cell.variant
@@ -753,7 +762,8 @@ def run_study(
         jobs: grid cells run at once (each in its own kernel process with
             ``cpu_count // jobs`` OpenMP/MKL threads unless those variables are set).
         data_root: the real data folder for ``{data}`` (default $ANOMALIB_STUDY_DATA).
-        only: cell names or glob patterns to run (None = all; in a suite, across its parts).
+        only: cell names or glob patterns to run, or ``<notebook stem>/<cell>`` (None = all; in a
+            suite, across its parts).
         force: rerun cells whose inputs did not change.
         kernel_name: Jupyter kernel (default "anomalib-study" if installed, else the
             notebook's own, else "python3").
@@ -773,11 +783,17 @@ def run_study(
             cells = [dataclasses.replace(c, parameters={**c.parameters, "device": device}) for c in cells]
         check_notebook_parameters(study, cells)
         grids.append(cells)
-    if only is not None:  # a pattern must match a cell of some part; each part keeps its matches
-        patterns = [only] if isinstance(only, str) else list(only)
-        every = [cell for cells in grids for cell in cells]
-        select_cells(every, patterns)
-        grids = [[c for c in cells if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)] for cells in grids]
+    patterns = [] if only is None else [only] if isinstance(only, str) else list(only)
+    if patterns:  # a pattern must match a cell of some part; each part keeps its matches
+        def matches(study: Study, cell: Cell, pattern: str) -> bool:
+            return (fnmatch.fnmatchcase(cell.name, pattern)
+                    or fnmatch.fnmatchcase(f"{study.notebook.stem}/{cell.name}", pattern))
+
+        for pattern in patterns:
+            if not any(matches(s, c, pattern) for s, cells in zip(studies, grids) for c in cells):
+                names = ", ".join(f"{s.notebook.stem}/{c.name}" for s, cells in zip(studies, grids) for c in cells)
+                raise StudyError(f"--only {pattern!r} matches no cell of the study (cells: {names})")
+        grids = [[c for c in cells if any(matches(s, c, p) for p in patterns)] for s, cells in zip(studies, grids)]
     data = io.data_root(data_root)
     reports = Path(reports_dir).resolve()  # absolute: the kernel runs in the notebook's folder
     results: list[CellResult] = []
@@ -796,6 +812,8 @@ def run_study(
             else:
                 with ThreadPoolExecutor(max_workers=jobs) as pool:
                     part = list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
+        for result in part:
+            result.notebook = study.notebook.stem
         results += part
         skipped.update({(study.notebook.stem, r.name): r.message for r in part if r.status == "skipped"})
         sources = runner.sources_hash

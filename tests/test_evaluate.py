@@ -26,6 +26,10 @@ def test_evaluate_knn_on_the_synthetic_set(synthetic_root, tmp_path):
     assert written["n_test"] == len(written["per_image"]) == metrics["n_test"]
     assert written["backbone"]["weights_sha256"] and len(written["backbone"]["weights_sha256"]) == 64
     assert written["index"]["factory"] == "Flat"
+    environment = written["environment"]  # what produced the figures; knn has no seed
+    assert environment["weights_sha256"] == written["backbone"]["weights_sha256"] and "seed" not in environment
+    assert environment["gpu"] == "none" and environment["device"] == "cpu"
+    assert environment["threads"]["torch"] >= 1 and environment["cpu_model"]
     # the synthetic defects are visible to an ImageNet CNN: far better than chance
     assert written["image_auroc"] > 0.7
     report = written["classification_report"]
@@ -198,6 +202,8 @@ def test_evaluate_autoencoder_through_the_generic_path(synthetic_root, tmp_path)
     assert "held out of training" in written["threshold_rule"] and "squared reconstruction" in written["pixel_metrics_note"]
     assert metrics["anomaly_maps"].shape == (written["n_test"], 64, 64)
     assert {"score_mse", "score_residual", "predicted", "map_max"} <= set(written["per_image"][0])
+    # trained from scratch: the backbone (only its preprocessing is used) gave no weights; the seed is recorded
+    assert written["environment"]["weights_sha256"] == "none" and written["environment"]["seed"] == 0
 
 
 def test_autoencoder_refuses_a_cropped_input(synthetic_root):

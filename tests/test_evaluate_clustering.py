@@ -42,6 +42,8 @@ def test_every_mode_is_scored_against_the_types(metrics):
         assert row["ari"] == pytest.approx(again["ari"]) and row["f1"] == pytest.approx(again["f1"])
         assert np.sum(row["confusion"]["counts"]) == protocol["n_images"]
     assert metrics["modes"]["average"]["tau"] is None and metrics["modes"]["average"]["tau_curve"] == []
+    assert metrics["environment"]["weights_sha256"] == metrics["backbone"]["weights_sha256"]
+    assert metrics["environment"]["seed"] == 0
 
 
 def test_tau_is_label_free_and_the_oracle_is_labelled(metrics):

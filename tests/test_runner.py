@@ -506,6 +506,9 @@ def test_suite_runs_its_parts_in_order_into_one_index(project):
     # --only applies across the parts; a pattern that matches no part's cell is refused
     again = runner.run_study(suite, reports_dir=project["reports"], only="synth-*", log=lambda line: None)
     assert [r.status for r in again] == ["unchanged", "unchanged"]
+    assert [r.notebook for r in again] == ["other", "tiny"]
+    one = runner.run_study(suite, reports_dir=project["reports"], only="tiny/synth-*", log=lambda line: None)
+    assert [(r.notebook, r.name) for r in one] == [("tiny", "synth-tiny")]
     with pytest.raises(StudyError, match="matches no cell"):
         runner.run_study(suite, reports_dir=project["reports"], only="nope", log=lambda line: None)
 

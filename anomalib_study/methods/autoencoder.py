@@ -1006,4 +1006,5 @@ SPEC = MethodSpec(
     resize_mode="squash",
     image_size=128,
     calibration_scores=lambda model: model.calibration_scores_[model.image_score],
+    uses_backbone_weights=lambda params: params["model"] == "pretrained",
 )

@@ -235,6 +235,10 @@ class MethodSpec:
         needs one and refuses such parameters before any work), or None.
     ``calibration_scores(model) -> array``
         optional: the scores of the normal images the threshold was taken from.
+    ``uses_backbone_weights(params) -> bool``
+        optional, for every task: whether a model fitted with ``params`` computes with the backbone's
+        weights (default: always; the autoencoder's ``model="conv"`` does not). ``evaluate``
+        records their sha256 in a report's ``environment``, or ``"none"``.
 
     ``task`` says which evaluation path a method takes: ``"detection"`` (the hooks above:
     ``evaluate`` reports AUROC, ``detect`` builds databases) or ``"clustering"`` (grouping
@@ -270,6 +274,7 @@ class MethodSpec:
     task: str = "detection"
     cluster_images: Callable[..., dict] | None = None
     needs_normal_images: Callable[[dict], bool] | None = None
+    uses_backbone_weights: Callable[[dict], bool] | None = None
     validate: Callable[[dict], None] | None = None
     score_kinds: tuple[str, ...] = ()
     produces_maps: bool = False
