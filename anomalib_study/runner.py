@@ -55,19 +55,19 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fnmatch
+import functools
 import glob
 import html
 import json
 import os
 import re
-import shutil
+import socket
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -366,11 +366,19 @@ def resolve_parameters(parameters: Mapping[str, Any], *, data: Path | None,
     return resolved, None
 
 
+SYNTHETIC_SEED = 0  # the seed of the synthetic set behind {synthetic}
+
+
+def synthetic_path() -> Path:
+    """Where the synthetic set behind ``{synthetic}`` lives: ``cache_root() / "synthetic_dagm"`` (not generated)."""
+    return io.cache_root() / "synthetic_dagm"
+
+
 def synthetic_root() -> Path:
-    """The synthetic DAGM-layout set behind ``{synthetic}`` (the folder notebook 01 uses too)."""
+    """The synthetic DAGM-layout set behind ``{synthetic}`` (the folder notebook 01 uses too), generated if missing."""
     from anomalib_study.data.synthetic import make_synthetic_dagm
 
-    return Path(make_synthetic_dagm(io.cache_root() / "synthetic_dagm", seed=0))
+    return Path(make_synthetic_dagm(synthetic_path(), seed=SYNTHETIC_SEED))
 
 
 # --------------------------------------------------------------------------- hashing
@@ -435,21 +443,218 @@ def render_html(notebook_node: Any, title: str) -> str:
     return body
 
 
-@contextlib.contextmanager
-def _kernel_threads(jobs: int) -> Iterator[int]:
-    """Give each kernel cores // jobs threads (unless the user set them), restored afterwards."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+def kernel_env(threads: int) -> dict[str, str]:
+    """The OpenMP/MKL thread variables for a kernel: the client's own values where it sets them, else ``threads``."""
+    return {name: os.environ.get(name) or str(threads) for name in THREAD_VARIABLES}
+
+
+@functools.cache
+def _kernel_manager_class() -> type:
+    """A jupyter_client kernel manager that adds its ``extra_env`` to the kernel's environment
+    (the process's own environment is never changed: safe in threads and on shared workers)."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import Dict
+
+    class KernelWithEnv(AsyncKernelManager):
+        extra_env = Dict(config=True, help="variables set in the kernel's environment")
+
+        async def start_kernel(self, **kw: Any) -> None:
+            kw["env"] = {**kw.get("env", os.environ), **self.extra_env}
+            await super().start_kernel(**kw)
+
+    return KernelWithEnv
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """Everything one execution of a cell needs, by value (picklable: sent as is to a Dask worker).
+
+    Attributes:
+        name: the cell's name; the executed notebook and the side files are named after it.
+        notebook: the study notebook's path (recorded in the executed notebook).
+        notebook_bytes: the notebook to execute: the client's copy, the one the inputs hash covers.
+        parameters: the resolved parameters (``report_name`` included; ``metrics_out`` is set
+            by :func:`execute_cell`, in its scratch folder).
+        kernel: the Jupyter kernel's name (it must be installed where the cell runs).
+        cwd: the kernel's working folder (the notebook's folder, as in JupyterLab).
+        env: variables set in the kernel's environment (the OpenMP/MKL thread counts).
+        needs: ``(what, path)`` pairs: paths the executing host must see (the notebook's
+            folder, the ``{data}`` paths), else the cell fails naming the path and the host.
+        synthetic: the synthetic set's folder, generated there first if missing (None:
+            the cell does not use it, or the client generated it already).
+    """
+
+    name: str
+    notebook: str
+    notebook_bytes: bytes
+    parameters: dict[str, Any]
+    kernel: str
+    cwd: str
+    env: dict[str, str] = field(default_factory=dict)
+    needs: tuple[tuple[str, str], ...] = ()
+    synthetic: str | None = None
+
+
+@dataclass
+class CellOutput:
+    """What one execution gives back, by value; :func:`execute_cell` writes no report file.
+
+    Attributes:
+        name: the cell's name.
+        notebook: the executed notebook (nbformat JSON, UTF-8), None if nothing was executed.
+        metrics: what the notebook wrote to ``metrics_out`` (None when it failed).
+        error: ``(ename, evalue)`` when the cell failed, else None.
+        side_files: file name -> bytes: the other ``<cell>.<suffix>`` files the notebook
+            wrote beside ``metrics_out`` (only when it succeeded).
+        duration_s: the notebook's execution time.
+        started_at: when it started (ISO 8601, local time of the executing host).
+        host: the executing host's name.
+    """
+
+    name: str
+    notebook: bytes | None
+    metrics: dict[str, Any] | None
+    error: tuple[str, str] | None
+    side_files: dict[str, bytes] = field(default_factory=dict)
+    duration_s: float = 0.0
+    started_at: str = ""
+    host: str = ""
+
+
+def execute_cell(task: CellTask) -> CellOutput:
+    """Execute one cell with papermill in a scratch folder of its own and return everything by value.
+
+    Runs the same locally (a thread of ``--jobs``) and on a Dask worker. Before executing,
+    the paths in ``task.needs`` are checked and the synthetic set is generated if
+    ``task.synthetic`` names a missing one. Never raises for a failing cell: the error
+    comes back in ``CellOutput.error`` (a notebook that raised, a kernel that died or is not
+    installed, a path this host does not see, no metrics written).
+    """
+    host = socket.gethostname()
+    started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    with tempfile.TemporaryDirectory(prefix=f"anomalib-study-{task.name}-") as folder:
+        scratch = Path(folder)
+        executed = scratch / f"{task.name}.ipynb"
+        metrics_out = scratch / f"{task.name}.metrics.json"
+        error = _prepare_host(task, host)
+        start = time.perf_counter()
+        if error is None:
+            error = _papermill(task, scratch / "input" / Path(task.notebook).name, executed, metrics_out, host)
+        duration = round(time.perf_counter() - start, 2)
+
+        metrics = None
+        if error is None:
+            metrics = _read_json(metrics_out)
+            if metrics is None:
+                error = ("MissingMetrics", f"the notebook did not write a JSON object to metrics_out ({metrics_out.name})")
+        side_files = {} if error is not None else {
+            path.name: path.read_bytes() for path in sorted(scratch.glob(f"{glob.escape(task.name)}.*"))
+            if path not in (executed, metrics_out) and path.is_file()}
+        notebook = None
+        if executed.is_file():
+            import nbformat
+
+            node = nbformat.read(executed, as_version=4)
+            node.metadata.setdefault("papermill", {})["input_path"] = task.notebook  # not the scratch copy
+            notebook = nbformat.writes(node).encode("utf-8")
+    return CellOutput(task.name, notebook, metrics if error is None else None, error, side_files, duration,
+                      started_at, host)
+
+
+def _prepare_host(task: CellTask, host: str) -> tuple[str, str] | None:
+    """Check that this host sees the paths the cell needs; generate the synthetic set if missing."""
+    for what, path in task.needs:
+        if not Path(path).exists():
+            return ("MissingPath", f"host {host} does not see {path} ({what}): every worker needs the data and "
+                                   "the project at the same paths as the client (shared or mounted there)")
+    if task.synthetic is not None:
+        try:
+            _ensure_synthetic(Path(task.synthetic))
+        except Exception as exc:
+            return (type(exc).__name__, f"could not generate the synthetic set at {task.synthetic} on host {host}: "
+                                        f"{exc}; set ANOMALIB_STUDY_CACHE on the client to a folder the workers can write")
+    return None
+
+
+def _ensure_synthetic(root: Path) -> None:
+    """Generate the synthetic set at ``root`` unless it is there; a lock file serialises the
+    cells (threads, worker processes) of one host that would generate it at once."""
+    import fcntl
+
+    from anomalib_study.data.synthetic import make_synthetic_dagm
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        make_synthetic_dagm(root, seed=SYNTHETIC_SEED)  # a no-op when the set is there
+
+
+def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path, host: str) -> tuple[str, str] | None:
+    """Run papermill; returns ``(ename, evalue)`` if the cell failed, else None."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    from traitlets.config import Config
+
+    source.parent.mkdir()
+    source.write_bytes(task.notebook_bytes)
+    manager = _kernel_manager_class()
     try:
-        for name in THREAD_VARIABLES:
-            os.environ.setdefault(name, str(threads))
-        yield threads
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        papermill.execute_notebook(
+            str(source), str(executed), parameters={**task.parameters, "metrics_out": str(metrics_out)},
+            kernel_name=task.kernel, progress_bar=False, log_output=False,
+            # the kernel's working folder, set without papermill's process-wide chdir (unsafe in threads)
+            resources={"metadata": {"path": task.cwd}},
+            kernel_manager_class=manager, config=Config({manager.__name__: {"extra_env": dict(task.env)}}),
+        )
+    except PapermillExecutionError as exc:
+        return (exc.ename, str(exc.evalue))
+    except Exception as exc:  # kernel died, would not start, ...: still a failed cell, not a crashed study
+        if type(exc).__name__ == "NoSuchKernel":
+            return ("NoSuchKernel", f"kernel {task.kernel!r} is not installed on host {host}: "
+                                    "`bash scripts/install.sh` there installs 'anomalib-study'")
+        return (type(exc).__name__, str(exc))
+    return None
+
+
+CONNECT_TIMEOUT_S = 30  # waiting for the scheduler to answer
+WORKER_WAIT_S = 120  # waiting for a first worker to join it
+
+
+def connect_cluster(address: str) -> Any:
+    """A ``distributed.Client`` of the scheduler at ``address`` with at least one worker.
+
+    Raises StudyError when dask.distributed is not installed, the scheduler does not
+    answer, or no worker joins it within ``WORKER_WAIT_S``."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise StudyError("--scheduler needs dask.distributed, which is not installed: "
+                         "pip install 'anomalib-study[cluster]' (or pip install distributed)") from None
+    try:
+        client = Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        raise StudyError(f"cannot reach the Dask scheduler at {address!r} ({exc}): start one with `dask scheduler` "
+                         "and pass the address it prints, e.g. --scheduler tcp://10.0.0.5:8786") from None
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        client.close()
+        raise StudyError(f"no Dask worker joined the scheduler at {address} within {WORKER_WAIT_S} s: "
+                         f"start workers with `dask worker {address}`") from None
+    return client
+
+
+def cluster_kernel_threads(client: Any) -> int:
+    """OpenMP/MKL threads per kernel on the cluster: per host, its cores // the cells it runs at
+    once (its workers' threads); the smallest over the hosts."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    cores = client.run(os.cpu_count)
+    slots: dict[str, int] = {}
+    host_cores: dict[str, int] = {}
+    for address, info in workers.items():
+        slots[info["host"]] = slots.get(info["host"], 0) + int(info["nthreads"])
+        host_cores[info["host"]] = int(cores.get(address) or 1)
+    return max(1, min((host_cores[host] // slots[host] for host in slots), default=1))
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -478,24 +683,39 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+@dataclass
+class _Pending:
+    """A cell to execute: its task and what the client needs to write its report."""
+
+    index: int
+    tag: str
+    cell: Cell
+    parameters: dict[str, Any]
+    digest: str
+    task: CellTask
+
+
 class _Runner:
-    """Runs the cells of one study into ``reports/<notebook stem>/``."""
+    """Prepares the cells of one study and writes their reports into ``reports/<notebook stem>/``.
+
+    ``on_cluster``: the cells run on Dask workers, which generate the synthetic set
+    themselves (the client only names its folder) and are named in the log."""
 
     def __init__(self, study: Study, out_dir: Path, kernel: str, data: Path | None, force: bool,
-                 log: Callable[[str], None], total: int):
+                 log: Callable[[str], None], total: int, env: Mapping[str, str], on_cluster: bool = False):
         self.study, self.out_dir, self.kernel, self.data, self.force = study, out_dir, kernel, data, force
-        self.log, self.total = log, total
+        self.log, self.total, self.env, self.on_cluster = log, total, dict(env), on_cluster
         self.sources_hash = package_sources_hash()
+        self.notebook_bytes = study.notebook.read_bytes()
         self._synthetic: Path | None = None
-        self._lock = threading.Lock()
 
     def synthetic_root(self) -> Path:
-        with self._lock:  # generated once per study, even with several jobs
-            if self._synthetic is None:
-                self._synthetic = synthetic_root()
-            return self._synthetic
+        if self._synthetic is None:  # generated once per study (on a cluster by the workers that lack it)
+            self._synthetic = synthetic_path() if self.on_cluster else synthetic_root()
+        return self._synthetic
 
-    def run(self, index: int, cell: Cell) -> CellResult:
+    def prepare(self, index: int, cell: Cell) -> CellResult | _Pending:
+        """The cell's result when it is not run (skipped, unchanged), else what to execute."""
         tag = f"[{index}/{self.total}] {cell.name}"
         parameters, reason = resolve_parameters(cell.parameters, data=self.data, synthetic=self.synthetic_root)
         if reason:
@@ -515,13 +735,16 @@ class _Runner:
             return CellResult(cell.name, cell.dataset, cell.backbone, "unchanged", parameters, metrics,
                               html=paths["html"], variant=cell.variant)
 
-        self.log(f"{tag}: start")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".staging-{cell.name}-", dir=self.out_dir))
-        try:
-            return self._execute(tag, cell, parameters, digest, paths, staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        uses = {placeholder for name, value in cell.parameters.items() if isinstance(value, str)
+                for placeholder in _PLACEHOLDER.findall(value)}
+        needs = [("the notebook's folder, where its kernel starts", str(self.study.notebook.parent))]
+        needs += [(f"parameter {name}", str(parameters[name])) for name, value in cell.parameters.items()
+                  if isinstance(value, str) and "{data}" in value and Path(parameters[name]).exists()]
+        task = CellTask(name=cell.name, notebook=str(self.study.notebook), notebook_bytes=self.notebook_bytes,
+                        parameters=parameters, kernel=self.kernel, cwd=str(self.study.notebook.parent),
+                        env=self.env, needs=tuple(needs),
+                        synthetic=str(self.synthetic_root()) if self.on_cluster and "synthetic" in uses else None)
+        return _Pending(index, tag, cell, parameters, digest, task)
 
     def paths(self, name: str) -> dict[str, Path]:
         base = self.out_dir / name
@@ -533,59 +756,38 @@ class _Runner:
             "failed_json": base.with_name(f"{name}.failed.json"),
         }
 
-    def _execute(self, tag: str, cell: Cell, parameters: dict[str, Any], digest: str,
-                 paths: dict[str, Path], staging: Path) -> CellResult:
+    def record(self, pending: _Pending, output: CellOutput) -> CellResult:
+        """Render and write the report of an executed cell (every file atomically, the metrics
+        last); a failed cell keeps its last good report and gets ``<cell>.failed.*``."""
         import nbformat
-        import papermill
-        from papermill.exceptions import PapermillExecutionError
 
-        executed = staging / f"{cell.name}.ipynb"
-        metrics_tmp = staging / f"{cell.name}.metrics.json"
-        started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        start = time.perf_counter()
-        error: tuple[str, str] | None = None
-        try:
-            papermill.execute_notebook(
-                str(self.study.notebook), str(executed), parameters={**parameters, "metrics_out": str(metrics_tmp)},
-                kernel_name=self.kernel, progress_bar=False, log_output=False,
-                # the kernel's working folder, set without papermill's process-wide chdir (unsafe in threads)
-                resources={"metadata": {"path": str(self.study.notebook.parent)}},
-            )
-        except PapermillExecutionError as exc:
-            error = (exc.ename, str(exc.evalue))
-        except Exception as exc:  # kernel died, would not start, ...: still a failed cell, not a crashed study
-            error = (type(exc).__name__, str(exc))
-        duration = round(time.perf_counter() - start, 2)
-
-        metrics: dict[str, Any] = {}
-        if error is None:
-            loaded = _read_json(metrics_tmp)
-            if loaded is None:
-                error = ("MissingMetrics", f"the notebook did not write a JSON object to metrics_out ({metrics_tmp.name})")
-            else:
-                metrics = loaded
+        cell, parameters, tag, paths = pending.cell, pending.parameters, pending.tag, self.paths(pending.cell.name)
+        error, duration = output.error, output.duration_s
         run = {
             "study": str(self.study.path), "title": self.study.title, "notebook": str(self.study.notebook),
             "cell": cell.name, "dataset": cell.dataset, "backbone": cell.backbone,
-            "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": digest,
-            "kernel": self.kernel, "duration_s": duration, "started_at": started_at,
+            "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": pending.digest,
+            "kernel": self.kernel, "duration_s": duration, "started_at": output.started_at,
         }
+        run["host"] = output.host
         if cell.variant is not None:  # a variants grid: the index's second column names the variant
             run["variant"] = cell.variant
         title = f"{self.study.title}: {cell.name}"
-        node = nbformat.read(executed, as_version=4) if executed.is_file() else None
+        node = nbformat.reads(output.notebook.decode("utf-8"), as_version=4) if output.notebook is not None else None
         page = ""
         if error is None:
             try:
                 page = render_html(node, title)
             except Exception as exc:  # a report that cannot be rendered is a failed cell, too
                 error, node = (type(exc).__name__, f"rendering the report failed: {exc}"), None
+        where = f" on {output.host}" if self.on_cluster and output.host else ""
 
         run["status"] = "ok" if error is None else "failed"
         if error is not None:
             run["error"] = {"ename": error[0], "evalue": error[1]}
-            if executed.is_file():
-                os.replace(executed, paths["failed_ipynb"])
+            if output.notebook is not None:
+                with io.atomic_write(paths["failed_ipynb"]) as handle:
+                    handle.write(output.notebook)
             else:  # nothing was executed: no stale failed notebook may pose as this run's
                 _unlink(paths["failed_ipynb"])
             try:  # the executed notebook shows the error cell; without one, a plain page says it
@@ -595,17 +797,20 @@ class _Runner:
             with io.atomic_write(paths["failed_html"], "w") as handle:
                 handle.write(page)
             io.write_json(paths["failed_json"], {"_run": run})
-            self.log(f"{tag}: FAILED after {duration:.1f} s: {error[0]}: {_first_line(error[1])} "
+            self.log(f"{tag}: FAILED after {duration:.1f} s{where}: {error[0]}: {_first_line(error[1])} "
                      f"(see {paths['failed_html']})")
             return CellResult(cell.name, cell.dataset, cell.backbone, "failed", parameters, {}, duration,
                               paths["failed_html"], f"{error[0]}: {error[1]}", variant=cell.variant)
 
+        metrics = dict(output.metrics or {})
         metrics.setdefault("synthetic", any(isinstance(v, str) and "{synthetic}" in v for v in cell.parameters.values()))
         metrics["_run"] = run
-        os.replace(executed, paths["ipynb"])
-        for extra in sorted(staging.glob(f"{glob.escape(cell.name)}.*")):  # the notebook's side files (tables, ...)
-            if extra != metrics_tmp and extra.is_file():
-                os.replace(extra, self.out_dir / extra.name)
+        with io.atomic_write(paths["ipynb"]) as handle:
+            handle.write(output.notebook)
+        for name, data in sorted(output.side_files.items()):  # the notebook's side files (tables, ...)
+            if Path(name).name == name and name.startswith(f"{cell.name}."):
+                with io.atomic_write(self.out_dir / name) as handle:
+                    handle.write(data)
         with io.atomic_write(paths["html"], "w") as handle:
             handle.write(page)
         io.write_json(paths["metrics"], metrics)  # last: a complete report is one with matching metrics
@@ -615,9 +820,70 @@ class _Runner:
             self.log(f"{tag}: warning: {paths['html']} is {size / 1e6:.1f} MB; keep the notebook's images "
                      "small (JPEG thumbnails)")
         metrics.pop("_run")
-        self.log(f"{tag}: ok in {duration:.1f} s {_headline_text(metrics, self.study.headline)}".rstrip())
+        self.log(f"{tag}: ok in {duration:.1f} s{where} {_headline_text(metrics, self.study.headline)}".rstrip())
         return CellResult(cell.name, cell.dataset, cell.backbone, "ok", parameters, metrics, duration, paths["html"],
                           variant=cell.variant)
+
+
+def _lost(task: CellTask, exc: BaseException) -> CellOutput:
+    """The output of a cell whose execution raised instead of returning (e.g. its worker died
+    more often than the scheduler allows, or could not import the package)."""
+    ename = type(exc).__name__
+    if ename == "KilledWorker":
+        evalue = (f"the workers running this cell died repeatedly ({exc}); raise the scheduler's "
+                  "distributed.scheduler.allowed-failures or give the workers more memory")
+    else:
+        evalue = f"the cell could not be executed ({exc}); is anomalib_study installed on every worker?"
+    return CellOutput(task.name, None, None, (ename, evalue))
+
+
+def _run_local(runner: _Runner, pending: Sequence[_Pending], jobs: int) -> list[CellResult]:
+    """Execute in this process, ``jobs`` cells at once (threads, each driving its own kernel)."""
+
+    def execute(item: _Pending) -> CellOutput:
+        runner.log(f"{item.tag}: start")
+        return execute_cell(item.task)
+
+    if jobs == 1:
+        return [runner.record(item, execute(item)) for item in pending]
+    results = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(execute, item): item for item in pending}
+        for future in as_completed(futures):  # written as each arrives
+            item = futures[future]
+            try:
+                output = future.result()
+            except Exception as exc:
+                output = _lost(item.task, exc)
+            results.append(runner.record(item, output))
+    return results
+
+
+def _run_on_cluster(runner: _Runner, pending: Sequence[_Pending], client: Any, address: str) -> list[CellResult]:
+    """Send each cell to the Dask cluster and write its report when its result arrives.
+
+    A worker that dies mid-cell makes the scheduler run the cell again elsewhere (up to
+    ``distributed.scheduler.allowed-failures`` times); nothing is written before the
+    client holds the result, so each report is written exactly once."""
+    from distributed import as_completed as cluster_completed
+
+    futures, items = [], {}
+    for item in pending:
+        # a deterministic key: the same cell with the same inputs is one task on the cluster
+        future = client.submit(execute_cell, item.task, key=f"anomalib-study-{item.cell.name}-{item.digest[:16]}")
+        futures.append(future)
+        items[future.key] = item
+        runner.log(f"{item.tag}: sent to {address}")
+    results = []
+    for future in cluster_completed(futures):  # written as each arrives
+        item = items[future.key]
+        try:
+            output = future.result()
+        except Exception as exc:
+            output = _lost(item.task, exc)
+        results.append(runner.record(item, output))
+        future.release()
+    return results
 
 
 def _first_line(text: str) -> str:
@@ -640,6 +906,7 @@ def run_study(
     force: bool = False,
     kernel_name: str | None = None,
     device: str | None = None,
+    scheduler: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[CellResult]:
     """Execute a study's grid and render its reports; returns one CellResult per selected cell.
@@ -648,14 +915,18 @@ def run_study(
         study_file: the YAML study file (see the module docstring).
         reports_dir: reports go to ``reports_dir/<notebook stem>/``; the index to
             ``reports_dir/index.html`` (rewritten at the end).
-        jobs: grid cells run at once (each in its own kernel process with
-            ``cpu_count // jobs`` OpenMP/MKL threads unless those variables are set).
+        jobs: grid cells run at once in this process (each in its own kernel process with
+            ``cpu_count // jobs`` OpenMP/MKL threads unless those variables are set). Must
+            be 1 with ``scheduler``.
         data_root: the real data folder for ``{data}`` (default $ANOMALIB_STUDY_DATA).
         only: cell names or glob patterns to run (None = all).
         force: rerun cells whose inputs did not change.
         kernel_name: Jupyter kernel (default "anomalib-study" if installed, else the
             notebook's own, else "python3").
         device: if given, the ``device`` parameter of every cell (e.g. "cuda").
+        scheduler: the address of a Dask scheduler (e.g. ``"tcp://10.0.0.5:8786"``): the
+            cells run on its workers, as many at once as they have threads, and the
+            reports are written here as each result arrives (see the module docstring).
         log: called with one line per cell start / finish.
 
     A failing notebook does not stop the study: its cell has status ``"failed"`` (use
@@ -663,6 +934,11 @@ def run_study(
     """
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ParameterError(f"jobs must be a whole number >= 1, got {jobs!r}")
+    if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
+        raise ParameterError(f"scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786, got {scheduler!r}")
+    if scheduler is not None and jobs != 1:
+        raise ParameterError(f"--jobs {jobs} and --scheduler are exclusive: on a Dask cluster the workers' threads "
+                             "set how many cells run at once (`dask worker --nthreads N`)")
     study = read_study(study_file)
     cells = expand_grid(study)
     if device is not None:
@@ -672,15 +948,25 @@ def run_study(
     kernel = choose_kernel(kernel_name, study.notebook)
     data = io.data_root(data_root)
     reports = Path(reports_dir).resolve()  # absolute: the kernel runs in the notebook's folder
-    runner = _Runner(study, reports / study.notebook.stem, kernel, data.resolve() if data else None, force, log, len(cells))
-    log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, jobs {jobs}")
 
-    with _kernel_threads(jobs):
-        if jobs == 1:
-            results = [runner.run(i, cell) for i, cell in enumerate(cells, 1)]
+    client = connect_cluster(scheduler) if scheduler is not None else None
+    try:
+        threads = cluster_kernel_threads(client) if client is not None else max(1, (os.cpu_count() or 1) // jobs)
+        runner = _Runner(study, reports / study.notebook.stem, kernel, data.resolve() if data else None, force, log,
+                         len(cells), kernel_env(threads), on_cluster=client is not None)
+        where = f"Dask scheduler {scheduler}" if client is not None else f"jobs {jobs}"
+        log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, {where}")
+        prepared = [runner.prepare(i, cell) for i, cell in enumerate(cells, 1)]
+        pending = [item for item in prepared if isinstance(item, _Pending)]
+        if client is not None:
+            executed = _run_on_cluster(runner, pending, client, scheduler)
         else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                results = list(pool.map(lambda pair: runner.run(*pair), enumerate(cells, 1)))
+            executed = _run_local(runner, pending, jobs)
+    finally:
+        if client is not None:
+            client.close()
+    by_name = {result.name: result for result in executed}
+    results = [by_name[item.cell.name] if isinstance(item, _Pending) else item for item in prepared]
 
     index = write_index(reports)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "unchanged", "failed", "skipped")}
