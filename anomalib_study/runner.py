@@ -532,15 +532,21 @@ def execute_cell(task: CellTask) -> CellOutput:
     """
     host = socket.gethostname()
     started_at = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    try:
+        return _execute_in_scratch(task, host, started_at)
+    except Exception as exc:  # the host's own trouble (disk full, ...) is this cell's failure, by value too
+        return CellOutput(task.name, None, None, (type(exc).__name__, f"on host {host}: {exc}"), started_at=started_at,
+                          host=host)
+
+
+def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutput:
     with tempfile.TemporaryDirectory(prefix=f"anomalib-study-{task.name}-") as folder:
         scratch = Path(folder)
         executed = scratch / f"{task.name}.ipynb"
         metrics_out = scratch / f"{task.name}.metrics.json"
-        error = _prepare_host(task, host)
-        start = time.perf_counter()
+        error, duration = _prepare_host(task, host), 0.0
         if error is None:
-            error = _papermill(task, scratch / "input" / Path(task.notebook).name, executed, metrics_out, host)
-        duration = round(time.perf_counter() - start, 2)
+            error, duration = _papermill(task, scratch / "input" / Path(task.notebook).name, executed, metrics_out, host)
 
         metrics = None
         if error is None:
@@ -589,8 +595,10 @@ def _ensure_synthetic(root: Path) -> None:
         make_synthetic_dagm(root, seed=SYNTHETIC_SEED)  # a no-op when the set is there
 
 
-def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path, host: str) -> tuple[str, str] | None:
-    """Run papermill; returns ``(ename, evalue)`` if the cell failed, else None."""
+def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path,
+               host: str) -> tuple[tuple[str, str] | None, float]:
+    """Run papermill; returns ``(error, seconds)``: ``error`` is ``(ename, evalue)`` if the cell
+    failed, else None; the clock starts after the imports (seconds in a fresh worker)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     from traitlets.config import Config
@@ -598,6 +606,7 @@ def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path, 
     source.parent.mkdir()
     source.write_bytes(task.notebook_bytes)
     manager = _kernel_manager_class()
+    start = time.perf_counter()
     try:
         papermill.execute_notebook(
             str(source), str(executed), parameters={**task.parameters, "metrics_out": str(metrics_out)},
@@ -606,14 +615,15 @@ def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path, 
             resources={"metadata": {"path": task.cwd}},
             kernel_manager_class=manager, config=Config({manager.__name__: {"extra_env": dict(task.env)}}),
         )
+        error = None
     except PapermillExecutionError as exc:
-        return (exc.ename, str(exc.evalue))
+        error = (exc.ename, str(exc.evalue))
     except Exception as exc:  # kernel died, would not start, ...: still a failed cell, not a crashed study
-        if type(exc).__name__ == "NoSuchKernel":
-            return ("NoSuchKernel", f"kernel {task.kernel!r} is not installed on host {host}: "
-                                    "`bash scripts/install.sh` there installs 'anomalib-study'")
-        return (type(exc).__name__, str(exc))
-    return None
+        error = (type(exc).__name__, str(exc))
+        if error[0] == "NoSuchKernel":
+            error = (error[0], f"kernel {task.kernel!r} is not installed on host {host}: "
+                               "`bash scripts/install.sh` there installs 'anomalib-study'")
+    return error, round(time.perf_counter() - start, 2)
 
 
 CONNECT_TIMEOUT_S = 30  # waiting for the scheduler to answer
@@ -832,8 +842,10 @@ def _lost(task: CellTask, exc: BaseException) -> CellOutput:
     if ename == "KilledWorker":
         evalue = (f"the workers running this cell died repeatedly ({exc}); raise the scheduler's "
                   "distributed.scheduler.allowed-failures or give the workers more memory")
+    elif isinstance(exc, ImportError):
+        evalue = f"{exc}: install anomalib_study on every worker (bash scripts/install.sh)"
     else:
-        evalue = f"the cell could not be executed ({exc}); is anomalib_study installed on every worker?"
+        evalue = str(exc) or "the cell's task was cancelled or its result lost (see the scheduler's log)"
     return CellOutput(task.name, None, None, (ename, evalue))
 
 
@@ -875,7 +887,7 @@ def _run_on_cluster(runner: _Runner, pending: Sequence[_Pending], client: Any, a
         items[future.key] = item
         runner.log(f"{item.tag}: sent to {address}")
     results = []
-    for future in cluster_completed(futures):  # written as each arrives
+    for future in cluster_completed(futures, loop=client.loop):  # written as each arrives
         item = items[future.key]
         try:
             output = future.result()
