@@ -8,6 +8,7 @@ again elsewhere and written exactly once.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from anomalib_study.cli import main
 from anomalib_study.errors import ParameterError, StudyError
 
 distributed = pytest.importorskip("distributed")
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # a cluster start and a few kernels: ~1 minute on 2 cores
 
@@ -163,6 +166,22 @@ def test_grid_on_the_cluster_equals_a_local_run(project, cluster, capsys):
     again = runner.run_study(study, reports_dir=project / "on_cluster", scheduler=cluster.scheduler_address,
                              log=lines.append)
     assert [r.status for r in again] == ["unchanged"] * 2
+
+
+def test_the_grid_benchmark_quick_run_writes_its_report(cluster, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_dask_grid", REPO / "benchmarks" / "bench_dask_grid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "dask_grid.json"
+    assert bench.main(["--quick", "--scheduler", cluster.scheduler_address, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["settings"]["cells"] == 2
+    assert report["jobs_1"]["wall_s"] > 0 and report["cluster"]["wall_s"] > 0
+    assert report["speedup_jobs_1_over_cluster"] == pytest.approx(report["jobs_1"]["wall_s"] / report["cluster"]["wall_s"],
+                                                                  abs=1e-3)
+    assert set(report["cluster"]["cell_durations_s"]) == {"synthetic_dagm-k1", "synthetic_dagm-k5"}
+    assert report["headline_metrics"]["cluster"]["synthetic_dagm-k5"]["image_auroc"] == pytest.approx(1 / 6)
+    assert report["headline_max_abs_difference"] == 0
 
 
 def test_a_worker_killed_mid_cell_is_retried_and_written_once(project, cluster):
