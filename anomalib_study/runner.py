@@ -860,13 +860,17 @@ def _lost(task: CellTask, exc: BaseException) -> CellOutput:
     """The output of a cell whose execution raised instead of returning (e.g. its worker died
     more often than the scheduler allows, or could not import the package)."""
     ename = type(exc).__name__
+    try:
+        detail = str(exc)
+    except Exception:  # an exception rebuilt on the client may lack what its __str__ reads
+        detail = repr(exc.args)
     if ename == "KilledWorker":
-        evalue = (f"the workers running this cell died repeatedly ({exc}); raise the scheduler's "
+        evalue = (f"the workers running this cell died repeatedly ({detail}); raise the scheduler's "
                   "distributed.scheduler.allowed-failures or give the workers more memory")
     elif isinstance(exc, ImportError):
-        evalue = f"{exc}: install anomalib_study on every worker (bash scripts/install.sh)"
+        evalue = f"{detail}: install anomalib_study on every worker (bash scripts/install.sh)"
     else:
-        evalue = str(exc) or "the cell's task was cancelled or its result lost (see the scheduler's log)"
+        evalue = detail or "the cell's task was cancelled or its result lost (see the scheduler's log)"
     return CellOutput(task.name, None, None, (ename, evalue))
 
 
