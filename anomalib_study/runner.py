@@ -674,7 +674,7 @@ def connect_cluster(address: str) -> Any:
 def cluster_kernel_threads(client: Any) -> int:
     """OpenMP/MKL threads per kernel on the cluster: per host, its cores // the cells it runs at
     once (the threads of its workers); the smallest over the hosts."""
-    machines = client.run(_host_and_cores)  # worker address -> (host name, cores)
+    machines = client.run(_host_and_cores, on_error="ignore")  # worker address -> (host name, cores)
     slots: dict[str, int] = {}
     cores: dict[str, int] = {}
     for address, threads in client.nthreads().items():
@@ -766,15 +766,14 @@ class _Runner:
             return CellResult(cell.name, cell.dataset, cell.backbone, "unchanged", parameters, metrics,
                               html=paths["html"], variant=cell.variant)
 
-        uses = {placeholder for name, value in cell.parameters.items() if isinstance(value, str)
-                for placeholder in _PLACEHOLDER.findall(value)}
+        uses_synthetic = any(isinstance(value, str) and "{synthetic}" in value for value in cell.parameters.values())
         needs = [("the notebook's folder, where its kernel starts", str(self.study.notebook.parent))]
         needs += [(f"parameter {name}", str(parameters[name])) for name, value in cell.parameters.items()
                   if isinstance(value, str) and "{data}" in value and Path(parameters[name]).exists()]
         task = CellTask(name=cell.name, notebook=str(self.study.notebook), notebook_bytes=self.notebook_bytes,
                         parameters=parameters, kernel=self.kernel, cwd=str(self.study.notebook.parent),
                         env=self.env, needs=tuple(needs),
-                        synthetic=str(self.synthetic_root()) if self.on_cluster and "synthetic" in uses else None)
+                        synthetic=str(self.synthetic_root()) if self.on_cluster and uses_synthetic else None)
         return _Pending(index, tag, cell, parameters, digest, task)
 
     def paths(self, name: str) -> dict[str, Path]:
