@@ -900,7 +900,8 @@ def _run_on_cluster(runner: _Runner, pending: Sequence[_Pending], client: Any, a
 
     A worker that dies mid-cell makes the scheduler run the cell again elsewhere (up to
     ``distributed.scheduler.allowed-failures`` times); nothing is written before the
-    client holds the result, so each report is written exactly once."""
+    client holds the result, so each report is written exactly once. No ``retries``: a
+    failing notebook comes back by value, and running it again would fail again."""
     from distributed import as_completed as cluster_completed
 
     futures, items = [], {}
