@@ -159,7 +159,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
-    p.add_argument("--jobs", type=_parser_type(positive_int), default=1, help="grid cells run in parallel")
+    p.add_argument("--jobs", type=_parser_type(positive_int), default=1, help="grid cells run in parallel here")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the cells on a Dask cluster: its scheduler's address, e.g. tcp://10.0.0.5:8786 "
+                        "(exclusive with --jobs; see the README)")
     p.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA)")
     p.add_argument("--reports", default="reports", help="reports folder (default reports)")
     p.add_argument("--force", action="store_true", help="rerun cells whose inputs did not change")
@@ -292,7 +295,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     results = run_study(
         args.study, reports_dir=args.reports, jobs=args.jobs, data_root=args.data, only=args.only,
-        force=args.force, device=args.device, kernel_name=args.kernel,
+        force=args.force, device=args.device, kernel_name=args.kernel, scheduler=args.scheduler,
     )
     return exit_code(results)
 

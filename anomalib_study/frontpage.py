@@ -124,6 +124,7 @@ def _comparison_section(reports: Path, table: pd.DataFrame) -> list[str]:
         parts.append("<p>Anomaly clustering: NMI against the true defect types per mode "
                      "(tau chosen without labels; the clustering reports give ARI, F1 and the tau curve).</p>")
         nmi = clustering.pivot_table(index=["dataset", "config"], columns="mode", values="nmi", aggfunc="first")
+        nmi.columns.name = None  # the modes are the columns; no empty "mode" column on the page
         nmi = nmi.reset_index().rename(columns={"dataset": "data set", "config": "backbone"})
         parts.append(_html_table(nmi))
     return parts
