@@ -119,7 +119,7 @@ def read_reports(reports_dir: str | os.PathLike) -> list[Report]:
                 continue
             for suffix, kind in ((".failed.json", "failed"), (".metrics.json", "metrics")):
                 if path.name.endswith(suffix):
-                    data = _read_json(path)
+                    data = io.read_json_object(path)
                     if data is not None:
                         cells.setdefault(path.name[: -len(suffix)], {})[kind] = data
                     break
@@ -357,9 +357,4 @@ def summary(reports: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+

@@ -222,13 +222,14 @@ def _report_row(folder: str, cell: str, row: Any, report: comparison.Report | No
     duration = run.get("duration_s")
     column = run.get("variant") or run.get("backbone", "")
     return (f"<tr class='{esc(status)}'>{dataset_cell}<td>{esc(str(column))}</td>"
-            + "".join(f"<td class='num'>{esc(_format_value(metrics.get(k)))}</td>" for k in headline)
+            + "".join(f"<td class='num'>{esc(format_value(metrics.get(k)))}</td>" for k in headline)
             + f"<td>{esc(status)}</td>"
             f"<td class='num'>{'' if not isinstance(duration, (int, float)) else f'{float(duration):.1f}'}</td>"
             f"<td>{' | '.join(links)}</td><td>{' '.join(notes)}</td></tr>")
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric as the index shows it: floats to 3 decimals, None as "-"."""
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value)
     if isinstance(value, float):

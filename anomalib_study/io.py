@@ -177,3 +177,13 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     """The feature-cache folder: ``explicit``, else $ANOMALIB_STUDY_CACHE, else ~/.cache/anomalib_study."""
     value = explicit or os.environ.get("ANOMALIB_STUDY_CACHE")
     return Path(value).expanduser() if value else Path.home() / ".cache" / "anomalib_study"
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable, not JSON or
+    not an object (for files another run may be writing or may have left half-written)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -670,7 +670,7 @@ def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutpu
 
         metrics = None
         if error is None:
-            metrics = _read_json(metrics_out)
+            metrics = io.read_json_object(metrics_out)
             if metrics is None:
                 error = ("MissingMetrics", f"the notebook did not write a JSON object to metrics_out ({metrics_out.name})")
         side_files = {} if error is not None else {
@@ -791,14 +791,6 @@ def _host_and_cores() -> tuple[str, int | None]:
     return socket.gethostname(), os.cpu_count()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _unlink(*paths: Path) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
@@ -806,15 +798,9 @@ def _unlink(*paths: Path) -> None:
 
 
 def _headline_text(metrics: Mapping[str, Any], headline: Sequence[str]) -> str:
-    return " ".join(f"{key}={_format_value(metrics.get(key))}" for key in headline)
+    from anomalib_study.frontpage import format_value
 
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "-" if value is None else str(value)
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
+    return " ".join(f"{key}={format_value(metrics.get(key))}" for key in headline)
 
 
 @dataclass
@@ -863,7 +849,7 @@ class _Runner:
             digest = io.sha256_bytes(f"{digest}:{reports_hash(self.out_dir.parent, exclude=self.out_dir)}".encode())
 
         paths = self.paths(cell.name)
-        previous = _read_json(paths["metrics"]) or {}
+        previous = io.read_json_object(paths["metrics"]) or {}
         run_info = previous.get("_run", {})
         if (not self.force and run_info.get("inputs_hash") == digest and run_info.get("status") == "ok"
                 and paths["html"].is_file() and not paths["failed_json"].exists()):
