@@ -222,6 +222,14 @@ class _ImageFiles(Dataset):
 
 
 def _collate(items):
+    """(positions of the decoded images, their (B, 3, H, W) batch or None, [(position, error)])."""
+    good = [item for item in items if item[2] is None]
+    errors = [(item[0], item[2]) for item in items if item[2] is not None]
+    images = torch.stack([item[1] for item in good]) if good else None
+    return [item[0] for item in good], images, errors
+
+
+def _collate_by_shape(items):
     """([(positions, (B, 3, H, W) batch)] one per input shape, in order of first appearance,
     [(position, error)]). Under ``"crop"`` / ``"squash"`` every image has one shape: one batch."""
     errors = [(item[0], item[2]) for item in items if item[2] is not None]
@@ -275,7 +283,7 @@ def _batches(backbone: Backbone, paths: Sequence[Path], batch_size: int, num_wor
     dict), is left out of its batch and recorded there (position -> the reason).
     """
     dataset = _ImageFiles(paths, backbone.image_transform)
-    common = dict(num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    common = dict(num_workers=num_workers, collate_fn=_collate_by_shape, pin_memory=device.type == "cuda")
     if backbone.preprocessing.get("resize_mode") == "keep":
         loader = DataLoader(dataset, batch_sampler=shape_batches(paths, backbone.preprocessing, batch_size), **common)
     else:
