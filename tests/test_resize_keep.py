@@ -313,3 +313,22 @@ def test_clustering_and_the_coreset_ablation_refuse_keep(resnet_weights):
     net = load_backbone("resnet18", weights=resnet_weights, image_size=64, resize_mode="keep")
     with pytest.raises(ParameterError, match="one patch grid"):
         patchcore_coreset_ablation(None, net)
+
+
+def test_detect_database_records_keep_and_overlays_keep_each_shape(tmp_path):
+    from anomalib_study.detect import detect_abnormal, load_database
+
+    _write(tmp_path / "images", SHAPES, seed=3)
+    _write(tmp_path / "test", [(64, 160), (96, 64)], seed=4, defect=(0, 1))
+    params = dict(db_dir=tmp_path / "db", image_dir=tmp_path / "images", method="patchcore", image_size=64,
+                  calibration_fraction=0.3, num_workers=0, batch_size=4, progress=False, resize_mode="keep")
+    run = detect_abnormal(tmp_path / "test", result_dir=tmp_path / "r1", **params)
+    config = json.loads((run / "config.json").read_text())
+    assert config["preprocessing"]["resize_mode"] == "keep" and config["grid_shape"] is None
+    assert load_database(tmp_path / "db").resize_mode == "keep"
+    sizes = sorted(Image.open(run / "overlays" / row).size
+                   for row in __import__("pandas").read_csv(run / "overlays" / "overlays.csv")["overlay"])
+    assert sizes == [(64, 96), (160, 64)] and config["overlays"]["count"] == 2
+    params.pop("resize_mode")  # not given: the database's own "keep" backbone is used again
+    again = detect_abnormal(tmp_path / "test", result_dir=tmp_path / "r2", **params)
+    assert (again / "scores.csv").read_text() == (run / "scores.csv").read_text()
