@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -214,7 +215,8 @@ class Backbone(nn.Module):
         return self._transform
 
     def transform(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (3, image_size, image_size) float32 tensor, preprocessed for this model."""
+        """PIL image -> (3, image_size, image_size) float32 tensor, preprocessed for this model
+        (under ``resize_mode="keep"``: (3, H, W) of :func:`input_size`, shape depending on the image)."""
         if not isinstance(image, Image.Image):
             raise ParameterError(f"{self.name}.transform expects a PIL image, got {type(image).__name__}")
         return self._transform(image.convert("RGB"))
@@ -302,10 +304,23 @@ class Backbone(nn.Module):
         self.embedding_dim = int(small["embedding"].shape[1])
 
 
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[name]
+
+
 def _build_transform(preprocessing: dict):
     from torchvision import transforms
 
     modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
+    if preprocessing.get("resize_mode") == "keep":
+        return transforms.Compose([
+            KeepResize(preprocessing["resize"], preprocessing["stride"], preprocessing["max_aspect"],
+                       preprocessing["interpolation"]),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
+        ])
     return transforms.Compose([
         transforms.Resize(resize_argument(preprocessing), interpolation=modes[preprocessing["interpolation"]]),
         transforms.CenterCrop(preprocessing["crop"]),
@@ -746,11 +761,11 @@ def _build_inception(spec, path, image_size):
     return InceptionFIDBackbone(spec, _ScriptHolder(scripted), image_size, pre, str(path), weights_sha256(path))
 
 
-def _build_timm_vit(spec, path, image_size):
+def _build_timm_vit(spec, path, image_size, dynamic_size: bool = False):
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    model = _on_meta(lambda: timm.create_model(spec.arch, pretrained=False))
+    model = _on_meta(lambda: timm.create_model(spec.arch, pretrained=False, **_dynamic(dynamic_size)))
     state = _read_state_dict(path, spec.name)
     try:
         state = checkpoint_filter_fn(state, model)
@@ -758,6 +773,14 @@ def _build_timm_vit(spec, path, image_size):
         raise WeightsError(f"{spec.name}: {path} is not a {spec.arch} checkpoint: {error}") from error
     _load_strict(model, state, path, spec.name)
     return _finish_vit(spec, model, path, image_size)
+
+
+def _dynamic(dynamic_size: bool) -> dict:
+    """timm's own non-square / any-size input for ViTs: ``dynamic_img_size=True`` resamples the
+    position embeddings (bicubic, ``timm.layers.resample_abs_pos_embed``) from the
+    ``image_size`` grid to each input's grid in every forward. Only asked for under "keep",
+    so that square inputs run exactly the model they always ran."""
+    return {"dynamic_img_size": True} if dynamic_size else {}
 
 
 def _finish_vit(spec, model, path, image_size):
@@ -845,10 +868,10 @@ def onnx_dinov2_state_dict(path: str | os.PathLike, name: str = "dinov2_vits14")
     return state
 
 
-def _build_dinov2(spec, path, image_size):
+def _build_dinov2(spec, path, image_size, dynamic_size: bool = False):
     import timm
 
-    model = _on_meta(lambda: timm.create_model(spec.arch, pretrained=False))
+    model = _on_meta(lambda: timm.create_model(spec.arch, pretrained=False, **_dynamic(dynamic_size)))
     if path.suffix == ".onnx":
         state = onnx_dinov2_state_dict(path, spec.name)
     else:  # an already converted (or timm / original DINOv2) state dict
@@ -891,6 +914,9 @@ def _build_clip(spec, path, image_size):
     return CLIPBackbone(spec, model, image_size, pre, str(path), weights_sha256(path))
 
 
+#: families whose builders take ``dynamic_size`` (ViTs with position embeddings for one grid)
+_DYNAMIC_SIZE_FAMILIES = ("timm_vit", "dinov2_onnx")
+
 _BUILDERS = {
     "efficientnet": _build_efficientnet,
     "torchvision_resnet": _build_resnet,
@@ -918,12 +944,95 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-#: how an image is brought to the square input: ``"crop"`` keeps the aspect ratio (shorter
+#: how an image is brought to the network's input: ``"crop"`` keeps the aspect ratio (shorter
 #: side resized, centre crop: the backbone's own preprocessing, the default), ``"squash"``
 #: resizes the whole image to image_size x image_size (nothing cut off, aspect ratio not
 #: kept: for long narrow images such as KolektorSDD's ~205 x 512 strips or Magnetic-tile's
-#: crops, where a centre crop can cut the defect out)
-RESIZE_MODES = ("crop", "squash")
+#: crops, where a centre crop can cut the defect out), ``"keep"`` resizes the shorter side
+#: to image_size and the longer side by the same factor (nothing cut off, aspect ratio kept
+#: up to :data:`KEEP_MAX_ASPECT`, see :func:`keep_size`): a non-square input whose shape
+#: depends on the image (CNNs take any size; ViTs interpolate their position embeddings
+#: with timm's ``dynamic_img_size``)
+RESIZE_MODES = ("crop", "squash", "keep")
+
+#: ``"keep"``: the longest longer side, as a multiple of the shorter one (Magnetic-tile's
+#: crops reach about 1:3, KolektorSDD's strips about 1:2.5); longer images are squeezed
+#: along their length to this ratio (nothing cut off)
+KEEP_MAX_ASPECT = 3.0
+
+
+def keep_size(height: int, width: int, image_size: int, stride: int = 1,
+              max_aspect: float = KEEP_MAX_ASPECT) -> tuple[int, int]:
+    """The ``(H, W)`` an image of ``height`` x ``width`` pixels is resized to under ``"keep"``.
+
+    The shorter side becomes ``image_size``; the longer one is scaled by the same factor,
+    capped at ``max_aspect * image_size`` and rounded to ``image_size`` plus a whole number
+    of ``stride`` pixels (half-way rounds up; a capped side rounds down, so it never exceeds
+    the cap). The longer side is therefore a multiple of ``stride`` whenever ``image_size``
+    is (224 and 448 for strides 14, 16 and 32), and the feature grid of a stride-``stride``
+    network has a whole number of cells more along it. A square image gives
+    ``(image_size, image_size)``; the orientation is kept (a wide image stays wide).
+
+    >>> keep_size(500, 1250, 224, 16)   # KolektorSDD-like strip, 1:2.5
+    (224, 560)
+    >>> keep_size(300, 100, 224, 14, max_aspect=3.0)   # 3:1, exactly at the cap
+    (672, 224)
+    """
+    for name, value in (("height", height), ("width", width), ("image_size", image_size), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, (int,)) or value < 1:
+            raise ParameterError(f"keep_size: {name} must be an integer >= 1, got {value!r}")
+    if isinstance(max_aspect, bool) or not isinstance(max_aspect, (int, float)) or not max_aspect >= 1:
+        raise ParameterError(f"keep_size: max_aspect must be a number >= 1, got {max_aspect!r}")
+    short, long = min(height, width), max(height, width)
+    exact = image_size * long / short
+    cap = image_size * float(max_aspect)
+    if exact >= cap:
+        steps = math.floor((cap - image_size) / stride + 1e-9)
+    else:
+        steps = math.floor((exact - image_size) / stride + 0.5)
+    side = image_size + stride * max(0, steps)
+    return (image_size, side) if height <= width else (side, image_size)
+
+
+class KeepResize:
+    """PIL image -> resized to :func:`keep_size` (the ``"keep"`` mode's resize; picklable,
+    for DataLoader workers). ``interpolation``: ``"bilinear"`` or ``"bicubic"`` (antialiased,
+    as torchvision resizes PIL images)."""
+
+    def __init__(self, image_size: int, stride: int, max_aspect: float, interpolation: str = "bilinear"):
+        self.image_size = int(image_size)
+        self.stride = int(stride)
+        self.max_aspect = float(max_aspect)
+        self.interpolation = interpolation
+
+    def __call__(self, image):
+        from torchvision.transforms.functional import get_dimensions, resize
+
+        _, height, width = get_dimensions(image)
+        size = keep_size(height, width, self.image_size, self.stride, self.max_aspect)
+        return resize(image, list(size), interpolation=_interpolation(self.interpolation), antialias=True)
+
+    def __repr__(self) -> str:
+        return (f"KeepResize(image_size={self.image_size}, stride={self.stride}, max_aspect={self.max_aspect}, "
+                f"interpolation={self.interpolation!r})")
+
+
+def keep_preprocessing(preprocessing: dict, stride: int, max_aspect: float = KEEP_MAX_ASPECT) -> dict:
+    """``preprocessing`` under ``"keep"``: the shorter side resized to ``crop`` (the input
+    side), the longer one as :func:`keep_size` says, no crop (``crop`` is None)."""
+    side = int(preprocessing["crop"])
+    return {**preprocessing, "resize": side, "crop": None, "resize_mode": "keep", "stride": int(stride),
+            "max_aspect": float(max_aspect)}
+
+
+def input_size(preprocessing: dict, height: int, width: int) -> tuple[int, int]:
+    """``(H, W)`` of the preprocessed input of an image of ``height`` x ``width`` pixels:
+    the square ``crop`` side for ``"crop"`` and ``"squash"``, :func:`keep_size` for ``"keep"``."""
+    if preprocessing.get("resize_mode") == "keep":
+        return keep_size(int(height), int(width), int(preprocessing["resize"]), int(preprocessing["stride"]),
+                         float(preprocessing["max_aspect"]))
+    side = int(preprocessing["crop"])
+    return side, side
 
 
 def squash_preprocessing(preprocessing: dict) -> dict:
@@ -934,7 +1043,10 @@ def squash_preprocessing(preprocessing: dict) -> dict:
 
 def resize_argument(preprocessing: dict) -> int | list[int]:
     """``preprocessing["resize"]`` as torchvision's ``resize`` takes it: an int (shorter
-    side, aspect ratio kept) or ``[height, width]`` (the whole image, ``"squash"``)."""
+    side, aspect ratio kept) or ``[height, width]`` (the whole image, ``"squash"``). Under
+    ``"keep"`` the size depends on the image: see :func:`input_size`."""
+    if preprocessing.get("resize_mode") == "keep":
+        raise ParameterError("resize_mode='keep' has no fixed resize: use backbones.input_size(preprocessing, h, w)")
     size = preprocessing["resize"]
     return [int(v) for v in size] if isinstance(size, (list, tuple)) else int(size)
 
@@ -947,8 +1059,12 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
     ``image_size`` overrides the input side (ViT position embeddings are resampled; CNNs
     simply see a larger or smaller crop). ``resize_mode`` is one of :data:`RESIZE_MODES`:
     ``"crop"`` (default) resizes the shorter side and centre-crops, ``"squash"`` resizes
-    the whole image to the square input. Raises ParameterError for an unknown name, size
-    or mode, WeightsError for a missing or mismatching weights file.
+    the whole image to the square input, ``"keep"`` resizes the shorter side to
+    ``image_size`` and keeps the aspect ratio (:func:`keep_size`, rounded to the largest
+    stride of ``patch_layers``; ViTs are built with timm's ``dynamic_img_size``, which
+    resamples the position embeddings to each input's grid; CLIP refuses it).
+    Raises ParameterError for an unknown name, size or mode, WeightsError for a missing
+    or mismatching weights file.
     """
     spec = _spec(name)
     if image_size is None:
@@ -957,13 +1073,25 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
         raise ParameterError(f"image_size={image_size!r} for {name}: give an integer >= 32")
     if resize_mode not in RESIZE_MODES:
         raise ParameterError(f"resize_mode={resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+    if resize_mode == "keep" and spec.fixed_size:
+        raise ParameterError(f"{name} takes square inputs of {spec.image_size} px only: use resize_mode='crop' "
+                             "or 'squash' with it, or another backbone for 'keep'")
     device = resolve_device(device)
     path = resolve_weights(name, weights=weights, weights_dir=weights_dir, download=download)
-    backbone = _BUILDERS[spec.family](spec, path, image_size)
+    builder = _BUILDERS[spec.family]
+    if spec.family in _DYNAMIC_SIZE_FAMILIES:  # ViTs: position embeddings resampled to any grid under keep
+        backbone = builder(spec, path, image_size, dynamic_size=resize_mode == "keep")
+    else:
+        backbone = builder(spec, path, image_size)
     if resize_mode == "squash":
         backbone.preprocessing = squash_preprocessing(backbone.preprocessing)
         backbone._transform = _build_transform(backbone.preprocessing)
     backbone.eval()
     backbone.requires_grad_(False)
     backbone.to(device)
-    return backbone.finish()
+    backbone.finish()
+    if resize_mode == "keep":  # the stride is measured by finish(): the deepest patch map's
+        stride = max(int(backbone.feature_info[layer]["stride"]) for layer in backbone.patch_layers)
+        backbone.preprocessing = keep_preprocessing(backbone.preprocessing, stride)
+        backbone._transform = _build_transform(backbone.preprocessing)
+    return backbone

@@ -29,10 +29,14 @@ def _parser_type(read):
 
 
 def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
+    from anomalib_study.backbones import RESIZE_MODES
+
     parser.add_argument(
-        "--resize-mode", choices=("crop", "squash"), default=None,
+        "--resize-mode", choices=RESIZE_MODES, default=None,
         help="crop: shorter side resized, centre crop (default; the autoencoder: squash); squash: the whole image "
-             "resized to the square input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile)",
+             "resized to the square input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile); keep: "
+             "shorter side resized, aspect ratio kept (longer side at most 3x, rounded to the backbone's stride), "
+             "nothing cut off (PatchCore, kNN; not anomaly clustering)",
     )
 
 

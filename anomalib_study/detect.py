@@ -438,8 +438,10 @@ def write_overlays(
 
     Args:
         paths: the n images, each under ``root`` (names mirror their path relative to it).
-        maps: (n, H, W) anomaly maps, higher = more anomalous, on the backbone's resized and
-            centre-cropped input (``preprocessing``, see :func:`anomalib_study.plots.crop_like_input`).
+        maps: (n, H, W) anomaly maps, or a sequence of n (H_i, W_i) maps (``"keep"``),
+            higher = more anomalous, on the backbone's preprocessed input (``preprocessing``,
+            see :func:`anomalib_study.plots.crop_like_input`: resized and centre-cropped, or
+            under ``"keep"`` the whole image at its own aspect ratio).
         scores: (n,) image scores, written with the names to ``out_dir/overlays.csv``.
         vmin, vmax: one colour scale for every overlay.
         names: the overlay file names relative to ``out_dir`` (default: made from ``paths``
@@ -526,9 +528,11 @@ def detect_abnormal(
             patch memory bank and anomaly maps; ``anomalib_study.methods.DETECTORS`` lists them).
         image_size: input side (None = the method's, e.g. 128 for the autoencoder, else the
             backbone's default).
-        resize_mode: ``"crop"`` (shorter side resized, centre crop) or ``"squash"`` (the whole
-            image resized to the square input, nothing cut off); None = the method's own
-            (the autoencoder squashes), else ``"crop"``.
+        resize_mode: ``"crop"`` (shorter side resized, centre crop), ``"squash"`` (the whole
+            image resized to the square input, nothing cut off) or ``"keep"`` (shorter side
+            resized, aspect ratio kept, nothing cut off; overlays at each image's own
+            shape); None = the method's own (the autoencoder squashes), else ``"crop"``.
+            The database records it (in the backbone's preprocessing).
         max_overlays: (methods with anomaly maps) at most this many overlays (the
             highest-scoring flagged images) are written; 0 = none.
         strict: refuse, before any work, a test folder holding unreadable images (every one
@@ -723,9 +727,9 @@ def _score_stream(spec: MethodSpec, detector, backbone, paths: list[Path], run: 
             maps = result.get("anomaly_maps") if spec.produces_maps else None
             if maps is not None:
                 readable = np.isfinite(scores)
-                if readable.any():
-                    out.vmin = min(out.vmin, float(np.nanmin(maps[readable])))
-                    out.vmax = max(out.vmax, float(np.nanmax(maps[readable])))
+                if readable.any():  # maps may be one (n, H, W) array or one array per image ("keep")
+                    out.vmin = min(out.vmin, min(float(np.nanmin(maps[i])) for i in np.flatnonzero(readable)))
+                    out.vmax = max(out.vmax, max(float(np.nanmax(maps[i])) for i in np.flatnonzero(readable)))
                 for i in np.flatnonzero(readable & (scores > threshold)):
                     item = (float(scores[i]), -(start + int(i)))  # ties: the earlier image wins
                     if len(best) < max_overlays:
@@ -740,6 +744,12 @@ def _score_stream(spec: MethodSpec, detector, backbone, paths: list[Path], run: 
     finally:
         bar.close()
     return out
+
+
+def _input_words(backbone) -> str:
+    mode = (backbone.preprocessing or {}).get("resize_mode", "crop")
+    return {"keep": "resized input (aspect ratio kept, each image at its own shape)",
+            "squash": "squashed input"}.get(mode, "cropped input")
 
 
 def _write_run(run_dir: Path, spec: MethodSpec, detector, backbone, test_dir: Path, test_paths: list[Path],
@@ -781,14 +791,14 @@ def _write_run(run_dir: Path, spec: MethodSpec, detector, backbone, test_dir: Pa
         order = sorted(stream.kept_maps, key=lambda i: (-stream.scores[i], i))[:max_overlays]
         names = _overlay_names([p.relative_to(test_dir) for p in test_paths])  # stable whatever is selected
         written = write_overlays(run_dir / "overlays", [test_paths[i] for i in order], test_dir,
-                                 np.stack([stream.kept_maps[i] for i in order]) if order else np.zeros((0, 1, 1)),
+                                 [stream.kept_maps[i] for i in order],
                                  stream.scores[order], backbone.preprocessing, stream.vmin, stream.vmax,
                                  names=[names[i] for i in order], progress=progress)
         timings["overlays_s"] = time.perf_counter() - step
         config["overlays"] = {
             "folder": "overlays", "count": len(written), "max_overlays": max_overlays, "n_flagged": len(flagged),
             "vmin": stream.vmin, "vmax": stream.vmax,
-            "what": "flagged images, highest scores first, on the backbone's cropped input; one colour scale "
+            "what": f"flagged images, highest scores first, on the backbone's {_input_words(backbone)}; one colour scale "
                     "(vmin, vmax = min, max of all the run's anomaly maps)",
         }
     return config

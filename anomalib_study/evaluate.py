@@ -135,11 +135,13 @@ def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: Run
     if maps is not None:
         started = time.perf_counter()
         side = backbone.image_size
-        geometry = (
-            f"the whole image resized to {side} x {side}, aspect ratio not kept"
-            if backbone.preprocessing.get("resize_mode") == "squash"
-            else f"shorter side resized to {backbone.preprocessing['resize']}, centre crop {backbone.preprocessing['crop']}"
-        )
+        pre = backbone.preprocessing
+        mode = pre.get("resize_mode", "crop")
+        geometry = {
+            "squash": f"{side} x {side}: the whole image resized to {side} x {side}, aspect ratio not kept",
+            "keep": (f"shorter side {side}, aspect ratio kept: the whole image, the longer side scaled alike (at most "
+                     f"{pre.get('max_aspect')} x, rounded to the stride {pre.get('stride')}), each image at its own size"),
+        }.get(mode, f"{side} x {side}: shorter side resized to {pre['resize']}, centre crop {pre['crop']}")
         if dataset.has_masks:
             masks = masks_like_input(dataset.test, backbone.preprocessing)
             pixel_f1, pixel_threshold = pixel_f1_max(masks, maps)
@@ -149,8 +151,9 @@ def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: Run
                 "pixel_f1_max": pixel_f1,
                 "pixel_f1_threshold": pixel_threshold,
                 "pixel_metrics_note": (
-                    f"pixel metrics on the backbone's preprocessed input ({side} x {side}: {geometry}); masks put "
-                    f"through the same resize (nearest neighbour) and crop; anomaly maps {described.get('map_rule', '')}"
+                    f"pixel metrics on the backbone's preprocessed input ({geometry}); masks put through the same "
+                    f"resize (nearest neighbour){'' if mode == 'keep' else ' and crop'}; anomaly maps "
+                    f"{described.get('map_rule', '')}"
                 ).rstrip(),
             })
         else:
@@ -189,14 +192,27 @@ def masks_like_input(records, preprocessing: dict) -> np.ndarray:
     preprocessing (resized to ``preprocessing["resize"]`` with nearest neighbour: the
     shorter side, or the whole image for ``"squash"``, then centre-cropped to
     ``preprocessing["crop"]``), so that they line up
-    with anomaly maps of the preprocessed input. Records without a mask give all-False."""
+    with anomaly maps of the preprocessed input. Records without a mask give all-False.
+
+    Under ``"keep"`` the masks, not the maps, are resized: each mask to its image's
+    preprocessed input size (:func:`anomalib_study.backbones.input_size` of the mask's
+    own size, nearest neighbour, nothing cut off), which is where PatchCore's maps are;
+    the result is then a 1-D object array of n (H_i, W_i) bool arrays."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import center_crop, resize
 
-    from anomalib_study.backbones import resize_argument
+    from anomalib_study.backbones import input_size, resize_argument
     from anomalib_study.data.decode import load_mask
 
+    if preprocessing.get("resize_mode") == "keep":
+        kept = np.empty(len(records), dtype=object)
+        for i, record in enumerate(records):
+            mask = load_mask(record)  # without a mask file: all False, the image's size
+            size = list(input_size(preprocessing, *mask.shape))
+            mask = resize(torch.from_numpy(mask.astype(np.uint8))[None], size, interpolation=InterpolationMode.NEAREST)
+            kept[i] = mask[0].numpy() > 0
+        return kept
     crop = int(preprocessing["crop"])
     out = np.zeros((len(records), crop, crop), dtype=bool)
     for i, record in enumerate(records):
@@ -329,9 +345,15 @@ def patchcore_coreset_ablation(
         top of what the process held before, sampled), ``image_auroc`` (both kinds) and
         ``pixel_auroc`` / ``pro`` where masks exist.
     """
+    from anomalib_study.errors import ParameterError
     from anomalib_study.methods.patchcore import PatchCore
     from anomalib_study.metrics import image_auroc, pixel_auroc, pro_score
     from anomalib_study.profiling import PeakMemory
+
+    if backbone.preprocessing.get("resize_mode") == "keep":
+        raise ParameterError("the coreset ablation holds every patch feature in one (n, h*w, D) array, which needs one "
+                             "patch grid; resize_mode='keep' gives one per image shape: run the ablation with 'crop' or "
+                             "'squash' (or skip it)")
 
     train = list(dataset.train)
     if max_train_images is not None and len(train) > max_train_images:
@@ -416,8 +438,10 @@ def evaluate(
             the backbone's default).
         resize_mode: ``"crop"`` (shorter side resized, centre crop: the backbone's own
             preprocessing) or ``"squash"`` (the whole image resized to the square input, for
-            long narrow images whose defects a centre crop can cut off); None: the method's
-            own (the autoencoder squashes), else ``"crop"``.
+            long narrow images whose defects a centre crop can cut off) or ``"keep"`` (shorter
+            side resized, aspect ratio kept, nothing cut off: each image at its own shape;
+            pixel metrics then on each image's own geometry); None: the method's own (the
+            autoencoder squashes), else ``"crop"``.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: folder for ``metrics.json``; an existing ``metrics.json`` there is never
             overwritten (pick another folder).

@@ -229,6 +229,38 @@ def _collate(items):
     return [item[0] for item in good], images, errors
 
 
+def _collate_by_shape(items):
+    """([(positions, (B, 3, H, W) batch)] one per input shape, in order of first appearance,
+    [(position, error)]). Under ``"crop"`` / ``"squash"`` every image has one shape: one batch."""
+    errors = [(item[0], item[2]) for item in items if item[2] is not None]
+    by_shape: dict[tuple, list] = {}
+    for item in items:
+        if item[2] is None:
+            by_shape.setdefault(tuple(item[1].shape), []).append(item)
+    groups = [([item[0] for item in group], torch.stack([item[1] for item in group])) for group in by_shape.values()]
+    return groups, errors
+
+
+def shape_batches(paths: Sequence[Path], preprocessing: dict, batch_size: int) -> list[list[int]]:
+    """Positions in ``paths`` cut into batches of at most ``batch_size`` images that share
+    one preprocessed input shape (``backbones.input_size`` of each image's header size, EXIF
+    orientation applied): shapes in order of their first image, positions ascending within
+    each. An image whose header cannot be read goes into a batch of its own kind (it is
+    reported when decoded)."""
+    from .backbones import input_size
+    from .data.decode import oriented_size
+
+    groups: dict[tuple | None, list[int]] = {}
+    for position, path in enumerate(paths):
+        try:
+            width, height = oriented_size(path)
+            shape: tuple | None = input_size(preprocessing, height, width)
+        except StudyError:
+            shape = None
+        groups.setdefault(shape, []).append(position)
+    return [group[start:start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+
+
 def _check_arguments(paths, batch_size, num_workers) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         raise ParameterError("paths must be a list of image paths, not a single path")
@@ -244,19 +276,24 @@ def _batches(backbone: Backbone, paths: Sequence[Path], batch_size: int, num_wor
              ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Preprocessed batches on ``device``: (positions in ``paths``, (B, 3, H, W) tensor).
 
+    Under ``resize_mode="keep"`` the input shape depends on the image: the images are
+    grouped by shape first (:func:`shape_batches`), so a batch holds one shape and the
+    batches do not come in path order (the positions say where each image belongs).
     An image that cannot be decoded raises DataError naming it, or, with ``errors`` (a
     dict), is left out of its batch and recorded there (position -> the reason).
     """
-    loader = DataLoader(
-        _ImageFiles(paths, backbone.image_transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
-    for positions, images, failed in loader:
+    dataset = _ImageFiles(paths, backbone.image_transform)
+    common = dict(num_workers=num_workers, collate_fn=_collate_by_shape, pin_memory=device.type == "cuda")
+    if backbone.preprocessing.get("resize_mode") == "keep":
+        loader = DataLoader(dataset, batch_sampler=shape_batches(paths, backbone.preprocessing, batch_size), **common)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+    for groups, failed in loader:
         if failed:
             if errors is None:
                 raise DataError(failed[0][1])
             errors.update(failed)
-        if positions:
+        for positions, images in groups:
             yield positions, images.to(device, non_blocking=True)
 
 
@@ -355,13 +392,28 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
     """
     paths = _check_arguments(paths, batch_size, num_workers)
     layers = backbone.check_layers(layers) if isinstance(backbone, Backbone) else layers
-    device = _prepare(backbone, device)
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} feature maps", disable=not progress, unit="img")
     try:
-        for positions, images in _batches(backbone, paths, batch_size, num_workers, device, errors):
+        for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
+                                               device=device, errors=errors):
             with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
                 maps = backbone(images, layers=layers, embedding=embedding)
             bar.update(len(positions))
             yield positions, maps
     finally:
         bar.close()
+
+
+def image_batches(backbone: Backbone, paths: Sequence[str | os.PathLike], *, batch_size: int = 8,
+                  num_workers: int = 0, device: str | torch.device | None = None,
+                  errors: dict[int, str] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (positions in ``paths``, preprocessed (B, 3, H, W) batch on the compute device).
+
+    Decoding runs in a ``DataLoader`` (``num_workers`` processes). Under
+    ``resize_mode="keep"`` a batch holds the images of one input shape, and the batches do
+    not come in path order (see :func:`shape_batches`). An undecodable image raises
+    DataError naming it, or with ``errors`` (a dict) is left out and recorded there.
+    """
+    paths = _check_arguments(paths, batch_size, num_workers)
+    device = _prepare(backbone, device)
+    yield from _batches(backbone, paths, batch_size, num_workers, device, errors)

@@ -1,6 +1,9 @@
 """Metric functions: arrays in, numbers or dicts out. No I/O, no state.
 
 Conventions: ``labels`` / ``masks`` use 1 = anomalous (defective pixel), 0 = normal;
+pixel metrics take masks and maps as (n, h, w) arrays, or as sequences of n (h_i, w_i)
+arrays when images have their own shapes (``resize_mode="keep"``): mask i and map i must
+then match, and every pixel of every image counts once, as in the array form;
 ``scores`` / ``maps`` point the same way as every method's ``score``: higher = more
 anomalous. Where a metric is undefined (e.g. only one class present), the function
 returns ``float("nan")`` and emits a :class:`UndefinedMetricWarning` saying why, so that a
@@ -63,7 +66,38 @@ def _scores(values, n: int, name: str = "scores") -> np.ndarray:
     return array
 
 
-def _masks_and_maps(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+def _is_ragged(values) -> bool:
+    """True for a list / tuple / 1-D object array of 2-D arrays (images of their own shapes)."""
+    if isinstance(values, np.ndarray):
+        return values.dtype == object
+    return isinstance(values, (list, tuple)) and len(values) > 0 and len({np.shape(v) for v in values}) > 1
+
+
+def _ragged_masks_and_maps(masks, maps) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    masks = [np.asarray(m) for m in masks]
+    maps = [np.asarray(m, dtype=np.float64) for m in maps]
+    if len(masks) != len(maps):
+        raise ParameterError(f"got {len(masks)} masks but {len(maps)} anomaly maps: give one of each per image")
+    for i, (mask, amap) in enumerate(zip(masks, maps)):
+        if mask.ndim != 2 or mask.shape != amap.shape:
+            raise ParameterError(f"mask {i} has shape {mask.shape} but its anomaly map {amap.shape}: each pair must "
+                                 "be one (height, width); resize the maps to the mask size first")
+    if sum(m.size for m in masks) == 0:
+        raise ParameterError("masks and maps are empty")
+    if not all(np.isfinite(m).all() for m in maps):
+        raise ParameterError("anomaly maps contain NaN or infinite values")
+    return [m.astype(bool) for m in masks], maps
+
+
+def _flat(values) -> np.ndarray:
+    """All pixels of (n, h, w) or of a list of (h_i, w_i) arrays, image after image."""
+    return values.ravel() if isinstance(values, np.ndarray) else np.concatenate([v.ravel() for v in values])
+
+
+def _masks_and_maps(masks, maps) -> tuple[np.ndarray | list, np.ndarray | list]:
+    """Checked (n, h, w) arrays, or lists of (h_i, w_i) arrays for images of their own shapes."""
+    if _is_ragged(masks) or _is_ragged(maps):
+        return _ragged_masks_and_maps(masks, maps)
     masks = np.asarray(masks)
     maps = np.asarray(maps, dtype=np.float64)
     if masks.ndim == 2:
@@ -194,16 +228,16 @@ def pixel_auroc(masks, maps) -> float:
         AUROC in [0, 1]; ``nan`` with a warning if no pixel (or every pixel) is defective.
     """
     masks, maps = _masks_and_maps(masks, maps)
-    flat = masks.ravel()
+    flat = _flat(masks)
     if flat.all() or not flat.any():
         return _undefined("pixel AUROC is undefined: the masks need both defective and defect-free pixels")
-    return float(skm.roc_auc_score(flat, maps.ravel()))
+    return float(skm.roc_auc_score(flat, _flat(maps)))
 
 
 def pixel_f1_max(masks, maps) -> tuple[float, float]:
     """F1-max over all pixels: ``(f1, threshold)``; masks/maps (n, h, w) as in :func:`pixel_auroc`."""
     masks, maps = _masks_and_maps(masks, maps)
-    return _f1_max(masks.ravel().astype(int), maps.ravel())
+    return _f1_max(_flat(masks).astype(int), _flat(maps))
 
 
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
@@ -223,8 +257,12 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """
     masks, maps = _masks_and_maps(masks, maps)
     structure = np.ones((3, 3), dtype=int)
-    fp_change = np.zeros(masks.shape, dtype=np.float64)
-    pro_change = np.zeros(masks.shape, dtype=np.float64)
+    if isinstance(masks, np.ndarray):
+        fp_change = np.zeros(masks.shape, dtype=np.float64)
+        pro_change = np.zeros(masks.shape, dtype=np.float64)
+    else:  # images of their own shapes
+        fp_change = [np.zeros(m.shape, dtype=np.float64) for m in masks]
+        pro_change = [np.zeros(m.shape, dtype=np.float64) for m in masks]
     n_regions = 0
     for i, mask in enumerate(masks):
         labelled, n_components = ndimage.label(mask, structure=structure)
@@ -234,16 +272,17 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
             sizes = np.bincount(labelled.ravel())
             region = labelled > 0
             pro_change[i][region] = 1.0 / sizes[labelled[region]]
+    fp_change, pro_change, flat_maps = _flat(fp_change), _flat(pro_change), _flat(maps)
     n_ok = fp_change.sum()
     if n_regions == 0:
         raise ParameterError("the PRO curve needs at least one defective region in the masks; they are all empty")
     if n_ok == 0:
         raise ParameterError("the PRO curve needs defect-free pixels; every mask pixel is defective")
 
-    order = np.argsort(maps.ravel(), kind="stable")[::-1]
-    sorted_scores = maps.ravel()[order]
-    fprs = np.cumsum(fp_change.ravel()[order]) / n_ok
-    pros = np.cumsum(pro_change.ravel()[order]) / n_regions
+    order = np.argsort(flat_maps, kind="stable")[::-1]
+    sorted_scores = flat_maps[order]
+    fprs = np.cumsum(fp_change[order]) / n_ok
+    pros = np.cumsum(pro_change[order]) / n_regions
     # all pixels with one score cross the threshold together: keep the last point of each tie
     keep = np.append(np.diff(sorted_scores) != 0, True)
     fprs = np.clip(fprs[keep], None, 1.0)
@@ -282,7 +321,7 @@ def pro_score(masks, maps, fpr_limit: float = 0.3) -> float:
     """
     if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float)) or not 0 < fpr_limit <= 1:
         raise ParameterError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
-    masks_arr, _ = _masks_and_maps(masks, maps)
+    masks_arr = _flat(_masks_and_maps(masks, maps)[0])
     if not masks_arr.any():
         return _undefined("PRO is undefined: the masks hold no defective region")
     if masks_arr.all():

@@ -16,7 +16,7 @@ to the paper's 1024 only repeats values and inflates the memory bank.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,7 +25,17 @@ import torch.nn.functional as F
 
 from anomalib_study.errors import ParameterError
 
-__all__ = ["PatchFeatures", "patch_features", "iter_patch_features", "collect_patch_features"]
+__all__ = ["PatchFeatures", "PatchBatch", "patch_features", "iter_patch_features", "collect_patch_features"]
+
+
+class PatchBatch(NamedTuple):
+    """One batch of :func:`iter_patch_features`: ``positions`` in the paths, ``features``
+    (B, h*w, D) float32, the patch ``grid`` (h, w) and the preprocessed ``input_size`` (H, W)."""
+
+    positions: list[int]
+    features: np.ndarray
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
 
 
 def _check_dim(name: str, value) -> int | None:
@@ -146,22 +156,34 @@ class PatchFeatures:
 def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, *, batch_size: int = 8,
                         num_workers: int = 0, device=None, progress: bool = True, desc: str | None = None,
                         errors: dict[int, str] | None = None
-                        ) -> Iterator[tuple[list[int], np.ndarray, tuple[int, int]]]:
-    """Yield ``(positions in paths, features (B, h*w, D) float32 numpy, (h, w))`` per batch.
+                        ) -> Iterator[PatchBatch]:
+    """Yield one :class:`PatchBatch` ``(positions, features (B, h*w, D) float32 numpy, grid
+    (h, w), input_size (H, W))`` per batch.
 
     The one loop from image files to patch features (PatchCore and anomaly clustering both
     use it): the backbone's maps of ``maker``'s layers, reduced by ``maker`` on the compute
-    device. ``errors`` as in :func:`~anomalib_study.features.extract_feature_maps`.
+    device. Under ``resize_mode="keep"`` each batch holds images of one input shape, and
+    grid and input size change from batch to batch (the batches then do not come in path
+    order: ``positions`` say where they belong). ``errors`` as in
+    :func:`~anomalib_study.features.extract_feature_maps`.
     """
-    from anomalib_study.features import extract_feature_maps
+    from tqdm.auto import tqdm
+
+    from anomalib_study.features import image_batches
 
     layers = maker.resolve_layers(backbone)
-    for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=batch_size,
-                                                num_workers=num_workers, device=device, progress=progress,
-                                                desc=desc, embedding=False, errors=errors):
-        with torch.inference_mode():
-            features, grid = maker(maps, layers)
-        yield positions, features.cpu().numpy(), grid
+    paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)  # a single path is refused below
+    bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} patch features", disable=not progress, unit="img")
+    try:
+        for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
+                                               device=device, errors=errors):
+            with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
+                maps = backbone(images, layers=layers, embedding=False)
+                features, grid = maker(maps, layers)
+            bar.update(len(positions))
+            yield PatchBatch(positions, features.cpu().numpy(), grid, (int(images.shape[-2]), int(images.shape[-1])))
+    finally:
+        bar.close()
 
 
 def collect_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, **options
@@ -169,7 +191,9 @@ def collect_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: 
     """All patch features of ``paths`` in one array: ``(features (n, h*w, D) float32, (h, w))``.
 
     ``options`` as in :func:`iter_patch_features`; with ``errors`` the rows of unreadable
-    images are NaN. ParameterError for an empty ``paths``; DataError if no image is readable.
+    images are NaN. ParameterError for an empty ``paths``, or for images with different
+    patch grids (``resize_mode="keep"`` on images of different shapes: one array cannot
+    hold them; use :func:`iter_patch_features`); DataError if no image is readable.
     """
     from anomalib_study.errors import DataError
 
@@ -177,10 +201,15 @@ def collect_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: 
     if not paths:
         raise ParameterError("patch features need at least one image")
     out = grid = None
-    for positions, features, grid_here in iter_patch_features(backbone, paths, maker, **options):
+    for positions, features, grid_here, _ in iter_patch_features(backbone, paths, maker, **options):
         if out is None:
             grid = tuple(grid_here)
             out = np.full((len(paths), *features.shape[1:]), np.nan, dtype=np.float32)
+        elif tuple(grid_here) != grid:
+            raise ParameterError(
+                f"the images give patch grids {grid} and {tuple(grid_here)}: resize_mode='keep' on images of "
+                "different shapes gives each shape its own grid, which one (n, h*w, D) array cannot hold; use "
+                "resize_mode='squash' or 'crop' here, or iter_patch_features")
         out[positions] = features
     if out is None:
         raise DataError(f"none of the {len(paths)} images could be read")

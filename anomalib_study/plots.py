@@ -128,12 +128,16 @@ def overlay_image(image, anomaly_map: np.ndarray, mask: np.ndarray | None = None
 def crop_like_input(path, preprocessing: dict):
     """The image at ``path`` resized and centre-cropped as a backbone's preprocessing does
     (``preprocessing["resize"]``: shorter side, or the whole image for ``"squash"``; then
-    ``preprocessing["crop"]`` square), unnormalised."""
+    ``preprocessing["crop"]`` square), unnormalised. Under ``"keep"``: the whole image
+    resized to its preprocessed input size (:func:`anomalib_study.backbones.input_size`),
+    no crop, so that it lines up with that image's anomaly map."""
     from torchvision.transforms.functional import center_crop, resize
 
-    from anomalib_study.backbones import resize_argument
+    from anomalib_study.backbones import input_size, resize_argument
 
     image = load_image(path)
+    if preprocessing.get("resize_mode") == "keep":
+        return resize(image, list(input_size(preprocessing, image.height, image.width)))
     image = resize(image, resize_argument(preprocessing))
     return center_crop(image, [int(preprocessing["crop"])] * 2)
 

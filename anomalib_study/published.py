@@ -98,6 +98,10 @@ def patchcore_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         if preprocessing.get("resize_mode") == "squash":
             side = metrics["backbone"].get("image_size", preprocessing.get("crop"))
             differs.append(f"input: the whole image squashed to {side} x {side} px (aspect ratio not kept)")
+        elif preprocessing.get("resize_mode") == "keep":
+            side = metrics["backbone"].get("image_size", preprocessing.get("resize"))
+            differs.append(f"input: shorter side resized to {side} px, aspect ratio kept, nothing cut off (the paper: "
+                           "resize and centre crop)")
         rows.append({"source": "published (PatchCore)", "data": key, "backbone": PATCHCORE_SETTING["backbone"],
                      "coreset": figure["coreset"], "image_auroc": figure["image_auroc"],
                      "pixel_auroc": figure["pixel_auroc"], "pro": figure["pro"],

@@ -194,6 +194,12 @@ def _mask_values(path: Path) -> np.ndarray:
     return np.asarray(image.convert("L"))
 
 
+def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(W, H)`` of the image at ``path`` as :func:`load_image` returns it (EXIF orientation
+    applied), read from the header only. DataError if it is missing or unreadable."""
+    return _oriented_size(Path(path))
+
+
 def _oriented_size(path: Path) -> tuple[int, int]:
     """(W, H) of an image as :func:`load_image` returns it, read from the header only."""
     if not path.exists():

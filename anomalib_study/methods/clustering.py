@@ -453,6 +453,10 @@ class AnomalyClustering(BaseDetector):
             raise ParameterError(f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
         if self.resize_mode not in RESIZE_MODES:
             raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.resize_mode == "keep":  # the bags are one (n, P, D) array: P must be one number
+            raise ParameterError("resize_mode='keep' gives every image shape its own patch grid, and anomaly clustering "
+                                 "needs one (n, P, D) array of patch bags: use resize_mode='squash' (nothing cut off) "
+                                 "or 'crop'")
         if self.precision not in PRECISIONS:
             raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tau is not None:

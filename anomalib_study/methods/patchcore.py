@@ -18,6 +18,11 @@ anomalib's ``PatchcoreModel``.
 * Anomaly map: the patch scores on the (h, w) grid, upsampled bilinearly to the output size
   (default the backbone's preprocessed input, e.g. 224 x 224) and smoothed with a Gaussian
   of ``sigma`` (kernel side 2 * int(4 * sigma + 0.5) + 1, reflect padding).
+* ``resize_mode="keep"`` (aspect ratio kept, :func:`anomalib_study.backbones.keep_size`):
+  each image has the patch grid of its own input shape. The memory bank is a set of
+  patches, so grids may differ while fitting; ``grid_shape_`` is None, and each anomaly
+  map comes back at its own image's preprocessed input size (a 1-D object array of
+  (H_i, W_i) maps instead of one (n, H, W) array).
 * Threshold (not in the paper, which only ranks): ``calibration_fraction`` of the training
   images (seeded choice) is held out of the memory bank and scored like test images;
   ``threshold_`` is the ``thres_ratio`` quantile of their image scores (so about
@@ -127,6 +132,15 @@ def anomaly_maps(patch_scores, size: tuple[int, int], sigma: float = 4.0, device
     return maps[:, 0].cpu().numpy()
 
 
+def _place(target: np.ndarray, positions: list[int], values: np.ndarray) -> None:
+    """``target[positions] = values``; for a 1-D object array (per-image shapes), one array per slot."""
+    if target.dtype == object:
+        for position, value in zip(positions, values):
+            target[position] = value
+    else:
+        target[positions] = values
+
+
 # ---------------------------------------------------------------------------------- estimator
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector (see the module docstring for the method).
@@ -136,8 +150,9 @@ class PatchCore(BaseDetector):
             (only needed by :meth:`fit_paths` / :meth:`score_paths`).
         weights: explicit weight file for a backbone given by name.
         image_size: input side for a backbone given by name (None = its default).
-        resize_mode: ``"crop"`` (shorter side resized, centre crop) or ``"squash"`` (the
-            whole image resized to the square input), for a backbone given by name.
+        resize_mode: ``"crop"`` (shorter side resized, centre crop), ``"squash"`` (the
+            whole image resized to the square input) or ``"keep"`` (shorter side resized,
+            aspect ratio kept: per-image grids and maps), for a backbone given by name.
         layers: the two (or more) maps used (None = ``backbone.patch_layers``).
         patch_size: odd neighbourhood side p of the local averaging (paper: 3).
         per_layer_dim: channels per layer after adaptive pooling (None = native).
@@ -158,7 +173,8 @@ class PatchCore(BaseDetector):
         progress: tqdm bars.
 
     Attributes (after fit): ``memory_bank_`` (M, D) float32, ``index_``
-    (NearestNeighbourIndex), ``grid_shape_`` (h, w), ``n_features_in_`` (D),
+    (NearestNeighbourIndex), ``grid_shape_`` (h, w) (None under ``resize_mode="keep"``:
+    each image has its own grid), ``n_features_in_`` (D),
     ``n_train_images_``, ``n_train_patches_`` (patches the coreset chose from),
     ``calibration_scores_max_`` / ``calibration_scores_reweighted_`` (n_cal,),
     ``threshold_`` (float, NaN without calibration), ``backbone_identity_`` (dict or None),
@@ -293,7 +309,13 @@ class PatchCore(BaseDetector):
     def _fit_arrays(self, bank_part: np.ndarray, calibration: np.ndarray, grid: tuple[int, int],
                     backbone_identity: dict | None, extract_s: float) -> None:
         n_bank, p, d = bank_part.shape
-        rows = bank_part.reshape(n_bank * p, d)
+        self._fit_rows(bank_part.reshape(n_bank * p, d), n_bank, [calibration], grid, backbone_identity, extract_s)
+
+    def _fit_rows(self, rows: np.ndarray, n_bank: int, calibration: list[np.ndarray], grid: tuple[int, int] | None,
+                  backbone_identity: dict | None, extract_s: float) -> None:
+        """Fit on the bank images' patches ``rows`` (N, D); ``calibration``: the held-out
+        images as a list of (n_i, p_i, D) arrays (one per patch count, in held-out order)."""
+        d = rows.shape[1]
         for start in range(0, rows.shape[0], 65536):  # chunked: no boolean copy of the whole array
             if not np.isfinite(rows[start:start + 65536]).all():
                 raise ParameterError("the training patch features contain NaN or infinite values")
@@ -307,14 +329,16 @@ class PatchCore(BaseDetector):
 
         self.memory_bank_ = bank
         self.index_ = index
-        self.grid_shape_ = tuple(grid)
+        self.grid_shape_ = None if grid is None else tuple(grid)
         self.n_features_in_ = int(d)
-        self.n_train_images_ = int(n_bank + calibration.shape[0])
-        self.n_train_patches_ = int(n_bank * p)
+        self.n_train_images_ = int(n_bank + sum(part.shape[0] for part in calibration))
+        self.n_train_patches_ = int(rows.shape[0])
         self.backbone_identity_ = backbone_identity
         started = time.perf_counter()
-        if calibration.shape[0]:
-            _, scores_max, scores_rw = self._score_arrays(calibration)
+        scored = [self._score_arrays(part)[1:] for part in calibration if part.shape[0]]
+        if scored:
+            scores_max = np.concatenate([part[0] for part in scored])
+            scores_rw = np.concatenate([part[1] for part in scored])
         else:
             scores_max = scores_rw = np.zeros(0, dtype=np.float64)
         self.calibration_scores_max_ = scores_max
@@ -364,7 +388,9 @@ class PatchCore(BaseDetector):
         Higher = more anomalous everywhere.
         """
         check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
-        X = self._as_patches(X, "X", n_features=self.n_features_in_, n_patches=self.grid_shape_[0] * self.grid_shape_[1])
+        grid = self.grid_shape_
+        X = self._as_patches(X, "X", n_features=self.n_features_in_,
+                             n_patches=None if grid is None else grid[0] * grid[1])
         return self._score_arrays(X)
 
     def score(self, X) -> np.ndarray:
@@ -391,6 +417,9 @@ class PatchCore(BaseDetector):
         """
         check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
         scores = np.asarray(patch_scores, dtype=np.float32)
+        if self.grid_shape_ is None and (scores.ndim == 2 or size is None):
+            raise ParameterError("this PatchCore was fitted under resize_mode='keep' (a patch grid per image shape): "
+                                 "give (n, h, w) patch scores of one shape and size=(H, W)")
         if scores.ndim == 2:
             scores = scores.reshape(scores.shape[0], *self.grid_shape_)
         if size is None:
@@ -480,11 +509,13 @@ class PatchCore(BaseDetector):
         keep = np.setdiff1d(np.arange(len(paths)), held)
         slot[keep] = np.arange(keep.size)
         slot[held] = -1 - np.arange(held.size)
+        if backbone.preprocessing.get("resize_mode") == "keep":
+            return self._fit_paths_keep(paths, backbone, slot, keep.size, held.size)
         bank_part = calibration = grid = None
         temp = None
         started = time.perf_counter()
         try:
-            for positions, features, grid_here in self._iter_patch_batches(paths, "PatchCore train features"):
+            for positions, features, grid_here, _ in self._iter_patch_batches(paths, "PatchCore train features"):
                 if bank_part is None:
                     grid = grid_here
                     _, p, d = features.shape
@@ -512,6 +543,33 @@ class PatchCore(BaseDetector):
                 temp.close()
         return self
 
+    def _fit_paths_keep(self, paths: list, backbone, slot: np.ndarray, n_bank: int, n_held: int) -> "PatchCore":
+        """fit_paths under resize_mode="keep": images of different shapes have different
+        patch counts, so the bank images' patches go into one (N, D) row buffer, grown in
+        place (``ndarray.resize``: no second copy where the allocator can extend it), sized
+        from the first batch; the held-out images are kept per image and scored per image."""
+        rows: np.ndarray | None = None
+        used = 0
+        held: dict[int, np.ndarray] = {}
+        started = time.perf_counter()
+        for positions, features, _, _ in self._iter_patch_batches(paths, "PatchCore train features"):
+            _, p, d = features.shape
+            if rows is None:
+                rows = np.empty((max(1, int(1.25 * n_bank * p)), d), dtype=np.float32)
+            for position, row in zip(positions, features):
+                where = int(slot[position])
+                if where < 0:
+                    held[-1 - where] = np.array(row)[None]
+                    continue
+                if used + p > rows.shape[0]:
+                    rows.resize((max(used + p, int(1.5 * rows.shape[0])), d), refcheck=False)
+                rows[used:used + p] = row
+                used += p
+        extract_s = time.perf_counter() - started
+        calibration = [held[i] for i in range(n_held)]
+        self._fit_rows(rows[:used], n_bank, calibration, None, self._identity(backbone), extract_s)
+        return self
+
     def score_paths(self, paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None,
                     keep_patch_scores: bool = False, errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
         """Score image files.
@@ -522,6 +580,10 @@ class PatchCore(BaseDetector):
         preprocessed input, image_size x image_size; the map covers that resized and
         centre-cropped input, not the original file), and with ``keep_patch_scores``
         ``patch_scores`` (n, h, w) float32. Higher = more anomalous everywhere.
+        Under ``resize_mode="keep"`` without ``size``, ``anomaly_maps`` (and
+        ``patch_scores``) are 1-D object arrays of n float32 arrays, each at its own
+        image's preprocessed input size (H_i, W_i) (:func:`anomalib_study.backbones.input_size`;
+        the whole image, aspect ratio kept), None for a skipped image.
 
         An image that cannot be decoded raises DataError naming it; with ``errors`` (an
         empty dict) it is skipped instead: position -> reason is recorded there and its
@@ -530,27 +592,31 @@ class PatchCore(BaseDetector):
         check_is_fitted(self, _FITTED, fit_call="fit_paths(paths)")
         paths = list(paths)
         backbone = self.get_backbone()
-        if size is None:
+        per_image = self.grid_shape_ is None  # fitted under resize_mode="keep": a grid per image shape
+        if size is None and not per_image:
             size = (backbone.image_size, backbone.image_size)
         n = len(paths)
         out = {
             "image_scores_max": np.full(n, np.nan, dtype=np.float64),
             "image_scores_reweighted": np.full(n, np.nan, dtype=np.float64),
-            "anomaly_maps": np.full((n, int(size[0]), int(size[1])), np.nan, dtype=np.float32),
+            "anomaly_maps": (np.full(n, None, dtype=object) if size is None
+                             else np.full((n, int(size[0]), int(size[1])), np.nan, dtype=np.float32)),
         }
         if keep_patch_scores:
-            out["patch_scores"] = np.full((n, *self.grid_shape_), np.nan, dtype=np.float32)
-        for positions, features, grid in self._iter_patch_batches(paths, "PatchCore scoring", errors):
-            if tuple(grid) != tuple(self.grid_shape_) or features.shape[2] != self.n_features_in_:
+            out["patch_scores"] = (np.full(n, None, dtype=object) if per_image
+                                   else np.full((n, *self.grid_shape_), np.nan, dtype=np.float32))
+        for positions, features, grid, input_hw in self._iter_patch_batches(paths, "PatchCore scoring", errors):
+            if (not per_image and tuple(grid) != tuple(self.grid_shape_)) or features.shape[2] != self.n_features_in_:
                 raise ParameterError(f"features of grid {grid} x D={features.shape[2]} do not match the fitted "
                                      f"{self.grid_shape_} x D={self.n_features_in_}: use the same backbone and image size")
             patch, image_max, image_rw = self._score_arrays(features)
-            grid_scores = patch.reshape(len(positions), *self.grid_shape_)
+            grid_scores = patch.reshape(len(positions), *grid)
             out["image_scores_max"][positions] = image_max
             out["image_scores_reweighted"][positions] = image_rw
-            out["anomaly_maps"][positions] = anomaly_maps(grid_scores, size, float(self.sigma), self._torch_device())
+            maps = anomaly_maps(grid_scores, input_hw if size is None else size, float(self.sigma), self._torch_device())
+            _place(out["anomaly_maps"], positions, maps)
             if keep_patch_scores:
-                out["patch_scores"][positions] = grid_scores
+                _place(out["patch_scores"], positions, grid_scores)
         out["image_scores"] = out["image_scores_reweighted" if self.image_score == "reweighted" else "image_scores_max"]
         return out
 
@@ -586,7 +652,7 @@ class PatchCore(BaseDetector):
         check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
         metadata = {
             "params": self._params_for_file(),
-            "grid_shape_": list(self.grid_shape_),
+            "grid_shape_": None if self.grid_shape_ is None else list(self.grid_shape_),
             "threshold_": None if not np.isfinite(self.threshold_) else self.threshold_,
             "n_train_images_": self.n_train_images_,
             "n_train_patches_": self.n_train_patches_,
@@ -621,7 +687,7 @@ class PatchCore(BaseDetector):
                 params["backbone"] = backbone
             model = cls(**params)
             model._validate_params()
-            grid = tuple(int(v) for v in header["grid_shape_"])
+            grid = None if header["grid_shape_"] is None else tuple(int(v) for v in header["grid_shape_"])
             threshold = header["threshold_"]
             threshold = float("nan") if threshold is None else float(threshold)
             identity = header["backbone_identity_"]
@@ -691,13 +757,14 @@ def _describe(model: PatchCore) -> dict:
         "memory_bank_size": int(model.memory_bank_.shape[0]),
         "n_bank": int(model.memory_bank_.shape[0]),
         "feature_dim": int(model.n_features_in_),
-        "grid_shape": list(model.grid_shape_),
+        "grid_shape": None if model.grid_shape_ is None else list(model.grid_shape_),
         "n_train_images": int(model.n_train_images_),
         "n_calibration": n_calibration,
         "n_train_patches": int(model.n_train_patches_),
         "index_describe": model.index_.describe(),
         "fit_timings": dict(model.timings_),
-        "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}",
+        "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}"
+                    + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
     }
 
 
