@@ -145,20 +145,21 @@ class PatchFeatures:
 
 def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, *, batch_size: int = 8,
                         num_workers: int = 0, device=None, progress: bool = True, desc: str | None = None,
-                        errors: dict[int, str] | None = None
+                        errors: dict[int, str] | None = None, precision: str = "fp32"
                         ) -> Iterator[tuple[list[int], np.ndarray, tuple[int, int]]]:
     """Yield ``(positions in paths, features (B, h*w, D) float32 numpy, (h, w))`` per batch.
 
     The one loop from image files to patch features (PatchCore and anomaly clustering both
     use it): the backbone's maps of ``maker``'s layers, reduced by ``maker`` on the compute
-    device. ``errors`` as in :func:`~anomalib_study.features.extract_feature_maps`.
+    device. ``errors`` and ``precision`` (of the backbone forward; the patch features are
+    float32) as in :func:`~anomalib_study.features.extract_feature_maps`.
     """
     from anomalib_study.features import extract_feature_maps
 
     layers = maker.resolve_layers(backbone)
     for positions, maps in extract_feature_maps(backbone, paths, layers, batch_size=batch_size,
                                                 num_workers=num_workers, device=device, progress=progress,
-                                                desc=desc, embedding=False, errors=errors):
+                                                desc=desc, embedding=False, errors=errors, precision=precision):
         with torch.inference_mode():
             features, grid = maker(maps, layers)
         yield positions, features.cpu().numpy(), grid
