@@ -105,6 +105,8 @@ def test_no_threshold_without_calibration():
     ({"sampler": "kmeans"}, "sampler"), ({"sigma": -1}, "sigma"), ({"calibration_fraction": 1.0}, "calibration"),
     ({"num_neighbours": 0}, "num_neighbours"), ({"index": ""}, "index"), ({"resize_mode": "stretch"}, "resize_mode"),
     ({"precision": "fp16"}, "precision must be one of fp32, bf16, auto"), ({"precision": None}, "precision"),
+    ({"coreset_precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"),
+    ({"coreset_precision": "fp8", "sampler": "random"}, "coreset_precision must be one of"),
 ])
 def test_bad_parameters(params, match):
     with pytest.raises(ParameterError, match=match):
@@ -205,6 +207,8 @@ def test_bf16_search_gives_the_exact_scores(bf16_quietly):
     for a, b in zip(bf16.score_patches(test), fp32.score_patches(test)):
         np.testing.assert_allclose(a, b, rtol=1e-5)
     assert bf16.threshold_ == pytest.approx(fp32.threshold_, rel=1e-5)
+    half = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, coreset_precision="fp16", progress=False).fit(train)
+    assert half.memory_bank_.shape == fp32.memory_bank_.shape
     # approximate indexes keep faiss's own search
     ivf = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, index="IVF2,Flat", precision="bf16",
                     progress=False).fit(train)

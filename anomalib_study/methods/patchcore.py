@@ -66,7 +66,7 @@ from anomalib_study.methods.base import (
     load_model_file,
     save_model_file,
 )
-from anomalib_study.methods.coreset import SAMPLERS
+from anomalib_study.methods.coreset import COVERAGE_PRECISIONS, SAMPLERS
 from anomalib_study.patches import PatchFeatures
 from anomalib_study.search import NearestNeighbourIndex
 
@@ -154,6 +154,9 @@ class PatchCore(BaseDetector):
         sampler: ``"greedy"`` (the paper's coreset) or ``"random"`` (ablation).
         coreset_ratio: share of the training patches kept in the bank, in (0, 1].
         projection_dim: dimension of the coreset's random projection (paper: 128).
+        coreset_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the type of the
+            projected features the greedy coreset's distance updates read (see
+            :mod:`anomalib_study.methods.coreset`; the selection may differ a little from fp32's).
         image_score: ``"reweighted"`` (Eq. 7) or ``"max"``; which one :meth:`score` returns.
         num_neighbours: b of Eq. 7 (neighbours of m* in the bank, m* included; anomalib: 9).
         sigma: Gaussian sigma of the anomaly maps, in output pixels (paper: 4).
@@ -181,7 +184,8 @@ class PatchCore(BaseDetector):
                  image_size: int | None = None, resize_mode: str = "crop", layers: Sequence[str] | None = None,
                  patch_size: int = 3,
                  per_layer_dim: int | None = None, target_dim: int | None = None, sampler: str = "greedy",
-                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, image_score: str = "reweighted",
+                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, coreset_precision: str = "fp32",
+                 image_score: str = "reweighted",
                  num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", precision: str = "fp32",
                  thres_ratio: float = 0.99,
                  calibration_fraction: float = 0.1, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
@@ -197,6 +201,7 @@ class PatchCore(BaseDetector):
         self.sampler = sampler
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.coreset_precision = coreset_precision
         self.image_score = image_score
         self.num_neighbours = num_neighbours
         self.sigma = sigma
@@ -249,7 +254,10 @@ class PatchCore(BaseDetector):
     def _make_sampler(self):
         if self.sampler == "greedy":
             return SAMPLERS["greedy"](ratio=self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed,
-                                      device=self.device, progress=self.progress)
+                                      device=self.device, progress=self.progress, precision=self.coreset_precision)
+        if self.coreset_precision not in COVERAGE_PRECISIONS:  # checked here too: the random sampler ignores it
+            raise ParameterError(f"coreset_precision must be one of {', '.join(COVERAGE_PRECISIONS)}, "
+                                 f"got {self.coreset_precision!r}")
         return SAMPLERS[self.sampler](ratio=self.coreset_ratio, seed=self.seed)
 
     def calibration_images(self, n_images: int) -> np.ndarray:
@@ -693,8 +701,8 @@ class PatchCore(BaseDetector):
 
 # ---------------------------------------------------------------------- the method's declaration
 _SETTINGS = ("patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
-             "image_score", "num_neighbours", "sigma", "index", "precision", "thres_ratio", "calibration_fraction",
-             "seed")
+             "coreset_precision", "image_score", "num_neighbours", "sigma", "index", "precision", "thres_ratio",
+             "calibration_fraction", "seed")
 
 
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> PatchCore:
@@ -771,6 +779,9 @@ SPEC = MethodSpec(
         MethodParam("sampler", "greedy", "coreset sampler", str, choices=tuple(sorted(SAMPLERS))),
         MethodParam("coreset_ratio", 0.1, "share of training patches kept in the memory bank", fraction_up_to_one),
         MethodParam("projection_dim", 128, "random projection of the greedy coreset's distances"),
+        MethodParam("coreset_precision", "fp32", "type of the projected features the greedy coreset reads: fp32, "
+                    "bf16 or fp16 (half the bytes; the selection may differ a little)", str,
+                    choices=tuple(COVERAGE_PRECISIONS)),
         MethodParam("image_score", "reweighted", "image score: max patch score or the paper's Eq. 7 reweighting",
                     str, choices=IMAGE_SCORES, flag="--score"),
         MethodParam("num_neighbours", 9, "bank neighbours of the nearest patch used by the reweighting",
