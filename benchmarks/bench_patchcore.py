@@ -626,7 +626,8 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     result["floor"] = _floor_of_predict(model, module, model._patch_maker().resolve_layers(module), len(test_paths),
                                         predict_s, result["matmul_throughput"])
     result["limit_ratio"] = result["floor"]["limit_ratio"]
-    result["rerank_hit_rate_random_bank"] = _hit_rate(model, warm)
+    if model.index_.precision_used_ == "bf16":  # the search ran in bf16: how often it was exact (random bank)
+        result["rerank_hit_rate_random_bank"] = _hit_rate(model, warm)
     return result
 
 
@@ -895,6 +896,12 @@ def memory_check(rows: Sequence[dict]) -> dict:
     return out
 
 
+def _native_bf16() -> bool:
+    from anomalib_study.hardware import native_bf16
+
+    return bool(native_bf16("cpu"))
+
+
 def machine_info() -> dict:
     import torch
 
@@ -903,7 +910,8 @@ def machine_info() -> dict:
     return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "anomalib_study": __version__,
-            "memory_total_mb": _total_memory_mb(), "load_average_1_5_15_min": load_average()}
+            "memory_total_mb": _total_memory_mb(), "load_average_1_5_15_min": load_average(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": _native_bf16()}
 
 
 def _total_memory_mb() -> float | None:
@@ -1108,9 +1116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predict-sizes", type=int, nargs="*", default=[50, 100, 300],
                         help="sizes whose predict speed is timed side by side (bank of the coreset's shape)")
     parser.add_argument("--predict-repeats", type=int, default=2, help="rounds of (anomalib, ours) per size")
-    parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=("fp32", "bf16", "auto"),
+    parser.add_argument("--precisions", nargs="*", default=None, choices=("fp32", "bf16", "auto"),
                         help="our PatchCore's precisions, measured side by side (the first one fills the historical "
-                             "keys)")
+                             "keys; default: fp32 and bf16 where the CPU has native bf16, else fp32 only, since "
+                             "emulated bf16 is many times slower; --quick: both)")
     parser.add_argument("--coreset-check-images", type=int, default=CORESET_CHECK_IMAGES,
                         help="training images whose patches the coreset-precision check uses (0: skip it)")
     parser.add_argument("--quick", action="store_true",
@@ -1134,13 +1143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.layers is None and args.backbone == BACKBONE:
                 args.layers = list(LAYERS)
             return _our_side_main(args)
-        if not args.precisions:
+        if args.precisions is not None and not args.precisions:
             raise StudyError("--precisions needs at least one of fp32, bf16, auto")
         if args.quick:
+            args.precisions = args.precisions or list(PRECISIONS)
             with tempfile.TemporaryDirectory(prefix="bench_patchcore_quick_") as scratch:
                 quick(Path(scratch), None if args.out is None else Path(args.out), args.precisions)
             return 0
         args.out = args.out or str(DEFAULT_OUT)
+        if args.precisions is None:
+            from anomalib_study.hardware import native_bf16
+
+            args.precisions = list(PRECISIONS) if native_bf16("cpu") else ["fp32"]
+            if "bf16" not in args.precisions:
+                log("this CPU has no native bf16 (emulated: many times slower): measuring fp32 only; "
+                    "pass --precisions fp32 bf16 to measure bf16 anyway")
         data = data_root(args.data) or (REPO.parent / "shared" / "data")
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
@@ -1175,6 +1192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "n_test": args.n_test, "sizes": list(args.sizes), "anomalib_measured_now": list(anomalib_sizes),
                       "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones),
                       "precisions": list(args.precisions), "matmul_shape_mkn": list(MATMUL_SHAPE),
+                      "native_bf16": _native_bf16(),
                       "hit_rate_queries": HIT_RATE_QUERIES, "coreset_check_images": args.coreset_check_images}
         report = build_report(rows, scaling_rows, parameters, started, predict_rows)
         if args.coreset_check_images and not args.stored_only:
