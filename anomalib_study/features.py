@@ -378,12 +378,15 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
 def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike], layers: Sequence[str], *,
                          batch_size: int = 8, num_workers: int = 0, device: str | torch.device | None = None,
                          progress: bool = True, desc: str | None = None, embedding: bool = True,
-                         errors: dict[int, str] | None = None
+                         errors: dict[int, str] | None = None, precision: str = "fp32"
                          ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield (positions in ``paths``, {"embedding": (B, D), <layer>: (B, C, h, w), ...}) per batch.
 
     ``embedding=False`` leaves the embedding out, so that backbones can stop after the
-    last requested map.
+    last requested map. ``precision="bf16"`` runs the forward under
+    ``torch.autocast(dtype=torch.bfloat16)`` (the maps are returned as float32);
+    ``"fp32"`` (default) in float32. Pass a resolved precision
+    (:func:`anomalib_study.hardware.resolve_precision`), not ``"auto"``.
 
     The tensors stay on the compute device, for PatchCore-style methods to reduce them
     there. Not cached. Unknown ``layers`` raise ParameterError before any image is read;
@@ -391,13 +394,20 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
     out and recorded there (position -> reason).
     """
     paths = _check_arguments(paths, batch_size, num_workers)
+    if precision not in ("fp32", "bf16"):
+        raise ParameterError(f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
+                             f"hardware.resolve_precision), got {precision!r}")
     layers = backbone.check_layers(layers) if isinstance(backbone, Backbone) else layers
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} feature maps", disable=not progress, unit="img")
     try:
         for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
                                                device=device, errors=errors):
-            with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
+            # neither context around the yield: grad mode or autocast would leak to the caller
+            with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
+                                                        enabled=precision == "bf16"):
                 maps = backbone(images, layers=layers, embedding=embedding)
+            if precision == "bf16":
+                maps = {name: value.float() for name, value in maps.items()}
             bar.update(len(positions))
             yield positions, maps
     finally:

@@ -155,7 +155,7 @@ class PatchFeatures:
 
 def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, *, batch_size: int = 8,
                         num_workers: int = 0, device=None, progress: bool = True, desc: str | None = None,
-                        errors: dict[int, str] | None = None
+                        errors: dict[int, str] | None = None, precision: str = "fp32"
                         ) -> Iterator[PatchBatch]:
     """Yield one :class:`PatchBatch` ``(positions, features (B, h*w, D) float32 numpy, grid
     (h, w), input_size (H, W))`` per batch.
@@ -164,7 +164,8 @@ def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: Pat
     use it): the backbone's maps of ``maker``'s layers, reduced by ``maker`` on the compute
     device. Under ``resize_mode="keep"`` each batch holds images of one input shape, and
     grid and input size change from batch to batch (the batches then do not come in path
-    order: ``positions`` say where they belong). ``errors`` as in
+    order: ``positions`` say where they belong). ``errors`` and ``precision`` (of the backbone
+    forward, "fp32" or "bf16"; the patch features are float32) as in
     :func:`~anomalib_study.features.extract_feature_maps`.
     """
     from tqdm.auto import tqdm
@@ -172,13 +173,19 @@ def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: Pat
     from anomalib_study.features import image_batches
 
     layers = maker.resolve_layers(backbone)
+    if precision not in ("fp32", "bf16"):
+        raise ParameterError(f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
+                             f"hardware.resolve_precision), got {precision!r}")
     paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)  # a single path is refused below
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} patch features", disable=not progress, unit="img")
     try:
         for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
                                                device=device, errors=errors):
-            with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
-                maps = backbone(images, layers=layers, embedding=False)
+            # neither context around the yield: grad mode or autocast would leak to the caller
+            with torch.inference_mode():
+                with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    maps = backbone(images, layers=layers, embedding=False)
+                maps = {name: value.float() for name, value in maps.items()}
                 features, grid = maker(maps, layers)
             bar.update(len(positions))
             yield PatchBatch(positions, features.cpu().numpy(), grid, (int(images.shape[-2]), int(images.shape[-1])))

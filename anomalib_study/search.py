@@ -7,6 +7,17 @@ returns together with the other settings so that it is recorded with every resul
 Distances are **Euclidean** (the square root of faiss's squared L2, clipped at 0) for
 ``metric="l2"``, so smaller means nearer; for ``metric="ip"`` they are inner products, so
 larger means nearer.
+
+Precision (``precision=``, exact ``"Flat"`` L2 search only): ``"fp32"`` (the default) is
+faiss's exhaustive float32 search. ``"bf16"`` is a re-ranked search: candidate distances
+``|b|^2 - 2 q.b`` from bfloat16 matrix products (torch, in blocks of queries; bank and
+queries first centred on the bank's mean, so that the expansion does not cancel, and the
+bank norms taken in float32 of the bfloat16 values), the ``rerank`` best candidates of
+each query (at least k), then their exact float32 distances and the k nearest among them.
+The neighbours and distances returned are therefore the exact float32 ones wherever the
+candidates contain them; :meth:`NearestNeighbourIndex.rerank_hit_rate` measures how often
+they do against faiss's exact search. ``"auto"`` = bf16 where the device computes it
+natively (:func:`anomalib_study.hardware.native_bf16`) and the index is Flat L2, else fp32.
 """
 
 from __future__ import annotations
@@ -19,11 +30,18 @@ import warnings
 
 import faiss
 import numpy as np
+import torch
 
 from anomalib_study.checks import check_is_fitted
 from anomalib_study.errors import ModelFileError, ParameterError
+from anomalib_study.hardware import PRECISIONS, resolve_precision
 
-__all__ = ["NearestNeighbourIndex", "METRICS", "available_cores"]
+__all__ = ["NearestNeighbourIndex", "METRICS", "DEFAULT_RERANK", "available_cores"]
+
+#: candidates per query the bf16 search re-ranks in float32 (at least k)
+DEFAULT_RERANK = 8
+_SCORE_BLOCK = 2**23  # candidate scores per block of queries (bounds the temporary memory)
+_GATHER_BLOCK = 2**22  # floats of gathered candidate rows per block of queries
 
 #: metric name -> faiss metric type
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
@@ -115,10 +133,17 @@ class NearestNeighbourIndex:
         nprobe: number of inverted lists visited per query for IVF indexes (faiss default 1).
         device: ``"cpu"`` or ``"cuda[:N]"``; CUDA is used only when faiss was built with
             GPU support (faiss-cpu is not: a warning says the CPU is used).
+        precision: ``"fp32"`` (faiss, exact), ``"bf16"`` (bfloat16 candidates re-ranked in
+            float32; ``"Flat"`` with ``metric="l2"`` only) or ``"auto"`` (bf16 where the
+            device has native bfloat16 and the index is Flat L2, else fp32). See the module
+            docstring.
+        rerank: candidates per query re-ranked in float32 by the bf16 search (at least k
+            are taken); more candidates, more often the exact neighbour.
 
     Attributes (after :meth:`fit`):
         index_: the faiss index.
         dim_: feature dimension d.
+        precision_used_: ``"fp32"`` or ``"bf16"``, what ``precision`` resolved to.
     """
 
     def __init__(
@@ -129,6 +154,8 @@ class NearestNeighbourIndex:
         seed: int = 0,
         nprobe: int | None = None,
         device: str = "cpu",
+        precision: str = "fp32",
+        rerank: int = DEFAULT_RERANK,
     ):
         self.factory = factory
         self.metric = metric
@@ -136,6 +163,8 @@ class NearestNeighbourIndex:
         self.seed = seed
         self.nprobe = nprobe
         self.device = device
+        self.precision = precision
+        self.rerank = rerank
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
@@ -153,6 +182,29 @@ class NearestNeighbourIndex:
             raise ParameterError(f"nprobe must be None or an integer >= 1, got {self.nprobe!r}")
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ParameterError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "bf16" and not self._flat_l2():
+            raise ParameterError(
+                f"precision='bf16' re-ranks the exact search only: it needs factory 'Flat' and metric 'l2', got "
+                f"factory {self.factory!r}, metric {self.metric!r}; use precision='fp32' (or 'auto') with this index"
+            )
+        if isinstance(self.rerank, bool) or not isinstance(self.rerank, (int, np.integer)) or self.rerank < 1:
+            raise ParameterError(f"rerank must be an integer >= 1 (candidates per query, e.g. 8), got {self.rerank!r}")
+
+    def _flat_l2(self) -> bool:
+        return isinstance(self.factory, str) and self.factory.strip() == "Flat" and self.metric == "l2"
+
+    def _torch_device(self) -> torch.device:
+        """Where the bf16 search runs: the CUDA device when asked for and present, else the CPU."""
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            return torch.device(self.device)
+        return torch.device("cpu")
+
+    def _resolve_precision(self) -> str:
+        if self.precision == "fp32" or (self.precision == "auto" and not self._flat_l2()):
+            return "fp32"
+        return resolve_precision(self.precision, self._torch_device())
 
     def _check_fitted(self) -> None:
         check_is_fitted(self, ["index_", "dim_"], fit_call="fit(bank)")
@@ -213,7 +265,30 @@ class NearestNeighbourIndex:
         self.dim_ = d
         self._apply_search_params()
         self._search_index = self._to_device(index)
+        self._set_precision()
         return self
+
+    def _set_precision(self) -> None:
+        self.precision_used_ = self._resolve_precision()
+        self._low = None
+        if self.precision_used_ == "bf16":
+            self._low = self._low_precision_bank()
+
+    def _low_precision_bank(self) -> dict:
+        """The bf16 search's view of the bank: the float32 rows (faiss's own storage, not a
+        copy, on the CPU), their mean, the centred bfloat16 rows and their float32 norms."""
+        n, d = int(self.index_.ntotal), int(self.dim_)
+        device = self._torch_device()
+        rows = torch.from_numpy(faiss.rev_swig_ptr(self.index_.get_xb(), n * d).reshape(n, d)).to(device)
+        with torch.inference_mode():
+            mean = rows.mean(dim=0, dtype=torch.float64).float()
+            low = torch.empty(n, d, dtype=torch.bfloat16, device=device)
+            norms = torch.empty(n, dtype=torch.float32, device=device)
+            step = max(1, _GATHER_BLOCK // d)
+            for start in range(0, n, step):
+                low[start:start + step] = rows[start:start + step] - mean
+                norms[start:start + step] = (low[start:start + step].float() ** 2).sum(dim=1)
+        return {"rows": rows, "mean": mean, "low": low, "norms": norms}
 
     def _apply_search_params(self) -> None:
         if self.nprobe is not None:
@@ -267,6 +342,9 @@ class NearestNeighbourIndex:
                 f"k={k} is larger than the {self.ntotal} vectors in the index: use k <= {self.ntotal}"
             )
         queries = _as_matrix("queries", queries, dim=self.dim_)
+        if getattr(self, "precision_used_", "fp32") == "bf16":
+            distances, indices, _ = self._reranked_search(queries, int(k))
+            return distances, indices
         _set_faiss_threads()
         distances, indices = self._search_index.search(queries, int(k))
         distances = np.asarray(distances, dtype=np.float32)
@@ -279,8 +357,65 @@ class NearestNeighbourIndex:
             distances[missing] = -np.inf
         return distances, indices
 
+    def _reranked_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The bf16 search of checked float32 ``queries`` (q, d): (distances (q, k), indices (q, k),
+        candidates (q, r)), r = min(ntotal, max(k, rerank)); distances Euclidean, exact float32."""
+        low = self._low if getattr(self, "_low", None) is not None else self._low_precision_bank()
+        n, d = low["low"].shape
+        r = min(n, max(int(k), int(self.rerank)))
+        block = max(1, min(_SCORE_BLOCK // n, _GATHER_BLOCK // (r * d)))
+        q_all = torch.from_numpy(queries).to(low["rows"].device)
+        distances = np.empty((queries.shape[0], k), dtype=np.float32)
+        indices = np.empty((queries.shape[0], k), dtype=np.int64)
+        candidates = np.empty((queries.shape[0], r), dtype=np.int64)
+        with torch.inference_mode():
+            for start in range(0, queries.shape[0], block):
+                q = q_all[start:start + block]
+                # |q|^2 is the same for every candidate of a row: ranking by |b|^2 - 2 q.b is enough
+                scores = ((q - low["mean"]).to(torch.bfloat16) @ low["low"].T).float()
+                scores.mul_(-2.0).add_(low["norms"])
+                chosen = scores.topk(r, dim=1, largest=False, sorted=False).indices if r < n else \
+                    torch.arange(n, device=q.device).expand(q.shape[0], n)
+                del scores
+                exact = ((low["rows"][chosen] - q[:, None, :]) ** 2).sum(dim=2)  # (b, r) float32, no cancellation
+                best, where = exact.topk(k, dim=1, largest=False, sorted=True)
+                end = start + q.shape[0]
+                distances[start:end] = best.sqrt().cpu().numpy()
+                indices[start:end] = chosen.gather(1, where).cpu().numpy()
+                candidates[start:end] = chosen.cpu().numpy()
+        return distances, indices, candidates
+
+    def rerank_hit_rate(self, queries) -> dict:
+        """How often the bf16 candidates contain the exact nearest neighbour, on ``queries`` (q, d).
+
+        Runs the bf16 candidate search (whatever ``precision`` resolved to) and faiss's exact
+        float32 search, and compares. A query is a hit when faiss's nearest bank row is among
+        its ``rerank`` candidates, or the re-ranked nearest distance is no larger than faiss's
+        (a tie: another row at the same distance). Flat L2 indexes only.
+
+        Returns ``{"hit_rate", "n_queries", "n_hits", "rerank", "max_distance_excess"}``,
+        the last being the largest (re-ranked - exact) nearest distance over the misses (0 if none).
+        """
+        self._check_fitted()
+        if not self._flat_l2():
+            raise ParameterError(f"rerank_hit_rate compares the bf16 search with the exact one: it needs factory "
+                                 f"'Flat' and metric 'l2', got {self.factory!r}, {self.metric!r}")
+        queries = _as_matrix("queries", queries, dim=self.dim_)
+        reranked, _, candidates = self._reranked_search(queries, 1)
+        _set_faiss_threads()
+        exact_sq, exact_ids = self.index_.search(queries, 1)
+        exact = np.sqrt(np.clip(exact_sq[:, 0], 0.0, None))
+        contained = (candidates == exact_ids[:, :1]).any(axis=1)
+        tie = reranked[:, 0] <= exact * (1 + 1e-6) + 1e-7
+        hits = contained | tie
+        excess = (reranked[:, 0] - exact)[~hits]
+        return {"hit_rate": float(hits.mean()), "n_queries": int(hits.size), "n_hits": int(hits.sum()),
+                "rerank": int(min(self.ntotal, self.rerank)),
+                "max_distance_excess": float(excess.max()) if excess.size else 0.0}
+
     def describe(self) -> dict:
-        """The settings to record with every result: factory, metric, kmeans_reduce, ntotal, dim (+ nprobe, seed)."""
+        """The settings to record with every result: factory, metric, kmeans_reduce, ntotal, dim, nprobe, seed,
+        precision, precision_used, rerank."""
         return {
             "factory": self.factory,
             "metric": self.metric,
@@ -289,6 +424,9 @@ class NearestNeighbourIndex:
             "dim": getattr(self, "dim_", None),
             "nprobe": self.nprobe,
             "seed": self.seed,
+            "precision": self.precision,
+            "precision_used": getattr(self, "precision_used_", None),
+            "rerank": self.rerank,
         }
 
     # ------------------------------------------------------------------ bytes
@@ -299,6 +437,8 @@ class NearestNeighbourIndex:
             "kmeans_reduce": self.kmeans_reduce,
             "seed": self.seed,
             "nprobe": self.nprobe,
+            "precision": self.precision,
+            "rerank": self.rerank,
         }
 
     def to_bytes(self) -> bytes:
@@ -336,10 +476,12 @@ class NearestNeighbourIndex:
         self.dim_ = dim
         self._apply_search_params()
         self._search_index = self._to_device(index)
+        self._set_precision()
         return self
 
     def __repr__(self) -> str:
         return (
             f"NearestNeighbourIndex(factory={self.factory!r}, metric={self.metric!r}, "
-            f"kmeans_reduce={self.kmeans_reduce!r}, seed={self.seed!r}, nprobe={self.nprobe!r}, device={self.device!r})"
+            f"kmeans_reduce={self.kmeans_reduce!r}, seed={self.seed!r}, nprobe={self.nprobe!r}, device={self.device!r}, "
+            f"precision={self.precision!r}, rerank={self.rerank!r})"
         )

@@ -32,6 +32,21 @@ that says so.
 The scaling table (``--scaling``) fits OUR PatchCore on 100 / 300 / 761 Magnetic-tile
 normals and reports fit time, coreset time per training image and peak memory against the
 size of the patch bank.
+
+Precision (``--precisions fp32 bf16``): our side is measured in each precision side by side
+(``PatchCore(precision=...)``: backbone forward under bf16 autocast, bank search in bf16
+re-ranked in float32). Every predict timing carries its physical floor, measured in the
+same process: the matrix-product throughput (fp32 and bf16 GFLOP/s, ``torch.mm``), the
+FLOP count of the backbone forward (``torch.utils.flop_counter.FlopCounterMode`` on one
+image) and of the search (2 q N d for the products + 3 q r d for the float32 re-ranking of
+r candidates), the time that work takes at that throughput, and ``limit_ratio`` = measured
+predict time / floor time. ``rerank_hit_rate`` is how often the bf16 candidates held the
+exact float32 nearest neighbour (:meth:`NearestNeighbourIndex.rerank_hit_rate`), on the
+real bank of the fit runs. ``coreset_precision`` compares the greedy coreset with fp32 /
+bf16 / fp16 distance updates (time, overlap with the fp32 selection, covering radius).
+
+``--quick`` runs only our side, in this process, on a few generated 64 px tiles with a
+random ResNet-18 (seconds; no anomalib, no data); it writes nothing unless ``--out``.
 """
 
 from __future__ import annotations
@@ -64,6 +79,11 @@ LAYERS = ("layer2", "layer3")
 CORESET_RATIO = 0.10
 N_TEST = 50
 SEED = 0
+PRECISIONS = ("fp32", "bf16")
+MATMUL_SHAPE = (512, 1536, 2048)  # (m, k, n) of the throughput probe: a block of queries against a bank slice
+QUICK_MATMUL_SHAPE = (128, 256, 512)
+HIT_RATE_QUERIES = 1024  # test patches the re-rank hit rate is measured on
+CORESET_CHECK_IMAGES = 20  # training images whose patches the coreset-precision check samples
 
 _START = time.perf_counter()
 
@@ -198,8 +218,9 @@ def run_anomalib(n_train: int, work: Path, data: Path, venv: Path = DEFAULT_VENV
 # --------------------------------------------------------------------------------------
 # Our side (subprocess: `python benchmarks/bench_patchcore.py --our-side ...`)
 # --------------------------------------------------------------------------------------
-def random_wide_resnet_weights(folder: Path, seed: int = SEED) -> Path:
-    """A random-initialised torchvision ``wide_resnet50_2`` state dict file (written once, atomically).
+def random_wide_resnet_weights(folder: Path, seed: int = SEED, arch: str = "wide_resnet50_2") -> Path:
+    """A random-initialised torchvision ``arch`` (default ``wide_resnet50_2``) state dict file
+    (written once, atomically).
 
     The stand-in for ImageNet weights, which do not exist on this machine; anomalib's side
     uses its own random initialisation (timm, ``pre_trained=False``): the cost is the same.
@@ -209,14 +230,212 @@ def random_wide_resnet_weights(folder: Path, seed: int = SEED) -> Path:
 
     from anomalib_study.io import atomic_write
 
-    target = Path(folder) / f"wide_resnet50_2_random_seed{seed}.pth"
+    target = Path(folder) / f"{arch}_random_seed{seed}.pth"
     if not target.is_file():
         Path(folder).mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
-        state = torchvision.models.wide_resnet50_2(weights=None).state_dict()
+        state = getattr(torchvision.models, arch)(weights=None).state_dict()
         with atomic_write(target, "wb") as handle:
             torch.save(state, handle)
     return target
+
+
+def make_tiny_magnetic_tile(root: Path, n_free: int = 8, n_train: int = 6, n_defect: int = 4, size: int = 40,
+                            seed: int = SEED) -> Path:
+    """``root/magnetic_tile`` in the Magnetic-tile layout with seeded noise tiles (``--quick``):
+    ``n_free`` MT_Free images (the first ``n_train`` listed for training) and ``n_defect``
+    MT_Blowhole images with empty masks. Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    base = Path(root) / "magnetic_tile"
+    rng = np.random.default_rng(seed)
+    names = [f"exp0_num_{i}.jpg" for i in range(n_free)]
+    for folder, files in (("MT_Free", names), ("MT_Blowhole", [f"exp1_num_{i}.jpg" for i in range(n_defect)])):
+        (base / folder / "Imgs").mkdir(parents=True, exist_ok=True)
+        for name in files:
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(base / folder / "Imgs" / name)
+            if folder == "MT_Blowhole":
+                Image.fromarray(np.zeros((size, size), np.uint8)).save(base / folder / "Imgs" / name.replace(".jpg", ".png"))
+    (base / "mtd_train_filenames.txt").write_text("\n".join(names[:n_train]) + "\n")
+    return Path(root)
+
+
+def coreset_check_on_images(train_paths: Sequence[Path], backbone: str = BACKBONE, weights: Path | None = None,
+                            layers: Sequence[str] | None = LAYERS, image_size: int | None = None,
+                            ratio: float = CORESET_RATIO) -> dict:
+    """:func:`coreset_precision_check` on the patch features of ``train_paths`` (fp32 forward)."""
+    from anomalib_study.backbones import load_backbone
+    from anomalib_study.methods.patchcore import PatchCore
+
+    module = load_backbone(backbone, weights=weights, image_size=image_size)
+    model = PatchCore(backbone=module, layers=None if layers is None else list(layers), progress=False)
+    patches, _ = model.extract_patches(list(train_paths))
+    check = coreset_precision_check(patches.reshape(-1, patches.shape[-1]), ratio=ratio)
+    check["n_images"] = len(train_paths)
+    return check
+
+
+def quick(work: Path, out: Path | None = None, precisions: Sequence[str] = PRECISIONS) -> dict:
+    """The ``--quick`` smoke run: our side only, in this process, on a tiny generated Magnetic-tile
+    tree (6 training, 4 test tiles), a random ResNet-18 at 64 px; every figure of the full run
+    (fit, predict, floor, limit_ratio, re-rank hit rate, coreset precision), none meaningful
+    as a speed measurement. Writes ``out`` when given."""
+    import warnings
+
+    from anomalib_study.io import write_json
+
+    data = make_tiny_magnetic_tile(work / "tiny_data")
+    train, test = magnetic_tile_lists(data, n_train=6, n_test=4)
+    weights = random_wide_resnet_weights(work, arch="resnet18")
+    options = {"backbone": "resnet18", "weights": weights, "layers": ("layer2", "layer3"), "image_size": 64}
+    report: dict[str, Any] = {"benchmark": "bench_patchcore --quick (smoke run, not a measurement)", "quick": True,
+                              "machine": machine_info(), "precisions": list(precisions),
+                              "ours_by_precision": {}, "predict_only_by_precision": {}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="precision='bf16'")  # emulated bf16 on this CPU: expected
+        for precision in precisions:
+            log(f"quick: our fit + predict, {precision} ...")
+            fitted = our_side(train, test, coreset_ratio=0.5, precision=precision, matmul_shape=QUICK_MATMUL_SHAPE,
+                              **options)
+            report["ours_by_precision"][precision] = {k: v for k, v in fitted.items() if k != "image_scores"}
+            log(f"quick: our predict only, {precision} ...")
+            report["predict_only_by_precision"][precision] = our_predict_only(
+                test, 100, precision=precision, matmul_shape=QUICK_MATMUL_SHAPE, **options)
+    log("quick: coreset precision check ...")
+    report["coreset_precision"] = coreset_check_on_images(train, ratio=0.5, **options)
+    report["limit_ratio"] = {p: r["limit_ratio"] for p, r in report["ours_by_precision"].items()}
+    report["rerank_hit_rate"] = {p: r["rerank_hit_rate"]["hit_rate"] for p, r in report["ours_by_precision"].items()}
+    if out is not None:
+        write_json(out, report)
+    for precision, r in report["ours_by_precision"].items():
+        floor = r["floor"]
+        print(f"{precision}: fit {r['fit_s']:.2f} s, predict {r['predict_s']:.2f} s (floor {floor['floor_s']:.4f} s: "
+              f"forward {floor['forward_floor_s']:.4f} + search {floor['search_floor_s']:.4f}), limit_ratio "
+              f"{r['limit_ratio']:.1f}, re-rank hit rate {r['rerank_hit_rate']['hit_rate']:.3f}")
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# The physical floor: FLOPs and the measured matrix-product throughput
+# --------------------------------------------------------------------------------------
+def matmul_throughput(shape: Sequence[int] = MATMUL_SHAPE, repeats: int = 3, seed: int = SEED,
+                      budget_s: float = 1.0) -> dict:
+    """Measured ``torch.mm`` throughput in GFLOP/s, float32 and bfloat16, with this process's threads.
+
+    One untimed warm-up product per type, then the median of up to ``repeats`` timed ones of
+    an (m, k) x (k, n) product (2 m k n FLOPs), stopping early once ``budget_s`` seconds are
+    spent (at least one; emulated bf16 is slow).
+    """
+    import statistics
+
+    import torch
+
+    m, k, n = (int(v) for v in shape)
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)
+    out: dict[str, Any] = {"shape_mkn": [m, k, n], "repeats": repeats, "torch_threads": torch.get_num_threads()}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        torch.mm(x, y)
+        times: list[float] = []
+        while len(times) < repeats and (not times or sum(times) < budget_s):
+            start = time.perf_counter()
+            torch.mm(x, y)
+            times.append(time.perf_counter() - start)
+        out[f"{name}_timed_products"] = len(times)
+        out[f"{name}_gflops"] = 2.0 * m * k * n / statistics.median(times) / 1e9
+    return out
+
+
+def forward_flops_per_image(module, layers: Sequence[str]) -> int:
+    """FLOPs of one image through ``module`` up to ``layers`` (torch's FlopCounterMode; the
+    same count in fp32 and under bf16 autocast)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    side = int(module.image_size)
+    x = torch.zeros(1, 3, side, side, device=module.device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(x, layers=list(layers), embedding=False)
+    return int(counter.get_total_flops())
+
+
+def search_flops(n_queries: int, bank_rows: int, dim: int, rerank: int = 0) -> dict:
+    """FLOPs of an exhaustive search: ``products`` = 2 q N d (the distance products),
+    ``rerank`` = 3 q r d (exact float32 distances of r candidates: subtract, square, add)."""
+    return {"products": 2 * int(n_queries) * int(bank_rows) * int(dim),
+            "rerank": 3 * int(n_queries) * int(rerank) * int(dim)}
+
+
+def physical_floor(n_images: int, forward_flops: int, searched: dict, throughput: dict, precision: str) -> dict:
+    """Seconds the forward's and the search's floating-point work take at the measured throughput.
+
+    ``precision`` "fp32": everything at the fp32 rate; "bf16": the forward and the search
+    products at the bf16 rate, the re-ranking at the fp32 rate.
+    """
+    rate = throughput[f"{precision}_gflops"] * 1e9
+    forward_s = n_images * forward_flops / rate
+    search_s = searched["products"] / rate + searched["rerank"] / (throughput["fp32_gflops"] * 1e9)
+    return {"precision": precision, "forward_gflop": n_images * forward_flops / 1e9,
+            "search_gflop": (searched["products"] + searched["rerank"]) / 1e9,
+            "throughput_gflops": throughput[f"{precision}_gflops"], "forward_floor_s": forward_s,
+            "search_floor_s": search_s, "floor_s": forward_s + search_s}
+
+
+def _floor_of_predict(model, module, layers, n_images: int, predict_s: float, throughput: dict) -> dict:
+    """The floor of one predict run of ``model`` (fitted) on ``n_images`` images, and limit_ratio."""
+    per_image = model.grid_shape_[0] * model.grid_shape_[1]
+    used = model.index_.precision_used_
+    rerank = min(model.index_.ntotal, max(1, model.index_.rerank)) if used == "bf16" else 0
+    # every patch searched with k = 1, then each image's m* with k = num_neighbours (a k-search costs the same)
+    searched = search_flops(n_images * (per_image + 1), model.index_.ntotal, model.n_features_in_, rerank)
+    floor = physical_floor(n_images, forward_flops_per_image(module, layers), searched, throughput,
+                           model.precision_used_)
+    floor["predict_s"] = predict_s
+    floor["limit_ratio"] = predict_s / floor["floor_s"] if floor["floor_s"] > 0 else None
+    return floor
+
+
+def _hit_rate(model, patches, seed: int = SEED, n_queries: int = HIT_RATE_QUERIES) -> dict:
+    """The bf16 re-rank hit rate of ``model``'s bank on a seeded sample of ``patches`` (n, p, D)."""
+    import numpy as np
+
+    rows = patches.reshape(-1, patches.shape[-1])
+    pick = np.sort(np.random.default_rng(seed).choice(rows.shape[0], size=min(n_queries, rows.shape[0]),
+                                                      replace=False))
+    return model.index_.rerank_hit_rate(rows[pick])
+
+
+def coreset_precision_check(features, ratio: float = CORESET_RATIO, projection_dim: int = 128, seed: int = SEED,
+                            precisions: Sequence[str] = ("fp32", "bf16", "fp16")) -> dict:
+    """The greedy coreset of ``features`` (N, D) with each distance-update precision: seconds,
+    share of the fp32 selection chosen too, and covering radius (largest distance of a row to
+    its nearest centre, in the projected space, exact faiss search) relative to fp32's."""
+    import numpy as np
+
+    from anomalib_study.methods.coreset import GreedyCoresetSampler, selection_overlap
+    from anomalib_study.search import NearestNeighbourIndex
+
+    out: dict[str, Any] = {"n_rows": int(features.shape[0]), "dim": int(features.shape[1]), "ratio": ratio,
+                           "projection_dim": projection_dim}
+    projected = GreedyCoresetSampler(ratio=ratio, projection_dim=projection_dim, seed=seed).project(features).numpy()
+    reference = None
+    for precision in precisions:
+        sampler = GreedyCoresetSampler(ratio=ratio, projection_dim=projection_dim, seed=seed, precision=precision)
+        start = time.perf_counter()
+        chosen = sampler.run(features)
+        seconds = time.perf_counter() - start
+        if reference is None:
+            reference = chosen
+        index = NearestNeighbourIndex().fit(projected[chosen])
+        radius = float(index.search(projected, 1)[0].max())
+        out[precision] = {"seconds": seconds, "n_centres": int(len(chosen)),
+                          "overlap_with_fp32": selection_overlap(chosen, reference), "covering_radius": radius}
+    for precision in precisions:
+        out[precision]["covering_radius_vs_fp32"] = out[precision]["covering_radius"] / out[precisions[0]]["covering_radius"]
+        out[precision]["speedup_vs_fp32"] = out[precisions[0]]["seconds"] / out[precision]["seconds"]
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +507,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: str = BACKBONE,
              weights: str | os.PathLike | None = None, layers: Sequence[str] | None = LAYERS,
              coreset_ratio: float = CORESET_RATIO, image_size: int | None = None, batch_size: int = 8,
-             threads: int = 0, device: str = "cpu", progress: bool = False) -> dict:
+             threads: int = 0, device: str = "cpu", progress: bool = False, precision: str = "fp32",
+             matmul_shape: Sequence[int] = MATMUL_SHAPE) -> dict:
     """Our PatchCore timed like anomalib_side.py: fit_paths on ``train_paths`` then score_paths on ``test_paths``.
 
     The backbone is loaded BEFORE the clocks start (anomalib's model is also built before
@@ -296,7 +516,9 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     anomalib and the paper); ``num_neighbours=9`` as anomalib. ``fit_s`` is the wall time of
     ``fit_paths`` (decode + backbone + patch features + coreset + exact faiss index);
     ``predict_*`` cover ``score_paths`` (decode + backbone + search + both image scores +
-    smoothed anomaly maps). Peak memory is this process's ru_maxrss (MiB).
+    smoothed anomaly maps). Peak memory is this process's ru_maxrss (MiB). ``precision`` is
+    PatchCore's; after the timed predict (untimed): the matrix-product throughput, the
+    predict's physical floor and ``limit_ratio``, and the re-rank hit rate on the real bank.
     """
     import torch
 
@@ -314,7 +536,7 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     result["rss_after_model_mb"] = peak_rss_mb()
     model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=coreset_ratio,
                       calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device,
-                      progress=progress)
+                      progress=progress, precision=precision)
     result["parameters"] = {k: v for k, v in model.get_params().items() if k != "backbone"}
     result["parameters"].update(backbone=backbone, weights=None if weights is None else str(weights),
                                 layers=model._patch_maker().resolve_layers(module), preprocessing=module.preprocessing)
@@ -348,17 +570,31 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
             "anomaly_map_shape": list(scored["anomaly_maps"].shape[1:]),
             "load_average_after_predict": load_average(),
         })
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()  # before the untimed extras below
+    result["precision_used"] = model.precision_used_
+    if test_paths:
+        layers_used = model._patch_maker().resolve_layers(module)
+        result["matmul_throughput"] = matmul_throughput(matmul_shape)
+        result["floor"] = _floor_of_predict(model, module, layers_used, len(test_paths), result["predict_s"],
+                                            result["matmul_throughput"])
+        result["limit_ratio"] = result["floor"]["limit_ratio"]
+        sample, _ = model.extract_patches(test_paths[:batch_size])
+        result["rerank_hit_rate"] = _hit_rate(model, sample)
     result["peak_memory_note"] = "ru_maxrss of this process (resident-set high-water mark, MiB)"
     return result
 
 
 def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str = BACKBONE,
                      weights: str | os.PathLike | None = None, layers: Sequence[str] | None = LAYERS,
-                     batch_size: int = 8, threads: int = 0, device: str = "cpu", seed: int = SEED) -> dict:
+                     batch_size: int = 8, threads: int = 0, device: str = "cpu", seed: int = SEED,
+                     precision: str = "fp32", image_size: int | None = None,
+                     matmul_shape: Sequence[int] = MATMUL_SHAPE) -> dict:
     """Our predict timing only, as anomalib_side.py's ``--bank-rows``: a memory bank of
     ``bank_rows`` seeded random rows (the coreset's shape; the search cost depends on the shape
-    only), one untimed warm-up batch, then ``score_paths`` on every test image."""
+    only), one untimed warm-up batch, then ``score_paths`` on every test image, in ``precision``.
+    Then (untimed) the matrix-product throughput of this process, the floor and ``limit_ratio``,
+    and the re-rank hit rate against this random bank (``rerank_hit_rate_random_bank``: not
+    representative of real banks; the fit runs measure it on a real one)."""
     import numpy as np
     import torch
 
@@ -370,9 +606,10 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     result: dict[str, Any] = {"side": "anomalib_study", "mode": "predict only (random bank of the coreset's shape)",
                               "torch_threads": torch.get_num_threads(), "n_test": len(test_paths),
                               "load_average_start": load_average(), "rss_after_imports_mb": peak_rss_mb()}
-    module = load_backbone(backbone, weights=weights, device=device)
+    module = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
     model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=1.0,
-                      calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device, progress=False)
+                      calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device, progress=False,
+                      precision=precision)
     warm, grid = model.extract_patches(test_paths[:batch_size])  # warm-up batch; gives the grid and dimension
     per_image = grid[0] * grid[1]
     n_images = -(-bank_rows // per_image)
@@ -384,16 +621,25 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     result.update({"bank_rows": int(model.memory_bank_.shape[0]), "bank_dim": int(model.n_features_in_),
                    "predict_cpu_s": cpu_seconds() - cpu_start, "predict_s": predict_s,
                    "predict_images_per_s": len(test_paths) / predict_s, "load_average_after_predict": load_average(),
-                   "peak_rss_mb": peak_rss_mb()})
+                   "peak_rss_mb": peak_rss_mb(), "precision": precision, "precision_used": model.precision_used_})
+    result["matmul_throughput"] = matmul_throughput(matmul_shape)
+    result["floor"] = _floor_of_predict(model, module, model._patch_maker().resolve_layers(module), len(test_paths),
+                                        predict_s, result["matmul_throughput"])
+    result["limit_ratio"] = result["floor"]["limit_ratio"]
+    if model.index_.precision_used_ == "bf16":  # the search ran in bf16: how often it was exact (random bank)
+        result["rerank_hit_rate_random_bank"] = _hit_rate(model, warm)
     return result
 
 
 def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: Path,
-                         n_test: int = N_TEST, threads: int = 2, repeats: int = 2) -> dict:
+                         n_test: int = N_TEST, threads: int = 2, repeats: int = 2,
+                         precisions: Sequence[str] = PRECISIONS) -> dict:
     """Predict speed of both sides in turn, in this one run: for each training-set size N, a
     memory bank of the 10 % coreset's shape (N x 784 patches x 0.1 rows, 1536 columns),
-    ``repeats`` rounds of (anomalib, ours), each a fresh process with one warm-up batch.
-    ``predict_speedup`` = median of our images/s / median of anomalib's."""
+    ``repeats`` rounds of (anomalib, ours in each of ``precisions``), each a fresh process
+    with one warm-up batch. ``predict_speedup`` = median of our images/s / median of
+    anomalib's (the first precision, fp32, under the historical keys; every precision under
+    ``ours_by_precision`` with its median ``limit_ratio``)."""
     import statistics
 
     from anomalib_study.errors import StudyError
@@ -406,9 +652,10 @@ def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Pat
     out = {}
     for n in sizes:
         rows = coreset_size(n * patches_per_image, CORESET_RATIO)
-        runs = {"anomalib": [], "ours": []}
+        sides = ["anomalib", *[f"ours_{p}" for p in precisions]]
+        runs = {side: [] for side in sides}
         for round_ in range(repeats):
-            for side in ("anomalib", "ours"):
+            for side in sides:
                 if side == "anomalib":
                     command = [str(anomalib_python(venv)), "-W", "ignore", str(ANOMALIB_SIDE), "--test-list",
                                str(test_list), "--preprocessing", json.dumps(preprocessing_of()), "--backbone",
@@ -416,7 +663,7 @@ def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Pat
                 else:
                     command = [sys.executable, str(Path(__file__).resolve()), "--our-side", "--test-list",
                                str(test_list), "--weights", str(weights), "--threads", str(threads),
-                               "--bank-rows", str(rows)]
+                               "--bank-rows", str(rows), "--precision", side.split("_", 1)[1]]
                 log(f"predict side by side N={n} (bank {rows} rows), round {round_ + 1}/{repeats}: {side} ...")
                 done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(work))
                 if done.returncode != 0:
@@ -424,19 +671,37 @@ def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Pat
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs[side].append({k: result.get(k) for k in ("predict_images_per_s", "predict_s", "predict_cpu_s",
                                                               "bank_rows", "bank_dim", "peak_rss_mb",
-                                                              "load_average_start", "load_average_after_predict")})
-                log(f"  {side}: {result['predict_images_per_s']:.2f} images/s")
+                                                              "load_average_start", "load_average_after_predict",
+                                                              "precision_used", "matmul_throughput", "floor",
+                                                              "limit_ratio", "rerank_hit_rate_random_bank")})
+                log(f"  {side}: {result['predict_images_per_s']:.2f} images/s"
+                    + (f", limit_ratio {result['limit_ratio']:.2f}" if result.get("limit_ratio") else ""))
         medians = {side: statistics.median(r["predict_images_per_s"] for r in v) for side, v in runs.items()}
         cpu = {side: statistics.median(r["predict_cpu_s"] for r in v) for side, v in runs.items()}
+        by_precision = {}
+        for precision in precisions:
+            side = f"ours_{precision}"
+            by_precision[precision] = {
+                "precision_used": runs[side][-1].get("precision_used"),
+                "ours_images_per_s": medians[side], "predict_speedup": medians[side] / medians["anomalib"],
+                "predict_cpu_speedup": cpu["anomalib"] / cpu[side],
+                "limit_ratio": statistics.median(r["limit_ratio"] for r in runs[side]),
+                "floor_s": statistics.median(r["floor"]["floor_s"] for r in runs[side]),
+                "forward_floor_s": statistics.median(r["floor"]["forward_floor_s"] for r in runs[side]),
+                "search_floor_s": statistics.median(r["floor"]["search_floor_s"] for r in runs[side]),
+                "predict_s": statistics.median(r["predict_s"] for r in runs[side]),
+            }
+        first = f"ours_{precisions[0]}"
         out[str(n)] = {"bank_rows": rows, "n_test": n_test, "runs": runs,
-                       "anomalib_images_per_s": medians["anomalib"], "ours_images_per_s": medians["ours"],
-                       "predict_speedup": medians["ours"] / medians["anomalib"],
-                       "predict_cpu_speedup": cpu["anomalib"] / cpu["ours"]}
+                       "anomalib_images_per_s": medians["anomalib"], "ours_images_per_s": medians[first],
+                       "predict_speedup": medians[first] / medians["anomalib"],
+                       "predict_cpu_speedup": cpu["anomalib"] / cpu[first], "ours_by_precision": by_precision}
     return out
 
 
 def run_ours(train_paths: Sequence[Path], test_paths: Sequence[Path], work: Path, tag: str, backbone: str = BACKBONE,
-             weights: Path | None = None, coreset_ratio: float = CORESET_RATIO, threads: int = 2) -> dict:
+             weights: Path | None = None, coreset_ratio: float = CORESET_RATIO, threads: int = 2,
+             precision: str = "fp32") -> dict:
     """:func:`our_side` in a fresh process (so ru_maxrss is this run's own peak); returns its JSON."""
     from anomalib_study.errors import StudyError
 
@@ -446,7 +711,7 @@ def run_ours(train_paths: Sequence[Path], test_paths: Sequence[Path], work: Path
     write_list(test_paths, test_list)
     command = [sys.executable, str(Path(__file__).resolve()), "--our-side", "--train-list", str(train_list),
                "--test-list", str(test_list), "--backbone", backbone, "--coreset-ratio", str(coreset_ratio),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--precision", precision]
     if weights is not None:
         command += ["--weights", str(weights)]
     log(f"ours {tag}: {backbone}, {len(train_paths)} train / {len(test_paths)} test images ...")
@@ -484,20 +749,22 @@ def _summary(side: dict | None) -> dict | None:
             "coreset_s_per_train_image", "fit_cpu_s", "predict_cpu_s", "bank_rows", "bank_dim", "bank_mb", "coreset_rows", "predict_s",
             "predict_images_per_s", "peak_rss_after_fit_mb", "peak_rss_mb", "rss_after_imports_mb",
             "rss_before_model_mb", "rss_after_model_mb", "torch_threads", "load_average_start",
-            "load_average_after_extract", "load_average_after_fit", "load_average_after_predict")
+            "load_average_after_extract", "load_average_after_fit", "load_average_after_predict",
+            "precision_used", "matmul_throughput", "floor", "limit_ratio", "rerank_hit_rate")
     return {k: side[k] for k in keep if k in side}
 
 
 def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: Path, n_test: int = N_TEST,
-                     threads: int = 2, reuse: bool = True, stored_only: bool = False) -> dict | None:
+                     threads: int = 2, reuse: bool = True, stored_only: bool = False,
+                     precision: str = "fp32") -> dict | None:
     """Our fit + predict for backbone ``name`` on the first ``n`` training images (fresh process,
-    stored as ``work/ours_<name>_<n>.json`` and reused when images and settings match).
+    stored as ``work/ours_<name>_<n>[_<precision>].json`` and reused when images and settings match).
     ``stored_only``: return the stored result, or None when there is none (never measure)."""
     from anomalib_study.runner import package_sources_hash
 
     train, test = magnetic_tile_lists(data, n, n_test)
-    tag = f"{name}_{n}"
-    key = {"train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
+    tag = f"{name}_{n}" if precision == "fp32" else f"{name}_{n}_{precision}"
+    key = {"precision": precision, "train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
            "test_sha256": write_list(test, work / f"ours_{tag}_test.txt"), "backbone": name,
            "weights": None if weights is None else str(weights), "ratio": CORESET_RATIO, "threads": threads,
            "package_sources": package_sources_hash()}  # a measurement of older code is never reused
@@ -506,16 +773,19 @@ def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: 
         previous = json.loads(stored.read_text()) if stored.is_file() else {}
         return previous if previous.get("key") == key else None
     return _cached_or_run(work / f"ours_{tag}.json", key, reuse,
-                          lambda: run_ours(train, test, work, tag, name, weights, CORESET_RATIO, threads))
+                          lambda: run_ours(train, test, work, tag, name, weights, CORESET_RATIO, threads, precision))
 
 
 def compare(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: Path, anomalib_sizes: Sequence[int],
-            n_test: int = N_TEST, threads: int = 2, reuse: bool = True) -> list[dict]:
+            n_test: int = N_TEST, threads: int = 2, reuse: bool = True,
+            precisions: Sequence[str] = PRECISIONS) -> list[dict]:
     """One row per training-set size: anomalib's and our measurement (same images), and the ratios.
 
     anomalib is run for the sizes in ``anomalib_sizes``; for any other size a stored result
     of an earlier run (``--anomalib-only``) is used if one matches, else the row holds
     ``anomalib: null`` and an extrapolation from the measured sizes, labelled as such.
+    Ours is measured in each of ``precisions``: ``ours`` / ``ratios`` hold the first (fp32),
+    ``ours_by_precision`` / ``ratios_by_precision`` all of them.
     """
     rows = []
     for n in sizes:
@@ -528,9 +798,13 @@ def compare(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: P
             theirs = run_anomalib(n, work, data, venv, n_test, CORESET_RATIO, threads, reuse=True) \
                 if json.loads(cached.read_text()).get("key", {}).get("train_sha256") == write_list(
                     train, work / f"train_{n}.txt") else None
-        ours = ours_measurement(BACKBONE, weights, n, data, work, n_test, threads, reuse)
+        mine = {p: ours_measurement(BACKBONE, weights, n, data, work, n_test, threads, reuse, precision=p)
+                for p in precisions}
+        ours = mine[precisions[0]]
         row = {"n_train": n, "n_test": n_test, "anomalib": _summary(theirs), "ours": _summary(ours),
-               "ratios": ratios(ours, theirs) if theirs else None}
+               "ratios": ratios(ours, theirs) if theirs else None,
+               "ours_by_precision": {p: _summary(m) for p, m in mine.items()},
+               "ratios_by_precision": {p: ratios(m, theirs) if theirs else None for p, m in mine.items()}}
         if theirs and ours.get("image_scores") and theirs.get("image_scores"):
             import numpy as np
 
@@ -622,6 +896,12 @@ def memory_check(rows: Sequence[dict]) -> dict:
     return out
 
 
+def _native_bf16() -> bool:
+    from anomalib_study.hardware import native_bf16
+
+    return bool(native_bf16("cpu"))
+
+
 def machine_info() -> dict:
     import torch
 
@@ -630,7 +910,8 @@ def machine_info() -> dict:
     return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "anomalib_study": __version__,
-            "memory_total_mb": _total_memory_mb(), "load_average_1_5_15_min": load_average()}
+            "memory_total_mb": _total_memory_mb(), "load_average_1_5_15_min": load_average(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": _native_bf16()}
 
 
 def _total_memory_mb() -> float | None:
@@ -644,6 +925,16 @@ def _flat(rows: Sequence[dict], key: str, source: str = "ratios") -> dict[str, f
     return {str(r["n_train"]): (r.get(source) or {}).get(key) for r in rows}
 
 
+def _by_precision(rows: Sequence[dict], key: str, source: str = "ratios_by_precision") -> dict[str, dict]:
+    """{precision: {N: value}} from the rows' per-precision dicts (``ratios_by_precision`` or
+    ``ours_by_precision``)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        for precision, values in (r.get(source) or {}).items():
+            out.setdefault(precision, {})[str(r["n_train"])] = (values or {}).get(key)
+    return out
+
+
 def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters: dict, started: str,
                  predict_rows: dict | None = None) -> dict:
     """The JSON report. ``predict_speedup`` is the side-by-side predict timing (same run,
@@ -651,6 +942,12 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
     anomalib_version = next((r["anomalib"] for r in rows if r["anomalib"]), None)
     in_fit_runs = _flat(rows, "predict_speedup")
     side_by_side = {n: r["predict_speedup"] for n, r in (predict_rows or {}).items()}
+    predict_by_precision: dict[str, dict] = {}
+    limit_by_precision: dict[str, dict] = {}
+    for n, r in (predict_rows or {}).items():
+        for precision, values in (r.get("ours_by_precision") or {}).items():
+            predict_by_precision.setdefault(precision, {})[n] = values.get("predict_speedup")
+            limit_by_precision.setdefault(precision, {})[n] = values.get("limit_ratio")
     return {
         "benchmark": "PatchCore: anomalib_study vs anomalib 2.7.0 (same images, backbone, size, coreset ratio)",
         "started": started,
@@ -669,7 +966,17 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
         "predict_cpu_speedup": _flat(rows, "predict_cpu_speedup"),
         "fit_speedup_extrapolated": {k: v for k, v in _flat(rows, "fit_speedup_extrapolated",
                                                           "ratios_vs_extrapolation").items() if v is not None},
-        "goals": {"fit_speedup_at_300": ">= 10", "predict_speedup": ">= 2", "peak_memory_ratio": "<= 1"},
+        "precisions": sorted({p for r in rows for p in (r.get("ours_by_precision") or {})}
+                             | set(predict_by_precision)),
+        "fit_speedup_by_precision": _by_precision(rows, "fit_speedup"),
+        "predict_speedup_by_precision": predict_by_precision,
+        "peak_memory_ratio_by_precision": _by_precision(rows, "peak_memory_ratio"),
+        "limit_ratio": limit_by_precision,
+        "limit_ratio_in_fit_runs": _by_precision(rows, "limit_ratio", "ours_by_precision"),
+        "rerank_hit_rate": {p: {n: (v or {}).get("hit_rate") for n, v in values.items()}
+                            for p, values in _by_precision(rows, "rerank_hit_rate", "ours_by_precision").items()},
+        "goals": {"fit_speedup_at_300": ">= 20", "predict_speedup_at_300": ">= 3", "peak_memory_ratio": "<= 1",
+                  "limit_ratio_of_our_predict": "<= 1.5"},
         "comparison": list(rows),
         "scaling": list(scaling_rows),
         "scaling_memory_check": memory_check(scaling_rows) if scaling_rows else {},
@@ -689,6 +996,12 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
             "shape filled with seeded random rows (exact search: its cost depends on the shape only); the "
             "median over the rounds. 'predict_speedup_in_fit_runs' is the predict part of the fit runs, which "
             "ran at other times (other machine load).",
+            "limit_ratio = our measured predict seconds / the seconds the forward's FLOPs (FlopCounterMode) and the "
+            "search's (2 q N d products + 3 q r d re-ranking) take at the torch.mm throughput measured in the same "
+            "process (fp32 and bf16 GFLOP/s under 'matmul_throughput'); 1 would be the matrix units' limit.",
+            "rerank_hit_rate: share of test patches whose exact float32 nearest bank patch was among the bf16 "
+            "search's candidates (measured on the real bank of the fit runs; the predict-only runs' figure is "
+            "against a random bank and labelled so).",
         ],
     }
 
@@ -710,11 +1023,41 @@ def print_tables(report: dict) -> None:
     print(format_table(rows, list(rows[0]) if rows else ["N"]))
     if report.get("predict_side_by_side"):
         print("\nPredict speed side by side (same run, alternating processes, bank of the coreset's shape)")
-        print(format_table([{"N": n, "bank_rows": r["bank_rows"], "anomalib_img/s": r["anomalib_images_per_s"],
-                             "ours_img/s": r["ours_images_per_s"], "predict_speedup": r["predict_speedup"],
-                             "predict_cpu_speedup": r["predict_cpu_speedup"]}
-                            for n, r in report["predict_side_by_side"].items()],
-                           ["N", "bank_rows", "anomalib_img/s", "ours_img/s", "predict_speedup", "predict_cpu_speedup"]))
+        table = []
+        for n, r in report["predict_side_by_side"].items():
+            by_precision = r.get("ours_by_precision") or {"fp32": {"ours_images_per_s": r["ours_images_per_s"],
+                                                                   "predict_speedup": r["predict_speedup"],
+                                                                   "predict_cpu_speedup": r["predict_cpu_speedup"]}}
+            for precision, values in by_precision.items():
+                table.append({"N": n, "bank_rows": r["bank_rows"], "precision": precision,
+                              "anomalib_img/s": r["anomalib_images_per_s"], "ours_img/s": values["ours_images_per_s"],
+                              "predict_speedup": values["predict_speedup"],
+                              "predict_cpu_speedup": values.get("predict_cpu_speedup"),
+                              "predict_s": values.get("predict_s"), "floor_s": values.get("floor_s"),
+                              "forward_floor_s": values.get("forward_floor_s"),
+                              "search_floor_s": values.get("search_floor_s"), "limit_ratio": values.get("limit_ratio")})
+        print(format_table(table, ["N", "bank_rows", "precision", "anomalib_img/s", "ours_img/s", "predict_speedup",
+                                   "predict_cpu_speedup", "predict_s", "floor_s", "forward_floor_s", "search_floor_s",
+                                   "limit_ratio"]))
+    if any(r.get("ours_by_precision") for r in report["comparison"]):
+        print("\nOur fit + predict by precision (the floor beside each predict timing)")
+        table = []
+        for r in report["comparison"]:
+            for precision, o in (r.get("ours_by_precision") or {}).items():
+                q, floor = (r.get("ratios_by_precision") or {}).get(precision) or {}, o.get("floor") or {}
+                table.append({"N": r["n_train"], "precision": precision, "fit_s": o.get("fit_s"),
+                              "fit_speedup": q.get("fit_speedup"), "predict_s": o.get("predict_s"),
+                              "floor_s": floor.get("floor_s"), "limit_ratio": o.get("limit_ratio"),
+                              "peak_memory_ratio": q.get("peak_memory_ratio"),
+                              "rerank_hit_rate": (o.get("rerank_hit_rate") or {}).get("hit_rate")})
+        print(format_table(table, ["N", "precision", "fit_s", "fit_speedup", "predict_s", "floor_s", "limit_ratio",
+                                   "peak_memory_ratio", "rerank_hit_rate"]))
+    if report.get("coreset_precision"):
+        check = report["coreset_precision"]
+        print(f"\nGreedy coreset by distance-update precision ({check['n_rows']} x {check['dim']} patches, "
+              f"ratio {check['ratio']})")
+        print(format_table([{"precision": p, **check[p]} for p in ("fp32", "bf16", "fp16") if p in check],
+                           ["precision", "seconds", "speedup_vs_fp32", "overlap_with_fp32", "covering_radius_vs_fp32"]))
     if report["scaling"]:
         print("\nScaling of OUR PatchCore (Magnetic-tile normals)")
         print(format_table(report["scaling"], ["backbone", "n_train", "bank_rows", "bank_mb", "fit_s", "fit_cpu_s", "fit_extract_s",
@@ -731,13 +1074,14 @@ def _our_side_main(args: argparse.Namespace) -> int:
     test = [Path(line) for line in Path(args.test_list).read_text().split("\n") if line.strip()] if args.test_list else []
     if args.bank_rows:
         result = our_predict_only(test, args.bank_rows, backbone=args.backbone, weights=args.weights,
-                                  layers=args.layers, threads=args.threads, device=args.device)
+                                  layers=args.layers, threads=args.threads, device=args.device,
+                                  precision=args.precision, image_size=args.image_size, matmul_shape=args.matmul_shape)
         print(json.dumps(result))
         return 0
     train = [Path(line) for line in Path(args.train_list).read_text().split("\n") if line.strip()]
     result = our_side(train, test, backbone=args.backbone, weights=args.weights, layers=args.layers,
                       coreset_ratio=args.coreset_ratio, image_size=args.image_size, threads=args.threads,
-                      device=args.device)
+                      device=args.device, precision=args.precision, matmul_shape=args.matmul_shape)
     print(json.dumps(result))
     return 0
 
@@ -750,7 +1094,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="data folder holding magnetic_tile/ (default $ANOMALIB_STUDY_DATA "
                                                      "or ../shared/data)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the JSON report")
+    parser.add_argument("--out", default=None, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
+                                                    "with --quick: none)")
     parser.add_argument("--work", default=str(DEFAULT_WORK), help="image lists, weights file, stored measurements")
     parser.add_argument("--venv", default=str(DEFAULT_VENV), help="anomalib's venv (setup_anomalib_venv.sh)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[50, 100, 300], help="training-set sizes compared (none: skip)")
@@ -771,6 +1116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predict-sizes", type=int, nargs="*", default=[50, 100, 300],
                         help="sizes whose predict speed is timed side by side (bank of the coreset's shape)")
     parser.add_argument("--predict-repeats", type=int, default=2, help="rounds of (anomalib, ours) per size")
+    parser.add_argument("--precisions", nargs="*", default=None, choices=("fp32", "bf16", "auto"),
+                        help="our PatchCore's precisions, measured side by side (the first one fills the historical "
+                             "keys; default: fp32 and bf16 where the CPU has native bf16, else fp32 only, since "
+                             "emulated bf16 is many times slower; --quick: both)")
+    parser.add_argument("--coreset-check-images", type=int, default=CORESET_CHECK_IMAGES,
+                        help="training images whose patches the coreset-precision check uses (0: skip it)")
+    parser.add_argument("--quick", action="store_true",
+                        help="our side only on tiny generated tiles, random ResNet-18 at 64 px (seconds; smoke run); "
+                             "writes nothing unless --out is given")
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--matmul-shape", type=int, nargs=3, default=list(MATMUL_SHAPE), help=argparse.SUPPRESS)
     parser.add_argument("--our-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bank-rows", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--train-list", help=argparse.SUPPRESS)
@@ -787,6 +1143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.layers is None and args.backbone == BACKBONE:
                 args.layers = list(LAYERS)
             return _our_side_main(args)
+        if args.precisions is not None and not args.precisions:
+            raise StudyError("--precisions needs at least one of fp32, bf16, auto")
+        if args.quick:
+            args.precisions = args.precisions or list(PRECISIONS)
+            with tempfile.TemporaryDirectory(prefix="bench_patchcore_quick_") as scratch:
+                quick(Path(scratch), None if args.out is None else Path(args.out), args.precisions)
+            return 0
+        args.out = args.out or str(DEFAULT_OUT)
+        if args.precisions is None:
+            from anomalib_study.hardware import native_bf16
+
+            args.precisions = list(PRECISIONS) if native_bf16("cpu") else ["fp32"]
+            if "bf16" not in args.precisions:
+                log("this CPU has no native bf16 (emulated: many times slower): measuring fp32 only; "
+                    "pass --precisions fp32 bf16 to measure bf16 anyway")
         data = data_root(args.data) or (REPO.parent / "shared" / "data")
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
@@ -800,7 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = random_wide_resnet_weights(work)
         anomalib_sizes = args.sizes if args.anomalib_sizes is None else args.anomalib_sizes
         rows = compare(args.sizes, data, work, venv, weights, anomalib_sizes, args.n_test, args.threads,
-                       reuse=not args.no_reuse)
+                       reuse=not args.no_reuse, precisions=args.precisions)
         backbones = [(name, weights if name == BACKBONE else None) for name in args.scaling_backbones]
         scaling_rows = scaling(args.scaling_sizes, data, work, backbones, args.threads, not args.no_reuse, args.n_test,
                                args.stored_only) \
@@ -810,7 +1181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             predict_rows = json.loads(stored_predict.read_text()) if stored_predict.is_file() else {}
         elif args.predict_sizes:
             predict_rows = predict_side_by_side(args.predict_sizes, data, work, venv, weights, args.n_test,
-                                                args.threads, args.predict_repeats)
+                                                args.threads, args.predict_repeats, args.precisions)
             write_json(stored_predict, predict_rows)
         else:
             predict_rows = {}
@@ -819,8 +1190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "layers": list(LAYERS), "image_size": 224, "preprocessing": preprocessing_of(),
                       "coreset_ratio": CORESET_RATIO, "num_neighbours": 9, "batch_size": 8, "torch_threads": args.threads,
                       "n_test": args.n_test, "sizes": list(args.sizes), "anomalib_measured_now": list(anomalib_sizes),
-                      "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones)}
+                      "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones),
+                      "precisions": list(args.precisions), "matmul_shape_mkn": list(MATMUL_SHAPE),
+                      "native_bf16": _native_bf16(),
+                      "hit_rate_queries": HIT_RATE_QUERIES, "coreset_check_images": args.coreset_check_images}
         report = build_report(rows, scaling_rows, parameters, started, predict_rows)
+        if args.coreset_check_images and not args.stored_only:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            train, _ = magnetic_tile_lists(data, args.coreset_check_images, args.n_test)
+            log(f"coreset precision check on {len(train)} training images ...")
+            report["coreset_precision"] = coreset_check_on_images(train, BACKBONE, weights)
         report["notes"].extend(args.note)
         write_json(args.out, report)
         print_tables(report)

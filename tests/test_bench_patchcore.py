@@ -1,7 +1,8 @@
 """Smoke tests of benchmarks/bench_patchcore.py, OUR side only (never needs anomalib's venv).
 
-Tiny generated Magnetic-tile trees and hand-computed ratios; the one run of our PatchCore
-uses a random ResNet-18 on a few 64 px images (seconds).
+Tiny generated Magnetic-tile trees and hand-computed ratios and floors; the runs of our
+PatchCore use a random ResNet-18 on a few 64 px images (seconds), with a small
+matrix-product probe (bf16 is emulated, and slow, on CPUs without it).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     code = bench.main(["--our-side", "--train-list", str(tmp_path / "train.txt"), "--test-list",
                        str(tmp_path / "test.txt"), "--backbone", "resnet18", "--weights", str(resnet18_random),
                        "--layers", "layer2", "layer3", "--coreset-ratio", "0.5", "--threads", "1",
-                       "--image-size", "64"])
+                       "--image-size", "64", "--matmul-shape", "64", "64", "64"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["side"] == "anomalib_study" and result["n_train"] == 3 and result["n_test"] == 2
@@ -161,6 +162,74 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     assert same["fit_speedup"] == same["predict_speedup"] == same["peak_memory_ratio"] == 1.0
     # CPU-time ratios are None where a tiny run measured 0 CPU seconds
     assert {v for v in same.values() if v is not None} == {1.0}
+    # the floor beside the predict timing, from this process's own throughput
+    assert result["precision_used"] == "fp32" and result["matmul_throughput"]["shape_mkn"] == [64, 64, 64]
+    floor = result["floor"]
+    assert floor["precision"] == "fp32" and floor["throughput_gflops"] == result["matmul_throughput"]["fp32_gflops"]
+    # 2 test images x (64 patches + 1 support query) x 96 bank rows x 384 dims, 2 FLOPs each, no re-ranking
+    assert floor["search_gflop"] == pytest.approx(2 * 2 * 65 * 96 * 384 / 1e9)
+    assert floor["floor_s"] == pytest.approx(floor["forward_floor_s"] + floor["search_floor_s"])
+    assert result["limit_ratio"] == pytest.approx(result["predict_s"] / floor["floor_s"])
+    assert 0 <= result["rerank_hit_rate"]["hit_rate"] <= 1 and result["rerank_hit_rate"]["n_queries"] == 128
+
+
+def test_floor_and_search_flops_by_hand():
+    assert bench.search_flops(10, 100, 8) == {"products": 16000, "rerank": 0}
+    assert bench.search_flops(10, 100, 8, rerank=4) == {"products": 16000, "rerank": 960}
+    throughput = {"fp32_gflops": 100.0, "bf16_gflops": 400.0}
+    searched = {"products": 8e9, "rerank": 1e9}
+    fp32 = bench.physical_floor(10, int(2e9), searched, throughput, "fp32")
+    assert fp32["forward_floor_s"] == pytest.approx(0.2) and fp32["search_floor_s"] == pytest.approx(0.09)
+    assert fp32["floor_s"] == pytest.approx(0.29) and fp32["forward_gflop"] == pytest.approx(20.0)
+    bf16 = bench.physical_floor(10, int(2e9), searched, throughput, "bf16")
+    # forward and products at the bf16 rate, the float32 re-ranking at the fp32 rate
+    assert bf16["forward_floor_s"] == pytest.approx(0.05) and bf16["search_floor_s"] == pytest.approx(0.02 + 0.01)
+
+
+def test_forward_flops_are_counted_not_typed():
+    import torch
+
+    # a one-convolution stand-in with the Backbone call signature: 2 * C_out * C_in * k^2 * H_out * W_out FLOPs
+    class Tiny(torch.nn.Module):
+        image_size = 8
+        device = torch.device("cpu")
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x, layers=None, embedding=True):
+            return {"c": self.conv(x)}
+
+    assert bench.forward_flops_per_image(Tiny(), ["c"]) == 2 * 4 * 3 * 9 * 8 * 8
+
+
+def test_matmul_throughput_and_coreset_check_keys():
+    out = bench.matmul_throughput((32, 32, 32), repeats=2)
+    assert out["fp32_gflops"] > 0 and out["bf16_gflops"] > 0 and 1 <= out["fp32_timed_products"] <= 2
+    features = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+    check = bench.coreset_precision_check(features, ratio=0.1, projection_dim=8)
+    assert check["fp32"]["overlap_with_fp32"] == 1.0 and check["fp32"]["covering_radius_vs_fp32"] == 1.0
+    for precision in ("bf16", "fp16"):
+        assert 0 <= check[precision]["overlap_with_fp32"] <= 1 and check[precision]["n_centres"] == 40
+        assert check[precision]["covering_radius_vs_fp32"] > 0 and check[precision]["seconds"] > 0
+
+
+def test_quick_run_writes_both_precisions(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["precisions"] == ["fp32", "bf16"]
+    assert isinstance(report["machine"]["native_bf16"], bool) and report["machine"]["cpu_capability"]
+    for precision in ("fp32", "bf16"):
+        ours = report["ours_by_precision"][precision]
+        assert ours["precision_used"] == precision and ours["limit_ratio"] > 0
+        assert report["limit_ratio"][precision] == ours["limit_ratio"]
+        assert report["rerank_hit_rate"][precision] == ours["rerank_hit_rate"]["hit_rate"]
+        assert report["predict_only_by_precision"][precision]["floor"]["floor_s"] > 0
+    assert report["coreset_precision"]["bf16"]["n_centres"] == report["coreset_precision"]["fp32"]["n_centres"]
+    assert "limit_ratio" in capsys.readouterr().out
+    assert bench.main(["--quick", "--precisions"]) == 2  # nothing to measure: a clear refusal
 
 
 def test_bad_weights_file_is_one_clear_error(tmp_path, capsys):
@@ -179,12 +248,42 @@ def test_our_predict_only_side_and_the_headline_uses_the_side_by_side_timing(tmp
     bench.write_list(test, tmp_path / "test.txt")
     code = bench.main(["--our-side", "--test-list", str(tmp_path / "test.txt"), "--backbone", "resnet18",
                        "--weights", str(resnet18_random), "--layers", "layer2", "layer3", "--threads", "1",
-                       "--bank-rows", "100"])
+                       "--bank-rows", "100", "--matmul-shape", "64", "64", "64"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 224 px -> layer2 grid 28 x 28 = 784 patches an image: 100 rows round up to one image's worth
     assert result["bank_rows"] == 784 and result["bank_dim"] == 384 and result["predict_images_per_s"] > 0
-    side = {"50": {"predict_speedup": 1.5}}
+    assert result["precision_used"] == "fp32" and result["limit_ratio"] > 0
+    assert "rerank_hit_rate_random_bank" not in result  # measured only where the search ran in bf16
+    side = {"50": {"predict_speedup": 1.5, "ours_by_precision": {"fp32": {"predict_speedup": 1.5, "limit_ratio": 4.0},
+                                                                 "bf16": {"predict_speedup": 2.5, "limit_ratio": 2.0}}}}
     report = bench.build_report([], [], {}, "now", side)
     assert report["predict_speedup"] == {"50": 1.5} and report["predict_speedup_source"] == "predict_side_by_side"
+    assert report["predict_speedup_by_precision"] == {"fp32": {"50": 1.5}, "bf16": {"50": 2.5}}
+    assert report["limit_ratio"] == {"fp32": {"50": 4.0}, "bf16": {"50": 2.0}}
+    assert report["precisions"] == ["bf16", "fp32"]
     assert bench.build_report([], [], {}, "now")["predict_speedup_source"].startswith("comparison")
+
+
+def test_report_and_tables_carry_both_precisions(capsys):
+    theirs = {"fit_s": 300.0, "predict_images_per_s": 1.0, "peak_rss_mb": 2000.0, "fit_coreset_s": 200.0}
+
+    def ours(fit_s, images_per_s, limit, hit):
+        return {"fit_s": fit_s, "predict_s": 50 / images_per_s, "predict_images_per_s": images_per_s,
+                "peak_rss_mb": 1000.0, "fit_coreset_s": 10.0, "limit_ratio": limit,
+                "floor": {"floor_s": 1.0}, "rerank_hit_rate": {"hit_rate": hit}}
+
+    mine = {"fp32": ours(15.0, 3.0, 2.0, 1.0), "bf16": ours(10.0, 6.0, 1.2, 0.99)}
+    row = {"n_train": 300, "n_test": 50, "anomalib": theirs, "ours": mine["fp32"], "ratios": bench.ratios(mine["fp32"], theirs),
+           "ours_by_precision": mine, "ratios_by_precision": {p: bench.ratios(m, theirs) for p, m in mine.items()}}
+    report = bench.build_report([row], [], {}, "now")
+    assert report["fit_speedup_by_precision"] == {"fp32": {"300": 20.0}, "bf16": {"300": 30.0}}
+    assert report["peak_memory_ratio_by_precision"]["bf16"] == {"300": 0.5}
+    assert report["limit_ratio_in_fit_runs"] == {"fp32": {"300": 2.0}, "bf16": {"300": 1.2}}
+    assert report["rerank_hit_rate"] == {"fp32": {"300": 1.0}, "bf16": {"300": 0.99}}
+    assert report["goals"]["limit_ratio_of_our_predict"] == "<= 1.5"
+    report["coreset_precision"] = bench.coreset_precision_check(
+        np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32), ratio=0.1, projection_dim=4)
+    bench.print_tables(report)
+    printed = capsys.readouterr().out
+    assert "Our fit + predict by precision" in printed and "bf16" in printed and "Greedy coreset" in printed

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anomalib_study.errors import ParameterError
-from anomalib_study.methods.coreset import GreedyCoresetSampler, RandomSampler, coreset_size
+from anomalib_study.methods.coreset import GreedyCoresetSampler, RandomSampler, coreset_size, selection_overlap
 
 # five points on a line (embedded in 2-D): x = 0, 1, 3, 7, 15
 LINE = np.array([[0, 0], [1, 0], [3, 0], [7, 0], [15, 0]], dtype=np.float32)
@@ -31,9 +31,39 @@ def _naive_greedy(x: np.ndarray, m: int, start: int) -> list[int]:
     # seed 1 starts at x=3: farthest 15 (12), then 7 (min(4, 8) = 4 beats 0's 3 and 1's 2), then 0 (3)
     (1, [2, 4, 3, 0]),
 ])
-def test_farthest_point_sequence_by_hand(seed, expected):
-    chosen = GreedyCoresetSampler(ratio=0.8, projection_dim=None, seed=seed).run(LINE)
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_farthest_point_sequence_by_hand(seed, expected, precision):
+    # the gaps (7 vs 8, 3 vs 4) are far above bf16's rounding: every precision picks the same points
+    chosen = GreedyCoresetSampler(ratio=0.8, projection_dim=None, seed=seed, precision=precision).run(LINE)
     assert chosen.tolist() == expected
+
+
+def test_selection_overlap_by_hand():
+    assert selection_overlap([4, 1, 2], [1, 2, 3, 9]) == 0.5
+    assert selection_overlap([3, 2, 1], [1, 2, 3]) == 1.0 and selection_overlap([7], [1, 2]) == 0.0
+    with pytest.raises(ParameterError, match="non-empty"):
+        selection_overlap([1], [])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_selection_against_float32(precision):
+    """Half-precision distance updates: a valid coreset, mostly the float32 one, as good a k-centre cover."""
+    rng = np.random.default_rng(7)
+    centres = rng.normal(scale=6.0, size=(40, 16)) + 20.0  # far from the origin: centring matters
+    x = (centres[rng.integers(0, 40, 6000)] + rng.normal(size=(6000, 16))).astype(np.float32)
+
+    def radius(idx):  # the k-centre objective: largest distance of a point to its nearest centre
+        return float(np.sqrt(((x[:, None, :] - x[idx][None]) ** 2).sum(-1).min(axis=1).max()))
+
+    reference = GreedyCoresetSampler(ratio=0.02, projection_dim=None, seed=0).run(x)
+    low = GreedyCoresetSampler(ratio=0.02, projection_dim=None, seed=0, precision=precision).run(x)
+    assert len(low) == len(reference) == 120 and len(set(low.tolist())) == 120 and low[0] == reference[0]
+    overlap = selection_overlap(low, reference)
+    assert overlap >= 0.5, overlap  # measured: bf16 0.86, fp16 0.97 (near-ties within clusters break differently)
+    assert radius(low) <= 1.05 * radius(reference)
+    # with the projection: same checks, deterministic
+    projected = GreedyCoresetSampler(ratio=0.02, projection_dim=8, seed=1, precision=precision)
+    assert np.array_equal(projected.run(x), projected.run(x))
 
 
 def test_matches_the_plain_algorithm_and_is_deterministic():
@@ -87,6 +117,7 @@ def test_random_sampler_is_seeded_and_unique():
 @pytest.mark.parametrize("kwargs, match", [
     ({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"), ({"ratio": "a"}, "ratio"),
     ({"projection_dim": 0}, "projection_dim"), ({"chunk_size": 0}, "chunk_size"),
+    ({"precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"), ({"precision": None}, "precision"),
 ])
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ParameterError, match=match):

@@ -104,6 +104,9 @@ def test_no_threshold_without_calibration():
     ({"coreset_ratio": 0}, "ratio"), ({"image_score": "mean"}, "image_score"), ({"patch_size": 4}, "patch_size"),
     ({"sampler": "kmeans"}, "sampler"), ({"sigma": -1}, "sigma"), ({"calibration_fraction": 1.0}, "calibration"),
     ({"num_neighbours": 0}, "num_neighbours"), ({"index": ""}, "index"), ({"resize_mode": "stretch"}, "resize_mode"),
+    ({"precision": "fp16"}, "precision must be one of fp32, bf16, auto"), ({"precision": None}, "precision"),
+    ({"coreset_precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"),
+    ({"coreset_precision": "fp8", "sampler": "random"}, "coreset_precision must be one of"),
 ])
 def test_bad_parameters(params, match):
     with pytest.raises(ParameterError, match=match):
@@ -159,6 +162,94 @@ def test_registered():
     assert METHODS["patchcore"] is PatchCore
 
 
+# ---------------------------------------------------------------------------------- precision
+@pytest.fixture
+def bf16_quietly():
+    """bf16 asked for on a CPU without it warns (emulated, slow): expected in these tests."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="precision='bf16'")
+        yield
+
+
+def _clustered_patches(rng, n_images, n_patches=16, d=24):
+    centres = rng.normal(scale=3.0, size=(6, d)) + 20.0  # far from the origin, as ReLU features are
+    rows = centres[rng.integers(0, 6, n_images * n_patches)] + rng.normal(size=(n_images * n_patches, d))
+    return rows.reshape(n_images, n_patches, d).astype(np.float32)
+
+
+def test_default_precision_is_faiss_fp32_unchanged():
+    import faiss
+
+    rng = np.random.default_rng(20)
+    train, test = _clustered_patches(rng, 10), _clustered_patches(rng, 3)
+    model = PatchCore(coreset_ratio=0.5, calibration_fraction=0.0, progress=False).fit(train)
+    assert model.precision == "fp32" and model.precision_used_ == "fp32" and model.index_.precision_used_ == "fp32"
+    flat = faiss.IndexFlatL2(24)
+    flat.add(model.memory_bank_)
+    squared, _ = flat.search(test.reshape(-1, 24), 1)
+    patch, _, _ = model.score_patches(test)
+    np.testing.assert_array_equal(patch.reshape(-1), np.sqrt(np.clip(squared[:, 0], 0, None)))  # bit for bit
+    same = PatchCore(coreset_ratio=0.5, calibration_fraction=0.0, precision="fp32", progress=False).fit(train)
+    for a, b in zip(same.score_patches(test), model.score_patches(test)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_search_gives_the_exact_scores(bf16_quietly):
+    rng = np.random.default_rng(21)
+    train, test = _clustered_patches(rng, 10), _clustered_patches(rng, 3)
+    fp32 = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, progress=False).fit(train)
+    bf16 = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, precision="bf16", progress=False).fit(train)
+    assert bf16.precision_used_ == "bf16" and bf16.index_.describe()["precision_used"] == "bf16"
+    np.testing.assert_array_equal(bf16.memory_bank_, fp32.memory_bank_)  # the coreset is float32 either way
+    assert bf16.index_.rerank_hit_rate(test.reshape(-1, 24))["hit_rate"] == 1.0
+    for a, b in zip(bf16.score_patches(test), fp32.score_patches(test)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert bf16.threshold_ == pytest.approx(fp32.threshold_, rel=1e-5)
+    half = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, coreset_precision="fp16", progress=False).fit(train)
+    assert half.memory_bank_.shape == fp32.memory_bank_.shape
+    # approximate indexes keep faiss's own search
+    ivf = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, index="IVF2,Flat", precision="bf16",
+                    progress=False).fit(train)
+    assert ivf.precision_used_ == "bf16" and ivf.index_.precision_used_ == "fp32"
+
+
+def test_auto_precision_resolves_on_the_hardware(monkeypatch, bf16_quietly):
+    import anomalib_study.hardware as hardware
+
+    train = _clustered_patches(np.random.default_rng(22), 4)
+    here = PatchCore(precision="auto", calibration_fraction=0.0, progress=False).fit(train)
+    assert here.precision_used_ == ("bf16" if hardware.native_bf16("cpu") else "fp32")
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": True)
+    native = PatchCore(precision="auto", calibration_fraction=0.0, progress=False).fit(train)
+    assert native.precision_used_ == "bf16" and native.index_.precision_used_ == "bf16"
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": False)
+    assert PatchCore(precision="auto", calibration_fraction=0.0, progress=False).fit(train).precision_used_ == "fp32"
+
+
+def test_precision_is_saved_and_old_files_load_as_fp32(tmp_path, bf16_quietly):
+    from anomalib_study.methods.base import load_model_file, save_model_file
+    from anomalib_study.methods.patchcore import FORMAT_NAME, FORMAT_VERSION
+
+    rng = np.random.default_rng(23)
+    train, test = _clustered_patches(rng, 6), _clustered_patches(rng, 2)
+    model = PatchCore(coreset_ratio=0.5, calibration_fraction=0.0, precision="bf16", progress=False).fit(train)
+    loaded = PatchCore.load(model.save(tmp_path / "bf16.npz"))
+    assert loaded.precision == "bf16" and loaded.precision_used_ == "bf16" and loaded.index_.precision_used_ == "bf16"
+    np.testing.assert_array_equal(loaded.score(test), model.score(test))
+    header, arrays = load_model_file(tmp_path / "bf16.npz", FORMAT_NAME, FORMAT_VERSION)
+    del header["precision_used_"], header["params"]["precision"]  # a file written before the precision option
+    header = {k: v for k, v in header.items() if k not in ("format", "version")}
+    save_model_file(tmp_path / "old.npz", FORMAT_NAME, FORMAT_VERSION, header, arrays)
+    old = PatchCore.load(tmp_path / "old.npz")
+    assert old.precision == "fp32" and old.precision_used_ == "fp32" and old.index_.precision_used_ == "fp32"
+    header["precision_used_"] = "fp8"
+    save_model_file(tmp_path / "bad.npz", FORMAT_NAME, FORMAT_VERSION, header, arrays)
+    with pytest.raises(ModelFileError, match="precision_used_"):
+        PatchCore.load(tmp_path / "bad.npz")
+
+
 # ---------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def synthetic_class(tmp_path_factory):
@@ -204,6 +295,27 @@ def test_end_to_end_on_the_synthetic_set(fitted, synthetic_class, tmp_path):
     squashed = load_backbone("efficientnet_lite0", image_size=128, resize_mode="squash")
     with pytest.raises(ModelFileError, match="preprocessing"):  # same network and size, other geometry
         PatchCore.load(path, backbone=squashed)
+
+
+def test_bf16_forward_on_images(synthetic_class, bf16_quietly):
+    """precision='bf16' runs the backbone under bf16 autocast: float32 patch features, close scores."""
+    from anomalib_study.backbones import load_backbone
+    from anomalib_study.methods.patchcore import SPEC
+
+    backbone = load_backbone("efficientnet_lite0", image_size=64)
+    train, test = [r.path for r in synthetic_class.train[:3]], [r.path for r in synthetic_class.test[:4]]
+    fp32 = PatchCore(backbone=backbone, coreset_ratio=0.2, calibration_fraction=0.0, progress=False).fit_paths(train)
+    bf16 = PatchCore(backbone=backbone, coreset_ratio=0.2, calibration_fraction=0.0, precision="bf16",
+                     progress=False).fit_paths(train)
+    assert bf16.precision_used_ == "bf16" and bf16.memory_bank_.dtype == np.float32
+    assert not np.array_equal(bf16.memory_bank_, fp32.memory_bank_)  # the forward did run in bf16
+    a, b = fp32.score_paths(test)["image_scores"], bf16.score_paths(test)["image_scores"]
+    assert np.corrcoef(a, b)[0, 1] > 0.9 and np.allclose(a, b, rtol=0.1)
+    described = SPEC.describe(bf16)
+    assert described["precision"] == "bf16" and described["precision_used"] == "bf16"
+    assert described["index_describe"]["precision_used"] == "bf16"
+    assert SPEC.describe(fp32)["precision_used"] == "fp32"
+    assert any(p.name == "precision" and p.default == "fp32" and "auto" in p.choices for p in SPEC.params)
 
 
 def test_squash_mode_is_saved_and_restored(synthetic_class, tmp_path):

@@ -51,6 +51,7 @@ def test_input_not_modified_and_non_contiguous_accepted():
     np.testing.assert_array_equal(view, before)
     assert index.describe() == {
         "factory": "Flat", "metric": "l2", "kmeans_reduce": None, "ntotal": 20, "dim": 4, "nprobe": None, "seed": 0,
+        "precision": "fp32", "precision_used": "fp32", "rerank": 8,
     }
 
 
@@ -146,3 +147,121 @@ def test_errors_are_clear():
         NearestNeighbourIndex("Flat", nprobe=3).fit(bank)
     with pytest.raises(StudyError, match="not fitted yet: call fit\\(bank\\)"):
         NearestNeighbourIndex().search(bank, 1)
+
+
+# ---------------------------------------------------------------------------------- precision
+@pytest.fixture
+def bf16_quietly():
+    """bf16 asked for on a CPU without it warns (emulated, slow): expected in these tests."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="precision='bf16'")
+        yield
+
+
+def _near_ties(n_queries=100, d=16, seed=0):
+    """Queries with two bank rows each at distances 10 and 10.001 (bf16 cannot tell them apart),
+    the exact nearest neighbour of query i being row i."""
+    rng = np.random.default_rng(seed)
+    queries = rng.normal(scale=100.0, size=(n_queries, d))
+    u = rng.normal(size=(2, n_queries, d))
+    u /= np.linalg.norm(u, axis=2, keepdims=True)
+    bank = np.concatenate([queries + 10.0 * u[0], queries + 10.0 * (1 + 1e-4) * u[1]])
+    return bank.astype(np.float32), queries.astype(np.float32)
+
+
+def test_fp32_default_is_faiss_bit_for_bit():
+    rng = np.random.default_rng(11)
+    bank, queries = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
+    index = NearestNeighbourIndex().fit(bank)
+    assert index.precision_used_ == "fp32"
+    import faiss
+
+    flat = faiss.IndexFlatL2(16)
+    flat.add(bank)
+    squared, ids = flat.search(queries, 5)
+    distances, indices = index.search(queries, 5)
+    np.testing.assert_array_equal(indices, ids)
+    np.testing.assert_array_equal(distances, np.sqrt(np.clip(squared, 0, None)))
+
+
+def test_bf16_reranked_search_equals_exact_search(bf16_quietly):
+    rng = np.random.default_rng(12)
+    bank = (rng.normal(size=(400, 24)) + 30.0).astype(np.float32)  # far from the origin: centring matters
+    queries = (bank[rng.integers(0, 400, 60)] + rng.normal(scale=0.3, size=(60, 24))).astype(np.float32)
+    exact = NearestNeighbourIndex().fit(bank)
+    low = NearestNeighbourIndex(precision="bf16", rerank=16).fit(bank)
+    assert low.precision_used_ == "bf16" and low.describe()["precision_used"] == "bf16"
+    for k in (1, 5):
+        (d_exact, i_exact), (d_low, i_low) = exact.search(queries, k), low.search(queries, k)
+        np.testing.assert_array_equal(i_low, i_exact)
+        np.testing.assert_allclose(d_low, d_exact, rtol=1e-5, atol=1e-5)
+        assert d_low.dtype == np.float32 and i_low.dtype == np.int64
+    expected_d, expected_i = _brute_force(bank.astype(np.float64), queries.astype(np.float64), 3)
+    d_low, i_low = low.search(queries, 3)
+    np.testing.assert_array_equal(i_low, expected_i)
+    np.testing.assert_allclose(d_low, expected_d, rtol=1e-5)
+    # k above rerank: k candidates are taken, the nearest among them found
+    d_many, i_many = NearestNeighbourIndex(precision="bf16", rerank=2).fit(bank).search(queries, 6)
+    assert i_many.shape == (60, 6) and (np.diff(d_many, axis=1) >= 0).all()
+    np.testing.assert_array_equal(i_many[:, 0], exact.search(queries, 1)[1][:, 0])
+    assert low.rerank_hit_rate(queries)["hit_rate"] == 1.0
+
+
+def test_rerank_hit_rate_on_near_ties(bf16_quietly):
+    bank, queries = _near_ties()
+    one = NearestNeighbourIndex(precision="bf16", rerank=1).fit(bank)
+    report = one.rerank_hit_rate(queries)
+    _, found = one.search(queries, 1)
+    right = found[:, 0] == np.arange(len(queries))  # the exact neighbour of query i is row i
+    assert 0 < report["hit_rate"] < 1  # bf16 picks the wrong one of the two rows about half the time
+    assert report["n_hits"] == int(right.sum()) and report["n_queries"] == len(queries)
+    assert report["hit_rate"] == pytest.approx(right.mean())
+    assert report["rerank"] == 1 and report["max_distance_excess"] == pytest.approx(1e-3, rel=0.05)
+    # with both rows among the candidates, the float32 re-ranking always finds the exact one
+    two = NearestNeighbourIndex(precision="bf16", rerank=2).fit(bank)
+    assert two.rerank_hit_rate(queries) == {"hit_rate": 1.0, "n_queries": len(queries), "n_hits": len(queries),
+                                            "rerank": 2, "max_distance_excess": 0.0}
+    np.testing.assert_array_equal(two.search(queries, 1)[1][:, 0], np.arange(len(queries)))
+    # the fp32 index measures what its bf16 search would do, without using it
+    assert NearestNeighbourIndex(rerank=1).fit(bank).rerank_hit_rate(queries)["hit_rate"] == report["hit_rate"]
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch, bf16_quietly):
+    import anomalib_study.hardware as hardware
+
+    bank = np.random.default_rng(13).normal(size=(50, 8)).astype(np.float32)
+    expected = "bf16" if hardware.native_bf16("cpu") else "fp32"
+    assert NearestNeighbourIndex(precision="auto").fit(bank).precision_used_ == expected
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": True)
+    assert NearestNeighbourIndex(precision="auto").fit(bank).precision_used_ == "bf16"
+    # approximate indexes keep faiss's float32 search under "auto"
+    assert NearestNeighbourIndex("HNSW8", precision="auto").fit(bank).precision_used_ == "fp32"
+    monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": False)
+    assert NearestNeighbourIndex(precision="auto").fit(bank).precision_used_ == "fp32"
+
+
+def test_bf16_refusals_and_bad_values(bf16_quietly):
+    bank = np.zeros((10, 4), np.float32)
+    with pytest.raises(ParameterError, match="precision must be one of fp32, bf16, auto, got 'fp16'"):
+        NearestNeighbourIndex(precision="fp16").fit(bank)
+    with pytest.raises(ParameterError, match="precision='bf16'.*'Flat'.*'l2'"):
+        NearestNeighbourIndex("HNSW8", precision="bf16").fit(bank)
+    with pytest.raises(ParameterError, match="precision='bf16'.*metric 'ip'"):
+        NearestNeighbourIndex(metric="ip", precision="bf16").fit(bank)
+    for bad in (0, -1, 2.5, True, None):
+        with pytest.raises(ParameterError, match="rerank must be an integer >= 1"):
+            NearestNeighbourIndex(precision="bf16", rerank=bad).fit(bank)
+    with pytest.raises(ParameterError, match="rerank_hit_rate.*'Flat'"):
+        NearestNeighbourIndex("HNSW8").fit(np.random.default_rng(0).normal(size=(10, 4))).rerank_hit_rate(bank)
+
+
+def test_precision_survives_bytes(bf16_quietly):
+    bank, queries = _near_ties(20)
+    index = NearestNeighbourIndex(precision="bf16", rerank=3).fit(bank)
+    again = NearestNeighbourIndex.from_bytes(index.to_bytes())
+    assert again.describe() == index.describe() and again.rerank == 3 and again.precision_used_ == "bf16"
+    for a, b in zip(index.search(queries, 2), again.search(queries, 2)):
+        np.testing.assert_array_equal(a, b)
+    assert "precision='bf16', rerank=3" in repr(again)

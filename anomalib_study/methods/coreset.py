@@ -14,6 +14,13 @@ possibly be closer to (triangle inequality: a point whose nearest centre ``a`` s
 ``||c_new - c_a|| >= 2 * d(x, c_a)`` cannot get closer), in chunks of ``chunk_size`` rows;
 the result is the same as the plain greedy algorithm (up to floating-point ties).
 
+``precision="bf16"`` or ``"fp16"`` keeps the projected features in that type (half the
+memory, and the one pass per centre reads half the bytes; faster where the matrix-vector
+product is memory-bound): they are centred on their mean and scaled by a power of two first
+(distances unchanged up to that scale; float16 cannot overflow), norms and minima stay
+float32. The rounding changes which point is farthest now and then, so the selection can
+differ from the float32 one: :func:`selection_overlap` measures how much.
+
 :class:`RandomSampler` draws a uniform random subset (the ablation baseline).
 """
 
@@ -30,7 +37,11 @@ from anomalib_study.errors import ParameterError
 
 _PRUNE_PATIENCE = 20  # consecutive steps of little pruning before switching to the plain update
 
-__all__ = ["BaseSampler", "GreedyCoresetSampler", "RandomSampler", "SAMPLERS", "coreset_size"]
+__all__ = ["BaseSampler", "GreedyCoresetSampler", "RandomSampler", "SAMPLERS", "COVERAGE_PRECISIONS", "coreset_size",
+           "selection_overlap"]
+
+#: values of GreedyCoresetSampler's ``precision``: the type the projected features are kept in
+COVERAGE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_ratio(ratio: Any) -> float:
@@ -45,6 +56,14 @@ def coreset_size(n: int, ratio: float) -> int:
     """Number of points kept from ``n`` at ``ratio``: ``max(1, int(n * ratio))`` (all of them at 1.0)."""
     ratio = _check_ratio(ratio)
     return n if ratio >= 1.0 else max(1, min(n, int(n * ratio)))
+
+
+def selection_overlap(selected, reference) -> float:
+    """Share of the ``reference`` selection (e.g. the float32 coreset) also in ``selected``, in [0, 1]."""
+    selected, reference = np.asarray(selected).ravel(), np.asarray(reference).ravel()
+    if reference.size == 0:
+        raise ParameterError("selection_overlap needs a non-empty reference selection")
+    return float(np.isin(reference, selected).sum() / reference.size)
 
 
 def _as_features(features: Any) -> torch.Tensor:
@@ -102,19 +121,22 @@ class GreedyCoresetSampler(BaseSampler):
         device: where the distances are computed (``"cpu"``, ``"cuda"``).
         chunk_size: rows per distance computation (bounds the temporary memory).
         progress: show a tqdm bar over the selected centres.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the type the projected
+            features are kept in and the distance updates read (see the module docstring).
 
     ``run(features (N, D)) -> indices (M,)`` int64 in the order the centres were chosen
     (the first one is the random start). Deterministic for a seed.
     """
 
     def __init__(self, ratio: float = 0.1, projection_dim: int | None = 128, seed: int = 0, device: str = "cpu",
-                 chunk_size: int = 65536, progress: bool = False):
+                 chunk_size: int = 65536, progress: bool = False, precision: str = "fp32"):
         self.ratio = ratio
         self.projection_dim = projection_dim
         self.seed = seed
         self.device = device
         self.chunk_size = chunk_size
         self.progress = progress
+        self.precision = precision
 
     def _check(self) -> None:
         _check_ratio(self.ratio)
@@ -127,6 +149,9 @@ class GreedyCoresetSampler(BaseSampler):
             raise ParameterError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ParameterError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.precision, str) or self.precision not in COVERAGE_PRECISIONS:
+            raise ParameterError(f"coreset precision must be one of {', '.join(COVERAGE_PRECISIONS)}, "
+                                 f"got {self.precision!r}")
 
     def project(self, features) -> torch.Tensor:
         """(N, D) -> (N, projection_dim) float32 on ``device``: ``features @ W``, W ~ N(0, 1/projection_dim).
@@ -159,6 +184,8 @@ class GreedyCoresetSampler(BaseSampler):
             return np.arange(n, dtype=np.int64)
         with torch.inference_mode():
             x = self.project(features)
+            if self.precision != "fp32":
+                x = self._low_precision(x)
             threads = torch.get_num_threads()
             # on the CPU the one large pass per centre is numpy's BLAS (its own threads); the
             # rest are small vector ops, where torch's OpenMP threads only add synchronisation
@@ -169,6 +196,20 @@ class GreedyCoresetSampler(BaseSampler):
                 return self._greedy(x, m)
             finally:
                 torch.set_num_threads(threads)
+
+    def _low_precision(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` centred, scaled by a power of two (largest norm in [1, 2)) and cast to ``precision``, in chunks."""
+        mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        for start in range(0, x.shape[0], self.chunk_size):
+            mean += x[start:start + self.chunk_size].sum(dim=0, dtype=torch.float64)
+        mean = (mean / x.shape[0]).float()
+        largest = max(float((x[start:start + self.chunk_size] - mean).norm(dim=1).max())
+                      for start in range(0, x.shape[0], self.chunk_size))
+        scale = 2.0 ** -math.floor(math.log2(largest)) if largest > 0 else 1.0
+        out = torch.empty(x.shape, dtype=COVERAGE_PRECISIONS[self.precision], device=x.device)
+        for start in range(0, x.shape[0], self.chunk_size):
+            out[start:start + self.chunk_size] = (x[start:start + self.chunk_size] - mean) * scale
+        return out
 
     def _sq_dist_to(self, x: torch.Tensor, norms: torch.Tensor, rows: torch.Tensor | None, pick: int) -> torch.Tensor:
         """Squared distances of ``x[rows]`` (all rows if None) to ``x[pick]``: ``|x|^2 - 2 x.c + |c|^2``
@@ -181,7 +222,15 @@ class GreedyCoresetSampler(BaseSampler):
         per centre (``benchmarks/bench_patchcore.py`` measures the whole sampler).
         """
         centre = x[pick]
-        if x.device.type == "cpu":
+        if x.dtype != torch.float32:  # bf16 / fp16 rows: torch's product in that type, the rest in float32
+            if rows is None:
+                out = norms.clone().add_((x @ centre).float(), alpha=-2.0)
+            else:
+                out = norms[rows]
+                for start in range(0, rows.shape[0], self.chunk_size):
+                    chunk = rows[start:start + self.chunk_size]
+                    out[start:start + self.chunk_size].add_((x[chunk] @ centre).float(), alpha=-2.0)
+        elif x.device.type == "cpu":
             xn, cn = x.numpy(), centre.numpy()
             if rows is None:
                 dots = torch.from_numpy(xn @ cn)
@@ -208,8 +257,12 @@ class GreedyCoresetSampler(BaseSampler):
         selected = torch.empty(m, dtype=torch.int64, device=x.device)
         selected[0] = start
         # min_sq[i]: squared distance of point i to its nearest centre; nearest[i]: which centre (0..m-1)
-        norms = (x * x).sum(dim=1) if x.shape[0] * x.shape[1] <= 4 * self.chunk_size * 128 else torch.cat(
-            [(x[i:i + self.chunk_size] ** 2).sum(dim=1) for i in range(0, x.shape[0], self.chunk_size)])
+        if x.dtype != torch.float32:  # float32 norms of the rounded values
+            norms = torch.cat([(x[i:i + self.chunk_size].float() ** 2).sum(dim=1)
+                               for i in range(0, x.shape[0], self.chunk_size)])
+        else:
+            norms = (x * x).sum(dim=1) if x.shape[0] * x.shape[1] <= 4 * self.chunk_size * 128 else torch.cat(
+                [(x[i:i + self.chunk_size] ** 2).sum(dim=1) for i in range(0, x.shape[0], self.chunk_size)])
         min_sq = self._sq_dist_to(x, norms, None, start)
         min_sq[start] = 0.0
         nearest = torch.zeros(n, dtype=torch.int32, device=x.device)

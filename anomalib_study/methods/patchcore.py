@@ -23,6 +23,14 @@ anomalib's ``PatchcoreModel``.
   patches, so grids may differ while fitting; ``grid_shape_`` is None, and each anomaly
   map comes back at its own image's preprocessed input size (a 1-D object array of
   (H_i, W_i) maps instead of one (n, H, W) array).
+* Precision (``precision=``): ``"fp32"`` (default); ``"bf16"``: the backbone forward under
+  ``torch.autocast(dtype=torch.bfloat16)`` (patch features, coreset and maps in float32)
+  and, with the exact index ``"Flat"``, the bank search's candidate distances in bfloat16,
+  re-ranked in float32 (:mod:`anomalib_study.search`: the reported nearest patch and its
+  distance are the exact float32 ones wherever the candidates hold it); ``"auto"`` = bf16
+  where the CPU or GPU computes it natively, else fp32. Resolved once at fit
+  (``precision_used_``); scoring uses the precision of training. Approximate indexes
+  (IVF, HNSW...) search as faiss does whatever the precision.
 * Threshold (not in the paper, which only ranks): ``calibration_fraction`` of the training
   images (seeded choice) is held out of the memory bank and scored like test images;
   ``threshold_`` is the ``thres_ratio`` quantile of their image scores (so about
@@ -51,6 +59,7 @@ import torch.nn.functional as F
 
 from anomalib_study.checks import fraction_up_to_one, non_negative_float, odd_positive_int, open_fraction, positive_int
 from anomalib_study.errors import ModelFileError, ParameterError, StudyError
+from anomalib_study.hardware import PRECISIONS, resolve_precision
 from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
     MethodParam,
@@ -62,7 +71,7 @@ from anomalib_study.methods.base import (
     load_model_file,
     save_model_file,
 )
-from anomalib_study.methods.coreset import SAMPLERS
+from anomalib_study.methods.coreset import COVERAGE_PRECISIONS, SAMPLERS
 from anomalib_study.patches import PatchFeatures
 from anomalib_study.search import NearestNeighbourIndex
 
@@ -73,7 +82,7 @@ FORMAT_NAME = "anomalib_study.patchcore"
 FORMAT_VERSION = 1
 IMAGE_SCORES = ("max", "reweighted")
 _MEMMAP_BYTES = 2 * 1024**3  # training features larger than this go to a temporary memory-mapped file
-_FITTED = ["memory_bank_", "index_", "grid_shape_", "threshold_"]
+_FITTED = ["memory_bank_", "index_", "grid_shape_", "threshold_", "precision_used_"]
 
 
 # ---------------------------------------------------------------------------------- pure parts
@@ -160,10 +169,15 @@ class PatchCore(BaseDetector):
         sampler: ``"greedy"`` (the paper's coreset) or ``"random"`` (ablation).
         coreset_ratio: share of the training patches kept in the bank, in (0, 1].
         projection_dim: dimension of the coreset's random projection (paper: 128).
+        coreset_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the type of the
+            projected features the greedy coreset's distance updates read (see
+            :mod:`anomalib_study.methods.coreset`; the selection may differ a little from fp32's).
         image_score: ``"reweighted"`` (Eq. 7) or ``"max"``; which one :meth:`score` returns.
         num_neighbours: b of Eq. 7 (neighbours of m* in the bank, m* included; anomalib: 9).
         sigma: Gaussian sigma of the anomaly maps, in output pixels (paper: 4).
         index: faiss factory string of the bank search (``"Flat"`` = exact; e.g. ``"IVF256,PQ16"``).
+        precision: ``"fp32"``, ``"bf16"`` (backbone forward under bf16 autocast, and the Flat
+            search's candidates in bf16 re-ranked in float32) or ``"auto"`` (bf16 where native).
         thres_ratio: quantile of the calibration images' scores used as ``threshold_``.
         calibration_fraction: share of the training images held out of the bank to set
             ``threshold_``, in [0, 1) (0 = paper: all in the bank, no threshold).
@@ -178,15 +192,18 @@ class PatchCore(BaseDetector):
     ``n_train_images_``, ``n_train_patches_`` (patches the coreset chose from),
     ``calibration_scores_max_`` / ``calibration_scores_reweighted_`` (n_cal,),
     ``threshold_`` (float, NaN without calibration), ``backbone_identity_`` (dict or None),
-    ``timings_`` (seconds: extract_s, coreset_s, index_s, calibration_s).
+    ``timings_`` (seconds: extract_s, coreset_s, index_s, calibration_s), ``precision_used_``
+    (``"fp32"`` or ``"bf16"``: what ``precision`` resolved to at fit).
     """
 
     def __init__(self, backbone: Any = "efficientnet_lite0", weights: str | os.PathLike | None = None,
                  image_size: int | None = None, resize_mode: str = "crop", layers: Sequence[str] | None = None,
                  patch_size: int = 3,
                  per_layer_dim: int | None = None, target_dim: int | None = None, sampler: str = "greedy",
-                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, image_score: str = "reweighted",
-                 num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", thres_ratio: float = 0.99,
+                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, coreset_precision: str = "fp32",
+                 image_score: str = "reweighted",
+                 num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", precision: str = "fp32",
+                 thres_ratio: float = 0.99,
                  calibration_fraction: float = 0.1, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
                  device: str = "cpu", progress: bool = True):
         self.backbone = backbone
@@ -200,10 +217,12 @@ class PatchCore(BaseDetector):
         self.sampler = sampler
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.coreset_precision = coreset_precision
         self.image_score = image_score
         self.num_neighbours = num_neighbours
         self.sigma = sigma
         self.index = index
+        self.precision = precision
         self.thres_ratio = thres_ratio
         self.calibration_fraction = calibration_fraction
         self.seed = seed
@@ -237,6 +256,9 @@ class PatchCore(BaseDetector):
             raise ParameterError(f"calibration_fraction must be in [0, 1) (0 = no threshold), got {value!r}")
         if not isinstance(self.index, str) or not self.index.strip():
             raise ParameterError(f"index must be a faiss factory string such as 'Flat', got {self.index!r}")
+        if self.precision not in PRECISIONS:
+            raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)} (bf16: backbone forward and "
+                                 f"bank search in bfloat16, re-ranked in float32), got {self.precision!r}")
         from anomalib_study.patches import patch_features
 
         patch_features([torch.zeros(1, 1, 1, 1)], self.patch_size, self.per_layer_dim, self.target_dim)
@@ -248,7 +270,10 @@ class PatchCore(BaseDetector):
     def _make_sampler(self):
         if self.sampler == "greedy":
             return SAMPLERS["greedy"](ratio=self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed,
-                                      device=self.device, progress=self.progress)
+                                      device=self.device, progress=self.progress, precision=self.coreset_precision)
+        if self.coreset_precision not in COVERAGE_PRECISIONS:  # checked here too: the random sampler ignores it
+            raise ParameterError(f"coreset_precision must be one of {', '.join(COVERAGE_PRECISIONS)}, "
+                                 f"got {self.coreset_precision!r}")
         return SAMPLERS[self.sampler](ratio=self.coreset_ratio, seed=self.seed)
 
     def calibration_images(self, n_images: int) -> np.ndarray:
@@ -291,8 +316,17 @@ class PatchCore(BaseDetector):
         held = self.calibration_images(n)
         keep = np.setdiff1d(np.arange(n), held)
         bank_part = X if held.size == 0 else X[keep]
-        self._fit_arrays(bank_part, X[held], self._grid(grid_shape, p), backbone_identity=None, extract_s=0.0)
+        self._fit_arrays(bank_part, X[held], self._grid(grid_shape, p), backbone_identity=None, extract_s=0.0,
+                         precision=self._resolve_precision())
         return self
+
+    def _resolve_precision(self) -> str:
+        """``precision`` -> ``"fp32"`` / ``"bf16"`` on this model's device."""
+        return resolve_precision(self.precision, self._torch_device())
+
+    def _search_precision(self, precision: str) -> str:
+        # the bf16 re-ranked search exists for the exact index only; approximate ones stay faiss's
+        return precision if self.index.strip() == "Flat" else "fp32"
 
     @staticmethod
     def _grid(grid_shape, n_patches: int) -> tuple[int, int]:
@@ -307,12 +341,13 @@ class PatchCore(BaseDetector):
         return h, w
 
     def _fit_arrays(self, bank_part: np.ndarray, calibration: np.ndarray, grid: tuple[int, int],
-                    backbone_identity: dict | None, extract_s: float) -> None:
+                    backbone_identity: dict | None, extract_s: float, precision: str) -> None:
         n_bank, p, d = bank_part.shape
-        self._fit_rows(bank_part.reshape(n_bank * p, d), n_bank, [calibration], grid, backbone_identity, extract_s)
+        self._fit_rows(bank_part.reshape(n_bank * p, d), n_bank, [calibration], grid, backbone_identity, extract_s,
+                       precision)
 
     def _fit_rows(self, rows: np.ndarray, n_bank: int, calibration: list[np.ndarray], grid: tuple[int, int] | None,
-                  backbone_identity: dict | None, extract_s: float) -> None:
+                  backbone_identity: dict | None, extract_s: float, precision: str) -> None:
         """Fit on the bank images' patches ``rows`` (N, D); ``calibration``: the held-out
         images as a list of (n_i, p_i, D) arrays (one per patch count, in held-out order)."""
         d = rows.shape[1]
@@ -324,9 +359,11 @@ class PatchCore(BaseDetector):
         coreset_s = time.perf_counter() - started
         bank = np.ascontiguousarray(rows[np.sort(chosen)], dtype=np.float32)
         started = time.perf_counter()
-        index = NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=self.device).fit(bank)
+        index = NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=self.device,
+                                      precision=self._search_precision(precision)).fit(bank)
         index_s = time.perf_counter() - started
 
+        self.precision_used_ = precision
         self.memory_bank_ = bank
         self.index_ = index
         self.grid_shape_ = None if grid is None else tuple(grid)
@@ -472,9 +509,10 @@ class PatchCore(BaseDetector):
     def _iter_patch_batches(self, paths, desc: str, errors: dict[int, str] | None = None):
         from anomalib_study.patches import iter_patch_features
 
+        precision = getattr(self, "precision_used_", None) or self._resolve_precision()
         return iter_patch_features(self.get_backbone(), paths, self._patch_maker(), batch_size=self.batch_size,
                                    num_workers=self.num_workers, device=self.device, progress=self.progress,
-                                   desc=desc, errors=errors)
+                                   desc=desc, errors=errors, precision=precision)
 
     def extract_patches(self, paths: Sequence[str | os.PathLike], desc: str = "patch features"
                         ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -488,7 +526,7 @@ class PatchCore(BaseDetector):
         self._validate_params()
         return collect_patch_features(self.get_backbone(), list(paths), self._patch_maker(), batch_size=self.batch_size,
                                       num_workers=self.num_workers, device=self.device, progress=self.progress,
-                                      desc=desc)
+                                      desc=desc, precision=self._resolve_precision())
 
     def fit_paths(self, paths: Sequence[str | os.PathLike]) -> "PatchCore":
         """Fit on normal image files: backbone -> patch features -> coreset -> index. Returns self.
@@ -501,9 +539,10 @@ class PatchCore(BaseDetector):
         if not paths:
             raise ParameterError("fit_paths needs at least one normal image")
         self._backbone_module = None
-        for name in ("backbone_identity_",):
+        for name in ("backbone_identity_", "precision_used_"):
             self.__dict__.pop(name, None)
         backbone = self.get_backbone()
+        self.precision_used_ = precision = self._resolve_precision()
         held = self.calibration_images(len(paths))
         slot = np.full(len(paths), -1, dtype=np.int64)  # row in the bank array, or -(1 + row) in calibration
         keep = np.setdiff1d(np.arange(len(paths)), held)
@@ -536,7 +575,7 @@ class PatchCore(BaseDetector):
                     else:
                         calibration[-1 - where] = row
             extract_s = time.perf_counter() - started
-            self._fit_arrays(bank_part, calibration, grid, self._identity(backbone), extract_s)
+            self._fit_arrays(bank_part, calibration, grid, self._identity(backbone), extract_s, precision)
         finally:
             del bank_part
             if temp is not None:
@@ -567,7 +606,8 @@ class PatchCore(BaseDetector):
                 used += p
         extract_s = time.perf_counter() - started
         calibration = [held[i] for i in range(n_held)]
-        self._fit_rows(rows[:used], n_bank, calibration, None, self._identity(backbone), extract_s)
+        self._fit_rows(rows[:used], n_bank, calibration, None, self._identity(backbone), extract_s,
+                       self.precision_used_)
         return self
 
     def score_paths(self, paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None,
@@ -658,6 +698,7 @@ class PatchCore(BaseDetector):
             "n_train_patches_": self.n_train_patches_,
             "backbone_identity_": self.backbone_identity_,
             "timings_": self.timings_,
+            "precision_used_": self.precision_used_,
             "index_describe": self.index_.describe(),
         }
         arrays = {
@@ -691,6 +732,9 @@ class PatchCore(BaseDetector):
             threshold = header["threshold_"]
             threshold = float("nan") if threshold is None else float(threshold)
             identity = header["backbone_identity_"]
+            precision_used = str(header.get("precision_used_", "fp32"))  # files before precision: fp32
+            if precision_used not in ("fp32", "bf16"):
+                raise ValueError(f"precision_used_ {precision_used!r} is not fp32 or bf16")
         except (KeyError, TypeError, ValueError, StudyError) as error:
             raise ModelFileError(f"{path} has corrupt PatchCore metadata: {error}") from None
         bank = np.ascontiguousarray(arrays["memory_bank_"], dtype=np.float32)
@@ -700,11 +744,13 @@ class PatchCore(BaseDetector):
             if "index_bytes" in arrays:
                 index = NearestNeighbourIndex.from_bytes(arrays["index_bytes"].tobytes(), device=device)
             else:
-                index = NearestNeighbourIndex(factory=model.index, metric="l2", seed=int(model.seed), device=device).fit(bank)
+                index = NearestNeighbourIndex(factory=model.index, metric="l2", seed=int(model.seed), device=device,
+                                              precision=model._search_precision(precision_used)).fit(bank)
         except ModelFileError as error:
             raise ModelFileError(f"{path}: {error}") from None
         if index.ntotal != bank.shape[0] or index.dim_ != bank.shape[1]:
             raise ModelFileError(f"{path} is inconsistent: bank {bank.shape} vs index {index.ntotal} x {index.dim_}")
+        model.precision_used_ = precision_used
         model.memory_bank_ = bank
         model.index_ = index
         model.grid_shape_ = grid
@@ -723,7 +769,8 @@ class PatchCore(BaseDetector):
 
 # ---------------------------------------------------------------------- the method's declaration
 _SETTINGS = ("patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
-             "image_score", "num_neighbours", "sigma", "index", "thres_ratio", "calibration_fraction", "seed")
+             "coreset_precision", "image_score", "num_neighbours", "sigma", "index", "precision", "thres_ratio",
+             "calibration_fraction", "seed")
 
 
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> PatchCore:
@@ -762,6 +809,7 @@ def _describe(model: PatchCore) -> dict:
         "n_calibration": n_calibration,
         "n_train_patches": int(model.n_train_patches_),
         "index_describe": model.index_.describe(),
+        "precision_used": model.precision_used_,
         "fit_timings": dict(model.timings_),
         "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}"
                     + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
@@ -800,12 +848,17 @@ SPEC = MethodSpec(
         MethodParam("sampler", "greedy", "coreset sampler", str, choices=tuple(sorted(SAMPLERS))),
         MethodParam("coreset_ratio", 0.1, "share of training patches kept in the memory bank", fraction_up_to_one),
         MethodParam("projection_dim", 128, "random projection of the greedy coreset's distances"),
+        MethodParam("coreset_precision", "fp32", "type of the projected features the greedy coreset reads: fp32, "
+                    "bf16 or fp16 (half the bytes; the selection may differ a little)", str,
+                    choices=tuple(COVERAGE_PRECISIONS)),
         MethodParam("image_score", "reweighted", "image score: max patch score or the paper's Eq. 7 reweighting",
                     str, choices=IMAGE_SCORES, flag="--score"),
         MethodParam("num_neighbours", 9, "bank neighbours of the nearest patch used by the reweighting",
                     positive_int),
         MethodParam("sigma", 4.0, "Gaussian sigma of the anomaly maps, in pixels", non_negative_float),
         MethodParam("index", "Flat", "faiss factory string of the bank search (Flat = exact)", str),
+        MethodParam("precision", "fp32", "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) "
+                    "or auto (bf16 where the CPU/GPU has it natively)", str, choices=PRECISIONS),
         MethodParam("thres_ratio", 0.99, "share of held-out normal images the threshold keeps normal",
                     open_fraction),
         MethodParam("calibration_fraction", 0.1, "share of training images held out of the bank to set the "
