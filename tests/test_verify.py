@@ -294,3 +294,26 @@ def test_bad_arguments_are_refused_before_any_run(reports, capsys):
     with pytest.raises(SystemExit):
         main(["verify", "--tolerance", "-1"])
     assert not (reports / "scratch").exists()
+
+
+@pytest.mark.slow
+def test_verify_regenerates_a_real_notebook_report_on_the_synthetic_set(tmp_path):
+    """Notebook 01 (kNN) on the generated synthetic set: run, then verify -> every key matches."""
+    repo = Path(__file__).resolve().parents[1]
+    study = tmp_path / "studies" / "knn_synthetic.yaml"
+    study.parent.mkdir()
+    study.write_text(yaml.safe_dump({
+        "notebook": str(repo / "notebooks" / "01_knn_detection.ipynb"), "title": "kNN, synthetic",
+        "headline": ["image_auroc"], "parameters": {"k": 5, "k_sweep": [1, 5]},
+        "backbones": ["efficientnet_lite0"],
+        "datasets": {"synthetic_dagm": {"dataset": "dagm", "root": "{synthetic}"}}}))
+    reports = tmp_path / "reports"
+    (ran,) = runner.run_study(study, reports_dir=reports, log=lambda line: None)
+    assert ran.status == "ok", ran.message
+    before = _folder_hash(reports)
+    lines: list[str] = []
+    (result,) = verify.verify_reports(reports, log=lines.append)
+    assert result.status == "matched", "\n".join(lines)
+    assert result.compared == result.matched > 50 and not result.drifts
+    assert verify.exit_code([result]) == 0
+    assert _folder_hash(reports) == before
