@@ -375,6 +375,25 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
     return result
 
 
+def check_forward_precision(precision: str) -> None:
+    """A resolved forward precision ("fp32" or "bf16"), else ParameterError."""
+    if precision not in ("fp32", "bf16"):
+        raise ParameterError(f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
+                             f"hardware.resolve_precision), got {precision!r}")
+
+
+def forward_maps(backbone: Backbone, images: torch.Tensor, layers: Sequence[str], *, embedding: bool = True,
+                 precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """``backbone(images, layers=..., embedding=...)``, under bf16 autocast for ``precision="bf16"``
+    (the maps returned as float32). Call it inside ``torch.inference_mode``; the autocast
+    context closes before it returns, so it never leaks to a caller's generator."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        maps = backbone(images, layers=layers, embedding=embedding)
+    if precision == "bf16":
+        maps = {name: value.float() for name, value in maps.items()}
+    return maps
+
+
 def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike], layers: Sequence[str], *,
                          batch_size: int = 8, num_workers: int = 0, device: str | torch.device | None = None,
                          progress: bool = True, desc: str | None = None, embedding: bool = True,
@@ -394,20 +413,14 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
     out and recorded there (position -> reason).
     """
     paths = _check_arguments(paths, batch_size, num_workers)
-    if precision not in ("fp32", "bf16"):
-        raise ParameterError(f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
-                             f"hardware.resolve_precision), got {precision!r}")
+    check_forward_precision(precision)
     layers = backbone.check_layers(layers) if isinstance(backbone, Backbone) else layers
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} feature maps", disable=not progress, unit="img")
     try:
         for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
                                                device=device, errors=errors):
-            # neither context around the yield: grad mode or autocast would leak to the caller
-            with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
-                                                        enabled=precision == "bf16"):
-                maps = backbone(images, layers=layers, embedding=embedding)
-            if precision == "bf16":
-                maps = {name: value.float() for name, value in maps.items()}
+            with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
+                maps = forward_maps(backbone, images, layers, embedding=embedding, precision=precision)
             bar.update(len(positions))
             yield positions, maps
     finally:

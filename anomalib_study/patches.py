@@ -170,22 +170,17 @@ def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: Pat
     """
     from tqdm.auto import tqdm
 
-    from anomalib_study.features import image_batches
+    from anomalib_study.features import check_forward_precision, forward_maps, image_batches
 
     layers = maker.resolve_layers(backbone)
-    if precision not in ("fp32", "bf16"):
-        raise ParameterError(f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
-                             f"hardware.resolve_precision), got {precision!r}")
+    check_forward_precision(precision)
     paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)  # a single path is refused below
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} patch features", disable=not progress, unit="img")
     try:
         for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
                                                device=device, errors=errors):
-            # neither context around the yield: grad mode or autocast would leak to the caller
-            with torch.inference_mode():
-                with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    maps = backbone(images, layers=layers, embedding=False)
-                maps = {name: value.float() for name, value in maps.items()}
+            with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
+                maps = forward_maps(backbone, images, layers, embedding=False, precision=precision)
                 features, grid = maker(maps, layers)
             bar.update(len(positions))
             yield PatchBatch(positions, features.cpu().numpy(), grid, (int(images.shape[-2]), int(images.shape[-1])))
