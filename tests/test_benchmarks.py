@@ -153,3 +153,53 @@ def test_bench_clustering_quick_default_options_and_scaling(tmp_path):
     assert report["options"]["exact"]["settings"] == {"n_references": None}
     assert [row["n_images"] for row in report["scaling"]] == [20, 40, 60]
     assert any(line.startswith("default pipeline") for line in module.summary(report))
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_patchcore_precision_cells_follow_the_study():
+    """Every cell of studies/patchcore.yaml, cheapest data set first; without real data only the
+    synthetic cells run, the others are skipped with the reason; notebook-only keys are dropped."""
+    module = _load_script("bench_patchcore_precision")
+    cells = module.study_cells(None)
+    names = [name for name, _, _ in cells]
+    assert len(names) == 14 and names[:2] == ["synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"]
+    assert names[-2:] == ["magnetic_tile-dinov2_vits14", "magnetic_tile-efficientnet_lite0"]
+    for name, kwargs, reason in cells:
+        assert (kwargs is None) == (reason is not None) == (not name.startswith("synthetic_dagm"))
+    kwargs = cells[0][1]
+    assert kwargs["coreset_ratio"] == 0.1 and kwargs["backbone"] == "dinov2_vits14"
+    assert not set(module.NOTEBOOK_ONLY) & set(kwargs)
+    assert [name for name, _, _ in module.study_cells(None, ["mvtec_ad-*"])] == [
+        "mvtec_ad-bottle-dinov2_vits14", "mvtec_ad-bottle-efficientnet_lite0",
+        "mvtec_ad-transistor-dinov2_vits14", "mvtec_ad-transistor-efficientnet_lite0"]
+
+
+def test_bench_patchcore_precision_quick_compares_fp32_and_bf16(tmp_path):
+    """--quick: one tiny cell fitted in fp32 and in bf16; the changes are bf16 - fp32, the hit rate a
+    share of the test patches, and bf16 is never allowed as the default from a partial measurement."""
+    module = _load_script("bench_patchcore_precision")
+    out = tmp_path / "precision.json"
+    assert module.main(["--quick", "--hit-images", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and list(report["cells"]) == ["synthetic_dagm-efficientnet_lite0"]
+    row = report["cells"]["synthetic_dagm-efficientnet_lite0"]
+    assert row["fp32"]["precision_used"] == "fp32" and row["bf16"]["precision_used"] == "bf16"
+    for key in module.METRICS:
+        assert row["changes"][key] == pytest.approx(row["bf16"][key] - row["fp32"][key])
+    hit = row["rerank_hit_rate"]
+    assert hit["n_images"] == 2 and hit["n_queries"] > 0 and 0.0 <= hit["hit_rate"] <= 1.0
+    assert hit["n_hits"] == round(hit["hit_rate"] * hit["n_queries"])
+    assert report["every_study_cell_measured"] is False and report["bf16_default_allowed"] is False
+
+
+def test_bench_patchcore_precision_refuses_zero_hit_images():
+    module = _load_script("bench_patchcore_precision")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--quick", "--hit-images", "0"])
+    assert exc.value.code == 2

@@ -1,0 +1,222 @@
+"""PatchCore in fp32 and in bf16 on every committed data set: how much the results move. Writes one JSON.
+
+    python benchmarks/bench_patchcore_precision.py [--data DIR] [--only GLOB ...] [--hit-images 8]
+                                                   [--out reports/benchmarks/patchcore_precision.json]
+
+Issue 13's rule: bf16 becomes PatchCore's default precision only if image AUROC, pixel AUROC
+and PRO move by at most 0.002 on every committed data set. This script measures exactly that.
+For every cell of ``studies/patchcore.yaml`` (data set x backbone, the study's own parameters:
+10 % coreset, reweighted image score, sigma 4, the data set's resize mode), in the order of the
+cheapest first, it runs :func:`anomalib_study.evaluate.evaluate` twice in this process, with
+``precision="fp32"`` and ``precision="bf16"`` (backbone forward under bf16 autocast, Flat bank
+search in bf16 with the best 8 candidates of each patch re-ranked in float32), and records:
+
+* ``image_auroc``, ``pixel_auroc``, ``pro`` of both and their changes (bf16 - fp32);
+* ``rerank_hit_rate``: on the patches of the first ``--hit-images`` test images (bf16 forward, as
+  at prediction), how often the bf16 candidates held faiss's exact float32 nearest bank row
+  (:meth:`anomalib_study.search.NearestNeighbourIndex.rerank_hit_rate`);
+* ``fp32_matches_committed``: whether the fp32 run reproduces the committed report's three figures
+  (``reports/02_patchcore/<cell>.metrics.json``), so that the comparison is with what the study shows;
+* both runs' fit and predict seconds (on a CPU without native bf16 the bf16 run is emulated and
+  many times slower: those seconds say nothing about bf16 on a CPU that has it;
+  ``bench_patchcore.py`` measures speed).
+
+The report is rewritten after every cell (``"complete": false`` until the end), so a stopped run
+keeps what it measured, and ``--resume`` skips the cells the JSON already holds.
+``bf16_default_allowed`` is true only when every cell of the study was measured and every change is
+within 0.002. ``--quick`` runs the synthetic EfficientNet-Lite0 cell on a tiny generated set at 64 px (seconds;
+smoke test) and writes nothing unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+for _folder in (REPO, REPO / "benchmarks"):  # a source checkout; bench_knn's PartialReport
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+DEFAULT_OUT = REPO / "reports" / "benchmarks" / "patchcore_precision.json"
+STUDY = REPO / "studies" / "patchcore.yaml"
+COMMITTED = REPO / "reports" / "02_patchcore"
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+TOLERANCE = 0.002
+# notebook 02's parameters that are not evaluate's (the coreset ablation, where to write, the title)
+NOTEBOOK_ONLY = ("ablation_ratios", "ablation_train_images", "metrics_out", "report_name")
+# cheapest first, so that a stopped run has measured as many data sets as possible
+ORDER = ("synthetic_dagm", "mvtec_ad-bottle", "mvtec_ad-transistor", "mvtec_3d-tire", "kolektorsdd",
+         "mvtec_loco-juice_bottle", "magnetic_tile")
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[bench_patchcore_precision {time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def study_cells(data: Path | None, only: Sequence[str] = ()) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+    """``(cell name, evaluate keyword arguments or None, skip reason or None)`` of the PatchCore study, cheapest first."""
+    from anomalib_study.runner import expand_grid, read_study, resolve_parameters, synthetic_root
+
+    cells = expand_grid(read_study(STUDY))
+    rank = {key: i for i, key in enumerate(ORDER)}
+    cells.sort(key=lambda c: (rank.get(c.dataset, len(ORDER)), c.name))
+    chosen = []
+    for cell in cells:
+        if only and not any(fnmatch.fnmatchcase(cell.name, pattern) for pattern in only):
+            continue
+        parameters, reason = resolve_parameters(cell.parameters, data=data, synthetic=synthetic_root)
+        kwargs = {k: v for k, v in parameters.items() if k not in NOTEBOOK_ONLY}
+        chosen.append((cell.name, None if reason else kwargs, reason))
+    return chosen
+
+
+def committed_figures(cell: str) -> dict[str, Any] | None:
+    path = COMMITTED / f"{cell}.metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    return {key: metrics.get(key) for key in METRICS}
+
+
+def _change(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else float(b) - float(a)
+
+
+def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False) -> dict[str, Any]:
+    """Both precisions of one cell: figures, changes, seconds, the re-rank hit rate."""
+    from anomalib_study.evaluate import evaluate
+
+    kwargs = dict(kwargs)
+    dataset, root = kwargs.pop("dataset"), kwargs.pop("root")
+    if quick:
+        kwargs.update(image_size=64)
+    runs: dict[str, Any] = {}
+    for precision in ("fp32", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "bf16 is emulated": recorded as native_bf16
+            metrics = evaluate("patchcore", dataset, root, progress=False, return_maps=precision == "bf16",
+                               precision=precision, cache=None, **kwargs)
+        runs[precision] = {
+            **{key: metrics.get(key) for key in METRICS},
+            "precision_used": metrics.get("precision_used"),
+            "fit_s": round(metrics["timings"]["fit_s"], 2), "predict_s": round(metrics["timings"]["predict_s"], 2),
+            "n_train": metrics["n_train"], "n_test": metrics["n_test"],
+            "memory_bank_size": metrics.get("memory_bank_size"),
+        }
+        log(f"  {precision}: " + ", ".join(f"{k} {runs[precision][k]}" for k in (*METRICS, "fit_s", "predict_s")))
+    from anomalib_study.data import load_dataset
+
+    model = metrics["model"]
+    test = load_dataset(dataset, root, category=kwargs.get("category")).test[:hit_images]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patches, _ = model.extract_patches([r.path for r in test])
+    hit = model.index_.rerank_hit_rate(patches.reshape(-1, patches.shape[-1]))
+    changes = {key: _change(runs["fp32"][key], runs["bf16"][key]) for key in METRICS}
+    return {**runs, "changes": changes, "rerank_hit_rate": {**hit, "n_images": len(test)},
+            "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
+
+
+def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | None, resume: bool,
+        quick: bool = False) -> dict[str, Any]:
+    from bench_knn import PartialReport
+
+    from anomalib_study.hardware import native_bf16
+
+    report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick, tolerance=TOLERANCE,
+                           study=str(STUDY.relative_to(REPO)), hit_images=hit_images)
+    previous = json.loads(out.read_text()).get("cells", {}) if resume and out is not None and out.exists() else {}
+    cells = study_cells(data, only)
+    if quick:  # one cell, on a tiny generated set of its own
+        from anomalib_study.data.synthetic import make_synthetic_dagm
+
+        root = make_synthetic_dagm(Path(tempfile.mkdtemp(prefix="bench_precision_quick_")), n_classes=1, n_train=8,
+                                   n_test_normal=4, n_test_defect=4, image_size=64)
+        cells = [(name, {**kwargs, "root": str(root)}, reason) for name, kwargs, reason in cells
+                 if name == "synthetic_dagm-efficientnet_lite0"]
+    report["cells"] = {}
+    report["skipped"] = {name: reason for name, _, reason in cells if reason}
+    for name, kwargs, reason in cells:
+        if reason:
+            continue
+        if name in previous:
+            log(f"{name}: kept from {out}")
+            report["cells"][name] = previous[name]
+            continue
+        log(f"{name}: fp32 and bf16")
+        row = measure(kwargs, hit_images, quick=quick)
+        committed = None if quick else committed_figures(name)
+        row["committed"] = committed
+        row["fp32_matches_committed"] = None if committed is None else all(
+            committed[k] is None and row["fp32"][k] is None
+            or committed[k] is not None and row["fp32"][k] is not None and abs(committed[k] - row["fp32"][k]) < 1e-9
+            for k in METRICS)
+        report["cells"][name] = row
+        report.save()
+    rows = report["cells"].values()
+    measured_all = not quick and not report["skipped"] and len(report["cells"]) == len(cells) and not only
+    changes = [abs(v) for row in rows for v in row["changes"].values() if v is not None]
+    report["max_abs_change"] = max(changes) if changes else None
+    report["min_rerank_hit_rate"] = min((row["rerank_hit_rate"]["hit_rate"] for row in rows), default=None)
+    report["every_study_cell_measured"] = measured_all
+    report["bf16_default_allowed"] = bool(measured_all and all(row["within_tolerance"] for row in rows))
+    report.save()
+    return dict(report.finish())
+
+
+def summary(report: dict) -> list[str]:
+    lines = [f"{'cell':42} {'image AUROC':>19} {'pixel AUROC':>19} {'PRO':>19}  hit rate"]
+    for name, row in report["cells"].items():
+        parts = []
+        for key in METRICS:
+            a, change = row["fp32"][key], row["changes"][key]
+            parts.append("-".rjust(19) if a is None else f"{a:.4f} {change:+.4f}".rjust(19))
+        lines.append(f"{name:42} {' '.join(parts)}  {row['rerank_hit_rate']['hit_rate']:.4f}")
+    for name, reason in report.get("skipped", {}).items():
+        lines.append(f"{name:42} skipped: {reason}")
+    lines.append(f"largest change {report['max_abs_change']} (tolerance {TOLERANCE}); every cell measured: "
+                 f"{report['every_study_cell_measured']}; bf16 may be the default: {report['bf16_default_allowed']}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from anomalib_study.errors import StudyError
+    from anomalib_study.io import data_root, write_json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)")
+    parser.add_argument("--only", nargs="*", default=[], help="cell name patterns (e.g. 'mvtec_ad-*'); default: all")
+    parser.add_argument("--hit-images", type=int, default=8, help="test images whose patches the hit rate uses")
+    parser.add_argument("--resume", action="store_true", help="keep the cells the --out JSON already holds")
+    parser.add_argument("--quick", action="store_true", help="synthetic EfficientNet-Lite0 cell at 64 px (smoke test)")
+    parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
+                                                    "with --quick: none)")
+    args = parser.parse_args(argv)
+    if args.hit_images < 1:
+        parser.error(f"--hit-images must be at least 1, got {args.hit_images}")
+    out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
+    try:
+        data = None if args.quick else data_root(args.data)
+        report = run(data, args.only, args.hit_images, out, args.resume, quick=args.quick)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(report)))
+    if out is not None:
+        write_json(out, report)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
