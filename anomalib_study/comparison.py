@@ -8,6 +8,7 @@ the published figures from :mod:`anomalib_study.published`::
     detection_table(reports)                  # image / pixel AUROC, PRO, accuracy, times
     clustering_table(reports)                 # NMI / ARI / F1 per mode, tau and how it was chosen
     published_table(reports)                  # the published figures beside ours
+    fusion_table(reports)                     # PatchCore's two backbones' image scores combined
 
 A report's ``status`` is ``"ok"``, ``"failed"`` (its last run raised; the numbers, if any,
 are the last good run's) or ``"stale"`` (its notebook or the package sources changed since
@@ -54,6 +55,8 @@ REPORT_COLUMNS = (
 )
 DETECTION_COLUMNS = ("dataset", "method", "config", "image_auroc", "pixel_auroc", "pro", "accuracy", "fit_s",
                      "predict_images_per_s", "status", "note", "synthetic", "notebook", "cell")
+FUSION_COLUMNS = ("dataset", "method", "configs", "image_aurocs", "best_single", "best_single_auroc", "fused_auroc",
+                  "gain", "n_test")
 CLUSTERING_COLUMNS = ("dataset", "config", "mode", "nmi", "ari", "f1", "tau", "tau_rule", "status", "note",
                       "synthetic", "notebook", "cell")
 _SKIPPED_FOLDERS = ("benchmarks",)
@@ -296,6 +299,57 @@ def clustering_table(reports: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(CLUSTERING_COLUMNS))
 
 
+def _threshold_normalised(metrics: dict[str, Any]) -> tuple[list[str], Any] | None:
+    """``(test paths, image scores / calibrated threshold)`` of a report, None if it lacks either."""
+    import numpy as np
+
+    rows, threshold = metrics.get("per_image"), metrics.get("threshold")
+    if not rows or not isinstance(threshold, (int, float)) or not threshold > 0:
+        return None
+    try:
+        paths = [str(row["path"]) for row in rows]
+        scores = np.array([float(row["score"]) for row in rows]) / float(threshold)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return paths, scores
+
+
+def fusion_table(reports: pd.DataFrame, method: str = "patchcore") -> pd.DataFrame:
+    """The image scores of one method's backbones / variants combined, per data set.
+
+    Each report's image scores are divided by its calibrated threshold (the 0.99 quantile of
+    the scores of its held-out normal training images, so both are on the scale "1 = the
+    edge of normal"), the normalised scores of every ok report of ``method`` on the data set
+    are summed, and the sum's image AUROC is computed on the test labels. Only data sets
+    with at least two such reports scored on the same test images in the same order; image
+    level only (the anomaly maps are not stored). Columns :data:`FUSION_COLUMNS`;
+    ``gain`` = fused - best single report.
+    """
+    import numpy as np
+
+    from anomalib_study.metrics import image_auroc
+
+    rows = []
+    selected = reports[(reports["method"] == method) & (reports["status"] == "ok") & reports["metrics"].notna()]
+    for dataset, group in selected.sort_values(["dataset", "config"]).groupby("dataset", sort=True):
+        parts = []
+        for report in group.itertuples():
+            normalised = _threshold_normalised(report.metrics)
+            if normalised is not None:
+                parts.append((report.config, report.image_auroc, report.metrics["per_image"], *normalised))
+        if len(parts) < 2 or any(part[3] != parts[0][3] for part in parts[1:]):
+            continue
+        labels = np.array([int(row["label"]) for row in parts[0][2]])
+        fused = image_auroc(labels, np.sum([part[4] for part in parts], axis=0))
+        best = max(parts, key=lambda part: part[1])
+        rows.append({"dataset": dataset, "method": METHOD_LABELS.get(method, method),
+                     "configs": " + ".join(part[0] for part in parts),
+                     "image_aurocs": ", ".join(f"{part[1]:.3f}" for part in parts), "best_single": best[0],
+                     "best_single_auroc": best[1], "fused_auroc": fused, "gain": fused - best[1],
+                     "n_test": int(labels.size)})
+    return pd.DataFrame(rows, columns=list(FUSION_COLUMNS))
+
+
 def published_table(reports: pd.DataFrame, method: str | None = None) -> pd.DataFrame:
     """The published figures beside ours: for every report with metrics (of ``method``, or
     every method), the rows of its comparison in :mod:`anomalib_study.published` (this run
@@ -352,6 +406,7 @@ def summary(reports: pd.DataFrame) -> dict[str, Any]:
         "status_counts": status_counts(reports),
         "detection": records(detection_table(reports)),
         "clustering": records(clustering_table(reports)),
+        "patchcore_fusion": records(fusion_table(reports)),
         "image_auroc_matrix": {row: {col: (None if pd.isna(v) else float(v)) for col, v in values.items()}
                                for row, values in matrix.to_dict(orient="index").items()},
     }

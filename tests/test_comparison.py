@@ -251,3 +251,31 @@ def test_notebook_05_runs_on_a_reports_folder(project, tmp_path):
     assert detection.loc[detection["method"] == "PatchCore", "image_auroc"].tolist() == [0.97]
     text = json.dumps([c.outputs for c in executed.cells if c.cell_type == "code"])
     assert "image/png" in text and re.search(r"published \(DN2 seed\)", text)
+
+
+def _scored(config, scores, threshold, paths=("a", "b", "c", "d"), labels=(0, 0, 1, 1), image_auroc=0.5):
+    per_image = [{"path": p, "label": y, "score": s} for p, y, s in zip(paths, labels, scores)]
+    return _detection("patchcore", "set", "mvtec_ad", "mvtec_ad/set", config, image_auroc, threshold=threshold,
+                      per_image=per_image)
+
+
+def test_fusion_table_sums_threshold_normalised_scores(tmp_path):
+    """Known answer: A alone 0.50, B alone 0.75; A / 1 + B / 10 = [2, 3, 4, 4.5] separates the classes (1.0).
+    A data set with one report, or whose reports scored other images, gets no row."""
+    folder = tmp_path / "reports" / "02_patchcore"
+    _write(folder, "set-a", _scored("a", [1.0, 2.0, 3.0, 0.5], 1.0, image_auroc=0.5))
+    _write(folder, "set-b", _scored("b", [10.0, 10.0, 10.0, 40.0], 10.0, image_auroc=0.75))
+    other = _scored("a", [1.0, 2.0, 3.0, 0.5], 1.0)
+    other["_run"]["dataset"] = "lonely"
+    _write(folder, "lonely-a", other)
+    for config, paths in (("a", ("a", "b", "c", "d")), ("b", ("d", "c", "b", "a"))):
+        mixed = _scored(config, [1.0, 2.0, 3.0, 4.0], 1.0, paths=paths)
+        mixed["_run"]["dataset"] = "mixed"
+        _write(folder, f"mixed-{config}", mixed)
+    table = comparison.fusion_table(comparison.collect_reports(tmp_path / "reports"))
+    assert list(table["dataset"]) == ["set"]
+    row = table.iloc[0]
+    assert row["configs"] == "a + b" and row["best_single"] == "b" and row["image_aurocs"] == "0.500, 0.750"
+    assert row["fused_auroc"] == pytest.approx(1.0) and row["gain"] == pytest.approx(0.25) and row["n_test"] == 4
+    assert list(comparison.summary(comparison.collect_reports(tmp_path / "reports"))["patchcore_fusion"][0]) == list(
+        comparison.FUSION_COLUMNS)
