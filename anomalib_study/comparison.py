@@ -47,6 +47,10 @@ LABELS = {
     "pixel_auroc": "pixel AUROC", "pro": "PRO", "accuracy": "accuracy", "fit_s": "fit (s)",
     "predict_images_per_s": "predict (images/s)", "status": "status", "note": "note", "mode": "mode",
     "nmi": "NMI", "ari": "ARI", "f1": "F1", "tau": "tau", "tau_rule": "tau chosen by",
+    "backbone": "backbone", "image_size": "input (px)", "resize_mode": "resize", "coreset": "coreset",
+    "peak_rss_mb": "peak memory (MB)", "configs": "backbones combined", "image_aurocs": "image AUROC each",
+    "best_single": "better alone", "best_single_auroc": "its image AUROC", "fused_auroc": "combined image AUROC",
+    "gain": "gain", "n_test": "test images",
 }
 REPORT_COLUMNS = (
     "notebook", "cell", "dataset", "data", "method", "task", "backbone", "variant", "config", "status",
@@ -57,6 +61,8 @@ DETECTION_COLUMNS = ("dataset", "method", "config", "image_auroc", "pixel_auroc"
                      "predict_images_per_s", "status", "note", "synthetic", "notebook", "cell")
 FUSION_COLUMNS = ("dataset", "method", "configs", "image_aurocs", "best_single", "best_single_auroc", "fused_auroc",
                   "gain", "n_test")
+SETTINGS_COLUMNS = ("dataset", "backbone", "image_size", "resize_mode", "coreset", "image_auroc", "pixel_auroc", "pro",
+                    "fit_s", "predict_images_per_s", "peak_rss_mb", "cell", "status")
 CLUSTERING_COLUMNS = ("dataset", "config", "mode", "nmi", "ari", "f1", "tau", "tau_rule", "status", "note",
                       "synthetic", "notebook", "cell")
 _SKIPPED_FOLDERS = ("benchmarks",)
@@ -299,6 +305,34 @@ def clustering_table(reports: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(CLUSTERING_COLUMNS))
 
 
+def settings_table(reports: pd.DataFrame, method: str = "patchcore") -> pd.DataFrame:
+    """One method's reports on the data sets it ran with more than one setting, each with its
+    input setting read from its metrics (backbone, input side, resize mode, coreset share):
+    image / pixel AUROC, PRO, fit seconds, test images/s and the run's peak resident memory
+    (MB), sorted by data set, backbone, input side and mode (columns :data:`SETTINGS_COLUMNS`).
+    For the resolution / resize-mode ablation (``studies/patchcore_resolution.yaml``) beside
+    the main study's cells."""
+    rows = []
+    for report in reports[(reports["method"] == method) & reports["metrics"].notna()].itertuples():
+        metrics = report.metrics
+        net = metrics.get("backbone") or {}
+        pre = net.get("preprocessing") or {}
+        ratio = (metrics.get("params") or {}).get("coreset_ratio")
+        rows.append({
+            "dataset": report.dataset, "backbone": str(net.get("name", report.backbone)),
+            "image_size": _number(net.get("image_size")), "resize_mode": str(pre.get("resize_mode", "crop")),
+            "coreset": f"{100 * ratio:g} %" if isinstance(ratio, (int, float)) else "",
+            "image_auroc": report.image_auroc, "pixel_auroc": report.pixel_auroc, "pro": report.pro,
+            "fit_s": report.fit_s, "predict_images_per_s": report.predict_images_per_s,
+            "peak_rss_mb": _number((metrics.get("peak_memory") or {}).get("peak_rss_mb")), "cell": report.cell,
+            "status": report.status,
+        })
+    table = pd.DataFrame(rows, columns=list(SETTINGS_COLUMNS))
+    several = table.groupby(["dataset", "backbone"])["cell"].transform("size") > 1
+    table = table[several].sort_values(["dataset", "backbone", "image_size", "resize_mode", "coreset"])
+    return table.reset_index(drop=True)
+
+
 def _threshold_normalised(metrics: dict[str, Any]) -> tuple[list[str], Any] | None:
     """``(test paths, image scores / calibrated threshold)`` of a report, None if it lacks either."""
     import numpy as np
@@ -322,15 +356,17 @@ def fusion_table(reports: pd.DataFrame, method: str = "patchcore") -> pd.DataFra
     edge of normal"), the normalised scores of every ok report of ``method`` on the data set
     are summed, and the sum's image AUROC is computed on the test labels. Only data sets
     with at least two such reports scored on the same test images in the same order; image
-    level only (the anomaly maps are not stored). Columns :data:`FUSION_COLUMNS`;
-    ``gain`` = fused - best single report.
+    level only (the anomaly maps are not stored). Reports of a variants grid (e.g. the
+    resolution ablation) are left out: one report per backbone. Columns
+    :data:`FUSION_COLUMNS`; ``gain`` = fused - best single report.
     """
     import numpy as np
 
     from anomalib_study.metrics import image_auroc
 
     rows = []
-    selected = reports[(reports["method"] == method) & (reports["status"] == "ok") & reports["metrics"].notna()]
+    selected = reports[(reports["method"] == method) & (reports["status"] == "ok") & reports["metrics"].notna()
+                       & (reports["variant"] == "")]
     for dataset, group in selected.sort_values(["dataset", "config"]).groupby("dataset", sort=True):
         parts = []
         for report in group.itertuples():

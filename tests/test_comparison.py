@@ -279,3 +279,25 @@ def test_fusion_table_sums_threshold_normalised_scores(tmp_path):
     assert row["fused_auroc"] == pytest.approx(1.0) and row["gain"] == pytest.approx(0.25) and row["n_test"] == 4
     assert list(comparison.summary(comparison.collect_reports(tmp_path / "reports"))["patchcore_fusion"][0]) == list(
         comparison.FUSION_COLUMNS)
+
+
+def test_settings_table_lists_the_settings_of_one_backbone_on_one_data_set(tmp_path):
+    """Two input settings of b1 on one data set: both rows, smaller input first, each setting read
+    from its metrics; a backbone with one setting only is left out."""
+    folder = tmp_path / "reports" / "02_patchcore"
+
+    def cell(config, side, mode, auroc, ratio=0.01):
+        metrics = _detection("patchcore", "tiles", "magnetic_tile", "magnetic_tile", config, auroc,
+                             peak_memory={"peak_rss_mb": 100.0 * side / 224})
+        metrics["backbone"].update(image_size=side, preprocessing={"resize_mode": mode})
+        metrics["params"]["coreset_ratio"] = ratio
+        return metrics
+
+    _write(folder, "tiles-b1-448-keep", cell("b1", 448, "keep", 0.97))
+    _write(folder, "tiles-b1", cell("b1", 224, "squash", 0.93, ratio=0.1))
+    _write(folder, "tiles-b2", cell("b2", 224, "squash", 0.9))
+    table = comparison.settings_table(comparison.collect_reports(tmp_path / "reports"))
+    assert list(table["cell"]) == ["tiles-b1", "tiles-b1-448-keep"]
+    assert list(table["image_size"]) == [224, 448] and list(table["resize_mode"]) == ["squash", "keep"]
+    assert list(table["coreset"]) == ["10 %", "1 %"] and list(table["image_auroc"]) == [0.93, 0.97]
+    assert table["peak_rss_mb"].tolist() == [100.0, 200.0]
