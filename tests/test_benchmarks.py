@@ -203,3 +203,15 @@ def test_bench_patchcore_precision_refuses_zero_hit_images():
     with pytest.raises(SystemExit) as exc:
         module.main(["--quick", "--hit-images", "0"])
     assert exc.value.code == 2
+
+
+def test_bench_clustering_options_rows_are_chosen_and_checked(tmp_path):
+    """--options names the rows of the options part (exact only here); an unknown row is refused."""
+    module = _load_script("bench_clustering")
+    out = tmp_path / "clustering.json"
+    assert module.main(["--quick", "--parts", "default,options", "--options", "exact", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["options"]) == ["exact"]
+    assert report["default_nmi_gap"] == pytest.approx(report["default_nmi"] - report["exact_nmi"])
+    with pytest.raises(SystemExit):
+        module.main(["--quick", "--options", "exact,bogus"])
