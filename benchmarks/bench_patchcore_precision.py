@@ -16,13 +16,15 @@ search in bf16 with the best 8 candidates of each patch re-ranked in float32), a
   at prediction), how often the bf16 candidates held faiss's exact float32 nearest bank row
   (:meth:`anomalib_study.search.NearestNeighbourIndex.rerank_hit_rate`);
 * ``fp32_matches_committed``: whether the fp32 run reproduces the committed report's three figures
-  (``reports/02_patchcore/<cell>.metrics.json``), so that the comparison is with what the study shows;
+  (``reports/02_patchcore/<cell>.metrics.json``) up to float rounding (1e-6; the largest difference in
+  ``fp32_vs_committed_max_diff``), so that the comparison is with what the study shows;
 * both runs' fit and predict seconds (on a CPU without native bf16 the bf16 run is emulated and
   many times slower: those seconds say nothing about bf16 on a CPU that has it;
   ``bench_patchcore.py`` measures speed).
 
 The report is rewritten after every cell (``"complete": false`` until the end), so a stopped run
-keeps what it measured, and ``--resume`` skips the cells the JSON already holds.
+keeps what it measured, and ``--resume`` skips the cells the JSON already holds; ``--stored-only``
+measures nothing and rewrites the summary of the stored cells, listing the others as not measured.
 ``bf16_default_allowed`` is true only when every cell of the study was measured and every change is
 within 0.002. ``--quick`` runs the synthetic EfficientNet-Lite0 cell on a tiny generated set at 64 px (seconds;
 smoke test) and writes nothing unless ``--out`` is given.
@@ -126,15 +128,33 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False) -> dic
             "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
 
 
+def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
+    """Whether the fp32 run gives the committed report's figures (up to float rounding, 1e-6), and the largest
+    difference."""
+    committed = row.get("committed")
+    if committed is None:
+        return None, None
+    diffs = []
+    for key in METRICS:
+        a, b = committed.get(key), row["fp32"].get(key)
+        if (a is None) != (b is None):
+            return False, None
+        if a is not None:
+            diffs.append(abs(float(a) - float(b)))
+    largest = max(diffs, default=0.0)
+    return largest <= 1e-6, largest
+
+
 def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | None, resume: bool,
-        quick: bool = False) -> dict[str, Any]:
+        quick: bool = False, stored_only: bool = False) -> dict[str, Any]:
     from bench_knn import PartialReport
 
     from anomalib_study.hardware import native_bf16
 
     report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick, tolerance=TOLERANCE,
                            study=str(STUDY.relative_to(REPO)), hit_images=hit_images)
-    previous = json.loads(out.read_text()).get("cells", {}) if resume and out is not None and out.exists() else {}
+    keep_stored = (resume or stored_only) and out is not None and out.exists()
+    previous = json.loads(out.read_text()).get("cells", {}) if keep_stored else {}
     cells = study_cells(data, only)
     if quick:  # one cell, on a tiny generated set of its own
         from anomalib_study.data.synthetic import make_synthetic_dagm
@@ -145,30 +165,34 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
                  if name == "synthetic_dagm-efficientnet_lite0"]
     report["cells"] = {}
     report["skipped"] = {name: reason for name, _, reason in cells if reason}
+    report["not_measured"] = []
     for name, kwargs, reason in cells:
         if reason:
             continue
         if name in previous:
             log(f"{name}: kept from {out}")
-            report["cells"][name] = previous[name]
+            row = previous[name]
+        elif stored_only:
+            report["not_measured"].append(name)
             continue
-        log(f"{name}: fp32 and bf16")
-        row = measure(kwargs, hit_images, quick=quick)
-        committed = None if quick else committed_figures(name)
-        row["committed"] = committed
-        row["fp32_matches_committed"] = None if committed is None else all(
-            committed[k] is None and row["fp32"][k] is None
-            or committed[k] is not None and row["fp32"][k] is not None and abs(committed[k] - row["fp32"][k]) < 1e-9
-            for k in METRICS)
+        else:
+            log(f"{name}: fp32 and bf16")
+            row = measure(kwargs, hit_images, quick=quick)
+            row["committed"] = None if quick else committed_figures(name)
+        row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
     rows = report["cells"].values()
-    measured_all = not quick and not report["skipped"] and len(report["cells"]) == len(cells) and not only
+    measured_all = (not quick and not report["skipped"] and not report["not_measured"] and not only
+                    and len(report["cells"]) == len(cells))
     changes = [abs(v) for row in rows for v in row["changes"].values() if v is not None]
     report["max_abs_change"] = max(changes) if changes else None
+    report["cells_outside_tolerance"] = [name for name, row in report["cells"].items() if not row["within_tolerance"]]
     report["min_rerank_hit_rate"] = min((row["rerank_hit_rate"]["hit_rate"] for row in rows), default=None)
     report["every_study_cell_measured"] = measured_all
-    report["bf16_default_allowed"] = bool(measured_all and all(row["within_tolerance"] for row in rows))
+    # bf16 is allowed only when every cell was measured and is within the tolerance; one cell outside it
+    # already decides against bf16, measured or not the rest
+    report["bf16_default_allowed"] = bool(measured_all and not report["cells_outside_tolerance"])
     report.save()
     return dict(report.finish())
 
@@ -183,7 +207,10 @@ def summary(report: dict) -> list[str]:
         lines.append(f"{name:42} {' '.join(parts)}  {row['rerank_hit_rate']['hit_rate']:.4f}")
     for name, reason in report.get("skipped", {}).items():
         lines.append(f"{name:42} skipped: {reason}")
-    lines.append(f"largest change {report['max_abs_change']} (tolerance {TOLERANCE}); every cell measured: "
+    for name in report.get("not_measured", []):
+        lines.append(f"{name:42} not measured")
+    lines.append(f"largest change {report['max_abs_change']} (tolerance {TOLERANCE}); outside it: "
+                 f"{', '.join(report['cells_outside_tolerance']) or 'none'}; every cell measured: "
                  f"{report['every_study_cell_measured']}; bf16 may be the default: {report['bf16_default_allowed']}")
     return lines
 
@@ -198,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="cell name patterns (e.g. 'mvtec_ad-*'); default: all")
     parser.add_argument("--hit-images", type=int, default=8, help="test images whose patches the hit rate uses")
     parser.add_argument("--resume", action="store_true", help="keep the cells the --out JSON already holds")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="measure nothing: the summary of the cells the --out JSON holds, the others listed "
+                             "as not measured")
     parser.add_argument("--quick", action="store_true", help="synthetic EfficientNet-Lite0 cell at 64 px (smoke test)")
     parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
                                                     "with --quick: none)")
@@ -207,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     try:
         data = None if args.quick else data_root(args.data)
-        report = run(data, args.only, args.hit_images, out, args.resume, quick=args.quick)
+        report = run(data, args.only, args.hit_images, out, args.resume, quick=args.quick,
+                     stored_only=args.stored_only)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -215,3 +215,25 @@ def test_bench_clustering_options_rows_are_chosen_and_checked(tmp_path):
     assert report["default_nmi_gap"] == pytest.approx(report["default_nmi"] - report["exact_nmi"])
     with pytest.raises(SystemExit):
         module.main(["--quick", "--options", "exact,bogus"])
+
+
+def test_bench_patchcore_precision_stored_only_summarises_without_measuring(tmp_path):
+    """--stored-only: the stored cell is kept (its committed check recomputed: 1e-7 apart is a match), the
+    other synthetic cell is listed as not measured; one change above 0.002 puts the cell outside the tolerance."""
+    module = _load_script("bench_patchcore_precision")
+    figures = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.7}
+    row = {"fp32": dict(figures), "bf16": {**figures, "image_auroc": 0.91},
+           "changes": {"image_auroc": 0.01, "pixel_auroc": 0.0, "pro": 0.0}, "within_tolerance": False,
+           "rerank_hit_rate": {"hit_rate": 0.99, "n_queries": 100, "n_hits": 99, "rerank": 8, "n_images": 1},
+           "committed": {**figures, "pro": 0.7 + 1e-7}}
+    out = tmp_path / "precision.json"
+    io_write = json.dumps({"cells": {"synthetic_dagm-efficientnet_lite0": row}})
+    out.write_text(io_write)
+    assert module.main(["--stored-only", "--only", "synthetic_dagm-*", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["cells"]) == ["synthetic_dagm-efficientnet_lite0"]
+    assert report["not_measured"] == ["synthetic_dagm-dinov2_vits14"]
+    kept = report["cells"]["synthetic_dagm-efficientnet_lite0"]
+    assert kept["fp32_matches_committed"] is True and kept["fp32_vs_committed_max_diff"] == pytest.approx(1e-7)
+    assert report["cells_outside_tolerance"] == ["synthetic_dagm-efficientnet_lite0"]
+    assert report["max_abs_change"] == pytest.approx(0.01) and report["bf16_default_allowed"] is False
