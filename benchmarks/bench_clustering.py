@@ -124,7 +124,8 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: P
     from anomalib_study.hardware import native_bf16
     from anomalib_study.methods.clustering import AnomalyClustering
 
-    report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick)
+    report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick, parts=list(parts),
+                           option_rows=list(options) if "options" in parts else [])
     save = report.save
 
     name, records = _records(data, quick, work, dataset)
