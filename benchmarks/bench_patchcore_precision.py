@@ -23,7 +23,8 @@ search in bf16 with the best 8 candidates of each patch re-ranked in float32), a
   ``bench_patchcore.py`` measures speed).
 
 The report is rewritten after every cell (``"complete": false`` until the end), so a stopped run
-keeps what it measured, and ``--resume`` skips the cells the JSON already holds; ``--stored-only``
+keeps what it measured, and ``--resume`` skips the cells the JSON already holds (and keeps those
+``--only`` leaves out); ``--stored-only``
 measures nothing and rewrites the summary of the stored cells, listing the others as not measured.
 ``bf16_default_allowed`` is true only when every cell of the study was measured and every change is
 within 0.002. ``--quick`` runs the synthetic EfficientNet-Lite0 cell on a tiny generated set at 64 px (seconds;
@@ -182,9 +183,16 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
+    chosen = {name for name, _, _ in cells}
+    for name, kwargs, reason in ([] if quick else study_cells(data)):  # stored cells that --only left out: kept
+        if name not in chosen and name in previous and not reason:
+            row = previous[name]
+            row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
+            report["cells"][name] = row
+    study = [] if quick else study_cells(data)
     rows = report["cells"].values()
-    measured_all = (not quick and not report["skipped"] and not report["not_measured"] and not only
-                    and len(report["cells"]) == len(cells))
+    measured_all = bool(study) and not any(reason for _, _, reason in study) and all(
+        name in report["cells"] for name, _, _ in study)
     changes = [abs(v) for row in rows for v in row["changes"].values() if v is not None]
     report["max_abs_change"] = max(changes) if changes else None
     report["cells_outside_tolerance"] = [name for name, row in report["cells"].items() if not row["within_tolerance"]]

@@ -237,3 +237,20 @@ def test_bench_patchcore_precision_stored_only_summarises_without_measuring(tmp_
     assert kept["fp32_matches_committed"] is True and kept["fp32_vs_committed_max_diff"] == pytest.approx(1e-7)
     assert report["cells_outside_tolerance"] == ["synthetic_dagm-efficientnet_lite0"]
     assert report["max_abs_change"] == pytest.approx(0.01) and report["bf16_default_allowed"] is False
+
+
+def test_bench_patchcore_precision_resume_keeps_cells_that_only_leaves_out(tmp_path):
+    """--resume --only 'x': a stored cell that the pattern leaves out stays in the report."""
+    module = _load_script("bench_patchcore_precision")
+    figures = {"image_auroc": 0.9, "pixel_auroc": None, "pro": None}
+    row = {"fp32": dict(figures), "bf16": dict(figures), "changes": {"image_auroc": 0.0, "pixel_auroc": None,
+           "pro": None}, "within_tolerance": True, "committed": None,
+           "rerank_hit_rate": {"hit_rate": 1.0, "n_queries": 10, "n_hits": 10, "rerank": 8, "n_images": 1}}
+    out = tmp_path / "precision.json"
+    out.write_text(json.dumps({"cells": {"synthetic_dagm-efficientnet_lite0": row,
+                                         "synthetic_dagm-dinov2_vits14": row}}))
+    assert module.main(["--stored-only", "--only", "*-dinov2_vits14", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["cells"]) == {"synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"}
+    assert report["cells"]["synthetic_dagm-efficientnet_lite0"]["fp32_matches_committed"] is None
+    assert report["max_abs_change"] == 0.0 and report["every_study_cell_measured"] is False
