@@ -167,6 +167,12 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
     report["cells"] = {}
     report["skipped"] = {name: reason for name, _, reason in cells if reason}
     report["not_measured"] = []
+    chosen = {name for name, _, _ in cells}
+    for name, _, reason in ([] if quick else study_cells(data)):  # stored cells that --only leaves out: kept
+        if name not in chosen and name in previous and not reason:
+            row = previous[name]
+            row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
+            report["cells"][name] = row
     for name, kwargs, reason in cells:
         if reason:
             continue
@@ -183,12 +189,6 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
-    chosen = {name for name, _, _ in cells}
-    for name, kwargs, reason in ([] if quick else study_cells(data)):  # stored cells that --only left out: kept
-        if name not in chosen and name in previous and not reason:
-            row = previous[name]
-            row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
-            report["cells"][name] = row
     study = [] if quick else study_cells(data)
     rows = report["cells"].values()
     measured_all = bool(study) and not any(reason for _, _, reason in study) and all(
