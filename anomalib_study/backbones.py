@@ -1051,6 +1051,16 @@ def resize_argument(preprocessing: dict) -> int | list[int]:
     return [int(v) for v in size] if isinstance(size, (list, tuple)) else int(size)
 
 
+def _check_keep_size(name: str, image_size: int, stride: int, layers: Sequence[str]) -> None:
+    """Under "keep" the shorter side becomes ``image_size``: refuse one the feature grid does not tile."""
+    if image_size % stride:
+        lower = image_size - image_size % stride
+        raise ParameterError(
+            f"{name} with resize_mode='keep' needs image_size to be a multiple of {stride} (the stride of its patch "
+            f"layers {', '.join(layers)}: the shorter side becomes image_size and the feature grid must tile it), got "
+            f"{image_size}: use {lower} or {lower + stride}")
+
+
 def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
                   weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   image_size: int | None = None, resize_mode: str = "crop", download: bool = False) -> Backbone:
@@ -1062,7 +1072,8 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
     the whole image to the square input, ``"keep"`` resizes the shorter side to
     ``image_size`` and keeps the aspect ratio (:func:`keep_size`, rounded to the largest
     stride of ``patch_layers``; ViTs are built with timm's ``dynamic_img_size``, which
-    resamples the position embeddings to each input's grid; CLIP refuses it).
+    resamples the position embeddings to each input's grid; CLIP refuses it; ``image_size``
+    must then be a multiple of that stride, e.g. 224, 322 or 448 for a ViT with 14 px patches).
     Raises ParameterError for an unknown name, size or mode, WeightsError for a missing
     or mismatching weights file.
     """
@@ -1089,9 +1100,14 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
     backbone.eval()
     backbone.requires_grad_(False)
     backbone.to(device)
+    stated = backbone._stated_strides() if resize_mode == "keep" else None
+    if stated:  # a ViT refuses a probe of the wrong size: check before finish() measures it
+        _check_keep_size(name, image_size, max(int(stated[layer]) for layer in backbone.patch_layers),
+                         backbone.patch_layers)
     backbone.finish()
     if resize_mode == "keep":  # the stride is measured by finish(): the deepest patch map's
         stride = max(int(backbone.feature_info[layer]["stride"]) for layer in backbone.patch_layers)
+        _check_keep_size(name, image_size, stride, backbone.patch_layers)
         backbone.preprocessing = keep_preprocessing(backbone.preprocessing, stride)
         backbone._transform = _build_transform(backbone.preprocessing)
     return backbone

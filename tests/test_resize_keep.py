@@ -96,6 +96,8 @@ def test_vit_under_keep_resamples_its_position_embeddings(tmp_path):
     assert out["block5"].shape == (1, 384, 8, 20) and out["block8"].shape == (1, 384, 8, 20)
     with pytest.raises(AssertionError):  # the square model refuses another size: keep is what allows it
         crop(torch.randn(1, 3, 64, 160), layers=["block5"])
+    with pytest.raises(ParameterError, match=r"multiple of 8 .* got 60: use 56 or 64"):  # the grid must tile it
+        load_backbone("dino_vits8", weights=path, image_size=60, resize_mode="keep")
 
 
 def test_clip_refuses_keep():
