@@ -156,7 +156,8 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
                            study=str(STUDY.relative_to(REPO)), hit_images=hit_images)
     keep_stored = (resume or stored_only) and out is not None and out.exists()
     previous = json.loads(out.read_text()).get("cells", {}) if keep_stored else {}
-    cells = study_cells(data, only)
+    study = [] if quick else study_cells(data)  # every cell of the study, resolved once
+    cells = study_cells(data, only) if only or quick else study
     if quick:  # one cell, on a tiny generated set of its own
         from anomalib_study.data.synthetic import make_synthetic_dagm
 
@@ -168,7 +169,7 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
     report["skipped"] = {name: reason for name, _, reason in cells if reason}
     report["not_measured"] = []
     chosen = {name for name, _, _ in cells}
-    for name, _, reason in ([] if quick else study_cells(data)):  # stored cells that --only leaves out: kept
+    for name, _, reason in study:  # stored cells that --only leaves out: kept
         if name not in chosen and name in previous and not reason:
             row = previous[name]
             row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
@@ -189,7 +190,6 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
-    study = [] if quick else study_cells(data)
     rows = report["cells"].values()
     measured_all = bool(study) and not any(reason for _, _, reason in study) and all(
         name in report["cells"] for name, _, _ in study)
