@@ -2,7 +2,7 @@
 costs in AUROC. Writes one JSON report.
 
     python benchmarks/bench_autoencoder.py [--quick] [--data DIR] [--parts speed,default,longer,bf16]
-                                           [--out reports/benchmarks/autoencoder.json]
+                                           [--out reports/benchmarks/autoencoder.json] [--resume]
 
 Parts (each compares its candidates in the same run):
 
@@ -23,6 +23,11 @@ Parts (each compares its candidates in the same run):
    AUROC difference. Where the CPU has no native bf16 (``native_bf16`` false in the JSON)
    bf16 is emulated and slower; the figures still show its effect on the scores.
 
+``--resume`` keeps the parts the ``--out`` JSON already holds and runs only the missing ones,
+so the parts can be measured in separate sittings (each on a quiet machine); every part
+records when it ran, the machine load before and after and the torch threads
+(``parts_measured``).
+
 ``--quick`` runs every part on the synthetic set at 64 px with 1-3 epochs (for the smoke
 test) and writes nothing unless ``--out`` is given. Times are wall-clock seconds.
 """
@@ -30,6 +35,8 @@ test) and writes nothing unless ``--out`` is given. Times are wall-clock seconds
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
@@ -120,23 +127,69 @@ def _evaluate(layout: str, root: Path, category: str | None, model: str, **param
     }
 
 
+PART_KEYS = {"default": ("default", "default_train_minutes", "default_train_minutes_by_model"),
+             "speed": ("speed",), "bf16": ("bf16",), "longer": ("longer",)}
+
+
+def _stored_parts(out: Path | None, quick: bool) -> dict:
+    """The parts a previous run wrote to ``out`` (each with its ``parts_measured`` entry), for ``--resume``.
+
+    A report of the other kind (``--quick`` against a real run) is refused, not mixed in."""
+    if out is None or not out.exists():
+        return {}
+    stored = json.loads(out.read_text())
+    if bool(stored.get("quick")) != bool(quick):
+        raise SystemExit(f"{out}: a {'quick' if stored.get('quick') else 'full'} report; --resume cannot add "
+                         f"{'quick' if quick else 'full'} parts to it (pass another --out)")
+    measured = stored.get("parts_measured", {})
+    return {part: {"keys": {k: stored[k] for k in keys if k in stored}, "measured": measured.get(part)}
+            for part, keys in PART_KEYS.items() if all(k in stored for k in keys[:1])}
+
+
 def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models: Sequence[str] = MODELS,
-        out: Path | None = None) -> dict:
+        out: Path | None = None, resume: bool = False) -> dict:
     """Every part in turn; with ``out`` the report so far is written after each part (marked
-    ``"complete": false`` until the last), so a long run that is stopped keeps what it measured."""
-    from bench_knn import PartialReport
+    ``"complete": false`` until the last), so a long run that is stopped keeps what it measured.
+
+    ``resume``: the parts ``out`` already holds are kept as stored (with the machine load and
+    threads of the run that measured them, in ``parts_measured``) and not run again; only the
+    missing parts of ``parts`` run now. "longer" reads the epochs of a stored "default"."""
+    from bench_knn import PartialReport, machine_info
 
     from anomalib_study.hardware import native_bf16
 
     report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick)
-    save = report.save
+    stored = _stored_parts(out, quick) if resume else {}
+    report["parts_measured"] = {}
+    for part, kept in stored.items():
+        report.update(kept["keys"])
+        report["parts_measured"][part] = {**(kept["measured"] or {"when": "unknown (an earlier run)"}),
+                                          "kept_from_earlier_run": True}
+    parts = [p for p in parts if p not in stored]
+    if stored:
+        log(f"resume: keeping stored part(s) {', '.join(stored)}; running {', '.join(parts) or 'nothing'}")
+    started = {}
+
+    def save(part: str | None = None) -> None:
+        if part is not None:
+            report["parts_measured"][part] = {
+                "when": started[part][0], "seconds": time.perf_counter() - started[part][1],
+                "load_average_before": started[part][2],
+                "load_average_after": machine_info()["load_average_1_5_15_min"],
+                "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+        report.save()
+
+    def start(part: str) -> None:
+        started[part] = (time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter(),
+                         machine_info()["load_average_1_5_15_min"])
     synthetic = _synthetic(work)
     categories = [] if quick or data is None else [c for c in ("bottle", "transistor")
                                                    if (data / "mvtec_ad" / c / "train").is_dir()]
-    report["settings"] = {"parts": list(parts), "mvtec_ad_categories": categories,
+    report["settings"] = {"parts": [*stored, *parts], "mvtec_ad_categories": categories,
                           "data": str(data) if data else None, "default": "30 epochs max, patience 5, "
                           "val_fraction 0.1, loss mse_ssim (a = 0.5), 128 px, batch 16, lr 1e-3, fp32"}
     if "default" in parts:
+        start("default")
         rows = []
         targets = [("mvtec_ad", data / "mvtec_ad", c) for c in categories] or [("dagm", synthetic, "Class1")]
         for layout, root, category in targets:
@@ -150,8 +203,9 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
         report["default_train_minutes"] = max(row["train_minutes"] for row in rows)
         report["default_train_minutes_by_model"] = {m: max(r["train_minutes"] for r in rows if r["model"] == m)
                                                     for m in models}
-        save()
+        save("default")
     if "speed" in parts:
+        start("speed")
         if categories:
             paths = sorted((data / "mvtec_ad" / categories[0] / "train" / "good").glob("*.png"))[:64]
         else:
@@ -159,8 +213,9 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
 
             paths = [r.path for r in load_dataset("dagm", synthetic, category="Class1").train][:24 if quick else 64]
         report["speed"] = bench_speed(paths, 64 if quick else 128, ("fp32", "bf16"), models=models)
-        save()
+        save("speed")
     if "bf16" in parts:
+        start("bf16")
         rows = []
         for model in models:
             pair = {}
@@ -174,8 +229,9 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
                          "image_auroc_mse_change": pair["bf16"]["image_auroc_mse"] - pair["fp32"]["image_auroc_mse"],
                          "train_speed_ratio_bf16_to_fp32": pair["fp32"]["train_minutes"] / pair["bf16"]["train_minutes"]})
         report["bf16"] = rows
-        save()
+        save("bf16")
     if "longer" in parts and report.get("default"):
+        start("longer")
         rows = []
         for first in [r for r in report["default"] if r["data"] == report["default"][0]["data"]]:
             epochs = 3 * first["epochs_run"]
@@ -191,7 +247,7 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models
             rows.append(longer)
             log(f"  {longer['train_minutes']:.1f} min, image AUROC {longer['image_auroc_residual']:.3f} (residual)")
         report["longer"] = rows
-        save()
+        save("longer")
     return dict(report.finish())
 
 
@@ -228,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="conv,pretrained (default both)")
     parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
                                                      "--quick writes nothing unless given)")
+    parser.add_argument("--resume", action="store_true", help="keep the parts the --out JSON already holds and "
+                        "run only the missing ones of --parts (each part records its own machine load)")
     args = parser.parse_args(argv)
     data = data_root(args.data) or REPO.parent / "shared" / "data"
     data = data if (data / "mvtec_ad").is_dir() else None
@@ -238,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     with tempfile.TemporaryDirectory(prefix="bench_autoencoder_") as scratch:
-        report = run(parts, data, args.quick, Path(scratch), models, out)
+        report = run(parts, data, args.quick, Path(scratch), models, out, resume=args.resume)
     for line in summary(report):
         print(line)
     if out is not None:

@@ -119,13 +119,23 @@ def test_bench_detect_quick_streams_with_flat_memory(tmp_path):
 
 
 def test_bench_autoencoder_quick_default_and_longer(tmp_path):
-    """bench_autoencoder.py --quick on the synthetic set (conv model): the default run and the 3x longer one."""
+    """bench_autoencoder.py --quick on the synthetic set (conv model): the default run, then with
+    --resume the 3x longer one (the stored default part kept, not run again)."""
     spec = importlib.util.spec_from_file_location("bench_autoencoder", REPO / "benchmarks" / "bench_autoencoder.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "autoencoder.json"
-    assert module.main(["--quick", "--parts", "default,longer", "--models", "conv", "--out", str(out)]) == 0
+    assert module.main(["--quick", "--parts", "default", "--models", "conv", "--out", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert set(first["parts_measured"]) == {"default"} and "longer" not in first
+    assert first["parts_measured"]["default"]["torch_threads"] >= 1
+    assert module.main(["--quick", "--parts", "default,longer", "--models", "conv", "--out", str(out),
+                        "--resume"]) == 0
     report = json.loads(out.read_text())
+    assert report["default"] == first["default"]  # kept as stored, not measured again
+    assert report["parts_measured"]["default"]["kept_from_earlier_run"] is True
+    assert "kept_from_earlier_run" not in report["parts_measured"]["longer"]
+    assert report["settings"]["parts"] == ["default", "longer"]
     assert [row["model"] for row in report["default"]] == ["conv"]
     assert report["default_train_minutes"] == max(row["train_minutes"] for row in report["default"])
     for default, longer in zip(report["default"], report["longer"]):
@@ -133,6 +143,10 @@ def test_bench_autoencoder_quick_default_and_longer(tmp_path):
         assert longer["image_auroc_residual_gain_over_default"] == pytest.approx(
             longer["image_auroc_residual"] - default["image_auroc_residual"])
     assert isinstance(report["native_bf16"], bool)
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps({"quick": False, "default": []}))
+    with pytest.raises(SystemExit, match="full report"):
+        module.main(["--quick", "--parts", "longer", "--out", str(full), "--resume"])
 
 
 def test_bench_clustering_quick_default_options_and_scaling(tmp_path):
