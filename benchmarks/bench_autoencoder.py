@@ -35,7 +35,6 @@ test) and writes nothing unless ``--out`` is given. Times are wall-clock seconds
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -53,7 +52,7 @@ for _folder in (REPO, REPO / "benchmarks"):  # a source checkout; bench_knn's ma
 
 import torch  # noqa: E402
 
-from anomalib_study.io import data_root, write_json  # noqa: E402
+from anomalib_study.io import data_root, read_json_object, write_json  # noqa: E402
 
 DEFAULT_OUT = REPO / "reports" / "benchmarks" / "autoencoder.json"
 MODELS = ("conv", "pretrained")
@@ -135,15 +134,15 @@ def _stored_parts(out: Path | None, quick: bool) -> dict:
     """The parts a previous run wrote to ``out`` (each with its ``parts_measured`` entry), for ``--resume``.
 
     A report of the other kind (``--quick`` against a real run) is refused, not mixed in."""
-    if out is None or not out.exists():
+    stored = read_json_object(out) if out is not None else None
+    if stored is None:
         return {}
-    stored = json.loads(out.read_text())
     if bool(stored.get("quick")) != bool(quick):
         raise SystemExit(f"{out}: a {'quick' if stored.get('quick') else 'full'} report; --resume cannot add "
                          f"{'quick' if quick else 'full'} parts to it (pass another --out)")
     measured = stored.get("parts_measured", {})
     return {part: {"keys": {k: stored[k] for k in keys if k in stored}, "measured": measured.get(part)}
-            for part, keys in PART_KEYS.items() if all(k in stored for k in keys[:1])}
+            for part, keys in PART_KEYS.items() if keys[0] in stored}
 
 
 def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, models: Sequence[str] = MODELS,
