@@ -189,8 +189,8 @@ def _manifest(image_dir: Path, paths: list[Path], progress: bool = True) -> dict
 class DetectDatabase:
     """A loaded detect database: the method, its fitted model and the ``database.json`` metadata.
 
-    ``detector`` is a :class:`~anomalib_study.methods.knn.KNNDetector` (``method == "knn"``)
-    or a :class:`~anomalib_study.methods.patchcore.PatchCore` (``method == "patchcore"``).
+    ``detector`` is the fitted estimator of the method named in ``metadata["method"]``, as its
+    declaration (:class:`~anomalib_study.methods.base.MethodSpec`) loads it.
     """
 
     path: Path
