@@ -32,6 +32,9 @@ synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm
 ``{reports}`` the reports folder (for a notebook that reads the other reports, e.g. the
 comparison; its inputs hash then covers every other ``*/*.metrics.json`` and ``*.failed.json``).
 A dataset entry names a layout (``dataset:``) unless the notebook has no ``dataset`` parameter.
+In a backbones grid, a dataset entry may narrow its row to some of the grid's backbones with
+``backbones: [dinov2_vits14]`` (for a setting too costly or pointless for the others); that key is
+not passed to the notebook.
 
 A suite file (``title`` + ``studies:``, a list of study files or inline studies) runs several
 studies in order into the same reports folder, e.g. ``studies/default.yaml``: every method
@@ -111,6 +114,7 @@ STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "varia
 SUITE_KEYS = ("title", "studies")
 AXES = ("backbones", "variants")  # the grid's second axis: a study file gives exactly one
 RUNNER_PARAMETERS = ("metrics_out", "report_name")  # set by the runner, never by a study file
+DATASET_BACKBONES = "backbones"  # in a dataset entry of a backbones grid: run only these of the grid's backbones
 REPORT_SIZE_WARNING = 1_500_000  # bytes; reports embed their images, notebooks keep them small
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 NEEDS_DATA = "needs the real data: set ANOMALIB_STUDY_DATA or pass --data"
@@ -336,11 +340,23 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
             raise bad(f"datasets.{key}", "must be a mapping with at least 'dataset: <layout name>'")
         if "dataset" in entry:
             _check_layout(entry["dataset"], lambda why, key=key: bad(f"datasets.{key}.dataset", why))
+        if "backbones" in entry:  # this data set's cells: a subset of the grid's backbones
+            only = entry["backbones"]
+            if variants is not None:
+                raise bad(f"datasets.{key}.backbones", "only narrows a 'backbones' grid: this study has 'variants'")
+            if not isinstance(only, list) or not only or len(set(map(str, only))) != len(only):
+                raise bad(f"datasets.{key}.backbones", "must be a non-empty list of backbone names, each once")
+            unknown = [name for name in only if name not in backbones]
+            if unknown:
+                raise bad(f"datasets.{key}.backbones", f"names {unknown[0]!r}, which is not in the study's "
+                          f"'backbones' ({', '.join(backbones)}): add it there or remove it here")
 
     sections = ([("parameters", parameters)] + [(f"datasets.{k}", v) for k, v in datasets.items()]
                 + [(f"variants.{k}", v) for k, v in (variants or {}).items()])
     for where, mapping in sections:
         for name, value in mapping.items():
+            if name == DATASET_BACKBONES and where.startswith("datasets."):
+                continue  # checked above; not a notebook parameter
             if name in RUNNER_PARAMETERS:
                 raise bad(f"{where}.{name}", "is set by the runner for each cell: remove it")
             if name == "backbone" and variants is None:
@@ -377,8 +393,12 @@ def expand_grid(study: Study) -> list[Cell]:
     grid's ``shared + dataset entry + variant entry`` (later ones win)."""
     cells = []
     for key, entry in study.datasets.items():
+        only = entry.get(DATASET_BACKBONES)
+        entry = {name: value for name, value in entry.items() if name != DATASET_BACKBONES}
         if study.variants is None:
             for backbone in study.backbones:
+                if only is not None and backbone not in only:
+                    continue
                 parameters = {**study.parameters, **entry, "backbone": backbone}
                 cells.append(Cell(name=f"{key}-{backbone}", dataset=key, backbone=backbone, parameters=parameters))
         else:

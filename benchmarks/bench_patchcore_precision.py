@@ -6,7 +6,8 @@
 Issue 13's rule: bf16 becomes PatchCore's default precision only if image AUROC, pixel AUROC
 and PRO move by at most 0.002 on every committed data set. This script measures exactly that.
 For every cell of ``studies/patchcore.yaml`` (data set x backbone, the study's own parameters:
-10 % coreset, reweighted image score, sigma 4, the data set's resize mode), in the order of the
+10 % coreset, reweighted image score, sigma 4, the data set's resize mode; the two 448 px
+aspect-kept DINOv2 cells at 1 %), in the order of the
 cheapest first, it runs :func:`anomalib_study.evaluate.evaluate` twice in this process, with
 ``precision="fp32"`` and ``precision="bf16"`` (backbone forward under bf16 autocast, Flat bank
 search in bf16 with the best 8 candidates of each patch re-ranked in float32), and records:
@@ -57,7 +58,7 @@ TOLERANCE = 0.002
 NOTEBOOK_ONLY = ("ablation_ratios", "ablation_train_images", "metrics_out", "report_name")
 # cheapest first, so that a stopped run has measured as many data sets as possible
 ORDER = ("synthetic_dagm", "mvtec_ad-bottle", "mvtec_ad-transistor", "mvtec_3d-tire", "kolektorsdd",
-         "mvtec_loco-juice_bottle", "magnetic_tile")
+         "mvtec_loco-juice_bottle", "magnetic_tile", "kolektorsdd-448-keep", "magnetic_tile-448-keep")
 _START = time.perf_counter()
 
 

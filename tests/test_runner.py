@@ -114,6 +114,23 @@ def test_grid_is_datasets_times_backbones_with_later_parameters_winning(project)
         runner.select_cells(cells, ["nope"])
 
 
+def test_a_dataset_entry_can_narrow_its_row_to_some_backbones(project):
+    datasets = {"synth": {"dataset": "dagm", "root": "{synthetic}"},
+                "big": {"dataset": "dagm", "root": "/nowhere/big", "x": 0.2, "backbones": ["b"]}}
+    study = runner.read_study(_write_study(project["study"], backbones=["a", "b"], datasets=datasets))
+    cells = runner.expand_grid(study)
+    assert [c.name for c in cells] == ["synth-a", "synth-b", "big-b"]
+    assert cells[2].parameters == {"x": 0.2, "dataset": "dagm", "root": "/nowhere/big", "backbone": "b"}
+    runner.check_notebook_parameters(study, cells)  # "backbones" is not a notebook parameter
+    for only, why in ((["c"], "'c', which is not in the study's 'backbones'"), ([], "non-empty list"),
+                      (["b", "b"], "each once"), ("b", "non-empty list")):
+        bad = _write_study(project["study"], backbones=["a", "b"],
+                           datasets={"big": {"dataset": "dagm", "root": "/x", "backbones": only}})
+        with pytest.raises(StudyError, match="datasets.big.backbones") as caught:
+            runner.read_study(bad)
+        assert why in str(caught.value)
+
+
 VARIANTS = {"conv": {"x": 0.5, "category": "c"}, "pretrained-b2": {"backbone": "b2", "x": 0.7}}
 
 
