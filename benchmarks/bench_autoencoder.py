@@ -278,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="synthetic set, 64 px, 1-2 epochs (smoke test)")
     parser.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)")
-    parser.add_argument("--parts", default="default,speed,bf16,longer", help="in this order (default: "
-                        "default,speed,bf16,longer; the report is written after each)")
+    parser.add_argument("--parts", default="default,speed,bf16,longer", help="which parts to run, comma-separated "
+                        "(default: all four; they always run in the order default, speed, bf16, longer, and the "
+                        "report is written after each)")
     parser.add_argument("--models", default=",".join(MODELS), help="conv,pretrained (default both)")
     parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
                                                      "--quick writes nothing unless given)")
