@@ -340,8 +340,8 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
             raise bad(f"datasets.{key}", "must be a mapping with at least 'dataset: <layout name>'")
         if "dataset" in entry:
             _check_layout(entry["dataset"], lambda why, key=key: bad(f"datasets.{key}.dataset", why))
-        if "backbones" in entry:  # this data set's cells: a subset of the grid's backbones
-            only = entry["backbones"]
+        if DATASET_BACKBONES in entry:  # this data set's cells: a subset of the grid's backbones
+            only = entry[DATASET_BACKBONES]
             if variants is not None:
                 raise bad(f"datasets.{key}.backbones", "only narrows a 'backbones' grid: this study has 'variants'")
             if not isinstance(only, list) or not only or len(set(map(str, only))) != len(only):
