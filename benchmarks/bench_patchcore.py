@@ -1006,6 +1006,28 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
     }
 
 
+def carry_over_scaling(report: dict, previous_out: Path) -> None:
+    """With ``--scaling-sizes`` left empty, keep the scaling table of the report being replaced.
+
+    It is copied with the date and machine of the run that measured it
+    (``scaling_carried_over``), so that replacing the comparison does not silently drop a table
+    this run did not measure again; nothing is kept when the earlier report has none.
+    """
+    if not previous_out.is_file():
+        return
+    previous = json.loads(previous_out.read_text())
+    if not previous.get("scaling"):
+        return
+    report["scaling"] = previous["scaling"]
+    report["scaling_memory_check"] = previous.get("scaling_memory_check", {})
+    report["scaling_carried_over"] = {"from_run_started": previous.get("started"),
+                                      "machine": previous.get("machine"),
+                                      "why": "this run was given no --scaling-sizes: the scaling table is the "
+                                             "earlier run's, not measured again"}
+    report["notes"].append(f"The scaling table was not measured in this run: it is carried over from the run "
+                           f"started {previous.get('started')} (see scaling_carried_over).")
+
+
 def print_tables(report: dict) -> None:
     rows = []
     for r in report["comparison"]:
@@ -1195,6 +1217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "native_bf16": _native_bf16(),
                       "hit_rate_queries": HIT_RATE_QUERIES, "coreset_check_images": args.coreset_check_images}
         report = build_report(rows, scaling_rows, parameters, started, predict_rows)
+        if not args.scaling_sizes:
+            carry_over_scaling(report, Path(args.out))
         if args.coreset_check_images and not args.stored_only:
             import torch
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import sys
 import tempfile
 import time
@@ -130,6 +131,19 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False) -> dic
             "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
     """Whether the fp32 run gives the committed report's figures (up to float rounding, 1e-6), and the largest
     difference."""
@@ -167,16 +181,18 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
         cells = [(name, {**kwargs, "root": str(root)}, reason) for name, kwargs, reason in cells
                  if name == "synthetic_dagm-efficientnet_lite0"]
     report["cells"] = {}
-    report["skipped"] = {name: reason for name, _, reason in cells if reason}
+    report["skipped"] = {name: reason for name, _, reason in cells if reason and name not in previous}
     report["not_measured"] = []
     chosen = {name for name, _, _ in cells}
-    for name, _, reason in study:  # stored cells that --only leaves out: kept
-        if name not in chosen and name in previous and not reason:
+    for name, _, reason in study:  # stored cells that --only leaves out, or that cannot run here (no data): kept
+        if name in previous and (name not in chosen or reason):
             row = previous[name]
             row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
             report["cells"][name] = row
     for name, kwargs, reason in cells:
         if reason:
+            if name in previous:
+                log(f"{name}: cannot be measured here ({reason}); the stored measurement is kept")
             continue
         if name in previous:
             log(f"{name}: kept from {out}")
@@ -186,8 +202,13 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
             continue
         else:
             log(f"{name}: fp32 and bf16")
+            started = time.strftime("%Y-%m-%dT%H:%M:%S")
+            load_before = _load_average()
             row = measure(kwargs, hit_images, quick=quick)
             row["committed"] = None if quick else committed_figures(name)
+            row["measured"] = {"started": started, "native_bf16": native_bf16("cpu"),
+                               "torch_threads": _torch_threads(), "load_average_before": load_before,
+                               "load_average_after": _load_average()}
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
@@ -202,6 +223,9 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
     # bf16 is allowed only when every cell was measured and is within the tolerance; one cell outside it
     # already decides against bf16, measured or not the rest
     report["bf16_default_allowed"] = bool(measured_all and not report["cells_outside_tolerance"])
+    # cells stored by runs before this record existed were measured on a CPU without native bf16
+    report["native_bf16_by_cell"] = {name: (row.get("measured") or {}).get("native_bf16", False)
+                                     for name, row in report["cells"].items()}
     report.save()
     return dict(report.finish())
 

@@ -287,3 +287,24 @@ def test_report_and_tables_carry_both_precisions(capsys):
     bench.print_tables(report)
     printed = capsys.readouterr().out
     assert "Our fit + predict by precision" in printed and "bf16" in printed and "Greedy coreset" in printed
+
+
+def test_scaling_table_not_measured_again_is_carried_over_and_labelled(tmp_path):
+    """--scaling-sizes with no sizes: the earlier report's scaling table is kept, with the date of the run that
+    measured it; nothing is invented when the earlier report had none (or there is none)."""
+    report = bench.build_report([], [], {}, "now")
+    bench.carry_over_scaling(report, tmp_path / "missing.json")
+    assert report["scaling"] == [] and "scaling_carried_over" not in report
+    previous = tmp_path / "patchcore.json"
+    previous.write_text(json.dumps({"started": "2026-11-23T18:56:18", "machine": {"cpu_count": 2},
+                                    "scaling": [{"backbone": "x", "n_train": 100, "fit_s": 1.0}],
+                                    "scaling_memory_check": {"ok": True}}))
+    bench.carry_over_scaling(report, previous)
+    assert report["scaling"] == [{"backbone": "x", "n_train": 100, "fit_s": 1.0}]
+    assert report["scaling_memory_check"] == {"ok": True}
+    assert report["scaling_carried_over"]["from_run_started"] == "2026-11-23T18:56:18"
+    assert any("carried over" in note for note in report["notes"])
+    empty = bench.build_report([], [], {}, "now")
+    previous.write_text(json.dumps({"started": "then", "scaling": []}))
+    bench.carry_over_scaling(empty, previous)
+    assert "scaling_carried_over" not in empty

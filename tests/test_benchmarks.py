@@ -211,6 +211,11 @@ def test_bench_patchcore_precision_quick_compares_fp32_and_bf16(tmp_path):
     assert hit["n_images"] == 2 and hit["n_queries"] > 0 and 0.0 <= hit["hit_rate"] <= 1.0
     assert hit["n_hits"] == round(hit["hit_rate"] * hit["n_queries"])
     assert report["every_study_cell_measured"] is False and report["bf16_default_allowed"] is False
+    # each measured cell says on what it ran: a resumed report may mix native and emulated bf16
+    from anomalib_study.hardware import native_bf16
+
+    assert row["measured"]["native_bf16"] is native_bf16("cpu") and row["measured"]["torch_threads"] >= 1
+    assert report["native_bf16_by_cell"] == {"synthetic_dagm-efficientnet_lite0": native_bf16("cpu")}
 
 
 def test_bench_patchcore_precision_refuses_zero_hit_images():
@@ -269,3 +274,23 @@ def test_bench_patchcore_precision_resume_keeps_cells_that_only_leaves_out(tmp_p
     assert set(report["cells"]) == {"synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"}
     assert report["cells"]["synthetic_dagm-efficientnet_lite0"]["fp32_matches_committed"] is None
     assert report["max_abs_change"] == 0.0 and report["every_study_cell_measured"] is False
+    # stored rows from before the per-cell record were measured where bf16 was emulated
+    assert report["native_bf16_by_cell"] == {"synthetic_dagm-dinov2_vits14": False,
+                                             "synthetic_dagm-efficientnet_lite0": False}
+
+
+def test_bench_patchcore_precision_keeps_stored_real_cells_when_the_data_is_absent(tmp_path):
+    """A --resume run where the real data cannot be found measures what it can and keeps every stored real-data
+    cell: a missing data folder never wipes earlier measurements."""
+    module = _load_script("bench_patchcore_precision")
+    figures = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.7}
+    row = {"fp32": dict(figures), "bf16": dict(figures), "changes": {k: 0.0 for k in figures},
+           "within_tolerance": True, "committed": None,
+           "rerank_hit_rate": {"hit_rate": 1.0, "n_queries": 10, "n_hits": 10, "rerank": 8, "n_images": 1}}
+    out = tmp_path / "precision.json"
+    out.write_text(json.dumps({"cells": {"mvtec_ad-bottle-dinov2_vits14": row}}))
+    report = module.run(None, ["mvtec_ad-bottle-*"], 1, out, resume=True, stored_only=True)
+    assert "mvtec_ad-bottle-dinov2_vits14" in report["cells"]
+    assert "mvtec_ad-bottle-dinov2_vits14" not in report["skipped"]
+    assert "mvtec_ad-bottle-efficientnet_lite0" in report["skipped"]
+    assert "mvtec_ad-bottle-dinov2_vits14" in json.loads(out.read_text())["cells"]
