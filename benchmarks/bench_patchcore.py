@@ -45,6 +45,12 @@ exact float32 nearest neighbour (:meth:`NearestNeighbourIndex.rerank_hit_rate`),
 real bank of the fit runs. ``coreset_precision`` compares the greedy coreset with fp32 /
 bf16 / fp16 distance updates (time, overlap with the fp32 selection, covering radius).
 
+A setting may also name fewer search dimensions, ``<precision>@<dims>`` (e.g. ``bf16@256``):
+``PatchCore(precision=..., search_dim=dims)``, whose bank search takes its candidates from the
+bank's first ``dims`` principal components and re-ranks the best 32 of each patch exactly on
+every feature; its floor counts the candidate products at ``dims`` columns, the projection of
+the queries (2 q d dims, fp32 rate) and the re-ranking.
+
 ``--quick`` runs only our side, in this process, on a few generated 64 px tiles with a
 random ResNet-18 (seconds; no anomalib, no data); it writes nothing unless ``--out``.
 """
@@ -86,6 +92,19 @@ HIT_RATE_QUERIES = 1024  # test patches the re-rank hit rate is measured on
 CORESET_CHECK_IMAGES = 20  # training images whose patches the coreset-precision check samples
 
 _START = time.perf_counter()
+
+
+def parse_setting(setting: str) -> tuple[str, int | None]:
+    """``"fp32"`` / ``"bf16"`` / ``"auto"``, optionally ``@<dims>`` -> (precision, search_dim or None).
+
+    Raises StudyError naming the setting when it is neither."""
+    from anomalib_study.errors import StudyError
+
+    precision, at, dims = str(setting).partition("@")
+    if precision not in ("fp32", "bf16", "auto") or (at and not (dims.isdigit() and int(dims) >= 1)):
+        raise StudyError(f"unknown setting {setting!r}: give fp32, bf16 or auto, optionally followed by @<search "
+                         "dimensions>, e.g. bf16@256")
+    return precision, int(dims) if dims else None
 
 
 def log(message: str) -> None:
@@ -361,10 +380,13 @@ def forward_flops_per_image(module, layers: Sequence[str]) -> int:
     return int(counter.get_total_flops())
 
 
-def search_flops(n_queries: int, bank_rows: int, dim: int, rerank: int = 0) -> dict:
-    """FLOPs of an exhaustive search: ``products`` = 2 q N d (the distance products),
+def search_flops(n_queries: int, bank_rows: int, dim: int, rerank: int = 0, candidate_dim: int | None = None) -> dict:
+    """FLOPs of an exhaustive search: ``products`` = 2 q N d' (the distance products, d' = ``candidate_dim``
+    or d), ``projection`` = 2 q d d' (the queries onto d' < d principal components, else 0),
     ``rerank`` = 3 q r d (exact float32 distances of r candidates: subtract, square, add)."""
-    return {"products": 2 * int(n_queries) * int(bank_rows) * int(dim),
+    width = int(dim) if candidate_dim is None else min(int(candidate_dim), int(dim))
+    return {"products": 2 * int(n_queries) * int(bank_rows) * width,
+            "projection": 2 * int(n_queries) * int(dim) * width if width < int(dim) else 0,
             "rerank": 3 * int(n_queries) * int(rerank) * int(dim)}
 
 
@@ -372,13 +394,14 @@ def physical_floor(n_images: int, forward_flops: int, searched: dict, throughput
     """Seconds the forward's and the search's floating-point work take at the measured throughput.
 
     ``precision`` "fp32": everything at the fp32 rate; "bf16": the forward and the search
-    products at the bf16 rate, the re-ranking at the fp32 rate.
+    products at the bf16 rate, the query projection and the re-ranking at the fp32 rate.
     """
     rate = throughput[f"{precision}_gflops"] * 1e9
     forward_s = n_images * forward_flops / rate
-    search_s = searched["products"] / rate + searched["rerank"] / (throughput["fp32_gflops"] * 1e9)
+    fp32_work = searched["rerank"] + searched.get("projection", 0)
+    search_s = searched["products"] / rate + fp32_work / (throughput["fp32_gflops"] * 1e9)
     return {"precision": precision, "forward_gflop": n_images * forward_flops / 1e9,
-            "search_gflop": (searched["products"] + searched["rerank"]) / 1e9,
+            "search_gflop": (searched["products"] + fp32_work) / 1e9,
             "throughput_gflops": throughput[f"{precision}_gflops"], "forward_floor_s": forward_s,
             "search_floor_s": search_s, "floor_s": forward_s + search_s}
 
@@ -386,10 +409,10 @@ def physical_floor(n_images: int, forward_flops: int, searched: dict, throughput
 def _floor_of_predict(model, module, layers, n_images: int, predict_s: float, throughput: dict) -> dict:
     """The floor of one predict run of ``model`` (fitted) on ``n_images`` images, and limit_ratio."""
     per_image = model.grid_shape_[0] * model.grid_shape_[1]
-    used = model.index_.precision_used_
-    rerank = min(model.index_.ntotal, max(1, model.index_.rerank)) if used == "bf16" else 0
+    width = model.index_.candidate_dim_used_  # None: faiss's own exact search, nothing re-ranked
+    rerank = 0 if width is None else min(model.index_.ntotal, max(1, model.index_.rerank))
     # every patch searched with k = 1, then each image's m* with k = num_neighbours (a k-search costs the same)
-    searched = search_flops(n_images * (per_image + 1), model.index_.ntotal, model.n_features_in_, rerank)
+    searched = search_flops(n_images * (per_image + 1), model.index_.ntotal, model.n_features_in_, rerank, width)
     floor = physical_floor(n_images, forward_flops_per_image(module, layers), searched, throughput,
                            model.precision_used_)
     floor["predict_s"] = predict_s
@@ -526,6 +549,7 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     from anomalib_study.backbones import load_backbone
     from anomalib_study.methods.patchcore import PatchCore
 
+    precision, search_dim = parse_setting(precision)
     if threads:
         torch.set_num_threads(threads)
     result: dict[str, Any] = {"side": "anomalib_study", "anomalib_study": __version__, "torch": torch.__version__,
@@ -536,7 +560,7 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     result["rss_after_model_mb"] = peak_rss_mb()
     model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=coreset_ratio,
                       calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device,
-                      progress=progress, precision=precision)
+                      progress=progress, precision=precision, search_dim=search_dim)
     result["parameters"] = {k: v for k, v in model.get_params().items() if k != "backbone"}
     result["parameters"].update(backbone=backbone, weights=None if weights is None else str(weights),
                                 layers=model._patch_maker().resolve_layers(module), preprocessing=module.preprocessing)
@@ -601,6 +625,8 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     from anomalib_study.backbones import load_backbone
     from anomalib_study.methods.patchcore import PatchCore
 
+    setting = precision
+    precision, search_dim = parse_setting(setting)
     if threads:
         torch.set_num_threads(threads)
     result: dict[str, Any] = {"side": "anomalib_study", "mode": "predict only (random bank of the coreset's shape)",
@@ -609,7 +635,7 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     module = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
     model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=1.0,
                       calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device, progress=False,
-                      precision=precision)
+                      precision=precision, search_dim=search_dim)
     warm, grid = model.extract_patches(test_paths[:batch_size])  # warm-up batch; gives the grid and dimension
     per_image = grid[0] * grid[1]
     n_images = -(-bank_rows // per_image)
@@ -621,12 +647,13 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     result.update({"bank_rows": int(model.memory_bank_.shape[0]), "bank_dim": int(model.n_features_in_),
                    "predict_cpu_s": cpu_seconds() - cpu_start, "predict_s": predict_s,
                    "predict_images_per_s": len(test_paths) / predict_s, "load_average_after_predict": load_average(),
-                   "peak_rss_mb": peak_rss_mb(), "precision": precision, "precision_used": model.precision_used_})
+                   "peak_rss_mb": peak_rss_mb(), "precision": setting, "precision_used": model.precision_used_,
+                   "search_dim_used": model.index_.candidate_dim_used_})
     result["matmul_throughput"] = matmul_throughput(matmul_shape)
     result["floor"] = _floor_of_predict(model, module, model._patch_maker().resolve_layers(module), len(test_paths),
                                         predict_s, result["matmul_throughput"])
     result["limit_ratio"] = result["floor"]["limit_ratio"]
-    if model.index_.precision_used_ == "bf16":  # the search ran in bf16: how often it was exact (random bank)
+    if model.index_.candidate_dim_used_ is not None:  # a re-ranked search: how often it was exact (random bank)
         result["rerank_hit_rate_random_bank"] = _hit_rate(model, warm)
     return result
 
@@ -1138,10 +1165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--predict-sizes", type=int, nargs="*", default=[50, 100, 300],
                         help="sizes whose predict speed is timed side by side (bank of the coreset's shape)")
     parser.add_argument("--predict-repeats", type=int, default=2, help="rounds of (anomalib, ours) per size")
-    parser.add_argument("--precisions", nargs="*", default=None, choices=("fp32", "bf16", "auto"),
-                        help="our PatchCore's precisions, measured side by side (the first one fills the historical "
-                             "keys; default: fp32 and bf16 where the CPU has native bf16, else fp32 only, since "
-                             "emulated bf16 is many times slower; --quick: both)")
+    parser.add_argument("--precisions", nargs="*", default=None,
+                        help="our PatchCore's settings, measured side by side: fp32, bf16 or auto, each optionally "
+                             "@<search dimensions> (e.g. bf16@256); the first one fills the historical keys; "
+                             "default: fp32 and bf16 where the CPU has native bf16, else fp32 only, since emulated "
+                             "bf16 is many times slower; --quick: fp32 and bf16")
     parser.add_argument("--coreset-check-images", type=int, default=CORESET_CHECK_IMAGES,
                         help="training images whose patches the coreset-precision check uses (0: skip it)")
     parser.add_argument("--quick", action="store_true",
@@ -1167,6 +1195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _our_side_main(args)
         if args.precisions is not None and not args.precisions:
             raise StudyError("--precisions needs at least one of fp32, bf16, auto")
+        for setting in [args.precision, *(args.precisions or [])]:
+            parse_setting(setting)
         if args.quick:
             args.precisions = args.precisions or list(PRECISIONS)
             with tempfile.TemporaryDirectory(prefix="bench_patchcore_quick_") as scratch:

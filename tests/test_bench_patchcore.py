@@ -171,11 +171,26 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     assert floor["floor_s"] == pytest.approx(floor["forward_floor_s"] + floor["search_floor_s"])
     assert result["limit_ratio"] == pytest.approx(result["predict_s"] / floor["floor_s"])
     assert 0 <= result["rerank_hit_rate"]["hit_rate"] <= 1 and result["rerank_hit_rate"]["n_queries"] == 128
+    # a setting with fewer search dimensions: its floor counts 32 of the 384 columns, the projection, 32 re-ranked
+    code = bench.main(["--our-side", "--train-list", str(tmp_path / "train.txt"), "--test-list",
+                       str(tmp_path / "test.txt"), "--backbone", "resnet18", "--weights", str(resnet18_random),
+                       "--layers", "layer2", "layer3", "--coreset-ratio", "0.5", "--threads", "1",
+                       "--image-size", "64", "--matmul-shape", "64", "64", "64", "--precision", "fp32@32"])
+    assert code == 0
+    projected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert projected["parameters"]["search_dim"] == 32 and projected["precision_used"] == "fp32"
+    q = 2 * 65
+    assert projected["floor"]["search_gflop"] == pytest.approx((2 * q * 96 * 32 + 2 * q * 384 * 32 + 3 * q * 32 * 384) / 1e9)
+    assert 0 <= projected["rerank_hit_rate"]["hit_rate"] <= 1
 
 
 def test_floor_and_search_flops_by_hand():
-    assert bench.search_flops(10, 100, 8) == {"products": 16000, "rerank": 0}
-    assert bench.search_flops(10, 100, 8, rerank=4) == {"products": 16000, "rerank": 960}
+    assert bench.search_flops(10, 100, 8) == {"products": 16000, "projection": 0, "rerank": 0}
+    assert bench.search_flops(10, 100, 8, rerank=4) == {"products": 16000, "projection": 0, "rerank": 960}
+    # candidates from 2 of the 8 dimensions: a quarter of the products, plus projecting the queries
+    assert bench.search_flops(10, 100, 8, rerank=4, candidate_dim=2) == {"products": 4000, "projection": 320,
+                                                                        "rerank": 960}
+    assert bench.search_flops(10, 100, 8, candidate_dim=16)["products"] == 16000  # never more than d
     throughput = {"fp32_gflops": 100.0, "bf16_gflops": 400.0}
     searched = {"products": 8e9, "rerank": 1e9}
     fp32 = bench.physical_floor(10, int(2e9), searched, throughput, "fp32")
@@ -184,6 +199,19 @@ def test_floor_and_search_flops_by_hand():
     bf16 = bench.physical_floor(10, int(2e9), searched, throughput, "bf16")
     # forward and products at the bf16 rate, the float32 re-ranking at the fp32 rate
     assert bf16["forward_floor_s"] == pytest.approx(0.05) and bf16["search_floor_s"] == pytest.approx(0.02 + 0.01)
+    projected = bench.physical_floor(10, int(2e9), {**searched, "projection": 2e9}, throughput, "bf16")
+    # the query projection runs in float32 too
+    assert projected["search_floor_s"] == pytest.approx(0.02 + 0.01 + 0.02) and projected["search_gflop"] == 11.0
+
+
+def test_settings_name_a_precision_and_optional_search_dimensions(capsys):
+    assert bench.parse_setting("fp32") == ("fp32", None) and bench.parse_setting("bf16@256") == ("bf16", 256)
+    assert bench.parse_setting("auto@64") == ("auto", 64)
+    for bad in ("fp16", "bf16@", "bf16@0", "bf16@x", "@256"):
+        with pytest.raises(StudyError, match="unknown setting"):
+            bench.parse_setting(bad)
+    assert bench.main(["--quick", "--precisions", "bf16@0"]) == 2
+    assert "unknown setting 'bf16@0'" in capsys.readouterr().err
 
 
 def test_forward_flops_are_counted_not_typed():

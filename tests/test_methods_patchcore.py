@@ -328,3 +328,26 @@ def test_squash_mode_is_saved_and_restored(synthetic_class, tmp_path):
     by_name = PatchCore.load(path)
     assert by_name.resize_mode == "squash"
     assert by_name.get_backbone().preprocessing["resize_mode"] == "squash"
+
+
+def test_search_dim_gives_the_exact_scores_and_is_saved(tmp_path, bf16_quietly):
+    """search_dim: candidates from the bank's principal components, 32 re-ranked exactly: on patches whose
+    variance lies in few directions, the same scores as faiss's exact search; saved with the model."""
+    rng = np.random.default_rng(24)
+    train, test = _clustered_patches(rng, 10), _clustered_patches(rng, 3)
+    exact = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, progress=False).fit(train)
+    for precision in ("fp32", "bf16"):
+        model = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, precision=precision, search_dim=12,
+                          progress=False).fit(train)
+        described = model.index_.describe()
+        assert described["candidate_dim_used"] == 12 and described["rerank"] == 32
+        assert model.index_.rerank_hit_rate(test.reshape(-1, 24))["hit_rate"] == 1.0
+        for a, b in zip(model.score_patches(test), exact.score_patches(test)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    loaded = PatchCore.load(model.save(tmp_path / "projected.npz"))
+    assert loaded.search_dim == 12 and loaded.index_.candidate_dim_used_ == 12
+    np.testing.assert_array_equal(loaded.score(test), model.score(test))
+    with pytest.raises(ParameterError, match="search_dim.*index='Flat'"):
+        PatchCore(index="IVF2,Flat", search_dim=8, progress=False).fit(train)
+    with pytest.raises(ParameterError, match="search_dim must be >= 1"):
+        PatchCore(search_dim=0, progress=False).fit(train)

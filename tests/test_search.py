@@ -265,3 +265,63 @@ def test_precision_survives_bytes(bf16_quietly):
     for a, b in zip(index.search(queries, 2), again.search(queries, 2)):
         np.testing.assert_array_equal(a, b)
     assert "precision='bf16', rerank=3" in repr(again)
+
+
+# ---------------------------------------------------------------------------------- candidate dimensions
+def _low_rank(n, rank=6, d=32, noise=0.01, seed=0):
+    """Rows with ``rank`` strong directions in ``d`` features (plus a little noise), far from the origin."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(rank, d))
+    return (rng.normal(size=(n, rank)) * np.linspace(3.0, 1.0, rank)) @ basis + noise * rng.normal(size=(n, d)) + 20.0
+
+
+def test_candidate_dim_projects_on_the_principal_components_and_reranks_exactly(bf16_quietly):
+    """Candidates from the bank's leading principal components, re-ranked on every feature: on data whose
+    variance lies in those components the result is faiss's exact search, distances in float32."""
+    bank, queries = _low_rank(500).astype(np.float32), _low_rank(80, seed=1).astype(np.float32)
+    exact = NearestNeighbourIndex().fit(bank)
+    for precision in ("fp32", "bf16"):
+        index = NearestNeighbourIndex(precision=precision, candidate_dim=6, rerank=16).fit(bank)
+        assert index.candidate_dim_used_ == 6 and index.describe()["candidate_dim_used"] == 6
+        assert index._low["components"].shape == (32, 6)
+        (d_exact, i_exact), (d_proj, i_proj) = exact.search(queries, 3), index.search(queries, 3)
+        np.testing.assert_array_equal(i_proj, i_exact)
+        np.testing.assert_allclose(d_proj, d_exact, rtol=1e-4, atol=1e-4)
+        assert index.rerank_hit_rate(queries)["hit_rate"] == 1.0
+    # the components are those of the bank's covariance: orthonormal, largest variance first
+    components = NearestNeighbourIndex(candidate_dim=6).fit(bank)._low["components"].numpy()
+    np.testing.assert_allclose(components.T @ components, np.eye(6), atol=1e-5)
+    variance = ((bank - bank.mean(0)) @ components).var(axis=0)
+    assert (np.diff(variance) <= 1e-3).all()
+    # as many dimensions as the features (or more): every feature, re-ranked in float32
+    assert NearestNeighbourIndex(candidate_dim=64).fit(bank).candidate_dim_used_ == 32
+    assert NearestNeighbourIndex().fit(bank).candidate_dim_used_ is None  # faiss's own search
+
+
+def test_too_few_candidate_dimensions_miss_and_the_hit_rate_says_so():
+    """Two dimensions of a six-dimensional cloud cannot rank its neighbours: the candidates often miss the exact
+    nearest row, which rerank_hit_rate counts (and the distance it returns is then larger, never smaller)."""
+    bank, queries = _low_rank(500).astype(np.float32), _low_rank(200, seed=2).astype(np.float32)
+    index = NearestNeighbourIndex(candidate_dim=2, rerank=2).fit(bank)
+    report = index.rerank_hit_rate(queries)
+    exact_d, exact_i = NearestNeighbourIndex().fit(bank).search(queries, 1)
+    found_d, found_i = index.search(queries, 1)
+    assert 0.0 < report["hit_rate"] < 0.9 and report["max_distance_excess"] > 0
+    assert report["hit_rate"] == pytest.approx((found_i[:, 0] == exact_i[:, 0]).mean())
+    assert (found_d[:, 0] >= exact_d[:, 0] - 1e-4).all()
+
+
+def test_candidate_dim_refusals_and_bytes():
+    bank = _low_rank(60).astype(np.float32)
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ParameterError, match="candidate_dim must be None"):
+            NearestNeighbourIndex(candidate_dim=bad).fit(bank)
+    with pytest.raises(ParameterError, match="candidate_dim.*'Flat'.*'l2'"):
+        NearestNeighbourIndex("HNSW8", candidate_dim=4).fit(bank)
+    with pytest.raises(ParameterError, match="candidate_dim.*metric 'ip'"):
+        NearestNeighbourIndex(metric="ip", candidate_dim=4).fit(bank)
+    index = NearestNeighbourIndex(candidate_dim=4, rerank=8).fit(bank)
+    again = NearestNeighbourIndex.from_bytes(index.to_bytes())
+    assert again.describe() == index.describe() and again.candidate_dim == 4 and "candidate_dim=4" in repr(again)
+    for a, b in zip(index.search(bank[:10], 2), again.search(bank[:10], 2)):
+        np.testing.assert_array_equal(a, b)

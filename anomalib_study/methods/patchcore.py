@@ -31,6 +31,13 @@ anomalib's ``PatchcoreModel``.
   where the CPU or GPU computes it natively, else fp32. Resolved once at fit
   (``precision_used_``); scoring uses the precision of training. Approximate indexes
   (IVF, HNSW...) search as faiss does whatever the precision.
+* Fewer search dimensions (``search_dim=``, exact ``"Flat"`` index only; not in the paper):
+  the bank search's candidates come from the memory bank's first ``search_dim`` principal
+  components, and the best 32 of each patch are re-ranked on every feature in float32, so
+  the nearest patch and its distance are again the exact ones wherever the candidates hold
+  it (:meth:`anomalib_study.search.NearestNeighbourIndex.rerank_hit_rate` measures how
+  often). The search's arithmetic shrinks by about D / ``search_dim``. None (default):
+  every feature.
 * Threshold (not in the paper, which only ranks): ``calibration_fraction`` of the training
   images (seeded choice) is held out of the memory bank and scored like test images;
   ``threshold_`` is the ``thres_ratio`` quantile of their image scores (so about
@@ -73,7 +80,7 @@ from anomalib_study.methods.base import (
 )
 from anomalib_study.methods.coreset import COVERAGE_PRECISIONS, SAMPLERS
 from anomalib_study.patches import PatchFeatures
-from anomalib_study.search import NearestNeighbourIndex
+from anomalib_study.search import DEFAULT_RERANK, PROJECTED_RERANK, NearestNeighbourIndex
 
 __all__ = ["PatchCore", "reweighted_image_scores", "anomaly_maps", "gaussian_kernel_size", "FORMAT_NAME",
            "FORMAT_VERSION", "IMAGE_SCORES", "SPEC"]
@@ -178,6 +185,8 @@ class PatchCore(BaseDetector):
         index: faiss factory string of the bank search (``"Flat"`` = exact; e.g. ``"IVF256,PQ16"``).
         precision: ``"fp32"``, ``"bf16"`` (backbone forward under bf16 autocast, and the Flat
             search's candidates in bf16 re-ranked in float32) or ``"auto"`` (bf16 where native).
+        search_dim: principal components of the memory bank the Flat search's candidates are
+            computed on, re-ranked exactly on every feature (None = every feature; see above).
         thres_ratio: quantile of the calibration images' scores used as ``threshold_``.
         calibration_fraction: share of the training images held out of the bank to set
             ``threshold_``, in [0, 1) (0 = paper: all in the bank, no threshold).
@@ -203,7 +212,7 @@ class PatchCore(BaseDetector):
                  coreset_ratio: float = 0.1, projection_dim: int | None = 128, coreset_precision: str = "fp32",
                  image_score: str = "reweighted",
                  num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", precision: str = "fp32",
-                 thres_ratio: float = 0.99,
+                 search_dim: int | None = None, thres_ratio: float = 0.99,
                  calibration_fraction: float = 0.1, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
                  device: str = "cpu", progress: bool = True):
         self.backbone = backbone
@@ -223,6 +232,7 @@ class PatchCore(BaseDetector):
         self.sigma = sigma
         self.index = index
         self.precision = precision
+        self.search_dim = search_dim
         self.thres_ratio = thres_ratio
         self.calibration_fraction = calibration_fraction
         self.seed = seed
@@ -259,6 +269,11 @@ class PatchCore(BaseDetector):
         if self.precision not in PRECISIONS:
             raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)} (bf16: backbone forward and "
                                  f"bank search in bfloat16, re-ranked in float32), got {self.precision!r}")
+        if self.search_dim is not None:
+            check_int("search_dim", self.search_dim, minimum=1)
+            if self.index.strip() != "Flat":
+                raise ParameterError(f"search_dim re-ranks the exact search only: it needs index='Flat', got "
+                                     f"index={self.index!r}; pass search_dim=None with an approximate index")
         from anomalib_study.patches import patch_features
 
         patch_features([torch.zeros(1, 1, 1, 1)], self.patch_size, self.per_layer_dim, self.target_dim)
@@ -324,6 +339,15 @@ class PatchCore(BaseDetector):
         """``precision`` -> ``"fp32"`` / ``"bf16"`` on this model's device."""
         return resolve_precision(self.precision, self._torch_device())
 
+    def _new_index(self, precision: str, device: str) -> NearestNeighbourIndex:
+        """The bank's (unfitted) search index: ``index``'s factory, the search precision of
+        ``precision``, and ``search_dim``'s candidate dimensions (32 candidates re-ranked then)."""
+        projected = self.search_dim is not None
+        return NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=device,
+                                     precision=self._search_precision(precision),
+                                     candidate_dim=self.search_dim,
+                                     rerank=PROJECTED_RERANK if projected else DEFAULT_RERANK)
+
     def _search_precision(self, precision: str) -> str:
         # the bf16 re-ranked search exists for the exact index only; approximate ones stay faiss's
         return precision if self.index.strip() == "Flat" else "fp32"
@@ -359,8 +383,7 @@ class PatchCore(BaseDetector):
         coreset_s = time.perf_counter() - started
         bank = np.ascontiguousarray(rows[np.sort(chosen)], dtype=np.float32)
         started = time.perf_counter()
-        index = NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=self.device,
-                                      precision=self._search_precision(precision)).fit(bank)
+        index = self._new_index(precision, self.device).fit(bank)
         index_s = time.perf_counter() - started
 
         self.precision_used_ = precision
@@ -744,8 +767,7 @@ class PatchCore(BaseDetector):
             if "index_bytes" in arrays:
                 index = NearestNeighbourIndex.from_bytes(arrays["index_bytes"].tobytes(), device=device)
             else:
-                index = NearestNeighbourIndex(factory=model.index, metric="l2", seed=int(model.seed), device=device,
-                                              precision=model._search_precision(precision_used)).fit(bank)
+                index = model._new_index(precision_used, device).fit(bank)
         except ModelFileError as error:
             raise ModelFileError(f"{path}: {error}") from None
         if index.ntotal != bank.shape[0] or index.dim_ != bank.shape[1]:
@@ -769,7 +791,7 @@ class PatchCore(BaseDetector):
 
 # ---------------------------------------------------------------------- the method's declaration
 _SETTINGS = ("patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
-             "coreset_precision", "image_score", "num_neighbours", "sigma", "index", "precision", "thres_ratio",
+             "coreset_precision", "image_score", "num_neighbours", "sigma", "index", "precision", "search_dim", "thres_ratio",
              "calibration_fraction", "seed")
 
 
@@ -859,6 +881,8 @@ SPEC = MethodSpec(
         MethodParam("index", "Flat", "faiss factory string of the bank search (Flat = exact)", str),
         MethodParam("precision", "fp32", "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) "
                     "or auto (bf16 where the CPU/GPU has it natively)", str, choices=PRECISIONS),
+        MethodParam("search_dim", None, "principal components of the bank the Flat search's candidates use, "
+                    "re-ranked exactly on every feature (None: every feature)", positive_int),
         MethodParam("thres_ratio", 0.99, "share of held-out normal images the threshold keeps normal",
                     open_fraction),
         MethodParam("calibration_fraction", 0.1, "share of training images held out of the bank to set the "
