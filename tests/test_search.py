@@ -51,7 +51,7 @@ def test_input_not_modified_and_non_contiguous_accepted():
     np.testing.assert_array_equal(view, before)
     assert index.describe() == {
         "factory": "Flat", "metric": "l2", "kmeans_reduce": None, "ntotal": 20, "dim": 4, "nprobe": None, "seed": 0,
-        "precision": "fp32", "precision_used": "fp32", "rerank": 8,
+        "precision": "fp32", "precision_used": "fp32", "rerank": 8, "candidate_dim": None, "candidate_dim_used": None,
     }
 
 
