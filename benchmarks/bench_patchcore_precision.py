@@ -30,6 +30,12 @@ measures nothing and rewrites the summary of the stored cells, listing the other
 ``bf16_default_allowed`` is true only when every cell of the study was measured and every change is
 within 0.002. ``--quick`` runs the synthetic EfficientNet-Lite0 cell on a tiny generated set at 64 px (seconds;
 smoke test) and writes nothing unless ``--out`` is given.
+
+``--compare SETTING`` puts another setting in bf16's place, written as ``bench_patchcore.py``
+names them: a precision, optionally ``@<search dimensions>`` (``fp32@128``: fp32 throughout, the
+bank search's candidates from 128 principal components of the bank, re-ranked exactly; the hit
+rate is then that search's). Its report goes to ``reports/benchmarks/patchcore_compare_<precision>_<dims>.json``
+and says whether that setting passes the same 0.002 rule (``default_allowed``).
 """
 
 from __future__ import annotations
@@ -96,8 +102,10 @@ def _change(a: Any, b: Any) -> float | None:
     return None if a is None or b is None else float(b) - float(a)
 
 
-def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False) -> dict[str, Any]:
-    """Both precisions of one cell: figures, changes, seconds, the re-rank hit rate."""
+def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False, compare: str = "bf16") -> dict[str, Any]:
+    """fp32 and ``compare`` on one cell: figures, changes, seconds, the re-rank hit rate."""
+    from bench_patchcore import parse_setting
+
     from anomalib_study.evaluate import evaluate
 
     kwargs = dict(kwargs)
@@ -105,19 +113,20 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False) -> dic
     if quick:
         kwargs.update(image_size=64)
     runs: dict[str, Any] = {}
-    for precision in ("fp32", "bf16"):
+    for setting in ("fp32", compare):
+        precision, search_dim = parse_setting(setting)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "bf16 is emulated": recorded as native_bf16
-            metrics = evaluate("patchcore", dataset, root, progress=False, return_maps=precision == "bf16",
-                               precision=precision, cache=None, **kwargs)
-        runs[precision] = {
+            metrics = evaluate("patchcore", dataset, root, progress=False, return_maps=setting == compare,
+                               precision=precision, search_dim=search_dim, cache=None, **kwargs)
+        runs[setting] = {
             **{key: metrics.get(key) for key in METRICS},
             "precision_used": metrics.get("precision_used"),
             "fit_s": round(metrics["timings"]["fit_s"], 2), "predict_s": round(metrics["timings"]["predict_s"], 2),
             "n_train": metrics["n_train"], "n_test": metrics["n_test"],
             "memory_bank_size": metrics.get("memory_bank_size"),
         }
-        log(f"  {precision}: " + ", ".join(f"{k} {runs[precision][k]}" for k in (*METRICS, "fit_s", "predict_s")))
+        log(f"  {setting}: " + ", ".join(f"{k} {runs[setting][k]}" for k in (*METRICS, "fit_s", "predict_s")))
     from anomalib_study.data import load_dataset
 
     model = metrics["model"]
@@ -126,8 +135,8 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False) -> dic
         warnings.simplefilter("ignore")
         patches, _ = model.extract_patches([r.path for r in test])
     hit = model.index_.rerank_hit_rate(patches.reshape(-1, patches.shape[-1]))
-    changes = {key: _change(runs["fp32"][key], runs["bf16"][key]) for key in METRICS}
-    return {**runs, "changes": changes, "rerank_hit_rate": {**hit, "n_images": len(test)},
+    changes = {key: _change(runs["fp32"][key], runs[compare][key]) for key in METRICS}
+    return {**runs, "compared": compare, "changes": changes, "rerank_hit_rate": {**hit, "n_images": len(test)},
             "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
 
 
@@ -162,15 +171,17 @@ def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
 
 
 def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | None, resume: bool,
-        quick: bool = False, stored_only: bool = False) -> dict[str, Any]:
+        quick: bool = False, stored_only: bool = False, compare: str = "bf16") -> dict[str, Any]:
     from bench_knn import PartialReport
 
     from anomalib_study.hardware import native_bf16
 
     report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick, tolerance=TOLERANCE,
-                           study=str(STUDY.relative_to(REPO)), hit_images=hit_images)
+                           study=str(STUDY.relative_to(REPO)), hit_images=hit_images, compared=compare)
     keep_stored = (resume or stored_only) and out is not None and out.exists()
     previous = json.loads(out.read_text()).get("cells", {}) if keep_stored else {}
+    # rows of another comparison (rows from before "compared" was recorded compared bf16) are not this one's
+    previous = {name: row for name, row in previous.items() if row.get("compared", "bf16") == compare}
     study = [] if quick else study_cells(data)  # every cell of the study, resolved once
     cells = study_cells(data, only) if only or quick else study
     if quick:  # one cell, on a tiny generated set of its own
@@ -201,10 +212,10 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
             report["not_measured"].append(name)
             continue
         else:
-            log(f"{name}: fp32 and bf16")
+            log(f"{name}: fp32 and {compare}")
             started = time.strftime("%Y-%m-%dT%H:%M:%S")
             load_before = _load_average()
-            row = measure(kwargs, hit_images, quick=quick)
+            row = measure(kwargs, hit_images, quick=quick, compare=compare)
             row["committed"] = None if quick else committed_figures(name)
             row["measured"] = {"started": started, "native_bf16": native_bf16("cpu"),
                                "torch_threads": _torch_threads(), "load_average_before": load_before,
@@ -222,7 +233,9 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
     report["every_study_cell_measured"] = measured_all
     # bf16 is allowed only when every cell was measured and is within the tolerance; one cell outside it
     # already decides against bf16, measured or not the rest
-    report["bf16_default_allowed"] = bool(measured_all and not report["cells_outside_tolerance"])
+    report["default_allowed"] = bool(measured_all and not report["cells_outside_tolerance"])
+    if compare == "bf16":
+        report["bf16_default_allowed"] = report["default_allowed"]
     # cells stored by runs before this record existed were measured on a CPU without native bf16
     report["native_bf16_by_cell"] = {name: (row.get("measured") or {}).get("native_bf16", False)
                                      for name, row in report["cells"].items()}
@@ -244,7 +257,8 @@ def summary(report: dict) -> list[str]:
         lines.append(f"{name:42} not measured")
     lines.append(f"largest change {report['max_abs_change']} (tolerance {TOLERANCE}); outside it: "
                  f"{', '.join(report['cells_outside_tolerance']) or 'none'}; every cell measured: "
-                 f"{report['every_study_cell_measured']}; bf16 may be the default: {report['bf16_default_allowed']}")
+                 f"{report['every_study_cell_measured']}; {report.get('compared', 'bf16')} may be the default: "
+                 f"{report['default_allowed']}")
     return lines
 
 
@@ -264,14 +278,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="synthetic EfficientNet-Lite0 cell at 64 px (smoke test)")
     parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
                                                     "with --quick: none)")
+    parser.add_argument("--compare", default="bf16",
+                        help="the setting compared with fp32: a precision, optionally @<search dimensions> "
+                             "(e.g. fp32@128); default bf16")
     args = parser.parse_args(argv)
     if args.hit_images < 1:
         parser.error(f"--hit-images must be at least 1, got {args.hit_images}")
-    out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     try:
+        from bench_patchcore import parse_setting
+
+        precision, search_dim = parse_setting(args.compare)
+        if args.compare == "fp32":
+            raise StudyError("--compare fp32 compares fp32 with itself: give bf16 or a setting with @<dims>")
+        default_out = DEFAULT_OUT if args.compare == "bf16" else \
+            DEFAULT_OUT.with_name(f"patchcore_compare_{precision}_{search_dim or 'all'}.json")
+        out = Path(args.out) if args.out else (None if args.quick else default_out)
         data = None if args.quick else data_root(args.data)
         report = run(data, args.only, args.hit_images, out, args.resume, quick=args.quick,
-                     stored_only=args.stored_only)
+                     stored_only=args.stored_only, compare=args.compare)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

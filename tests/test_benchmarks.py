@@ -294,3 +294,25 @@ def test_bench_patchcore_precision_keeps_stored_real_cells_when_the_data_is_abse
     assert "mvtec_ad-bottle-dinov2_vits14" not in report["skipped"]
     assert "mvtec_ad-bottle-efficientnet_lite0" in report["skipped"]
     assert "mvtec_ad-bottle-dinov2_vits14" in json.loads(out.read_text())["cells"]
+
+
+def test_bench_patchcore_precision_compares_another_setting(tmp_path, capsys):
+    """--compare fp32@8: the tiny cell in fp32 and with the search's candidates from 8 principal components of the
+    bank (re-ranked exactly); the report names the comparison, and a stored row of another comparison is not reused."""
+    module = _load_script("bench_patchcore_precision")
+    out = tmp_path / "compare.json"
+    assert module.main(["--quick", "--hit-images", "1", "--compare", "fp32@8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    row = report["cells"]["synthetic_dagm-efficientnet_lite0"]
+    assert report["compared"] == row["compared"] == "fp32@8" and set(row) >= {"fp32", "fp32@8", "changes"}
+    assert row["fp32@8"]["precision_used"] == "fp32" and "bf16_default_allowed" not in report
+    for key in module.METRICS:
+        assert row["changes"][key] == pytest.approx(row["fp32@8"][key] - row["fp32"][key])
+    assert "fp32@8 may be the default: False" in capsys.readouterr().out
+    assert module.main(["--quick", "--compare", "fp32"]) == 2
+    assert module.main(["--quick", "--compare", "fp16@8"]) == 2
+    # a bf16 row stored in the file is not taken for this comparison
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"cells": {"mvtec_ad-bottle-dinov2_vits14": {**row, "compared": "bf16"}}}))
+    kept = module.run(None, ["mvtec_ad-bottle-*"], 1, other, resume=True, stored_only=True, compare="fp32@8")
+    assert kept["cells"] == {}
