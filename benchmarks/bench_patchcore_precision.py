@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import sys
 import tempfile
 import time
@@ -140,13 +139,6 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False, compar
             "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
 
 
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _torch_threads() -> int:
     import torch
 
@@ -173,6 +165,7 @@ def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
 def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | None, resume: bool,
         quick: bool = False, stored_only: bool = False, compare: str = "bf16") -> dict[str, Any]:
     from bench_knn import PartialReport
+    from bench_patchcore import load_average
 
     from anomalib_study.hardware import native_bf16
 
@@ -214,12 +207,12 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
         else:
             log(f"{name}: fp32 and {compare}")
             started = time.strftime("%Y-%m-%dT%H:%M:%S")
-            load_before = _load_average()
+            load_before = load_average()
             row = measure(kwargs, hit_images, quick=quick, compare=compare)
             row["committed"] = None if quick else committed_figures(name)
             row["measured"] = {"started": started, "native_bf16": native_bf16("cpu"),
                                "torch_threads": _torch_threads(), "load_average_before": load_before,
-                               "load_average_after": _load_average()}
+                               "load_average_after": load_average()}
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
