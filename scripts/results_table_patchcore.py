@@ -1,6 +1,11 @@
-"""Prints the PatchCore reports' figures beside the published ones as one Markdown table.
+"""Prints the PatchCore reports' figures beside the published ones, the coreset-ratio ablation,
+the input-setting (resolution / resize-mode) ablation and the fp32 / bf16 table, as Markdown.
 
     python scripts/results_table_patchcore.py [reports/02_patchcore]
+
+The input-setting table is :func:`anomalib_study.comparison.settings_table` over the reports
+folder (the same table notebook 05 shows); the fp32 / bf16 table is read from
+``reports/benchmarks/patchcore_precision.json`` (``benchmarks/bench_patchcore_precision.py``).
 """
 
 import json
@@ -37,6 +42,49 @@ def main() -> None:
             print(f"| {m['dataset']['name']} | {m['backbone']['name']} | {100 * r['coreset_ratio']:g} % | {r['memory_bank_size']:,} | "
                   f"{r['fit_s']:.1f} | {r['predict_s']:.1f} | {'-' if mem is None else f'{mem:.0f}'} | "
                   f"{fmt(r['image_auroc_reweighted'])} | {fmt(r['pixel_auroc'])} | {fmt(r['pro'])} |")
+
+    print()
+    settings(folder.parent)
+    print()
+    precision(folder.parent / "benchmarks" / "patchcore_precision.json")
+
+
+def settings(reports: Path) -> None:
+    """The data sets PatchCore ran with more than one input setting (notebook 05's table)."""
+    from anomalib_study.comparison import collect_reports, settings_table
+
+    table = settings_table(collect_reports(reports))
+    print("Input settings (resolution / resize mode; the main study's cells at 10 %, the ablation's at 1 %):")
+    print("| data set | backbone | side px | resize | coreset | image AUROC | pixel AUROC | PRO | fit s | test img/s | peak MB | cell |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in table.itertuples():
+        print(f"| {r.dataset} | {r.backbone} | {r.image_size:.0f} | {r.resize_mode} | {r.coreset} | {fmt(r.image_auroc)} | "
+              f"{fmt(r.pixel_auroc)} | {fmt(r.pro)} | {r.fit_s:.0f} | {r.predict_images_per_s:.2f} | "
+              f"{r.peak_rss_mb:.0f} | {r.cell} |")
+
+
+def precision(path: Path) -> None:
+    """fp32 figures and the bf16 changes of every measured cell, and the re-rank hit rate."""
+    if not path.is_file():
+        print(f"(no {path}: run benchmarks/bench_patchcore_precision.py)")
+        return
+    report = json.loads(path.read_text())
+    native = report.get("native_bf16_by_cell", {})
+    print("fp32 -> bf16 (change = bf16 - fp32; tolerance 0.002):")
+    print("| cell | image AUROC | change | pixel AUROC | change | PRO | change | re-rank hit rate | native bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, row in report["cells"].items():
+        cells = []
+        for key in ("image_auroc", "pixel_auroc", "pro"):
+            value, change = row["fp32"].get(key), row["changes"].get(key)
+            cells += [fmt(value), "-" if change is None else f"{change:+.4f}"]
+        print(f"| {name} | {' | '.join(cells)} | {row['rerank_hit_rate']['hit_rate']:.4f} | "
+              f"{'yes' if native.get(name) else 'no (emulated)'} |")
+    for name in report.get("not_measured", []):
+        print(f"| {name} | not measured | | | | | | | |")
+    print(f"largest change {report.get('max_abs_change')}; outside the tolerance: "
+          f"{', '.join(report.get('cells_outside_tolerance', [])) or 'none'}; bf16 may be the default: "
+          f"{report.get('bf16_default_allowed')}")
 
 
 if __name__ == "__main__":

@@ -336,3 +336,28 @@ def test_scaling_table_not_measured_again_is_carried_over_and_labelled(tmp_path)
     previous.write_text(json.dumps({"started": "then", "scaling": []}))
     bench.carry_over_scaling(empty, previous)
     assert "scaling_carried_over" not in empty
+
+
+def test_coreset_rate_profile_reads_tqdm_and_gives_the_undisturbed_estimate():
+    """Steps per second per minute of anomalib's coreset loop, from its progress log: a minute slowed to half speed
+    shows, and the loop's time at the fastest sustained rate is the conservative estimate."""
+    lines, done, t = [], 0, 0
+    for minute in range(5):
+        rate = 5 if minute == 2 else 10  # the third minute ran beside another process
+        for _ in range(6):  # an update every 10 s
+            t += 10
+            done += rate * 10
+            lines.append(f"Selecting Coreset Indices.:  50%|#####     | {done}/2700 [{t // 60:02d}:{t % 60:02d}<00:10, "
+                         f"{rate}.00it/s]")
+    profile = bench.coreset_rate_profile("\r".join(lines))
+    assert profile["rates"] == [10.0, 10.0, 5.0, 10.0, 10.0] and profile["steps"] == 2700
+    assert profile["p90_rate"] == 10.0 and profile["median_rate"] == 10.0 and profile["slowest_rate"] == 5.0
+    assert profile["seconds_below_80pct_of_p90"] == 60.0 and profile["coreset_s_at_p90_rate"] == 270.0
+    assert bench.coreset_rate_profile("no progress here") is None
+    # hours in the elapsed time
+    assert bench.coreset_rate_profile("Selecting Coreset Indices.:  1%|| 10/99 [1:00:00<1:00:00, 1it/s]"
+                                      "Selecting Coreset Indices.:  2%|| 100/99 [1:02:00<0:00, 1it/s]")["steps"] == 99
+    theirs = {"fit_s": 400.0, "fit_coreset_s": 300.0, "coreset_rate_profile": profile}
+    ratios = bench.ratios({"fit_s": 37.0}, theirs)
+    assert ratios["fit_speedup"] == pytest.approx(400 / 37) and ratios["fit_speedup_at_anomalib_p90_rate"] == pytest.approx(370 / 37)
+    assert bench.ratios({"fit_s": 37.0}, {"fit_s": 400.0})["fit_speedup_at_anomalib_p90_rate"] is None
