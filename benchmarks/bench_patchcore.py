@@ -63,6 +63,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -514,7 +515,7 @@ def _fit_at_p90_rate(theirs: dict) -> float | None:
     return float(theirs["fit_s"]) - float(theirs["fit_coreset_s"]) + min(float(estimate), float(theirs["fit_coreset_s"]))
 
 
-_TQDM = None
+_TQDM = re.compile(r"Selecting Coreset Indices\.:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
 
 
 def coreset_rate_profile(log_text: str, window_s: float = 60.0) -> dict | None:
@@ -530,12 +531,9 @@ def coreset_rate_profile(log_text: str, window_s: float = 60.0) -> dict | None:
     measured under load). None when the log holds no coreset progress.
     """
     import math
-    import re
 
     import numpy as np
 
-    global _TQDM
-    _TQDM = _TQDM or re.compile(r"Selecting Coreset Indices\.:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
     points = []
     for match in _TQDM.finditer(log_text):
         done, total, hours, minutes, seconds = match.groups()

@@ -139,12 +139,6 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False, compar
             "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
     """Whether the fp32 run gives the committed report's figures (up to float rounding, 1e-6), and the largest
     difference."""
@@ -164,6 +158,7 @@ def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
 
 def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | None, resume: bool,
         quick: bool = False, stored_only: bool = False, compare: str = "bf16") -> dict[str, Any]:
+    import torch
     from bench_knn import PartialReport
     from bench_patchcore import load_average
 
@@ -211,7 +206,7 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
             row = measure(kwargs, hit_images, quick=quick, compare=compare)
             row["committed"] = None if quick else committed_figures(name)
             row["measured"] = {"started": started, "native_bf16": native_bf16("cpu"),
-                               "torch_threads": _torch_threads(), "load_average_before": load_before,
+                               "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
                                "load_average_after": load_average()}
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
