@@ -47,7 +47,7 @@ bf16 / fp16 distance updates (time, overlap with the fp32 selection, covering ra
 
 A setting may also name fewer search dimensions, ``<precision>@<dims>`` (e.g. ``bf16@256``):
 ``PatchCore(precision=..., search_dim=dims)``, whose bank search takes its candidates from the
-bank's first ``dims`` principal components and re-ranks the best 32 of each patch exactly on
+bank's first ``dims`` principal components and re-ranks the best 8 of each patch exactly on
 every feature; its floor counts the candidate products at ``dims`` columns, the projection of
 the queries (2 q d dims, fp32 rate) and the re-ranking.
 

@@ -171,7 +171,7 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     assert floor["floor_s"] == pytest.approx(floor["forward_floor_s"] + floor["search_floor_s"])
     assert result["limit_ratio"] == pytest.approx(result["predict_s"] / floor["floor_s"])
     assert 0 <= result["rerank_hit_rate"]["hit_rate"] <= 1 and result["rerank_hit_rate"]["n_queries"] == 128
-    # a setting with fewer search dimensions: its floor counts 32 of the 384 columns, the projection, 32 re-ranked
+    # a setting with fewer search dimensions: its floor counts 32 of the 384 columns, the projection, 8 re-ranked
     code = bench.main(["--our-side", "--train-list", str(tmp_path / "train.txt"), "--test-list",
                        str(tmp_path / "test.txt"), "--backbone", "resnet18", "--weights", str(resnet18_random),
                        "--layers", "layer2", "layer3", "--coreset-ratio", "0.5", "--threads", "1",
@@ -180,7 +180,7 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     projected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert projected["parameters"]["search_dim"] == 32 and projected["precision_used"] == "fp32"
     q = 2 * 65
-    assert projected["floor"]["search_gflop"] == pytest.approx((2 * q * 96 * 32 + 2 * q * 384 * 32 + 3 * q * 32 * 384) / 1e9)
+    assert projected["floor"]["search_gflop"] == pytest.approx((2 * q * 96 * 32 + 2 * q * 384 * 32 + 3 * q * 8 * 384) / 1e9)
     assert 0 <= projected["rerank_hit_rate"]["hit_rate"] <= 1
 
 

@@ -179,6 +179,16 @@ def _clustered_patches(rng, n_images, n_patches=16, d=24):
     return rows.reshape(n_images, n_patches, d).astype(np.float32)
 
 
+def _low_rank_clustered_patches(rng, basis, n_images, n_patches=16):
+    """Like _clustered_patches, but each cluster spreads along the columns of ``basis`` (d, r) only,
+    with a trace (1e-3) in the other directions: r + a few principal components rank its neighbours."""
+    d, r = basis.shape
+    centres = rng.normal(scale=3.0, size=(6, d)) + 20.0
+    rows = (centres[rng.integers(0, 6, n_images * n_patches)] + rng.normal(size=(n_images * n_patches, r)) @ basis.T
+            + 1e-3 * rng.normal(size=(n_images * n_patches, d)))
+    return rows.reshape(n_images, n_patches, d).astype(np.float32)
+
+
 def test_default_precision_is_faiss_fp32_unchanged():
     import faiss
 
@@ -331,16 +341,17 @@ def test_squash_mode_is_saved_and_restored(synthetic_class, tmp_path):
 
 
 def test_search_dim_gives_the_exact_scores_and_is_saved(tmp_path, bf16_quietly):
-    """search_dim: candidates from the bank's principal components, 32 re-ranked exactly: on patches whose
+    """search_dim: candidates from the bank's principal components, 8 re-ranked exactly: on patches whose
     variance lies in few directions, the same scores as faiss's exact search; saved with the model."""
     rng = np.random.default_rng(24)
-    train, test = _clustered_patches(rng, 10), _clustered_patches(rng, 3)
+    basis = np.linalg.qr(rng.normal(size=(24, 24)))[0][:, :6]  # clusters spread in 6 of 24 directions
+    train, test = _low_rank_clustered_patches(rng, basis, 10), _low_rank_clustered_patches(rng, basis, 3)
     exact = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, progress=False).fit(train)
     for precision in ("fp32", "bf16"):
         model = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, precision=precision, search_dim=12,
                           progress=False).fit(train)
         described = model.index_.describe()
-        assert described["candidate_dim_used"] == 12 and described["rerank"] == 32
+        assert described["candidate_dim_used"] == 12 and described["rerank"] == 8
         assert model.index_.rerank_hit_rate(test.reshape(-1, 24))["hit_rate"] == 1.0
         for a, b in zip(model.score_patches(test), exact.score_patches(test)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

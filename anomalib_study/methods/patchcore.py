@@ -33,7 +33,7 @@ anomalib's ``PatchcoreModel``.
   (IVF, HNSW...) search as faiss does whatever the precision.
 * Fewer search dimensions (``search_dim=``, exact ``"Flat"`` index only; not in the paper):
   the bank search's candidates come from the memory bank's first ``search_dim`` principal
-  components, and the best 32 of each patch are re-ranked on every feature in float32, so
+  components, and the best 8 of each patch are re-ranked on every feature in float32, so
   the nearest patch and its distance are again the exact ones wherever the candidates hold
   it (:meth:`anomalib_study.search.NearestNeighbourIndex.rerank_hit_rate` measures how
   often). The search's arithmetic shrinks by about D / ``search_dim``. None (default):
@@ -80,7 +80,7 @@ from anomalib_study.methods.base import (
 )
 from anomalib_study.methods.coreset import COVERAGE_PRECISIONS, SAMPLERS
 from anomalib_study.patches import PatchFeatures
-from anomalib_study.search import DEFAULT_RERANK, PROJECTED_RERANK, NearestNeighbourIndex
+from anomalib_study.search import NearestNeighbourIndex
 
 __all__ = ["PatchCore", "reweighted_image_scores", "anomaly_maps", "gaussian_kernel_size", "FORMAT_NAME",
            "FORMAT_VERSION", "IMAGE_SCORES", "SPEC"]
@@ -341,12 +341,9 @@ class PatchCore(BaseDetector):
 
     def _new_index(self, precision: str, device: str) -> NearestNeighbourIndex:
         """The bank's (unfitted) search index: ``index``'s factory, the search precision of
-        ``precision``, and ``search_dim``'s candidate dimensions (32 candidates re-ranked then)."""
-        projected = self.search_dim is not None
+        ``precision``, and ``search_dim``'s candidate dimensions."""
         return NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=device,
-                                     precision=self._search_precision(precision),
-                                     candidate_dim=self.search_dim,
-                                     rerank=PROJECTED_RERANK if projected else DEFAULT_RERANK)
+                                     precision=self._search_precision(precision), candidate_dim=self.search_dim)
 
     def _search_precision(self, precision: str) -> str:
         # the bf16 re-ranked search exists for the exact index only; approximate ones stay faiss's
