@@ -19,8 +19,8 @@ def fmt(value):
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "reports/02_patchcore")
-    print("| data set | backbone | image AUROC (rw / max) | pixel AUROC | PRO | image F1-max | pixel F1-max | bank | published (PatchCore, WRN-50) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| report | data set | backbone | image AUROC (rw / max) | pixel AUROC | PRO | image F1-max | pixel F1-max | bank | published (PatchCore, WRN-50) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(folder.glob("*.metrics.json")):
         m = json.loads(path.read_text())
         name = m["dataset"]["name"] + (" (synthetic)" if m.get("synthetic") else "")
@@ -28,7 +28,7 @@ def main() -> None:
         pub = "; ".join(
             f"{r['data']} {fmt(r['image_auroc'])} / {fmt(r['pixel_auroc'])} / {fmt(r['pro'])} ({r['coreset']})" for r in published
         ) or "none"
-        print(f"| {name} | {m['backbone']['name']} | {fmt(m['image_auroc_reweighted'])} / {fmt(m['image_auroc_max'])} | "
+        print(f"| {path.name.removesuffix('.metrics.json')} | {name} | {m['backbone']['name']} | {fmt(m['image_auroc_reweighted'])} / {fmt(m['image_auroc_max'])} | "
               f"{fmt(m['pixel_auroc'])} | {fmt(m['pro'])} | {fmt(m['image_f1_max'])} | {fmt(m['pixel_f1_max'])} | "
               f"{m['memory_bank_size']:,} | {pub} |")
     print()
