@@ -106,6 +106,33 @@ def _query_rows(centred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([rounded * -2, _split(_squared_norms(rounded), dtype), ones], dim=1)
 
 
+def _smallest(scores: torch.Tensor, r: int) -> torch.Tensor:
+    """(b, r) int64: the columns of the ``r`` smallest entries of each row of ``scores`` (b, n), in any order.
+    On the CPU faiss's k-selection (a heap per row, rows in parallel): with 2 threads and r = 8 about twice
+    as fast as torch.topk over 23,520 columns, the conversion to float32 included."""
+    if scores.device.type != "cpu":
+        return scores.topk(r, dim=1, largest=False, sorted=False).indices
+    _, ids = faiss.kmin(scores.float().numpy(), r)
+    return torch.from_numpy(ids)
+
+
+def _exact_squared(rows: torch.Tensor, queries: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """(b, r) float32 squared distances ``|queries[i] - rows[chosen[i, j]]|^2`` (rows (n, d), queries (b, d)),
+    summed from the differences (no cancellation). On the CPU faiss's ``fvec_L2sqr_by_idx`` reads the rows in
+    place; elsewhere one gathered block, the differences computed in it."""
+    b, r = chosen.shape
+    if rows.device.type != "cpu":
+        gathered = torch.index_select(rows, 0, chosen.reshape(-1)).view(b, r, rows.shape[1])
+        gathered.sub_(queries[:, None, :])
+        return gathered.mul_(gathered).sum(dim=2)
+    out = np.empty((b, r), dtype=np.float32)
+    x = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+    ids = np.ascontiguousarray(chosen.numpy(), dtype=np.int64)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows.numpy()),
+                            faiss.swig_ptr(ids), rows.shape[1], b, r)
+    return torch.from_numpy(out)
+
+
 def available_cores() -> int:
     """Number of CPU cores this process may use (respects CPU affinity)."""
     try:
@@ -453,6 +480,7 @@ class NearestNeighbourIndex:
         d = self.dim_
         r = min(n, max(int(k), int(self.rerank)))
         block = max(1, min(_SCORE_BLOCK // n, _GATHER_BLOCK // (r * d)))
+        _set_faiss_threads()
         q_all = torch.from_numpy(queries).to(low["rows"].device)
         distances = np.empty((queries.shape[0], k), dtype=np.float32)
         indices = np.empty((queries.shape[0], k), dtype=np.int64)
@@ -464,16 +492,9 @@ class NearestNeighbourIndex:
                 if low["components"] is not None:
                     centred = centred @ low["components"]
                 scores = _query_rows(centred, low["low"].dtype) @ low["low"].T  # squared distances, candidate type
-                chosen = scores.topk(r, dim=1, largest=False, sorted=False).indices if r < n else \
-                    torch.arange(n, device=q.device).expand(q.shape[0], n)
+                chosen = _smallest(scores, r) if r < n else torch.arange(n, device=q.device).expand(q.shape[0], n)
                 del scores
-                # (b, r) float32 squared distances from the differences (no cancellation), in place in the one
-                # gathered block: the same sums as ((rows[chosen] - q) ** 2).sum(2), without two more temporaries
-                gathered = torch.index_select(low["rows"], 0, chosen.reshape(-1)).view(*chosen.shape, d)
-                gathered.sub_(q[:, None, :])
-                exact = gathered.mul_(gathered).sum(dim=2)
-                del gathered
-                best, where = exact.topk(k, dim=1, largest=False, sorted=True)
+                best, where = _exact_squared(low["rows"], q, chosen).topk(k, dim=1, largest=False, sorted=True)
                 end = start + q.shape[0]
                 distances[start:end] = best.sqrt().cpu().numpy()
                 indices[start:end] = chosen.gather(1, where).cpu().numpy()
