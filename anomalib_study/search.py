@@ -11,8 +11,9 @@ larger means nearer.
 Precision (``precision=``, exact ``"Flat"`` L2 search only): ``"fp32"`` (the default) is
 faiss's exhaustive float32 search. ``"bf16"`` is a re-ranked search: candidate squared distances
 from one bfloat16 matrix product per block of queries (torch), then the ``rerank`` best
-candidates of each query (at least k), their exact float32 distances and the k nearest
-among them. The product gives the squared distance itself, ``|q|^2 + |b|^2 - 2 q.b``: the
+candidates of each query (at least k; faiss's k-selection on the CPU), their exact float32
+distances (faiss's ``fvec_L2sqr_by_idx`` on the CPU: sums of squared differences) and the
+k nearest among them. The product gives the squared distance itself, ``|q|^2 + |b|^2 - 2 q.b``: the
 rows are extended by the norms (each split into a bfloat16 value and its bfloat16
 remainder, so that they keep about 16 bits) and ones, and bank and queries are first
 centred on the bank's mean. Its output is rounded to bfloat16 relative to the distance,
