@@ -222,12 +222,15 @@ class Backbone(nn.Module):
         return self._transform(image.convert("RGB"))
 
     def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None,
-                embedding: bool = True) -> dict[str, torch.Tensor]:
+                embedding: bool = True, contiguous: bool = True) -> dict[str, torch.Tensor]:
         """x: (B, 3, H, W) preprocessed batch -> {"embedding": (B, D), <layer>: (B, C, h, w), ...}.
 
         ``layers=None`` returns the embedding only. ``embedding=False`` (with layers) returns
         the maps only, and backbones that can stop after the last requested map do so
         (PatchCore needs no deeper stage). Unknown layer names raise ParameterError.
+        ``contiguous=False`` returns the maps in the memory layout the network computed them
+        in (channels-last for the CNNs that run so), saving two copies for callers that
+        pool them in that layout anyway (:func:`anomalib_study.patches.patch_features`).
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -237,7 +240,7 @@ class Backbone(nn.Module):
             if self._channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = self._features(x, layers) if embedding or not layers else self._maps_only(x, layers)
-        if self._channels_last:
+        if self._channels_last and contiguous:
             out = {name: value.contiguous() for name, value in out.items()}
         return out
 

@@ -383,12 +383,13 @@ def check_forward_precision(precision: str) -> None:
 
 
 def forward_maps(backbone: Backbone, images: torch.Tensor, layers: Sequence[str], *, embedding: bool = True,
-                 precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """``backbone(images, layers=..., embedding=...)``, under bf16 autocast for ``precision="bf16"``
-    (the maps returned as float32). Call it inside ``torch.inference_mode``; the autocast
-    context closes before it returns, so it never leaks to a caller's generator."""
+                 precision: str = "fp32", contiguous: bool = True) -> dict[str, torch.Tensor]:
+    """``backbone(images, layers=..., embedding=..., contiguous=...)``, under bf16 autocast for
+    ``precision="bf16"`` (the maps returned as float32, in the same memory layout). Call it inside
+    ``torch.inference_mode``; the autocast context closes before it returns, so it never leaks
+    to a caller's generator."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        maps = backbone(images, layers=layers, embedding=embedding)
+        maps = backbone(images, layers=layers, embedding=embedding, contiguous=contiguous)
     if precision == "bf16":
         maps = {name: value.float() for name, value in maps.items()}
     return maps

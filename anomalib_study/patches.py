@@ -181,7 +181,7 @@ def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: Pat
         for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
                                                device=device, errors=errors):
             with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
-                maps = forward_maps(backbone, images, layers, embedding=False, precision=precision)
+                maps = forward_maps(backbone, images, layers, embedding=False, precision=precision, contiguous=False)
                 features, grid = maker(maps, layers)
             bar.update(len(positions))
             yield PatchBatch(positions, features.cpu().numpy(), grid, (int(images.shape[-2]), int(images.shape[-1])))
