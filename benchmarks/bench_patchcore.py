@@ -1120,12 +1120,12 @@ def carry_over_scaling(report: dict, previous_out: Path) -> None:
         return
     report["scaling"] = previous["scaling"]
     report["scaling_memory_check"] = previous.get("scaling_memory_check", {})
-    report["scaling_carried_over"] = {"from_run_started": previous.get("started"),
-                                      "machine": previous.get("machine"),
-                                      "why": "this run was given no --scaling-sizes: the scaling table is the "
-                                             "earlier run's, not measured again"}
+    # a table the earlier report itself carried over keeps the run that measured it
+    report["scaling_carried_over"] = previous.get("scaling_carried_over") or {
+        "from_run_started": previous.get("started"), "machine": previous.get("machine"),
+        "why": "this run was given no --scaling-sizes: the scaling table is the earlier run's, not measured again"}
     report["notes"].append(f"The scaling table was not measured in this run: it is carried over from the run "
-                           f"started {previous.get('started')} (see scaling_carried_over).")
+                           f"started {report['scaling_carried_over']['from_run_started']} (see scaling_carried_over).")
 
 
 def print_tables(report: dict) -> None:

@@ -332,6 +332,13 @@ def test_scaling_table_not_measured_again_is_carried_over_and_labelled(tmp_path)
     assert report["scaling_memory_check"] == {"ok": True}
     assert report["scaling_carried_over"]["from_run_started"] == "2026-11-23T18:56:18"
     assert any("carried over" in note for note in report["notes"])
+    # carried over again: still the run that measured it, not the report that carried it
+    previous.write_text(json.dumps({**report, "started": "2026-12-06T22:31:37"}))
+    again = bench.build_report([], [], {}, "later")
+    bench.carry_over_scaling(again, previous)
+    assert again["scaling_carried_over"]["from_run_started"] == "2026-11-23T18:56:18"
+    assert again["scaling_carried_over"]["machine"] == {"cpu_count": 2}
+    assert any("2026-11-23T18:56:18" in note for note in again["notes"])
     empty = bench.build_report([], [], {}, "now")
     previous.write_text(json.dumps({"started": "then", "scaling": []}))
     bench.carry_over_scaling(empty, previous)
