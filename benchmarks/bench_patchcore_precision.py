@@ -64,7 +64,7 @@ TOLERANCE = 0.002
 NOTEBOOK_ONLY = ("ablation_ratios", "ablation_train_images", "metrics_out", "report_name")
 # cheapest first, so that a stopped run has measured as many data sets as possible
 ORDER = ("synthetic_dagm", "mvtec_ad-bottle", "mvtec_ad-transistor", "mvtec_3d-tire", "kolektorsdd",
-         "mvtec_loco-juice_bottle", "magnetic_tile", "kolektorsdd-448-keep", "magnetic_tile-448-keep")
+         "mvtec_loco-juice_bottle", "magnetic_tile", "kolektorsdd-322-keep", "kolektorsdd-448-keep", "magnetic_tile-448-keep")
 _START = time.perf_counter()
 
 
