@@ -1,16 +1,22 @@
 """Prints the PatchCore reports' figures beside the published ones, the coreset-ratio ablation,
-the input-setting (resolution / resize-mode) ablation and the fp32 / bf16 table, as Markdown.
+the input-setting (resolution / resize-mode) ablation, the best pairs of two backbones' scores and
+the fp32 / bf16 table, as Markdown.
 
     python scripts/results_table_patchcore.py [reports/02_patchcore]
 
 The input-setting table is :func:`anomalib_study.comparison.settings_table` over the reports
 folder (the same table notebook 05 shows); the fp32 / bf16 table is read from
 ``reports/benchmarks/patchcore_precision.json`` (``benchmarks/bench_patchcore_precision.py``).
+The pairs table (:func:`best_pairs_table`) lives here, not in the package: it is a look at the
+committed reports chosen on the test labels, not a result a report shows.
 """
 
+import itertools
 import json
 import sys
 from pathlib import Path
+
+PAIR_COLUMNS = ("data", "cells", "backbones", "image_aurocs", "best_single_auroc", "fused_auroc", "gain", "n_test")
 
 
 def fmt(value):
@@ -46,6 +52,8 @@ def main() -> None:
     print()
     settings(folder.parent)
     print()
+    pairs(folder.parent)
+    print()
     precision(folder.parent / "benchmarks" / "patchcore_precision.json")
 
 
@@ -61,6 +69,65 @@ def settings(reports: Path) -> None:
         print(f"| {r.dataset} | {r.backbone} | {r.image_size:.0f} | {r.resize_mode} | {r.coreset} | {fmt(r.image_auroc)} | "
               f"{fmt(r.pixel_auroc)} | {fmt(r.pro)} | {r.fit_s:.0f} | {r.predict_images_per_s:.2f} | "
               f"{r.peak_rss_mb:.0f} | {r.cell} |")
+
+
+def best_pairs_table(reports, method: str = "patchcore", top: int = 3):
+    """The ``top`` best pairs of two reports of ``method`` with different backbones, per data set.
+
+    As :func:`anomalib_study.comparison.fusion_table` (each report's image scores divided by
+    its calibrated threshold, the two summed), but over every report of the data set with
+    numbers (``data``: every input setting, resolution and study; a report stale since the
+    sources changed keeps the numbers of the code that ran), pairing each with each report of
+    another backbone that scored the same test images in the same order. Ranked by the fused
+    image AUROC, i.e. **chosen on the test labels**: an optimistic upper bound of what
+    combining two settings gives, not a held-out result. Columns :data:`PAIR_COLUMNS`;
+    ``gain`` = fused - the better report of the pair alone.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from anomalib_study.comparison import _threshold_normalised
+    from anomalib_study.metrics import image_auroc
+
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    rows = []
+    selected = reports[(reports["method"] == method) & reports["metrics"].notna()]
+    for data, group in selected.sort_values(["data", "cell"]).groupby("data", sort=True):
+        parts = []
+        for report in group.itertuples():
+            normalised = _threshold_normalised(report.metrics)
+            try:
+                labels = [int(row["label"]) for row in report.metrics["per_image"]]
+            except (KeyError, TypeError, ValueError):
+                continue
+            if normalised is not None:
+                parts.append((report.cell, report.backbone, report.image_auroc, labels, *normalised))
+        found = []
+        for a, b in itertools.combinations(parts, 2):
+            if a[1] == b[1] or a[4] != b[4]:
+                continue
+            fused = image_auroc(np.array(a[3]), a[5] + b[5])
+            best = max(a[2], b[2])
+            found.append({"data": data, "cells": f"{a[0]} + {b[0]}", "backbones": f"{a[1]} + {b[1]}",
+                          "image_aurocs": f"{a[2]:.3f}, {b[2]:.3f}", "best_single_auroc": best,
+                          "fused_auroc": fused, "gain": fused - best, "n_test": len(a[3])})
+        rows += sorted(found, key=lambda row: (-row["fused_auroc"], row["cells"]))[:top]
+    return pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
+
+
+def pairs(reports: Path, top: int = 3) -> None:
+    """The best pairs of two backbones' reports on each data set (chosen on the test labels)."""
+    from anomalib_study.comparison import collect_reports
+
+    table = best_pairs_table(collect_reports(reports), top=top)
+    print(f"Two backbones' image scores combined, the best {top} pairs of any two settings per data set "
+          "(each score / its calibrated threshold, summed; pairs chosen on the test labels: optimistic):")
+    print("| data set | cells | image AUROC each | better alone | combined | gain | test images |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table.itertuples():
+        print(f"| {r.data} | {r.cells} | {r.image_aurocs} | {fmt(r.best_single_auroc)} | {fmt(r.fused_auroc)} | "
+              f"{r.gain:+.3f} | {r.n_test} |")
 
 
 def precision(path: Path) -> None:
