@@ -61,7 +61,9 @@ def settings(reports: Path) -> None:
     """The data sets PatchCore ran with more than one input setting (notebook 05's table)."""
     from anomalib_study.comparison import collect_reports, settings_table
 
-    table = settings_table(collect_reports(reports))
+    found = collect_reports(reports)
+    # one group per data set, whatever study key ran it (kolektorsdd, kolektorsdd-322-keep, kolektorsdd-322...)
+    table = settings_table(found.assign(dataset=found["data"]))
     print("Input settings (resolution / resize mode; the main study's cells at 10 %, the ablation's at 1 %):")
     print("| data set | backbone | side px | resize | coreset | image AUROC | pixel AUROC | PRO | fit s | test img/s | peak MB | cell |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
