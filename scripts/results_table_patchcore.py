@@ -49,19 +49,23 @@ def main() -> None:
                   f"{r['fit_s']:.1f} | {r['predict_s']:.1f} | {'-' if mem is None else f'{mem:.0f}'} | "
                   f"{fmt(r['image_auroc_reweighted'])} | {fmt(r['pixel_auroc'])} | {fmt(r['pro'])} |")
 
+    from anomalib_study.comparison import collect_reports
+
+    found = collect_reports(folder.parent)  # read once, for both tables
     print()
-    settings(folder.parent)
+    settings(folder.parent, found)
     print()
-    pairs(folder.parent)
+    pairs(folder.parent, found=found)
     print()
     precision(folder.parent / "benchmarks" / "patchcore_precision.json")
 
 
-def settings(reports: Path) -> None:
-    """The data sets PatchCore ran with more than one input setting (notebook 05's table)."""
+def settings(reports: Path, found=None) -> None:
+    """The data sets PatchCore ran with more than one input setting (notebook 05's table);
+    ``found``: the reports already collected from ``reports`` (default: read them)."""
     from anomalib_study.comparison import collect_reports, settings_table
 
-    found = collect_reports(reports)
+    found = collect_reports(reports) if found is None else found
     # one group per data set, whatever study key ran it (kolektorsdd, kolektorsdd-322-keep, kolektorsdd-322...)
     table = settings_table(found.assign(dataset=found["data"]))
     print("Input settings (resolution / resize mode; the main study's cells at 10 %, the ablation's at 1 %):")
@@ -99,12 +103,13 @@ def best_pairs_table(reports, method: str = "patchcore", top: int = 3):
         parts = []
         for report in group.itertuples():
             normalised = _threshold_normalised(report.metrics)
+            if normalised is None:
+                continue
             try:
                 labels = [int(row["label"]) for row in report.metrics["per_image"]]
             except (KeyError, TypeError, ValueError):
                 continue
-            if normalised is not None:
-                parts.append((report.cell, report.backbone, report.image_auroc, labels, *normalised))
+            parts.append((report.cell, report.backbone, report.image_auroc, labels, *normalised))
         found = []
         for a, b in itertools.combinations(parts, 2):
             if a[1] == b[1] or a[4] != b[4]:
@@ -118,11 +123,12 @@ def best_pairs_table(reports, method: str = "patchcore", top: int = 3):
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
 
 
-def pairs(reports: Path, top: int = 3) -> None:
-    """The best pairs of two backbones' reports on each data set (chosen on the test labels)."""
+def pairs(reports: Path, top: int = 3, found=None) -> None:
+    """The best pairs of two backbones' reports on each data set (chosen on the test labels);
+    ``found``: the reports already collected from ``reports`` (default: read them)."""
     from anomalib_study.comparison import collect_reports
 
-    table = best_pairs_table(collect_reports(reports), top=top)
+    table = best_pairs_table(collect_reports(reports) if found is None else found, top=top)
     print(f"Two backbones' image scores combined, the best {top} pairs of any two settings per data set "
           "(each score / its calibrated threshold, summed; pairs chosen on the test labels: optimistic):")
     print("| data set | cells | image AUROC each | better alone | combined | gain | test images |")
