@@ -35,6 +35,15 @@ def test_patchcore_rows_say_when_the_input_was_squashed():
     assert "squashed" not in patchcore_comparison(_metrics("magnetic_tile", "magnetic_tile"))[1]["what differs"]
 
 
+def test_patchcore_rows_name_an_aspect_kept_input_and_a_matching_coreset():
+    kept = _metrics("magnetic_tile", "magnetic_tile", backbone="dinov2_vits14")
+    kept["backbone"].update(image_size=448, preprocessing={"resize": 448, "crop": None, "resize_mode": "keep"})
+    ours, paper = patchcore_comparison(kept)
+    assert ours["coreset"] == paper["coreset"] == "10 %" and "coreset" not in paper["what differs"]
+    assert "shorter side resized to 448 px, aspect ratio kept" in paper["what differs"]
+    assert "squashed" not in paper["what differs"] and "WideResNet-50" in paper["what differs"]
+
+
 def _autoencoder_metrics(model):
     metrics = _metrics("dagm", "synthetic_dagm", synthetic=True, image_auroc_residual=0.91, image_auroc_mse=0.72,
                        epochs_run=3, fit_timings={"train_s": 90.0},
