@@ -182,10 +182,10 @@ def test_bench_patchcore_precision_cells_follow_the_study():
     module = _load_script("bench_patchcore_precision")
     cells = module.study_cells(None)
     names = [name for name, _, _ in cells]
-    assert len(names) == 17 and names[:2] == ["synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"]
-    assert names[-5:] == ["magnetic_tile-dinov2_vits14", "magnetic_tile-efficientnet_lite0",
+    assert len(names) == 18 and names[:2] == ["synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"]
+    assert names[-6:] == ["magnetic_tile-dinov2_vits14", "magnetic_tile-efficientnet_lite0",
                           "kolektorsdd-322-keep-dinov2_vits14", "kolektorsdd-448-keep-dinov2_vits14",
-                          "magnetic_tile-448-keep-dinov2_vits14"]
+                          "magnetic_tile-448-keep-dinov2_vits14", "magnetic_tile-448-keep-coreset10-dinov2_vits14"]
     for name, kwargs, reason in cells:
         assert (kwargs is None) == (reason is not None) == (not name.startswith("synthetic_dagm"))
     kwargs = cells[0][1]
