@@ -11,10 +11,10 @@ the published figures from :mod:`anomalib_study.published`::
     fusion_table(reports)                     # PatchCore's two backbones' image scores combined
 
 A report's ``status`` is ``"ok"``, ``"failed"`` (its last run raised; the numbers, if any,
-are the last good run's) or ``"stale"`` (its notebook or the package sources changed since
-it ran). ``freshness`` says ``"current"``, ``"stale"`` or ``"unknown"`` (a report written
-before the runner recorded ``notebook_sha256`` and ``sources_hash``, or whose notebook is
-not found).
+are the last good run's) or ``"stale"`` (its notebook or package code its kernel loaded
+changed since it ran: :func:`freshness`). ``freshness`` says ``"current"``, ``"stale"`` or
+``"unknown"`` (a report written before the runner recorded ``notebook_sha256`` and the code
+it ran, or whose notebook is not found).
 """
 
 from __future__ import annotations
@@ -24,23 +24,50 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import pandas as pd
 
-from anomalib_study import io, published
+from anomalib_study import freshness as code_freshness
+from anomalib_study import io, methods
 
-#: detection methods, in the order the tables list them
-DETECTION_METHODS = ("knn", "patchcore", "autoencoder")
-METHOD_LABELS = {"knn": "kNN (DN2)", "patchcore": "PatchCore", "autoencoder": "autoencoder",
-                 "clustering": "anomaly clustering"}
-#: the published comparison of each method (this run's row first, then the published figures)
-COMPARISONS: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
-    "knn": published.dn2_comparison,
-    "patchcore": published.patchcore_comparison,
-    "autoencoder": published.autoencoder_comparison,
-    "clustering": lambda metrics: published.anomaly_clustering_comparison(metrics, nearest_only=True),
-}
+
+
+class _RegistryView(Mapping):
+    """method name -> ``value(name)`` over the method registry as it is now (a method
+    registered later is in it too); ``keep(name)`` picks the methods listed."""
+
+    def __init__(self, value: Callable[[str], Any], keep: Callable[[str], bool] = lambda name: True) -> None:
+        self._value, self._keep = value, keep
+
+    def _names(self) -> list[str]:
+        return [name for name in methods.REGISTRY if self._keep(name)]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names():
+            raise KeyError(name)
+        return self._value(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+#: method name -> how the tables name it (the registry's labels)
+METHOD_LABELS: Mapping[str, str] = _RegistryView(methods.method_label)
+#: the published comparison of each method that declares one (this run's row first, then the published figures)
+COMPARISONS: Mapping[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = _RegistryView(
+    methods.published_comparison, keep=lambda name: methods.REGISTRY[name].published is not None)
+
+
+def detection_methods() -> list[str]:
+    """The registered detection methods, in registry order (the order the tables list them)."""
+    return [name for name, entry in methods.REGISTRY.items() if entry.task == "detection"]
+
+
 #: column headings for display
 LABELS = {
     "dataset": "data set", "method": "method", "config": "backbone / variant", "image_auroc": "image AUROC",
@@ -139,19 +166,31 @@ def read_reports(reports_dir: str | os.PathLike) -> list[Report]:
 
 def freshness(report: Report, notebook_sha256: str | None, sources_hash: str) -> tuple[str, str]:
     """``(freshness, why)`` of a report's last good run: ``"current"``, ``"stale"`` (its
-    notebook's bytes, ``notebook_sha256`` now, or the package sources differ from the
-    recorded ones) or ``"unknown"`` (nothing recorded, or the notebook not found: None)."""
+    notebook's bytes, ``notebook_sha256`` now, differ from the recorded ones, or a package
+    module its kernel loaded changed: :func:`anomalib_study.freshness.changed_modules`) or
+    ``"unknown"`` (nothing recorded, or the notebook not found: None). A report from before
+    the per-module record is judged on ``sources_hash``: any change to the package counts."""
     run = (report.metrics or {}).get("_run") or {}
-    recorded_notebook, recorded_sources = run.get("notebook_sha256"), run.get("sources_hash")
-    if not recorded_notebook or not recorded_sources:
+    recorded_notebook = run.get("notebook_sha256")
+    if "code" in run:
+        changed_code = code_freshness.changed_modules(run.get("code"))
+        if changed_code is None:
+            return "unknown", "the code its kernel loaded was not recorded"
+    elif not run.get("sources_hash"):
         return "unknown", "run before the notebook and sources hashes were recorded"
+    else:
+        changed_code = [] if sources_hash == run["sources_hash"] else None
+    if not recorded_notebook:
+        return "unknown", "run before the notebook hash was recorded"
     if notebook_sha256 is None:
         return "unknown", f"notebook {report.notebook}.ipynb not found"
     changed = []
     if notebook_sha256 != recorded_notebook:
         changed.append(f"{report.notebook}.ipynb changed")
-    if sources_hash != recorded_sources:
+    if changed_code is None:
         changed.append("the package sources changed")
+    elif changed_code:
+        changed.append(code_freshness.describe_changes(changed_code))
     return ("stale", " and ".join(changed) + " since it ran") if changed else ("current", "")
 
 
@@ -198,7 +237,7 @@ def collect_reports(reports_dir: str | os.PathLike, *, notebooks_dir: str | os.P
 
 
 def _task(method: str) -> str:
-    return "detection" if method in DETECTION_METHODS else "clustering" if method == "clustering" else ""
+    return methods.method_task(method)
 
 
 def _report_row(report: Report, fresh: str, why: str) -> dict[str, Any]:
@@ -248,7 +287,7 @@ def method_label(method: str, config: str) -> str:
 
 
 def _method_order(table: pd.DataFrame) -> pd.Series:
-    order = {m: i for i, m in enumerate(DETECTION_METHODS)}
+    order = {m: i for i, m in enumerate(detection_methods())}
     return table["method"].map(lambda m: order.get(m, len(order)))
 
 

@@ -244,3 +244,8 @@ def anomaly_clustering_comparison(metrics: dict[str, Any], nearest_only: bool = 
         rows.append({"source": source["source"], "data": row_data, "mode": mode, "backbone": source["backbone"],
                      "tau": source["tau"], **figures, "what differs": "; ".join(differs)})
     return rows
+
+
+def anomaly_clustering_nearest(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`anomaly_clustering_comparison` with only the published rows nearest to this run."""
+    return anomaly_clustering_comparison(metrics, nearest_only=True)

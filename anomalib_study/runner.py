@@ -59,12 +59,18 @@ never leaves a half-written report. A cell whose notebook raises keeps its last 
 report and gets ``<cell>.failed.html`` / ``.failed.ipynb`` / ``.failed.json`` instead;
 these are removed by its next successful run. ``reports/index.html`` (:mod:`anomalib_study.frontpage`)
 is the front page: the comparison across the reports, then every report with its status.
-``_run`` records ``notebook_sha256`` and ``sources_hash`` beside ``inputs_hash``, so that the
-index can tell a report whose notebook or package code changed since it ran (stale).
+``_run`` records ``notebook_sha256`` and ``code`` (the package modules loaded in the kernel,
+each hashed on its syntax tree without docstrings: :mod:`anomalib_study.freshness`; the
+runner appends a cell that writes them and removes it from the executed notebook) beside
+``inputs_hash``, so that the index can tell a report whose notebook or code it ran changed
+since (stale); a docstring edit or a change to a module the report did not load leaves it
+current.
 
 A cell is skipped (status ``"unchanged"``) when its inputs hash (notebook bytes, resolved
-parameters, the package's source files, the data-root path) equals the one stored in its
-metrics file, its HTML exists and its last run succeeded; ``force=True`` reruns it.
+parameters, the data-root path) equals the one stored in its metrics file, none of the
+modules its kernel loaded changed, its HTML exists and its last run succeeded;
+``force=True`` reruns it. (Reports from before ``code`` was recorded hold the hash of every
+package source file in their inputs hash instead: for them any package change counts.)
 
 Execution: every cell goes through one picklable function, :func:`execute_cell`
 (:class:`CellTask` in, :class:`CellOutput` out), which runs papermill in a scratch folder of
@@ -106,7 +112,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-from anomalib_study import io, provenance
+from anomalib_study import freshness, io, provenance
 from anomalib_study.errors import ParameterError, StudyError
 
 PREFERRED_KERNEL = "anomalib-study"
@@ -535,15 +541,39 @@ def reports_hash(reports_dir: Path, exclude: Path | None = None) -> str:
     return io.sha256_bytes("\n".join(sorted(digest)).encode())
 
 
-def inputs_hash(notebook: Path, parameters: Mapping[str, Any], data: Path | None, sources_hash: str) -> str:
-    """sha256 of what a cell's report depends on; ``metrics_out`` (a temporary path) is left out."""
+def inputs_hash(notebook: Path, parameters: Mapping[str, Any], data: Path | None, sources_hash: str | None = None) -> str:
+    """sha256 of what a cell's report depends on besides the package code (recorded apart,
+    per module: :mod:`anomalib_study.freshness`); ``metrics_out`` (a temporary path) is left
+    out. ``sources_hash``: the hash of every package source file, as the reports from
+    before the per-module record held it in their inputs hash."""
     kept = {k: v for k, v in parameters.items() if k != "metrics_out"}
-    payload = json.dumps(
-        {"notebook": io.sha256_file(notebook), "parameters": kept, "sources": sources_hash,
-         "data_root": str(data) if data else ""},
-        sort_keys=True, default=str,
-    )
-    return io.sha256_bytes(payload.encode())
+    inputs = {"notebook": io.sha256_file(notebook), "parameters": kept, "data_root": str(data) if data else ""}
+    if sources_hash is not None:
+        inputs["sources"] = sources_hash
+    return io.sha256_bytes(json.dumps(inputs, sort_keys=True, default=str).encode())
+
+
+#: the tag of the cell the runner appends to record the code the kernel loaded (removed from the report)
+CODE_RECORD_TAG = "anomalib-study-code-record"
+CODE_RECORD_FILE = ".code-record.json"  # in the scratch folder; hidden, so never taken for a side file
+
+
+def _with_code_record_cell(notebook_bytes: bytes, path: Path) -> bytes:
+    """The notebook with a last cell that writes :func:`anomalib_study.freshness.code_record` to ``path``."""
+    import nbformat
+
+    node = nbformat.reads(notebook_bytes.decode("utf-8"), as_version=4)
+    cell = nbformat.v4.new_code_cell(
+        f"import anomalib_study.freshness as _anomalib_study_freshness\n"
+        f"_anomalib_study_freshness.write_code_record({str(path)!r})",
+        metadata={"tags": [CODE_RECORD_TAG]})
+    node.cells.append(cell)
+    return nbformat.writes(node).encode("utf-8")
+
+
+def _without_code_record_cell(node: Any) -> Any:
+    node.cells = [cell for cell in node.cells if CODE_RECORD_TAG not in cell.get("metadata", {}).get("tags", [])]
+    return node
 
 
 # --------------------------------------------------------------------------- execution
@@ -649,6 +679,8 @@ class CellOutput:
         duration_s: the notebook's execution time.
         started_at: when it started (ISO 8601, local time of the executing host).
         host: the executing host's name.
+        code: the package modules the kernel loaded, hashed
+            (:func:`anomalib_study.freshness.code_record`); None if not recorded.
     """
 
     name: str
@@ -659,6 +691,7 @@ class CellOutput:
     duration_s: float = 0.0
     started_at: str = ""
     host: str = ""
+    code: dict[str, Any] | None = None
 
 
 def execute_cell(task: CellTask) -> CellOutput:
@@ -700,11 +733,12 @@ def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutpu
         if executed.is_file():
             import nbformat
 
-            node = nbformat.read(executed, as_version=4)
+            node = _without_code_record_cell(nbformat.read(executed, as_version=4))
             node.metadata.setdefault("papermill", {})["input_path"] = task.notebook  # not the scratch copy
             notebook = nbformat.writes(node).encode("utf-8")
+        code = freshness.read_code_record(scratch / CODE_RECORD_FILE) if error is None else None
     return CellOutput(task.name, notebook, metrics if error is None else None, error, side_files, duration,
-                      started_at, host)
+                      started_at, host, code)
 
 
 def _prepare_host(task: CellTask, host: str) -> tuple[str, str] | None:
@@ -744,7 +778,7 @@ def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path,
     from traitlets.config import Config
 
     source.parent.mkdir()
-    source.write_bytes(task.notebook_bytes)
+    source.write_bytes(_with_code_record_cell(task.notebook_bytes, executed.parent / CODE_RECORD_FILE))
     manager = _kernel_manager_class()
     start = time.perf_counter()
     try:
@@ -845,7 +879,7 @@ class _Runner:
                  log: Callable[[str], None], total: int, env: Mapping[str, str], on_cluster: bool = False):
         self.study, self.out_dir, self.kernel, self.data, self.force = study, out_dir, kernel, data, force
         self.log, self.total, self.env, self.on_cluster = log, total, dict(env), on_cluster
-        self.sources_hash = package_sources_hash()
+        self.sources_hash = package_sources_hash()  # for the reports from before the per-module record
         self.notebook_bytes = study.notebook.read_bytes()
         self._synthetic: Path | None = None
 
@@ -864,15 +898,19 @@ class _Runner:
             return CellResult(cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason,
                               variant=cell.variant)
         parameters["report_name"] = cell.name
-        digest = inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash)
-        if uses_reports(cell.parameters):  # its inputs are the other reports, too
-            digest = io.sha256_bytes(f"{digest}:{reports_hash(self.out_dir.parent, exclude=self.out_dir)}".encode())
-
         paths = self.paths(cell.name)
         previous = io.read_json_object(paths["metrics"]) or {}
         run_info = previous.get("_run", {})
-        if (not self.force and run_info.get("inputs_hash") == digest and run_info.get("status") == "ok"
-                and paths["html"].is_file() and not paths["failed_json"].exists()):
+        legacy = "code" not in run_info  # run before the per-module record: every source file counts
+        digest = inputs_hash(self.study.notebook, parameters, self.data)
+        recorded_digest = inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash) if legacy else digest
+        if uses_reports(cell.parameters):  # its inputs are the other reports, too
+            others = reports_hash(self.out_dir.parent, exclude=self.out_dir)
+            digest, recorded_digest = (io.sha256_bytes(f"{d}:{others}".encode()) for d in (digest, recorded_digest))
+
+        code_current = legacy or freshness.changed_modules(run_info.get("code")) == []
+        if (not self.force and run_info.get("inputs_hash") == recorded_digest and code_current
+                and run_info.get("status") == "ok" and paths["html"].is_file() and not paths["failed_json"].exists()):
             metrics = {k: v for k, v in previous.items() if k != "_run"}
             self.log(f"{tag}: unchanged, not rerun ({_headline_text(metrics, self.study.headline)})".replace(" ()", ""))
             return CellResult(cell.name, cell.dataset, cell.backbone, "unchanged", parameters, metrics,
@@ -911,7 +949,7 @@ class _Runner:
             "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": pending.digest,
             "kernel": self.kernel, "duration_s": duration, "started_at": output.started_at,
             # recorded apart from inputs_hash, so that the index can tell a stale report
-            "notebook_sha256": io.sha256_bytes(self.notebook_bytes), "sources_hash": self.sources_hash,
+            "notebook_sha256": io.sha256_bytes(self.notebook_bytes), "code": output.code,
             # the client's provenance; the kernel's torch reads OMP_NUM_THREADS and evaluate records the
             # count it ran with (on a cluster, evaluate's environment describes the worker's machine)
             "provenance": provenance.collect(self.study.notebook, torch_threads=False),

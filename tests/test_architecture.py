@@ -18,7 +18,7 @@ LAYERS = {
     "anomalib_study": 0,  # the package itself: only __version__ is imported from it
     "anomalib_study.errors": 0, "anomalib_study.checks": 0, "anomalib_study.io": 0,
     "anomalib_study.profiling": 0, "anomalib_study.published": 0, "anomalib_study.hardware": 0,
-    "anomalib_study.provenance": 0,
+    "anomalib_study.provenance": 0, "anomalib_study.freshness": 0,
     "anomalib_study.data": 1,
     "anomalib_study.backbones": 2,
     "anomalib_study.features": 3, "anomalib_study.patches": 3,

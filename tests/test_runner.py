@@ -341,7 +341,9 @@ def test_run_rerun_failure_and_recovery(project):
         assert metrics["_run"]["status"] == "ok" and metrics["_run"]["parameters"]["report_name"] == name
         assert metrics["_run"]["duration_s"] > 0 and len(metrics["_run"]["inputs_hash"]) == 64
         assert metrics["_run"]["notebook_sha256"] == runner.io.sha256_file(project["root"] / "notebooks" / "tiny.ipynb")
-        assert metrics["_run"]["sources_hash"] == "fixed"  # what the index judges staleness by
+        code = metrics["_run"]["code"]  # what the index judges staleness by: the modules the kernel loaded
+        assert code["rule"] == runner.freshness.RULE and "freshness.py" in code["modules"]
+        assert "methods/knn.py" not in code["modules"]  # never loaded by this notebook
         assert metrics["synthetic"] is (name == "synth-tiny")
         page = (out / f"{name}.html").read_text()
         assert "VISIBLE_OUTPUT" in page and f"VISIBLE_OUTPUT {name} notebooks" in page  # cwd = notebook folder
@@ -349,6 +351,7 @@ def test_run_rerun_failure_and_recovery(project):
         assert "REMOVED_OUTPUT" not in page  # cells tagged remove dropped
         executed = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert any("CODE_SOURCE_MARKER_7431" in c.source for c in executed.cells)
+        assert not any("code_record" in c.source for c in executed.cells)  # the runner's own cell removed
     assert not list(out.glob(".*")), "no staging leftovers"
     index = (reports / "index.html").read_text()
     assert "tiny/synth-tiny.html" in index and "tiny/plain-tiny.html" in index

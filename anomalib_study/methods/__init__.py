@@ -5,46 +5,195 @@ Every method follows the same contract (see :mod:`anomalib_study.methods.base`):
 calibrated ``threshold_``. Each method module also declares a
 :class:`~anomalib_study.methods.base.MethodSpec` (``SPEC``): how it is fitted on and
 scores image files, its parameters and defaults, its threshold rule, whether it gives
-anomaly maps. ``evaluate``, ``detect`` and the command line read those declarations
-(:data:`SPECS`, :func:`get_method`), so a new method plugs in here and nowhere else.
+anomaly maps. ``evaluate``, ``detect``, the command line and the comparison read those
+declarations through this registry (:data:`REGISTRY`, :func:`get_method`), so a new
+method plugs in with one :func:`register` call and nowhere else.
+
+The registry names each method's declaration as ``"module:attribute"`` with its label and
+task, and imports a method's module only when that method is used: reading the registry
+(the comparison, the front page) loads neither torch nor the other methods, and a
+notebook's kernel loads only the method it runs (what its report's freshness follows).
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from anomalib_study.checks import check_is_fitted
 from anomalib_study.errors import NotFittedError, ParameterError
-from anomalib_study.methods import autoencoder, clustering, knn, patchcore
-from anomalib_study.methods.autoencoder import AutoEncoder
-from anomalib_study.methods.clustering import AnomalyClustering
 from anomalib_study.methods.base import BaseDetector, MethodParam, MethodSpec, RunOptions
-from anomalib_study.methods.knn import KNNDetector
-from anomalib_study.methods.patchcore import PatchCore
 
-#: method name -> its declaration, in the order the command line lists them
-SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (knn.SPEC, patchcore.SPEC, autoencoder.SPEC,
-                                                                  clustering.SPEC)}
+TASKS = ("detection", "clustering")
 
-#: method name -> estimator class
-METHODS = {name: spec.estimator for name, spec in SPECS.items()}
 
-#: the methods ``detect`` takes (task "detection"); the others group images (``anomalib-study cluster``)
-DETECTORS: dict[str, MethodSpec] = {name: spec for name, spec in SPECS.items() if spec.task == "detection"}
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registered method, read without importing it.
+
+    ``target``: ``"module:attribute"`` of its :class:`MethodSpec`; ``label``: how reports
+    and tables name it; ``task``: ``"detection"`` or ``"clustering"``; ``published``:
+    optionally ``"module:function"`` of its published comparison (a report's metrics in,
+    rows out: this run's row, then the published figures; see :mod:`anomalib_study.published`).
+    """
+
+    name: str
+    target: str
+    label: str
+    task: str = "detection"
+    published: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ParameterError(f"method {self.name!r}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for what, value in (("target", self.target), ("published", self.published)):
+            if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+                raise ParameterError(f"method {self.name!r}: {what} must read 'module:attribute', got {value!r}")
+
+
+def _resolve(target: str) -> Any:
+    module, attribute = target.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+#: method name -> its entry, in the order the command line and the tables list them
+REGISTRY: dict[str, MethodEntry] = {}
+_LOADED: dict[str, MethodSpec] = {}
+
+
+def register(entry: MethodEntry, spec: MethodSpec | None = None, *, replace: bool = False) -> MethodEntry:
+    """Add a method to the registry. ``spec``: its declaration when it is already built (a
+    method defined in a notebook or a test), else it is imported from ``entry.target`` on
+    first use. A taken name -> ParameterError unless ``replace``."""
+    if entry.name in REGISTRY and not replace:
+        raise ParameterError(f"a method named {entry.name!r} is registered already; pass replace=True to replace it")
+    if spec is not None:
+        _check_entry(entry, spec)
+        _LOADED[entry.name] = spec
+    else:
+        _LOADED.pop(entry.name, None)
+    REGISTRY[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Remove method ``name`` from the registry (a method a test registered)."""
+    REGISTRY.pop(name, None)
+    _LOADED.pop(name, None)
+
+
+def _check_entry(entry: MethodEntry, spec: MethodSpec) -> None:
+    if not isinstance(spec, MethodSpec):
+        raise ParameterError(f"{entry.target} is a {type(spec).__name__}, not a MethodSpec")
+    if (spec.name, spec.task) != (entry.name, entry.task):
+        raise ParameterError(f"method {entry.name!r} (task {entry.task!r}) is registered with the declaration of "
+                             f"{spec.name!r} (task {spec.task!r})")
 
 
 def get_method(name: str) -> MethodSpec:
-    """The declaration of method ``name``; ParameterError listing the methods otherwise."""
-    if name not in SPECS:
-        raise ParameterError(f"unknown method {name!r}: method must be one of {', '.join(map(repr, SPECS))}")
-    return SPECS[name]
+    """The declaration of method ``name`` (its module imported on first use); ParameterError
+    listing the methods otherwise."""
+    if name not in REGISTRY:
+        raise ParameterError(f"unknown method {name!r}: method must be one of {', '.join(map(repr, REGISTRY))}")
+    if name not in _LOADED:
+        spec = _resolve(REGISTRY[name].target)
+        _check_entry(REGISTRY[name], spec)
+        _LOADED[name] = spec
+    return _LOADED[name]
 
 
 def get_detector(name: str) -> MethodSpec:
     """The declaration of detection method ``name``; ParameterError naming the detectors
     otherwise (and saying where a clustering method goes instead)."""
-    spec = get_method(name)
-    if spec.task != "detection":
+    if name in REGISTRY and REGISTRY[name].task != "detection":
         raise ParameterError(f"method {name!r} groups images into anomaly types, it does not flag anomalous "
                              f"images: use `anomalib-study cluster` (detect methods: {', '.join(map(repr, DETECTORS))})")
-    return spec
+    return get_method(name)
 
 
-__all__ = ["AnomalyClustering", "AutoEncoder", "DETECTORS", "BaseDetector", "KNNDetector", "METHODS", "MethodParam", "MethodSpec", "NotFittedError", "PatchCore",
-           "RunOptions", "SPECS", "check_is_fitted", "get_detector", "get_method"]
+def method_label(name: str) -> str:
+    """How reports name method ``name`` (its registered label; the name itself if unknown)."""
+    entry = REGISTRY.get(name)
+    return entry.label if entry is not None else name
+
+
+def method_task(name: str) -> str:
+    """The task of method ``name`` (``""`` if unknown)."""
+    entry = REGISTRY.get(name)
+    return entry.task if entry is not None else ""
+
+
+def published_comparison(name: str) -> Callable[[dict[str, Any]], list[dict[str, Any]]] | None:
+    """Method ``name``'s published comparison function, or None when it declares none."""
+    entry = REGISTRY.get(name)
+    return _resolve(entry.published) if entry is not None and entry.published else None
+
+
+class _Specs(Mapping):
+    """name -> :class:`MethodSpec` over the registry as it is now (``task``: only those of
+    that task); a declaration is imported when it is looked up."""
+
+    def __init__(self, task: str | None = None) -> None:
+        self._task = task
+
+    def _names(self) -> list[str]:
+        return [name for name, entry in REGISTRY.items() if self._task is None or entry.task == self._task]
+
+    def __getitem__(self, name: str) -> MethodSpec:
+        if name not in self._names():
+            raise KeyError(name)
+        return get_method(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"<methods {', '.join(self._names())}>"
+
+
+class _Estimators(_Specs):
+    def __getitem__(self, name: str) -> type:
+        return super().__getitem__(name).estimator
+
+
+#: method name -> its declaration (imported on look-up)
+SPECS: Mapping[str, MethodSpec] = _Specs()
+#: method name -> estimator class (imported on look-up)
+METHODS: Mapping[str, type] = _Estimators()
+#: the methods ``detect`` takes (task "detection"); the others group images (``anomalib-study cluster``)
+DETECTORS: Mapping[str, MethodSpec] = _Specs("detection")
+
+for _entry in (
+    MethodEntry("knn", "anomalib_study.methods.knn:SPEC", "kNN (DN2)", "detection",
+                "anomalib_study.published:dn2_comparison"),
+    MethodEntry("patchcore", "anomalib_study.methods.patchcore:SPEC", "PatchCore", "detection",
+                "anomalib_study.published:patchcore_comparison"),
+    MethodEntry("autoencoder", "anomalib_study.methods.autoencoder:SPEC", "autoencoder", "detection",
+                "anomalib_study.published:autoencoder_comparison"),
+    MethodEntry("clustering", "anomalib_study.methods.clustering:SPEC", "anomaly clustering", "clustering",
+                "anomalib_study.published:anomaly_clustering_nearest"),
+):
+    register(_entry)
+
+#: public name -> the module that defines it, imported on first use (PEP 562)
+_LAZY = {"AnomalyClustering": "anomalib_study.methods.clustering", "AutoEncoder": "anomalib_study.methods.autoencoder",
+         "KNNDetector": "anomalib_study.methods.knn", "PatchCore": "anomalib_study.methods.patchcore"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in ("knn", "patchcore", "autoencoder", "clustering", "coreset"):
+        return importlib.import_module(f"anomalib_study.methods.{name}")
+    raise AttributeError(f"module 'anomalib_study.methods' has no attribute {name!r}")
+
+
+__all__ = ["AnomalyClustering", "AutoEncoder", "DETECTORS", "BaseDetector", "KNNDetector", "METHODS", "MethodEntry",
+           "MethodParam", "MethodSpec", "NotFittedError", "PatchCore", "REGISTRY", "RunOptions", "SPECS",
+           "check_is_fitted", "get_detector", "get_method", "method_label", "method_task", "published_comparison",
+           "register", "unregister"]

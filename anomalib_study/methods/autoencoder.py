@@ -86,6 +86,7 @@ from anomalib_study.features import _collate, _ImageFiles
 from anomalib_study.io import as_json, atomic_write
 from anomalib_study.checks import open_fraction, positive_int
 from anomalib_study.methods.base import (
+    gaussian_kernel_size,
     BaseDetector,
     MethodParam,
     MethodSpec,
@@ -97,7 +98,6 @@ from anomalib_study.methods.base import (
     load_model_file,
     save_model_file,
 )
-from anomalib_study.methods.patchcore import gaussian_kernel_size
 
 __all__ = [
     "AutoEncoder",
@@ -265,7 +265,7 @@ def residual_maps(images: torch.Tensor, reconstructions: torch.Tensor, sigma: fl
     """(n, 3, S, S) images and reconstructions in [0, 1] -> (n, S, S) float32 smoothed residual maps.
 
     Per pixel the squared error averaged over the channels, then a Gaussian blur of
-    ``sigma`` px (side :func:`~anomalib_study.methods.patchcore.gaussian_kernel_size`,
+    ``sigma`` px (side :func:`~anomalib_study.methods.base.gaussian_kernel_size`,
     reflect padding; 0 = none). Higher = more anomalous.
     """
     from torchvision.transforms.functional import gaussian_blur

@@ -31,6 +31,8 @@ __all__ = [
     "check_fraction",
     "check_bool",
     "check_embeddings",
+    "check_patches",
+    "gaussian_kernel_size",
     "save_model_file",
     "load_model_file",
     "MethodParam",
@@ -70,6 +72,32 @@ def check_embeddings(X: Any, name: str = "X", n_features: int | None = None, min
             "use embeddings from the same backbone"
         )
     return array
+
+
+def check_patches(X: Any, name: str, n_features: int | None = None, n_patches: int | None = None) -> np.ndarray:
+    """``X`` as a float32 (n_images, h*w, D) array of patch features, checked: ParameterError
+    (naming ``name``) if it is not a non-empty 3-D array of numbers, or its D or patch count
+    differs from ``n_features`` / ``n_patches`` (the fitted model's)."""
+    if hasattr(X, "detach"):  # a torch tensor (torch is not imported here)
+        X = X.detach().cpu().numpy()
+    try:
+        array = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ParameterError(f"{name} must be an array (n_images, h*w, D) of numbers: {error}") from None
+    if array.ndim != 3 or 0 in array.shape:
+        raise ParameterError(f"{name} must be a non-empty (n_images, h*w, D) array, got shape {array.shape}")
+    if n_features is not None and array.shape[2] != n_features:
+        raise ParameterError(f"{name} has D={array.shape[2]} but the model was fitted on D={n_features}: "
+                             "use the same backbone, layers and dimensions")
+    if n_patches is not None and array.shape[1] != n_patches:
+        raise ParameterError(f"{name} has {array.shape[1]} patches per image but the model was fitted on "
+                             f"{n_patches}: use the same image size")
+    return array
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """Side of the Gaussian kernel used for ``sigma``: 2 * int(4 * sigma + 0.5) + 1 (scipy's truncate=4)."""
+    return 2 * int(4.0 * float(sigma) + 0.5) + 1
 
 
 class BaseDetector:

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from anomalib_study.checks import check_int, check_is_fitted
 from anomalib_study.errors import ParameterError
 from anomalib_study.hardware import PRECISIONS
-from anomalib_study.methods.base import BaseDetector, check_embeddings
+from anomalib_study.methods.base import BaseDetector, check_embeddings, check_patches
 
 __all__ = [
     "AnomalyClustering", "LINKAGES", "MODES", "choose_n_clusters", "cluster_embeddings",
@@ -133,9 +133,7 @@ def choose_n_clusters(X, candidates: Iterable[int] | None = None, linkage: str =
 # ------------------------------------------------------------------------------ patch scores
 def _as_bags(Z, name: str = "Z") -> torch.Tensor:
     """(n, P, D) float32 tensor of patch embeddings, checked (PatchCore's shape check, and finite)."""
-    from anomalib_study.methods.patchcore import PatchCore
-
-    array = torch.from_numpy(np.ascontiguousarray(PatchCore._as_patches(Z, name)))
+    array = torch.from_numpy(np.ascontiguousarray(check_patches(Z, name)))
     if not torch.isfinite(array).all():
         bad = torch.nonzero(~torch.isfinite(array).reshape(array.shape[0], -1).all(dim=1)).flatten().tolist()
         raise ParameterError(f"{name} has NaN or infinite values in {len(bad)} image(s) (first: image {bad[0]}): "

@@ -69,6 +69,8 @@ from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.hardware import PRECISIONS, resolve_precision
 from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
+    check_patches,
+    gaussian_kernel_size,
     MethodParam,
     MethodSpec,
     RunOptions,
@@ -111,11 +113,6 @@ def reweighted_image_scores(support_distances) -> np.ndarray:
     lse = top[:, 0] + np.log(np.exp(d - top).sum(axis=1))
     weight = -np.expm1(d[:, 0] - lse)
     return weight * d[:, 0]
-
-
-def gaussian_kernel_size(sigma: float) -> int:
-    """Side of the Gaussian kernel used for ``sigma``: 2 * int(4 * sigma + 0.5) + 1 (scipy's truncate=4)."""
-    return 2 * int(4.0 * float(sigma) + 0.5) + 1
 
 
 def anomaly_maps(patch_scores, size: tuple[int, int], sigma: float = 4.0, device: str | torch.device = "cpu") -> np.ndarray:
@@ -299,23 +296,7 @@ class PatchCore(BaseDetector):
         rng = np.random.default_rng(self.seed)
         return np.sort(rng.choice(n_images, size=count, replace=False)).astype(np.int64)
 
-    @staticmethod
-    def _as_patches(X, name: str, n_features: int | None = None, n_patches: int | None = None) -> np.ndarray:
-        if isinstance(X, torch.Tensor):
-            X = X.detach().cpu().numpy()
-        try:
-            array = np.asarray(X, dtype=np.float32)
-        except (TypeError, ValueError) as error:
-            raise ParameterError(f"{name} must be an array (n_images, h*w, D) of numbers: {error}") from None
-        if array.ndim != 3 or 0 in array.shape:
-            raise ParameterError(f"{name} must be a non-empty (n_images, h*w, D) array, got shape {array.shape}")
-        if n_features is not None and array.shape[2] != n_features:
-            raise ParameterError(f"{name} has D={array.shape[2]} but the model was fitted on D={n_features}: "
-                                 "use the same backbone, layers and dimensions")
-        if n_patches is not None and array.shape[1] != n_patches:
-            raise ParameterError(f"{name} has {array.shape[1]} patches per image but the model was fitted on "
-                                 f"{n_patches}: use the same image size")
-        return array
+    _as_patches = staticmethod(check_patches)
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, grid_shape: tuple[int, int] | None = None) -> "PatchCore":
