@@ -12,7 +12,8 @@ import numpy as np
 
 from anomalib_study.errors import NotFittedError, ParameterError
 
-__all__ = ["NotFittedError", "check_is_fitted", "check_int", "check_fraction", "check_bool"]
+__all__ = ["NotFittedError", "check_is_fitted", "check_int", "check_fraction", "check_bool", "int_at_least",
+           "check_text"]
 
 
 def check_is_fitted(estimator: Any, attributes: str | Iterable[str], fit_call: str = "fit(normal_embeddings)") -> None:
@@ -50,6 +51,22 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ParameterError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def int_at_least(minimum: int | None = None, optional: bool = False):
+    """A declaration's ``check(name, value)``: an int >= ``minimum`` (None allowed if ``optional``)."""
+
+    def check(name: str, value: Any) -> None:
+        if not (optional and value is None):
+            check_int(name, value, minimum=minimum)
+
+    return check
+
+
+def check_text(name: str, value: Any) -> None:
+    """A non-empty string; else ParameterError naming ``name``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ParameterError(f"{name} must be a non-empty string, got {value!r}")
 
 
 # ---------------------------------------------------------------------- readers of typed text

@@ -62,7 +62,7 @@ def cluster_folder(
     image_size: int | None = None,
     resize_mode: str = "crop",
     device: str = "cpu",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     num_workers: int = 0,
     strict: bool = False,
     max_thumbnails: int = 24,
@@ -73,7 +73,8 @@ def cluster_folder(
 
     ``options``: other :class:`~anomalib_study.methods.clustering.AnomalyClustering`
     parameters (tau, weight_share, linkage, layers, n_references, ...). ``max_thumbnails``:
-    images shown per cluster sheet.
+    images shown per cluster sheet. ``batch_size``: images per forward pass (None: the
+    method's declared default).
     """
     from anomalib_study.data.decode import find_unreadable
     from anomalib_study.detect import list_images, unreadable_message
@@ -91,7 +92,8 @@ def cluster_folder(
         raise ParameterError("cluster picks the mode itself: semi_supervised with --normal-dir, else unsupervised")
     model = AnomalyClustering(backbone=backbone, weights=weights, image_size=image_size, resize_mode=resize_mode,
                               mode=mode, n_clusters=n_clusters, max_clusters=max_clusters, device=device,
-                              batch_size=batch_size, num_workers=num_workers, progress=progress, **options)
+                              num_workers=num_workers, progress=progress,
+                              **({} if batch_size is None else {"batch_size": batch_size}), **options)
     model._validate_params()
     started = time.perf_counter()
     bad = find_unreadable(paths, progress=progress, desc="checking images")

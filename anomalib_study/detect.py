@@ -481,7 +481,7 @@ def detect_abnormal(
     k: int | None = None,
     thres_ratio: float | None = None,
     gpu: bool | int | str = False,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     num_workers: int = 8,
     result_dir: str | os.PathLike = "result",
     weights: str | os.PathLike | None = None,
@@ -516,7 +516,7 @@ def detect_abnormal(
             scores, 0.99 of PatchCore's held-out calibration images' scores); the faiss
             factory string of the search (``"Flat"`` = exact). None = the method's default.
         gpu: False (cpu), True (cuda) or a GPU number; CUDA unavailable -> ParameterError.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (None: the method's, :attr:`MethodSpec.batch_size`).
         num_workers: image-loading processes (clamped to the cores available).
         result_dir: runs are written to ``<result_dir>/<timestamp>/``.
         weights: explicit weight file for the backbone.
@@ -564,7 +564,7 @@ def detect_abnormal(
     problem = spec.threshold_problem(params) if spec.threshold_problem is not None else None
     if problem:
         raise ParameterError(f"detect needs a threshold: {problem}")
-    batch_size = check_int("batch_size", batch_size, minimum=1)
+    batch_size = spec.batch_size if batch_size is None else check_int("batch_size", batch_size, minimum=1)
     num_workers = check_int("num_workers", num_workers, minimum=0)
     max_overlays = check_int("max_overlays", max_overlays, minimum=0)
     strict = check_bool("strict", strict)

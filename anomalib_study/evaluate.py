@@ -45,12 +45,13 @@ def _backbone_record(backbone) -> dict[str, Any]:
     }
 
 
-def _environment(spec: MethodSpec, backbone, params: dict, device: str) -> dict[str, Any]:
+def _environment(spec: MethodSpec, backbone, params: dict, device: str, run: RunOptions | None = None) -> dict[str, Any]:
     """What produced the figures (the ``environment`` block of ``metrics.json``), recorded in the
     process that computed them: versions, machine, threads (this process's torch count), GPU,
     git commit (of the current folder's checkout), the sha256 of the backbone weights the
     model computed with (``"none"`` when it uses none, e.g. an autoencoder trained from
-    scratch) and the method's ``seed`` when it has one."""
+    scratch), the method's ``seed`` when it has one, and the run options it ran with
+    (``run_options``: images per forward pass, decoding workers)."""
     uses_weights = spec.uses_backbone_weights is None or spec.uses_backbone_weights(params)
     recorded = collect_provenance()
     environment = {
@@ -64,6 +65,8 @@ def _environment(spec: MethodSpec, backbone, params: dict, device: str) -> dict[
     }
     if "seed" in params:
         environment["seed"] = params["seed"]
+    if run is not None:
+        environment["run_options"] = {"batch_size": int(run.batch_size), "num_workers": int(run.num_workers)}
     return environment
 
 
@@ -510,7 +513,7 @@ def evaluate(
         "n_train": len(data.train),
         "n_test": len(data.test),
         **result,
-        "environment": _environment(spec, net, params, device),
+        "environment": _environment(spec, net, params, device, run),
     }
     if metrics_path is not None:
         write_json(metrics_path, metrics)

@@ -36,7 +36,9 @@ class MethodEntry:
     ``target``: ``"module:attribute"`` of its :class:`MethodSpec`; ``label``: how reports
     and tables name it; ``task``: ``"detection"`` or ``"clustering"``; ``published``:
     optionally ``"module:function"`` of its published comparison (a report's metrics in,
-    rows out: this run's row, then the published figures; see :mod:`anomalib_study.published`).
+    rows out: this run's row, then the published figures; see :mod:`anomalib_study.published`);
+    ``notebook``: the stem of the study notebook that reports it (its parameters cell
+    agrees with the declaration: names and defaults, checked by the tests).
     """
 
     name: str
@@ -44,6 +46,7 @@ class MethodEntry:
     label: str
     task: str = "detection"
     published: str | None = None
+    notebook: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -170,13 +173,13 @@ DETECTORS: Mapping[str, MethodSpec] = _Specs("detection")
 
 for _entry in (
     MethodEntry("knn", "anomalib_study.methods.knn:SPEC", "kNN (DN2)", "detection",
-                "anomalib_study.published:dn2_comparison"),
+                "anomalib_study.published:dn2_comparison", "01_knn_detection"),
     MethodEntry("patchcore", "anomalib_study.methods.patchcore:SPEC", "PatchCore", "detection",
-                "anomalib_study.published:patchcore_comparison"),
+                "anomalib_study.published:patchcore_comparison", "02_patchcore"),
     MethodEntry("autoencoder", "anomalib_study.methods.autoencoder:SPEC", "autoencoder", "detection",
-                "anomalib_study.published:autoencoder_comparison"),
+                "anomalib_study.published:autoencoder_comparison", "03_autoencoder"),
     MethodEntry("clustering", "anomalib_study.methods.clustering:SPEC", "anomaly clustering", "clustering",
-                "anomalib_study.published:anomaly_clustering_nearest"),
+                "anomalib_study.published:anomaly_clustering_nearest", "04_anomaly_clustering"),
 ):
     register(_entry)
 

@@ -86,9 +86,9 @@ from anomalib_study.features import _collate, _ImageFiles
 from anomalib_study.io import as_json, atomic_write
 from anomalib_study.checks import open_fraction, positive_int
 from anomalib_study.methods.base import (
+    Param,
     gaussian_kernel_size,
     BaseDetector,
-    MethodParam,
     MethodSpec,
     RunOptions,
     check_bool,
@@ -374,28 +374,6 @@ def _tensor_sha256(images: torch.Tensor) -> str:
 class AutoEncoder(BaseDetector):
     """Reconstruction autoencoder anomaly detector (see the module docstring for the method).
 
-    Args:
-        model: ``"conv"`` (trained from scratch) or ``"pretrained"`` (registry CNN encoder).
-        backbone: registry name of the encoder (``model="pretrained"`` only; CNNs only).
-        weights: explicit weights file for that backbone (e.g. a ResNet-18 ``.pth``).
-        loss: ``"mse"`` or ``"mse_ssim"`` ((1 - a) * MSE + a * (1 - SSIM)).
-        ssim_weight: a, in [0, 1].
-        image_size: side S of the square network input (images are squashed); divisible by 32.
-        epochs: maximum number of epochs.
-        lr: Adam learning rate.
-        batch_size: images per training step and per scoring batch.
-        val_fraction: held-out share of the normal images (early stopping and threshold), in (0, 1).
-        patience: epochs without a lower validation loss before stopping (LR halves after ``patience // 2 + 1``).
-        image_score: ``"residual"`` (top-1 % mean of the smoothed residual map) or ``"mse"``;
-            which one ``image_scores`` and ``threshold_`` use.
-        thres_ratio: quantile of the held-out normal images' scores used as ``threshold_``, in (0, 1].
-        seed: seeds the split, the initial weights and the shuffling.
-        precision: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where native).
-        device: ``"cpu"`` or ``"cuda[:N]"``.
-        checkpoint_dir: folder of the per-epoch checkpoint (None = no checkpoint).
-        num_workers: DataLoader processes decoding images.
-        progress: tqdm bars.
-
     Attributes (after fit): ``network_`` (the trained nn.Module, eval mode), ``history_``
     (per epoch: epoch, train_loss, val_loss, lr, seconds), ``epochs_run_``, ``best_epoch_``
     (1-based, its weights are the ones kept), ``stopped_early_``, ``resumed_from_epoch_``
@@ -406,31 +384,31 @@ class AutoEncoder(BaseDetector):
     ``n_train_images_`` / ``n_val_images_``.
     """
 
-    def __init__(self, model: str = "conv", backbone: str = "efficientnet_lite0",
-                 weights: str | os.PathLike | None = None, loss: str = "mse_ssim", ssim_weight: float = 0.5,
-                 image_size: int = 128, epochs: int = 30, lr: float = 1e-3, batch_size: int = 16,
-                 val_fraction: float = 0.1, patience: int = 5, image_score: str = "residual",
-                 thres_ratio: float = 0.99, seed: int = 0, precision: str = "fp32", device: str = "cpu",
-                 checkpoint_dir: str | os.PathLike | None = None, num_workers: int = 0, progress: bool = True):
-        self.model = model
-        self.backbone = backbone
-        self.weights = weights
-        self.loss = loss
-        self.ssim_weight = ssim_weight
-        self.image_size = image_size
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.val_fraction = val_fraction
-        self.patience = patience
-        self.image_score = image_score
-        self.thres_ratio = thres_ratio
-        self.seed = seed
-        self.precision = precision
-        self.device = device
-        self.checkpoint_dir = checkpoint_dir
-        self.num_workers = num_workers
-        self.progress = progress
+    model = Param("conv", "autoencoder: conv (trained from scratch) or pretrained (the backbone as encoder)", cli=str,
+                  choices=MODELS)
+    backbone = Param("efficientnet_lite0", "registry name of the encoder (model=pretrained only; CNNs only)",
+                     kind="input")
+    weights = Param(None, "explicit weights file for that backbone (e.g. a ResNet-18 .pth)", kind="input")
+    loss = Param("mse_ssim", "training loss: mse or mse_ssim = (1 - a) MSE + a (1 - SSIM)", cli=str, choices=LOSSES)
+    ssim_weight = Param(0.5, "a, the SSIM share of the mse_ssim loss, in [0, 1]", cli=float)
+    image_size = Param(128, "side S of the square network input (images are squashed); divisible by 32", kind="input")
+    epochs = Param(30, "most epochs (early stopping on held-out normal images)", cli=positive_int)
+    lr = Param(1e-3, "Adam learning rate", cli=float)
+    batch_size = Param(16, "images per training step and per scoring batch", kind="run")
+    val_fraction = Param(0.1, "share of normal images held out (early stopping and threshold)", cli=open_fraction)
+    patience = Param(5, "epochs without a lower validation loss before stopping (the learning rate halves after "
+                     "patience // 2 + 1)", cli=positive_int)
+    image_score = Param("residual", "image score: residual (top 1 % of the smoothed residual map) or mse (mean "
+                        "squared error); what image_scores and threshold_ use", cli=str, choices=IMAGE_SCORES,
+                        flag="--score")
+    thres_ratio = Param(0.99, "share of held-out normal images the threshold keeps normal, in (0, 1]", cli=float)
+    seed = Param(0, "seed of the split, the initial weights and the shuffling", cli=int, flag="--model-seed")
+    precision = Param("fp32", "fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU has it natively)", cli=str,
+                      choices=PRECISIONS)
+    device = Param("cpu", "cpu or cuda[:N]", kind="run")
+    checkpoint_dir = Param(None, "folder of the per-epoch checkpoint a stopped run resumes from (None: none)", cli=str)
+    num_workers = Param(0, "DataLoader processes decoding images", kind="run")
+    progress = Param(True, "progress bars", kind="run")
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -453,6 +431,7 @@ class AutoEncoder(BaseDetector):
     def _validate_params(self) -> None:
         from anomalib_study.backbones import BACKBONES, resolve_device
 
+        self._check_declared()
         if self.model not in MODELS:
             raise ParameterError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.model == "pretrained":
@@ -918,10 +897,6 @@ class AutoEncoder(BaseDetector):
 # The backbone evaluate / detect load gives the encoder (model="pretrained": its name and
 # weights file) and the input geometry (its image_size, the whole image squashed); the
 # batch size, workers, device and progress bars are the run's. Everything else is declared.
-_SETTINGS = ("model", "loss", "ssim_weight", "epochs", "lr", "val_fraction", "patience", "image_score",
-             "thres_ratio", "seed", "precision")
-
-
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> AutoEncoder:
     return AutoEncoder(backbone=backbone.name, weights=backbone.weights_path, image_size=int(backbone.image_size),
                        batch_size=run.batch_size, num_workers=run.num_workers, device=run.device,
@@ -938,7 +913,7 @@ def _describe(model: AutoEncoder) -> dict:
     encoder = (f"{identity['name']} (stem and stages 1-{_FROZEN_STAGES} frozen, the rest fine-tuned)"
                if identity else "none: convolutional autoencoder trained from scratch")
     return {
-        **as_json({name: getattr(model, name) for name in _SETTINGS}),
+        **as_json(model.model_params()),
         "checkpoint_dir": None if model.checkpoint_dir is None else str(model.checkpoint_dir),
         "encoder": encoder,
         "image_size": int(model.image_size),
@@ -973,27 +948,7 @@ SPEC = MethodSpec(
     label="Autoencoder",
     estimator=AutoEncoder,
     description="reconstruction autoencoder (convolutional, or with a pretrained encoder), MSE or MSE + SSIM loss",
-    params=(
-        MethodParam("model", "conv", "autoencoder: conv (trained from scratch) or pretrained (the backbone as "
-                    "encoder)", str, choices=MODELS),
-        MethodParam("loss", "mse_ssim", "training loss: mse or mse_ssim = (1 - a) MSE + a (1 - SSIM)", str,
-                    choices=LOSSES),
-        MethodParam("ssim_weight", 0.5, "a, the SSIM share of the mse_ssim loss", float),
-        MethodParam("epochs", 30, "most epochs (early stopping on held-out normal images)", positive_int),
-        MethodParam("lr", 1e-3, "Adam learning rate", float),
-        MethodParam("val_fraction", 0.1, "share of normal images held out (early stopping and threshold)",
-                    open_fraction),
-        MethodParam("patience", 5, "epochs without a lower validation loss before stopping", positive_int),
-        MethodParam("image_score", "residual", "image score: residual (top 1 % of the smoothed residual map) or "
-                    "mse (mean squared error)", str, choices=IMAGE_SCORES, flag="--score"),
-        MethodParam("thres_ratio", 0.99, "share of held-out normal images the threshold keeps normal",
-                    float),
-        MethodParam("seed", 0, "seed of the split, the initial weights and the shuffling", int,
-                    flag="--model-seed"),
-        MethodParam("precision", "fp32", "fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU has it natively)",
-                    str, choices=PRECISIONS),
-        MethodParam("checkpoint_dir", None, "folder of the per-epoch checkpoint a stopped run resumes from", str),
-    ),
+    quick_params={"epochs": 2, "val_fraction": 0.25},
     fit_paths=_fit_paths,
     score_paths=_score_paths,
     describe=_describe,
@@ -1001,7 +956,6 @@ SPEC = MethodSpec(
     n_images=lambda model: int(model.n_train_images_ + model.n_val_images_),
     score_kinds=IMAGE_SCORES,
     produces_maps=True,
-    batch_size=16,
     min_images=3,
     resize_mode="squash",
     image_size=128,

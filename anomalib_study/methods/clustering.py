@@ -57,7 +57,8 @@ from tqdm.auto import tqdm
 from anomalib_study.checks import check_int, check_is_fitted
 from anomalib_study.errors import ParameterError
 from anomalib_study.hardware import PRECISIONS
-from anomalib_study.methods.base import BaseDetector, check_embeddings, check_patches
+from anomalib_study.checks import fraction_up_to_one, odd_positive_int, positive_int
+from anomalib_study.methods.base import BaseDetector, Param, check_embeddings, check_patches
 
 __all__ = [
     "AnomalyClustering", "LINKAGES", "MODES", "choose_n_clusters", "cluster_embeddings",
@@ -366,36 +367,13 @@ def weighted_embeddings(Z, weights) -> np.ndarray:
 class AnomalyClustering(BaseDetector):
     """Group images into anomaly types (see the module docstring for the method).
 
-    Args:
-        backbone: registered backbone name, or a loaded :class:`~anomalib_study.backbones.Backbone`
-            (only needed by the ``*_paths`` methods).
-        weights, image_size, resize_mode: for a backbone given by name.
-        layers, patch_size, per_layer_dim, target_dim: the patch embeddings, as in PatchCore
-            (:class:`~anomalib_study.patches.PatchFeatures`; layers None = the backbone's two
-            mid-level stages or ViT blocks).
-        mode: ``"unsupervised"``, ``"semi_supervised"`` (needs :meth:`fit` on normal images)
-            or ``"average"``.
-        tau: softmax temperature of the weights (0 = top patch only); None = the label-free
-            rule :func:`label_free_tau` with ``weight_share``.
-        weight_share: the share of an image's patches the median image's weights spread over
-            under the label-free rule, in (0, 1).
-        linkage: clustering algorithm (:data:`LINKAGES`).
-        n_clusters: number of clusters; None = chosen by the silhouette over 2..``max_clusters``.
-        max_clusters: largest number tried when choosing.
-        n_references: unsupervised mode: compare each image with a seeded random subset of this
-            many images (default 100: exact up to 101 images; None = every other image, exact
-            at any size). The cost grows as n x n_references instead of n^2 / 2
-            (``benchmarks/bench_clustering.py`` measures both, and the NMI of each).
-        distance_dim: unsupervised mode: random projection of the patch features for the
-            distances (None = exact).
-        precision: unsupervised distance products: ``"fp32"``, ``"bf16"``, ``"auto"``.
-        coreset_ratio, projection_dim: semi-supervised memory bank: the share of the normal
-            patches kept by PatchCore's greedy coreset and its random projection (default 1 =
-            every normal patch, exact, as the reproduction; on a few hundred images the
-            exact search is faster than the greedy selection, which pays off on larger sets).
-        index: faiss factory string of the semi-supervised search (``"Flat"`` = exact).
-        seed: seeds the reference subset, the projection, the coreset and the clustering.
-        batch_size, num_workers, device, progress: how images go through the backbone.
+    ``n_references`` bounds the unsupervised cost: each image is compared with a seeded
+    random subset of that many images (default 100: exact up to 101 images; None = every
+    other image, exact at any size), so it grows as n x n_references instead of n^2 / 2
+    (``benchmarks/bench_clustering.py`` measures both, and the NMI of each). The
+    semi-supervised memory bank keeps every normal patch by default (exact, as the
+    reproduction; on a few hundred images the exact search is faster than the greedy
+    selection, which pays off on larger sets).
 
     Attributes after :meth:`fit`: ``index_`` (the semi-supervised memory bank, a
     :class:`~anomalib_study.search.NearestNeighbourIndex`; else None), ``bank_shape_`` (M, D),
@@ -405,39 +383,39 @@ class AnomalyClustering(BaseDetector):
     ({k: score} when chosen), ``grid_shape_``, ``timings_`` (seconds per stage).
     """
 
-    def __init__(self, backbone: Any = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-                 image_size: int | None = None, resize_mode: str = "crop", layers: Sequence[str] | None = None,
-                 patch_size: int = 3, per_layer_dim: int | None = None, target_dim: int | None = None,
-                 mode: str = "unsupervised", tau: float | None = None, weight_share: float = 0.1,
-                 linkage: str = "ward", n_clusters: int | None = None, max_clusters: int = 10,
-                 n_references: int | None = 100, distance_dim: int | None = None, precision: str = "fp32",
-                 coreset_ratio: float = 1.0, projection_dim: int | None = 128, index: str = "Flat", seed: int = 0,
-                 batch_size: int = 16, num_workers: int = 0, device: str = "cpu", progress: bool = True):
-        self.backbone = backbone
-        self.weights = weights
-        self.image_size = image_size
-        self.resize_mode = resize_mode
-        self.layers = layers
-        self.patch_size = patch_size
-        self.per_layer_dim = per_layer_dim
-        self.target_dim = target_dim
-        self.mode = mode
-        self.tau = tau
-        self.weight_share = weight_share
-        self.linkage = linkage
-        self.n_clusters = n_clusters
-        self.max_clusters = max_clusters
-        self.n_references = n_references
-        self.distance_dim = distance_dim
-        self.precision = precision
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.index = index
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.device = device
-        self.progress = progress
+    backbone = Param("efficientnet_lite0", "registered backbone name, or a loaded Backbone (only the *_paths "
+                     "methods use it)", kind="input")
+    weights = Param(None, "explicit weight file for a backbone given by name", kind="input")
+    image_size = Param(None, "input side for a backbone given by name (None = its default)", kind="input")
+    resize_mode = Param("crop", "crop or squash (keep gives each image shape its own grid: refused)", kind="input")
+    layers = Param(None, "backbone stages or ViT blocks of the patch embeddings (None: two mid-level)")
+    patch_size = Param(3, "neighbourhood side of the patch embeddings", cli=odd_positive_int)
+    per_layer_dim = Param(None, "channels each stage is pooled to (None: native)")
+    target_dim = Param(None, "dimension of the patch embedding (None: the stages' sum)")
+    mode = Param("unsupervised", "unsupervised, semi_supervised (needs fit on normal images) or average",
+                 choices=MODES, offered=False)
+    tau = Param(None, "softmax temperature of the patch weights (0 = top patch only; None: the label-free rule "
+                "with weight_share)", cli=float)
+    weight_share = Param(0.1, "label-free tau: share of its patches the median image's weights spread over, in "
+                         "(0, 1)", cli=float)
+    linkage = Param("ward", "clustering algorithm", cli=str, choices=LINKAGES)
+    n_clusters = Param(None, "number of clusters (None: evaluate uses as many as the protocol's classes; cluster "
+                       "chooses by the silhouette over 2..max_clusters)", cli=positive_int)
+    max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int)
+    n_references = Param(100, "unsupervised: reference images per image (None, or >= the images: all of them, "
+                         "exact)", cli=positive_int)
+    distance_dim = Param(None, "unsupervised: random projection of the distances (None: exact)", cli=positive_int)
+    precision = Param("fp32", "unsupervised distance products: fp32, bf16 or auto (bf16 where native)", cli=str,
+                      choices=PRECISIONS)
+    coreset_ratio = Param(1.0, "semi-supervised: share of normal patches kept in the memory bank (1 = all, exact, "
+                          "the reproduction's choice; < 1: PatchCore's greedy coreset)", cli=fraction_up_to_one)
+    projection_dim = Param(128, "semi-supervised: random projection of the greedy coreset")
+    index = Param("Flat", "faiss factory string of the semi-supervised search (Flat = exact)", cli=str)
+    seed = Param(0, "seed of the references, projection, coreset and clustering", cli=int, flag="--model-seed")
+    batch_size = Param(16, "images per forward pass of the backbone", kind="run")
+    num_workers = Param(0, "image-decoding worker processes", kind="run")
+    device = Param("cpu", "cpu or cuda[:N]", kind="run")
+    progress = Param(True, "progress bars", kind="run")
 
     # ------------------------------------------------------------------ checks
     def _validate_params(self) -> None:
@@ -445,6 +423,7 @@ class AnomalyClustering(BaseDetector):
         from anomalib_study.methods.coreset import GreedyCoresetSampler
         from anomalib_study.patches import patch_features
 
+        self._check_declared()
         if self.mode not in MODES:
             raise ParameterError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.linkage not in LINKAGES:
@@ -671,9 +650,8 @@ class AnomalyClustering(BaseDetector):
 # ---------------------------------------------------------------------- the method's declaration
 #: the tau curve: multiples of the label-free tau, plus 0 (top patch only) and inf (uniform)
 TAU_FACTORS = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, math.inf)
-_ESTIMATOR_PARAMS = ("layers", "patch_size", "per_layer_dim", "target_dim", "tau", "weight_share", "linkage",
-                     "max_clusters", "n_references", "distance_dim", "precision", "coreset_ratio", "projection_dim",
-                     "index", "seed")
+#: the model parameters every mode shares (the mode and the number of clusters are set per run)
+_ESTIMATOR_PARAMS = tuple(name for name in AnomalyClustering.declared_params("model") if name not in ("mode", "n_clusters"))
 
 
 def _modes(params: dict, has_normal: bool) -> list[str]:
@@ -748,7 +726,6 @@ def _comma_list(text: str) -> list[str]:
 
 
 def _build_spec():
-    from anomalib_study.checks import fraction_up_to_one, odd_positive_int, positive_int
     from anomalib_study.methods.base import MethodParam, MethodSpec
 
     return MethodSpec(
@@ -758,39 +735,13 @@ def _build_spec():
         description="anomaly clustering (Sohn et al., WACV 2023): patch-weighted image embeddings grouped into "
                     "anomaly types",
         task="clustering",
-        params=(
+        extra_params=(
             MethodParam("modes", None, "patch-score modes compared (comma-separated; default all the data allows: "
                         "unsupervised, semi_supervised when there are normal images, average)", _comma_list),
-            MethodParam("n_clusters", None, "number of clusters (None: evaluate uses as many as the protocol's "
-                        "classes; cluster chooses by the silhouette)", positive_int),
-            MethodParam("layers", None, "backbone stages or ViT blocks of the patch embeddings (None: two mid-level)"),
-            MethodParam("patch_size", 3, "neighbourhood side of the patch embeddings", odd_positive_int),
-            MethodParam("per_layer_dim", None, "channels each stage is pooled to (None: native)"),
-            MethodParam("target_dim", None, "dimension of the patch embedding (None: the stages' sum)"),
-            MethodParam("tau", None, "softmax temperature of the patch weights (None: the label-free rule)", float),
-            MethodParam("weight_share", 0.1, "label-free tau: share of its patches the median image's weights "
-                        "spread over", float),
-            MethodParam("linkage", "ward", "clustering algorithm", str, choices=LINKAGES),
-            MethodParam("max_clusters", 10, "largest number of clusters tried when choosing it", positive_int),
-            MethodParam("n_references", 100, "unsupervised: reference images per image (None, or >= the images: "
-                        "all of them, exact)",
-                        positive_int),
-            MethodParam("distance_dim", None, "unsupervised: random projection of the distances (None: exact)",
-                        positive_int),
-            MethodParam("precision", "fp32", "unsupervised distance products: fp32, bf16 or auto (bf16 where native)",
-                        str, choices=PRECISIONS),
-            MethodParam("coreset_ratio", 1.0, "semi-supervised: share of normal patches kept in the memory bank "
-                        "(1 = all, exact, the reproduction's choice; < 1: PatchCore's greedy coreset)",
-                        fraction_up_to_one),
-            MethodParam("projection_dim", 128, "semi-supervised: random projection of the greedy coreset"),
-            MethodParam("index", "Flat", "faiss factory string of the semi-supervised search (Flat = exact)", str),
-            MethodParam("seed", 0, "seed of the references, projection, coreset and clustering", int,
-                        flag="--model-seed"),
         ),
         cluster_images=_cluster_images,
         needs_normal_images=lambda params: "semi_supervised" in (params.get("modes") or ()),
         validate=_validate,
-        batch_size=16,
     )
 
 

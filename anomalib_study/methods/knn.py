@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.preprocessing import normalize
 
-from anomalib_study.checks import open_fraction, positive_int
+from anomalib_study.checks import int_at_least, open_fraction, positive_int
 from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.features import extract_embeddings
 from anomalib_study.methods.base import (
     BaseDetector,
-    MethodParam,
     MethodSpec,
+    Param,
     RunOptions,
     check_bool,
     check_embeddings,
@@ -49,15 +49,16 @@ def _l2_normalise(X: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(normalize(X, norm="l2", axis=1), dtype=np.float32)
 
 
+def _factory_string(name: str, value) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ParameterError(f"{name} must be a faiss factory string such as 'Flat', got {value!r}")
+
+
 class KNNDetector(BaseDetector):
     """Deep kNN anomaly detector on image embeddings.
 
-    Args:
-        k: number of nearest normal images averaged (clamped to n_train - 1 with a warning).
-        thres_ratio: quantile of the leave-one-out training scores used as threshold, in (0, 1).
-        normalize: L2-normalise every embedding (rows) before the search.
-        index: faiss factory string of the search index (``"Flat"`` = exact).
-        device: where the search runs (``"cpu"``; ``"cuda[:N]"`` only helps with faiss-gpu).
+    ``k`` is clamped to n_train - 1 with a warning; ``device`` (``"cuda[:N]"``) only helps
+    with faiss-gpu.
 
     Attributes (after :meth:`fit`):
         memory_bank_: (n_train, d) float32 normal embeddings (normalised if ``normalize``).
@@ -68,19 +69,13 @@ class KNNDetector(BaseDetector):
         n_features_in_: d.
     """
 
-    def __init__(self, k: int = 100, thres_ratio: float = 0.92, normalize: bool = True, index: str = "Flat", device: str = "cpu"):
-        self.k = k
-        self.thres_ratio = thres_ratio
-        self.normalize = normalize
-        self.index = index
-        self.device = device
-
-    def _validate_params(self) -> None:
-        check_int("k", self.k, minimum=1)
-        check_fraction("thres_ratio", self.thres_ratio)
-        check_bool("normalize", self.normalize)
-        if not isinstance(self.index, str) or not self.index.strip():
-            raise ParameterError(f"index must be a faiss factory string such as 'Flat', got {self.index!r}")
+    k = Param(100, "neighbours averaged (clamped to the normal images - 1)", cli=positive_int,
+              check=int_at_least(1))
+    thres_ratio = Param(0.92, "share of normal images the threshold keeps normal (quantile of their leave-one-out "
+                        "scores)", cli=open_fraction, check=check_fraction)
+    normalize = Param(True, "L2-normalise the embeddings", cli=bool, check=check_bool)
+    index = Param("Flat", "faiss factory string of the search (Flat = exact)", cli=str, check=_factory_string)
+    device = Param("cpu", "where the search runs (cpu; cuda[:N] with faiss-gpu)", kind="run")
 
     def _prepare(self, X, name: str, n_features: int | None = None, min_samples: int = 1) -> np.ndarray:
         X = check_embeddings(X, name=name, n_features=n_features, min_samples=min_samples)
@@ -278,13 +273,7 @@ SPEC = MethodSpec(
     label="kNN",
     estimator=KNNDetector,
     description="deep nearest-neighbour detection (DN2): mean distance to the k nearest normal image embeddings",
-    params=(
-        MethodParam("k", 100, "neighbours averaged (clamped to the normal images - 1)", positive_int),
-        MethodParam("thres_ratio", 0.92, "share of normal images the threshold keeps normal (quantile of their "
-                    "leave-one-out scores)", open_fraction),
-        MethodParam("normalize", True, "L2-normalise the embeddings", bool),
-        MethodParam("index", "Flat", "faiss factory string of the search (Flat = exact)", str),
-    ),
+    quick_params={"k": 3},
     fit_paths=_fit_paths,
     score_paths=_score_paths,
     describe=_describe,

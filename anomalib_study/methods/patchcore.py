@@ -69,9 +69,9 @@ from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.hardware import PRECISIONS, resolve_precision
 from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
+    Param,
     check_patches,
     gaussian_kernel_size,
-    MethodParam,
     MethodSpec,
     RunOptions,
     BaseDetector,
@@ -158,40 +158,6 @@ def _place(target: np.ndarray, positions: list[int], values: np.ndarray) -> None
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector (see the module docstring for the method).
 
-    Args:
-        backbone: registered backbone name, or a loaded :class:`~anomalib_study.backbones.Backbone`
-            (only needed by :meth:`fit_paths` / :meth:`score_paths`).
-        weights: explicit weight file for a backbone given by name.
-        image_size: input side for a backbone given by name (None = its default).
-        resize_mode: ``"crop"`` (shorter side resized, centre crop), ``"squash"`` (the
-            whole image resized to the square input) or ``"keep"`` (shorter side resized,
-            aspect ratio kept: per-image grids and maps), for a backbone given by name.
-        layers: the two (or more) maps used (None = ``backbone.patch_layers``).
-        patch_size: odd neighbourhood side p of the local averaging (paper: 3).
-        per_layer_dim: channels per layer after adaptive pooling (None = native).
-        target_dim: channels of the final patch embedding (None = sum of the layers').
-        sampler: ``"greedy"`` (the paper's coreset) or ``"random"`` (ablation).
-        coreset_ratio: share of the training patches kept in the bank, in (0, 1].
-        projection_dim: dimension of the coreset's random projection (paper: 128).
-        coreset_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the type of the
-            projected features the greedy coreset's distance updates read (see
-            :mod:`anomalib_study.methods.coreset`; the selection may differ a little from fp32's).
-        image_score: ``"reweighted"`` (Eq. 7) or ``"max"``; which one :meth:`score` returns.
-        num_neighbours: b of Eq. 7 (neighbours of m* in the bank, m* included; anomalib: 9).
-        sigma: Gaussian sigma of the anomaly maps, in output pixels (paper: 4).
-        index: faiss factory string of the bank search (``"Flat"`` = exact; e.g. ``"IVF256,PQ16"``).
-        precision: ``"fp32"``, ``"bf16"`` (backbone forward under bf16 autocast, and the Flat
-            search's candidates in bf16 re-ranked in float32) or ``"auto"`` (bf16 where native).
-        search_dim: principal components of the memory bank the Flat search's candidates are
-            computed on, re-ranked exactly on every feature (None = every feature; see above).
-        thres_ratio: quantile of the calibration images' scores used as ``threshold_``.
-        calibration_fraction: share of the training images held out of the bank to set
-            ``threshold_``, in [0, 1) (0 = paper: all in the bank, no threshold).
-        seed: seeds the coreset and the calibration choice.
-        batch_size, num_workers: image batches for the backbone.
-        device: ``"cpu"`` or ``"cuda[:N]"``: backbone, patch features, coreset, maps.
-        progress: tqdm bars.
-
     Attributes (after fit): ``memory_bank_`` (M, D) float32, ``index_``
     (NearestNeighbourIndex), ``grid_shape_`` (h, w) (None under ``resize_mode="keep"``:
     each image has its own grid), ``n_features_in_`` (D),
@@ -202,46 +168,46 @@ class PatchCore(BaseDetector):
     (``"fp32"`` or ``"bf16"``: what ``precision`` resolved to at fit).
     """
 
-    def __init__(self, backbone: Any = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-                 image_size: int | None = None, resize_mode: str = "crop", layers: Sequence[str] | None = None,
-                 patch_size: int = 3,
-                 per_layer_dim: int | None = None, target_dim: int | None = None, sampler: str = "greedy",
-                 coreset_ratio: float = 0.1, projection_dim: int | None = 128, coreset_precision: str = "fp32",
-                 image_score: str = "reweighted",
-                 num_neighbours: int = 9, sigma: float = 4.0, index: str = "Flat", precision: str = "fp32",
-                 search_dim: int | None = None, thres_ratio: float = 0.99,
-                 calibration_fraction: float = 0.1, seed: int = 0, batch_size: int = 8, num_workers: int = 0,
-                 device: str = "cpu", progress: bool = True):
-        self.backbone = backbone
-        self.weights = weights
-        self.image_size = image_size
-        self.resize_mode = resize_mode
-        self.layers = layers
-        self.patch_size = patch_size
-        self.per_layer_dim = per_layer_dim
-        self.target_dim = target_dim
-        self.sampler = sampler
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.coreset_precision = coreset_precision
-        self.image_score = image_score
-        self.num_neighbours = num_neighbours
-        self.sigma = sigma
-        self.index = index
-        self.precision = precision
-        self.search_dim = search_dim
-        self.thres_ratio = thres_ratio
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.device = device
-        self.progress = progress
+    backbone = Param("efficientnet_lite0", "registered backbone name, or a loaded Backbone (only fit_paths / "
+                     "score_paths use it)", kind="input")
+    weights = Param(None, "explicit weight file for a backbone given by name", kind="input")
+    image_size = Param(None, "input side for a backbone given by name (None = its default)", kind="input")
+    resize_mode = Param("crop", "crop (shorter side resized, centre crop), squash (the whole image to the square "
+                        "input) or keep (aspect ratio kept: per-image grids and maps)", kind="input")
+    layers = Param(None, "backbone stages of the patch features (None: two mid-level stages)")
+    patch_size = Param(3, "neighbourhood side of the patch features", cli=odd_positive_int)
+    per_layer_dim = Param(None, "channels each stage is pooled to (None: the paper's default)")
+    target_dim = Param(None, "dimension of the patch embedding (None: the paper's default)")
+    sampler = Param("greedy", "coreset sampler (random: the ablation)", cli=str, choices=tuple(sorted(SAMPLERS)))
+    coreset_ratio = Param(0.1, "share of training patches kept in the memory bank", cli=fraction_up_to_one)
+    projection_dim = Param(128, "random projection of the greedy coreset's distances (paper: 128)")
+    coreset_precision = Param("fp32", "type of the projected features the greedy coreset reads: fp32, bf16 or fp16 "
+                              "(half the bytes; the selection may differ a little)", cli=str,
+                              choices=COVERAGE_PRECISIONS)
+    image_score = Param("reweighted", "image score: max patch score or the paper's Eq. 7 reweighting", cli=str,
+                        choices=IMAGE_SCORES, flag="--score")
+    num_neighbours = Param(9, "b of Eq. 7: bank neighbours of the nearest patch used by the reweighting",
+                           cli=positive_int)
+    sigma = Param(4.0, "Gaussian sigma of the anomaly maps, in pixels (paper: 4)", cli=non_negative_float)
+    index = Param("Flat", "faiss factory string of the bank search (Flat = exact)", cli=str)
+    precision = Param("fp32", "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) or auto (bf16 "
+                      "where the CPU/GPU has it natively)", cli=str, choices=PRECISIONS)
+    search_dim = Param(None, "principal components of the bank the Flat search's candidates use, re-ranked exactly "
+                       "on every feature (None: every feature)", cli=positive_int)
+    thres_ratio = Param(0.99, "share of held-out normal images the threshold keeps normal", cli=open_fraction)
+    calibration_fraction = Param(0.1, "share of training images held out of the bank to set the threshold (0 = "
+                                 "none, the paper's setting)", cli=float)
+    seed = Param(0, "seed of the coreset and of the held-out choice", cli=int, flag="--model-seed")
+    batch_size = Param(8, "images per forward pass of the backbone", kind="run")
+    num_workers = Param(0, "image-decoding worker processes", kind="run")
+    device = Param("cpu", "cpu or cuda[:N]: backbone, patch features, coreset, maps", kind="run")
+    progress = Param(True, "progress bars", kind="run")
 
     # ------------------------------------------------------------------ checks
     def _validate_params(self) -> None:
         from anomalib_study.backbones import RESIZE_MODES
 
+        self._check_declared()
         if self.resize_mode not in RESIZE_MODES:
             raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.sampler not in SAMPLERS:
@@ -768,11 +734,6 @@ class PatchCore(BaseDetector):
 
 
 # ---------------------------------------------------------------------- the method's declaration
-_SETTINGS = ("patch_size", "per_layer_dim", "target_dim", "sampler", "coreset_ratio", "projection_dim",
-             "coreset_precision", "image_score", "num_neighbours", "sigma", "index", "precision", "search_dim", "thres_ratio",
-             "calibration_fraction", "seed")
-
-
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> PatchCore:
     return PatchCore(backbone=backbone, **params, batch_size=run.batch_size, num_workers=run.num_workers,
                      device=run.device, progress=run.progress).fit_paths(list(paths))
@@ -788,7 +749,7 @@ def _score_paths(model: PatchCore, backbone, paths, run: RunOptions, errors: dic
 
 
 def _describe(model: PatchCore) -> dict:
-    params = as_json({name: getattr(model, name) for name in _SETTINGS})
+    params = as_json(model.model_params())
     identity = model.backbone_identity_ or {}
     n_calibration = int(model.calibration_scores_max_.size)
     has_threshold = bool(np.isfinite(model.threshold_))
@@ -840,33 +801,7 @@ SPEC = MethodSpec(
     label="PatchCore",
     estimator=PatchCore,
     description="PatchCore (Roth et al., CVPR 2022): coreset memory bank of patch features, anomaly maps",
-    params=(
-        MethodParam("layers", None, "backbone stages of the patch features (None: two mid-level stages)"),
-        MethodParam("patch_size", 3, "neighbourhood side of the patch features", odd_positive_int),
-        MethodParam("per_layer_dim", None, "channels each stage is pooled to (None: the paper's default)"),
-        MethodParam("target_dim", None, "dimension of the patch embedding (None: the paper's default)"),
-        MethodParam("sampler", "greedy", "coreset sampler", str, choices=tuple(sorted(SAMPLERS))),
-        MethodParam("coreset_ratio", 0.1, "share of training patches kept in the memory bank", fraction_up_to_one),
-        MethodParam("projection_dim", 128, "random projection of the greedy coreset's distances"),
-        MethodParam("coreset_precision", "fp32", "type of the projected features the greedy coreset reads: fp32, "
-                    "bf16 or fp16 (half the bytes; the selection may differ a little)", str,
-                    choices=tuple(COVERAGE_PRECISIONS)),
-        MethodParam("image_score", "reweighted", "image score: max patch score or the paper's Eq. 7 reweighting",
-                    str, choices=IMAGE_SCORES, flag="--score"),
-        MethodParam("num_neighbours", 9, "bank neighbours of the nearest patch used by the reweighting",
-                    positive_int),
-        MethodParam("sigma", 4.0, "Gaussian sigma of the anomaly maps, in pixels", non_negative_float),
-        MethodParam("index", "Flat", "faiss factory string of the bank search (Flat = exact)", str),
-        MethodParam("precision", "fp32", "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) "
-                    "or auto (bf16 where the CPU/GPU has it natively)", str, choices=PRECISIONS),
-        MethodParam("search_dim", None, "principal components of the bank the Flat search's candidates use, "
-                    "re-ranked exactly on every feature (None: every feature)", positive_int),
-        MethodParam("thres_ratio", 0.99, "share of held-out normal images the threshold keeps normal",
-                    open_fraction),
-        MethodParam("calibration_fraction", 0.1, "share of training images held out of the bank to set the "
-                    "threshold (0 = none)", float),
-        MethodParam("seed", 0, "seed of the coreset and of the held-out choice", int, flag="--model-seed"),
-    ),
+    quick_params={"calibration_fraction": 0.25},
     fit_paths=_fit_paths,
     score_paths=_score_paths,
     describe=_describe,
@@ -874,7 +809,6 @@ SPEC = MethodSpec(
     n_images=lambda model: int(model.n_train_images_),
     score_kinds=IMAGE_SCORES,
     produces_maps=True,
-    batch_size=8,
     threshold_problem=_threshold_problem,
     calibration_scores=lambda model: (model.calibration_scores_reweighted_ if model.image_score == "reweighted"
                                       else model.calibration_scores_max_),
