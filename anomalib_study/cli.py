@@ -18,6 +18,7 @@ from anomalib_study.errors import StudyError
 
 def _parser_type(read):
     """A reader of :mod:`anomalib_study.checks` (raising ParameterError) as an argparse type."""
+
     def parse(text: str):
         try:
             return read(text)
@@ -32,11 +33,13 @@ def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
     from anomalib_study.backbones import RESIZE_MODES
 
     parser.add_argument(
-        "--resize-mode", choices=RESIZE_MODES, default=None,
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default=None,
         help="crop: shorter side resized, centre crop (default; the autoencoder: squash); squash: the whole image "
-             "resized to the square input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile); keep: "
-             "shorter side resized, aspect ratio kept (longer side at most 3x, rounded to the backbone's stride), "
-             "nothing cut off (PatchCore, kNN; not anomaly clustering)",
+        "resized to the square input, nothing cut off (long narrow images: KolektorSDD, Magnetic-tile); keep: "
+        "shorter side resized, aspect ratio kept (longer side at most 3x, rounded to the backbone's stride), "
+        "nothing cut off (PatchCore, kNN; not anomaly clustering)",
     )
 
 
@@ -70,8 +73,9 @@ def _add_method_options(parser: argparse.ArgumentParser, specs=None, skip: Seque
         if first.type is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=_parser_type(first.type), default=None,
-                               choices=choices or None, help=help_text)
+            group.add_argument(
+                flag, dest=dest, type=_parser_type(first.type), default=None, choices=choices or None, help=help_text
+            )
 
 
 def _method_params(args: argparse.Namespace) -> dict:
@@ -103,30 +107,56 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="flag the anomalous images of a folder with any method")
     p.add_argument("test_dir", help="folder of images to check")
-    p.add_argument("--db-dir", default=None, help="database folder: loaded if valid, else built and saved there "
-                                                    "(default <method>_db)")
+    p.add_argument(
+        "--db-dir",
+        default=None,
+        help="database folder: loaded if valid, else built and saved there (default <method>_db)",
+    )
     p.add_argument("--image-dir", default="images", help="folder of normal images to build the database from")
     p.add_argument("--model-name", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
     p.add_argument("--gpu", action="store_true", help="use CUDA")
-    p.add_argument("--batch-size", type=_parser_type(positive_int), default=None, help="images per forward pass (default: the method's own)")
+    p.add_argument(
+        "--batch-size",
+        type=_parser_type(positive_int),
+        default=None,
+        help="images per forward pass (default: the method's own)",
+    )
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--result-dir", default="result", help="runs are written to <result-dir>/<timestamp>/")
     p.add_argument("--method", choices=tuple(DETECTORS), default="knn", help="detector (default knn)")
-    p.add_argument("--image-size", type=_parser_type(positive_int), default=None,
-                   help="input side (default: the method's, e.g. 128 for the autoencoder, else the backbone's)")
+    p.add_argument(
+        "--image-size",
+        type=_parser_type(positive_int),
+        default=None,
+        help="input side (default: the method's, e.g. 128 for the autoencoder, else the backbone's)",
+    )
     _add_resize_mode(p)
-    p.add_argument("--max-overlays", type=int, default=100,
-                   help="(methods with anomaly maps) overlays written for at most this many flagged images (default 100)")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse a test folder holding unreadable images (all named) instead of skipping them")
-    p.add_argument("--skip-unreadable-normal", action="store_true",
-                   help="build the database without the unreadable normal images (recorded in it) instead of refusing")
+    p.add_argument(
+        "--max-overlays",
+        type=int,
+        default=100,
+        help="(methods with anomaly maps) overlays written for at most this many flagged images (default 100)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a test folder holding unreadable images (all named) instead of skipping them",
+    )
+    p.add_argument(
+        "--skip-unreadable-normal",
+        action="store_true",
+        help="build the database without the unreadable normal images (recorded in it) instead of refusing",
+    )
     _add_method_options(p, DETECTORS)
 
     p = sub.add_parser("evaluate", help="evaluate a method on a data set and write <out>/metrics.json")
     p.add_argument("--method", choices=methods, default="knn", help="method (default knn)")
-    p.add_argument("--dataset", required=True, help="layout: mvtec_ad, mvtec_loco, mvtec_3d, dagm, magnetic_tile, kolektorsdd, neu_det, folder, ood")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="layout: mvtec_ad, mvtec_loco, mvtec_3d, dagm, magnetic_tile, kolektorsdd, neu_det, folder, ood",
+    )
     p.add_argument("--root", required=True, help="the data set's folder")
     p.add_argument("--category", default=None, help="category inside root (mvtec_ad bottle, dagm Class1, ...)")
     p.add_argument("--backbone", default="efficientnet_lite0")
@@ -134,57 +164,97 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_parser_type(positive_int), default=None)
     _add_resize_mode(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=_parser_type(positive_int), default=None, help="images per forward pass (default: the method's own)")
+    p.add_argument(
+        "--batch-size",
+        type=_parser_type(positive_int),
+        default=None,
+        help="images per forward pass (default: the method's own)",
+    )
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--seed", type=int, default=None, help="seed of the split where the layout has no official one")
     p.add_argument("--out", required=True, help="folder for metrics.json (never overwritten)")
-    p.add_argument("--protocol", default=None, choices=tuple(CLUSTERING_PROTOCOLS),
-                   help="clustering methods: the test images grouped (default reproduction: normal test images kept "
-                        "as one class, 'combined' removed; anomalous_only: defects only)")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        choices=tuple(CLUSTERING_PROTOCOLS),
+        help="clustering methods: the test images grouped (default reproduction: normal test images kept "
+        "as one class, 'combined' removed; anomalous_only: defects only)",
+    )
     _add_method_options(p)
 
     p = sub.add_parser("cluster", help="group the images of a folder into anomaly types (anomaly clustering)")
     p.add_argument("folder", help="folder of images to group (e.g. a day's rejected parts)")
-    p.add_argument("--normal-dir", default=None,
-                   help="folder of normal images: semi-supervised patch scores (default: unsupervised, none needed)")
+    p.add_argument(
+        "--normal-dir",
+        default=None,
+        help="folder of normal images: semi-supervised patch scores (default: unsupervised, none needed)",
+    )
     p.add_argument("--out", default="clusters", help="runs are written to <out>/<timestamp>/ (default clusters)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
     p.add_argument("--image-size", type=_parser_type(positive_int), default=None)
     _add_resize_mode(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=_parser_type(positive_int), default=None, help="images per forward pass (default: the method's own)")
+    p.add_argument(
+        "--batch-size",
+        type=_parser_type(positive_int),
+        default=None,
+        help="images per forward pass (default: the method's own)",
+    )
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="refuse a folder holding unreadable images instead of "
-                                                         "skipping them")
+    p.add_argument(
+        "--strict", action="store_true", help="refuse a folder holding unreadable images instead of skipping them"
+    )
     p.set_defaults(method="clustering")  # the method options below are anomaly clustering's
     _add_method_options(p, {"clustering": SPECS["clustering"]}, skip=("modes",))
 
     p = sub.add_parser("run", help="execute a study file's notebooks and render the reports")
     p.add_argument("study", help="study file, e.g. studies/default.yaml")
     p.add_argument("--jobs", type=_parser_type(positive_int), default=1, help="grid cells run in parallel here")
-    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run the cells on a Dask cluster: its scheduler's address, e.g. tcp://10.0.0.5:8786 "
-                        "(exclusive with --jobs; see the README)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run the cells on a Dask cluster: its scheduler's address, e.g. tcp://10.0.0.5:8786 "
+        "(exclusive with --jobs; see the README)",
+    )
     p.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA)")
     p.add_argument("--reports", default="reports", help="reports folder (default reports)")
     p.add_argument("--force", action="store_true", help="rerun cells whose inputs did not change")
-    p.add_argument("--only", action="append", default=None, help="run only this cell (dataset-backbone, glob allowed); repeatable")
+    p.add_argument(
+        "--only", action="append", default=None, help="run only this cell (dataset-backbone, glob allowed); repeatable"
+    )
     p.add_argument("--device", default=None, help="set every cell's device (cpu, cuda, cuda:N)")
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 
-    p = sub.add_parser("verify", help="re-run committed reports in a scratch folder and compare their metrics "
-                                      "(exit 1 on a drift)")
-    p.add_argument("--only", action="append", default=None,
-                   help="verify only this report: cell name or <notebook>/<cell>, glob allowed; repeatable")
-    p.add_argument("--tolerance", type=_parser_type(non_negative_float), default=0.0,
-                   help="largest absolute difference of two numbers that still matches (default 0: exact)")
+    p = sub.add_parser(
+        "verify", help="re-run committed reports in a scratch folder and compare their metrics (exit 1 on a drift)"
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help="verify only this report: cell name or <notebook>/<cell>, glob allowed; repeatable",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=_parser_type(non_negative_float),
+        default=0.0,
+        help="largest absolute difference of two numbers that still matches (default 0: exact)",
+    )
     p.add_argument("--reports", default="reports", help="the committed reports folder, only read (default reports)")
-    p.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA); without it, "
-                                                "reports of real data are skipped")
-    p.add_argument("--keep-scratch", default=None, metavar="DIR",
-                   help="re-run into DIR and keep it (default: a temporary folder, removed)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="real data folder (default $ANOMALIB_STUDY_DATA); without it, reports of real data are skipped",
+    )
+    p.add_argument(
+        "--keep-scratch",
+        default=None,
+        metavar="DIR",
+        help="re-run into DIR and keep it (default: a temporary folder, removed)",
+    )
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 
     p = sub.add_parser("download", help="download and verify MVTec AD or DAGM 2007 (needs internet)")
@@ -206,10 +276,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     options = {"seed": args.seed} if args.seed is not None else None
     metrics = evaluate(
-        args.method, args.dataset, args.root, category=args.category, backbone=args.backbone, weights=args.weights,
-        image_size=args.image_size, resize_mode=args.resize_mode, device=args.device, out=args.out,
-        dataset_options=options, batch_size=args.batch_size, num_workers=args.num_workers,
-        cache=None if args.no_cache else "default", protocol=args.protocol, **_method_params(args),
+        args.method,
+        args.dataset,
+        args.root,
+        category=args.category,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        device=args.device,
+        out=args.out,
+        dataset_options=options,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache=None if args.no_cache else "default",
+        protocol=args.protocol,
+        **_method_params(args),
     )
     (_print_clustering if metrics.get("task") == "clustering" else _print_metrics)(metrics, args)
     return 0
@@ -217,13 +299,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _print_clustering(metrics: dict, args: argparse.Namespace) -> None:
     protocol = metrics["protocol"]
-    print(f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: {protocol['n_images']} images of "
-          f"{protocol['n_classes']} types, {protocol['n_clusters']} clusters (protocol {protocol['name']})")
+    print(
+        f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: {protocol['n_images']} images of "
+        f"{protocol['n_classes']} types, {protocol['n_clusters']} clusters (protocol {protocol['name']})"
+    )
     print(f"{'mode':>16} {'NMI':>6} {'ARI':>6} {'F1':>6}  tau")
     for mode, row in metrics["modes"].items():
         tau = "-" if row["tau"] is None else f"{row['tau']:.4g}"
         oracle = row.get("oracle")
-        note = f"  (oracle tau {oracle['tau']:.4g}: NMI {oracle['nmi']:.3f})" if oracle and oracle["tau"] is not None else ""
+        note = (
+            f"  (oracle tau {oracle['tau']:.4g}: NMI {oracle['nmi']:.3f})"
+            if oracle and oracle["tau"] is not None
+            else ""
+        )
         print(f"{mode:>16} {row['nmi']:6.3f} {row['ari']:6.3f} {row['f1']:6.3f}  {tau}{note}")
     print(f"total {metrics['timings']['total_s']:.1f} s  peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB")
     print(f"wrote {Path(args.out) / 'metrics.json'}")
@@ -234,23 +322,31 @@ def _print_metrics(metrics: dict, args: argparse.Namespace) -> None:
         return "n/a" if value is None else f"{value:.4f}"
 
     timings = metrics["timings"]
-    print(f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: n_train={metrics['n_train']} "
-          f"n_test={metrics['n_test']}")
+    print(
+        f"{metrics['dataset']['name']} / {args.backbone} / {args.method}: n_train={metrics['n_train']} "
+        f"n_test={metrics['n_test']}"
+    )
     kinds = "".join(f", {kind} {fmt(metrics[f'image_auroc_{kind}'])}" for kind in metrics.get("score_kinds", []))
     print(f"image AUROC {fmt(metrics['image_auroc'])}{kinds}  image F1-max {fmt(metrics.get('image_f1_max'))}")
     print(f"accuracy {fmt(metrics['accuracy'])}  threshold {fmt(metrics['threshold'])} ({metrics['threshold_rule']})")
     if metrics.get("pixel_auroc") is not None:
-        print(f"pixel AUROC {fmt(metrics['pixel_auroc'])}  PRO {fmt(metrics['pro'])}  "
-              f"pixel F1-max {fmt(metrics['pixel_f1_max'])}")
+        print(
+            f"pixel AUROC {fmt(metrics['pixel_auroc'])}  PRO {fmt(metrics['pro'])}  "
+            f"pixel F1-max {fmt(metrics['pixel_f1_max'])}"
+        )
     report = metrics.get("classification_report")
     if report:
         print(f"{'':>14} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
         for name in ("normal", "anomalous", "macro avg", "weighted avg"):
             row = report[name]
-            print(f"{name:>14} {row['precision']:9.3f} {row['recall']:9.3f} {row['f1-score']:9.3f} "
-                  f"{int(row['support']):8d}")
-    print(f"fit {timings['fit_s']:.1f} s  predict {timings['predict_s']:.1f} s  "
-          f"peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB")
+            print(
+                f"{name:>14} {row['precision']:9.3f} {row['recall']:9.3f} {row['f1-score']:9.3f} "
+                f"{int(row['support']):8d}"
+            )
+    print(
+        f"fit {timings['fit_s']:.1f} s  predict {timings['predict_s']:.1f} s  "
+        f"peak RSS {metrics['peak_memory']['peak_rss_mb']:.0f} MB"
+    )
     print(f"wrote {Path(args.out) / 'metrics.json'}")
 
 
@@ -260,14 +356,25 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     from anomalib_study.cluster import cluster_folder
 
     run_dir = cluster_folder(
-        args.folder, args.out, normal_dir=args.normal_dir, backbone=args.backbone, weights=args.weights,
-        image_size=args.image_size, resize_mode=args.resize_mode or "crop", device=args.device,
-        batch_size=args.batch_size, num_workers=args.num_workers, strict=args.strict, **_method_params(args),
+        args.folder,
+        args.out,
+        normal_dir=args.normal_dir,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode or "crop",
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        strict=args.strict,
+        **_method_params(args),
     )
     config = json.loads((Path(run_dir) / "config.json").read_text())
     sizes = ", ".join(f"{k}: {v}" for k, v in config["cluster_sizes"].items())
-    print(f"{config['n_clustered']} image(s) in {config['n_clusters']} clusters ({sizes}); "
-          f"{config['settings']['mode']} patch scores")
+    print(
+        f"{config['n_clustered']} image(s) in {config['n_clusters']} clusters ({sizes}); "
+        f"{config['settings']['mode']} patch scores"
+    )
     print(f"number of clusters: {config['n_clusters_rule']}")
     print(f"tau: {config['tau_rule']}")
     if config["n_skipped"]:
@@ -280,10 +387,21 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from anomalib_study.detect import detect_abnormal
 
     run_dir = detect_abnormal(
-        args.test_dir, db_dir=args.db_dir, image_dir=args.image_dir, model_name=args.model_name, gpu=args.gpu,
-        batch_size=args.batch_size, num_workers=args.num_workers, result_dir=args.result_dir, weights=args.weights,
-        method=args.method, image_size=args.image_size, resize_mode=args.resize_mode,
-        max_overlays=args.max_overlays, strict=args.strict, skip_unreadable_normal=args.skip_unreadable_normal,
+        args.test_dir,
+        db_dir=args.db_dir,
+        image_dir=args.image_dir,
+        model_name=args.model_name,
+        gpu=args.gpu,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        result_dir=args.result_dir,
+        weights=args.weights,
+        method=args.method,
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        max_overlays=args.max_overlays,
+        strict=args.strict,
+        skip_unreadable_normal=args.skip_unreadable_normal,
         **_method_params(args),
     )
     flagged = (Path(run_dir) / "abnormal.result").read_text().splitlines()
@@ -298,8 +416,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from anomalib_study.runner import exit_code, run_study
 
     results = run_study(
-        args.study, reports_dir=args.reports, jobs=args.jobs, data_root=args.data, only=args.only,
-        force=args.force, device=args.device, kernel_name=args.kernel, scheduler=args.scheduler,
+        args.study,
+        reports_dir=args.reports,
+        jobs=args.jobs,
+        data_root=args.data,
+        only=args.only,
+        force=args.force,
+        device=args.device,
+        kernel_name=args.kernel,
+        scheduler=args.scheduler,
     )
     return exit_code(results)
 
@@ -307,8 +432,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from anomalib_study.verify import exit_code, verify_reports
 
-    results = verify_reports(args.reports, only=args.only, tolerance=args.tolerance, data_root=args.data,
-                             scratch=args.keep_scratch, kernel_name=args.kernel)
+    results = verify_reports(
+        args.reports,
+        only=args.only,
+        tolerance=args.tolerance,
+        data_root=args.data,
+        scratch=args.keep_scratch,
+        kernel_name=args.kernel,
+    )
     return exit_code(results)
 
 

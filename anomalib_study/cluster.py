@@ -27,7 +27,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -76,24 +76,36 @@ def cluster_folder(
     images shown per cluster sheet. ``batch_size``: images per forward pass (None: the
     method's declared default).
     """
+    import matplotlib.pyplot as plt
+
     from anomalib_study.data.decode import find_unreadable
     from anomalib_study.detect import list_images, unreadable_message
     from anomalib_study.methods.clustering import AnomalyClustering
-    import matplotlib.pyplot as plt
-
     from anomalib_study.plots import cluster_thumbnail_sheet
 
     folder = Path(folder)
     paths = list_images(folder, "folder")
     if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 2):
-        raise ParameterError(f"n_clusters must be an integer >= 2 (or None: chosen by the silhouette), got {n_clusters!r}")
+        raise ParameterError(
+            f"n_clusters must be an integer >= 2 (or None: chosen by the silhouette), got {n_clusters!r}"
+        )
     mode = "semi_supervised" if normal_dir is not None else "unsupervised"
     if "mode" in options:
         raise ParameterError("cluster picks the mode itself: semi_supervised with --normal-dir, else unsupervised")
-    model = AnomalyClustering(backbone=backbone, weights=weights, image_size=image_size, resize_mode=resize_mode,
-                              mode=mode, n_clusters=n_clusters, max_clusters=max_clusters, device=device,
-                              num_workers=num_workers, progress=progress,
-                              **({} if batch_size is None else {"batch_size": batch_size}), **options)
+    model = AnomalyClustering(
+        backbone=backbone,
+        weights=weights,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        mode=mode,
+        n_clusters=n_clusters,
+        max_clusters=max_clusters,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        **({} if batch_size is None else {"batch_size": batch_size}),
+        **options,
+    )
     model._validate_params()
     started = time.perf_counter()
     bad = find_unreadable(paths, progress=progress, desc="checking images")
@@ -101,8 +113,11 @@ def cluster_folder(
         raise DataError(unreadable_message(bad, "folder", folder, "and strict is set: fix or remove them"))
     readable = [p for p in paths if p not in bad]
     if bad:
-        warnings.warn(f"{len(bad)} of {len(paths)} images could not be read and were left out: they are listed with "
-                      "the reason in skipped.csv", stacklevel=2)
+        warnings.warn(
+            f"{len(bad)} of {len(paths)} images could not be read and were left out: they are listed with "
+            "the reason in skipped.csv",
+            stacklevel=2,
+        )
     if len(readable) < 3:
         raise DataError(f"folder {folder} holds {len(readable)} readable image(s): clustering needs at least 3")
     if n_clusters is not None and n_clusters > len(readable):
@@ -122,11 +137,14 @@ def cluster_folder(
     description = model.describe()
 
     with run_dir_in_progress(out) as run:
-        table = pd.DataFrame([{"path": str(path), "cluster": int(label), **row}
-                              for path, label, row in zip(readable, labels, summary)])
+        table = pd.DataFrame(
+            [{"path": str(path), "cluster": int(label), **row} for path, label, row in zip(readable, labels, summary)]
+        )
         with atomic_write(run.path / "clusters.csv", "w") as handle:
             table.to_csv(handle, index=False, lineterminator="\n")
-        skipped = pd.DataFrame({"path": [str(p) for p in bad], "reason": list(bad.values())}, columns=["path", "reason"])
+        skipped = pd.DataFrame(
+            {"path": [str(p) for p in bad], "reason": list(bad.values())}, columns=["path", "reason"]
+        )
         with atomic_write(run.path / "skipped.csv", "w") as handle:
             skipped.to_csv(handle, index=False, lineterminator="\n")
         sizes = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
@@ -136,16 +154,21 @@ def cluster_folder(
             with atomic_write(run.path / f"cluster_{k}.jpg", "wb") as handle:
                 figure.savefig(handle, format="jpg", dpi=80, pil_kwargs={"quality": 70})
             plt.close(figure)
-        write_json(run.path / "config.json", as_json({
-            "folder": str(folder.resolve()),
-            "normal_dir": None if normal_dir is None else str(Path(normal_dir).resolve()),
-            "n_images": len(paths),
-            "n_clustered": len(readable),
-            "n_skipped": len(bad),
-            "n_normal_images": len(normal_paths),
-            "backbone": backbone,
-            "cluster_sizes": {str(k): v for k, v in sizes.items()},
-            **description,
-            "timings": {"check_s": check_s, **description["timings"]},
-        }))
+        write_json(
+            run.path / "config.json",
+            as_json(
+                {
+                    "folder": str(folder.resolve()),
+                    "normal_dir": None if normal_dir is None else str(Path(normal_dir).resolve()),
+                    "n_images": len(paths),
+                    "n_clustered": len(readable),
+                    "n_skipped": len(bad),
+                    "n_normal_images": len(normal_paths),
+                    "backbone": backbone,
+                    "cluster_sizes": {str(k): v for k, v in sizes.items()},
+                    **description,
+                    "timings": {"check_s": check_s, **description["timings"]},
+                }
+            ),
+        )
     return run.final

@@ -22,16 +22,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
 import pandas as pd
 
 from anomalib_study import freshness as code_freshness
 from anomalib_study import io, methods
-
 
 
 class _RegistryView(Mapping):
@@ -60,7 +59,8 @@ class _RegistryView(Mapping):
 METHOD_LABELS: Mapping[str, str] = _RegistryView(methods.method_label)
 #: the published comparison of each method that declares one (this run's row first, then the published figures)
 COMPARISONS: Mapping[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = _RegistryView(
-    methods.published_comparison, keep=lambda name: methods.REGISTRY[name].published is not None)
+    methods.published_comparison, keep=lambda name: methods.REGISTRY[name].published is not None
+)
 
 
 def detection_methods() -> list[str]:
@@ -70,28 +70,116 @@ def detection_methods() -> list[str]:
 
 #: column headings for display
 LABELS = {
-    "dataset": "data set", "method": "method", "config": "backbone / variant", "image_auroc": "image AUROC",
-    "pixel_auroc": "pixel AUROC", "pro": "PRO", "accuracy": "accuracy", "fit_s": "fit (s)",
-    "predict_images_per_s": "predict (images/s)", "status": "status", "note": "note", "mode": "mode",
-    "nmi": "NMI", "ari": "ARI", "f1": "F1", "tau": "tau", "tau_rule": "tau chosen by",
-    "backbone": "backbone", "image_size": "input (px)", "resize_mode": "resize", "coreset": "coreset",
-    "peak_rss_mb": "peak memory (MB)", "configs": "backbones combined", "image_aurocs": "image AUROC each",
-    "best_single": "better alone", "best_single_auroc": "its image AUROC", "fused_auroc": "combined image AUROC",
-    "gain": "gain", "n_test": "test images",
+    "dataset": "data set",
+    "method": "method",
+    "config": "backbone / variant",
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "pro": "PRO",
+    "accuracy": "accuracy",
+    "fit_s": "fit (s)",
+    "predict_images_per_s": "predict (images/s)",
+    "status": "status",
+    "note": "note",
+    "mode": "mode",
+    "nmi": "NMI",
+    "ari": "ARI",
+    "f1": "F1",
+    "tau": "tau",
+    "tau_rule": "tau chosen by",
+    "backbone": "backbone",
+    "image_size": "input (px)",
+    "resize_mode": "resize",
+    "coreset": "coreset",
+    "peak_rss_mb": "peak memory (MB)",
+    "configs": "backbones combined",
+    "image_aurocs": "image AUROC each",
+    "best_single": "better alone",
+    "best_single_auroc": "its image AUROC",
+    "fused_auroc": "combined image AUROC",
+    "gain": "gain",
+    "n_test": "test images",
 }
 REPORT_COLUMNS = (
-    "notebook", "cell", "dataset", "data", "method", "task", "backbone", "variant", "config", "status",
-    "freshness", "note", "image_auroc", "pixel_auroc", "pro", "accuracy", "fit_s", "predict_images_per_s",
-    "synthetic", "duration_s", "metrics",
+    "notebook",
+    "cell",
+    "dataset",
+    "data",
+    "method",
+    "task",
+    "backbone",
+    "variant",
+    "config",
+    "status",
+    "freshness",
+    "note",
+    "image_auroc",
+    "pixel_auroc",
+    "pro",
+    "accuracy",
+    "fit_s",
+    "predict_images_per_s",
+    "synthetic",
+    "duration_s",
+    "metrics",
 )
-DETECTION_COLUMNS = ("dataset", "method", "config", "image_auroc", "pixel_auroc", "pro", "accuracy", "fit_s",
-                     "predict_images_per_s", "status", "note", "synthetic", "notebook", "cell")
-FUSION_COLUMNS = ("dataset", "method", "configs", "image_aurocs", "best_single", "best_single_auroc", "fused_auroc",
-                  "gain", "n_test")
-SETTINGS_COLUMNS = ("dataset", "backbone", "image_size", "resize_mode", "coreset", "image_auroc", "pixel_auroc", "pro",
-                    "fit_s", "predict_images_per_s", "peak_rss_mb", "cell", "status")
-CLUSTERING_COLUMNS = ("dataset", "config", "mode", "nmi", "ari", "f1", "tau", "tau_rule", "status", "note",
-                      "synthetic", "notebook", "cell")
+DETECTION_COLUMNS = (
+    "dataset",
+    "method",
+    "config",
+    "image_auroc",
+    "pixel_auroc",
+    "pro",
+    "accuracy",
+    "fit_s",
+    "predict_images_per_s",
+    "status",
+    "note",
+    "synthetic",
+    "notebook",
+    "cell",
+)
+FUSION_COLUMNS = (
+    "dataset",
+    "method",
+    "configs",
+    "image_aurocs",
+    "best_single",
+    "best_single_auroc",
+    "fused_auroc",
+    "gain",
+    "n_test",
+)
+SETTINGS_COLUMNS = (
+    "dataset",
+    "backbone",
+    "image_size",
+    "resize_mode",
+    "coreset",
+    "image_auroc",
+    "pixel_auroc",
+    "pro",
+    "fit_s",
+    "predict_images_per_s",
+    "peak_rss_mb",
+    "cell",
+    "status",
+)
+CLUSTERING_COLUMNS = (
+    "dataset",
+    "config",
+    "mode",
+    "nmi",
+    "ari",
+    "f1",
+    "tau",
+    "tau_rule",
+    "status",
+    "note",
+    "synthetic",
+    "notebook",
+    "cell",
+)
 _SKIPPED_FOLDERS = ("benchmarks",)
 
 
@@ -147,8 +235,9 @@ def read_reports(reports_dir: str | os.PathLike) -> list[Report]:
     if not reports_dir.is_dir():
         return []
     found: list[Report] = []
-    for folder in sorted(p for p in reports_dir.iterdir()
-                         if p.is_dir() and p.name not in _SKIPPED_FOLDERS and not p.name.startswith(".")):
+    for folder in sorted(
+        p for p in reports_dir.iterdir() if p.is_dir() and p.name not in _SKIPPED_FOLDERS and not p.name.startswith(".")
+    ):
         cells: dict[str, dict[str, Any]] = {}
         for path in sorted(folder.glob("*.json")):
             if path.name.startswith("."):
@@ -159,8 +248,10 @@ def read_reports(reports_dir: str | os.PathLike) -> list[Report]:
                     if data is not None:
                         cells.setdefault(path.name[: -len(suffix)], {})[kind] = data
                     break
-        found += [Report(folder.name, name, folder, entry.get("metrics"), entry.get("failed"))
-                  for name, entry in sorted(cells.items())]
+        found += [
+            Report(folder.name, name, folder, entry.get("metrics"), entry.get("failed"))
+            for name, entry in sorted(cells.items())
+        ]
     return found
 
 
@@ -204,8 +295,9 @@ def find_notebook(report: Report, notebooks_dir: Path | None = None) -> Path | N
     return next((c for c in candidates if c.is_file()), None)
 
 
-def collect_reports(reports_dir: str | os.PathLike, *, notebooks_dir: str | os.PathLike | None = None,
-                    sources_hash: str | None = None) -> pd.DataFrame:
+def collect_reports(
+    reports_dir: str | os.PathLike, *, notebooks_dir: str | os.PathLike | None = None, sources_hash: str | None = None
+) -> pd.DataFrame:
     """One row per report under ``reports_dir`` (columns :data:`REPORT_COLUMNS`).
 
     Args:
@@ -225,13 +317,16 @@ def collect_reports(reports_dir: str | os.PathLike, *, notebooks_dir: str | os.P
         notebook = find_notebook(report, notebooks)
         if notebook is not None and notebook not in hashes:
             hashes[notebook] = io.sha256_file(notebook)
-        fresh, why = (freshness(report, hashes.get(notebook), sources_hash) if report.metrics is not None
-                      else ("unknown", ""))
+        fresh, why = (
+            freshness(report, hashes.get(notebook), sources_hash) if report.metrics is not None else ("unknown", "")
+        )
         rows.append(_report_row(report, fresh, why))
     table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if len(table):  # a cell that never succeeded has no method: it is the one of its notebook's other cells
         known = table[table["method"] != ""].groupby("notebook")["method"].first().to_dict()
-        table["method"] = [method or known.get(notebook, "") for method, notebook in zip(table["method"], table["notebook"])]
+        table["method"] = [
+            method or known.get(notebook, "") for method, notebook in zip(table["method"], table["notebook"])
+        ]
         table["task"] = [task or _task(method) for task, method in zip(table["task"], table["method"])]
     return table
 
@@ -253,13 +348,24 @@ def _report_row(report: Report, fresh: str, why: str) -> dict[str, Any]:
     if report.failed is not None and report.metrics is not None:
         note += " (numbers: the last good run)"
     return {
-        "notebook": report.notebook, "cell": report.cell, "dataset": str(run.get("dataset") or report.cell),
-        "data": str(data.get("name", "")), "method": method, "task": str(metrics.get("task") or _task(method)),
-        "backbone": backbone, "variant": variant, "config": variant or backbone, "status": status,
-        "freshness": fresh, "note": note,
+        "notebook": report.notebook,
+        "cell": report.cell,
+        "dataset": str(run.get("dataset") or report.cell),
+        "data": str(data.get("name", "")),
+        "method": method,
+        "task": str(metrics.get("task") or _task(method)),
+        "backbone": backbone,
+        "variant": variant,
+        "config": variant or backbone,
+        "status": status,
+        "freshness": fresh,
+        "note": note,
         **{key: _number(metrics.get(key)) for key in ("image_auroc", "pixel_auroc", "pro", "accuracy")},
-        "fit_s": fit_s, "predict_images_per_s": images_per_s, "synthetic": metrics.get("synthetic") is True,
-        "duration_s": _number(run.get("duration_s")), "metrics": report.metrics,
+        "fit_s": fit_s,
+        "predict_images_per_s": images_per_s,
+        "synthetic": metrics.get("synthetic") is True,
+        "duration_s": _number(run.get("duration_s")),
+        "metrics": report.metrics,
     }
 
 
@@ -307,8 +413,9 @@ def auroc_matrix(reports: pd.DataFrame, value: str = "image_auroc") -> pd.DataFr
     table = reports[(reports["task"] == "detection") & reports[value].notna()].copy()
     if not len(table):
         return pd.DataFrame(dtype=float)
-    table = table.assign(_order=_method_order(table), row=[method_label(m, c) for m, c in zip(table["method"],
-                                                                                            table["config"])])
+    table = table.assign(
+        _order=_method_order(table), row=[method_label(m, c) for m, c in zip(table["method"], table["config"])]
+    )
     rows = list(dict.fromkeys(table.sort_values(["_order", "config"])["row"]))
     matrix = table.pivot_table(index="row", columns="dataset", values=value, aggfunc="first")
     matrix = matrix.reindex(index=rows, columns=sorted(matrix.columns))
@@ -331,16 +438,33 @@ def clustering_table(reports: pd.DataFrame) -> pd.DataFrame:
     for report in reports[reports["task"] == "clustering"].sort_values(["dataset", "config"]).itertuples():
         modes = (report.metrics or {}).get("modes") or {}
         if not modes:  # never succeeded: one row saying so
-            rows.append({"dataset": report.dataset, "config": report.config, "mode": "", "status": report.status,
-                         "note": report.note, "synthetic": report.synthetic, "notebook": report.notebook,
-                         "cell": report.cell})
+            rows.append(
+                {
+                    "dataset": report.dataset,
+                    "config": report.config,
+                    "mode": "",
+                    "status": report.status,
+                    "note": report.note,
+                    "synthetic": report.synthetic,
+                    "notebook": report.notebook,
+                    "cell": report.cell,
+                }
+            )
         for mode, result in modes.items():
-            rows.append({
-                "dataset": report.dataset, "config": report.config, "mode": mode,
-                **{key: _number(result.get(key)) for key in ("nmi", "ari", "f1", "tau")},
-                "tau_rule": str(result.get("tau_rule") or ""), "status": report.status, "note": report.note,
-                "synthetic": report.synthetic, "notebook": report.notebook, "cell": report.cell,
-            })
+            rows.append(
+                {
+                    "dataset": report.dataset,
+                    "config": report.config,
+                    "mode": mode,
+                    **{key: _number(result.get(key)) for key in ("nmi", "ari", "f1", "tau")},
+                    "tau_rule": str(result.get("tau_rule") or ""),
+                    "status": report.status,
+                    "note": report.note,
+                    "synthetic": report.synthetic,
+                    "notebook": report.notebook,
+                    "cell": report.cell,
+                }
+            )
     return pd.DataFrame(rows, columns=list(CLUSTERING_COLUMNS))
 
 
@@ -357,15 +481,23 @@ def settings_table(reports: pd.DataFrame, method: str = "patchcore") -> pd.DataF
         net = metrics.get("backbone") or {}
         pre = net.get("preprocessing") or {}
         ratio = (metrics.get("params") or {}).get("coreset_ratio")
-        rows.append({
-            "dataset": report.dataset, "backbone": str(net.get("name", report.backbone)),
-            "image_size": _number(net.get("image_size")), "resize_mode": str(pre.get("resize_mode", "crop")),
-            "coreset": f"{100 * ratio:g} %" if isinstance(ratio, (int, float)) else "",
-            "image_auroc": report.image_auroc, "pixel_auroc": report.pixel_auroc, "pro": report.pro,
-            "fit_s": report.fit_s, "predict_images_per_s": report.predict_images_per_s,
-            "peak_rss_mb": _number((metrics.get("peak_memory") or {}).get("peak_rss_mb")), "cell": report.cell,
-            "status": report.status,
-        })
+        rows.append(
+            {
+                "dataset": report.dataset,
+                "backbone": str(net.get("name", report.backbone)),
+                "image_size": _number(net.get("image_size")),
+                "resize_mode": str(pre.get("resize_mode", "crop")),
+                "coreset": f"{100 * ratio:g} %" if isinstance(ratio, (int, float)) else "",
+                "image_auroc": report.image_auroc,
+                "pixel_auroc": report.pixel_auroc,
+                "pro": report.pro,
+                "fit_s": report.fit_s,
+                "predict_images_per_s": report.predict_images_per_s,
+                "peak_rss_mb": _number((metrics.get("peak_memory") or {}).get("peak_rss_mb")),
+                "cell": report.cell,
+                "status": report.status,
+            }
+        )
     table = pd.DataFrame(rows, columns=list(SETTINGS_COLUMNS))
     several = table.groupby(["dataset", "backbone"])["cell"].transform("size") > 1
     table = table[several].sort_values(["dataset", "backbone", "image_size", "resize_mode", "coreset"])
@@ -404,8 +536,12 @@ def fusion_table(reports: pd.DataFrame, method: str = "patchcore") -> pd.DataFra
     from anomalib_study.metrics import image_auroc
 
     rows = []
-    selected = reports[(reports["method"] == method) & (reports["status"] == "ok") & reports["metrics"].notna()
-                       & (reports["variant"] == "")]
+    selected = reports[
+        (reports["method"] == method)
+        & (reports["status"] == "ok")
+        & reports["metrics"].notna()
+        & (reports["variant"] == "")
+    ]
     for dataset, group in selected.sort_values(["dataset", "config"]).groupby("dataset", sort=True):
         parts = []
         for report in group.itertuples():
@@ -417,11 +553,19 @@ def fusion_table(reports: pd.DataFrame, method: str = "patchcore") -> pd.DataFra
         labels = np.array([int(row["label"]) for row in parts[0][2]])
         fused = image_auroc(labels, np.sum([part[4] for part in parts], axis=0))
         best = max(parts, key=lambda part: part[1])
-        rows.append({"dataset": dataset, "method": METHOD_LABELS.get(method, method),
-                     "configs": " + ".join(part[0] for part in parts),
-                     "image_aurocs": ", ".join(f"{part[1]:.3f}" for part in parts), "best_single": best[0],
-                     "best_single_auroc": best[1], "fused_auroc": fused, "gain": fused - best[1],
-                     "n_test": int(labels.size)})
+        rows.append(
+            {
+                "dataset": dataset,
+                "method": METHOD_LABELS.get(method, method),
+                "configs": " + ".join(part[0] for part in parts),
+                "image_aurocs": ", ".join(f"{part[1]:.3f}" for part in parts),
+                "best_single": best[0],
+                "best_single_auroc": best[1],
+                "fused_auroc": fused,
+                "gain": fused - best[1],
+                "n_test": int(labels.size),
+            }
+        )
     return pd.DataFrame(rows, columns=list(FUSION_COLUMNS))
 
 
@@ -482,9 +626,8 @@ def summary(reports: pd.DataFrame) -> dict[str, Any]:
         "detection": records(detection_table(reports)),
         "clustering": records(clustering_table(reports)),
         "patchcore_fusion": records(fusion_table(reports)),
-        "image_auroc_matrix": {row: {col: (None if pd.isna(v) else float(v)) for col, v in values.items()}
-                               for row, values in matrix.to_dict(orient="index").items()},
+        "image_auroc_matrix": {
+            row: {col: (None if pd.isna(v) else float(v)) for col, v in values.items()}
+            for row, values in matrix.to_dict(orient="index").items()
+        },
     }
-
-
-

@@ -119,12 +119,14 @@ CHUNK_IMAGES = 512
 # ---------------------------------------------------------------------- the backbone layer
 # Thin wrappers so that this module imports without torch models loaded, and so that
 # tests can replace them (monkeypatch) by a tiny fake backbone and extractor.
-def load_backbone(name: str, weights=None, device: str = "cpu", image_size: int | None = None,
-                  resize_mode: str = "crop"):
+def load_backbone(
+    name: str, weights=None, device: str = "cpu", image_size: int | None = None, resize_mode: str = "crop"
+):
     """:func:`anomalib_study.backbones.load_backbone` (imported on first use)."""
     from anomalib_study.backbones import load_backbone as _load_backbone
 
     return _load_backbone(name, weights=weights, device=device, image_size=image_size, resize_mode=resize_mode)
+
 
 def _load_backbone(name: str, weights, device: str, image_size: int | None, resize_mode: str = "crop"):
     # image_size and resize_mode only when given, so that simple replacements of load_backbone keep working
@@ -219,10 +221,13 @@ class DetectDatabase:
         stored = self.metadata["backbone"]
         fix = f"delete {self.path} or pass another db_dir to rebuild the database with this backbone"
         if backbone.name != stored["name"]:
-            raise ModelFileError(f"database {self.path} was built with backbone {stored['name']!r}, not {backbone.name!r}: {fix}")
+            raise ModelFileError(
+                f"database {self.path} was built with backbone {stored['name']!r}, not {backbone.name!r}: {fix}"
+            )
         if backbone.weights_sha256 != stored["weights_sha256"]:
             raise ModelFileError(
-                f"database {self.path} was built with {stored['name']} weights sha256 {stored['weights_sha256'][:12]}..., "
+                f"database {self.path} was built with {stored['name']} weights sha256 "
+                f"{stored['weights_sha256'][:12]}..., "
                 f"but the weights loaded now have sha256 {str(backbone.weights_sha256)[:12]}...: {fix}"
             )
         if as_json(backbone.preprocessing) != stored["preprocessing"]:
@@ -258,6 +263,7 @@ class DetectDatabase:
 
 KNNDatabase = DetectDatabase  # the name of version 1
 
+
 def save_database(
     db_dir: str | os.PathLike,
     detector,
@@ -281,7 +287,9 @@ def save_database(
     spec = get_detector(method) if method is not None else _spec_of(detector)
     n_model = spec.n_images(detector)
     if len(image_hashes) != n_model:
-        raise ParameterError(f"{len(image_hashes)} image hashes given for a {spec.name} model fitted on {n_model} images")
+        raise ParameterError(
+            f"{len(image_hashes)} image hashes given for a {spec.name} model fitted on {n_model} images"
+        )
     db_dir.mkdir(parents=True, exist_ok=True)
     model_path = detector.save(db_dir / spec.model_file)
     metadata = {
@@ -311,7 +319,7 @@ def save_database(
 
 
 def _either(names) -> str:
-    """"a", "a or b", "a, b or c"."""
+    """ "a", "a or b", "a, b or c"."""
     names = list(names)
     return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
@@ -320,8 +328,9 @@ def _spec_of(model) -> MethodSpec:
     for spec in DETECTORS.values():
         if type(model) is spec.estimator:
             return spec
-    raise ParameterError(f"detect databases hold a model of a registered method ({', '.join(DETECTORS)}), "
-                         f"not a {type(model).__name__}")
+    raise ParameterError(
+        f"detect databases hold a model of a registered method ({', '.join(DETECTORS)}), not a {type(model).__name__}"
+    )
 
 
 def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | None = None) -> DetectDatabase:
@@ -349,8 +358,10 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
         metadata["method"] = "knn"
         metadata.setdefault("model_file", "knn_model.npz")
     elif found != DB_FORMAT:
-        raise ModelFileError(f"{meta_path} holds format {found!r}, not {DB_FORMAT!r}: it is not a detect "
-                             f"({_either(spec.label for spec in DETECTORS.values())}) database; {fix}")
+        raise ModelFileError(
+            f"{meta_path} holds format {found!r}, not {DB_FORMAT!r}: it is not a detect "
+            f"({_either(spec.label for spec in DETECTORS.values())}) database; {fix}"
+        )
     elif metadata.get("version") != DB_VERSION:
         raise ModelFileError(
             f"{meta_path} is database version {metadata.get('version')!r}; this code reads version {DB_VERSION}: {fix}"
@@ -388,10 +399,15 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
         problem = spec.check_loaded(detector, section, len(images))
     except (KeyError, TypeError, ValueError) as error:
         problem = f"its description lacks or garbles field {error}"
-    if problem is None and spec.uses_embedding and getattr(detector, "n_features_in_", None) not in (
-            None, int(backbone["embedding_dim"])):
-        problem = (f"the model holds {detector.n_features_in_}-dimensional embeddings, {DB_FILE} says "
-                   f"{backbone['embedding_dim']}")
+    if (
+        problem is None
+        and spec.uses_embedding
+        and getattr(detector, "n_features_in_", None) not in (None, int(backbone["embedding_dim"]))
+    ):
+        problem = (
+            f"the model holds {detector.n_features_in_}-dimensional embeddings, {DB_FILE} says "
+            f"{backbone['embedding_dim']}"
+        )
     if problem is not None:
         raise ModelFileError(f"{db_dir} is inconsistent: {problem}: {fix}")
     return DetectDatabase(path=db_dir, detector=detector, metadata=metadata)
@@ -401,6 +417,7 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
 def _overlay_names(relatives: list[Path]) -> list[Path]:
     """``bad/red.png`` -> ``bad/red.jpg``; ``bad/red_png.jpg`` for every image whose stem is
     shared with another one in the same folder (then ``_2``... if still taken)."""
+
     def key(path: Path) -> tuple[str, str]:
         return path.parent.as_posix(), path.stem.lower()  # case-insensitive file systems
 
@@ -411,7 +428,11 @@ def _overlay_names(relatives: list[Path]) -> list[Path]:
     names = []
     for relative in relatives:
         ext = relative.suffix.lstrip(".")
-        name = relative.with_suffix(".jpg") if counts[key(relative)] == 1 else relative.with_name(f"{relative.stem}_{ext}.jpg")
+        name = (
+            relative.with_suffix(".jpg")
+            if counts[key(relative)] == 1
+            else relative.with_name(f"{relative.stem}_{ext}.jpg")
+        )
         number = 2
         while name.as_posix().lower() in used:
             name = relative.with_name(f"{relative.stem}_{ext}_{number}.jpg")
@@ -465,8 +486,13 @@ def write_overlays(
             picture.save(handle, format="JPEG", quality=quality)
         written.append(target)
     if written:
-        table = pd.DataFrame({"path": [str(p) for p in paths], "score": np.asarray(scores, dtype=float),
-                              "overlay": [p.relative_to(out_dir).as_posix() for p in written]})
+        table = pd.DataFrame(
+            {
+                "path": [str(p) for p in paths],
+                "score": np.asarray(scores, dtype=float),
+                "overlay": [p.relative_to(out_dir).as_posix() for p in written],
+            }
+        )
         with atomic_write(out_dir / "overlays.csv", "w") as handle:
             table.to_csv(handle, index=False, lineterminator="\n")
     return written
@@ -587,9 +613,15 @@ def detect_abnormal(
     if strict:
         bad = find_unreadable(test_paths, progress=progress, desc="checking test images")
         if bad:
-            raise DataError(unreadable_message(
-                bad, "test_dir", test_dir, "and strict=True (--strict) refuses them; nothing was done: remove or "
-                "replace them, or run without --strict to score the others and list these in skipped.csv"))
+            raise DataError(
+                unreadable_message(
+                    bad,
+                    "test_dir",
+                    test_dir,
+                    "and strict=True (--strict) refuses them; nothing was done: remove or "
+                    "replace them, or run without --strict to score the others and list these in skipped.csv",
+                )
+            )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -597,11 +629,21 @@ def detect_abnormal(
         built = not (db_dir / DB_FILE).is_file()
         if built:
             detector, backbone = _build_database(
-                spec, params, db_dir, image_dir, model_name, weights, image_size, resize_mode, skip_unreadable_normal,
-                RunOptions(device=device, batch_size=batch_size, num_workers=workers, progress=progress, cache=cache))
+                spec,
+                params,
+                db_dir,
+                image_dir,
+                model_name,
+                weights,
+                image_size,
+                resize_mode,
+                skip_unreadable_normal,
+                RunOptions(device=device, batch_size=batch_size, num_workers=workers, progress=progress, cache=cache),
+            )
         else:
-            detector, backbone = _reuse_database(spec, given, db_dir, image_dir, model_name, weights,
-                                                 given_geometry, device, progress)
+            detector, backbone = _reuse_database(
+                spec, given, db_dir, image_dir, model_name, weights, given_geometry, device, progress
+            )
         stored = json.loads((db_dir / DB_FILE).read_text(encoding="utf-8"))
         timings["build_database_s" if built else "load_database_s"] = time.perf_counter() - step
 
@@ -611,58 +653,101 @@ def detect_abnormal(
             stream = _score_stream(spec, detector, backbone, test_paths, run, max_overlays, progress)
             timings["score_s"] = time.perf_counter() - step
             if not np.isfinite(stream.scores).any():
-                raise DataError(unreadable_message(
-                    {test_paths[i]: why for i, why in stream.skipped.items()}, "test_dir", test_dir,
-                    "and no other image is there: nothing was scored; replace them with readable images"))
-            config = _write_run(run_folder.path, spec, detector, backbone, test_dir, test_paths, stream,
-                                max_overlays, progress, timings)
-            config.update({
-                "test_dir": str(test_dir.resolve()),
-                "image_dir": str(image_dir.resolve()),
-                "db_dir": str(db_dir.resolve()),
-                "database_built": built,
-                "database_created": stored.get("created"),
-                "device": device,
-                "batch_size": batch_size,
-                "num_workers": workers,
-                "strict": strict,
-                "warnings": [str(w.message) for w in caught],
-            })
+                raise DataError(
+                    unreadable_message(
+                        {test_paths[i]: why for i, why in stream.skipped.items()},
+                        "test_dir",
+                        test_dir,
+                        "and no other image is there: nothing was scored; replace them with readable images",
+                    )
+                )
+            config = _write_run(
+                run_folder.path, spec, detector, backbone, test_dir, test_paths, stream, max_overlays, progress, timings
+            )
+            config.update(
+                {
+                    "test_dir": str(test_dir.resolve()),
+                    "image_dir": str(image_dir.resolve()),
+                    "db_dir": str(db_dir.resolve()),
+                    "database_built": built,
+                    "database_created": stored.get("created"),
+                    "device": device,
+                    "batch_size": batch_size,
+                    "num_workers": workers,
+                    "strict": strict,
+                    "warnings": [str(w.message) for w in caught],
+                }
+            )
             timings["total_s"] = time.perf_counter() - started
             config["timings"] = timings
             write_json(run_folder.path / "config.json", config)
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if stream.skipped:
-        warnings.warn(f"{len(stream.skipped)} of {len(test_paths)} test image(s) could not be read and were skipped "
-                      f"(not scored): listed with the reasons in {run_folder.final / 'skipped.csv'}", stacklevel=2)
+        warnings.warn(
+            f"{len(stream.skipped)} of {len(test_paths)} test image(s) could not be read and were skipped "
+            f"(not scored): listed with the reasons in {run_folder.final / 'skipped.csv'}",
+            stacklevel=2,
+        )
     return run_folder.final
 
 
-def _build_database(spec: MethodSpec, params: dict, db_dir: Path, image_dir: Path, model_name: str, weights,
-                    image_size, resize_mode: str, skip_unreadable: bool, run: RunOptions):
+def _build_database(
+    spec: MethodSpec,
+    params: dict,
+    db_dir: Path,
+    image_dir: Path,
+    model_name: str,
+    weights,
+    image_size,
+    resize_mode: str,
+    skip_unreadable: bool,
+    run: RunOptions,
+):
     """Fit the method on ``image_dir`` and save the database; (model, backbone)."""
     normal_paths = list_images(image_dir, "image_dir")
     if len(normal_paths) < spec.min_images:
-        raise DataError(f"image_dir {image_dir} holds {len(normal_paths)} image(s): {spec.name} needs at least "
-                        f"{spec.min_images} normal images")
+        raise DataError(
+            f"image_dir {image_dir} holds {len(normal_paths)} image(s): {spec.name} needs at least "
+            f"{spec.min_images} normal images"
+        )
     bad = find_unreadable(normal_paths, progress=run.progress, desc="checking normal images")
     skipped = []
     if bad:
         if not skip_unreadable:
-            raise DataError(unreadable_message(
-                bad, "image_dir", image_dir, "so no database was built (it must not hold fewer images than given): "
-                "fix or remove them, or pass skip_unreadable_normal=True (--skip-unreadable-normal) to build "
-                "without them (they are then recorded in the database)"))
-        skipped = [{"path": path.relative_to(image_dir).as_posix(),
-                    "sha256": content_hash(path) if path.exists() else None, "reason": reason}
-                   for path, reason in bad.items()]
+            raise DataError(
+                unreadable_message(
+                    bad,
+                    "image_dir",
+                    image_dir,
+                    "so no database was built (it must not hold fewer images than given): "
+                    "fix or remove them, or pass skip_unreadable_normal=True (--skip-unreadable-normal) to build "
+                    "without them (they are then recorded in the database)",
+                )
+            )
+        skipped = [
+            {
+                "path": path.relative_to(image_dir).as_posix(),
+                "sha256": content_hash(path) if path.exists() else None,
+                "reason": reason,
+            }
+            for path, reason in bad.items()
+        ]
         normal_paths = [path for path in normal_paths if path not in bad]
         if len(normal_paths) < spec.min_images:
-            raise DataError(unreadable_message(bad, "image_dir", image_dir, f"and fewer than {spec.min_images} "
-                                               "readable ones are left: nothing to build a database from"))
-        warnings.warn(f"{len(bad)} unreadable normal image(s) of {image_dir} left out of the database "
-                      f"(recorded under skipped_images in {db_dir / DB_FILE})", stacklevel=3)
+            raise DataError(
+                unreadable_message(
+                    bad,
+                    "image_dir",
+                    image_dir,
+                    f"and fewer than {spec.min_images} readable ones are left: nothing to build a database from",
+                )
+            )
+        warnings.warn(
+            f"{len(bad)} unreadable normal image(s) of {image_dir} left out of the database "
+            f"(recorded under skipped_images in {db_dir / DB_FILE})",
+            stacklevel=3,
+        )
     backbone = _load_backbone(model_name, weights, run.device, image_size, resize_mode)
     hashes = _manifest(image_dir, normal_paths, progress=run.progress)
     detector = spec.fit_paths(backbone, normal_paths, params, run)
@@ -670,14 +755,25 @@ def _build_database(spec: MethodSpec, params: dict, db_dir: Path, image_dir: Pat
     return detector, backbone
 
 
-def _reuse_database(spec: MethodSpec, given: dict, db_dir: Path, image_dir: Path, model_name: str, weights,
-                    given_geometry: dict, device: str, progress: bool):
+def _reuse_database(
+    spec: MethodSpec,
+    given: dict,
+    db_dir: Path,
+    image_dir: Path,
+    model_name: str,
+    weights,
+    given_geometry: dict,
+    device: str,
+    progress: bool,
+):
     """Load the database, warn where the arguments differ from it, check backbone and images."""
     database = load_database(db_dir, device=device, method=spec.name)
     section = database.metadata[spec.name]
-    compared = [("model_name", model_name, database.backbone_name),
-                ("image_size", given_geometry["image_size"], database.image_size),
-                ("resize_mode", given_geometry["resize_mode"], database.resize_mode)]
+    compared = [
+        ("model_name", model_name, database.backbone_name),
+        ("image_size", given_geometry["image_size"], database.image_size),
+        ("resize_mode", given_geometry["resize_mode"], database.resize_mode),
+    ]
     compared += [(name, value, section.get(name)) for name, value in given.items()]
     for name, passed, used in compared:
         if passed is not None and as_json(passed) != as_json(used):
@@ -691,8 +787,11 @@ def _reuse_database(spec: MethodSpec, given: dict, db_dir: Path, image_dir: Path
     if image_dir.is_dir():
         database.check_images(image_dir, progress=progress)
     else:
-        warnings.warn(f"image_dir {image_dir} does not exist: the database {db_dir} is used without checking "
-                      "that its normal images are still current", stacklevel=3)
+        warnings.warn(
+            f"image_dir {image_dir} does not exist: the database {db_dir} is used without checking "
+            "that its normal images are still current",
+            stacklevel=3,
+        )
     return database.detector, backbone
 
 
@@ -707,23 +806,25 @@ class _Scored:
     vmax: float = float("-inf")
 
 
-def _score_stream(spec: MethodSpec, detector, backbone, paths: list[Path], run: RunOptions, max_overlays: int,
-                  progress: bool) -> _Scored:
+def _score_stream(
+    spec: MethodSpec, detector, backbone, paths: list[Path], run: RunOptions, max_overlays: int, progress: bool
+) -> _Scored:
     """Score ``paths`` chunk by chunk (:data:`CHUNK_IMAGES`); only the scores and at most
     ``max_overlays`` anomaly maps (of the highest-scoring flagged images) outlive a chunk."""
     threshold = float(detector.threshold_)
     out = _Scored(scores=np.full(len(paths), np.nan), skipped={})
     best: list[tuple[float, int]] = []  # min-heap of (score, position) of the kept maps
-    bar = tqdm(total=len(paths), desc=f"{spec.name}: scoring {len(paths)} test images", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        total=len(paths), desc=f"{spec.name}: scoring {len(paths)} test images", unit="img", disable=not progress
+    )
     try:
         for start in range(0, len(paths), CHUNK_IMAGES):
-            chunk = paths[start:start + CHUNK_IMAGES]
+            chunk = paths[start : start + CHUNK_IMAGES]
             errors: dict[int, str] = {}
             result = spec.score_paths(detector, backbone, chunk, run, errors)
             out.skipped.update({start + i: why for i, why in errors.items()})
             scores = np.asarray(result["image_scores"], dtype=np.float64)
-            out.scores[start:start + len(chunk)] = scores
+            out.scores[start : start + len(chunk)] = scores
             maps = result.get("anomaly_maps") if spec.produces_maps else None
             if maps is not None:
                 readable = np.isfinite(scores)
@@ -748,12 +849,23 @@ def _score_stream(spec: MethodSpec, detector, backbone, paths: list[Path], run: 
 
 def _input_words(backbone) -> str:
     mode = (backbone.preprocessing or {}).get("resize_mode", "crop")
-    return {"keep": "resized input (aspect ratio kept, each image at its own shape)",
-            "squash": "squashed input"}.get(mode, "cropped input")
+    return {"keep": "resized input (aspect ratio kept, each image at its own shape)", "squash": "squashed input"}.get(
+        mode, "cropped input"
+    )
 
 
-def _write_run(run_dir: Path, spec: MethodSpec, detector, backbone, test_dir: Path, test_paths: list[Path],
-               stream: _Scored, max_overlays: int, progress: bool, timings: dict) -> dict:
+def _write_run(
+    run_dir: Path,
+    spec: MethodSpec,
+    detector,
+    backbone,
+    test_dir: Path,
+    test_paths: list[Path],
+    stream: _Scored,
+    max_overlays: int,
+    progress: bool,
+    timings: dict,
+) -> dict:
     """abnormal.result, scores.csv, skipped.csv and overlays/ into ``run_dir``; the config so far."""
     readable = np.isfinite(stream.scores)
     scored_paths = [p for p, ok in zip(test_paths, readable) if ok]
@@ -765,8 +877,13 @@ def _write_run(run_dir: Path, spec: MethodSpec, detector, backbone, test_dir: Pa
     table = pd.DataFrame({"path": [str(p) for p in scored_paths], "score": scores, "predicted": predicted})
     with atomic_write(run_dir / "scores.csv", "w") as handle:
         table.to_csv(handle, index=False, lineterminator="\n")
-    skipped = pd.DataFrame({"path": [str(test_paths[i]) for i in sorted(stream.skipped)],
-                            "reason": [stream.skipped[i] for i in sorted(stream.skipped)]}, columns=["path", "reason"])
+    skipped = pd.DataFrame(
+        {
+            "path": [str(test_paths[i]) for i in sorted(stream.skipped)],
+            "reason": [stream.skipped[i] for i in sorted(stream.skipped)],
+        },
+        columns=["path", "reason"],
+    )
     with atomic_write(run_dir / "skipped.csv", "w") as handle:
         skipped.to_csv(handle, index=False, lineterminator="\n")
     section = as_json(spec.describe(detector))
@@ -790,15 +907,28 @@ def _write_run(run_dir: Path, spec: MethodSpec, detector, backbone, test_dir: Pa
         step = time.perf_counter()
         order = sorted(stream.kept_maps, key=lambda i: (-stream.scores[i], i))[:max_overlays]
         names = _overlay_names([p.relative_to(test_dir) for p in test_paths])  # stable whatever is selected
-        written = write_overlays(run_dir / "overlays", [test_paths[i] for i in order], test_dir,
-                                 [stream.kept_maps[i] for i in order],
-                                 stream.scores[order], backbone.preprocessing, stream.vmin, stream.vmax,
-                                 names=[names[i] for i in order], progress=progress)
+        written = write_overlays(
+            run_dir / "overlays",
+            [test_paths[i] for i in order],
+            test_dir,
+            [stream.kept_maps[i] for i in order],
+            stream.scores[order],
+            backbone.preprocessing,
+            stream.vmin,
+            stream.vmax,
+            names=[names[i] for i in order],
+            progress=progress,
+        )
         timings["overlays_s"] = time.perf_counter() - step
         config["overlays"] = {
-            "folder": "overlays", "count": len(written), "max_overlays": max_overlays, "n_flagged": len(flagged),
-            "vmin": stream.vmin, "vmax": stream.vmax,
-            "what": f"flagged images, highest scores first, on the backbone's {_input_words(backbone)}; one colour scale "
-                    "(vmin, vmax = min, max of all the run's anomaly maps)",
+            "folder": "overlays",
+            "count": len(written),
+            "max_overlays": max_overlays,
+            "n_flagged": len(flagged),
+            "vmin": stream.vmin,
+            "vmax": stream.vmax,
+            "what": f"flagged images, highest scores first, on the backbone's {_input_words(backbone)}; "
+            "one colour scale "
+            "(vmin, vmax = min, max of all the run's anomaly maps)",
         }
     return config

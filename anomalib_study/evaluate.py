@@ -45,7 +45,9 @@ def _backbone_record(backbone) -> dict[str, Any]:
     }
 
 
-def _environment(spec: MethodSpec, backbone, params: dict, device: str, run: RunOptions | None = None) -> dict[str, Any]:
+def _environment(
+    spec: MethodSpec, backbone, params: dict, device: str, run: RunOptions | None = None
+) -> dict[str, Any]:
     """What produced the figures (the ``environment`` block of ``metrics.json``), recorded in the
     process that computed them: versions, machine, threads (this process's torch count), GPU,
     git commit (of the current folder's checkout), the sha256 of the backbone weights the
@@ -70,8 +72,15 @@ def _environment(spec: MethodSpec, backbone, params: dict, device: str, run: Run
     return environment
 
 
-def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
-                     sweep_values: Sequence = (), return_maps: bool = False) -> dict[str, Any]:
+def _evaluate_method(
+    spec: MethodSpec,
+    dataset,
+    backbone,
+    params: dict,
+    run: RunOptions,
+    sweep_values: Sequence = (),
+    return_maps: bool = False,
+) -> dict[str, Any]:
     """Fit ``spec``'s method on the training images, score the test images, every metric.
 
     The same path for every method: its declaration says how it is fitted and scores
@@ -79,7 +88,13 @@ def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: Run
     AUROC, PRO and F1-max where the data set has masks) and how it describes itself.
     """
     from anomalib_study.metrics import (
-        accuracy, classification_summary, f1_max, image_auroc, pixel_auroc, pixel_f1_max, pro_score,
+        accuracy,
+        classification_summary,
+        f1_max,
+        image_auroc,
+        pixel_auroc,
+        pixel_f1_max,
+        pro_score,
     )
 
     timings: dict[str, float] = {}
@@ -128,8 +143,12 @@ def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: Run
         result["n_calibration_images"] = int(calibration.size)
     if spec.sweep is not None and len(sweep_values):
         result[f"{spec.sweep_param}_sweep"] = [
-            {spec.sweep_param: value, "image_auroc": image_auroc(labels, other),
-             "accuracy": accuracy(labels, (other > other_threshold).astype(int)), "threshold": other_threshold}
+            {
+                spec.sweep_param: value,
+                "image_auroc": image_auroc(labels, other),
+                "accuracy": accuracy(labels, (other > other_threshold).astype(int)),
+                "threshold": other_threshold,
+            }
             for value, other, other_threshold in spec.sweep(model, scored, params, sweep_values)
         ]
 
@@ -142,42 +161,57 @@ def _evaluate_method(spec: MethodSpec, dataset, backbone, params: dict, run: Run
         mode = pre.get("resize_mode", "crop")
         geometry = {
             "squash": f"{side} x {side}: the whole image resized to {side} x {side}, aspect ratio not kept",
-            "keep": (f"shorter side {side}, aspect ratio kept: the whole image, the longer side scaled alike (at most "
-                     f"{pre.get('max_aspect')} x, rounded to the stride {pre.get('stride')}), each image at its own size"),
+            "keep": (
+                f"shorter side {side}, aspect ratio kept: the whole image, the longer side scaled alike (at most "
+                f"{pre.get('max_aspect')} x, rounded to the stride {pre.get('stride')}), each image at its own size"
+            ),
         }.get(mode, f"{side} x {side}: shorter side resized to {pre['resize']}, centre crop {pre['crop']}")
         if dataset.has_masks:
             masks = masks_like_input(dataset.test, backbone.preprocessing)
             pixel_f1, pixel_threshold = pixel_f1_max(masks, maps)
-            result.update({
-                "pixel_auroc": pixel_auroc(masks, maps),
-                "pro": pro_score(masks, maps, fpr_limit=0.3),
-                "pixel_f1_max": pixel_f1,
-                "pixel_f1_threshold": pixel_threshold,
-                "pixel_metrics_note": (
-                    f"pixel metrics on the backbone's preprocessed input ({geometry}); masks put through the same "
-                    f"resize (nearest neighbour){'' if mode == 'keep' else ' and crop'}; anomaly maps "
-                    f"{described.get('map_rule', '')}"
-                ).rstrip(),
-            })
+            result.update(
+                {
+                    "pixel_auroc": pixel_auroc(masks, maps),
+                    "pro": pro_score(masks, maps, fpr_limit=0.3),
+                    "pixel_f1_max": pixel_f1,
+                    "pixel_f1_threshold": pixel_threshold,
+                    "pixel_metrics_note": (
+                        f"pixel metrics on the backbone's preprocessed input ({geometry}); masks put through the same "
+                        f"resize (nearest neighbour){'' if mode == 'keep' else ' and crop'}; anomaly maps "
+                        f"{described.get('map_rule', '')}"
+                    ).rstrip(),
+                }
+            )
         else:
-            result.update({"pixel_auroc": None, "pro": None, "pixel_f1_max": None, "pixel_f1_threshold": None,
-                           "pixel_metrics_note": f"no pixel metrics: {dataset.name} has no ground-truth masks for "
-                                                 "every anomalous test image"})
+            result.update(
+                {
+                    "pixel_auroc": None,
+                    "pro": None,
+                    "pixel_f1_max": None,
+                    "pixel_f1_threshold": None,
+                    "pixel_metrics_note": f"no pixel metrics: {dataset.name} has no ground-truth masks for "
+                    "every anomalous test image",
+                }
+            )
         timings["pixel_metrics_s"] = time.perf_counter() - started
     result["timings"] = timings
     result["peak_memory"] = {
         "peak_rss_mb_after_fit": rss_after_fit,
         "peak_rss_mb": _peak_rss_mb(),
         "how": "resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's peak resident memory since it started "
-               "(includes the backbone and anything run before in the same process)",
+        "(includes the backbone and anything run before in the same process)",
     }
     bank = getattr(model, "memory_bank_", None)
     if bank is not None:
         result["peak_memory"]["memory_bank_mb"] = bank.nbytes / 2**20
     rows = []
     for i, record in enumerate(dataset.test):
-        row = {"path": str(record.path), "label": int(record.label), "defect_type": record.defect_type,
-               "score": float(scores[i])}
+        row = {
+            "path": str(record.path),
+            "label": int(record.label),
+            "defect_type": record.defect_type,
+            "score": float(scores[i]),
+        }
         row.update({f"score_{kind}": float(scored[f"image_scores_{kind}"][i]) for kind in spec.score_kinds})
         if predictions is not None:
             row["predicted"] = int(predictions[i])
@@ -230,14 +264,21 @@ def masks_like_input(records, preprocessing: dict) -> np.ndarray:
 #: evaluation protocols of the clustering task: which test images are grouped, and into how many clusters
 CLUSTERING_PROTOCOLS = {
     "reproduction": "the test images of the data set, 'combined' (several defects in one image) removed, the normal "
-                    "test images kept as one more class; as many clusters as classes (the anomaly-clustering "
-                    "reproduction's protocol, which produced its published table)",
+    "test images kept as one more class; as many clusters as classes (the anomaly-clustering "
+    "reproduction's protocol, which produced its published table)",
     "anomalous_only": "the anomalous test images only ('combined' removed), as many clusters as defect types",
 }
 
 
-def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
-                         protocol: str | None = None, return_maps: bool = False) -> dict[str, Any]:
+def _evaluate_clustering(
+    spec: MethodSpec,
+    dataset,
+    backbone,
+    params: dict,
+    run: RunOptions,
+    protocol: str | None = None,
+    return_maps: bool = False,
+) -> dict[str, Any]:
     """Group the protocol's test images with ``spec``'s method (label-free), then score each
     variant against the defect types: NMI, ARI, F1, the curve over the method's free
     parameter and its best point as an oracle (chosen with the labels: never the result)."""
@@ -252,8 +293,10 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
     classes = np.array([r.defect_type for r in records])
     n_classes = int(np.unique(classes).size) if len(records) else 0
     if n_classes < 2:
-        raise StudyError(f"{dataset.name}: protocol {protocol!r} leaves {len(records)} image(s) of {n_classes} "
-                         "type(s): clustering needs at least two types")
+        raise StudyError(
+            f"{dataset.name}: protocol {protocol!r} leaves {len(records)} image(s) of {n_classes} "
+            "type(s): clustering needs at least two types"
+        )
     n_clusters = params.get("n_clusters") or n_classes
     if n_clusters > len(records):
         raise StudyError(f"n_clusters={n_clusters} is more than the {len(records)} images protocol {protocol!r} groups")
@@ -264,12 +307,19 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
     counts = {str(k): int(v) for k, v in zip(*np.unique(classes, return_counts=True))}
     result: dict[str, Any] = {
         "params": params,
-        "protocol": {"name": protocol, "description": CLUSTERING_PROTOCOLS[protocol], "n_images": len(records),
-                     "class_counts": counts, "n_classes": n_classes, "n_clusters": int(n_clusters),
-                     "n_clusters_rule": ("given" if params.get("n_clusters") else "as many as classes (protocol)"),
-                     "n_normal_images_available": len(normal_paths),
-                     "n_normal_images": len(normal_paths) if "semi_supervised" in
-                     [variant["name"] for variant in grouped["runs"]] else 0},
+        "protocol": {
+            "name": protocol,
+            "description": CLUSTERING_PROTOCOLS[protocol],
+            "n_images": len(records),
+            "class_counts": counts,
+            "n_classes": n_classes,
+            "n_clusters": int(n_clusters),
+            "n_clusters_rule": ("given" if params.get("n_clusters") else "as many as classes (protocol)"),
+            "n_normal_images_available": len(normal_paths),
+            "n_normal_images": len(normal_paths)
+            if "semi_supervised" in [variant["name"] for variant in grouped["runs"]]
+            else 0,
+        },
         "grid": grouped.get("grid"),
         "modes": {},
     }
@@ -278,9 +328,14 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
     for variant in grouped["runs"]:
         name = variant["name"]
         scores = clustering_metrics(classes, variant["labels"])
-        curve = [{"tau": point["value"], "relative": point["relative"],
-                  **{k: v for k, v in clustering_metrics(classes, point["labels"]).items() if k in ("nmi", "ari", "f1")}}
-                 for point in variant["curve"]]
+        curve = [
+            {
+                "tau": point["value"],
+                "relative": point["relative"],
+                **{k: v for k, v in clustering_metrics(classes, point["labels"]).items() if k in ("nmi", "ari", "f1")},
+            }
+            for point in variant["curve"]
+        ]
         best = max(curve, key=lambda point: point["nmi"]) if curve else None
         clusters = np.unique(variant["labels"])
         kinds = sorted(counts)
@@ -290,9 +345,13 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
             **{k: scores[k] for k in ("nmi", "ari", "f1", "matching")},
             "n_clusters": scores["n_clusters"],  # clusters found (can be fewer than asked, e.g. one empty)
             "tau_curve": curve,
-            "oracle": None if best is None else {
-                **best, "note": "tau picked by looking at the labels (the best NMI on the curve): an upper bound, "
-                                "never our result"},
+            "oracle": None
+            if best is None
+            else {
+                **best,
+                "note": "tau picked by looking at the labels (the best NMI on the curve): an upper bound, "
+                "never our result",
+            },
             "confusion": {"clusters": [int(c) for c in clusters], "classes": kinds, "counts": contingency},
         }
         for key in ("nmi", "ari", "f1"):
@@ -303,20 +362,31 @@ def _evaluate_clustering(spec: MethodSpec, dataset, backbone, params: dict, run:
             in_memory[name] = {k: variant.get(k) for k in ("labels", "weights", "embeddings", "patch_scores")}
     result["per_image"] = per_image
     result["timings"] = timings
-    result["peak_memory"] = {"peak_rss_mb": _peak_rss_mb(),
-                             "how": "resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's peak resident memory"}
+    result["peak_memory"] = {
+        "peak_rss_mb": _peak_rss_mb(),
+        "how": "resource.getrusage(RUSAGE_SELF).ru_maxrss: the process's peak resident memory",
+    }
     if return_maps:
         result["clustering_runs"] = in_memory
         result["records"] = records
     return result
 
 
-def _evaluate_detection(spec: MethodSpec, dataset, backbone, params: dict, run: RunOptions,
-                        protocol: str | None = None, return_maps: bool = False, sweep_values: Sequence = ()
-                        ) -> dict[str, Any]:
+def _evaluate_detection(
+    spec: MethodSpec,
+    dataset,
+    backbone,
+    params: dict,
+    run: RunOptions,
+    protocol: str | None = None,
+    return_maps: bool = False,
+    sweep_values: Sequence = (),
+) -> dict[str, Any]:
     if protocol is not None:
-        raise StudyError(f"protocol={protocol!r}: detection methods have one protocol (fit on the normal training "
-                         "images, score the test images); leave protocol unset")
+        raise StudyError(
+            f"protocol={protocol!r}: detection methods have one protocol (fit on the normal training "
+            "images, score the test images); leave protocol unset"
+        )
     return _evaluate_method(spec, dataset, backbone, params, run, sweep_values, return_maps)
 
 
@@ -354,9 +424,11 @@ def patchcore_coreset_ablation(
     from anomalib_study.profiling import PeakMemory
 
     if backbone.preprocessing.get("resize_mode") == "keep":
-        raise ParameterError("the coreset ablation holds every patch feature in one (n, h*w, D) array, which needs one "
-                             "patch grid; resize_mode='keep' gives one per image shape: run the ablation with 'crop' or "
-                             "'squash' (or skip it)")
+        raise ParameterError(
+            "the coreset ablation holds every patch feature in one (n, h*w, D) array, which needs one "
+            "patch grid; resize_mode='keep' gives one per image shape: run the ablation with 'crop' or "
+            "'squash' (or skip it)"
+        )
 
     train = list(dataset.train)
     if max_train_images is not None and len(train) > max_train_images:
@@ -371,8 +443,14 @@ def patchcore_coreset_ablation(
     masks = masks_like_input(dataset.test, backbone.preprocessing) if dataset.has_masks else None
     rows = []
     for ratio in ratios:
-        model = PatchCore(backbone=backbone, seed=seed, progress=progress, calibration_fraction=0.0,
-                          coreset_ratio=float(ratio), **params)
+        model = PatchCore(
+            backbone=backbone,
+            seed=seed,
+            progress=progress,
+            calibration_fraction=0.0,
+            coreset_ratio=float(ratio),
+            **params,
+        )
         with PeakMemory() as memory:
             started = time.perf_counter()
             model.fit(train_x, grid)
@@ -396,8 +474,12 @@ def patchcore_coreset_ablation(
         }
         rows.append(row)
         del model, maps
-    return {"n_train_images": len(train), "n_train_patches": int(train_x.shape[0] * train_x.shape[1]),
-            "extract_s": extract_s, "rows": rows}
+    return {
+        "n_train_images": len(train),
+        "n_train_patches": int(train_x.shape[0] * train_x.shape[1]),
+        "extract_s": extract_s,
+        "rows": rows,
+    }
 
 
 #: keys of a method's result that are returned in memory but never written to metrics.json
@@ -488,7 +570,9 @@ def evaluate(
 
     started = time.perf_counter()
     data = load_dataset(dataset, root, category=category, **(dataset_options or {}))
-    needs_normal = spec.task == "detection" or (spec.needs_normal_images is not None and spec.needs_normal_images(params))
+    needs_normal = spec.task == "detection" or (
+        spec.needs_normal_images is not None and spec.needs_normal_images(params)
+    )
     if not data.train and needs_normal:
         raise StudyError(f"{data.name} ({root}) has no training images: {method} needs normal images to fit on")
     if not data.test:
@@ -496,9 +580,13 @@ def evaluate(
     net = load_backbone(backbone, weights=weights, device=device, image_size=image_size, resize_mode=resize_mode)
     load_s = time.perf_counter() - started
 
-    run = RunOptions(device=device, batch_size=spec.batch_size if batch_size is None else batch_size,
-                     num_workers=_default_workers() if num_workers is None else num_workers, progress=progress,
-                     cache=cache)
+    run = RunOptions(
+        device=device,
+        batch_size=spec.batch_size if batch_size is None else batch_size,
+        num_workers=_default_workers() if num_workers is None else num_workers,
+        progress=progress,
+        cache=cache,
+    )
     evaluator = EVALUATORS[spec.task]
     extra = {"sweep_values": sweep_values} if sweep_values else {}
     result = evaluator(spec, data, net, params, run, protocol=protocol, return_maps=return_maps, **extra)

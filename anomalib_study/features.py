@@ -146,8 +146,7 @@ class FeatureCache:
                     found[digest] = rows[position]
         return found
 
-    def put_many(self, backbone: Backbone, hashes: Sequence[str], rows: np.ndarray,
-                 output: str = "embedding") -> None:
+    def put_many(self, backbone: Backbone, hashes: Sequence[str], rows: np.ndarray, output: str = "embedding") -> None:
         """Store ``rows`` (N, D) under ``hashes`` (N,) as one new shard, written atomically."""
         rows = np.asarray(rows, dtype=np.float32)
         if len(hashes) == 0:
@@ -173,8 +172,7 @@ class FeatureCache:
             merged.update(zip(shard_hashes.tolist(), rows))
         if not merged:
             return
-        self._write_shard(folder / f"{uuid.uuid4().hex}.npz", np.asarray(list(merged)),
-                          np.stack(list(merged.values())))
+        self._write_shard(folder / f"{uuid.uuid4().hex}.npz", np.asarray(list(merged)), np.stack(list(merged.values())))
         for path in shard_files:
             try:
                 path.unlink()
@@ -258,7 +256,9 @@ def shape_batches(paths: Sequence[Path], preprocessing: dict, batch_size: int) -
         except StudyError:
             shape = None
         groups.setdefault(shape, []).append(position)
-    return [group[start:start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+    return [
+        group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)
+    ]
 
 
 def _check_arguments(paths, batch_size, num_workers) -> list[Path]:
@@ -271,9 +271,14 @@ def _check_arguments(paths, batch_size, num_workers) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def _batches(backbone: Backbone, paths: Sequence[Path], batch_size: int, num_workers: int,
-             device: torch.device, errors: dict[int, str] | None = None
-             ) -> Iterator[tuple[list[int], torch.Tensor]]:
+def _batches(
+    backbone: Backbone,
+    paths: Sequence[Path],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    errors: dict[int, str] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Preprocessed batches on ``device``: (positions in ``paths``, (B, 3, H, W) tensor).
 
     Under ``resize_mode="keep"`` the input shape depends on the image: the images are
@@ -310,10 +315,18 @@ def _prepare(backbone: Backbone, device) -> torch.device:
 # --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
-def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
-                       num_workers: int = 0, device: str | torch.device | None = None,
-                       cache: None | str | FeatureCache = "default", progress: bool = True,
-                       desc: str | None = None, errors: dict[int, str] | None = None) -> np.ndarray:
+def extract_embeddings(
+    backbone: Backbone,
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    cache: None | str | FeatureCache = "default",
+    progress: bool = True,
+    desc: str | None = None,
+    errors: dict[int, str] | None = None,
+) -> np.ndarray:
     """Global embeddings of the images at ``paths``: (N, D) float32, rows in the order of ``paths``.
 
     ``device=None`` uses the backbone's device (otherwise the backbone is moved there).
@@ -348,8 +361,9 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
         bar = tqdm(total=len(todo), desc=desc or f"{backbone.name} embeddings", disable=not progress, unit="img")
         try:
             with torch.inference_mode():
-                for positions, images in _batches(backbone, [paths[i] for i in todo], batch_size,
-                                                  num_workers, device, failed):
+                for positions, images in _batches(
+                    backbone, [paths[i] for i in todo], batch_size, num_workers, device, failed
+                ):
                     embedding = backbone(images)["embedding"]
                     computed[positions] = embedding.float().cpu().numpy()
                     bar.update(len(positions))
@@ -361,8 +375,9 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
                 errors.update({todo[i]: why for i, why in failed.items()})
             else:  # identical copies of an unreadable file (run once) are unreadable too
                 reason_of = {hashes[todo[i]]: why for i, why in failed.items()}
-                errors.update({position: reason_of[digest] for position, digest in enumerate(hashes)
-                               if digest in reason_of})
+                errors.update(
+                    {position: reason_of[digest] for position, digest in enumerate(hashes) if digest in reason_of}
+                )
         if store is not None:
             readable = [j for j in range(len(todo)) if failed is None or j not in failed]
             store.put_many(backbone, [hashes[todo[j]] for j in readable], computed[readable])
@@ -378,12 +393,21 @@ def extract_embeddings(backbone: Backbone, paths: Sequence[str | os.PathLike], *
 def check_forward_precision(precision: str) -> None:
     """A resolved forward precision ("fp32" or "bf16"), else ParameterError."""
     if precision not in ("fp32", "bf16"):
-        raise ParameterError(f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
-                             f"hardware.resolve_precision), got {precision!r}")
+        raise ParameterError(
+            f"precision of the forward must be 'fp32' or 'bf16' (resolve 'auto' first with "
+            f"hardware.resolve_precision), got {precision!r}"
+        )
 
 
-def forward_maps(backbone: Backbone, images: torch.Tensor, layers: Sequence[str], *, embedding: bool = True,
-                 precision: str = "fp32", contiguous: bool = True) -> dict[str, torch.Tensor]:
+def forward_maps(
+    backbone: Backbone,
+    images: torch.Tensor,
+    layers: Sequence[str],
+    *,
+    embedding: bool = True,
+    precision: str = "fp32",
+    contiguous: bool = True,
+) -> dict[str, torch.Tensor]:
     """``backbone(images, layers=..., embedding=..., contiguous=...)``, under bf16 autocast for
     ``precision="bf16"`` (the maps returned as float32, in the same memory layout). Call it inside
     ``torch.inference_mode``; the autocast context closes before it returns, so it never leaks
@@ -395,11 +419,20 @@ def forward_maps(backbone: Backbone, images: torch.Tensor, layers: Sequence[str]
     return maps
 
 
-def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike], layers: Sequence[str], *,
-                         batch_size: int = 8, num_workers: int = 0, device: str | torch.device | None = None,
-                         progress: bool = True, desc: str | None = None, embedding: bool = True,
-                         errors: dict[int, str] | None = None, precision: str = "fp32"
-                         ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+def extract_feature_maps(
+    backbone: Backbone,
+    paths: Sequence[str | os.PathLike],
+    layers: Sequence[str],
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+    embedding: bool = True,
+    errors: dict[int, str] | None = None,
+    precision: str = "fp32",
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
     """Yield (positions in ``paths``, {"embedding": (B, D), <layer>: (B, C, h, w), ...}) per batch.
 
     ``embedding=False`` leaves the embedding out, so that backbones can stop after the
@@ -418,8 +451,9 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
     layers = backbone.check_layers(layers) if isinstance(backbone, Backbone) else layers
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} feature maps", disable=not progress, unit="img")
     try:
-        for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
-                                               device=device, errors=errors):
+        for positions, images in image_batches(
+            backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device, errors=errors
+        ):
             with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
                 maps = forward_maps(backbone, images, layers, embedding=embedding, precision=precision)
             bar.update(len(positions))
@@ -428,9 +462,15 @@ def extract_feature_maps(backbone: Backbone, paths: Sequence[str | os.PathLike],
         bar.close()
 
 
-def image_batches(backbone: Backbone, paths: Sequence[str | os.PathLike], *, batch_size: int = 8,
-                  num_workers: int = 0, device: str | torch.device | None = None,
-                  errors: dict[int, str] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+def image_batches(
+    backbone: Backbone,
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    errors: dict[int, str] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (positions in ``paths``, preprocessed (B, 3, H, W) batch on the compute device).
 
     Decoding runs in a ``DataLoader`` (``num_workers`` processes). Under

@@ -26,8 +26,17 @@ from typing import Any, Mapping
 
 from anomalib_study import io
 
-__all__ = ["RULE", "PACKAGE_ROOT", "source_hash", "module_hash", "code_record", "write_code_record",
-           "read_code_record", "changed_modules", "describe_changes"]
+__all__ = [
+    "RULE",
+    "PACKAGE_ROOT",
+    "source_hash",
+    "module_hash",
+    "code_record",
+    "write_code_record",
+    "read_code_record",
+    "changed_modules",
+    "describe_changes",
+]
 
 #: the name of the hashing rule, recorded with the hashes (a new rule makes every record unknown, never current)
 RULE = "ast-without-docstrings-v1"
@@ -42,8 +51,12 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return tree
 
@@ -103,8 +116,9 @@ def write_code_record(path: str | os.PathLike) -> None:
     io.write_json(path, code_record())
 
 
-def changed_modules(record: Mapping[str, Any] | None,
-                    package_root: str | os.PathLike | None = None) -> list[str] | None:
+def changed_modules(
+    record: Mapping[str, Any] | None, package_root: str | os.PathLike | None = None
+) -> list[str] | None:
     """The recorded modules whose code is not the same now (a module gone counts), sorted;
     None when ``record`` is missing or of another rule (the freshness is then unknown)."""
     if not isinstance(record, Mapping) or record.get("rule") != RULE or not isinstance(record.get("modules"), Mapping):

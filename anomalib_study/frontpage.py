@@ -42,13 +42,27 @@ _STUDY = (
     "metrics files those runs wrote, and the comparison notebook sets them beside the published figures "
     "of each seed work, saying what differs."
 )
-_DISPLAY = ("dataset", "method", "config", "image_auroc", "pixel_auroc", "pro", "accuracy", "fit_s",
-            "predict_images_per_s", "status")
+_DISPLAY = (
+    "dataset",
+    "method",
+    "config",
+    "image_auroc",
+    "pixel_auroc",
+    "pro",
+    "accuracy",
+    "fit_s",
+    "predict_images_per_s",
+    "status",
+)
 
 
-def write_index(reports_dir: str | os.PathLike = "reports", *,
-                skipped: Mapping[tuple[str, str], str] | None = None, sources_hash: str | None = None,
-                notebooks_dir: str | os.PathLike | None = None) -> Path:
+def write_index(
+    reports_dir: str | os.PathLike = "reports",
+    *,
+    skipped: Mapping[tuple[str, str], str] | None = None,
+    sources_hash: str | None = None,
+    notebooks_dir: str | os.PathLike | None = None,
+) -> Path:
     """Write ``reports_dir/index.html`` and return its path.
 
     The page: a paragraph on the study; the comparison (the detection table, the heatmap
@@ -66,8 +80,13 @@ def write_index(reports_dir: str | os.PathLike = "reports", *,
     reports.mkdir(parents=True, exist_ok=True)
     table = comparison.collect_reports(reports, notebooks_dir=notebooks_dir, sources_hash=sources_hash)
     found = {(r.notebook, r.cell): r for r in comparison.read_reports(reports)}
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>anomalib_study reports</title>",
-             f"<style>{_CSS}</style></head><body>", "<h1>anomalib_study reports</h1>", f"<p>{html.escape(_STUDY)}</p>"]
+    parts = [
+        "<!DOCTYPE html>",
+        "<html><head><meta charset='utf-8'><title>anomalib_study reports</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>anomalib_study reports</h1>",
+        f"<p>{html.escape(_STUDY)}</p>",
+    ]
     if not len(table) and not skipped:
         parts.append("<p>No reports yet: run <code>anomalib-study run studies/default.yaml</code>.</p>")
     else:
@@ -91,8 +110,10 @@ def _status_line(table: pd.DataFrame) -> str:
     text = f"{len(table)} report(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()) if len(table) else ""
     unknown = int(((table["freshness"] == "unknown") & table["metrics"].notna()).sum()) if len(table) else 0
     if unknown:
-        text += (f". {unknown} of them ran before the runner recorded their notebook and sources hashes: "
-                 "whether those are stale is unknown")
+        text += (
+            f". {unknown} of them ran before the runner recorded their notebook and sources hashes: "
+            "whether those are stale is unknown"
+        )
     return f"<p>{html.escape(text)}.</p>" if text else ""
 
 
@@ -105,13 +126,17 @@ def _comparison_section(reports: Path, table: pd.DataFrame) -> list[str]:
     full = sorted((reports / COMPARISON_NOTEBOOK).glob("*.html")) if (reports / COMPARISON_NOTEBOOK).is_dir() else []
     full = [p for p in full if not p.name.endswith(".failed.html")]
     if full:
-        parts.append(f"<p>With the published figures beside ours and what differs: "
-                     f"<a href='{COMPARISON_NOTEBOOK}/{html.escape(full[0].name)}'>the comparison report</a>.</p>")
+        parts.append(
+            f"<p>With the published figures beside ours and what differs: "
+            f"<a href='{COMPARISON_NOTEBOOK}/{html.escape(full[0].name)}'>the comparison report</a>.</p>"
+        )
     if len(detection):
-        parts.append("<p>Detection: image AUROC, pixel AUROC, PRO and accuracy at each method's calibrated "
-                     "threshold; fit time includes extracting the training features, speed the test images "
-                     "scored per second with their extraction (kNN embeddings may come from the feature cache, "
-                     "which makes kNN look faster than it is on new images).</p>")
+        parts.append(
+            "<p>Detection: image AUROC, pixel AUROC, PRO and accuracy at each method's calibrated "
+            "threshold; fit time includes extracting the training features, speed the test images "
+            "scored per second with their extraction (kNN embeddings may come from the feature cache, "
+            "which makes kNN look faster than it is on new images).</p>"
+        )
         shown = detection[list(_DISPLAY)].rename(columns=comparison.LABELS)
         parts.append(_html_table(shown))
         matrix = comparison.auroc_matrix(table)
@@ -121,8 +146,10 @@ def _comparison_section(reports: Path, table: pd.DataFrame) -> list[str]:
         if len(speed):
             parts.append(_figure_img(_scatter(speed), "image AUROC against test images per second"))
     if len(clustering) and clustering["nmi"].notna().any():
-        parts.append("<p>Anomaly clustering: NMI against the true defect types per mode "
-                     "(tau chosen without labels; the clustering reports give ARI, F1 and the tau curve).</p>")
+        parts.append(
+            "<p>Anomaly clustering: NMI against the true defect types per mode "
+            "(tau chosen without labels; the clustering reports give ARI, F1 and the tau curve).</p>"
+        )
         nmi = clustering.pivot_table(index=["dataset", "config"], columns="mode", values="nmi", aggfunc="first")
         nmi.columns.name = None  # the modes are the columns; no empty "mode" column on the page
         nmi = nmi.reset_index().rename(columns={"dataset": "data set", "config": "backbone"})
@@ -139,8 +166,9 @@ def _heatmap(matrix: pd.DataFrame):
 def _scatter(speed: pd.DataFrame):
     from anomalib_study import plots
 
-    return plots.plot_auroc_vs_speed(speed["image_auroc"], speed["predict_images_per_s"], speed["method"],
-                                     speed["config"])
+    return plots.plot_auroc_vs_speed(
+        speed["image_auroc"], speed["predict_images_per_s"], speed["method"], speed["config"]
+    )
 
 
 _DECIMALS = {comparison.LABELS["fit_s"]: 1, comparison.LABELS["predict_images_per_s"]: 2}
@@ -148,10 +176,14 @@ _DECIMALS = {comparison.LABELS["fit_s"]: 1, comparison.LABELS["predict_images_pe
 
 def _html_table(frame: pd.DataFrame) -> str:
     """pandas' HTML table: scores to 3 decimals, seconds to 1, images/s to 2, "-" for none."""
-    formatters = {column: (lambda v, d=decimals: "-" if pd.isna(v) else f"{v:.{d}f}") for column, decimals in _DECIMALS.items()
-                  if column in frame.columns}
-    return frame.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}", formatters=formatters,
-                         border=0, escape=True)
+    formatters = {
+        column: (lambda v, d=decimals: "-" if pd.isna(v) else f"{v:.{d}f}")
+        for column, decimals in _DECIMALS.items()
+        if column in frame.columns
+    }
+    return frame.to_html(
+        index=False, na_rep="-", float_format=lambda v: f"{v:.3f}", formatters=formatters, border=0, escape=True
+    )
 
 
 def _figure_img(fig, alt: str) -> str:
@@ -159,8 +191,15 @@ def _figure_img(fig, alt: str) -> str:
     import matplotlib.pyplot as plt
 
     buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=85, facecolor="white", bbox_inches="tight", pad_inches=0.05,
-                metadata={"Software": None})
+    fig.savefig(
+        buffer,
+        format="png",
+        dpi=85,
+        facecolor="white",
+        bbox_inches="tight",
+        pad_inches=0.05,
+        metadata={"Software": None},
+    )
     plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
@@ -172,20 +211,31 @@ def _reports_section(reports: Path, table: pd.DataFrame, found: dict, skipped: d
     folders = sorted({folder for folder, _ in rows} | {folder for folder, _ in skipped})
     parts = []
     for folder in folders:
-        cells = sorted({cell for f, cell in rows if f == folder} | {cell for f, cell in skipped if f == folder},
-                       key=lambda cell: (str(rows[(folder, cell)].dataset) if (folder, cell) in rows else cell, cell))
+        cells = sorted(
+            {cell for f, cell in rows if f == folder} | {cell for f, cell in skipped if f == folder},
+            key=lambda cell: (str(rows[(folder, cell)].dataset) if (folder, cell) in rows else cell, cell),
+        )
         runs = [found[(folder, c)].run for c in cells if (folder, c) in found]
         titles = sorted({r.get("title") for r in runs if r.get("title")})
         headline: list[str] = []
         for run in runs:
             headline += [k for k in run.get("headline", []) if k not in headline]
         with_variant = [bool(r.get("variant")) for r in runs]
-        column = "variant" if with_variant and all(with_variant) else "backbone / variant" if any(with_variant) else "backbone"
+        column = (
+            "variant"
+            if with_variant and all(with_variant)
+            else "backbone / variant"
+            if any(with_variant)
+            else "backbone"
+        )
         parts.append(f"<h2>{esc(folder)}</h2>")
         if titles:
             parts.append(f"<p>{esc(' / '.join(titles))}</p>")
-        parts.append(f"<table><tr><th>dataset</th><th>{column}</th>" + "".join(f"<th>{esc(k)}</th>" for k in headline)
-                     + "<th>status</th><th>duration (s)</th><th>report</th><th>note</th></tr>")
+        parts.append(
+            f"<table><tr><th>dataset</th><th>{column}</th>"
+            + "".join(f"<th>{esc(k)}</th>" for k in headline)
+            + "<th>status</th><th>duration (s)</th><th>report</th><th>note</th></tr>"
+        )
         datasets = [str(rows[(folder, c)].dataset) if (folder, c) in rows else c for c in cells]
         for i, cell in enumerate(cells):  # sorted by dataset: a dataset's name spans its cells
             dataset_cell = ""
@@ -193,15 +243,33 @@ def _reports_section(reports: Path, table: pd.DataFrame, found: dict, skipped: d
                 span = 1
                 while i + span < len(cells) and datasets[i + span] == datasets[i]:
                     span += 1
-                dataset_cell = f"<td rowspan='{span}'>{esc(datasets[i])}</td>" if span > 1 else f"<td>{esc(datasets[i])}</td>"
-            parts.append(_report_row(folder, cell, rows.get((folder, cell)), found.get((folder, cell)),
-                                     skipped.get((folder, cell)), headline, dataset_cell))
+                dataset_cell = (
+                    f"<td rowspan='{span}'>{esc(datasets[i])}</td>" if span > 1 else f"<td>{esc(datasets[i])}</td>"
+                )
+            parts.append(
+                _report_row(
+                    folder,
+                    cell,
+                    rows.get((folder, cell)),
+                    found.get((folder, cell)),
+                    skipped.get((folder, cell)),
+                    headline,
+                    dataset_cell,
+                )
+            )
         parts.append("</table>")
     return parts
 
 
-def _report_row(folder: str, cell: str, row: Any, report: comparison.Report | None, skipped: str | None,
-                headline: list[str], dataset_cell: str) -> str:
+def _report_row(
+    folder: str,
+    cell: str,
+    row: Any,
+    report: comparison.Report | None,
+    skipped: str | None,
+    headline: list[str],
+    dataset_cell: str,
+) -> str:
     esc = html.escape
     metrics = (report.metrics if report is not None else None) or {}
     run = report.run if report is not None else {}
@@ -221,11 +289,13 @@ def _report_row(folder: str, cell: str, row: Any, report: comparison.Report | No
         notes.append("<span class='note'>synthetic, not DAGM</span>")
     duration = run.get("duration_s")
     column = run.get("variant") or run.get("backbone", "")
-    return (f"<tr class='{esc(status)}'>{dataset_cell}<td>{esc(str(column))}</td>"
-            + "".join(f"<td class='num'>{esc(format_value(metrics.get(k)))}</td>" for k in headline)
-            + f"<td>{esc(status)}</td>"
-            f"<td class='num'>{'' if not isinstance(duration, (int, float)) else f'{float(duration):.1f}'}</td>"
-            f"<td>{' | '.join(links)}</td><td>{' '.join(notes)}</td></tr>")
+    return (
+        f"<tr class='{esc(status)}'>{dataset_cell}<td>{esc(str(column))}</td>"
+        + "".join(f"<td class='num'>{esc(format_value(metrics.get(k)))}</td>" for k in headline)
+        + f"<td>{esc(status)}</td>"
+        f"<td class='num'>{'' if not isinstance(duration, (int, float)) else f'{float(duration):.1f}'}</td>"
+        f"<td>{' | '.join(links)}</td><td>{' '.join(notes)}</td></tr>"
+    )
 
 
 def format_value(value: Any) -> str:

@@ -47,6 +47,9 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
     if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
         raise ParameterError(f"precision='bf16': {device} does not support bfloat16; use 'fp32' or 'auto'")
     if precision == "bf16" and not native_bf16(device):
-        warnings.warn("precision='bf16' on a CPU without native bfloat16: it is emulated and slow "
-                      "(precision='auto' picks fp32 here)", stacklevel=3)
+        warnings.warn(
+            "precision='bf16' on a CPU without native bfloat16: it is emulated and slow "
+            "(precision='auto' picks fp32 here)",
+            stacklevel=3,
+        )
     return precision

@@ -62,7 +62,9 @@ def _scores(values, n: int, name: str = "scores") -> np.ndarray:
     if array.ndim != 1 or array.shape[0] != n:
         raise ParameterError(f"{name} must have shape ({n},) like the labels, got {array.shape}")
     if not np.isfinite(array).all():
-        raise ParameterError(f"{name} contain NaN or infinite values at {np.flatnonzero(~np.isfinite(array))[:5].tolist()}")
+        raise ParameterError(
+            f"{name} contain NaN or infinite values at {np.flatnonzero(~np.isfinite(array))[:5].tolist()}"
+        )
     return array
 
 
@@ -80,8 +82,10 @@ def _ragged_masks_and_maps(masks, maps) -> tuple[list[np.ndarray], list[np.ndarr
         raise ParameterError(f"got {len(masks)} masks but {len(maps)} anomaly maps: give one of each per image")
     for i, (mask, amap) in enumerate(zip(masks, maps)):
         if mask.ndim != 2 or mask.shape != amap.shape:
-            raise ParameterError(f"mask {i} has shape {mask.shape} but its anomaly map {amap.shape}: each pair must "
-                                 "be one (height, width); resize the maps to the mask size first")
+            raise ParameterError(
+                f"mask {i} has shape {mask.shape} but its anomaly map {amap.shape}: each pair must "
+                "be one (height, width); resize the maps to the mask size first"
+            )
     if sum(m.size for m in masks) == 0:
         raise ParameterError("masks and maps are empty")
     if not all(np.isfinite(m).all() for m in maps):
@@ -140,7 +144,9 @@ def image_auroc(labels, scores) -> float:
     labels = _labels(labels)
     scores = _scores(scores, labels.size)
     if not _both_classes(labels):
-        return _undefined(f"image AUROC is undefined: all {labels.size} labels are {int(labels[0])} (need both classes)")
+        return _undefined(
+            f"image AUROC is undefined: all {labels.size} labels are {int(labels[0])} (need both classes)"
+        )
     return float(skm.roc_auc_score(labels, scores))
 
 

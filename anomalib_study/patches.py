@@ -19,7 +19,6 @@ import os
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
@@ -61,8 +60,9 @@ def _pool_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(flat, dim).reshape(b, h, w, dim).permute(0, 3, 1, 2)
 
 
-def patch_features(maps: Sequence[torch.Tensor], patch_size: int = 3, per_layer_dim: int | None = None,
-                   target_dim: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def patch_features(
+    maps: Sequence[torch.Tensor], patch_size: int = 3, per_layer_dim: int | None = None, target_dim: int | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch embeddings from feature maps.
 
     Args:
@@ -119,8 +119,13 @@ class PatchFeatures:
     ``__call__(maps: dict name -> (B, C, h, w))`` -> ``(features (B, h*w, D), (h, w))``.
     """
 
-    def __init__(self, layers: Sequence[str] | None = None, patch_size: int = 3, per_layer_dim: int | None = None,
-                 target_dim: int | None = None):
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        patch_size: int = 3,
+        per_layer_dim: int | None = None,
+        target_dim: int | None = None,
+    ):
         self.layers = layers
         self.patch_size = patch_size
         self.per_layer_dim = per_layer_dim
@@ -139,8 +144,9 @@ class PatchFeatures:
             return int(self.per_layer_dim) * len(channels)
         return int(sum(channels))
 
-    def __call__(self, maps: dict[str, torch.Tensor], layers: Sequence[str] | None = None
-                 ) -> tuple[torch.Tensor, tuple[int, int]]:
+    def __call__(
+        self, maps: dict[str, torch.Tensor], layers: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         names = list(layers if layers is not None else (self.layers or []))
         if not names:
             raise ParameterError("PatchFeatures needs the layer names: pass layers= or call resolve_layers(backbone)")
@@ -150,14 +156,25 @@ class PatchFeatures:
         return patch_features([maps[name] for name in names], self.patch_size, self.per_layer_dim, self.target_dim)
 
     def __repr__(self) -> str:
-        return (f"PatchFeatures(layers={self.layers!r}, patch_size={self.patch_size!r}, "
-                f"per_layer_dim={self.per_layer_dim!r}, target_dim={self.target_dim!r})")
+        return (
+            f"PatchFeatures(layers={self.layers!r}, patch_size={self.patch_size!r}, "
+            f"per_layer_dim={self.per_layer_dim!r}, target_dim={self.target_dim!r})"
+        )
 
 
-def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, *, batch_size: int = 8,
-                        num_workers: int = 0, device=None, progress: bool = True, desc: str | None = None,
-                        errors: dict[int, str] | None = None, precision: str = "fp32"
-                        ) -> Iterator[PatchBatch]:
+def iter_patch_features(
+    backbone,
+    paths: Sequence[str | os.PathLike],
+    maker: PatchFeatures,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device=None,
+    progress: bool = True,
+    desc: str | None = None,
+    errors: dict[int, str] | None = None,
+    precision: str = "fp32",
+) -> Iterator[PatchBatch]:
     """Yield one :class:`PatchBatch` ``(positions, features (B, h*w, D) float32 numpy, grid
     (h, w), input_size (H, W))`` per batch.
 
@@ -178,8 +195,9 @@ def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: Pat
     paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)  # a single path is refused below
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} patch features", disable=not progress, unit="img")
     try:
-        for positions, images in image_batches(backbone, paths, batch_size=batch_size, num_workers=num_workers,
-                                               device=device, errors=errors):
+        for positions, images in image_batches(
+            backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device, errors=errors
+        ):
             with torch.inference_mode():  # not around the yield: grad mode would leak to the caller
                 maps = forward_maps(backbone, images, layers, embedding=False, precision=precision, contiguous=False)
                 features, grid = maker(maps, layers)
@@ -189,8 +207,9 @@ def iter_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: Pat
         bar.close()
 
 
-def collect_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, **options
-                           ) -> tuple[np.ndarray, tuple[int, int]]:
+def collect_patch_features(
+    backbone, paths: Sequence[str | os.PathLike], maker: PatchFeatures, **options
+) -> tuple[np.ndarray, tuple[int, int]]:
     """All patch features of ``paths`` in one array: ``(features (n, h*w, D) float32, (h, w))``.
 
     ``options`` as in :func:`iter_patch_features`; with ``errors`` the rows of unreadable
@@ -212,7 +231,8 @@ def collect_patch_features(backbone, paths: Sequence[str | os.PathLike], maker: 
             raise ParameterError(
                 f"the images give patch grids {grid} and {tuple(grid_here)}: resize_mode='keep' on images of "
                 "different shapes gives each shape its own grid, which one (n, h*w, D) array cannot hold; use "
-                "resize_mode='squash' or 'crop' here, or iter_patch_features")
+                "resize_mode='squash' or 'crop' here, or iter_patch_features"
+            )
         out[positions] = features
     if out is None:
         raise DataError(f"none of the {len(paths)} images could be read")

@@ -11,8 +11,6 @@ import html
 import io
 from typing import Sequence
 
-import matplotlib
-
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
@@ -97,8 +95,15 @@ def _to_data_uri(image, quality: int = 70) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def overlay_image(image, anomaly_map: np.ndarray, mask: np.ndarray | None = None, vmin: float | None = None,
-                  vmax: float | None = None, alpha: float = 0.45, cmap: str = "jet"):
+def overlay_image(
+    image,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.45,
+    cmap: str = "jet",
+):
     """The image with its anomaly map blended on top and the ground-truth outline in white.
 
     Args:
@@ -142,9 +147,17 @@ def crop_like_input(path, preprocessing: dict):
     return center_crop(image, [int(preprocessing["crop"])] * 2)
 
 
-def overlays_html(paths: Sequence, maps: np.ndarray, masks: Sequence | None, captions: Sequence[str],
-                  preprocessing: dict, vmin: float | None = None, vmax: float | None = None, size: int = 150,
-                  quality: int = 70) -> str:
+def overlays_html(
+    paths: Sequence,
+    maps: np.ndarray,
+    masks: Sequence | None,
+    captions: Sequence[str],
+    preprocessing: dict,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    size: int = 150,
+    quality: int = 70,
+) -> str:
     """A row of anomaly-map overlays (small JPEGs) with captions, as HTML."""
     cells = []
     masks = [None] * len(paths) if masks is None else masks
@@ -157,8 +170,14 @@ def overlays_html(paths: Sequence, maps: np.ndarray, masks: Sequence | None, cap
             '<figure style="display:inline-block;margin:4px;text-align:center;width:%dpx">'
             '<img src="%s" style="width:%dpx"/><img src="%s" style="width:%dpx"/>'
             '<figcaption style="font-size:10px;word-wrap:break-word">%s</figcaption></figure>'
-            % (size + 8, _to_data_uri(original, quality), size, _to_data_uri(picture, quality), size,
-               html.escape(caption))
+            % (
+                size + 8,
+                _to_data_uri(original, quality),
+                size,
+                _to_data_uri(picture, quality),
+                size,
+                html.escape(caption),
+            )
         )
     return "<div>" + "".join(cells) + "</div>"
 
@@ -169,8 +188,15 @@ def figure_jpeg(fig: Figure, quality: int = 70) -> bytes:
     (thumbnail sheets, weight maps), several times smaller than a PNG. Display with
     ``IPython.display.Image(data, format="jpeg")``."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="jpeg", dpi=fig.dpi, facecolor="white", bbox_inches="tight", pad_inches=0.05,
-                pil_kwargs={"quality": quality, "optimize": True})
+    fig.savefig(
+        buffer,
+        format="jpeg",
+        dpi=fig.dpi,
+        facecolor="white",
+        bbox_inches="tight",
+        pad_inches=0.05,
+        pil_kwargs={"quality": quality, "optimize": True},
+    )
     return buffer.getvalue()
 
 
@@ -190,9 +216,19 @@ def plot_confusion(counts, clusters: Sequence, classes: Sequence[str], title: st
     width = min(9.0, 1.6 + 0.62 * len(classes))
     height = min(7.0, 1.1 + 0.38 * len(clusters))
     fig, ax = plt.subplots(figsize=(width, height))
-    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", cbar=False, linewidths=0.5, linecolor="white",
-                xticklabels=[str(c) for c in classes], yticklabels=[f"cluster {c}" for c in clusters],
-                annot_kws={"fontsize": 8}, ax=ax)
+    sns.heatmap(
+        counts,
+        annot=True,
+        fmt="d",
+        cmap="Blues",
+        cbar=False,
+        linewidths=0.5,
+        linecolor="white",
+        xticklabels=[str(c) for c in classes],
+        yticklabels=[f"cluster {c}" for c in clusters],
+        annot_kws={"fontsize": 8},
+        ax=ax,
+    )
     ax.set(xlabel="true type", ylabel="")
     ax.tick_params(labelsize=8)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
@@ -213,7 +249,7 @@ def _tau_positions(relatives: Sequence[float]) -> tuple[list[float], float, floa
     decade beyond the smallest and largest finite positive values."""
     finite = [r for r in relatives if r is not None and 0 < r < np.inf]
     lo, hi = (min(finite), max(finite)) if finite else (1.0, 1.0)
-    zero, infinity = lo / 10 ** 0.6, hi * 10 ** 0.6
+    zero, infinity = lo / 10**0.6, hi * 10**0.6
 
     def place(r):
         if r is None or np.isinf(r):
@@ -223,9 +259,13 @@ def _tau_positions(relatives: Sequence[float]) -> tuple[list[float], float, floa
     return [place(r) for r in relatives], zero, infinity
 
 
-def plot_tau_curve(curves: dict[str, list[dict]], chosen: dict[str, float] | None = None,
-                   title: str | None = None, chosen_label: str = "chosen tau (label-free)",
-                   reference: str = "label-free tau") -> Figure:
+def plot_tau_curve(
+    curves: dict[str, list[dict]],
+    chosen: dict[str, float] | None = None,
+    title: str | None = None,
+    chosen_label: str = "chosen tau (label-free)",
+    reference: str = "label-free tau",
+) -> Figure:
     """NMI, ARI and F1 against tau relative to the label-free tau, one panel per mode.
 
     Args:
@@ -257,24 +297,38 @@ def plot_tau_curve(curves: dict[str, list[dict]], chosen: dict[str, float] | Non
         inner = [i for i, r in enumerate(relatives) if 0 < r < np.inf]
         for key, colour in colours.items():
             ys = [p[key] for p in points]
-            ax.plot([xs[i] for i in inner], [ys[i] for i in inner], marker="o", markersize=3.5, color=colour,
-                    label=key.upper())
+            ax.plot(
+                [xs[i] for i in inner],
+                [ys[i] for i in inner],
+                marker="o",
+                markersize=3.5,
+                color=colour,
+                label=key.upper(),
+            )
             ends = [i for i in range(len(points)) if i not in inner]
             for i in ends:  # off-scale ends, dotted to their neighbour on the scale
                 neighbour = min(inner, key=lambda j: abs(j - i)) if inner else i
                 ax.plot([xs[neighbour], xs[i]], [ys[neighbour], ys[i]], linestyle=":", color=colour, linewidth=1)
                 ax.plot(xs[i], ys[i], marker="s", markersize=3.5, color=colour)
         best = max(range(len(points)), key=lambda i: points[i]["nmi"])
-        ax.plot(xs[best], points[best]["nmi"], marker="*", markersize=12, color="tab:red", linestyle="none",
-                label=f"oracle (labels): NMI {points[best]['nmi']:.3f}")
+        ax.plot(
+            xs[best],
+            points[best]["nmi"],
+            marker="*",
+            markersize=12,
+            color="tab:red",
+            linestyle="none",
+            label=f"oracle (labels): NMI {points[best]['nmi']:.3f}",
+        )
         if mode in chosen and chosen[mode] is not None:
             x_chosen = _tau_positions([_relative_tau(chosen[mode])] + relatives)[0][0]
             ax.axvline(x_chosen, color="black", linestyle="--", linewidth=1, label=chosen_label)
         ax.set_xscale("log")
         ticks = sorted(set(xs))
         ax.set_xticks(ticks)
-        ax.set_xticklabels(["0\n(top)" if t == zero else "inf\n(uniform)" if t == infinity else f"{t:g}"
-                            for t in ticks], fontsize=7)
+        ax.set_xticklabels(
+            ["0\n(top)" if t == zero else "inf\n(uniform)" if t == infinity else f"{t:g}" for t in ticks], fontsize=7
+        )
         ax.minorticks_off()
         ax.set_xlabel(f"tau / {reference}", fontsize=8)
         ax.set_title(mode, fontsize=9)
@@ -309,8 +363,12 @@ def _thumbnail_tile(path, thumb: int) -> tuple[np.ndarray, bool]:
     return np.asarray(tile), True
 
 
-def cluster_thumbnail_sheet(paths_by_cluster: dict[int, Sequence], max_per_cluster: int = 12, thumb: int = 96,
-                            titles: dict[int, Sequence[str]] | None = None) -> Figure:
+def cluster_thumbnail_sheet(
+    paths_by_cluster: dict[int, Sequence],
+    max_per_cluster: int = 12,
+    thumb: int = 96,
+    titles: dict[int, Sequence[str]] | None = None,
+) -> Figure:
     """One row per cluster, of small thumbnails of its first ``max_per_cluster`` images.
 
     Each row is one axes (its thumbnails pasted side by side), titled "cluster k (n images)".
@@ -326,22 +384,30 @@ def cluster_thumbnail_sheet(paths_by_cluster: dict[int, Sequence], max_per_clust
     gap = max(2, thumb // 24)
     dpi = float(plt.rcParams["figure.dpi"])
     row_inches = (thumb + 34) / dpi
-    fig, axes = plt.subplots(len(clusters), 1, squeeze=False,
-                             figsize=((columns * (thumb + gap) + 20) / dpi, row_inches * len(clusters)))
+    fig, axes = plt.subplots(
+        len(clusters), 1, squeeze=False, figsize=((columns * (thumb + gap) + 20) / dpi, row_inches * len(clusters))
+    )
     for ax, cluster in zip(axes[:, 0], clusters):
         paths = list(paths_by_cluster[cluster])
         shown = paths[:max_per_cluster]
-        captions = list((titles or {}).get(cluster, []))[:len(shown)]
+        captions = list((titles or {}).get(cluster, []))[: len(shown)]
         strip = np.full((thumb, columns * (thumb + gap) - gap, 3), 255, dtype=np.uint8)
         unreadable = 0
         for j, path in enumerate(shown):
             tile, ok = _thumbnail_tile(path, thumb)
             unreadable += not ok
-            strip[:, j * (thumb + gap): j * (thumb + gap) + thumb] = tile
+            strip[:, j * (thumb + gap) : j * (thumb + gap) + thumb] = tile
             caption = (captions[j] if j < len(captions) else "") if ok else "unreadable"
             if caption:
-                ax.text(j * (thumb + gap) + thumb / 2, thumb + 2, caption, ha="center", va="top", fontsize=6,
-                        color="black" if ok else "tab:red")
+                ax.text(
+                    j * (thumb + gap) + thumb / 2,
+                    thumb + 2,
+                    caption,
+                    ha="center",
+                    va="top",
+                    fontsize=6,
+                    color="black" if ok else "tab:red",
+                )
         ax.imshow(strip, interpolation="nearest")
         ax.set_axis_off()
         head = f"cluster {cluster} ({len(paths)} image{'s' if len(paths) != 1 else ''}"
@@ -372,18 +438,33 @@ def plot_embedding_2d(embeddings, labels: Sequence, title: str | None = None) ->
     markers = "osD^vP*X<>"
     for i, label in enumerate(dict.fromkeys(labels)):
         chosen = labels == label
-        ax.scatter(xy[chosen, 0], xy[chosen, 1], s=18, marker=markers[i % len(markers)], alpha=0.8,
-                   label=f"{label} ({int(chosen.sum())})")
-    ax.set(xlabel=f"PC 1 ({ratios[0]:.0%} of the variance)", ylabel=f"PC 2 ({ratios[1]:.0%})",
-           title=title or "Image embeddings, PCA")
+        ax.scatter(
+            xy[chosen, 0],
+            xy[chosen, 1],
+            s=18,
+            marker=markers[i % len(markers)],
+            alpha=0.8,
+            label=f"{label} ({int(chosen.sum())})",
+        )
+    ax.set(
+        xlabel=f"PC 1 ({ratios[0]:.0%} of the variance)",
+        ylabel=f"PC 2 ({ratios[1]:.0%})",
+        title=title or "Image embeddings, PCA",
+    )
     ax.legend(fontsize=7, loc="best", markerscale=0.9)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
 
 
-def plot_weight_maps(images: Sequence, weights, grid: Sequence[int], masks: Sequence | None = None,
-                     titles: Sequence[str] | None = None, columns: int = 6) -> Figure:
+def plot_weight_maps(
+    images: Sequence,
+    weights,
+    grid: Sequence[int],
+    masks: Sequence | None = None,
+    titles: Sequence[str] | None = None,
+    columns: int = 6,
+) -> Figure:
     """The patch weights alpha of each image drawn over it (the paper's "matrix alpha").
 
     Args:
@@ -402,8 +483,10 @@ def plot_weight_maps(images: Sequence, weights, grid: Sequence[int], masks: Sequ
     weights = np.asarray(weights, dtype=np.float64)
     h, w = (int(v) for v in grid)
     if weights.ndim != 2 or weights.shape[0] != len(images) or weights.shape[1] != h * w:
-        raise ValueError(f"weights must be ({len(images)}, {h * w}) for {len(images)} images on a {h} x {w} grid, "
-                         f"got {weights.shape}")
+        raise ValueError(
+            f"weights must be ({len(images)}, {h * w}) for {len(images)} images on a {h} x {w} grid, "
+            f"got {weights.shape}"
+        )
     n = len(images)
     columns = max(1, min(columns, n))
     rows = -(-n // columns)
@@ -433,8 +516,9 @@ def plot_weight_maps(images: Sequence, weights, grid: Sequence[int], masks: Sequ
 
 
 # ------------------------------------------------------------------------------ comparison across reports
-def plot_auroc_heatmap(values, methods: Sequence[str], datasets: Sequence[str], title: str | None = None,
-                       label: str = "image AUROC") -> Figure:
+def plot_auroc_heatmap(
+    values, methods: Sequence[str], datasets: Sequence[str], title: str | None = None, label: str = "image AUROC"
+) -> Figure:
     """Heatmap of one figure per method x data set, the value written in each cell.
 
     Args:
@@ -450,9 +534,22 @@ def plot_auroc_heatmap(values, methods: Sequence[str], datasets: Sequence[str], 
     width = min(12.0, 2.6 + 0.85 * len(datasets))
     height = min(8.0, 1.3 + 0.36 * len(methods))
     fig, ax = plt.subplots(figsize=(width, height))
-    sns.heatmap(values, mask=np.isnan(values), annot=True, fmt=".3f", vmin=0.5, vmax=1.0, cmap="viridis",
-                linewidths=0.5, linecolor="white", xticklabels=list(datasets), yticklabels=list(methods),
-                annot_kws={"fontsize": 7}, cbar_kws={"label": label, "shrink": 0.8}, ax=ax)
+    sns.heatmap(
+        values,
+        mask=np.isnan(values),
+        annot=True,
+        fmt=".3f",
+        vmin=0.5,
+        vmax=1.0,
+        cmap="viridis",
+        linewidths=0.5,
+        linecolor="white",
+        xticklabels=list(datasets),
+        yticklabels=list(methods),
+        annot_kws={"fontsize": 7},
+        cbar_kws={"label": label, "shrink": 0.8},
+        ax=ax,
+    )
     ax.set(xlabel="data set", ylabel="method · backbone / variant")
     ax.tick_params(labelsize=7)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
@@ -462,8 +559,9 @@ def plot_auroc_heatmap(values, methods: Sequence[str], datasets: Sequence[str], 
     return fig
 
 
-def plot_auroc_vs_speed(auroc, images_per_s, methods: Sequence[str], configs: Sequence[str],
-                        title: str | None = None) -> Figure:
+def plot_auroc_vs_speed(
+    auroc, images_per_s, methods: Sequence[str], configs: Sequence[str], title: str | None = None
+) -> Figure:
     """Image AUROC against prediction speed, one point per report: colour = method,
     marker = backbone / variant, speed on a log axis.
 
@@ -478,10 +576,22 @@ def plot_auroc_vs_speed(auroc, images_per_s, methods: Sequence[str], configs: Se
     images_per_s = np.asarray(images_per_s, dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if len(auroc):
-        points = {"images/s": images_per_s, "image AUROC": auroc, "method": list(methods),
-                  "backbone / variant": list(configs)}
-        sns.scatterplot(data=points, x="images/s", y="image AUROC", hue="method", style="backbone / variant",
-                        s=45, alpha=0.85, ax=ax)
+        points = {
+            "images/s": images_per_s,
+            "image AUROC": auroc,
+            "method": list(methods),
+            "backbone / variant": list(configs),
+        }
+        sns.scatterplot(
+            data=points,
+            x="images/s",
+            y="image AUROC",
+            hue="method",
+            style="backbone / variant",
+            s=45,
+            alpha=0.85,
+            ax=ax,
+        )
         ax.set_xscale("log")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     else:

@@ -24,8 +24,18 @@ from anomalib_study import __version__
 __all__ = ["FIELDS", "collect", "cpu_model", "git_state", "gpu_name"]
 
 #: the keys of :func:`collect`'s record, in order
-FIELDS = ("package_version", "git_commit", "git_dirty", "cpu_model", "logical_cores", "threads", "gpu", "python",
-          "torch", "platform")
+FIELDS = (
+    "package_version",
+    "git_commit",
+    "git_dirty",
+    "cpu_model",
+    "logical_cores",
+    "threads",
+    "gpu",
+    "python",
+    "torch",
+    "platform",
+)
 
 _GIT_TIMEOUT_S = 10
 
@@ -41,13 +51,18 @@ def git_state(folder: str | os.PathLike | None = None) -> dict[str, Any]:
     if shutil.which("git") is None or not folder.is_dir():
         return state
     try:
-        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=_GIT_TIMEOUT_S)
+        head = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=_GIT_TIMEOUT_S
+        )
         if head.returncode != 0:
             return state
         state["commit"] = head.stdout.strip() or None
-        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=_GIT_TIMEOUT_S)
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+        )
         if status.returncode == 0:
             state["dirty"] = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
@@ -84,8 +99,11 @@ def gpu_name() -> str:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=_GIT_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError):
         return "none"
-    names = [line.split(":", 1)[1].split("(UUID")[0].strip() for line in listed.stdout.splitlines()
-             if listed.returncode == 0 and line.startswith("GPU") and ":" in line]
+    names = [
+        line.split(":", 1)[1].split("(UUID")[0].strip()
+        for line in listed.stdout.splitlines()
+        if listed.returncode == 0 and line.startswith("GPU") and ":" in line
+    ]
     return ", ".join(names) or "none"
 
 
@@ -118,8 +136,10 @@ def collect(repo: str | os.PathLike | None = None, *, torch_threads: bool = True
         "git_dirty": git["dirty"],
         "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
-        "threads": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                    "torch": torch.get_num_threads() if torch_threads and torch is not None else None},
+        "threads": {
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "torch": torch.get_num_threads() if torch_threads and torch is not None else None,
+        },
         "gpu": gpu_name(),
         "python": platform.python_version(),
         "torch": _version("torch") or (str(torch.__version__) if torch is not None else None),

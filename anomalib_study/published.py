@@ -36,8 +36,14 @@ def dn2_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [ours]
     family = _DN2_BY_LAYOUT.get(data["layout"])
     if family is None:
-        rows.append({**{k: None for k in ours}, "source": "published (DN2 seed)", "data": "-",
-                     "what differs": f"no published DN2 figure for {data['layout']}"})
+        rows.append(
+            {
+                **{k: None for k in ours},
+                "source": "published (DN2 seed)",
+                "data": "-",
+                "what differs": f"no published DN2 figure for {data['layout']}",
+            }
+        )
         return rows
     differs = []
     if "clip" not in metrics["backbone"]["name"]:
@@ -50,11 +56,18 @@ def dn2_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         differs.append(f"one category ({data['name']}) at reduced resolution, not all of MVTec AD")
     elif family == "OOD":
         differs.append("our OOD set (Magnetic-tile normals vs NEU-DET, KolektorSDD, MVTec), not the paper's")
-    rows.append({
-        "source": "published (DN2 seed)", "data": family, "backbone": DN2_SETTING["backbone"],
-        "k": DN2_SETTING["k"], "thres_ratio": DN2_SETTING["thres_ratio"], "accuracy": DN2_ACCURACY[family],
-        "image_auroc": None, "what differs": "; ".join(differs) or "same setting",
-    })
+    rows.append(
+        {
+            "source": "published (DN2 seed)",
+            "data": family,
+            "backbone": DN2_SETTING["backbone"],
+            "k": DN2_SETTING["k"],
+            "thres_ratio": DN2_SETTING["thres_ratio"],
+            "accuracy": DN2_ACCURACY[family],
+            "image_auroc": None,
+            "what differs": "; ".join(differs) or "same setting",
+        }
+    )
     return rows
 
 
@@ -74,9 +87,13 @@ def patchcore_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     data = metrics["dataset"]
     params = metrics["params"]
     ours = {
-        "source": "this run", "data": data["name"] + (" (synthetic)" if metrics.get("synthetic") else ""),
-        "backbone": metrics["backbone"]["label"], "coreset": f"{100 * params['coreset_ratio']:g} %",
-        "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics.get("pixel_auroc"), "pro": metrics.get("pro"),
+        "source": "this run",
+        "data": data["name"] + (" (synthetic)" if metrics.get("synthetic") else ""),
+        "backbone": metrics["backbone"]["label"],
+        "coreset": f"{100 * params['coreset_ratio']:g} %",
+        "image_auroc": metrics["image_auroc"],
+        "pixel_auroc": metrics.get("pixel_auroc"),
+        "pro": metrics.get("pro"),
         "what differs": "",
     }
     rows = [ours]
@@ -87,7 +104,9 @@ def patchcore_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         figure = PATCHCORE[key]
         differs = []
         if "wide_resnet50" not in metrics["backbone"]["name"]:
-            differs.append(f"backbone {metrics['backbone']['label']} (no WideResNet-50 ImageNet weights on this machine)")
+            differs.append(
+                f"backbone {metrics['backbone']['label']} (no WideResNet-50 ImageNet weights on this machine)"
+            )
         if figure["coreset"] != ours["coreset"]:
             differs.append(f"coreset {ours['coreset']} vs {figure['coreset']}")
         if key == "mvtec_ad/mean":
@@ -100,15 +119,31 @@ def patchcore_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
             differs.append(f"input: the whole image squashed to {side} x {side} px (aspect ratio not kept)")
         elif preprocessing.get("resize_mode") == "keep":
             side = metrics["backbone"].get("image_size", preprocessing.get("resize"))
-            differs.append(f"input: shorter side resized to {side} px, aspect ratio kept, nothing cut off (the paper: "
-                           "resize and centre crop)")
-        rows.append({"source": "published (PatchCore)", "data": key, "backbone": PATCHCORE_SETTING["backbone"],
-                     "coreset": figure["coreset"], "image_auroc": figure["image_auroc"],
-                     "pixel_auroc": figure["pixel_auroc"], "pro": figure["pro"],
-                     "what differs": "; ".join(differs) or "same setting"})
+            differs.append(
+                f"input: shorter side resized to {side} px, aspect ratio kept, nothing cut off (the paper: "
+                "resize and centre crop)"
+            )
+        rows.append(
+            {
+                "source": "published (PatchCore)",
+                "data": key,
+                "backbone": PATCHCORE_SETTING["backbone"],
+                "coreset": figure["coreset"],
+                "image_auroc": figure["image_auroc"],
+                "pixel_auroc": figure["pixel_auroc"],
+                "pro": figure["pro"],
+                "what differs": "; ".join(differs) or "same setting",
+            }
+        )
     if len(rows) == 1:
-        rows.append({**{k: None for k in ours}, "source": "published (PatchCore)", "data": "-",
-                     "what differs": f"no published PatchCore figure for {data['name']}"})
+        rows.append(
+            {
+                **{k: None for k in ours},
+                "source": "published (PatchCore)",
+                "data": "-",
+                "what differs": f"no published PatchCore figure for {data['name']}",
+            }
+        )
     return rows
 
 
@@ -138,41 +173,76 @@ def autoencoder_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     model = f"encoder {metrics['backbone']['label']}" if pretrained else "CAE (convolutional, from scratch)"
     loss = "MSE" if params["loss"] == "mse" else f"(1 - a) MSE + a (1 - SSIM), a = {params['ssim_weight']:g}"
     environment = metrics.get("environment", {})
-    hardware = (f"{environment.get('cpu_count', '?')}-core CPU" if environment.get("device", "cpu") == "cpu"
-                else f"device {environment['device']}")
+    hardware = (
+        f"{environment.get('cpu_count', '?')}-core CPU"
+        if environment.get("device", "cpu") == "cpu"
+        else f"device {environment['device']}"
+    )
     train_s = (metrics.get("fit_timings") or {}).get("train_s")
     minutes = "?" if train_s is None else f"{train_s / 60:.1f}"
     training = f"{minutes} min on a {hardware}, {metrics.get('epochs_run', '?')} epochs"
     rows = [
-        {"source": "this run", "model": model, "loss": loss, "score": kind, "data": name,
-         "image_auroc": metrics.get(f"image_auroc_{kind}"), "training": training, "what differs": ""}
+        {
+            "source": "this run",
+            "model": model,
+            "loss": loss,
+            "score": kind,
+            "data": name,
+            "image_auroc": metrics.get(f"image_auroc_{kind}"),
+            "training": training,
+            "what differs": "",
+        }
         for kind in ("residual", "mse")
     ]
     for published_model, published_loss, figures in AUTOENCODER:
         for category, figure in figures.items():
-            differs = [f"data: MVTec AD {category} (not available here) vs {name} in this run",
-                       f"hardware: RTX 3050 GPU vs this run's {hardware}"]
+            differs = [
+                f"data: MVTec AD {category} (not available here) vs {name} in this run",
+                f"hardware: RTX 3050 GPU vs this run's {hardware}",
+            ]
             if published_model == "ResNet":
                 ours = metrics["backbone"]["label"] if pretrained else "none (convolutional from scratch)"
-                differs.append(f"encoder: {AUTOENCODER_SETTING['resnet_encoder']} (weights not available here) vs "
-                               f"this run's {ours}")
+                differs.append(
+                    f"encoder: {AUTOENCODER_SETTING['resnet_encoder']} (weights not available here) vs "
+                    f"this run's {ours}"
+                )
             elif pretrained:
-                differs.append(f"model: CAE from scratch vs this run's pretrained encoder {metrics['backbone']['label']}")
-            rows.append({"source": "published (seed work)", "model": published_model, "loss": published_loss,
-                         "score": None, "data": f"MVTec AD {category}", "image_auroc": figure,
-                         "training": AUTOENCODER_SETTING["training"], "what differs": "; ".join(differs)})
+                differs.append(
+                    f"model: CAE from scratch vs this run's pretrained encoder {metrics['backbone']['label']}"
+                )
+            rows.append(
+                {
+                    "source": "published (seed work)",
+                    "model": published_model,
+                    "loss": published_loss,
+                    "score": None,
+                    "data": f"MVTec AD {category}",
+                    "image_auroc": figure,
+                    "training": AUTOENCODER_SETTING["training"],
+                    "what differs": "; ".join(differs),
+                }
+            )
     return rows
 
 
 #: Anomaly clustering (Sohn et al., WACV 2023) and its public DINO ViT-B/8 reproduction, on MVTec AD.
 #: NMI / ARI / F1 (F1 after matching clusters to types); None where the source prints no figure.
 ANOMALY_CLUSTERING_SETTING = {
-    "paper": {"source": "published (Sohn et al., WACV 2023)", "backbone": "WideResNet-50 (ImageNet)",
-              "tau": "as in the paper"},
-    "reproduction": {"source": "published (DINO ViT-B/8 reproduction)", "backbone": "DINO ViT-B/8",
-                     "tau": "chosen with the labels (best of its sweep)"},
-    "reproduction_per_category": {"source": "published (DINO ViT-B/8 reproduction)", "backbone": "DINO ViT-B/8",
-                                  "tau": "tau = 2 (on its own distance scale)"},
+    "paper": {
+        "source": "published (Sohn et al., WACV 2023)",
+        "backbone": "WideResNet-50 (ImageNet)",
+        "tau": "as in the paper",
+    },
+    "reproduction": {
+        "source": "published (DINO ViT-B/8 reproduction)",
+        "backbone": "DINO ViT-B/8",
+        "tau": "chosen with the labels (best of its sweep)",
+    },
+    "reproduction_per_category": {
+        "source": "published (DINO ViT-B/8 reproduction)",
+        "backbone": "DINO ViT-B/8",
+        "tau": "tau = 2 (on its own distance scale)",
+    },
 }
 ANOMALY_CLUSTERING = [  # (setting, data, mode, {nmi, ari, f1})
     ("paper", "MVTec AD objects (mean)", "unsupervised", {"nmi": 0.451, "ari": None, "f1": None}),
@@ -186,11 +256,20 @@ ANOMALY_CLUSTERING = [  # (setting, data, mode, {nmi, ari, f1})
     ("reproduction_per_category", "mvtec_ad/bottle", "unsupervised", {"nmi": 0.578, "ari": 0.460, "f1": 0.687}),
     ("reproduction_per_category", "mvtec_ad/bottle", "semi_supervised", {"nmi": 0.680, "ari": 0.564, "f1": 0.759}),
     ("reproduction_per_category", "mvtec_ad/transistor", "unsupervised", {"nmi": 0.543, "ari": 0.542, "f1": 0.780}),
-    ("reproduction_per_category", "mvtec_ad/transistor", "semi_supervised",
-     {"nmi": 0.576, "ari": 0.375, "f1": 0.610}),
+    ("reproduction_per_category", "mvtec_ad/transistor", "semi_supervised", {"nmi": 0.576, "ari": 0.375, "f1": 0.610}),
 ]
-_MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor",
-                  "zipper")
+_MVTEC_OBJECTS = (
+    "bottle",
+    "cable",
+    "capsule",
+    "hazelnut",
+    "metal_nut",
+    "pill",
+    "screw",
+    "toothbrush",
+    "transistor",
+    "zipper",
+)
 
 
 def anomaly_clustering_comparison(metrics: dict[str, Any], nearest_only: bool = False) -> list[dict[str, Any]]:
@@ -210,17 +289,31 @@ def anomaly_clustering_comparison(metrics: dict[str, Any], nearest_only: bool = 
     for mode, result in metrics["modes"].items():
         tau = result.get("tau")
         given = (metrics.get("params") or {}).get("tau") is not None
-        rows.append({"source": "this run", "data": name, "mode": mode, "backbone": backbone,
-                     "tau": ("uniform weights (no tau)" if tau is None
-                             else f"{tau:.3g} ({'given' if given else 'label-free rule'})"),
-                     "nmi": result["nmi"], "ari": result["ari"], "f1": result["f1"], "what differs": ""})
+        rows.append(
+            {
+                "source": "this run",
+                "data": name,
+                "mode": mode,
+                "backbone": backbone,
+                "tau": (
+                    "uniform weights (no tau)"
+                    if tau is None
+                    else f"{tau:.3g} ({'given' if given else 'label-free rule'})"
+                ),
+                "nmi": result["nmi"],
+                "ari": result["ari"],
+                "f1": result["f1"],
+                "what differs": "",
+            }
+        )
     category = data["name"].split("/", 1)[1] if data["layout"] == "mvtec_ad" and "/" in data["name"] else None
-    family = ("objects" if category in _MVTEC_OBJECTS or data["layout"] == "mvtec_3d"
-              else "textures")  # DAGM, Magnetic-tile, NEU-DET, KolektorSDD: surfaces
+    family = (
+        "objects" if category in _MVTEC_OBJECTS or data["layout"] == "mvtec_3d" else "textures"
+    )  # DAGM, Magnetic-tile, NEU-DET, KolektorSDD: surfaces
 
     def rank(entry):
         row_data = entry[1]
-        return (0 if category and row_data.endswith("/" + category) else 1 if family in row_data else 2)
+        return 0 if category and row_data.endswith("/" + category) else 1 if family in row_data else 2
 
     for setting, row_data, mode, figures in sorted(ANOMALY_CLUSTERING, key=rank):
         if nearest_only and rank((setting, row_data)) == 2:
@@ -229,20 +322,37 @@ def anomaly_clustering_comparison(metrics: dict[str, Any], nearest_only: bool = 
         differs = []
         if "mean" in row_data:
             kind = "object" if "objects" in row_data else "texture"
-            differs.append(f"data: the mean over every MVTec AD {kind} category (only some are here) vs "
-                           f"{name} in this run")
+            differs.append(
+                f"data: the mean over every MVTec AD {kind} category (only some are here) vs {name} in this run"
+            )
         elif not (category and row_data.endswith("/" + category)):
             differs.append(f"data: {row_data} vs {name} in this run")
         differs.append(f"backbone: {source['backbone']} (weights not available here) vs this run's {backbone}")
-        differs.append(f"tau: {source['tau']} vs this run's " + (
-            "given tau" if (metrics.get("params") or {}).get("tau") is not None
-            else "label-free rule (no labels used)"))
+        differs.append(
+            f"tau: {source['tau']} vs this run's "
+            + (
+                "given tau"
+                if (metrics.get("params") or {}).get("tau") is not None
+                else "label-free rule (no labels used)"
+            )
+        )
         if setting != "paper" and protocol != "reproduction":
-            differs.append(f"protocol: this run's {protocol!r} vs the reproduction's (normal test images kept as a class)")
+            differs.append(
+                f"protocol: this run's {protocol!r} vs the reproduction's (normal test images kept as a class)"
+            )
         if mode not in metrics["modes"]:
             differs.append(f"mode {mode} not run here")
-        rows.append({"source": source["source"], "data": row_data, "mode": mode, "backbone": source["backbone"],
-                     "tau": source["tau"], **figures, "what differs": "; ".join(differs)})
+        rows.append(
+            {
+                "source": source["source"],
+                "data": row_data,
+                "mode": mode,
+                "backbone": source["backbone"],
+                "tau": source["tau"],
+                **figures,
+                "what differs": "; ".join(differs),
+            }
+        )
     return rows
 
 

@@ -218,8 +218,10 @@ def _load_yaml(study_file: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     except yaml.YAMLError as error:
         raise StudyError(f"study file {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise StudyError(f"study file {path}: expected a mapping with the keys {', '.join(STUDY_KEYS)} "
-                         f"(or, for a suite, {', '.join(SUITE_KEYS)})")
+        raise StudyError(
+            f"study file {path}: expected a mapping with the keys {', '.join(STUDY_KEYS)} "
+            f"(or, for a suite, {', '.join(SUITE_KEYS)})"
+        )
     return path, data
 
 
@@ -252,8 +254,10 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
         return [_parse_study(data, path, f"study file {path}")]
     unknown = sorted(set(map(str, data)) - set(SUITE_KEYS))
     if unknown:
-        raise StudyError(f"study file {path}: key '{unknown[0]}' is not a suite key (a suite has only "
-                         f"{', '.join(SUITE_KEYS)}; put study keys inside its parts)")
+        raise StudyError(
+            f"study file {path}: key '{unknown[0]}' is not a suite key (a suite has only "
+            f"{', '.join(SUITE_KEYS)}; put study keys inside its parts)"
+        )
     parts = data["studies"]
     if not isinstance(parts, list) or not parts:
         raise StudyError(f"study file {path}: key 'studies' must be a non-empty list of study files or inline studies")
@@ -277,8 +281,10 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
         for cell in expand_grid(study):
             key = f"{study.notebook.stem}/{cell.name}"
             if key in seen:
-                raise StudyError(f"study file {path}: two parts ({seen[key]} and {study.path}) give the report {key}: "
-                                 "rename a dataset key")
+                raise StudyError(
+                    f"study file {path}: two parts ({seen[key]} and {study.path}) give the report {key}: "
+                    "rename a dataset key"
+                )
             seen[key] = study.path
     return studies
 
@@ -294,7 +300,9 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
     notebook = data.get("notebook")
     if not isinstance(notebook, str) or not notebook:
         raise bad("notebook", "is missing: name the notebook to run, e.g. notebooks/01_knn_detection.ipynb")
-    candidates = [Path(notebook)] if Path(notebook).is_absolute() else [path.parent / notebook, path.parent.parent / notebook]
+    candidates = (
+        [Path(notebook)] if Path(notebook).is_absolute() else [path.parent / notebook, path.parent.parent / notebook]
+    )
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise bad("notebook", f"names {notebook}, which is not found (looked at {', '.join(map(str, candidates))})")
@@ -311,9 +319,12 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
 
     given = [axis for axis in AXES if axis in data]
     if len(given) != 1:
-        why = ("and 'variants' are both given: use one of the two as the grid's second axis"
-               if given else "is missing: give either 'backbones' (a list of backbone names) or 'variants' "
-               "(a mapping of variant name -> parameters)")
+        why = (
+            "and 'variants' are both given: use one of the two as the grid's second axis"
+            if given
+            else "is missing: give either 'backbones' (a list of backbone names) or 'variants' "
+            "(a mapping of variant name -> parameters)"
+        )
         raise bad("backbones", why)
     backbones, variants = data.get("backbones"), None
     if given == ["backbones"]:
@@ -327,16 +338,23 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
     else:
         backbones, variants = [], data["variants"]
         if not isinstance(variants, dict) or not variants:
-            raise bad("variants", "must be a non-empty mapping of name -> {parameter: value, ...} (the grid would be empty)")
+            raise bad(
+                "variants", "must be a non-empty mapping of name -> {parameter: value, ...} (the grid would be empty)"
+            )
         for key, entry in variants.items():
             if not isinstance(key, str) or not _NAME.match(key):
                 raise bad(f"variants.{key}", "is not a usable name: use letters, digits, '_', '.' and '-'")
             if not isinstance(entry, dict):
-                raise bad(f"variants.{key}", "must be a mapping of notebook parameters, e.g. {model: conv} ({} for none)")
+                raise bad(
+                    f"variants.{key}", "must be a mapping of notebook parameters, e.g. {model: conv} ({} for none)"
+                )
 
     datasets = data.get("datasets")
     if not isinstance(datasets, dict) or not datasets:
-        raise bad("datasets", "must be a non-empty mapping of name -> {dataset: <layout>, root: ...} (the grid would be empty)")
+        raise bad(
+            "datasets",
+            "must be a non-empty mapping of name -> {dataset: <layout>, root: ...} (the grid would be empty)",
+        )
     # a notebook without a `dataset` parameter (e.g. the comparison over the reports) takes no layout
     takes_layout = "dataset" in (notebook_parameters(found) or ["dataset"])
     for key, entry in datasets.items():
@@ -354,11 +372,17 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
                 raise bad(f"datasets.{key}.backbones", "must be a non-empty list of backbone names, each once")
             unknown = [name for name in only if name not in backbones]
             if unknown:
-                raise bad(f"datasets.{key}.backbones", f"names {unknown[0]!r}, which is not in the study's "
-                          f"'backbones' ({', '.join(backbones)}): add it there or remove it here")
+                raise bad(
+                    f"datasets.{key}.backbones",
+                    f"names {unknown[0]!r}, which is not in the study's "
+                    f"'backbones' ({', '.join(backbones)}): add it there or remove it here",
+                )
 
-    sections = ([("parameters", parameters)] + [(f"datasets.{k}", v) for k, v in datasets.items()]
-                + [(f"variants.{k}", v) for k, v in (variants or {}).items()])
+    sections = (
+        [("parameters", parameters)]
+        + [(f"datasets.{k}", v) for k, v in datasets.items()]
+        + [(f"variants.{k}", v) for k, v in (variants or {}).items()]
+    )
     for where, mapping in sections:
         for name, value in mapping.items():
             if name == DATASET_BACKBONES and where.startswith("datasets."):
@@ -369,13 +393,21 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
                 raise bad(f"{where}.{name}", "is set per cell from 'backbones': list it there")
             for placeholder in _PLACEHOLDER.findall(value) if isinstance(value, str) else ():
                 if placeholder not in _PLACEHOLDERS:
-                    raise bad(f"{where}.{name}", f"uses the unknown placeholder {{{placeholder}}} "
-                                         "(known: {data}, {synthetic}, {reports})")
+                    raise bad(
+                        f"{where}.{name}",
+                        f"uses the unknown placeholder {{{placeholder}}} (known: {{data}}, {{synthetic}}, {{reports}})",
+                    )
 
-    study = Study(path=path, notebook=found.resolve(), title=title, headline=tuple(headline),
-                  parameters=dict(parameters), backbones=tuple(backbones),
-                  datasets={k: dict(v) for k, v in datasets.items()},
-                  variants=None if variants is None else {k: dict(v) for k, v in variants.items()})
+    study = Study(
+        path=path,
+        notebook=found.resolve(),
+        title=title,
+        headline=tuple(headline),
+        parameters=dict(parameters),
+        backbones=tuple(backbones),
+        datasets={k: dict(v) for k, v in datasets.items()},
+        variants=None if variants is None else {k: dict(v) for k, v in variants.items()},
+    )
     names = [cell.name for cell in expand_grid(study)]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # e.g. dataset "a-b" x column "c" and dataset "a" x column "b-c"
@@ -410,8 +442,15 @@ def expand_grid(study: Study) -> list[Cell]:
         else:
             for variant, settings in study.variants.items():
                 parameters = {**study.parameters, **entry, **settings}
-                cells.append(Cell(name=f"{key}-{variant}", dataset=key, backbone=str(parameters.get("backbone", "")),
-                                  parameters=parameters, variant=variant))
+                cells.append(
+                    Cell(
+                        name=f"{key}-{variant}",
+                        dataset=key,
+                        backbone=str(parameters.get("backbone", "")),
+                        parameters=parameters,
+                        variant=variant,
+                    )
+                )
     return cells
 
 
@@ -433,7 +472,13 @@ def notebook_parameters(notebook: str | os.PathLike) -> list[str] | None:
                 raise StudyError(f"notebook {notebook}: its parameters cell is not plain Python ({error})") from None
             names = []
             for node in tree.body:
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
                 names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
             return names
     return None
@@ -443,16 +488,24 @@ def check_notebook_parameters(study: Study, cells: Sequence[Cell]) -> None:
     """Every parameter a cell sets must be declared in the notebook's ``parameters`` cell."""
     declared = notebook_parameters(study.notebook)
     if declared is None:
-        raise StudyError(f"notebook {study.notebook} has no code cell tagged 'parameters': tag one (papermill reads it)")
+        raise StudyError(
+            f"notebook {study.notebook} has no code cell tagged 'parameters': tag one (papermill reads it)"
+        )
     for name in RUNNER_PARAMETERS + (("backbone",) if study.variants is None else ()):
         if name not in declared:
-            raise StudyError(f"notebook {study.notebook} does not declare '{name}' in its parameters cell: the runner sets it")
+            raise StudyError(
+                f"notebook {study.notebook} does not declare '{name}' in its parameters cell: the runner sets it"
+            )
     for cell in cells:
         for name in cell.parameters:
             if name not in declared:
-                where = ("parameters" if name in study.parameters
-                         else f"datasets.{cell.dataset}" if name in study.datasets.get(cell.dataset, {})
-                         else f"variants.{cell.variant}")
+                where = (
+                    "parameters"
+                    if name in study.parameters
+                    else f"datasets.{cell.dataset}"
+                    if name in study.datasets.get(cell.dataset, {})
+                    else f"variants.{cell.variant}"
+                )
                 raise StudyError(
                     f"study file {study.path}: key '{where}.{name}' is not a parameter of {study.notebook.name} "
                     f"(its parameters: {', '.join(declared)})"
@@ -468,12 +521,15 @@ def select_cells(cells: Sequence[Cell], only: str | Iterable[str] | None) -> lis
         return list(cells)
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(cell.name, pattern) for cell in cells):
-            raise StudyError(f"--only {pattern!r} matches no cell of the study (cells: {', '.join(c.name for c in cells)})")
+            raise StudyError(
+                f"--only {pattern!r} matches no cell of the study (cells: {', '.join(c.name for c in cells)})"
+            )
     return [cell for cell in cells if any(fnmatch.fnmatchcase(cell.name, p) for p in patterns)]
 
 
-def resolve_parameters(parameters: Mapping[str, Any], *, data: Path | None,
-                       synthetic: Callable[[], Path], reports: Path | None = None) -> tuple[dict[str, Any], str | None]:
+def resolve_parameters(
+    parameters: Mapping[str, Any], *, data: Path | None, synthetic: Callable[[], Path], reports: Path | None = None
+) -> tuple[dict[str, Any], str | None]:
     """Replace ``{data}`` / ``{synthetic}`` / ``{reports}`` in string values.
 
     Returns ``(parameters, reason)``: ``reason`` is None when the cell can run, else why it
@@ -541,7 +597,9 @@ def reports_hash(reports_dir: Path, exclude: Path | None = None) -> str:
     return io.sha256_bytes("\n".join(sorted(digest)).encode())
 
 
-def inputs_hash(notebook: Path, parameters: Mapping[str, Any], data: Path | None, sources_hash: str | None = None) -> str:
+def inputs_hash(
+    notebook: Path, parameters: Mapping[str, Any], data: Path | None, sources_hash: str | None = None
+) -> str:
     """sha256 of what a cell's report depends on besides the package code (recorded apart,
     per module: :mod:`anomalib_study.freshness`); ``metrics_out`` (a temporary path) is left
     out. ``sources_hash``: the hash of every package source file, as the reports from
@@ -566,7 +624,8 @@ def _with_code_record_cell(notebook_bytes: bytes, path: Path) -> bytes:
     cell = nbformat.v4.new_code_cell(
         f"import anomalib_study.freshness as _anomalib_study_freshness\n"
         f"_anomalib_study_freshness.write_code_record({str(path)!r})",
-        metadata={"tags": [CODE_RECORD_TAG]})
+        metadata={"tags": [CODE_RECORD_TAG]},
+    )
     node.cells.append(cell)
     return nbformat.writes(node).encode("utf-8")
 
@@ -587,8 +646,10 @@ def choose_kernel(kernel_name: str | None, notebook: Path) -> str:
     installed = KernelSpecManager().find_kernel_specs()
     if kernel_name:
         if kernel_name not in installed:
-            raise StudyError(f"kernel {kernel_name!r} is not installed (installed: {', '.join(sorted(installed))}); "
-                             "`bash scripts/install.sh` installs 'anomalib-study'")
+            raise StudyError(
+                f"kernel {kernel_name!r} is not installed (installed: {', '.join(sorted(installed))}); "
+                "`bash scripts/install.sh` installs 'anomalib-study'"
+            )
         return kernel_name
     if PREFERRED_KERNEL in installed:
         return PREFERRED_KERNEL
@@ -708,8 +769,9 @@ def execute_cell(task: CellTask) -> CellOutput:
     try:
         return _execute_in_scratch(task, host, started_at)
     except Exception as exc:  # the host's own trouble (disk full, ...) is this cell's failure, by value too
-        return CellOutput(task.name, None, None, (type(exc).__name__, f"on host {host}: {exc}"), started_at=started_at,
-                          host=host)
+        return CellOutput(
+            task.name, None, None, (type(exc).__name__, f"on host {host}: {exc}"), started_at=started_at, host=host
+        )
 
 
 def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutput:
@@ -719,16 +781,27 @@ def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutpu
         metrics_out = scratch / f"{task.name}.metrics.json"
         error, duration = _prepare_host(task, host), 0.0
         if error is None:
-            error, duration = _papermill(task, scratch / "input" / Path(task.notebook).name, executed, metrics_out, host)
+            error, duration = _papermill(
+                task, scratch / "input" / Path(task.notebook).name, executed, metrics_out, host
+            )
 
         metrics = None
         if error is None:
             metrics = io.read_json_object(metrics_out)
             if metrics is None:
-                error = ("MissingMetrics", f"the notebook did not write a JSON object to metrics_out ({metrics_out.name})")
-        side_files = {} if error is not None else {
-            path.name: path.read_bytes() for path in sorted(scratch.glob(f"{glob.escape(task.name)}.*"))
-            if path not in (executed, metrics_out) and path.is_file()}
+                error = (
+                    "MissingMetrics",
+                    f"the notebook did not write a JSON object to metrics_out ({metrics_out.name})",
+                )
+        side_files = (
+            {}
+            if error is not None
+            else {
+                path.name: path.read_bytes()
+                for path in sorted(scratch.glob(f"{glob.escape(task.name)}.*"))
+                if path not in (executed, metrics_out) and path.is_file()
+            }
+        )
         notebook = None
         if executed.is_file():
             import nbformat
@@ -737,22 +810,29 @@ def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutpu
             node.metadata.setdefault("papermill", {})["input_path"] = task.notebook  # not the scratch copy
             notebook = nbformat.writes(node).encode("utf-8")
         code = freshness.read_code_record(scratch / CODE_RECORD_FILE) if error is None else None
-    return CellOutput(task.name, notebook, metrics if error is None else None, error, side_files, duration,
-                      started_at, host, code)
+    return CellOutput(
+        task.name, notebook, metrics if error is None else None, error, side_files, duration, started_at, host, code
+    )
 
 
 def _prepare_host(task: CellTask, host: str) -> tuple[str, str] | None:
     """Check that this host sees the paths the cell needs; generate the synthetic set if missing."""
     for what, path in task.needs:
         if not Path(path).exists():
-            return ("MissingPath", f"host {host} does not see {path} ({what}): every worker needs the data and "
-                                   "the project at the same paths as the client (shared or mounted there)")
+            return (
+                "MissingPath",
+                f"host {host} does not see {path} ({what}): every worker needs the data and "
+                "the project at the same paths as the client (shared or mounted there)",
+            )
     if task.synthetic is not None:
         try:
             _ensure_synthetic(Path(task.synthetic))
         except Exception as exc:
-            return (type(exc).__name__, f"could not generate the synthetic set at {task.synthetic} on host {host}: "
-                                        f"{exc}; set ANOMALIB_STUDY_CACHE on the client to a folder the workers can write")
+            return (
+                type(exc).__name__,
+                f"could not generate the synthetic set at {task.synthetic} on host {host}: "
+                f"{exc}; set ANOMALIB_STUDY_CACHE on the client to a folder the workers can write",
+            )
     return None
 
 
@@ -769,8 +849,9 @@ def _ensure_synthetic(root: Path) -> None:
         make_synthetic_dagm(root, seed=SYNTHETIC_SEED)  # a no-op when the set is there
 
 
-def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path,
-               host: str) -> tuple[tuple[str, str] | None, float]:
+def _papermill(
+    task: CellTask, source: Path, executed: Path, metrics_out: Path, host: str
+) -> tuple[tuple[str, str] | None, float]:
     """Run papermill; returns ``(error, seconds)``: ``error`` is ``(ename, evalue)`` if the cell
     failed, else None; the clock starts after the imports (seconds in a fresh worker)."""
     import papermill
@@ -783,11 +864,16 @@ def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path,
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
-            str(source), str(executed), parameters={**task.parameters, "metrics_out": str(metrics_out)},
-            kernel_name=task.kernel, progress_bar=False, log_output=False,
+            str(source),
+            str(executed),
+            parameters={**task.parameters, "metrics_out": str(metrics_out)},
+            kernel_name=task.kernel,
+            progress_bar=False,
+            log_output=False,
             # the kernel's working folder, set without papermill's process-wide chdir (unsafe in threads)
             resources={"metadata": {"path": task.cwd}},
-            kernel_manager_class=manager, config=Config({manager.__name__: {"extra_env": dict(task.env)}}),
+            kernel_manager_class=manager,
+            config=Config({manager.__name__: {"extra_env": dict(task.env)}}),
         )
         error = None
     except PapermillExecutionError as exc:
@@ -795,8 +881,11 @@ def _papermill(task: CellTask, source: Path, executed: Path, metrics_out: Path,
     except Exception as exc:  # kernel died, would not start, ...: still a failed cell, not a crashed study
         error = (type(exc).__name__, str(exc))
         if error[0] == "NoSuchKernel":
-            error = (error[0], f"kernel {task.kernel!r} is not installed on host {host}: "
-                               "`bash scripts/install.sh` there installs 'anomalib-study'")
+            error = (
+                error[0],
+                f"kernel {task.kernel!r} is not installed on host {host}: "
+                "`bash scripts/install.sh` there installs 'anomalib-study'",
+            )
     return error, round(time.perf_counter() - start, 2)
 
 
@@ -812,19 +901,25 @@ def connect_cluster(address: str) -> Any:
     try:
         from distributed import Client
     except ImportError:
-        raise StudyError("--scheduler needs dask.distributed, which is not installed: "
-                         "pip install 'anomalib-study[cluster]' (or pip install distributed)") from None
+        raise StudyError(
+            "--scheduler needs dask.distributed, which is not installed: "
+            "pip install 'anomalib-study[cluster]' (or pip install distributed)"
+        ) from None
     try:
         client = Client(address, set_as_default=False, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        raise StudyError(f"cannot reach the Dask scheduler at {address!r} ({exc}): start one with `dask scheduler` "
-                         "and pass the address it prints, e.g. --scheduler tcp://10.0.0.5:8786") from None
+        raise StudyError(
+            f"cannot reach the Dask scheduler at {address!r} ({exc}): start one with `dask scheduler` "
+            "and pass the address it prints, e.g. --scheduler tcp://10.0.0.5:8786"
+        ) from None
     try:
         client.wait_for_workers(1, timeout=WORKER_WAIT_S)
     except TimeoutError:
         client.close()
-        raise StudyError(f"no Dask worker joined the scheduler at {address} within {WORKER_WAIT_S} s: "
-                         f"start workers with `dask worker {address}`") from None
+        raise StudyError(
+            f"no Dask worker joined the scheduler at {address} within {WORKER_WAIT_S} s: "
+            f"start workers with `dask worker {address}`"
+        ) from None
     return client
 
 
@@ -875,8 +970,18 @@ class _Runner:
     ``on_cluster``: the cells run on Dask workers, which generate the synthetic set
     themselves (the client only names its folder) and are named in the log."""
 
-    def __init__(self, study: Study, out_dir: Path, kernel: str, data: Path | None, force: bool,
-                 log: Callable[[str], None], total: int, env: Mapping[str, str], on_cluster: bool = False):
+    def __init__(
+        self,
+        study: Study,
+        out_dir: Path,
+        kernel: str,
+        data: Path | None,
+        force: bool,
+        log: Callable[[str], None],
+        total: int,
+        env: Mapping[str, str],
+        on_cluster: bool = False,
+    ):
         self.study, self.out_dir, self.kernel, self.data, self.force = study, out_dir, kernel, data, force
         self.log, self.total, self.env, self.on_cluster = log, total, dict(env), on_cluster
         self.sources_hash = package_sources_hash()  # for the reports from before the per-module record
@@ -891,45 +996,74 @@ class _Runner:
     def prepare(self, index: int, cell: Cell) -> CellResult | _Pending:
         """The cell's result when it is not run (skipped, unchanged), else what to execute."""
         tag = f"[{index}/{self.total}] {cell.name}"
-        parameters, reason = resolve_parameters(cell.parameters, data=self.data, synthetic=self.synthetic_root,
-                                                reports=self.out_dir.parent)
+        parameters, reason = resolve_parameters(
+            cell.parameters, data=self.data, synthetic=self.synthetic_root, reports=self.out_dir.parent
+        )
         if reason:
             self.log(f"{tag}: skipped, {reason}")
-            return CellResult(cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason,
-                              variant=cell.variant)
+            return CellResult(
+                cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason, variant=cell.variant
+            )
         parameters["report_name"] = cell.name
         paths = self.paths(cell.name)
         previous = io.read_json_object(paths["metrics"]) or {}
         run_info = previous.get("_run", {})
         legacy = "code" not in run_info  # run before the per-module record: every source file counts
         digest = inputs_hash(self.study.notebook, parameters, self.data)
-        recorded_digest = inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash) if legacy else digest
+        recorded_digest = (
+            inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash) if legacy else digest
+        )
         if uses_reports(cell.parameters):  # its inputs are the other reports, too
             others = reports_hash(self.out_dir.parent, exclude=self.out_dir)
             digest, recorded_digest = (io.sha256_bytes(f"{d}:{others}".encode()) for d in (digest, recorded_digest))
 
         code_current = legacy or freshness.changed_modules(run_info.get("code")) == []
-        if (not self.force and run_info.get("inputs_hash") == recorded_digest and code_current
-                and run_info.get("status") == "ok" and paths["html"].is_file() and not paths["failed_json"].exists()):
+        if (
+            not self.force
+            and run_info.get("inputs_hash") == recorded_digest
+            and code_current
+            and run_info.get("status") == "ok"
+            and paths["html"].is_file()
+            and not paths["failed_json"].exists()
+        ):
             metrics = {k: v for k, v in previous.items() if k != "_run"}
             self.log(f"{tag}: unchanged, not rerun ({_headline_text(metrics, self.study.headline)})".replace(" ()", ""))
-            return CellResult(cell.name, cell.dataset, cell.backbone, "unchanged", parameters, metrics,
-                              html=paths["html"], variant=cell.variant)
+            return CellResult(
+                cell.name,
+                cell.dataset,
+                cell.backbone,
+                "unchanged",
+                parameters,
+                metrics,
+                html=paths["html"],
+                variant=cell.variant,
+            )
 
         uses_synthetic = any(isinstance(value, str) and "{synthetic}" in value for value in cell.parameters.values())
         needs = [("the notebook's folder, where its kernel starts", str(self.study.notebook.parent))]
-        needs += [(f"parameter {name}", str(parameters[name])) for name, value in cell.parameters.items()
-                  if isinstance(value, str) and "{data}" in value and Path(parameters[name]).exists()]
-        task = CellTask(name=cell.name, notebook=str(self.study.notebook), notebook_bytes=self.notebook_bytes,
-                        parameters=parameters, kernel=self.kernel, cwd=str(self.study.notebook.parent),
-                        env=self.env, needs=tuple(needs),
-                        synthetic=str(self.synthetic_root()) if self.on_cluster and uses_synthetic else None)
+        needs += [
+            (f"parameter {name}", str(parameters[name]))
+            for name, value in cell.parameters.items()
+            if isinstance(value, str) and "{data}" in value and Path(parameters[name]).exists()
+        ]
+        task = CellTask(
+            name=cell.name,
+            notebook=str(self.study.notebook),
+            notebook_bytes=self.notebook_bytes,
+            parameters=parameters,
+            kernel=self.kernel,
+            cwd=str(self.study.notebook.parent),
+            env=self.env,
+            needs=tuple(needs),
+            synthetic=str(self.synthetic_root()) if self.on_cluster and uses_synthetic else None,
+        )
         return _Pending(index, tag, cell, parameters, digest, task)
 
     def paths(self, name: str) -> dict[str, Path]:
         base = self.out_dir / name
         return {
-            "ipynb": base.with_name(f"{name}.ipynb"), "html": base.with_name(f"{name}.html"),
+            "ipynb": base.with_name(f"{name}.ipynb"),
+            "html": base.with_name(f"{name}.html"),
             "metrics": base.with_name(f"{name}.metrics.json"),
             "failed_ipynb": base.with_name(f"{name}.failed.ipynb"),
             "failed_html": base.with_name(f"{name}.failed.html"),
@@ -944,12 +1078,21 @@ class _Runner:
         cell, parameters, tag, paths = pending.cell, pending.parameters, pending.tag, self.paths(pending.cell.name)
         error, duration = output.error, output.duration_s
         run = {
-            "study": str(self.study.path), "title": self.study.title, "notebook": str(self.study.notebook),
-            "cell": cell.name, "dataset": cell.dataset, "backbone": cell.backbone,
-            "headline": list(self.study.headline), "parameters": parameters, "inputs_hash": pending.digest,
-            "kernel": self.kernel, "duration_s": duration, "started_at": output.started_at,
+            "study": str(self.study.path),
+            "title": self.study.title,
+            "notebook": str(self.study.notebook),
+            "cell": cell.name,
+            "dataset": cell.dataset,
+            "backbone": cell.backbone,
+            "headline": list(self.study.headline),
+            "parameters": parameters,
+            "inputs_hash": pending.digest,
+            "kernel": self.kernel,
+            "duration_s": duration,
+            "started_at": output.started_at,
             # recorded apart from inputs_hash, so that the index can tell a stale report
-            "notebook_sha256": io.sha256_bytes(self.notebook_bytes), "code": output.code,
+            "notebook_sha256": io.sha256_bytes(self.notebook_bytes),
+            "code": output.code,
             # the client's provenance; the kernel's torch reads OMP_NUM_THREADS and evaluate records the
             # count it ran with (on a cluster, evaluate's environment describes the worker's machine)
             "provenance": provenance.collect(self.study.notebook, torch_threads=False),
@@ -982,13 +1125,27 @@ class _Runner:
             with io.atomic_write(paths["failed_html"], "w") as handle:
                 handle.write(page)
             io.write_json(paths["failed_json"], {"_run": run})
-            self.log(f"{tag}: FAILED after {duration:.1f} s{where}: {error[0]}: {_first_line(error[1])} "
-                     f"(see {paths['failed_html']})")
-            return CellResult(cell.name, cell.dataset, cell.backbone, "failed", parameters, {}, duration,
-                              paths["failed_html"], f"{error[0]}: {error[1]}", variant=cell.variant)
+            self.log(
+                f"{tag}: FAILED after {duration:.1f} s{where}: {error[0]}: {_first_line(error[1])} "
+                f"(see {paths['failed_html']})"
+            )
+            return CellResult(
+                cell.name,
+                cell.dataset,
+                cell.backbone,
+                "failed",
+                parameters,
+                {},
+                duration,
+                paths["failed_html"],
+                f"{error[0]}: {error[1]}",
+                variant=cell.variant,
+            )
 
         metrics = dict(output.metrics or {})
-        metrics.setdefault("synthetic", any(isinstance(v, str) and "{synthetic}" in v for v in cell.parameters.values()))
+        metrics.setdefault(
+            "synthetic", any(isinstance(v, str) and "{synthetic}" in v for v in cell.parameters.values())
+        )
         metrics["_run"] = run
         with io.atomic_write(paths["ipynb"]) as handle:
             handle.write(output.notebook)
@@ -1002,12 +1159,23 @@ class _Runner:
         _unlink(paths["failed_ipynb"], paths["failed_html"], paths["failed_json"])
         size = paths["html"].stat().st_size
         if size > REPORT_SIZE_WARNING:
-            self.log(f"{tag}: warning: {paths['html']} is {size / 1e6:.1f} MB; keep the notebook's images "
-                     "small (JPEG thumbnails)")
+            self.log(
+                f"{tag}: warning: {paths['html']} is {size / 1e6:.1f} MB; keep the notebook's images "
+                "small (JPEG thumbnails)"
+            )
         metrics.pop("_run")
         self.log(f"{tag}: ok in {duration:.1f} s{where} {_headline_text(metrics, self.study.headline)}".rstrip())
-        return CellResult(cell.name, cell.dataset, cell.backbone, "ok", parameters, metrics, duration, paths["html"],
-                          variant=cell.variant)
+        return CellResult(
+            cell.name,
+            cell.dataset,
+            cell.backbone,
+            "ok",
+            parameters,
+            metrics,
+            duration,
+            paths["html"],
+            variant=cell.variant,
+        )
 
 
 def _lost(task: CellTask, exc: BaseException) -> CellOutput:
@@ -1019,8 +1187,10 @@ def _lost(task: CellTask, exc: BaseException) -> CellOutput:
     except Exception:  # an exception rebuilt on the client may lack what its __str__ reads
         detail = repr(exc.args)
     if ename == "KilledWorker":
-        evalue = (f"the workers running this cell died repeatedly ({detail}); raise the scheduler's "
-                  "distributed.scheduler.allowed-failures or give the workers more memory")
+        evalue = (
+            f"the workers running this cell died repeatedly ({detail}); raise the scheduler's "
+            "distributed.scheduler.allowed-failures or give the workers more memory"
+        )
     elif isinstance(exc, ImportError):
         evalue = f"{detail}: install anomalib_study on every worker (bash scripts/install.sh)"
     else:
@@ -1083,9 +1253,11 @@ def _first_line(text: str) -> str:
 
 
 def _error_page(title: str, ename: str, evalue: str) -> str:
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>FAILED {html.escape(title)}</title></head>"
-            f"<body><h1>FAILED {html.escape(title)}</h1><pre>{html.escape(ename)}: {html.escape(evalue)}</pre>"
-            "</body></html>\n")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>FAILED {html.escape(title)}</title></head>"
+        f"<body><h1>FAILED {html.escape(title)}</h1><pre>{html.escape(ename)}: {html.escape(evalue)}</pre>"
+        "</body></html>\n"
+    )
 
 
 def run_study(
@@ -1129,10 +1301,14 @@ def run_study(
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ParameterError(f"jobs must be a whole number >= 1, got {jobs!r}")
     if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
-        raise ParameterError(f"scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786, got {scheduler!r}")
+        raise ParameterError(
+            f"scheduler must be a Dask scheduler address such as tcp://10.0.0.5:8786, got {scheduler!r}"
+        )
     if scheduler is not None and jobs != 1:
-        raise ParameterError(f"--jobs {jobs} and --scheduler are exclusive: on a Dask cluster the workers' threads "
-                             "set how many cells run at once (`dask worker --nthreads N`)")
+        raise ParameterError(
+            f"--jobs {jobs} and --scheduler are exclusive: on a Dask cluster the workers' threads "
+            "set how many cells run at once (`dask worker --nthreads N`)"
+        )
     studies = read_studies(study_file)
     grids = []
     for study in studies:
@@ -1143,9 +1319,11 @@ def run_study(
         grids.append(cells)
     patterns = [] if only is None else [only] if isinstance(only, str) else list(only)
     if patterns:  # a pattern must match a cell of some part; each part keeps its matches
+
         def matches(study: Study, cell: Cell, pattern: str) -> bool:
-            return (fnmatch.fnmatchcase(cell.name, pattern)
-                    or fnmatch.fnmatchcase(f"{study.notebook.stem}/{cell.name}", pattern))
+            return fnmatch.fnmatchcase(cell.name, pattern) or fnmatch.fnmatchcase(
+                f"{study.notebook.stem}/{cell.name}", pattern
+            )
 
         for pattern in patterns:
             if not any(matches(s, c, pattern) for s, cells in zip(studies, grids) for c in cells):
@@ -1165,8 +1343,17 @@ def run_study(
             if not cells:
                 continue
             kernel = choose_kernel(kernel_name, study.notebook)
-            runner = _Runner(study, reports / study.notebook.stem, kernel, data.resolve() if data else None, force,
-                             log, len(cells), kernel_env(threads), on_cluster=client is not None)
+            runner = _Runner(
+                study,
+                reports / study.notebook.stem,
+                kernel,
+                data.resolve() if data else None,
+                force,
+                log,
+                len(cells),
+                kernel_env(threads),
+                on_cluster=client is not None,
+            )
             where = f"Dask scheduler {scheduler}" if client is not None else f"jobs {jobs}"
             log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, {where}")
             prepared = [runner.prepare(i, cell) for i, cell in enumerate(cells, 1)]
@@ -1200,8 +1387,12 @@ def exit_code(results: Iterable[CellResult]) -> int:
 # --------------------------------------------------------------------------- index
 
 
-def write_index(reports_dir: str | os.PathLike = "reports", *, skipped: Mapping[tuple[str, str], str] | None = None,
-                sources_hash: str | None = None) -> Path:
+def write_index(
+    reports_dir: str | os.PathLike = "reports",
+    *,
+    skipped: Mapping[tuple[str, str], str] | None = None,
+    sources_hash: str | None = None,
+) -> Path:
     """Write the front page ``reports_dir/index.html`` (:func:`anomalib_study.frontpage.write_index`).
 
     ``skipped``: (notebook stem, cell name) -> why, for the cells of the run just made that

@@ -67,7 +67,10 @@ _GATHER_BLOCK = 2**22  # floats of gathered candidate rows per block of queries
 #: metric name -> faiss metric type
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 
-_FACTORY_EXAMPLES = '"Flat" (exact), "IVF1024,PQ16np", "PQ16np", "HNSW32" ("np" skips the polysemous training that plain searches never use)'
+_FACTORY_EXAMPLES = (
+    '"Flat" (exact), "IVF1024,PQ16np", "PQ16np", "HNSW32" ("np" skips the polysemous training that plain '
+    "searches never use)"
+)
 _BYTES_MAGIC = b"ASNNIDX1"  # anomalib_study nearest-neighbour index, container version 1
 _threads_set = False
 
@@ -78,7 +81,7 @@ def _principal_components(rows: torch.Tensor, mean: torch.Tensor, n_components: 
     d = rows.shape[1]
     scatter = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
     for start in range(0, rows.shape[0], step):
-        centred = rows[start:start + step] - mean
+        centred = rows[start : start + step] - mean
         scatter += (centred.T @ centred).double()
     _, vectors = torch.linalg.eigh(scatter)  # eigenvalues ascending
     return vectors[:, -n_components:].flip(1).float().contiguous()
@@ -129,8 +132,9 @@ def _exact_squared(rows: torch.Tensor, queries: torch.Tensor, chosen: torch.Tens
     out = np.empty((b, r), dtype=np.float32)
     x = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
     ids = np.ascontiguousarray(chosen.numpy(), dtype=np.int64)
-    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows.numpy()),
-                            faiss.swig_ptr(ids), rows.shape[1], b, r)
+    faiss.fvec_L2sqr_by_idx(
+        faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(rows.numpy()), faiss.swig_ptr(ids), rows.shape[1], b, r
+    )
     return torch.from_numpy(out)
 
 
@@ -259,11 +263,15 @@ class NearestNeighbourIndex:
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
         if not isinstance(self.factory, str) or not self.factory.strip():
-            raise ParameterError(f"index factory must be a non-empty string such as {_FACTORY_EXAMPLES}, got {self.factory!r}")
+            raise ParameterError(
+                f"index factory must be a non-empty string such as {_FACTORY_EXAMPLES}, got {self.factory!r}"
+            )
         if self.metric not in METRICS:
             raise ParameterError(f"metric must be one of {sorted(METRICS)}, got {self.metric!r}")
         if self.kmeans_reduce is not None and (
-            isinstance(self.kmeans_reduce, bool) or not isinstance(self.kmeans_reduce, (int, np.integer)) or self.kmeans_reduce < 1
+            isinstance(self.kmeans_reduce, bool)
+            or not isinstance(self.kmeans_reduce, (int, np.integer))
+            or self.kmeans_reduce < 1
         ):
             raise ParameterError(f"kmeans_reduce must be None or an integer >= 1, got {self.kmeans_reduce!r}")
         if self.nprobe is not None and (
@@ -282,10 +290,15 @@ class NearestNeighbourIndex:
         if isinstance(self.rerank, bool) or not isinstance(self.rerank, (int, np.integer)) or self.rerank < 1:
             raise ParameterError(f"rerank must be an integer >= 1 (candidates per query, e.g. 8), got {self.rerank!r}")
         if self.candidate_dim is not None:
-            if isinstance(self.candidate_dim, bool) or not isinstance(self.candidate_dim, (int, np.integer)) \
-                    or self.candidate_dim < 1:
-                raise ParameterError(f"candidate_dim must be None (every feature) or an integer >= 1, e.g. 256, "
-                                     f"got {self.candidate_dim!r}")
+            if (
+                isinstance(self.candidate_dim, bool)
+                or not isinstance(self.candidate_dim, (int, np.integer))
+                or self.candidate_dim < 1
+            ):
+                raise ParameterError(
+                    f"candidate_dim must be None (every feature) or an integer >= 1, e.g. 256, "
+                    f"got {self.candidate_dim!r}"
+                )
             if not self._flat_l2():
                 raise ParameterError(
                     f"candidate_dim re-ranks the exact search only: it needs factory 'Flat' and metric 'l2', got "
@@ -344,12 +357,12 @@ class NearestNeighbourIndex:
             if n < minimum:
                 raise ParameterError(
                     f"index {self.factory!r} needs at least {minimum} training points "
-                    f"(faiss recommends {recommended}) but the bank has {n}: use \"Flat\" for small banks"
+                    f'(faiss recommends {recommended}) but the bank has {n}: use "Flat" for small banks'
                 )
             if n < recommended:
                 warnings.warn(
                     f"index {self.factory!r} is trained on {n} points; faiss recommends at least "
-                    f"{recommended}: results may be poor, consider \"Flat\"",
+                    f'{recommended}: results may be poor, consider "Flat"',
                     stacklevel=2,
                 )
             try:
@@ -357,7 +370,7 @@ class NearestNeighbourIndex:
             except RuntimeError as error:
                 raise ParameterError(
                     f"could not train index {self.factory!r} on {n} points of dimension {d} "
-                    f"({_faiss_reason(error)}); use \"Flat\" for small banks"
+                    f'({_faiss_reason(error)}); use "Flat" for small banks'
                 ) from None
         assert index.is_trained, f"faiss index {self.factory!r} is not trained after train()"
         index.add(bank)
@@ -397,11 +410,13 @@ class NearestNeighbourIndex:
             width = d if components is None else components.shape[1]
             low = torch.empty(n, width + _NORM_COLUMNS, dtype=dtype, device=device)
             for start in range(0, n, step):
-                centred = rows[start:start + step] - mean
-                low[start:start + step, :width] = centred if components is None else centred @ components
+                centred = rows[start : start + step] - mean
+                low[start : start + step, :width] = centred if components is None else centred @ components
                 # [b, 1, 1, |b|^2 (value), |b|^2 (remainder)]: see _query_rows
-                low[start:start + step, width:width + 2] = 1.0
-                low[start:start + step, width + 2:] = _split(_squared_norms(low[start:start + step, :width]), dtype)
+                low[start : start + step, width : width + 2] = 1.0
+                low[start : start + step, width + 2 :] = _split(
+                    _squared_norms(low[start : start + step, :width]), dtype
+                )
         return {"rows": rows, "mean": mean, "components": components, "low": low, "width": width}
 
     def _apply_search_params(self) -> None:
@@ -410,7 +425,8 @@ class NearestNeighbourIndex:
                 faiss.ParameterSpace().set_index_parameter(self.index_, "nprobe", int(self.nprobe))
             except RuntimeError:
                 raise ParameterError(
-                    f"nprobe applies to IVF indexes only; index {self.factory!r} has no inverted lists: pass nprobe=None"
+                    f"nprobe applies to IVF indexes only; index {self.factory!r} has no inverted lists: "
+                    "pass nprobe=None"
                 ) from None
 
     def _to_device(self, index):
@@ -452,9 +468,7 @@ class NearestNeighbourIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ParameterError(f"k must be an integer >= 1, got {k!r}")
         if k > self.ntotal:
-            raise ParameterError(
-                f"k={k} is larger than the {self.ntotal} vectors in the index: use k <= {self.ntotal}"
-            )
+            raise ParameterError(f"k={k} is larger than the {self.ntotal} vectors in the index: use k <= {self.ntotal}")
         queries = _as_matrix("queries", queries, dim=self.dim_)
         if self._reranked():
             distances, indices, _ = self._reranked_search(queries, int(k))
@@ -488,7 +502,7 @@ class NearestNeighbourIndex:
         candidates = np.empty((queries.shape[0], r), dtype=np.int64)
         with torch.inference_mode():
             for start in range(0, queries.shape[0], block):
-                q = q_all[start:start + block]
+                q = q_all[start : start + block]
                 centred = q - low["mean"]
                 if low["components"] is not None:
                     centred = centred @ low["components"]
@@ -516,8 +530,10 @@ class NearestNeighbourIndex:
         """
         self._check_fitted()
         if not self._flat_l2():
-            raise ParameterError(f"rerank_hit_rate compares the bf16 search with the exact one: it needs factory "
-                                 f"'Flat' and metric 'l2', got {self.factory!r}, {self.metric!r}")
+            raise ParameterError(
+                f"rerank_hit_rate compares the bf16 search with the exact one: it needs factory "
+                f"'Flat' and metric 'l2', got {self.factory!r}, {self.metric!r}"
+            )
         queries = _as_matrix("queries", queries, dim=self.dim_)
         reranked, _, candidates = self._reranked_search(queries, 1)
         _set_faiss_threads()
@@ -527,9 +543,13 @@ class NearestNeighbourIndex:
         tie = reranked[:, 0] <= exact * (1 + 1e-6) + 1e-7
         hits = contained | tie
         excess = (reranked[:, 0] - exact)[~hits]
-        return {"hit_rate": float(hits.mean()), "n_queries": int(hits.size), "n_hits": int(hits.sum()),
-                "rerank": int(min(self.ntotal, self.rerank)),
-                "max_distance_excess": float(excess.max()) if excess.size else 0.0}
+        return {
+            "hit_rate": float(hits.mean()),
+            "n_queries": int(hits.size),
+            "n_hits": int(hits.sum()),
+            "rerank": int(min(self.ntotal, self.rerank)),
+            "max_distance_excess": float(excess.max()) if excess.size else 0.0,
+        }
 
     def describe(self) -> dict:
         """The settings to record with every result: factory, metric, kmeans_reduce, ntotal, dim, nprobe, seed,
@@ -603,6 +623,7 @@ class NearestNeighbourIndex:
     def __repr__(self) -> str:
         return (
             f"NearestNeighbourIndex(factory={self.factory!r}, metric={self.metric!r}, "
-            f"kmeans_reduce={self.kmeans_reduce!r}, seed={self.seed!r}, nprobe={self.nprobe!r}, device={self.device!r}, "
+            f"kmeans_reduce={self.kmeans_reduce!r}, seed={self.seed!r}, nprobe={self.nprobe!r}, "
+            f"device={self.device!r}, "
             f"precision={self.precision!r}, rerank={self.rerank!r}, candidate_dim={self.candidate_dim!r})"
         )

@@ -41,19 +41,42 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from anomalib_study import runner
 from anomalib_study.errors import ParameterError, StudyError
 
-__all__ = ["UNCOMPARED", "MISSING", "Drift", "VerifyResult", "compare_metrics", "committed_reports", "exit_code",
-           "flatten", "format_table", "provenance_differences", "verify_reports"]
+__all__ = [
+    "UNCOMPARED",
+    "MISSING",
+    "Drift",
+    "VerifyResult",
+    "compare_metrics",
+    "committed_reports",
+    "exit_code",
+    "flatten",
+    "format_table",
+    "provenance_differences",
+    "verify_reports",
+]
 
 #: fnmatch patterns: a key whose path has a part matching one of these is not compared
 UNCOMPARED = (
-    "_run", "environment", "provenance", "weights_sha256",  # provenance: reported separately
-    "*_s", "*seconds*", "*minutes*", "*per_s", "*timings*", "training",  # wall-clock times
-    "peak_memory*", "peak_rss*", "*_mb",  # memory
-    "path", "root", "*_path", "*_dir",  # paths on the machine that ran it
+    "_run",
+    "environment",
+    "provenance",
+    "weights_sha256",  # provenance: reported separately
+    "*_s",
+    "*seconds*",
+    "*minutes*",
+    "*per_s",
+    "*timings*",
+    "training",  # wall-clock times
+    "peak_memory*",
+    "peak_rss*",
+    "*_mb",  # memory
+    "path",
+    "root",
+    "*_path",
+    "*_dir",  # paths on the machine that ran it
 )
 #: the statuses of a :class:`VerifyResult`; the first two are the only ones that pass
 STATUSES = ("matched", "skipped", "drifted", "failed")
-
 
 
 class _Missing:
@@ -143,8 +166,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def compare_metrics(committed: Mapping[str, Any], new: Mapping[str, Any], tolerance: float = 0.0
-                    ) -> tuple[int, int, list[Drift]]:
+def compare_metrics(
+    committed: Mapping[str, Any], new: Mapping[str, Any], tolerance: float = 0.0
+) -> tuple[int, int, list[Drift]]:
     """Compare two metrics dicts (see the module docstring); returns ``(compared, matched, drifts)``."""
     tolerance = _check_tolerance(tolerance)
     old, fresh = dict(flatten(committed)), dict(flatten(new))
@@ -219,8 +243,10 @@ def provenance_differences(committed: Mapping[str, Any], new: Mapping[str, Any])
     lines = []
     unrecorded = _get(committed, "_run", "provenance") is _MISSING
     if unrecorded:
-        lines.append("the committed report has no _run.provenance (written before it was recorded): "
-                     "its commit, CPU and threads are unknown")
+        lines.append(
+            "the committed report has no _run.provenance (written before it was recorded): "
+            "its commit, CPU and threads are unknown"
+        )
     for label, paths in _PROVENANCE_FIELDS:
         old, fresh = _first(committed, paths), _first(new, paths)
         if old is _MISSING and unrecorded and paths[0][:2] == ("_run", "provenance"):
@@ -271,11 +297,13 @@ def committed_reports(reports_dir: str | os.PathLike = "reports") -> list[tuple[
     """``(<notebook folder>/<cell>, metrics file)`` of every committed report, sorted."""
     reports = Path(reports_dir)
     if not reports.is_dir():
-        raise StudyError(f"reports folder {reports} not found: pass --reports DIR (the folder `anomalib-study run` "
-                         "wrote)")
+        raise StudyError(
+            f"reports folder {reports} not found: pass --reports DIR (the folder `anomalib-study run` wrote)"
+        )
     found = []
-    for folder in sorted(p for p in reports.iterdir() if p.is_dir() and p.name != "benchmarks"
-                         and not p.name.startswith(".")):
+    for folder in sorted(
+        p for p in reports.iterdir() if p.is_dir() and p.name != "benchmarks" and not p.name.startswith(".")
+    ):
         for path in sorted(folder.glob("*.metrics.json")):
             if not path.name.startswith("."):
                 found.append((f"{folder.name}/{path.name[: -len('.metrics.json')]}", path))
@@ -293,8 +321,10 @@ def _select(found: Sequence[tuple[str, Path]], only: str | Iterable[str] | None)
     for pattern in patterns:
         if not any(matches(report, pattern) for report, _ in found):
             names = ", ".join(report for report, _ in found[:8]) + (", ..." if len(found) > 8 else "")
-            raise StudyError(f"--only {pattern!r} matches no committed report (cell name or <notebook>/<cell>, "
-                             f"glob allowed; reports: {names})")
+            raise StudyError(
+                f"--only {pattern!r} matches no committed report (cell name or <notebook>/<cell>, "
+                f"glob allowed; reports: {names})"
+            )
     return [(report, path) for report, path in found if any(matches(report, p) for p in patterns)]
 
 
@@ -306,9 +336,11 @@ def _study_file(named: str, metrics_path: Path, reports: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise StudyError(f"study file {named} (named by {metrics_path} in _run.study) not found (looked at "
-                     f"{', '.join(dict.fromkeys(map(str, candidates)))}): restore it, or run verify from the "
-                     "repository that holds it")
+    raise StudyError(
+        f"study file {named} (named by {metrics_path} in _run.study) not found (looked at "
+        f"{', '.join(dict.fromkeys(map(str, candidates)))}): restore it, or run verify from the "
+        "repository that holds it"
+    )
 
 
 @contextlib.contextmanager
@@ -320,8 +352,10 @@ def _scratch_folder(scratch: str | os.PathLike | None, reports: Path) -> Iterato
     folder = Path(scratch).resolve()
     committed = reports.resolve()
     if folder == committed or committed in folder.parents or folder in committed.parents:
-        raise ParameterError(f"--keep-scratch {scratch}: the scratch folder must lie outside the reports folder "
-                             f"{reports} (verify never writes into it); choose another folder")
+        raise ParameterError(
+            f"--keep-scratch {scratch}: the scratch folder must lie outside the reports folder "
+            f"{reports} (verify never writes into it); choose another folder"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     yield folder
 
@@ -357,8 +391,10 @@ def verify_reports(
     reports = Path(reports_dir)
     selected = _select(committed_reports(reports), only)
     if not selected:
-        raise StudyError(f"no committed reports under {reports}/<notebook>/ (nothing to verify): run "
-                         "`anomalib-study run STUDY` first")
+        raise StudyError(
+            f"no committed reports under {reports}/<notebook>/ (nothing to verify): run "
+            "`anomalib-study run STUDY` first"
+        )
     results: dict[str, VerifyResult] = {}
     by_study: dict[Path, list[_Committed]] = {}
     for report, path in selected:
@@ -367,8 +403,12 @@ def verify_reports(
             metrics = json.loads(path.read_text(encoding="utf-8"))
             named = metrics["_run"]["study"]
         except (OSError, ValueError, KeyError, TypeError):
-            results[report] = VerifyResult(report, "failed", committed=path, message=(
-                f"{path} is not a report written by `anomalib-study run` (no readable _run.study)"))
+            results[report] = VerifyResult(
+                report,
+                "failed",
+                committed=path,
+                message=(f"{path} is not a report written by `anomalib-study run` (no readable _run.study)"),
+            )
             continue
         try:
             study = _study_file(str(named), path, reports)
@@ -389,9 +429,15 @@ def verify_reports(
     return ordered
 
 
-def _rerun_study(study_path: Path, entries: list[_Committed], out: Path, tolerance: float,
-                 data_root: str | os.PathLike | None, kernel_name: str | None, log: Callable[[str], None]
-                 ) -> Iterator[tuple[_Committed, VerifyResult]]:
+def _rerun_study(
+    study_path: Path,
+    entries: list[_Committed],
+    out: Path,
+    tolerance: float,
+    data_root: str | os.PathLike | None,
+    kernel_name: str | None,
+    log: Callable[[str], None],
+) -> Iterator[tuple[_Committed, VerifyResult]]:
     try:  # a study file, or a suite whose parts run several notebooks
         studies = {study.notebook.stem: study for study in runner.read_studies(study_path)}
         cells = {stem: {cell.name for cell in runner.expand_grid(study)} for stem, study in studies.items()}
@@ -403,19 +449,42 @@ def _rerun_study(study_path: Path, entries: list[_Committed], out: Path, toleran
     for entry in entries:
         if entry.folder not in studies:
             ran_now = ", ".join(sorted(f"{stem}.ipynb" for stem in studies))
-            yield entry, VerifyResult(entry.report, "failed", committed=entry.path, message=(
-                f"study file {study_path} now runs {ran_now}, not the notebook of {entry.folder}/"))
+            yield (
+                entry,
+                VerifyResult(
+                    entry.report,
+                    "failed",
+                    committed=entry.path,
+                    message=(f"study file {study_path} now runs {ran_now}, not the notebook of {entry.folder}/"),
+                ),
+            )
         elif entry.cell not in cells[entry.folder]:
-            yield entry, VerifyResult(entry.report, "failed", committed=entry.path, message=(
-                f"cell {entry.cell} is no longer in study file {study_path} "
-                f"(its cells: {', '.join(sorted(cells[entry.folder]))})"))
+            yield (
+                entry,
+                VerifyResult(
+                    entry.report,
+                    "failed",
+                    committed=entry.path,
+                    message=(
+                        f"cell {entry.cell} is no longer in study file {study_path} "
+                        f"(its cells: {', '.join(sorted(cells[entry.folder]))})"
+                    ),
+                ),
+            )
         else:
             runnable.append(entry)
     if not runnable:
         return
     try:
-        ran = runner.run_study(study_path, reports_dir=out, only=[f"{e.folder}/{e.cell}" for e in runnable],
-                               force=True, data_root=data_root, kernel_name=kernel_name, log=log)
+        ran = runner.run_study(
+            study_path,
+            reports_dir=out,
+            only=[f"{e.folder}/{e.cell}" for e in runnable],
+            force=True,
+            data_root=data_root,
+            kernel_name=kernel_name,
+            log=log,
+        )
     except StudyError as error:
         for entry in runnable:
             yield entry, VerifyResult(entry.report, "failed", committed=entry.path, message=str(error))
@@ -428,13 +497,32 @@ def _rerun_study(study_path: Path, entries: list[_Committed], out: Path, toleran
             yield entry, VerifyResult(entry.report, "skipped", committed=entry.path, message=cell.message)
             continue
         if cell.status != "ok":
-            yield entry, VerifyResult(entry.report, "failed", committed=entry.path, rerun=cell.html,
-                                      message=f"the re-run failed: {cell.message}")
+            yield (
+                entry,
+                VerifyResult(
+                    entry.report,
+                    "failed",
+                    committed=entry.path,
+                    rerun=cell.html,
+                    message=f"the re-run failed: {cell.message}",
+                ),
+            )
             continue
         new = json.loads(new_path.read_text(encoding="utf-8"))
         compared, matched, drifts = compare_metrics(entry.metrics, new, tolerance)
-        yield entry, VerifyResult(entry.report, "drifted" if drifts else "matched", compared, matched, drifts,
-                                  provenance_differences(entry.metrics, new), committed=entry.path, rerun=new_path)
+        yield (
+            entry,
+            VerifyResult(
+                entry.report,
+                "drifted" if drifts else "matched",
+                compared,
+                matched,
+                drifts,
+                provenance_differences(entry.metrics, new),
+                committed=entry.path,
+                rerun=new_path,
+            ),
+        )
 
 
 # --------------------------------------------------------------------------- output
@@ -449,22 +537,29 @@ def format_table(results: Sequence[VerifyResult], tolerance: float = 0.0, drifts
     rows = []
     for result in results:
         worst = result.worst
-        rows.append({
-            "report": result.report, "status": result.status, "compared": result.compared,
-            "matched": result.matched, "drifted": len(result.drifts),
-            "worst drift": worst.describe() if worst else (result.message.splitlines()[0] if result.message else ""),
-        })
+        rows.append(
+            {
+                "report": result.report,
+                "status": result.status,
+                "compared": result.compared,
+                "matched": result.matched,
+                "drifted": len(result.drifts),
+                "worst drift": worst.describe()
+                if worst
+                else (result.message.splitlines()[0] if result.message else ""),
+            }
+        )
     table = pd.DataFrame(rows, columns=["report", "status", "compared", "matched", "drifted", "worst drift"])
     rule = "exact" if tolerance == 0 else f"absolute tolerance {tolerance:g}"
-    lines = [f"verify: {len(results)} report(s), numbers compared {rule}",
-             table.to_string(index=False, justify="left")]
+    lines = [f"verify: {len(results)} report(s), numbers compared {rule}", table.to_string(index=False, justify="left")]
     for result in results:
         details = []
         for side, attribute in (("the committed report", "new"), ("the re-run", "committed")):
             only = [d.key for d in result.drifts if getattr(d, attribute) is MISSING]
             if only:  # e.g. a report written by older code, before a key was added
-                shown = ", ".join(only[:drifts_shown]) + (f" and {len(only) - drifts_shown} more"
-                                                         if len(only) > drifts_shown else "")
+                shown = ", ".join(only[:drifts_shown]) + (
+                    f" and {len(only) - drifts_shown} more" if len(only) > drifts_shown else ""
+                )
                 details.append(f"  {len(only)} key(s) only in {side}: {shown}")
         valued = [d for d in result.drifts if d.committed is not MISSING and d.new is not MISSING]
         details += [f"  drift {d.describe()}" for d in valued[:drifts_shown]]

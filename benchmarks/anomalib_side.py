@@ -25,7 +25,8 @@ ImageNet normalisation), so both sides see identical tensors. The backbone is
 without touching the network (the hub is also forced offline below).
 
 CPU seconds (user + system of all threads, ``fit_cpu_s`` / ``predict_cpu_s``) are reported
-beside the wall times: other programs on a shared machine inflate them less. Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of this process (the resident
+beside the wall times: other programs on a shared machine inflate them less. Peak memory is
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of this process (the resident
 set's high-water mark, which includes torch's native allocations; tracemalloc would miss
 them). It is reported after fit and at the end. Prints one JSON object on stdout; progress
 goes to stderr.
@@ -82,12 +83,14 @@ def _transform(pre: dict):
     from torchvision import transforms
 
     modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
-    return transforms.Compose([
-        transforms.Resize(pre["resize"], interpolation=modes[pre["interpolation"]]),
-        transforms.CenterCrop(pre["crop"]),
-        transforms.ToTensor(),
-        transforms.Normalize(pre["mean"], pre["std"]),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(pre["resize"], interpolation=modes[pre["interpolation"]]),
+            transforms.CenterCrop(pre["crop"]),
+            transforms.ToTensor(),
+            transforms.Normalize(pre["mean"], pre["std"]),
+        ]
+    )
 
 
 def _batches(paths: list[str], transform, batch_size: int, device):
@@ -97,7 +100,7 @@ def _batches(paths: list[str], transform, batch_size: int, device):
 
     for start in range(0, len(paths), batch_size):
         images = []
-        for path in paths[start:start + batch_size]:
+        for path in paths[start : start + batch_size]:
             with Image.open(path) as image:
                 images.append(transform(image.convert("RGB")))
         yield torch.stack(images).to(device)
@@ -125,15 +128,22 @@ def run(args: argparse.Namespace) -> dict:
         "device": str(device),
         "n_train": len(train_paths),
         "n_test": len(test_paths),
-        "parameters": {"backbone": args.backbone, "layers": list(args.layers), "pre_trained": False,
-                       "coreset_sampling_ratio": args.coreset_ratio, "num_neighbors": args.num_neighbors,
-                       "batch_size": args.batch_size, "preprocessing": pre},
+        "parameters": {
+            "backbone": args.backbone,
+            "layers": list(args.layers),
+            "pre_trained": False,
+            "coreset_sampling_ratio": args.coreset_ratio,
+            "num_neighbors": args.num_neighbors,
+            "batch_size": args.batch_size,
+            "preprocessing": pre,
+        },
         "load_average_start": _load(),
         "rss_before_model_mb": _rss_mb(),
     }
 
-    model = PatchcoreModel(layers=list(args.layers), backbone=args.backbone, pre_trained=False,
-                           num_neighbors=args.num_neighbors).to(device)
+    model = PatchcoreModel(
+        layers=list(args.layers), backbone=args.backbone, pre_trained=False, num_neighbors=args.num_neighbors
+    ).to(device)
     result["rss_after_model_mb"] = _rss_mb()
     if args.bank_rows:
         return _predict_only(args, model, transform, test_paths, device, result)
@@ -155,18 +165,20 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model.subsample_embedding(args.coreset_ratio)
     coreset_s = time.perf_counter() - start
-    result.update({
-        "fit_cpu_s": _cpu_s() - cpu_start,
-        "fit_extract_s": extract_s,
-        "fit_coreset_s": coreset_s,
-        "fit_s": extract_s + coreset_s,
-        "bank_rows": bank_rows,
-        "bank_dim": bank_dim,
-        "coreset_rows": int(model.memory_bank.shape[0]),
-        "coreset_s_per_train_image": coreset_s / max(len(train_paths), 1),
-        "peak_rss_after_fit_mb": _rss_mb(),
-        "load_average_after_fit": _load(),
-    })
+    result.update(
+        {
+            "fit_cpu_s": _cpu_s() - cpu_start,
+            "fit_extract_s": extract_s,
+            "fit_coreset_s": coreset_s,
+            "fit_s": extract_s + coreset_s,
+            "bank_rows": bank_rows,
+            "bank_dim": bank_dim,
+            "coreset_rows": int(model.memory_bank.shape[0]),
+            "coreset_s_per_train_image": coreset_s / max(len(train_paths), 1),
+            "peak_rss_after_fit_mb": _rss_mb(),
+            "load_average_after_fit": _load(),
+        }
+    )
     _log(f"fit done: extract {extract_s:.1f} s, coreset {coreset_s:.1f} s")
 
     # ---- predict: Engine.predict's forward in eval mode --------------------------------
@@ -180,14 +192,16 @@ def run(args: argparse.Namespace) -> dict:
                 out = model(batch)
                 scores.extend(float(s) for s in out.pred_score.reshape(-1).cpu())
         predict_s = time.perf_counter() - start
-        result.update({
-            "predict_cpu_s": _cpu_s() - cpu_start,
-            "predict_s": predict_s,
-            "predict_images_per_s": len(test_paths) / predict_s,
-            "image_scores": scores,
-            "anomaly_map_shape": list(out.anomaly_map.shape[1:]),
-            "load_average_after_predict": _load(),
-        })
+        result.update(
+            {
+                "predict_cpu_s": _cpu_s() - cpu_start,
+                "predict_s": predict_s,
+                "predict_images_per_s": len(test_paths) / predict_s,
+                "image_scores": scores,
+                "anomaly_map_shape": list(out.anomaly_map.shape[1:]),
+                "load_average_after_predict": _load(),
+            }
+        )
         _log(f"predict: {len(test_paths) / predict_s:.2f} images/s")
     result["peak_rss_mb"] = _rss_mb()
     result["peak_memory_note"] = "ru_maxrss of this process (resident-set high-water mark, MiB)"
@@ -204,16 +218,24 @@ def _predict_only(args, model, transform, test_paths, device, result: dict) -> d
     model.memory_bank = torch.randn(args.bank_rows, args.bank_dim, generator=generator).to(device)
     model.eval()
     with torch.no_grad():
-        model(next(_batches(test_paths[:args.batch_size], transform, args.batch_size, device)))  # warm-up
+        model(next(_batches(test_paths[: args.batch_size], transform, args.batch_size, device)))  # warm-up
         cpu_start = _cpu_s()
         start = time.perf_counter()
         for batch in _batches(test_paths, transform, args.batch_size, device):
             model(batch)
         predict_s = time.perf_counter() - start
-    result.update({"mode": "predict only (random bank of the coreset's shape)", "bank_rows": args.bank_rows,
-                   "bank_dim": args.bank_dim, "predict_cpu_s": _cpu_s() - cpu_start, "predict_s": predict_s,
-                   "predict_images_per_s": len(test_paths) / predict_s, "load_average_after_predict": _load(),
-                   "peak_rss_mb": _rss_mb()})
+    result.update(
+        {
+            "mode": "predict only (random bank of the coreset's shape)",
+            "bank_rows": args.bank_rows,
+            "bank_dim": args.bank_dim,
+            "predict_cpu_s": _cpu_s() - cpu_start,
+            "predict_s": predict_s,
+            "predict_images_per_s": len(test_paths) / predict_s,
+            "load_average_after_predict": _load(),
+            "peak_rss_mb": _rss_mb(),
+        }
+    )
     _log(f"predict only: {len(test_paths) / predict_s:.2f} images/s")
     return result
 
@@ -222,8 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-list", default=None, help="text file: one training image path a line")
     parser.add_argument("--test-list", default=None, help="text file: one test image path a line (predict timing)")
-    parser.add_argument("--preprocessing", required=True,
-                        help='JSON: {"resize": int, "crop": int, "interpolation": "bilinear", "mean": [...], "std": [...]}')
+    parser.add_argument(
+        "--preprocessing",
+        required=True,
+        help='JSON: {"resize": int, "crop": int, "interpolation": "bilinear", "mean": [...], "std": [...]}',
+    )
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
@@ -232,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bank-rows", type=int, default=0,
-                        help="predict timing only: a random memory bank of this many rows (no fit)")
+    parser.add_argument(
+        "--bank-rows", type=int, default=0, help="predict timing only: a random memory bank of this many rows (no fit)"
+    )
     parser.add_argument("--bank-dim", type=int, default=1536, help="columns of that bank (layer2 + layer3: 1536)")
     args = parser.parse_args(argv)
     if not args.bank_rows and not args.train_list:

@@ -39,7 +39,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -93,8 +93,14 @@ def _group(Z, types, k, seed: int = 0, **settings) -> dict:
     model = AnomalyClustering(n_clusters=k, seed=seed, progress=False, **settings).fit()
     labels = model.fit_predict(Z)
     timings = {key: round(value, 3) for key, value in model.timings_.items()}
-    return {"settings": settings, "seed": seed, **_nmi(types, labels), "tau": model.tau_, "timings_s": timings,
-            "seconds": round(sum(timings.values()), 3)}
+    return {
+        "settings": settings,
+        "seed": seed,
+        **_nmi(types, labels),
+        "tau": model.tau_,
+        "timings_s": timings,
+        "seconds": round(sum(timings.values()), 3),
+    }
 
 
 def _subset(types: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
@@ -108,36 +114,63 @@ def _subset(types: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 #: the option rows of the ``options`` part: label -> AnomalyClustering settings
-OPTIONS = {"exact": {"n_references": None}, "references_64": {"n_references": 64},
-           "references_128": {"n_references": 128}, "references_256": {"n_references": 256},
-           "distance_dim_64": {"n_references": None, "distance_dim": 64}}
+OPTIONS = {
+    "exact": {"n_references": None},
+    "references_64": {"n_references": 64},
+    "references_128": {"n_references": 128},
+    "references_256": {"n_references": 256},
+    "distance_dim_64": {"n_references": None, "distance_dim": 64},
+}
 #: data sets the benchmark can run on (the issue's is Magnetic-tile; NEU-DET: 600 defect images of six
 #: types, 100 each, where clustering is far above chance: a check that the reference subset keeps the NMI)
 DATASETS = ("magnetic_tile", "neu_det")
 
 
-def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: Path | None = None,
-        dataset: str = "magnetic_tile", options: Sequence[str] = tuple(OPTIONS)) -> dict:
+def run(
+    parts: Sequence[str],
+    data: Path | None,
+    quick: bool,
+    work: Path,
+    out: Path | None = None,
+    dataset: str = "magnetic_tile",
+    options: Sequence[str] = tuple(OPTIONS),
+) -> dict:
     from bench_knn import PartialReport
 
     from anomalib_study.backbones import load_backbone
     from anomalib_study.hardware import native_bf16
     from anomalib_study.methods.clustering import AnomalyClustering
 
-    report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick, parts=list(parts),
-                           option_rows=list(options) if "options" in parts else [])
+    report = PartialReport(
+        out,
+        native_bf16=native_bf16("cpu"),
+        quick=quick,
+        parts=list(parts),
+        option_rows=list(options) if "options" in parts else [],
+    )
     save = report.save
 
     name, records = _records(data, quick, work, dataset)
     types = np.array([r.defect_type for r in records])
     k = int(np.unique(types).size)
     probe = AnomalyClustering()
-    default_settings = {"n_references": probe.n_references, "distance_dim": probe.distance_dim,
-                        "precision": probe.precision, "weight_share": probe.weight_share, "linkage": probe.linkage}
-    report["settings"] = {"data": name, "n_images": len(records), "class_counts":
-                          {str(t): int(c) for t, c in zip(*np.unique(types, return_counts=True))}, "n_clusters": k,
-                          "backbone": "efficientnet_lite0", "mode": "unsupervised", "protocol": "reproduction",
-                          "default_settings": default_settings}
+    default_settings = {
+        "n_references": probe.n_references,
+        "distance_dim": probe.distance_dim,
+        "precision": probe.precision,
+        "weight_share": probe.weight_share,
+        "linkage": probe.linkage,
+    }
+    report["settings"] = {
+        "data": name,
+        "n_images": len(records),
+        "class_counts": {str(t): int(c) for t, c in zip(*np.unique(types, return_counts=True))},
+        "n_clusters": k,
+        "backbone": "efficientnet_lite0",
+        "mode": "unsupervised",
+        "protocol": "reproduction",
+        "default_settings": default_settings,
+    }
     backbone = load_backbone("efficientnet_lite0", image_size=64 if quick else None)
     started = time.perf_counter()
     Z, grid = AnomalyClustering(backbone=backbone, progress=not quick).extract([r.path for r in records])
@@ -154,8 +187,10 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: P
         report["peak_memory_gb"] = round(_peak_gb(), 3)
         report["default_nmi"] = default["nmi"]
         report["default_nmi_seeds"] = {str(s): _group(Z, types, k, seed=s)["nmi"] for s in (0, 1, 2)}
-        log(f"default: {report['total_seconds']:.1f} s total, NMI {default['nmi']:.3f} (seeds "
-            f"{report['default_nmi_seeds']}), peak {report['peak_memory_gb']:.2f} GB")
+        log(
+            f"default: {report['total_seconds']:.1f} s total, NMI {default['nmi']:.3f} (seeds "
+            f"{report['default_nmi_seeds']}), peak {report['peak_memory_gb']:.2f} GB"
+        )
         save()
     if "options" in parts:
         rows = {}
@@ -178,8 +213,12 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: P
             for precision in ("fp32", "bf16"):
                 pair[precision] = _group(Z[keep], types[keep], k, precision=precision, n_references=None)
                 log(f"bf16 part, {precision}: {pair[precision]['seconds']:.1f} s, NMI {pair[precision]['nmi']:.3f}")
-        report["bf16"] = {"n_images": int(keep.size), **pair, "nmi_change": pair["bf16"]["nmi"] - pair["fp32"]["nmi"],
-                          "speed_ratio_bf16_to_fp32": pair["fp32"]["seconds"] / pair["bf16"]["seconds"]}
+        report["bf16"] = {
+            "n_images": int(keep.size),
+            **pair,
+            "nmi_change": pair["bf16"]["nmi"] - pair["fp32"]["nmi"],
+            "speed_ratio_bf16_to_fp32": pair["fp32"]["seconds"] / pair["bf16"]["seconds"],
+        }
         save()
     if "scaling" in parts:
         rows = []
@@ -194,7 +233,10 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: P
                 result = _group(Z[keep], types[keep], k, **settings)
                 row[f"{label}_seconds"] = result["timings_s"]["patch_scores_s"]
             rows.append(row)
-            log(f"scaling N={row['n_images']}: default {row['default_seconds']:.1f} s, exact {row['exact_seconds']:.1f} s")
+            log(
+                f"scaling N={row['n_images']}: default {row['default_seconds']:.1f} s, "
+                f"exact {row['exact_seconds']:.1f} s"
+            )
             report["scaling"] = rows
             save()
     return dict(report.finish())
@@ -203,39 +245,56 @@ def run(parts: Sequence[str], data: Path | None, quick: bool, work: Path, out: P
 def summary(report: dict) -> list[str]:
     lines = []
     if "total_seconds" in report:
-        lines.append(f"default pipeline: {report['total_seconds']:.1f} s (goal <= 300), peak {report['peak_memory_gb']:.2f} "
-                     f"GB (goal <= 4), NMI {report['default_nmi']:.3f}")
+        lines.append(
+            f"default pipeline: {report['total_seconds']:.1f} s (goal <= 300), peak {report['peak_memory_gb']:.2f} "
+            f"GB (goal <= 4), NMI {report['default_nmi']:.3f}"
+        )
     if "exact_nmi" in report:
         gap = report.get("default_nmi_gap")
-        lines.append(f"exact NMI {report['exact_nmi']:.3f} in {report['exact_seconds']:.1f} s"
-                     + (f"; default - exact = {gap:+.3f} (goal within 0.01)" if gap is not None else ""))
+        lines.append(
+            f"exact NMI {report['exact_nmi']:.3f} in {report['exact_seconds']:.1f} s"
+            + (f"; default - exact = {gap:+.3f} (goal within 0.01)" if gap is not None else "")
+        )
         for label, row in report["options"].items():
             lines.append(f"  {label:>16}: {row['seconds']:7.1f} s  NMI {row['nmi']:.3f}")
     if "bf16" in report:
         b = report["bf16"]
-        lines.append(f"bf16 ({'native' if report['native_bf16'] else 'emulated'}): NMI change {b['nmi_change']:+.3f}, "
-                     f"speed bf16/fp32 {b['speed_ratio_bf16_to_fp32']:.2f}x on {b['n_images']} images")
+        lines.append(
+            f"bf16 ({'native' if report['native_bf16'] else 'emulated'}): NMI change {b['nmi_change']:+.3f}, "
+            f"speed bf16/fp32 {b['speed_ratio_bf16_to_fp32']:.2f}x on {b['n_images']} images"
+        )
     for row in report.get("scaling", []):
-        lines.append(f"  N={row['n_images']:4d}: default {row['default_seconds']:7.1f} s, exact {row['exact_seconds']:7.1f} s")
+        lines.append(
+            f"  N={row['n_images']:4d}: default {row['default_seconds']:7.1f} s, exact {row['exact_seconds']:7.1f} s"
+        )
     return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="synthetic set at 64 px (smoke test)")
-    parser.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)"
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help=f"in this order (default: {','.join(PARTS)})")
-    parser.add_argument("--dataset", default="magnetic_tile", choices=DATASETS,
-                        help="the test split grouped (default magnetic_tile, the issue's; neu_det: far above chance)")
-    parser.add_argument("--options", default=",".join(OPTIONS),
-                        help=f"rows of the options part (default: {','.join(OPTIONS)})")
-    parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
-                                                    "with --quick: none)")
+    parser.add_argument(
+        "--dataset",
+        default="magnetic_tile",
+        choices=DATASETS,
+        help="the test split grouped (default magnetic_tile, the issue's; neu_det: far above chance)",
+    )
+    parser.add_argument(
+        "--options", default=",".join(OPTIONS), help=f"rows of the options part (default: {','.join(OPTIONS)})"
+    )
+    parser.add_argument(
+        "--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; with --quick: none)"
+    )
     args = parser.parse_args(argv)
     options = [o.strip() for o in args.options.split(",") if o.strip()]
     if sorted(set(options) - set(OPTIONS)):
-        parser.error(f"unknown option row(s) {', '.join(sorted(set(options) - set(OPTIONS)))}: choose among "
-                     f"{', '.join(OPTIONS)}")
+        parser.error(
+            f"unknown option row(s) {', '.join(sorted(set(options) - set(OPTIONS)))}: choose among {', '.join(OPTIONS)}"
+        )
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -245,8 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{data / args.dataset} not found: pass --data (the folder holding {args.dataset}/) or --quick")
     out = Path(args.out) if args.out else (None if args.quick else DEFAULT_OUT)
     with tempfile.TemporaryDirectory() as work:
-        report = run(parts, None if args.quick else data, args.quick, Path(work), out, dataset=args.dataset,
-                     options=options)
+        report = run(
+            parts, None if args.quick else data, args.quick, Path(work), out, dataset=args.dataset, options=options
+        )
     if out is not None:
         write_json(out, report)
         print(f"wrote {out}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import sys
@@ -39,24 +38,29 @@ from anomalib_study.io import write_json  # noqa: E402
 
 DEFAULT_OUT = REPO / "reports" / "benchmarks" / "dask_grid.json"
 NOTEBOOK = REPO / "notebooks" / "01_knn_detection.ipynb"
-FULL = {"notebook": "notebooks/01_knn_detection.ipynb", "ks": (1, 5, 20, 100), "workers": 2, "threads_per_worker": 1,
-        "parameters": {"backbone": "efficientnet_lite0", "thres_ratio": 0.92, "k_sweep": [1, 5]}}
+FULL = {
+    "notebook": "notebooks/01_knn_detection.ipynb",
+    "ks": (1, 5, 20, 100),
+    "workers": 2,
+    "threads_per_worker": 1,
+    "parameters": {"backbone": "efficientnet_lite0", "thres_ratio": 0.92, "k_sweep": [1, 5]},
+}
 QUICK = {"notebook": "tiny.ipynb", "ks": (5,), "workers": 2, "threads_per_worker": 1, "parameters": {}}
 HEADLINE = ("image_auroc", "accuracy")  # compared between the two runs (timings and thread counts differ)
 
-TINY_PARAMETERS = '''dataset = "dagm"   # layout
+TINY_PARAMETERS = """dataset = "dagm"   # layout
 root = ""          # data folder
 k = 1              # neighbours
 metrics_out = ""   # metrics JSON
 report_name = ""   # report title
-'''
-TINY_BODY = '''import json
+"""
+TINY_BODY = """import json
 from pathlib import Path
 images = sorted(Path(root).rglob("*.PNG"))
 with open(metrics_out, "w") as handle:
-    json.dump({"n_images": len(images), "k": k, "image_auroc": 1 / (1 + k), "accuracy": len(images) / (len(images) + k)},
-              handle)
-'''
+    json.dump({"n_images": len(images), "k": k, "image_auroc": 1 / (1 + k),
+               "accuracy": len(images) / (len(images) + k)}, handle)
+"""
 
 
 def write_study(folder: Path, settings: dict[str, Any]) -> Path:
@@ -74,10 +78,14 @@ def write_study(folder: Path, settings: dict[str, Any]) -> Path:
         notebook = str(folder / "tiny.ipynb")
     else:
         notebook = str(REPO / settings["notebook"])
-    study = {"notebook": notebook, "title": "Dask grid benchmark (synthetic set)", "headline": list(HEADLINE),
-             "parameters": dict(settings["parameters"]),
-             "variants": {f"k{k}": {"k": k} for k in settings["ks"]},
-             "datasets": {"synthetic_dagm": {"dataset": "dagm", "root": "{synthetic}"}}}
+    study = {
+        "notebook": notebook,
+        "title": "Dask grid benchmark (synthetic set)",
+        "headline": list(HEADLINE),
+        "parameters": dict(settings["parameters"]),
+        "variants": {f"k{k}": {"k": k} for k in settings["ks"]},
+        "datasets": {"synthetic_dagm": {"dataset": "dagm", "root": "{synthetic}"}},
+    }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
@@ -86,15 +94,15 @@ def write_study(folder: Path, settings: dict[str, Any]) -> Path:
 def timed_run(study: Path, reports: Path, **options: Any) -> dict[str, Any]:
     """One ``run_study`` into ``reports``: wall time, per-cell durations and the metrics."""
     start = time.perf_counter()
-    results = runner.run_study(study, reports_dir=reports, force=True, log=lambda line: print(line, flush=True),
-                               **options)
+    results = runner.run_study(
+        study, reports_dir=reports, force=True, log=lambda line: print(line, flush=True), **options
+    )
     wall = time.perf_counter() - start
     failed = [r.name for r in results if r.status != "ok"]
     if failed:
         raise SystemExit(f"bench_dask_grid: cells {', '.join(failed)} did not run ok (see {reports})")
     metrics = {r.name: {key: r.metrics.get(key) for key in HEADLINE} for r in results}
-    return {"wall_s": round(wall, 2), "cell_durations_s": {r.name: r.duration_s for r in results},
-            "metrics": metrics}
+    return {"wall_s": round(wall, 2), "cell_durations_s": {r.name: r.duration_s for r in results}, "metrics": metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,30 +125,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             from distributed import LocalCluster
 
             start = time.perf_counter()
-            with LocalCluster(n_workers=settings["workers"], threads_per_worker=settings["threads_per_worker"],
-                              processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+            with LocalCluster(
+                n_workers=settings["workers"],
+                threads_per_worker=settings["threads_per_worker"],
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+            ) as cluster:
                 cluster_start_s = round(time.perf_counter() - start, 2)
                 on_cluster = timed_run(study, work / "cluster", scheduler=cluster.scheduler_address)
 
     report = {
-        "benchmark": "dask_grid", "package_version": __version__, "quick": args.quick,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    "load_average_1_5_15_min": list(os.getloadavg())},
-        "settings": {**{k: v for k, v in settings.items() if k != "ks"}, "ks": list(settings["ks"]),
-                     "cells": len(settings["ks"]), "scheduler": args.scheduler or "LocalCluster (loopback)",
-                     "data": "synthetic DAGM-layout set (generated, not DAGM)"},
+        "benchmark": "dask_grid",
+        "package_version": __version__,
+        "quick": args.quick,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load_average_1_5_15_min": list(os.getloadavg()),
+        },
+        "settings": {
+            **{k: v for k, v in settings.items() if k != "ks"},
+            "ks": list(settings["ks"]),
+            "cells": len(settings["ks"]),
+            "scheduler": args.scheduler or "LocalCluster (loopback)",
+            "data": "synthetic DAGM-layout set (generated, not DAGM)",
+        },
         "jobs_1": {k: v for k, v in local.items() if k != "metrics"},
         "cluster": {**{k: v for k, v in on_cluster.items() if k != "metrics"}, "start_s": cluster_start_s},
         "speedup_jobs_1_over_cluster": round(local["wall_s"] / on_cluster["wall_s"], 3),
         "headline_metrics": {"jobs_1": local["metrics"], "cluster": on_cluster["metrics"]},
-        "headline_max_abs_difference": max(abs(value - on_cluster["metrics"][cell][key])
-                                           for cell, values in local["metrics"].items() for key, value in values.items()),
+        "headline_max_abs_difference": max(
+            abs(value - on_cluster["metrics"][cell][key])
+            for cell, values in local["metrics"].items()
+            for key, value in values.items()
+        ),
     }
     write_json(args.out, report)
-    print(f"jobs 1: {local['wall_s']:.1f} s; cluster: {on_cluster['wall_s']:.1f} s "
-          f"(speed-up {report['speedup_jobs_1_over_cluster']:.2f}x, headline metrics differ by at most "
-          f"{report['headline_max_abs_difference']:.2g}); {args.out}")
+    print(
+        f"jobs 1: {local['wall_s']:.1f} s; cluster: {on_cluster['wall_s']:.1f} s "
+        f"(speed-up {report['speedup_jobs_1_over_cluster']:.2f}x, headline metrics differ by at most "
+        f"{report['headline_max_abs_difference']:.2g}); {args.out}"
+    )
     return 0
 
 

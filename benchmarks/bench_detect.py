@@ -14,7 +14,8 @@ method from 50 generated normal images, and then each (method, folder size) runs
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is read before the call (imports done, backbone
 loaded once to warm it) and after it. ``added_mb`` = after - before is what the run
 needed above the peak the imports and the backbone's loading reached (0 when the run
-stays below it, as tiny runs may: then the ratio is None); ``growth_bytes_per_image`` = the difference of ``added_mb`` between the two
+stays below it, as tiny runs may: then the ratio is None); ``growth_bytes_per_image`` = the difference
+of ``added_mb`` between the two
 sizes per extra image. For comparison the report also gives, computed (not measured),
 what holding every test embedding / anomaly map at once would take at the largest size.
 
@@ -67,14 +68,15 @@ def write_images(folder: Path, n: int, seed: int, defect_every: int = 0) -> Path
         pixels = (128 + rng.normal(0, 12, (SIDE, SIDE, 3))).clip(0, 255)
         if defect_every and i % defect_every == defect_every - 1:
             x, y = rng.integers(10, SIDE - 30, 2)
-            pixels[y:y + 20, x:x + 20] = 250
+            pixels[y : y + 20, x : x + 20] = 250
         Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:05d}.png")
     return folder
 
 
 def method_options(method: str, image_size: int) -> dict[str, Any]:
-    common = dict(model_name=BACKBONE, image_size=image_size, batch_size=64, num_workers=2, progress=False,
-                  method=method)
+    common = dict(
+        model_name=BACKBONE, image_size=image_size, batch_size=64, num_workers=2, progress=False, method=method
+    )
     return {**common, **({"k": 10} if method == "knn" else {"calibration_fraction": 0.2})}
 
 
@@ -83,8 +85,14 @@ def child_build(work: Path, method: str, image_size: int) -> dict:
     from anomalib_study.detect import detect_abnormal
 
     started = time.perf_counter()
-    run = detect_abnormal(work / "test_build", db_dir=work / f"{method}_db", image_dir=work / "normal",
-                          result_dir=work / "result_build", cache=None, **method_options(method, image_size))
+    run = detect_abnormal(
+        work / "test_build",
+        db_dir=work / f"{method}_db",
+        image_dir=work / "normal",
+        result_dir=work / "result_build",
+        cache=None,
+        **method_options(method, image_size),
+    )
     return {"build_s": time.perf_counter() - started, "run": str(run)}
 
 
@@ -97,16 +105,30 @@ def child_score(work: Path, method: str, image_size: int, n: int, chunk_images: 
     detect.load_backbone(BACKBONE, image_size=image_size)  # warm the imports and the weights file
     before = peak_rss_mb()
     started = time.perf_counter()
-    run = detect_abnormal(work / f"test_{n}", db_dir=work / f"{method}_db", image_dir=work / "normal",
-                          result_dir=work / f"result_{method}_{n}", cache=None, **method_options(method, image_size))
+    run = detect_abnormal(
+        work / f"test_{n}",
+        db_dir=work / f"{method}_db",
+        image_dir=work / "normal",
+        result_dir=work / f"result_{method}_{n}",
+        cache=None,
+        **method_options(method, image_size),
+    )
     seconds = time.perf_counter() - started
     after = peak_rss_mb()
     config = json.loads((run / "config.json").read_text())
-    return {"n_images": n, "n_scored": config["n_test"], "n_flagged": config["n_abnormal"],
-            "peak_rss_before_mb": before, "peak_rss_after_mb": after, "added_mb": after - before,
-            "seconds": seconds, "images_per_s": n / seconds, "chunk_images": detect.CHUNK_IMAGES,
-            "overlays_written": config.get("overlays", {}).get("count"),
-            "scores_csv_bytes": (run / "scores.csv").stat().st_size}
+    return {
+        "n_images": n,
+        "n_scored": config["n_test"],
+        "n_flagged": config["n_abnormal"],
+        "peak_rss_before_mb": before,
+        "peak_rss_after_mb": after,
+        "added_mb": after - before,
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "chunk_images": detect.CHUNK_IMAGES,
+        "overlays_written": config.get("overlays", {}).get("count"),
+        "scores_csv_bytes": (run / "scores.csv").stat().st_size,
+    }
 
 
 def _spawn(args: Sequence[str]) -> dict:
@@ -117,8 +139,9 @@ def _spawn(args: Sequence[str]) -> dict:
 
 
 # ---------------------------------------------------------------------- the run
-def run(sizes: Sequence[int], methods: Sequence[str], image_size: int, work: Path,
-        chunk_images: int | None = None) -> dict:
+def run(
+    sizes: Sequence[int], methods: Sequence[str], image_size: int, work: Path, chunk_images: int | None = None
+) -> dict:
     from bench_knn import machine_info
 
     log(f"generating {max(sizes)} test images and {N_NORMAL} normal images in {work}")
@@ -132,18 +155,43 @@ def run(sizes: Sequence[int], methods: Sequence[str], image_size: int, work: Pat
             for path in sorted(biggest.iterdir())[:n]:
                 os.link(path, folder / path.name)
     machine_before = machine_info()
-    report: dict[str, Any] = {"settings": {"backbone": BACKBONE, "image_size": image_size, "sizes": list(sizes),
-                                           "methods": list(methods), "n_normal": N_NORMAL, "file_side": SIDE,
-                                           "options": {m: method_options(m, image_size) for m in methods}},
-                              "machine_before": machine_before, "methods": {}}
+    report: dict[str, Any] = {
+        "settings": {
+            "backbone": BACKBONE,
+            "image_size": image_size,
+            "sizes": list(sizes),
+            "methods": list(methods),
+            "n_normal": N_NORMAL,
+            "file_side": SIDE,
+            "options": {m: method_options(m, image_size) for m in methods},
+        },
+        "machine_before": machine_before,
+        "methods": {},
+    }
     for method in methods:
         log(f"{method}: building the database")
         build = _spawn(["--child", "build", "--method", method, "--image-size", str(image_size), "--work", str(work)])
         rows = []
         for n in sizes:
             log(f"{method}: detect on {n} images (fresh process)")
-            rows.append(_spawn(["--child", "score", "--method", method, "--image-size", str(image_size),
-                                "--work", str(work), "--n", str(n), "--chunk-images", str(chunk_images or 0)]))
+            rows.append(
+                _spawn(
+                    [
+                        "--child",
+                        "score",
+                        "--method",
+                        method,
+                        "--image-size",
+                        str(image_size),
+                        "--work",
+                        str(work),
+                        "--n",
+                        str(n),
+                        "--chunk-images",
+                        str(chunk_images or 0),
+                    ]
+                )
+            )
             log(f"  added {rows[-1]['added_mb']:.0f} MB, {rows[-1]['images_per_s']:.0f} images/s")
         small, large = rows[0], rows[-1]
         extra = large["n_images"] - small["n_images"]
@@ -155,8 +203,11 @@ def run(sizes: Sequence[int], methods: Sequence[str], image_size: int, work: Pat
             "peak_memory_ratio_large_to_small": large["added_mb"] / small["added_mb"] if small["added_mb"] else None,
             "growth_bytes_per_image": growth,
             "held_at_once_mb_computed": held / 2**20,
-            "held_at_once_what": ("every test embedding (1280 float32) at once" if method == "knn" else
-                                  f"every {image_size} x {image_size} float32 anomaly map at once"),
+            "held_at_once_what": (
+                "every test embedding (1280 float32) at once"
+                if method == "knn"
+                else f"every {image_size} x {image_size} float32 anomaly map at once"
+            ),
         }
     report["machine_after"] = {"load_average_1_5_15_min": machine_info()["load_average_1_5_15_min"]}
     return report
@@ -171,12 +222,16 @@ def summary(report: dict) -> list[str]:
     sizes = report["settings"]["sizes"]
     for method, part in report["methods"].items():
         for row in part["rows"]:
-            lines.append(f"{method:<10} {row['n_images']:>7} {row['peak_rss_before_mb']:>15.0f} "
-                         f"{row['peak_rss_after_mb']:>14.0f} {row['added_mb']:>9.1f} {row['images_per_s']:>7.1f}")
-        lines.append(f"{method}: added-memory ratio {_fmt(part['peak_memory_ratio_large_to_small'])} for "
-                     f"{sizes[-1] / sizes[0]:.0f}x the images; growth {_fmt(part['growth_bytes_per_image'], '.0f')} "
-                     f"bytes per extra image; {part['held_at_once_what'].replace(' at once', '')} held at once "
-                     f"would take {part['held_at_once_mb_computed']:.0f} MB (computed)")
+            lines.append(
+                f"{method:<10} {row['n_images']:>7} {row['peak_rss_before_mb']:>15.0f} "
+                f"{row['peak_rss_after_mb']:>14.0f} {row['added_mb']:>9.1f} {row['images_per_s']:>7.1f}"
+            )
+        lines.append(
+            f"{method}: added-memory ratio {_fmt(part['peak_memory_ratio_large_to_small'])} for "
+            f"{sizes[-1] / sizes[0]:.0f}x the images; growth {_fmt(part['growth_bytes_per_image'], '.0f')} "
+            f"bytes per extra image; {part['held_at_once_what'].replace(' at once', '')} held at once "
+            f"would take {part['held_at_once_mb_computed']:.0f} MB (computed)"
+        )
     return lines
 
 
@@ -187,18 +242,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default="knn,patchcore")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--work", default=None, help="folder for the generated images (default: a temporary one)")
-    parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
-                                                     "--quick writes nothing unless given)")
-    parser.add_argument("--chunk-images", type=int, default=0,
-                        help="test images per chunk (default: detect's CHUNK_IMAGES; --quick: 32)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; --quick writes nothing unless given)",
+    )
+    parser.add_argument(
+        "--chunk-images",
+        type=int,
+        default=0,
+        help="test images per chunk (default: detect's CHUNK_IMAGES; --quick: 32)",
+    )
     parser.add_argument("--child", choices=("build", "score"), help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         work = Path(args.work)
-        result = (child_build(work, args.method, args.image_size) if args.child == "build"
-                  else child_score(work, args.method, args.image_size, args.n, args.chunk_images))
+        result = (
+            child_build(work, args.method, args.image_size)
+            if args.child == "build"
+            else child_score(work, args.method, args.image_size, args.n, args.chunk_images)
+        )
         print(json.dumps(result))
         return 0
     sizes = [60, 240] if args.quick else [int(v) for v in args.sizes.split(",") if v.strip()]

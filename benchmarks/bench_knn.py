@@ -39,7 +39,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -61,18 +61,49 @@ BACKBONE = "efficientnet_lite0"
 #: the settings of the full run and of ``--quick`` (every one is written to the JSON)
 FULL = {
     "detect": {"n_test": 384, "n_bank": 256, "repeats": 3, "n_sweep": 128, "sweep_workers": (0, 1, 2)},
-    "search": {"n_bank": 200_000, "dim": 384, "n_clusters": 1000, "cluster_std": 0.6, "intrinsic_dim": 32,
-               "noise_std": 0.05, "n_queries": 1000, "ks": (1, 100), "factory": "IVF1024,PQ32np", "nprobe": 16,
-               "nprobe_sweep": (1, 4, 16, 64), "build_only_factories": ("IVF1024,PQ32",), "repeats": 3},
+    "search": {
+        "n_bank": 200_000,
+        "dim": 384,
+        "n_clusters": 1000,
+        "cluster_std": 0.6,
+        "intrinsic_dim": 32,
+        "noise_std": 0.05,
+        "n_queries": 1000,
+        "ks": (1, 100),
+        "factory": "IVF1024,PQ32np",
+        "nprobe": 16,
+        "nprobe_sweep": (1, 4, 16, 64),
+        "build_only_factories": ("IVF1024,PQ32",),
+        "repeats": 3,
+    },
     "cache": {"repeats": 1, "num_workers": None},
     "synthetic": {"n_classes": 3, "n_train": 128, "n_test_normal": 64, "n_test_defect": 64, "image_size": 128},
 }
 QUICK = {
-    "detect": {"n_test": 4, "n_bank": 4, "repeats": 1, "n_sweep": 0, "sweep_workers": (), "batch_size": 2,
-               "num_workers": 0},
-    "search": {"n_bank": 3000, "dim": 32, "n_clusters": 20, "cluster_std": 0.6, "intrinsic_dim": 8,
-               "noise_std": 0.05, "n_queries": 50, "ks": (1, 100), "factory": "IVF16,PQ4x4np", "nprobe": 4,
-               "nprobe_sweep": (1, 4), "build_only_factories": (), "repeats": 1},
+    "detect": {
+        "n_test": 4,
+        "n_bank": 4,
+        "repeats": 1,
+        "n_sweep": 0,
+        "sweep_workers": (),
+        "batch_size": 2,
+        "num_workers": 0,
+    },
+    "search": {
+        "n_bank": 3000,
+        "dim": 32,
+        "n_clusters": 20,
+        "cluster_std": 0.6,
+        "intrinsic_dim": 8,
+        "noise_std": 0.05,
+        "n_queries": 50,
+        "ks": (1, 100),
+        "factory": "IVF16,PQ4x4np",
+        "nprobe": 4,
+        "nprobe_sweep": (1, 4),
+        "build_only_factories": (),
+        "repeats": 1,
+    },
     "cache": {"repeats": 1, "num_workers": 0},
     "synthetic": {"n_classes": 1, "n_train": 8, "n_test_normal": 4, "n_test_defect": 4, "image_size": 64},
 }
@@ -124,8 +155,10 @@ class PartialReport(dict):
 
     def save(self) -> None:
         if self.out is not None:
-            write_json(self.out, {**self, "machine_now": {"load_average_1_5_15_min":
-                                                          machine_info()["load_average_1_5_15_min"]}})
+            write_json(
+                self.out,
+                {**self, "machine_now": {"load_average_1_5_15_min": machine_info()["load_average_1_5_15_min"]}},
+            )
 
     def finish(self) -> "PartialReport":
         self["complete"] = True
@@ -178,8 +211,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 # --------------------------------------------------------------------------------------
 # Image selection
 # --------------------------------------------------------------------------------------
-def select_images(data: Path | None, workdir: Path, n_test: int, n_bank: int, synthetic: dict,
-                  seed: int = 0) -> dict[str, Any]:
+def select_images(
+    data: Path | None, workdir: Path, n_test: int, n_bank: int, synthetic: dict, seed: int = 0
+) -> dict[str, Any]:
     """Test and bank image paths: Magnetic-tile (else MVTec AD bottle) from ``data``, else
     the synthetic DAGM-layout set generated in ``workdir``.
 
@@ -200,15 +234,22 @@ def select_images(data: Path | None, workdir: Path, n_test: int, n_bank: int, sy
     else:
         root = make_synthetic_dagm(workdir / "synthetic_dagm", seed=seed, **synthetic)
         dataset = load_dataset("dagm", root)
-        note = ("SYNTHETIC images (DAGM-layout generator): no real data folder "
-                f"({'none given' if data is None else data}) held magnetic_tile or mvtec_ad/bottle")
+        note = (
+            "SYNTHETIC images (DAGM-layout generator): no real data folder "
+            f"({'none given' if data is None else data}) held magnetic_tile or mvtec_ad/bottle"
+        )
     rng = np.random.default_rng(seed)
     test = [dataset.test[i].path for i in sorted(rng.permutation(len(dataset.test))[:n_test])]
     bank = [r.path for r in dataset.train[:n_bank]]
     if len(test) < n_test or len(bank) < n_bank:
         note += f" (only {len(test)} test / {len(bank)} bank images available)"
-    return {"source": dataset.name, "synthetic": bool(dataset.synthetic), "note": note,
-            "test_paths": test, "bank_paths": bank}
+    return {
+        "source": dataset.name,
+        "synthetic": bool(dataset.synthetic),
+        "note": note,
+        "test_paths": test,
+        "bank_paths": bank,
+    }
 
 
 def _link_folder(folder: Path, paths: Sequence[Path]) -> Path:
@@ -234,8 +275,7 @@ def detect_defaults() -> dict[str, Any]:
 
     params = inspect.signature(detect_abnormal).parameters
     batch_size, workers = params["batch_size"].default, params["num_workers"].default
-    return {"batch_size": batch_size, "num_workers": workers,
-            "num_workers_used": min(workers, available_cores())}
+    return {"batch_size": batch_size, "num_workers": workers, "num_workers_used": min(workers, available_cores())}
 
 
 def bare_forward(backbone, batches: Sequence[torch.Tensor]) -> np.ndarray:
@@ -244,10 +284,19 @@ def bare_forward(backbone, batches: Sequence[torch.Tensor]) -> np.ndarray:
         return torch.cat([backbone(x)["embedding"] for x in batches]).cpu().numpy()
 
 
-def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir: Path, *,
-                 backbone_name: str = BACKBONE, batch_size: int | None = None, num_workers: int | None = None,
-                 repeats: int = 3, n_sweep: int = 128, sweep_workers: Sequence[int] = (0, 1, 2),
-                 device: str = "cpu") -> dict[str, Any]:
+def bench_detect(
+    test_paths: Sequence[Path],
+    bank_paths: Sequence[Path],
+    workdir: Path,
+    *,
+    backbone_name: str = BACKBONE,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    repeats: int = 3,
+    n_sweep: int = 128,
+    sweep_workers: Sequence[int] = (0, 1, 2),
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Images/s of detection (files to scores, cache disabled) vs a bare forward, same images.
 
     ``batch_size`` / ``num_workers`` default to those of ``detect_abnormal``. Three
@@ -278,9 +327,17 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
         with _env("ANOMALIB_STUDY_CACHE", str(workdir / f"cache_{tag}")), Clock() as clock:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # k clamped to the bank size in quick runs
-                run = detect_abnormal(test_dir, db_dir=db_dir, image_dir=bank_dir, model_name=backbone_name,
-                                      gpu=device, batch_size=batch_size, num_workers=num_workers,
-                                      result_dir=result_dir, progress=False)
+                run = detect_abnormal(
+                    test_dir,
+                    db_dir=db_dir,
+                    image_dir=bank_dir,
+                    model_name=backbone_name,
+                    gpu=device,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    result_dir=result_dir,
+                    progress=False,
+                )
         config = json.loads((run / "config.json").read_text())
         return {"wall_s": clock.wall_s, "timings": config["timings"], "num_workers": config["num_workers"]}
 
@@ -293,12 +350,13 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
     # once, single process, for the profile.
     with Clock() as decode_clock:
         tensors = [backbone.image_transform(load_image(p)) for p in test_paths]
-    batches = [torch.stack(tensors[i:i + batch_size]).to(device) for i in range(0, n, batch_size)]
+    batches = [torch.stack(tensors[i : i + batch_size]).to(device) for i in range(0, n, batch_size)]
     del tensors
 
     def pipeline(paths, workers) -> np.ndarray:
-        embeddings = extract_embeddings(backbone, paths, batch_size=batch_size, num_workers=workers,
-                                        device=device, cache=None, progress=False)
+        embeddings = extract_embeddings(
+            backbone, paths, batch_size=batch_size, num_workers=workers, device=device, cache=None, progress=False
+        )
         return detector.score(embeddings)
 
     log(f"detect: decoded {n} images beforehand; warm-up")
@@ -331,8 +389,14 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
     for workers in tqdm(sweep_workers, desc="num_workers sweep", unit="setting", file=sys.stderr):
         with Clock() as clock:
             pipeline(subset, workers)
-        sweep.append({"num_workers": workers, "images_per_s": len(subset) / clock.wall_s,
-                      "main_cpu_s": clock.main_cpu_s, "workers_cpu_s": clock.workers_cpu_s})
+        sweep.append(
+            {
+                "num_workers": workers,
+                "images_per_s": len(subset) / clock.wall_s,
+                "main_cpu_s": clock.main_cpu_s,
+                "workers_cpu_s": clock.workers_cpu_s,
+            }
+        )
     sub_bare = None
     if sweep:
         chosen = batches[: max(1, -(-len(subset) // batch_size))]
@@ -358,14 +422,15 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
         "throughput_ratio": detect_ips / bare_ips,
         "detect_abnormal": {
             "note": "detect_abnormal has no cache switch: it always uses the feature cache, here an empty "
-                    "folder per repeat (cold: content hashing + writing a shard on top of the pipeline)",
+            "folder per repeat (cold: content hashing + writing a shard on top of the pipeline)",
             "per_image_images_per_s": n / per_image_s,
             "per_image_ratio": (n / per_image_s) / bare_ips,
             "end_to_end_images_per_s": n / total_s,
             "end_to_end_ratio": (n / total_s) / bare_ips,
             "fixed_overhead_s": total_s - per_image_s,
-            "timings_median_s": {key: _median([r["timings"][key] for r in full if key in r["timings"]])
-                                 for key in full[0]["timings"]},
+            "timings_median_s": {
+                key: _median([r["timings"][key] for r in full if key in r["timings"]]) for key in full[0]["timings"]
+            },
             "build_run_timings_s": build["timings"],
         },
         "same_scores_as_bare_forward": same_scores,
@@ -376,8 +441,9 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
         },
         # CPU seconds per image (main process + DataLoader workers): less sensitive than wall
         # time to other programs sharing the cores
-        "cpu_throughput_ratio": _ratio(_median([c.main_cpu_s for c in bare]),
-                                       _median([c.main_cpu_s + c.workers_cpu_s for c in piped])),
+        "cpu_throughput_ratio": _ratio(
+            _median([c.main_cpu_s for c in bare]), _median([c.main_cpu_s + c.workers_cpu_s for c in piped])
+        ),
         "cpu_seconds_median": {
             "bare_forward_main": _median([c.main_cpu_s for c in bare]),
             "detect_pipeline_main": _median([c.main_cpu_s for c in piped]),
@@ -396,8 +462,9 @@ def bench_detect(test_paths: Sequence[Path], bank_paths: Sequence[Path], workdir
 # --------------------------------------------------------------------------------------
 # 2. Exact vs IVF-PQ search
 # --------------------------------------------------------------------------------------
-def clustered_embeddings(n: int, dim: int, n_clusters: int, cluster_std: float, seed: int,
-                         intrinsic_dim: int = 32, noise_std: float = 0.05) -> np.ndarray:
+def clustered_embeddings(
+    n: int, dim: int, n_clusters: int, cluster_std: float, seed: int, intrinsic_dim: int = 32, noise_std: float = 0.05
+) -> np.ndarray:
     """(n, dim) float32, L2-normalised, deterministic: embedding-like synthetic data.
 
     Points are Gaussian clusters (``n_clusters`` standard normal centres, spread
@@ -414,7 +481,7 @@ def clustered_embeddings(n: int, dim: int, n_clusters: int, cluster_std: float, 
     points = latent @ mapping
     del latent
     for start in range(0, n, 50_000):  # noise in chunks: no second full-size array
-        block = points[start:start + 50_000]
+        block = points[start : start + 50_000]
         block += noise_std * rng.standard_normal(block.shape, dtype=np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
     return points
@@ -431,12 +498,24 @@ def index_bytes_per_vector(index) -> float:
     return faiss.serialize_index(index.index_).size / index.ntotal
 
 
-def bench_search(*, n_bank: int = 200_000, dim: int = 384, n_clusters: int = 1000, cluster_std: float = 0.6,
-                 intrinsic_dim: int = 32, noise_std: float = 0.05, n_queries: int = 1000,
-                 ks: Sequence[int] = (1, 100), factory: str = "IVF1024,PQ32np",
-                 nprobe: int = 16, build_only_factories: Sequence[str] = (),
-                 nprobe_sweep: Sequence[int] = (1, 4, 16, 64), repeats: int = 3,
-                 seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+def bench_search(
+    *,
+    n_bank: int = 200_000,
+    dim: int = 384,
+    n_clusters: int = 1000,
+    cluster_std: float = 0.6,
+    intrinsic_dim: int = 32,
+    noise_std: float = 0.05,
+    n_queries: int = 1000,
+    ks: Sequence[int] = (1, 100),
+    factory: str = "IVF1024,PQ32np",
+    nprobe: int = 16,
+    build_only_factories: Sequence[str] = (),
+    nprobe_sweep: Sequence[int] = (1, 4, 16, 64),
+    repeats: int = 3,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Exact ``"Flat"`` vs ``factory`` on a synthetic bank: queries/s per k, recall@k of
     the compressed index against the exact neighbours, bytes per embedding, build time."""
     from anomalib_study.search import NearestNeighbourIndex
@@ -460,8 +539,11 @@ def bench_search(*, n_bank: int = 200_000, dim: int = 384, n_clusters: int = 100
     log("search: exact (Flat)")
     with Clock() as clock:
         exact = NearestNeighbourIndex("Flat", device=device).fit(bank)
-    results["exact"] = {"factory": "Flat", "build_s": clock.wall_s,
-                        "bytes_per_embedding": index_bytes_per_vector(exact)}
+    results["exact"] = {
+        "factory": "Flat",
+        "build_s": clock.wall_s,
+        "bytes_per_embedding": index_bytes_per_vector(exact),
+    }
     for k in ks:
         qps, exact_ids[k] = timed_search(exact, k)
         results["exact"][f"k{k}"] = {"queries_per_s": qps}
@@ -470,10 +552,14 @@ def bench_search(*, n_bank: int = 200_000, dim: int = 384, n_clusters: int = 100
     with warnings.catch_warnings(record=True) as caught, Clock() as clock:
         warnings.simplefilter("always")
         approx = NearestNeighbourIndex(factory, nprobe=nprobe, device=device).fit(bank)
-    results["ivfpq"] = {"factory": factory, "nprobe": nprobe, "build_s": clock.wall_s,
-                        "build_includes": "k-means training of the coarse quantiser and the PQ codebooks, then add",
-                        "bytes_per_embedding": index_bytes_per_vector(approx),
-                        "warnings": [str(w.message) for w in caught]}
+    results["ivfpq"] = {
+        "factory": factory,
+        "nprobe": nprobe,
+        "build_s": clock.wall_s,
+        "build_includes": "k-means training of the coarse quantiser and the PQ codebooks, then add",
+        "bytes_per_embedding": index_bytes_per_vector(approx),
+        "warnings": [str(w.message) for w in caught],
+    }
     for k in ks:
         qps, ids = timed_search(approx, k)
         results["ivfpq"][f"k{k}"] = {"queries_per_s": qps, "recall_at_k": recall_at_k(ids, exact_ids[k])}
@@ -485,8 +571,11 @@ def bench_search(*, n_bank: int = 200_000, dim: int = 384, n_clusters: int = 100
         row = {"nprobe": int(probe)}
         for k in ks:
             qps, ids = timed_search(approx, k)
-            row[f"k{k}"] = {"queries_per_s": qps, "recall_at_k": recall_at_k(ids, exact_ids[k]),
-                            "speedup_vs_exact": qps / results["exact"][f"k{k}"]["queries_per_s"]}
+            row[f"k{k}"] = {
+                "queries_per_s": qps,
+                "recall_at_k": recall_at_k(ids, exact_ids[k]),
+                "speedup_vs_exact": qps / results["exact"][f"k{k}"]["queries_per_s"],
+            }
         sweep.append(row)
     ivf.nprobe = int(nprobe)
     results["ivfpq"]["nprobe_sweep"] = sweep
@@ -500,29 +589,46 @@ def bench_search(*, n_bank: int = 200_000, dim: int = 384, n_clusters: int = 100
             warnings.simplefilter("ignore")
             built = NearestNeighbourIndex(other, nprobe=nprobe, device=device).fit(bank)
         _, ids = built.search(queries, max(ks))
-        results["build_only"].append({"factory": other, "build_s": clock.wall_s,
-                                      f"recall_at_k{max(ks)}": recall_at_k(ids, exact_ids[max(ks)])})
+        results["build_only"].append(
+            {"factory": other, "build_s": clock.wall_s, f"recall_at_k{max(ks)}": recall_at_k(ids, exact_ids[max(ks)])}
+        )
         del built
 
     results["recall_at_k"] = {f"k{k}": results["ivfpq"][f"k{k}"]["recall_at_k"] for k in ks}
-    results["speedup"] = {f"k{k}": results["ivfpq"][f"k{k}"]["queries_per_s"] / results["exact"][f"k{k}"]["queries_per_s"]
-                          for k in ks}
+    results["speedup"] = {
+        f"k{k}": results["ivfpq"][f"k{k}"]["queries_per_s"] / results["exact"][f"k{k}"]["queries_per_s"] for k in ks
+    }
     results["memory_ratio"] = results["exact"]["bytes_per_embedding"] / results["ivfpq"]["bytes_per_embedding"]
-    results["bank"] = {"n": n_bank, "dim": dim, "n_queries": n_queries, "ks": list(ks),
-                       "data": (f"SYNTHETIC: {n_clusters} Gaussian clusters (standard normal centres, std "
-                                f"{cluster_std}) in a {intrinsic_dim}-d latent space, mapped linearly to {dim}-d, "
-                                f"plus isotropic noise {noise_std}, L2-normalised, seed {seed}; queries: "
-                                f"{n_queries} further draws from the same clusters, not in the bank"),
-                       "bank_mb": bank.nbytes / 2**20}
+    results["bank"] = {
+        "n": n_bank,
+        "dim": dim,
+        "n_queries": n_queries,
+        "ks": list(ks),
+        "data": (
+            f"SYNTHETIC: {n_clusters} Gaussian clusters (standard normal centres, std "
+            f"{cluster_std}) in a {intrinsic_dim}-d latent space, mapped linearly to {dim}-d, "
+            f"plus isotropic noise {noise_std}, L2-normalised, seed {seed}; queries: "
+            f"{n_queries} further draws from the same clusters, not in the bank"
+        ),
+        "bank_mb": bank.nbytes / 2**20,
+    }
     return results
 
 
 # --------------------------------------------------------------------------------------
 # 3. Feature cache: cold vs warm evaluate
 # --------------------------------------------------------------------------------------
-def bench_cache(layout: str, root: Path, workdir: Path, *, category: str | None = None,
-                backbone: str = BACKBONE, repeats: int = 1, num_workers: int | None = None,
-                device: str = "cpu") -> dict[str, Any]:
+def bench_cache(
+    layout: str,
+    root: Path,
+    workdir: Path,
+    *,
+    category: str | None = None,
+    backbone: str = BACKBONE,
+    repeats: int = 1,
+    num_workers: int | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """``evaluate("knn", layout, root)`` twice with a fresh cache folder: cold then warm.
 
     ``cache_speedup`` = cold total / warm total (everything ``evaluate`` does, including
@@ -542,34 +648,67 @@ def bench_cache(layout: str, root: Path, workdir: Path, *, category: str | None 
         cache = FeatureCache(workdir / f"feature_cache_{repeat}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cold = evaluate("knn", layout, root, category=category, backbone=backbone, device=device,
-                            cache=cache, progress=False, num_workers=num_workers)
-            warm = evaluate("knn", layout, root, category=category, backbone=backbone, device=device,
-                            cache=cache, progress=False, num_workers=num_workers)
-        rows.append({
-            "cold_total_s": cold["timings"]["total_s"], "warm_total_s": warm["timings"]["total_s"],
-            "cold_extract_s": extract_s(cold), "warm_extract_s": extract_s(warm),
-            "cold_timings_s": cold["timings"], "warm_timings_s": warm["timings"],
-            "same_scores": [p["score"] for p in cold["per_image"]] == [p["score"] for p in warm["per_image"]],
-            "n_images": cold["n_train"] + cold["n_test"], "dataset": cold["dataset"].get("name"),
-            "synthetic": cold["synthetic"],
-        })
+            cold = evaluate(
+                "knn",
+                layout,
+                root,
+                category=category,
+                backbone=backbone,
+                device=device,
+                cache=cache,
+                progress=False,
+                num_workers=num_workers,
+            )
+            warm = evaluate(
+                "knn",
+                layout,
+                root,
+                category=category,
+                backbone=backbone,
+                device=device,
+                cache=cache,
+                progress=False,
+                num_workers=num_workers,
+            )
+        rows.append(
+            {
+                "cold_total_s": cold["timings"]["total_s"],
+                "warm_total_s": warm["timings"]["total_s"],
+                "cold_extract_s": extract_s(cold),
+                "warm_extract_s": extract_s(warm),
+                "cold_timings_s": cold["timings"],
+                "warm_timings_s": warm["timings"],
+                "same_scores": [p["score"] for p in cold["per_image"]] == [p["score"] for p in warm["per_image"]],
+                "n_images": cold["n_train"] + cold["n_test"],
+                "dataset": cold["dataset"].get("name"),
+                "synthetic": cold["synthetic"],
+            }
+        )
     cold_total = _median([r["cold_total_s"] for r in rows])
     warm_total = _median([r["warm_total_s"] for r in rows])
     cold_extract = _median([r["cold_extract_s"] for r in rows])
     warm_extract = _median([r["warm_extract_s"] for r in rows])
     return {
-        "dataset": rows[0]["dataset"], "synthetic": rows[0]["synthetic"], "images": rows[0]["n_images"],
-        "backbone": backbone, "device": device, "repeats": repeats,
+        "dataset": rows[0]["dataset"],
+        "synthetic": rows[0]["synthetic"],
+        "images": rows[0]["n_images"],
+        "backbone": backbone,
+        "device": device,
+        "repeats": repeats,
         "num_workers": num_workers if num_workers is not None else "evaluate's default",
-        "cold_total_s": cold_total, "warm_total_s": warm_total, "cache_speedup": cold_total / warm_total,
-        "cold_extract_s": cold_extract, "warm_extract_s": warm_extract,
+        "cold_total_s": cold_total,
+        "warm_total_s": warm_total,
+        "cache_speedup": cold_total / warm_total,
+        "cold_extract_s": cold_extract,
+        "warm_extract_s": warm_extract,
         "extraction_speedup": cold_extract / warm_extract if warm_extract > 0 else None,
         "runs": rows,
     }
 
 
-def cache_dataset(data: Path | None, workdir: Path, synthetic: dict, seed: int = 0) -> tuple[str, Path, str | None, str]:
+def cache_dataset(
+    data: Path | None, workdir: Path, synthetic: dict, seed: int = 0
+) -> tuple[str, Path, str | None, str]:
     """(layout, root, category, note) for the cache benchmark: MVTec AD bottle if present,
     else the synthetic DAGM-layout set."""
     from anomalib_study.data import make_synthetic_dagm
@@ -614,8 +753,14 @@ def print_table(rows) -> None:
         print(f"{name:<{width}}  {shown}  {goal}")
 
 
-def run(quick: bool = False, data: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-        device: str = "cpu", parts: Sequence[str] = ("detect", "search", "cache"), seed: int = 0) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    data: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    device: str = "cpu",
+    parts: Sequence[str] = ("detect", "search", "cache"),
+    seed: int = 0,
+) -> dict[str, Any]:
     """Run the chosen parts, write the JSON to ``out`` (if given) and return the report."""
     settings = QUICK if quick else FULL
     unknown = set(parts) - {"detect", "search", "cache"}
@@ -645,16 +790,33 @@ def run(quick: bool = False, data: str | os.PathLike | None = None, out: str | o
             log(f"detect: {len(images['test_paths'])} test images, {images['note']}")
             report["detect"] = {
                 "data": {k: images[k] for k in ("source", "synthetic", "note")},
-                **bench_detect(images["test_paths"], images["bank_paths"], workdir / "detect",
-                               batch_size=d.get("batch_size"), num_workers=d.get("num_workers"), repeats=d["repeats"], n_sweep=d["n_sweep"],
-                               sweep_workers=d["sweep_workers"], device=device),
+                **bench_detect(
+                    images["test_paths"],
+                    images["bank_paths"],
+                    workdir / "detect",
+                    batch_size=d.get("batch_size"),
+                    num_workers=d.get("num_workers"),
+                    repeats=d["repeats"],
+                    n_sweep=d["n_sweep"],
+                    sweep_workers=d["sweep_workers"],
+                    device=device,
+                ),
             }
         if "cache" in parts:
             layout, root, category, note = cache_dataset(data_dir, workdir, settings["synthetic"], seed)
             log(f"cache: {note}")
-            report["cache"] = {"note": note, **bench_cache(layout, root, workdir / "cache", category=category,
-                                                           repeats=settings["cache"]["repeats"],
-                                                           num_workers=settings["cache"]["num_workers"], device=device)}
+            report["cache"] = {
+                "note": note,
+                **bench_cache(
+                    layout,
+                    root,
+                    workdir / "cache",
+                    category=category,
+                    repeats=settings["cache"]["repeats"],
+                    num_workers=settings["cache"]["num_workers"],
+                    device=device,
+                ),
+            }
         if "search" in parts:
             s = dict(settings["search"])
             report["search"] = bench_search(**s, seed=seed, device=device)
@@ -671,19 +833,27 @@ def run(quick: bool = False, data: str | os.PathLike | None = None, out: str | o
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny generated data, seconds (smoke test)")
     parser.add_argument("--data", help="real data folder (default $ANOMALIB_STUDY_DATA, else ../shared/data)")
-    parser.add_argument("--out", help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
-                                      "with --quick nothing is written unless given)")
+    parser.add_argument(
+        "--out",
+        help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; with --quick nothing is written unless given)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--parts", default="detect,cache,search", help="comma-separated subset of detect,cache,search")
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     try:
-        report = run(quick=args.quick, data=args.data, out=out, device=args.device,
-                     parts=[p.strip() for p in args.parts.split(",") if p.strip()])
+        report = run(
+            quick=args.quick,
+            data=args.data,
+            out=out,
+            device=args.device,
+            parts=[p.strip() for p in args.parts.split(",") if p.strip()],
+        )
     except StudyError as error:
         print(f"bench_knn: error: {error}", file=sys.stderr)
         return 2

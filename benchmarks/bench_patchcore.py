@@ -103,8 +103,10 @@ def parse_setting(setting: str) -> tuple[str, int | None]:
 
     precision, at, dims = str(setting).partition("@")
     if precision not in ("fp32", "bf16", "auto") or (at and not (dims.isdigit() and int(dims) >= 1)):
-        raise StudyError(f"unknown setting {setting!r}: give fp32, bf16 or auto, optionally followed by @<search "
-                         "dimensions>, e.g. bf16@256")
+        raise StudyError(
+            f"unknown setting {setting!r}: give fp32, bf16 or auto, optionally followed by @<search "
+            "dimensions>, e.g. bf16@256"
+        )
     return precision, int(dims) if dims else None
 
 
@@ -134,7 +136,9 @@ def cpu_seconds() -> float:
 # --------------------------------------------------------------------------------------
 # The images both sides see
 # --------------------------------------------------------------------------------------
-def magnetic_tile_lists(data: Path, n_train: int, n_test: int = N_TEST, seed: int = SEED) -> tuple[list[Path], list[Path]]:
+def magnetic_tile_lists(
+    data: Path, n_train: int, n_test: int = N_TEST, seed: int = SEED
+) -> tuple[list[Path], list[Path]]:
     """(first ``n_train`` training images in the reader's order, ``n_test`` seeded test images).
 
     Training images are MT_Free images of the DifferNet/PatchCore split; the test images are
@@ -149,8 +153,10 @@ def magnetic_tile_lists(data: Path, n_train: int, n_test: int = N_TEST, seed: in
 
     root = Path(data) / "magnetic_tile"
     if not root.is_dir():
-        raise DataError(f"Magnetic-tile data not found at {root}: pass --data <folder holding magnetic_tile/> "
-                        "or set ANOMALIB_STUDY_DATA")
+        raise DataError(
+            f"Magnetic-tile data not found at {root}: pass --data <folder holding magnetic_tile/> "
+            "or set ANOMALIB_STUDY_DATA"
+        )
     dataset = load_dataset("magnetic_tile", root)
     train = [r.path for r in dataset.train]
     test = sorted(r.path for r in dataset.test)
@@ -189,13 +195,23 @@ def anomalib_python(venv: Path = DEFAULT_VENV) -> Path:
 
     python = Path(venv) / "bin" / "python"
     if not python.is_file():
-        raise StudyError(f"anomalib venv not found at {venv}: run `bash benchmarks/setup_anomalib_venv.sh` "
-                         "(or set ANOMALIB_VENV to its folder)")
+        raise StudyError(
+            f"anomalib venv not found at {venv}: run `bash benchmarks/setup_anomalib_venv.sh` "
+            "(or set ANOMALIB_VENV to its folder)"
+        )
     return python
 
 
-def run_anomalib(n_train: int, work: Path, data: Path, venv: Path = DEFAULT_VENV, n_test: int = N_TEST,
-                 ratio: float = CORESET_RATIO, threads: int = 2, reuse: bool = True) -> dict:
+def run_anomalib(
+    n_train: int,
+    work: Path,
+    data: Path,
+    venv: Path = DEFAULT_VENV,
+    n_test: int = N_TEST,
+    ratio: float = CORESET_RATIO,
+    threads: int = 2,
+    reuse: bool = True,
+) -> dict:
     """anomalib's fit + predict on the first ``n_train`` training images, in its own process.
 
     Result (the JSON of anomalib_side.py) is cached as ``work/anomalib_<n>.json`` keyed by
@@ -209,18 +225,41 @@ def run_anomalib(n_train: int, work: Path, data: Path, venv: Path = DEFAULT_VENV
     train_sha = write_list(train, work / f"train_{n_train}.txt")
     test_sha = write_list(test, work / f"test_{n_test}.txt")
     pre = preprocessing_of()
-    key = {"train_sha256": train_sha, "test_sha256": test_sha, "ratio": ratio, "threads": threads,
-           "backbone": BACKBONE, "layers": list(LAYERS), "preprocessing": pre}
+    key = {
+        "train_sha256": train_sha,
+        "test_sha256": test_sha,
+        "ratio": ratio,
+        "threads": threads,
+        "backbone": BACKBONE,
+        "layers": list(LAYERS),
+        "preprocessing": pre,
+    }
     cached = work / f"anomalib_{n_train}.json"
     if reuse and cached.is_file():
         previous = json.loads(cached.read_text())
         if previous.get("key") == key:
             log(f"anomalib N={n_train}: reusing {cached} (measured {previous.get('measured_at')})")
             return _with_rate_profile(previous, work / f"anomalib_{n_train}.log")
-    command = [str(anomalib_python(venv)), "-W", "ignore", str(ANOMALIB_SIDE),
-               "--train-list", str(work / f"train_{n_train}.txt"), "--test-list", str(work / f"test_{n_test}.txt"),
-               "--preprocessing", json.dumps(pre), "--backbone", BACKBONE, "--layers", *LAYERS,
-               "--coreset-ratio", str(ratio), "--threads", str(threads)]
+    command = [
+        str(anomalib_python(venv)),
+        "-W",
+        "ignore",
+        str(ANOMALIB_SIDE),
+        "--train-list",
+        str(work / f"train_{n_train}.txt"),
+        "--test-list",
+        str(work / f"test_{n_test}.txt"),
+        "--preprocessing",
+        json.dumps(pre),
+        "--backbone",
+        BACKBONE,
+        "--layers",
+        *LAYERS,
+        "--coreset-ratio",
+        str(ratio),
+        "--threads",
+        str(threads),
+    ]
     log(f"anomalib N={n_train}: running in {venv} ...")
     started = _dt.datetime.now().isoformat(timespec="seconds")
     stderr_log = work / f"anomalib_{n_train}.log"  # progress of a long run: tail -f this file
@@ -239,8 +278,10 @@ def run_anomalib(n_train: int, work: Path, data: Path, venv: Path = DEFAULT_VENV
 def _with_rate_profile(result: dict, log_path: Path) -> dict:
     """``result`` with ``coreset_rate_profile`` read from anomalib's progress log, where it has none yet."""
     if "coreset_rate_profile" not in result and log_path.is_file():
-        result = {**result, "coreset_rate_profile": coreset_rate_profile(log_path.read_text(encoding="utf-8",
-                                                                                             errors="replace"))}
+        result = {
+            **result,
+            "coreset_rate_profile": coreset_rate_profile(log_path.read_text(encoding="utf-8", errors="replace")),
+        }
     return result
 
 
@@ -269,8 +310,9 @@ def random_wide_resnet_weights(folder: Path, seed: int = SEED, arch: str = "wide
     return target
 
 
-def make_tiny_magnetic_tile(root: Path, n_free: int = 8, n_train: int = 6, n_defect: int = 4, size: int = 40,
-                            seed: int = SEED) -> Path:
+def make_tiny_magnetic_tile(
+    root: Path, n_free: int = 8, n_train: int = 6, n_defect: int = 4, size: int = 40, seed: int = SEED
+) -> Path:
     """``root/magnetic_tile`` in the Magnetic-tile layout with seeded noise tiles (``--quick``):
     ``n_free`` MT_Free images (the first ``n_train`` listed for training) and ``n_defect``
     MT_Blowhole images with empty masks. Returns ``root``."""
@@ -285,14 +327,21 @@ def make_tiny_magnetic_tile(root: Path, n_free: int = 8, n_train: int = 6, n_def
         for name in files:
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(base / folder / "Imgs" / name)
             if folder == "MT_Blowhole":
-                Image.fromarray(np.zeros((size, size), np.uint8)).save(base / folder / "Imgs" / name.replace(".jpg", ".png"))
+                Image.fromarray(np.zeros((size, size), np.uint8)).save(
+                    base / folder / "Imgs" / name.replace(".jpg", ".png")
+                )
     (base / "mtd_train_filenames.txt").write_text("\n".join(names[:n_train]) + "\n")
     return Path(root)
 
 
-def coreset_check_on_images(train_paths: Sequence[Path], backbone: str = BACKBONE, weights: Path | None = None,
-                            layers: Sequence[str] | None = LAYERS, image_size: int | None = None,
-                            ratio: float = CORESET_RATIO) -> dict:
+def coreset_check_on_images(
+    train_paths: Sequence[Path],
+    backbone: str = BACKBONE,
+    weights: Path | None = None,
+    layers: Sequence[str] | None = LAYERS,
+    image_size: int | None = None,
+    ratio: float = CORESET_RATIO,
+) -> dict:
     """:func:`coreset_precision_check` on the patch features of ``train_paths`` (fp32 forward)."""
     from anomalib_study.backbones import load_backbone
     from anomalib_study.methods.patchcore import PatchCore
@@ -318,19 +367,26 @@ def quick(work: Path, out: Path | None = None, precisions: Sequence[str] = PRECI
     train, test = magnetic_tile_lists(data, n_train=6, n_test=4)
     weights = random_wide_resnet_weights(work, arch="resnet18")
     options = {"backbone": "resnet18", "weights": weights, "layers": ("layer2", "layer3"), "image_size": 64}
-    report: dict[str, Any] = {"benchmark": "bench_patchcore --quick (smoke run, not a measurement)", "quick": True,
-                              "machine": machine_info(), "precisions": list(precisions),
-                              "ours_by_precision": {}, "predict_only_by_precision": {}}
+    report: dict[str, Any] = {
+        "benchmark": "bench_patchcore --quick (smoke run, not a measurement)",
+        "quick": True,
+        "machine": machine_info(),
+        "precisions": list(precisions),
+        "ours_by_precision": {},
+        "predict_only_by_precision": {},
+    }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="precision='bf16'")  # emulated bf16 on this CPU: expected
         for precision in precisions:
             log(f"quick: our fit + predict, {precision} ...")
-            fitted = our_side(train, test, coreset_ratio=0.5, precision=precision, matmul_shape=QUICK_MATMUL_SHAPE,
-                              **options)
+            fitted = our_side(
+                train, test, coreset_ratio=0.5, precision=precision, matmul_shape=QUICK_MATMUL_SHAPE, **options
+            )
             report["ours_by_precision"][precision] = {k: v for k, v in fitted.items() if k != "image_scores"}
             log(f"quick: our predict only, {precision} ...")
             report["predict_only_by_precision"][precision] = our_predict_only(
-                test, 100, precision=precision, matmul_shape=QUICK_MATMUL_SHAPE, **options)
+                test, 100, precision=precision, matmul_shape=QUICK_MATMUL_SHAPE, **options
+            )
     log("quick: coreset precision check ...")
     report["coreset_precision"] = coreset_check_on_images(train, ratio=0.5, **options)
     report["limit_ratio"] = {p: r["limit_ratio"] for p, r in report["ours_by_precision"].items()}
@@ -339,17 +395,20 @@ def quick(work: Path, out: Path | None = None, precisions: Sequence[str] = PRECI
         write_json(out, report)
     for precision, r in report["ours_by_precision"].items():
         floor = r["floor"]
-        print(f"{precision}: fit {r['fit_s']:.2f} s, predict {r['predict_s']:.2f} s (floor {floor['floor_s']:.4f} s: "
-              f"forward {floor['forward_floor_s']:.4f} + search {floor['search_floor_s']:.4f}), limit_ratio "
-              f"{r['limit_ratio']:.1f}, re-rank hit rate {r['rerank_hit_rate']['hit_rate']:.3f}")
+        print(
+            f"{precision}: fit {r['fit_s']:.2f} s, predict {r['predict_s']:.2f} s (floor {floor['floor_s']:.4f} s: "
+            f"forward {floor['forward_floor_s']:.4f} + search {floor['search_floor_s']:.4f}), limit_ratio "
+            f"{r['limit_ratio']:.1f}, re-rank hit rate {r['rerank_hit_rate']['hit_rate']:.3f}"
+        )
     return report
 
 
 # --------------------------------------------------------------------------------------
 # The physical floor: FLOPs and the measured matrix-product throughput
 # --------------------------------------------------------------------------------------
-def matmul_throughput(shape: Sequence[int] = MATMUL_SHAPE, repeats: int = 3, seed: int = SEED,
-                      budget_s: float = 1.0) -> dict:
+def matmul_throughput(
+    shape: Sequence[int] = MATMUL_SHAPE, repeats: int = 3, seed: int = SEED, budget_s: float = 1.0
+) -> dict:
     """Measured ``torch.mm`` throughput in GFLOP/s, float32 and bfloat16, with this process's threads.
 
     One untimed warm-up product per type, then the median of up to ``repeats`` timed ones of
@@ -395,9 +454,11 @@ def search_flops(n_queries: int, bank_rows: int, dim: int, rerank: int = 0, cand
     or d), ``projection`` = 2 q d d' (the queries onto d' < d principal components, else 0),
     ``rerank`` = 3 q r d (exact float32 distances of r candidates: subtract, square, add)."""
     width = int(dim) if candidate_dim is None else min(int(candidate_dim), int(dim))
-    return {"products": 2 * int(n_queries) * int(bank_rows) * width,
-            "projection": 2 * int(n_queries) * int(dim) * width if width < int(dim) else 0,
-            "rerank": 3 * int(n_queries) * int(rerank) * int(dim)}
+    return {
+        "products": 2 * int(n_queries) * int(bank_rows) * width,
+        "projection": 2 * int(n_queries) * int(dim) * width if width < int(dim) else 0,
+        "rerank": 3 * int(n_queries) * int(rerank) * int(dim),
+    }
 
 
 def physical_floor(n_images: int, forward_flops: int, searched: dict, throughput: dict, precision: str) -> dict:
@@ -410,10 +471,15 @@ def physical_floor(n_images: int, forward_flops: int, searched: dict, throughput
     forward_s = n_images * forward_flops / rate
     fp32_work = searched["rerank"] + searched.get("projection", 0)
     search_s = searched["products"] / rate + fp32_work / (throughput["fp32_gflops"] * 1e9)
-    return {"precision": precision, "forward_gflop": n_images * forward_flops / 1e9,
-            "search_gflop": (searched["products"] + fp32_work) / 1e9,
-            "throughput_gflops": throughput[f"{precision}_gflops"], "forward_floor_s": forward_s,
-            "search_floor_s": search_s, "floor_s": forward_s + search_s}
+    return {
+        "precision": precision,
+        "forward_gflop": n_images * forward_flops / 1e9,
+        "search_gflop": (searched["products"] + fp32_work) / 1e9,
+        "throughput_gflops": throughput[f"{precision}_gflops"],
+        "forward_floor_s": forward_s,
+        "search_floor_s": search_s,
+        "floor_s": forward_s + search_s,
+    }
 
 
 def _floor_of_predict(model, module, layers, n_images: int, predict_s: float, throughput: dict) -> dict:
@@ -423,8 +489,9 @@ def _floor_of_predict(model, module, layers, n_images: int, predict_s: float, th
     rerank = 0 if width is None else min(model.index_.ntotal, max(1, model.index_.rerank))
     # every patch searched with k = 1, then each image's m* with k = num_neighbours (a k-search costs the same)
     searched = search_flops(n_images * (per_image + 1), model.index_.ntotal, model.n_features_in_, rerank, width)
-    floor = physical_floor(n_images, forward_flops_per_image(module, layers), searched, throughput,
-                           model.precision_used_)
+    floor = physical_floor(
+        n_images, forward_flops_per_image(module, layers), searched, throughput, model.precision_used_
+    )
     floor["predict_s"] = predict_s
     floor["limit_ratio"] = predict_s / floor["floor_s"] if floor["floor_s"] > 0 else None
     return floor
@@ -435,23 +502,30 @@ def _hit_rate(model, patches, seed: int = SEED, n_queries: int = HIT_RATE_QUERIE
     import numpy as np
 
     rows = patches.reshape(-1, patches.shape[-1])
-    pick = np.sort(np.random.default_rng(seed).choice(rows.shape[0], size=min(n_queries, rows.shape[0]),
-                                                      replace=False))
+    pick = np.sort(np.random.default_rng(seed).choice(rows.shape[0], size=min(n_queries, rows.shape[0]), replace=False))
     return model.index_.rerank_hit_rate(rows[pick])
 
 
-def coreset_precision_check(features, ratio: float = CORESET_RATIO, projection_dim: int = 128, seed: int = SEED,
-                            precisions: Sequence[str] = ("fp32", "bf16", "fp16")) -> dict:
+def coreset_precision_check(
+    features,
+    ratio: float = CORESET_RATIO,
+    projection_dim: int = 128,
+    seed: int = SEED,
+    precisions: Sequence[str] = ("fp32", "bf16", "fp16"),
+) -> dict:
     """The greedy coreset of ``features`` (N, D) with each distance-update precision: seconds,
     share of the fp32 selection chosen too, and covering radius (largest distance of a row to
     its nearest centre, in the projected space, exact faiss search) relative to fp32's."""
-    import numpy as np
 
     from anomalib_study.methods.coreset import GreedyCoresetSampler, selection_overlap
     from anomalib_study.search import NearestNeighbourIndex
 
-    out: dict[str, Any] = {"n_rows": int(features.shape[0]), "dim": int(features.shape[1]), "ratio": ratio,
-                           "projection_dim": projection_dim}
+    out: dict[str, Any] = {
+        "n_rows": int(features.shape[0]),
+        "dim": int(features.shape[1]),
+        "ratio": ratio,
+        "projection_dim": projection_dim,
+    }
     projected = GreedyCoresetSampler(ratio=ratio, projection_dim=projection_dim, seed=seed).project(features).numpy()
     reference = None
     for precision in precisions:
@@ -463,10 +537,16 @@ def coreset_precision_check(features, ratio: float = CORESET_RATIO, projection_d
             reference = chosen
         index = NearestNeighbourIndex().fit(projected[chosen])
         radius = float(index.search(projected, 1)[0].max())
-        out[precision] = {"seconds": seconds, "n_centres": int(len(chosen)),
-                          "overlap_with_fp32": selection_overlap(chosen, reference), "covering_radius": radius}
+        out[precision] = {
+            "seconds": seconds,
+            "n_centres": int(len(chosen)),
+            "overlap_with_fp32": selection_overlap(chosen, reference),
+            "covering_radius": radius,
+        }
     for precision in precisions:
-        out[precision]["covering_radius_vs_fp32"] = out[precision]["covering_radius"] / out[precisions[0]]["covering_radius"]
+        out[precision]["covering_radius_vs_fp32"] = (
+            out[precision]["covering_radius"] / out[precisions[0]]["covering_radius"]
+        )
         out[precision]["speedup_vs_fp32"] = out[precisions[0]]["seconds"] / out[precision]["seconds"]
     return out
 
@@ -485,6 +565,7 @@ def ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
     ``fit_cpu_speedup`` / ``predict_cpu_speedup``: the same on CPU seconds (user + system),
     which other programs on a shared machine disturb less than wall time.
     """
+
     def div(a, b):
         return None if a is None or b in (None, 0) else float(a) / float(b)
 
@@ -512,7 +593,9 @@ def _fit_at_p90_rate(theirs: dict) -> float | None:
     estimate = profile.get("coreset_s_at_p90_rate")
     if estimate is None or theirs.get("fit_s") is None or theirs.get("fit_coreset_s") is None:
         return None
-    return float(theirs["fit_s"]) - float(theirs["fit_coreset_s"]) + min(float(estimate), float(theirs["fit_coreset_s"]))
+    return (
+        float(theirs["fit_s"]) - float(theirs["fit_coreset_s"]) + min(float(estimate), float(theirs["fit_coreset_s"]))
+    )
 
 
 _TQDM = re.compile(r"Selecting Coreset Indices\.:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
@@ -553,10 +636,17 @@ def coreset_rate_profile(log_text: str, window_s: float = 60.0) -> dict | None:
     if not rates:
         return None
     p90 = float(np.percentile(rates, 90))
-    return {"window_s": window_s, "rates": [round(r, 3) for r in rates], "median_rate": float(np.median(rates)),
-            "p90_rate": p90, "slowest_rate": float(min(rates)),
-            "seconds_below_80pct_of_p90": window_s * sum(r < 0.8 * p90 for r in rates),
-            "steps": steps, "elapsed_s": float(elapsed), "coreset_s_at_p90_rate": steps / p90 if p90 > 0 else None}
+    return {
+        "window_s": window_s,
+        "rates": [round(r, 3) for r in rates],
+        "median_rate": float(np.median(rates)),
+        "p90_rate": p90,
+        "slowest_rate": float(min(rates)),
+        "seconds_below_80pct_of_p90": window_s * sum(r < 0.8 * p90 for r in rates),
+        "steps": steps,
+        "elapsed_s": float(elapsed),
+        "coreset_s_at_p90_rate": steps / p90 if p90 > 0 else None,
+    }
 
 
 def quadratic_extrapolation(sizes: Sequence[float], seconds: Sequence[float], target: float) -> float:
@@ -572,13 +662,14 @@ def quadratic_extrapolation(sizes: Sequence[float], seconds: Sequence[float], ta
     n = np.asarray(sizes, dtype=float)
     if len(set(n.tolist())) < 2 or len(n) != len(seconds):
         raise ParameterError(f"quadratic_extrapolation needs >= 2 distinct sizes with one time each, got {list(sizes)}")
-    design = np.stack([n ** 2, n], axis=1)
+    design = np.stack([n**2, n], axis=1)
     (a, b), *_ = np.linalg.lstsq(design, np.asarray(seconds, dtype=float), rcond=None)
-    return float(a * target ** 2 + b * target)
+    return float(a * target**2 + b * target)
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A plain-text table of ``rows`` (dicts) in ``columns`` order; floats with 3 significant digits."""
+
     def cell(value):
         if value is None:
             return "-"
@@ -593,11 +684,21 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: str = BACKBONE,
-             weights: str | os.PathLike | None = None, layers: Sequence[str] | None = LAYERS,
-             coreset_ratio: float = CORESET_RATIO, image_size: int | None = None, batch_size: int = 8,
-             threads: int = 0, device: str = "cpu", progress: bool = False, precision: str = "fp32",
-             matmul_shape: Sequence[int] = MATMUL_SHAPE) -> dict:
+def our_side(
+    train_paths: Sequence[Path],
+    test_paths: Sequence[Path],
+    backbone: str = BACKBONE,
+    weights: str | os.PathLike | None = None,
+    layers: Sequence[str] | None = LAYERS,
+    coreset_ratio: float = CORESET_RATIO,
+    image_size: int | None = None,
+    batch_size: int = 8,
+    threads: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    precision: str = "fp32",
+    matmul_shape: Sequence[int] = MATMUL_SHAPE,
+) -> dict:
     """Our PatchCore timed like anomalib_side.py: fit_paths on ``train_paths`` then score_paths on ``test_paths``.
 
     The backbone is loaded BEFORE the clocks start (anomalib's model is also built before
@@ -618,55 +719,81 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     precision, search_dim = parse_setting(precision)
     if threads:
         torch.set_num_threads(threads)
-    result: dict[str, Any] = {"side": "anomalib_study", "anomalib_study": __version__, "torch": torch.__version__,
-                              "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-                              "device": device, "n_train": len(train_paths), "n_test": len(test_paths),
-                              "load_average_start": load_average(), "rss_after_imports_mb": peak_rss_mb()}
+    result: dict[str, Any] = {
+        "side": "anomalib_study",
+        "anomalib_study": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "n_train": len(train_paths),
+        "n_test": len(test_paths),
+        "load_average_start": load_average(),
+        "rss_after_imports_mb": peak_rss_mb(),
+    }
     module = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
     result["rss_after_model_mb"] = peak_rss_mb()
-    model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=coreset_ratio,
-                      calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device,
-                      progress=progress, precision=precision, search_dim=search_dim)
+    model = PatchCore(
+        backbone=module,
+        layers=None if layers is None else list(layers),
+        coreset_ratio=coreset_ratio,
+        calibration_fraction=0.0,
+        num_neighbours=9,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        precision=precision,
+        search_dim=search_dim,
+    )
     result["parameters"] = {k: v for k, v in model.get_params().items() if k != "backbone"}
-    result["parameters"].update(backbone=backbone, weights=None if weights is None else str(weights),
-                                layers=model._patch_maker().resolve_layers(module), preprocessing=module.preprocessing)
+    result["parameters"].update(
+        backbone=backbone,
+        weights=None if weights is None else str(weights),
+        layers=model._patch_maker().resolve_layers(module),
+        preprocessing=module.preprocessing,
+    )
     cpu_start, start = cpu_seconds(), time.perf_counter()
     model.fit_paths(train_paths)
     fit_s = time.perf_counter() - start
     timings = dict(model.timings_)
-    result.update({
-        "fit_s": fit_s,
-        "fit_cpu_s": cpu_seconds() - cpu_start,
-        "fit_extract_s": timings.get("extract_s"),
-        "fit_coreset_s": timings.get("coreset_s"),
-        "fit_index_s": timings.get("index_s"),
-        "bank_rows": int(model.n_train_patches_),
-        "bank_dim": int(model.n_features_in_),
-        "bank_mb": model.n_train_patches_ * model.n_features_in_ * 4 / 2**20,
-        "coreset_rows": int(model.memory_bank_.shape[0]),
-        "coreset_s_per_train_image": (timings.get("coreset_s") or 0.0) / max(len(train_paths), 1),
-        "peak_rss_after_fit_mb": peak_rss_mb(),
-        "load_average_after_fit": load_average(),
-    })
+    result.update(
+        {
+            "fit_s": fit_s,
+            "fit_cpu_s": cpu_seconds() - cpu_start,
+            "fit_extract_s": timings.get("extract_s"),
+            "fit_coreset_s": timings.get("coreset_s"),
+            "fit_index_s": timings.get("index_s"),
+            "bank_rows": int(model.n_train_patches_),
+            "bank_dim": int(model.n_features_in_),
+            "bank_mb": model.n_train_patches_ * model.n_features_in_ * 4 / 2**20,
+            "coreset_rows": int(model.memory_bank_.shape[0]),
+            "coreset_s_per_train_image": (timings.get("coreset_s") or 0.0) / max(len(train_paths), 1),
+            "peak_rss_after_fit_mb": peak_rss_mb(),
+            "load_average_after_fit": load_average(),
+        }
+    )
     if test_paths:
         cpu_start, start = cpu_seconds(), time.perf_counter()
         scored = model.score_paths(test_paths)
         predict_s = time.perf_counter() - start
-        result.update({
-            "predict_cpu_s": cpu_seconds() - cpu_start,
-            "predict_s": predict_s,
-            "predict_images_per_s": len(test_paths) / predict_s,
-            "image_scores": [float(v) for v in scored["image_scores"]],
-            "anomaly_map_shape": list(scored["anomaly_maps"].shape[1:]),
-            "load_average_after_predict": load_average(),
-        })
+        result.update(
+            {
+                "predict_cpu_s": cpu_seconds() - cpu_start,
+                "predict_s": predict_s,
+                "predict_images_per_s": len(test_paths) / predict_s,
+                "image_scores": [float(v) for v in scored["image_scores"]],
+                "anomaly_map_shape": list(scored["anomaly_maps"].shape[1:]),
+                "load_average_after_predict": load_average(),
+            }
+        )
     result["peak_rss_mb"] = peak_rss_mb()  # before the untimed extras below
     result["precision_used"] = model.precision_used_
     if test_paths:
         layers_used = model._patch_maker().resolve_layers(module)
         result["matmul_throughput"] = matmul_throughput(matmul_shape)
-        result["floor"] = _floor_of_predict(model, module, layers_used, len(test_paths), result["predict_s"],
-                                            result["matmul_throughput"])
+        result["floor"] = _floor_of_predict(
+            model, module, layers_used, len(test_paths), result["predict_s"], result["matmul_throughput"]
+        )
         result["limit_ratio"] = result["floor"]["limit_ratio"]
         sample, _ = model.extract_patches(test_paths[:batch_size])
         result["rerank_hit_rate"] = _hit_rate(model, sample)
@@ -674,11 +801,20 @@ def our_side(train_paths: Sequence[Path], test_paths: Sequence[Path], backbone: 
     return result
 
 
-def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str = BACKBONE,
-                     weights: str | os.PathLike | None = None, layers: Sequence[str] | None = LAYERS,
-                     batch_size: int = 8, threads: int = 0, device: str = "cpu", seed: int = SEED,
-                     precision: str = "fp32", image_size: int | None = None,
-                     matmul_shape: Sequence[int] = MATMUL_SHAPE) -> dict:
+def our_predict_only(
+    test_paths: Sequence[Path],
+    bank_rows: int,
+    backbone: str = BACKBONE,
+    weights: str | os.PathLike | None = None,
+    layers: Sequence[str] | None = LAYERS,
+    batch_size: int = 8,
+    threads: int = 0,
+    device: str = "cpu",
+    seed: int = SEED,
+    precision: str = "fp32",
+    image_size: int | None = None,
+    matmul_shape: Sequence[int] = MATMUL_SHAPE,
+) -> dict:
     """Our predict timing only, as anomalib_side.py's ``--bank-rows``: a memory bank of
     ``bank_rows`` seeded random rows (the coreset's shape; the search cost depends on the shape
     only), one untimed warm-up batch, then ``score_paths`` on every test image, in ``precision``.
@@ -695,13 +831,27 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     precision, search_dim = parse_setting(setting)
     if threads:
         torch.set_num_threads(threads)
-    result: dict[str, Any] = {"side": "anomalib_study", "mode": "predict only (random bank of the coreset's shape)",
-                              "torch_threads": torch.get_num_threads(), "n_test": len(test_paths),
-                              "load_average_start": load_average(), "rss_after_imports_mb": peak_rss_mb()}
+    result: dict[str, Any] = {
+        "side": "anomalib_study",
+        "mode": "predict only (random bank of the coreset's shape)",
+        "torch_threads": torch.get_num_threads(),
+        "n_test": len(test_paths),
+        "load_average_start": load_average(),
+        "rss_after_imports_mb": peak_rss_mb(),
+    }
     module = load_backbone(backbone, weights=weights, device=device, image_size=image_size)
-    model = PatchCore(backbone=module, layers=None if layers is None else list(layers), coreset_ratio=1.0,
-                      calibration_fraction=0.0, num_neighbours=9, batch_size=batch_size, device=device, progress=False,
-                      precision=precision, search_dim=search_dim)
+    model = PatchCore(
+        backbone=module,
+        layers=None if layers is None else list(layers),
+        coreset_ratio=1.0,
+        calibration_fraction=0.0,
+        num_neighbours=9,
+        batch_size=batch_size,
+        device=device,
+        progress=False,
+        precision=precision,
+        search_dim=search_dim,
+    )
     warm, grid = model.extract_patches(test_paths[:batch_size])  # warm-up batch; gives the grid and dimension
     per_image = grid[0] * grid[1]
     n_images = -(-bank_rows // per_image)
@@ -710,23 +860,46 @@ def our_predict_only(test_paths: Sequence[Path], bank_rows: int, backbone: str =
     cpu_start, start = cpu_seconds(), time.perf_counter()
     model.score_paths(test_paths)
     predict_s = time.perf_counter() - start
-    result.update({"bank_rows": int(model.memory_bank_.shape[0]), "bank_dim": int(model.n_features_in_),
-                   "predict_cpu_s": cpu_seconds() - cpu_start, "predict_s": predict_s,
-                   "predict_images_per_s": len(test_paths) / predict_s, "load_average_after_predict": load_average(),
-                   "peak_rss_mb": peak_rss_mb(), "precision": setting, "precision_used": model.precision_used_,
-                   "search_dim_used": model.index_.candidate_dim_used_})
+    result.update(
+        {
+            "bank_rows": int(model.memory_bank_.shape[0]),
+            "bank_dim": int(model.n_features_in_),
+            "predict_cpu_s": cpu_seconds() - cpu_start,
+            "predict_s": predict_s,
+            "predict_images_per_s": len(test_paths) / predict_s,
+            "load_average_after_predict": load_average(),
+            "peak_rss_mb": peak_rss_mb(),
+            "precision": setting,
+            "precision_used": model.precision_used_,
+            "search_dim_used": model.index_.candidate_dim_used_,
+        }
+    )
     result["matmul_throughput"] = matmul_throughput(matmul_shape)
-    result["floor"] = _floor_of_predict(model, module, model._patch_maker().resolve_layers(module), len(test_paths),
-                                        predict_s, result["matmul_throughput"])
+    result["floor"] = _floor_of_predict(
+        model,
+        module,
+        model._patch_maker().resolve_layers(module),
+        len(test_paths),
+        predict_s,
+        result["matmul_throughput"],
+    )
     result["limit_ratio"] = result["floor"]["limit_ratio"]
     if model.index_.candidate_dim_used_ is not None:  # a re-ranked search: how often it was exact (random bank)
         result["rerank_hit_rate_random_bank"] = _hit_rate(model, warm)
     return result
 
 
-def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: Path,
-                         n_test: int = N_TEST, threads: int = 2, repeats: int = 2,
-                         precisions: Sequence[str] = PRECISIONS) -> dict:
+def predict_side_by_side(
+    sizes: Sequence[int],
+    data: Path,
+    work: Path,
+    venv: Path,
+    weights: Path,
+    n_test: int = N_TEST,
+    threads: int = 2,
+    repeats: int = 2,
+    precisions: Sequence[str] = PRECISIONS,
+) -> dict:
     """Predict speed of both sides in turn, in this one run: for each training-set size N, a
     memory bank of the 10 % coreset's shape (N x 784 patches x 0.1 rows, 1536 columns),
     ``repeats`` rounds of (anomalib, ours in each of ``precisions``), each a fresh process
@@ -750,25 +923,69 @@ def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Pat
         for round_ in range(repeats):
             for side in sides:
                 if side == "anomalib":
-                    command = [str(anomalib_python(venv)), "-W", "ignore", str(ANOMALIB_SIDE), "--test-list",
-                               str(test_list), "--preprocessing", json.dumps(preprocessing_of()), "--backbone",
-                               BACKBONE, "--layers", *LAYERS, "--threads", str(threads), "--bank-rows", str(rows)]
+                    command = [
+                        str(anomalib_python(venv)),
+                        "-W",
+                        "ignore",
+                        str(ANOMALIB_SIDE),
+                        "--test-list",
+                        str(test_list),
+                        "--preprocessing",
+                        json.dumps(preprocessing_of()),
+                        "--backbone",
+                        BACKBONE,
+                        "--layers",
+                        *LAYERS,
+                        "--threads",
+                        str(threads),
+                        "--bank-rows",
+                        str(rows),
+                    ]
                 else:
-                    command = [sys.executable, str(Path(__file__).resolve()), "--our-side", "--test-list",
-                               str(test_list), "--weights", str(weights), "--threads", str(threads),
-                               "--bank-rows", str(rows), "--precision", side.split("_", 1)[1]]
+                    command = [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--our-side",
+                        "--test-list",
+                        str(test_list),
+                        "--weights",
+                        str(weights),
+                        "--threads",
+                        str(threads),
+                        "--bank-rows",
+                        str(rows),
+                        "--precision",
+                        side.split("_", 1)[1],
+                    ]
                 log(f"predict side by side N={n} (bank {rows} rows), round {round_ + 1}/{repeats}: {side} ...")
                 done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(work))
                 if done.returncode != 0:
                     raise StudyError(f"{side} predict-only run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
-                runs[side].append({k: result.get(k) for k in ("predict_images_per_s", "predict_s", "predict_cpu_s",
-                                                              "bank_rows", "bank_dim", "peak_rss_mb",
-                                                              "load_average_start", "load_average_after_predict",
-                                                              "precision_used", "matmul_throughput", "floor",
-                                                              "limit_ratio", "rerank_hit_rate_random_bank")})
-                log(f"  {side}: {result['predict_images_per_s']:.2f} images/s"
-                    + (f", limit_ratio {result['limit_ratio']:.2f}" if result.get("limit_ratio") else ""))
+                runs[side].append(
+                    {
+                        k: result.get(k)
+                        for k in (
+                            "predict_images_per_s",
+                            "predict_s",
+                            "predict_cpu_s",
+                            "bank_rows",
+                            "bank_dim",
+                            "peak_rss_mb",
+                            "load_average_start",
+                            "load_average_after_predict",
+                            "precision_used",
+                            "matmul_throughput",
+                            "floor",
+                            "limit_ratio",
+                            "rerank_hit_rate_random_bank",
+                        )
+                    }
+                )
+                log(
+                    f"  {side}: {result['predict_images_per_s']:.2f} images/s"
+                    + (f", limit_ratio {result['limit_ratio']:.2f}" if result.get("limit_ratio") else "")
+                )
         medians = {side: statistics.median(r["predict_images_per_s"] for r in v) for side, v in runs.items()}
         cpu = {side: statistics.median(r["predict_cpu_s"] for r in v) for side, v in runs.items()}
         by_precision = {}
@@ -776,7 +993,8 @@ def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Pat
             side = f"ours_{precision}"
             by_precision[precision] = {
                 "precision_used": runs[side][-1].get("precision_used"),
-                "ours_images_per_s": medians[side], "predict_speedup": medians[side] / medians["anomalib"],
+                "ours_images_per_s": medians[side],
+                "predict_speedup": medians[side] / medians["anomalib"],
                 "predict_cpu_speedup": cpu["anomalib"] / cpu[side],
                 "limit_ratio": statistics.median(r["limit_ratio"] for r in runs[side]),
                 "floor_s": statistics.median(r["floor"]["floor_s"] for r in runs[side]),
@@ -785,16 +1003,30 @@ def predict_side_by_side(sizes: Sequence[int], data: Path, work: Path, venv: Pat
                 "predict_s": statistics.median(r["predict_s"] for r in runs[side]),
             }
         first = f"ours_{precisions[0]}"
-        out[str(n)] = {"bank_rows": rows, "n_test": n_test, "runs": runs,
-                       "anomalib_images_per_s": medians["anomalib"], "ours_images_per_s": medians[first],
-                       "predict_speedup": medians[first] / medians["anomalib"],
-                       "predict_cpu_speedup": cpu["anomalib"] / cpu[first], "ours_by_precision": by_precision}
+        out[str(n)] = {
+            "bank_rows": rows,
+            "n_test": n_test,
+            "runs": runs,
+            "anomalib_images_per_s": medians["anomalib"],
+            "ours_images_per_s": medians[first],
+            "predict_speedup": medians[first] / medians["anomalib"],
+            "predict_cpu_speedup": cpu["anomalib"] / cpu[first],
+            "ours_by_precision": by_precision,
+        }
     return out
 
 
-def run_ours(train_paths: Sequence[Path], test_paths: Sequence[Path], work: Path, tag: str, backbone: str = BACKBONE,
-             weights: Path | None = None, coreset_ratio: float = CORESET_RATIO, threads: int = 2,
-             precision: str = "fp32") -> dict:
+def run_ours(
+    train_paths: Sequence[Path],
+    test_paths: Sequence[Path],
+    work: Path,
+    tag: str,
+    backbone: str = BACKBONE,
+    weights: Path | None = None,
+    coreset_ratio: float = CORESET_RATIO,
+    threads: int = 2,
+    precision: str = "fp32",
+) -> dict:
     """:func:`our_side` in a fresh process (so ru_maxrss is this run's own peak); returns its JSON."""
     from anomalib_study.errors import StudyError
 
@@ -802,9 +1034,23 @@ def run_ours(train_paths: Sequence[Path], test_paths: Sequence[Path], work: Path
     train_list, test_list = work / f"ours_{tag}_train.txt", work / f"ours_{tag}_test.txt"
     write_list(train_paths, train_list)
     write_list(test_paths, test_list)
-    command = [sys.executable, str(Path(__file__).resolve()), "--our-side", "--train-list", str(train_list),
-               "--test-list", str(test_list), "--backbone", backbone, "--coreset-ratio", str(coreset_ratio),
-               "--threads", str(threads), "--precision", precision]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--our-side",
+        "--train-list",
+        str(train_list),
+        "--test-list",
+        str(test_list),
+        "--backbone",
+        backbone,
+        "--coreset-ratio",
+        str(coreset_ratio),
+        "--threads",
+        str(threads),
+        "--precision",
+        precision,
+    ]
     if weights is not None:
         command += ["--weights", str(weights)]
     log(f"ours {tag}: {backbone}, {len(train_paths)} train / {len(test_paths)} test images ...")
@@ -838,19 +1084,59 @@ def _summary(side: dict | None) -> dict | None:
     """The figures of one measurement that go into the report (no per-image scores)."""
     if side is None:
         return None
-    keep = ("side", "anomalib", "anomalib_study", "torch", "measured_at", "n_train", "n_test", "fit_s", "fit_extract_s", "fit_coreset_s", "fit_index_s",
-            "coreset_s_per_train_image", "fit_cpu_s", "predict_cpu_s", "bank_rows", "bank_dim", "bank_mb", "coreset_rows", "predict_s",
-            "predict_images_per_s", "peak_rss_after_fit_mb", "peak_rss_mb", "rss_after_imports_mb",
-            "rss_before_model_mb", "rss_after_model_mb", "torch_threads", "load_average_start",
-            "load_average_after_extract", "load_average_after_fit", "load_average_after_predict",
-            "precision_used", "matmul_throughput", "floor", "limit_ratio", "rerank_hit_rate",
-            "coreset_rate_profile")
+    keep = (
+        "side",
+        "anomalib",
+        "anomalib_study",
+        "torch",
+        "measured_at",
+        "n_train",
+        "n_test",
+        "fit_s",
+        "fit_extract_s",
+        "fit_coreset_s",
+        "fit_index_s",
+        "coreset_s_per_train_image",
+        "fit_cpu_s",
+        "predict_cpu_s",
+        "bank_rows",
+        "bank_dim",
+        "bank_mb",
+        "coreset_rows",
+        "predict_s",
+        "predict_images_per_s",
+        "peak_rss_after_fit_mb",
+        "peak_rss_mb",
+        "rss_after_imports_mb",
+        "rss_before_model_mb",
+        "rss_after_model_mb",
+        "torch_threads",
+        "load_average_start",
+        "load_average_after_extract",
+        "load_average_after_fit",
+        "load_average_after_predict",
+        "precision_used",
+        "matmul_throughput",
+        "floor",
+        "limit_ratio",
+        "rerank_hit_rate",
+        "coreset_rate_profile",
+    )
     return {k: side[k] for k in keep if k in side}
 
 
-def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: Path, n_test: int = N_TEST,
-                     threads: int = 2, reuse: bool = True, stored_only: bool = False,
-                     precision: str = "fp32") -> dict | None:
+def ours_measurement(
+    name: str,
+    weights: Path | None,
+    n: int,
+    data: Path,
+    work: Path,
+    n_test: int = N_TEST,
+    threads: int = 2,
+    reuse: bool = True,
+    stored_only: bool = False,
+    precision: str = "fp32",
+) -> dict | None:
     """Our fit + predict for backbone ``name`` on the first ``n`` training images (fresh process,
     stored as ``work/ours_<name>_<n>[_<precision>].json`` and reused when images and settings match).
     ``stored_only``: return the stored result, or None when there is none (never measure)."""
@@ -858,21 +1144,40 @@ def ours_measurement(name: str, weights: Path | None, n: int, data: Path, work: 
 
     train, test = magnetic_tile_lists(data, n, n_test)
     tag = f"{name}_{n}" if precision == "fp32" else f"{name}_{n}_{precision}"
-    key = {"precision": precision, "train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
-           "test_sha256": write_list(test, work / f"ours_{tag}_test.txt"), "backbone": name,
-           "weights": None if weights is None else str(weights), "ratio": CORESET_RATIO, "threads": threads,
-           "package_sources": package_sources_hash()}  # a measurement of older code is never reused
+    key = {
+        "precision": precision,
+        "train_sha256": write_list(train, work / f"ours_{tag}_train.txt"),
+        "test_sha256": write_list(test, work / f"ours_{tag}_test.txt"),
+        "backbone": name,
+        "weights": None if weights is None else str(weights),
+        "ratio": CORESET_RATIO,
+        "threads": threads,
+        "package_sources": package_sources_hash(),
+    }  # a measurement of older code is never reused
     if stored_only:
         stored = work / f"ours_{tag}.json"
         previous = json.loads(stored.read_text()) if stored.is_file() else {}
         return previous if previous.get("key") == key else None
-    return _cached_or_run(work / f"ours_{tag}.json", key, reuse,
-                          lambda: run_ours(train, test, work, tag, name, weights, CORESET_RATIO, threads, precision))
+    return _cached_or_run(
+        work / f"ours_{tag}.json",
+        key,
+        reuse,
+        lambda: run_ours(train, test, work, tag, name, weights, CORESET_RATIO, threads, precision),
+    )
 
 
-def compare(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: Path, anomalib_sizes: Sequence[int],
-            n_test: int = N_TEST, threads: int = 2, reuse: bool = True,
-            precisions: Sequence[str] = PRECISIONS) -> list[dict]:
+def compare(
+    sizes: Sequence[int],
+    data: Path,
+    work: Path,
+    venv: Path,
+    weights: Path,
+    anomalib_sizes: Sequence[int],
+    n_test: int = N_TEST,
+    threads: int = 2,
+    reuse: bool = True,
+    precisions: Sequence[str] = PRECISIONS,
+) -> list[dict]:
     """One row per training-set size: anomalib's and our measurement (same images), and the ratios.
 
     anomalib is run for the sizes in ``anomalib_sizes``; for any other size a stored result
@@ -889,28 +1194,42 @@ def compare(sizes: Sequence[int], data: Path, work: Path, venv: Path, weights: P
         if n in anomalib_sizes:
             theirs = run_anomalib(n, work, data, venv, n_test, CORESET_RATIO, threads, reuse)
         elif cached.is_file():
-            theirs = run_anomalib(n, work, data, venv, n_test, CORESET_RATIO, threads, reuse=True) \
-                if json.loads(cached.read_text()).get("key", {}).get("train_sha256") == write_list(
-                    train, work / f"train_{n}.txt") else None
-        mine = {p: ours_measurement(BACKBONE, weights, n, data, work, n_test, threads, reuse, precision=p)
-                for p in precisions}
+            theirs = (
+                run_anomalib(n, work, data, venv, n_test, CORESET_RATIO, threads, reuse=True)
+                if json.loads(cached.read_text()).get("key", {}).get("train_sha256")
+                == write_list(train, work / f"train_{n}.txt")
+                else None
+            )
+        mine = {
+            p: ours_measurement(BACKBONE, weights, n, data, work, n_test, threads, reuse, precision=p)
+            for p in precisions
+        }
         ours = mine[precisions[0]]
-        row = {"n_train": n, "n_test": n_test, "anomalib": _summary(theirs), "ours": _summary(ours),
-               "ratios": ratios(ours, theirs) if theirs else None,
-               "ours_by_precision": {p: _summary(m) for p, m in mine.items()},
-               "ratios_by_precision": {p: ratios(m, theirs) if theirs else None for p, m in mine.items()}}
+        row = {
+            "n_train": n,
+            "n_test": n_test,
+            "anomalib": _summary(theirs),
+            "ours": _summary(ours),
+            "ratios": ratios(ours, theirs) if theirs else None,
+            "ours_by_precision": {p: _summary(m) for p, m in mine.items()},
+            "ratios_by_precision": {p: ratios(m, theirs) if theirs else None for p, m in mine.items()},
+        }
         if theirs and ours.get("image_scores") and theirs.get("image_scores"):
             import numpy as np
 
             # same images, random weights on both sides (different random draws): scores are not
             # expected to agree; their rank correlation is reported only as a sanity figure
             a, b = np.asarray(ours["image_scores"]), np.asarray(theirs["image_scores"])
-            row["score_rank_correlation"] = float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+            row["score_rank_correlation"] = float(
+                np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]
+            )
         rows.append(row)
         r = row["ratios"] or {}
-        log(f"N={n}: fit ours {ours['fit_s']:.1f} s, anomalib {theirs['fit_s'] if theirs else float('nan'):.1f} s; "
+        log(
+            f"N={n}: fit ours {ours['fit_s']:.1f} s, anomalib {theirs['fit_s'] if theirs else float('nan'):.1f} s; "
             f"fit_speedup {r.get('fit_speedup')}, predict_speedup {r.get('predict_speedup')}, "
-            f"peak_memory_ratio {r.get('peak_memory_ratio')}")
+            f"peak_memory_ratio {r.get('peak_memory_ratio')}"
+        )
     _extrapolate_missing(rows)
     return rows
 
@@ -934,7 +1253,9 @@ def _extrapolate_missing(rows: list[dict]) -> None:
         row["anomalib_extrapolated"] = {
             "EXTRAPOLATION": f"not measured: anomalib's fit at N={n} extrapolated from its measurements at N={sizes}",
             "method": "coreset s = a*n^2 + b*n (least squares); extraction s = mean s/image * n",
-            "fit_coreset_s": coreset_s, "fit_extract_s": extract_s, "fit_s": coreset_s + extract_s,
+            "fit_coreset_s": coreset_s,
+            "fit_extract_s": extract_s,
+            "fit_s": coreset_s + extract_s,
         }
         ours = row["ours"]
         row["ratios_vs_extrapolation"] = {
@@ -943,8 +1264,16 @@ def _extrapolate_missing(rows: list[dict]) -> None:
         }
 
 
-def scaling(sizes: Sequence[int], data: Path, work: Path, backbones: Sequence[tuple[str, Path | None]],
-            threads: int = 2, reuse: bool = True, n_test: int = N_TEST, stored_only: bool = False) -> list[dict]:
+def scaling(
+    sizes: Sequence[int],
+    data: Path,
+    work: Path,
+    backbones: Sequence[tuple[str, Path | None]],
+    threads: int = 2,
+    reuse: bool = True,
+    n_test: int = N_TEST,
+    stored_only: bool = False,
+) -> list[dict]:
     """OUR fit time, coreset time per image and peak memory against the number of training images.
 
     One fresh process per (backbone, N); a measurement of the comparison with the same
@@ -957,8 +1286,13 @@ def scaling(sizes: Sequence[int], data: Path, work: Path, backbones: Sequence[tu
         for n in sizes:
             result = ours_measurement(name, weights, n, data, work, n_test, threads, reuse, stored_only)
             if result is None:
-                rows.append({"backbone": name, "n_train": n, "not_measured": "no stored measurement (run without "
-                             "--stored-only to measure it)"})
+                rows.append(
+                    {
+                        "backbone": name,
+                        "n_train": n,
+                        "not_measured": "no stored measurement (run without --stored-only to measure it)",
+                    }
+                )
                 log(f"scaling {name} N={n}: not measured")
                 continue
             row = {"backbone": name, "random_weights": weights is not None, **_summary(result)}
@@ -966,8 +1300,10 @@ def scaling(sizes: Sequence[int], data: Path, work: Path, backbones: Sequence[tu
             row["peak_above_imports_mb"] = above
             row["memory_above_imports_per_bank_mb"] = above / result["bank_mb"]
             rows.append(row)
-            log(f"scaling {name} N={n}: fit {result['fit_s']:.1f} s (coreset {result['fit_coreset_s']:.1f} s), "
-                f"peak {result['peak_rss_mb']:.0f} MiB, bank {result['bank_mb']:.0f} MiB")
+            log(
+                f"scaling {name} N={n}: fit {result['fit_s']:.1f} s (coreset {result['fit_coreset_s']:.1f} s), "
+                f"peak {result['peak_rss_mb']:.0f} MiB, bank {result['bank_mb']:.0f} MiB"
+            )
     return rows
 
 
@@ -985,8 +1321,12 @@ def memory_check(rows: Sequence[dict]) -> dict:
         first, last = mine[0], mine[-1]
         memory_growth = last["peak_above_imports_mb"] / first["peak_above_imports_mb"]
         bank_growth = last["bank_mb"] / first["bank_mb"]
-        out[name] = {"n": [first["n_train"], last["n_train"]], "memory_growth": memory_growth,
-                     "bank_growth": bank_growth, "memory_grows_no_faster_than_bank": memory_growth <= 1.1 * bank_growth}
+        out[name] = {
+            "n": [first["n_train"], last["n_train"]],
+            "memory_growth": memory_growth,
+            "bank_growth": bank_growth,
+            "memory_grows_no_faster_than_bank": memory_growth <= 1.1 * bank_growth,
+        }
     return out
 
 
@@ -1001,11 +1341,19 @@ def machine_info() -> dict:
 
     from anomalib_study import __version__
 
-    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "anomalib_study": __version__,
-            "memory_total_mb": _total_memory_mb(), "load_average_1_5_15_min": load_average(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": _native_bf16()}
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "anomalib_study": __version__,
+        "memory_total_mb": _total_memory_mb(),
+        "load_average_1_5_15_min": load_average(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": _native_bf16(),
+    }
 
 
 def _total_memory_mb() -> float | None:
@@ -1029,8 +1377,9 @@ def _by_precision(rows: Sequence[dict], key: str, source: str = "ratios_by_preci
     return out
 
 
-def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters: dict, started: str,
-                 predict_rows: dict | None = None) -> dict:
+def build_report(
+    rows: Sequence[dict], scaling_rows: Sequence[dict], parameters: dict, started: str, predict_rows: dict | None = None
+) -> dict:
     """The JSON report. ``predict_speedup`` is the side-by-side predict timing (same run,
     alternating processes) where there is one, else the predict part of the fit runs."""
     anomalib_version = next((r["anomalib"] for r in rows if r["anomalib"]), None)
@@ -1060,19 +1409,25 @@ def build_report(rows: Sequence[dict], scaling_rows: Sequence[dict], parameters:
         "coreset_speedup": _flat(rows, "coreset_speedup"),
         "fit_cpu_speedup": _flat(rows, "fit_cpu_speedup"),
         "predict_cpu_speedup": _flat(rows, "predict_cpu_speedup"),
-        "fit_speedup_extrapolated": {k: v for k, v in _flat(rows, "fit_speedup_extrapolated",
-                                                          "ratios_vs_extrapolation").items() if v is not None},
-        "precisions": sorted({p for r in rows for p in (r.get("ours_by_precision") or {})}
-                             | set(predict_by_precision)),
+        "fit_speedup_extrapolated": {
+            k: v for k, v in _flat(rows, "fit_speedup_extrapolated", "ratios_vs_extrapolation").items() if v is not None
+        },
+        "precisions": sorted({p for r in rows for p in (r.get("ours_by_precision") or {})} | set(predict_by_precision)),
         "fit_speedup_by_precision": _by_precision(rows, "fit_speedup"),
         "predict_speedup_by_precision": predict_by_precision,
         "peak_memory_ratio_by_precision": _by_precision(rows, "peak_memory_ratio"),
         "limit_ratio": limit_by_precision,
         "limit_ratio_in_fit_runs": _by_precision(rows, "limit_ratio", "ours_by_precision"),
-        "rerank_hit_rate": {p: {n: (v or {}).get("hit_rate") for n, v in values.items()}
-                            for p, values in _by_precision(rows, "rerank_hit_rate", "ours_by_precision").items()},
-        "goals": {"fit_speedup_at_300": ">= 20", "predict_speedup_at_300": ">= 3", "peak_memory_ratio": "<= 1",
-                  "limit_ratio_of_our_predict": "<= 1.5"},
+        "rerank_hit_rate": {
+            p: {n: (v or {}).get("hit_rate") for n, v in values.items()}
+            for p, values in _by_precision(rows, "rerank_hit_rate", "ours_by_precision").items()
+        },
+        "goals": {
+            "fit_speedup_at_300": ">= 20",
+            "predict_speedup_at_300": ">= 3",
+            "peak_memory_ratio": "<= 1",
+            "limit_ratio_of_our_predict": "<= 1.5",
+        },
         "comparison": list(rows),
         "scaling": list(scaling_rows),
         "scaling_memory_check": memory_check(scaling_rows) if scaling_rows else {},
@@ -1122,10 +1477,14 @@ def carry_over_scaling(report: dict, previous_out: Path) -> None:
     report["scaling_memory_check"] = previous.get("scaling_memory_check", {})
     # a table the earlier report itself carried over keeps the run that measured it
     report["scaling_carried_over"] = previous.get("scaling_carried_over") or {
-        "from_run_started": previous.get("started"), "machine": previous.get("machine"),
-        "why": "this run was given no --scaling-sizes: the scaling table is the earlier run's, not measured again"}
-    report["notes"].append(f"The scaling table was not measured in this run: it is carried over from the run "
-                           f"started {report['scaling_carried_over']['from_run_started']} (see scaling_carried_over).")
+        "from_run_started": previous.get("started"),
+        "machine": previous.get("machine"),
+        "why": "this run was given no --scaling-sizes: the scaling table is the earlier run's, not measured again",
+    }
+    report["notes"].append(
+        f"The scaling table was not measured in this run: it is carried over from the run "
+        f"started {report['scaling_carried_over']['from_run_started']} (see scaling_carried_over)."
+    )
 
 
 def print_tables(report: dict) -> None:
@@ -1133,77 +1492,183 @@ def print_tables(report: dict) -> None:
     for r in report["comparison"]:
         a, o, q = r["anomalib"] or {}, r["ours"], r["ratios"] or {}
         ext = r.get("anomalib_extrapolated") or {}
-        rows.append({"N": r["n_train"], "anomalib_fit_s": a.get("fit_s") or (f"~{ext['fit_s']:.0f} (extrap.)" if ext else None),
-                     "ours_fit_s": o["fit_s"], "fit_speedup": q.get("fit_speedup") or (
-                         f"~{r['ratios_vs_extrapolation']['fit_speedup_extrapolated']:.1f} (extrap.)" if ext else None),
-                     "anomalib_img/s": a.get("predict_images_per_s"), "ours_img/s": o.get("predict_images_per_s"),
-                     "predict_speedup": q.get("predict_speedup"), "fit_cpu_speedup": q.get("fit_cpu_speedup"),
-                     "predict_cpu_speedup": q.get("predict_cpu_speedup"), "anomalib_peak_MiB": a.get("peak_rss_mb"),
-                     "ours_peak_MiB": o.get("peak_rss_mb"), "peak_memory_ratio": q.get("peak_memory_ratio"),
-                     "load_1min": (o.get("load_average_start") or [None])[0]})
+        rows.append(
+            {
+                "N": r["n_train"],
+                "anomalib_fit_s": a.get("fit_s") or (f"~{ext['fit_s']:.0f} (extrap.)" if ext else None),
+                "ours_fit_s": o["fit_s"],
+                "fit_speedup": q.get("fit_speedup")
+                or (f"~{r['ratios_vs_extrapolation']['fit_speedup_extrapolated']:.1f} (extrap.)" if ext else None),
+                "anomalib_img/s": a.get("predict_images_per_s"),
+                "ours_img/s": o.get("predict_images_per_s"),
+                "predict_speedup": q.get("predict_speedup"),
+                "fit_cpu_speedup": q.get("fit_cpu_speedup"),
+                "predict_cpu_speedup": q.get("predict_cpu_speedup"),
+                "anomalib_peak_MiB": a.get("peak_rss_mb"),
+                "ours_peak_MiB": o.get("peak_rss_mb"),
+                "peak_memory_ratio": q.get("peak_memory_ratio"),
+                "load_1min": (o.get("load_average_start") or [None])[0],
+            }
+        )
     print("\nPatchCore vs anomalib 2.7.0 (wide_resnet50_2 random init, layer2+layer3, 224 px, coreset 10 %)")
     print(format_table(rows, list(rows[0]) if rows else ["N"]))
     if report.get("predict_side_by_side"):
         print("\nPredict speed side by side (same run, alternating processes, bank of the coreset's shape)")
         table = []
         for n, r in report["predict_side_by_side"].items():
-            by_precision = r.get("ours_by_precision") or {"fp32": {"ours_images_per_s": r["ours_images_per_s"],
-                                                                   "predict_speedup": r["predict_speedup"],
-                                                                   "predict_cpu_speedup": r["predict_cpu_speedup"]}}
+            by_precision = r.get("ours_by_precision") or {
+                "fp32": {
+                    "ours_images_per_s": r["ours_images_per_s"],
+                    "predict_speedup": r["predict_speedup"],
+                    "predict_cpu_speedup": r["predict_cpu_speedup"],
+                }
+            }
             for precision, values in by_precision.items():
-                table.append({"N": n, "bank_rows": r["bank_rows"], "precision": precision,
-                              "anomalib_img/s": r["anomalib_images_per_s"], "ours_img/s": values["ours_images_per_s"],
-                              "predict_speedup": values["predict_speedup"],
-                              "predict_cpu_speedup": values.get("predict_cpu_speedup"),
-                              "predict_s": values.get("predict_s"), "floor_s": values.get("floor_s"),
-                              "forward_floor_s": values.get("forward_floor_s"),
-                              "search_floor_s": values.get("search_floor_s"), "limit_ratio": values.get("limit_ratio")})
-        print(format_table(table, ["N", "bank_rows", "precision", "anomalib_img/s", "ours_img/s", "predict_speedup",
-                                   "predict_cpu_speedup", "predict_s", "floor_s", "forward_floor_s", "search_floor_s",
-                                   "limit_ratio"]))
+                table.append(
+                    {
+                        "N": n,
+                        "bank_rows": r["bank_rows"],
+                        "precision": precision,
+                        "anomalib_img/s": r["anomalib_images_per_s"],
+                        "ours_img/s": values["ours_images_per_s"],
+                        "predict_speedup": values["predict_speedup"],
+                        "predict_cpu_speedup": values.get("predict_cpu_speedup"),
+                        "predict_s": values.get("predict_s"),
+                        "floor_s": values.get("floor_s"),
+                        "forward_floor_s": values.get("forward_floor_s"),
+                        "search_floor_s": values.get("search_floor_s"),
+                        "limit_ratio": values.get("limit_ratio"),
+                    }
+                )
+        print(
+            format_table(
+                table,
+                [
+                    "N",
+                    "bank_rows",
+                    "precision",
+                    "anomalib_img/s",
+                    "ours_img/s",
+                    "predict_speedup",
+                    "predict_cpu_speedup",
+                    "predict_s",
+                    "floor_s",
+                    "forward_floor_s",
+                    "search_floor_s",
+                    "limit_ratio",
+                ],
+            )
+        )
     if any(r.get("ours_by_precision") for r in report["comparison"]):
         print("\nOur fit + predict by precision (the floor beside each predict timing)")
         table = []
         for r in report["comparison"]:
             for precision, o in (r.get("ours_by_precision") or {}).items():
                 q, floor = (r.get("ratios_by_precision") or {}).get(precision) or {}, o.get("floor") or {}
-                table.append({"N": r["n_train"], "precision": precision, "fit_s": o.get("fit_s"),
-                              "fit_speedup": q.get("fit_speedup"), "predict_s": o.get("predict_s"),
-                              "floor_s": floor.get("floor_s"), "limit_ratio": o.get("limit_ratio"),
-                              "peak_memory_ratio": q.get("peak_memory_ratio"),
-                              "rerank_hit_rate": (o.get("rerank_hit_rate") or {}).get("hit_rate")})
-        print(format_table(table, ["N", "precision", "fit_s", "fit_speedup", "predict_s", "floor_s", "limit_ratio",
-                                   "peak_memory_ratio", "rerank_hit_rate"]))
+                table.append(
+                    {
+                        "N": r["n_train"],
+                        "precision": precision,
+                        "fit_s": o.get("fit_s"),
+                        "fit_speedup": q.get("fit_speedup"),
+                        "predict_s": o.get("predict_s"),
+                        "floor_s": floor.get("floor_s"),
+                        "limit_ratio": o.get("limit_ratio"),
+                        "peak_memory_ratio": q.get("peak_memory_ratio"),
+                        "rerank_hit_rate": (o.get("rerank_hit_rate") or {}).get("hit_rate"),
+                    }
+                )
+        print(
+            format_table(
+                table,
+                [
+                    "N",
+                    "precision",
+                    "fit_s",
+                    "fit_speedup",
+                    "predict_s",
+                    "floor_s",
+                    "limit_ratio",
+                    "peak_memory_ratio",
+                    "rerank_hit_rate",
+                ],
+            )
+        )
     if report.get("coreset_precision"):
         check = report["coreset_precision"]
-        print(f"\nGreedy coreset by distance-update precision ({check['n_rows']} x {check['dim']} patches, "
-              f"ratio {check['ratio']})")
-        print(format_table([{"precision": p, **check[p]} for p in ("fp32", "bf16", "fp16") if p in check],
-                           ["precision", "seconds", "speedup_vs_fp32", "overlap_with_fp32", "covering_radius_vs_fp32"]))
+        print(
+            f"\nGreedy coreset by distance-update precision ({check['n_rows']} x {check['dim']} patches, "
+            f"ratio {check['ratio']})"
+        )
+        print(
+            format_table(
+                [{"precision": p, **check[p]} for p in ("fp32", "bf16", "fp16") if p in check],
+                ["precision", "seconds", "speedup_vs_fp32", "overlap_with_fp32", "covering_radius_vs_fp32"],
+            )
+        )
     if report["scaling"]:
         print("\nScaling of OUR PatchCore (Magnetic-tile normals)")
-        print(format_table(report["scaling"], ["backbone", "n_train", "bank_rows", "bank_mb", "fit_s", "fit_cpu_s", "fit_extract_s",
-                                               "fit_coreset_s", "coreset_s_per_train_image", "peak_rss_mb",
-                                               "peak_above_imports_mb", "memory_above_imports_per_bank_mb"]))
+        print(
+            format_table(
+                report["scaling"],
+                [
+                    "backbone",
+                    "n_train",
+                    "bank_rows",
+                    "bank_mb",
+                    "fit_s",
+                    "fit_cpu_s",
+                    "fit_extract_s",
+                    "fit_coreset_s",
+                    "coreset_s_per_train_image",
+                    "peak_rss_mb",
+                    "peak_above_imports_mb",
+                    "memory_above_imports_per_bank_mb",
+                ],
+            )
+        )
         for name, check in report["scaling_memory_check"].items():
-            print(f"  {name}: memory grew x{check['memory_growth']:.2f} while the bank grew x{check['bank_growth']:.2f}")
+            print(
+                f"  {name}: memory grew x{check['memory_growth']:.2f} while the bank grew x{check['bank_growth']:.2f}"
+            )
 
 
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 def _our_side_main(args: argparse.Namespace) -> int:
-    test = [Path(line) for line in Path(args.test_list).read_text().split("\n") if line.strip()] if args.test_list else []
+    test = (
+        [Path(line) for line in Path(args.test_list).read_text().split("\n") if line.strip()] if args.test_list else []
+    )
     if args.bank_rows:
-        result = our_predict_only(test, args.bank_rows, backbone=args.backbone, weights=args.weights,
-                                  layers=args.layers, threads=args.threads, device=args.device,
-                                  precision=args.precision, image_size=args.image_size, matmul_shape=args.matmul_shape)
+        result = our_predict_only(
+            test,
+            args.bank_rows,
+            backbone=args.backbone,
+            weights=args.weights,
+            layers=args.layers,
+            threads=args.threads,
+            device=args.device,
+            precision=args.precision,
+            image_size=args.image_size,
+            matmul_shape=args.matmul_shape,
+        )
         print(json.dumps(result))
         return 0
     train = [Path(line) for line in Path(args.train_list).read_text().split("\n") if line.strip()]
-    result = our_side(train, test, backbone=args.backbone, weights=args.weights, layers=args.layers,
-                      coreset_ratio=args.coreset_ratio, image_size=args.image_size, threads=args.threads,
-                      device=args.device, precision=args.precision, matmul_shape=args.matmul_shape)
+    result = our_side(
+        train,
+        test,
+        backbone=args.backbone,
+        weights=args.weights,
+        layers=args.layers,
+        coreset_ratio=args.coreset_ratio,
+        image_size=args.image_size,
+        threads=args.threads,
+        device=args.device,
+        precision=args.precision,
+        matmul_shape=args.matmul_shape,
+    )
     print(json.dumps(result))
     return 0
 
@@ -1212,42 +1677,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     from anomalib_study.errors import StudyError
     from anomalib_study.io import data_root, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="data folder holding magnetic_tile/ (default $ANOMALIB_STUDY_DATA "
-                                                     "or ../shared/data)")
-    parser.add_argument("--out", default=None, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
-                                                    "with --quick: none)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="data folder holding magnetic_tile/ (default $ANOMALIB_STUDY_DATA or ../shared/data)",
+    )
+    parser.add_argument(
+        "--out", default=None, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)}; with --quick: none)"
+    )
     parser.add_argument("--work", default=str(DEFAULT_WORK), help="image lists, weights file, stored measurements")
     parser.add_argument("--venv", default=str(DEFAULT_VENV), help="anomalib's venv (setup_anomalib_venv.sh)")
-    parser.add_argument("--sizes", type=int, nargs="*", default=[50, 100, 300], help="training-set sizes compared (none: skip)")
-    parser.add_argument("--anomalib-sizes", type=int, nargs="*", default=None,
-                        help="sizes anomalib is run for now (default: all --sizes); others use a stored run or "
-                             "are extrapolated (labelled)")
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", default=[50, 100, 300], help="training-set sizes compared (none: skip)"
+    )
+    parser.add_argument(
+        "--anomalib-sizes",
+        type=int,
+        nargs="*",
+        default=None,
+        help="sizes anomalib is run for now (default: all --sizes); others use a stored run or "
+        "are extrapolated (labelled)",
+    )
     parser.add_argument("--n-test", type=int, default=N_TEST, help="test images timed for predict")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     parser.add_argument("--scaling-sizes", type=int, nargs="*", default=[100, 300, 761])
     parser.add_argument("--scaling-backbones", nargs="*", default=["efficientnet_lite0", BACKBONE])
     parser.add_argument("--no-reuse", action="store_true", help="measure again even where a stored result matches")
     parser.add_argument("--note", action="append", default=[], help="a note added to the report (repeatable)")
-    parser.add_argument("--stored-only", action="store_true",
-                        help="scaling table from stored measurements only (missing ones are listed as not measured)")
-    parser.add_argument("--anomalib-only", type=int, default=None, metavar="N",
-                        help="only run (and store) anomalib's measurement at N training images, e.g. ahead in the background")
+    parser.add_argument(
+        "--stored-only",
+        action="store_true",
+        help="scaling table from stored measurements only (missing ones are listed as not measured)",
+    )
+    parser.add_argument(
+        "--anomalib-only",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only run (and store) anomalib's measurement at N training images, e.g. ahead in the background",
+    )
     # the child process of one of our measurements
-    parser.add_argument("--predict-sizes", type=int, nargs="*", default=[50, 100, 300],
-                        help="sizes whose predict speed is timed side by side (bank of the coreset's shape)")
+    parser.add_argument(
+        "--predict-sizes",
+        type=int,
+        nargs="*",
+        default=[50, 100, 300],
+        help="sizes whose predict speed is timed side by side (bank of the coreset's shape)",
+    )
     parser.add_argument("--predict-repeats", type=int, default=2, help="rounds of (anomalib, ours) per size")
-    parser.add_argument("--precisions", nargs="*", default=None,
-                        help="our PatchCore's settings, measured side by side: fp32, bf16 or auto, each optionally "
-                             "@<search dimensions> (e.g. bf16@256); the first one fills the historical keys; "
-                             "default: fp32 and bf16 where the CPU has native bf16, else fp32 only, since emulated "
-                             "bf16 is many times slower; --quick: fp32 and bf16")
-    parser.add_argument("--coreset-check-images", type=int, default=CORESET_CHECK_IMAGES,
-                        help="training images whose patches the coreset-precision check uses (0: skip it)")
-    parser.add_argument("--quick", action="store_true",
-                        help="our side only on tiny generated tiles, random ResNet-18 at 64 px (seconds; smoke run); "
-                             "writes nothing unless --out is given")
+    parser.add_argument(
+        "--precisions",
+        nargs="*",
+        default=None,
+        help="our PatchCore's settings, measured side by side: fp32, bf16 or auto, each optionally "
+        "@<search dimensions> (e.g. bf16@256); the first one fills the historical keys; "
+        "default: fp32 and bf16 where the CPU has native bf16, else fp32 only, since emulated "
+        "bf16 is many times slower; --quick: fp32 and bf16",
+    )
+    parser.add_argument(
+        "--coreset-check-images",
+        type=int,
+        default=CORESET_CHECK_IMAGES,
+        help="training images whose patches the coreset-precision check uses (0: skip it)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="our side only on tiny generated tiles, random ResNet-18 at 64 px (seconds; smoke run); "
+        "writes nothing unless --out is given",
+    )
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--matmul-shape", type=int, nargs=3, default=list(MATMUL_SHAPE), help=argparse.SUPPRESS)
     parser.add_argument("--our-side", action="store_true", help=argparse.SUPPRESS)
@@ -1281,44 +1782,91 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             args.precisions = list(PRECISIONS) if native_bf16("cpu") else ["fp32"]
             if "bf16" not in args.precisions:
-                log("this CPU has no native bf16 (emulated: many times slower): measuring fp32 only; "
-                    "pass --precisions fp32 bf16 to measure bf16 anyway")
+                log(
+                    "this CPU has no native bf16 (emulated: many times slower): measuring fp32 only; "
+                    "pass --precisions fp32 bf16 to measure bf16 anyway"
+                )
         data = data_root(args.data) or (REPO.parent / "shared" / "data")
         work = Path(args.work)
         work.mkdir(parents=True, exist_ok=True)
         venv = Path(args.venv)
         if args.anomalib_only is not None:
-            result = run_anomalib(args.anomalib_only, work, data, venv, args.n_test, CORESET_RATIO, args.threads,
-                                  reuse=not args.no_reuse)
+            result = run_anomalib(
+                args.anomalib_only, work, data, venv, args.n_test, CORESET_RATIO, args.threads, reuse=not args.no_reuse
+            )
             print(json.dumps(_summary(result), indent=1))
             return 0
         started = _dt.datetime.now().isoformat(timespec="seconds")
         weights = random_wide_resnet_weights(work)
         anomalib_sizes = args.sizes if args.anomalib_sizes is None else args.anomalib_sizes
-        rows = compare(args.sizes, data, work, venv, weights, anomalib_sizes, args.n_test, args.threads,
-                       reuse=not args.no_reuse, precisions=args.precisions)
+        rows = compare(
+            args.sizes,
+            data,
+            work,
+            venv,
+            weights,
+            anomalib_sizes,
+            args.n_test,
+            args.threads,
+            reuse=not args.no_reuse,
+            precisions=args.precisions,
+        )
         backbones = [(name, weights if name == BACKBONE else None) for name in args.scaling_backbones]
-        scaling_rows = scaling(args.scaling_sizes, data, work, backbones, args.threads, not args.no_reuse, args.n_test,
-                               args.stored_only) \
-            if args.scaling_sizes else []
+        scaling_rows = (
+            scaling(
+                args.scaling_sizes,
+                data,
+                work,
+                backbones,
+                args.threads,
+                not args.no_reuse,
+                args.n_test,
+                args.stored_only,
+            )
+            if args.scaling_sizes
+            else []
+        )
         stored_predict = work / "predict_side_by_side.json"
         if args.stored_only:
             predict_rows = json.loads(stored_predict.read_text()) if stored_predict.is_file() else {}
         elif args.predict_sizes:
-            predict_rows = predict_side_by_side(args.predict_sizes, data, work, venv, weights, args.n_test,
-                                                args.threads, args.predict_repeats, args.precisions)
+            predict_rows = predict_side_by_side(
+                args.predict_sizes,
+                data,
+                work,
+                venv,
+                weights,
+                args.n_test,
+                args.threads,
+                args.predict_repeats,
+                args.precisions,
+            )
             write_json(stored_predict, predict_rows)
         else:
             predict_rows = {}
-        parameters = {"data": str(data), "images": "Magnetic-tile MT_Free training split (first N), seeded test draw",
-                      "backbone": BACKBONE, "weights": "random initialisation (torchvision seed 0 / timm)",
-                      "layers": list(LAYERS), "image_size": 224, "preprocessing": preprocessing_of(),
-                      "coreset_ratio": CORESET_RATIO, "num_neighbours": 9, "batch_size": 8, "torch_threads": args.threads,
-                      "n_test": args.n_test, "sizes": list(args.sizes), "anomalib_measured_now": list(anomalib_sizes),
-                      "scaling_sizes": list(args.scaling_sizes), "scaling_backbones": list(args.scaling_backbones),
-                      "precisions": list(args.precisions), "matmul_shape_mkn": list(MATMUL_SHAPE),
-                      "native_bf16": _native_bf16(),
-                      "hit_rate_queries": HIT_RATE_QUERIES, "coreset_check_images": args.coreset_check_images}
+        parameters = {
+            "data": str(data),
+            "images": "Magnetic-tile MT_Free training split (first N), seeded test draw",
+            "backbone": BACKBONE,
+            "weights": "random initialisation (torchvision seed 0 / timm)",
+            "layers": list(LAYERS),
+            "image_size": 224,
+            "preprocessing": preprocessing_of(),
+            "coreset_ratio": CORESET_RATIO,
+            "num_neighbours": 9,
+            "batch_size": 8,
+            "torch_threads": args.threads,
+            "n_test": args.n_test,
+            "sizes": list(args.sizes),
+            "anomalib_measured_now": list(anomalib_sizes),
+            "scaling_sizes": list(args.scaling_sizes),
+            "scaling_backbones": list(args.scaling_backbones),
+            "precisions": list(args.precisions),
+            "matmul_shape_mkn": list(MATMUL_SHAPE),
+            "native_bf16": _native_bf16(),
+            "hit_rate_queries": HIT_RATE_QUERIES,
+            "coreset_check_images": args.coreset_check_images,
+        }
         report = build_report(rows, scaling_rows, parameters, started, predict_rows)
         if not args.scaling_sizes:
             carry_over_scaling(report, Path(args.out))

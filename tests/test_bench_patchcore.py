@@ -76,10 +76,20 @@ def test_write_list_hash_names_the_content(tmp_path):
 
 
 def test_ratios_hand_computed():
-    ours = {"fit_s": 10.0, "fit_coreset_s": 2.0, "predict_images_per_s": 4.0, "peak_rss_mb": 900.0,
-            "rss_after_imports_mb": 500.0}
-    theirs = {"fit_s": 150.0, "fit_coreset_s": 100.0, "predict_images_per_s": 0.8, "peak_rss_mb": 3000.0,
-              "rss_before_model_mb": 1000.0}
+    ours = {
+        "fit_s": 10.0,
+        "fit_coreset_s": 2.0,
+        "predict_images_per_s": 4.0,
+        "peak_rss_mb": 900.0,
+        "rss_after_imports_mb": 500.0,
+    }
+    theirs = {
+        "fit_s": 150.0,
+        "fit_coreset_s": 100.0,
+        "predict_images_per_s": 0.8,
+        "peak_rss_mb": 3000.0,
+        "rss_before_model_mb": 1000.0,
+    }
     got = bench.ratios(ours, theirs)
     assert got["fit_speedup"] == pytest.approx(15.0)
     assert got["predict_speedup"] == pytest.approx(5.0)
@@ -92,7 +102,7 @@ def test_ratios_hand_computed():
 def test_quadratic_extrapolation_recovers_a_quadratic():
     sizes = [50, 100, 150]
     seconds = [0.01 * n * n + 2 * n for n in sizes]
-    assert bench.quadratic_extrapolation(sizes, seconds, 300) == pytest.approx(0.01 * 300 ** 2 + 600)
+    assert bench.quadratic_extrapolation(sizes, seconds, 300) == pytest.approx(0.01 * 300**2 + 600)
     # two points are enough for a*n^2 + b*n
     assert bench.quadratic_extrapolation(sizes[:2], seconds[:2], 300) == pytest.approx(1500.0)
     with pytest.raises(ParameterError, match="distinct sizes"):
@@ -142,10 +152,32 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     train, test = bench.magnetic_tile_lists(data, n_train=3, n_test=2)
     bench.write_list(train, tmp_path / "train.txt")
     bench.write_list(test, tmp_path / "test.txt")
-    code = bench.main(["--our-side", "--train-list", str(tmp_path / "train.txt"), "--test-list",
-                       str(tmp_path / "test.txt"), "--backbone", "resnet18", "--weights", str(resnet18_random),
-                       "--layers", "layer2", "layer3", "--coreset-ratio", "0.5", "--threads", "1",
-                       "--image-size", "64", "--matmul-shape", "64", "64", "64"])
+    code = bench.main(
+        [
+            "--our-side",
+            "--train-list",
+            str(tmp_path / "train.txt"),
+            "--test-list",
+            str(tmp_path / "test.txt"),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(resnet18_random),
+            "--layers",
+            "layer2",
+            "layer3",
+            "--coreset-ratio",
+            "0.5",
+            "--threads",
+            "1",
+            "--image-size",
+            "64",
+            "--matmul-shape",
+            "64",
+            "64",
+            "64",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["side"] == "anomalib_study" and result["n_train"] == 3 and result["n_test"] == 2
@@ -172,15 +204,41 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
     assert result["limit_ratio"] == pytest.approx(result["predict_s"] / floor["floor_s"])
     assert 0 <= result["rerank_hit_rate"]["hit_rate"] <= 1 and result["rerank_hit_rate"]["n_queries"] == 128
     # a setting with fewer search dimensions: its floor counts 32 of the 384 columns, the projection, 8 re-ranked
-    code = bench.main(["--our-side", "--train-list", str(tmp_path / "train.txt"), "--test-list",
-                       str(tmp_path / "test.txt"), "--backbone", "resnet18", "--weights", str(resnet18_random),
-                       "--layers", "layer2", "layer3", "--coreset-ratio", "0.5", "--threads", "1",
-                       "--image-size", "64", "--matmul-shape", "64", "64", "64", "--precision", "fp32@32"])
+    code = bench.main(
+        [
+            "--our-side",
+            "--train-list",
+            str(tmp_path / "train.txt"),
+            "--test-list",
+            str(tmp_path / "test.txt"),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(resnet18_random),
+            "--layers",
+            "layer2",
+            "layer3",
+            "--coreset-ratio",
+            "0.5",
+            "--threads",
+            "1",
+            "--image-size",
+            "64",
+            "--matmul-shape",
+            "64",
+            "64",
+            "64",
+            "--precision",
+            "fp32@32",
+        ]
+    )
     assert code == 0
     projected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert projected["parameters"]["search_dim"] == 32 and projected["precision_used"] == "fp32"
     q = 2 * 65
-    assert projected["floor"]["search_gflop"] == pytest.approx((2 * q * 96 * 32 + 2 * q * 384 * 32 + 3 * q * 8 * 384) / 1e9)
+    assert projected["floor"]["search_gflop"] == pytest.approx(
+        (2 * q * 96 * 32 + 2 * q * 384 * 32 + 3 * q * 8 * 384) / 1e9
+    )
     assert 0 <= projected["rerank_hit_rate"]["hit_rate"] <= 1
 
 
@@ -188,8 +246,11 @@ def test_floor_and_search_flops_by_hand():
     assert bench.search_flops(10, 100, 8) == {"products": 16000, "projection": 0, "rerank": 0}
     assert bench.search_flops(10, 100, 8, rerank=4) == {"products": 16000, "projection": 0, "rerank": 960}
     # candidates from 2 of the 8 dimensions: a quarter of the products, plus projecting the queries
-    assert bench.search_flops(10, 100, 8, rerank=4, candidate_dim=2) == {"products": 4000, "projection": 320,
-                                                                        "rerank": 960}
+    assert bench.search_flops(10, 100, 8, rerank=4, candidate_dim=2) == {
+        "products": 4000,
+        "projection": 320,
+        "rerank": 960,
+    }
     assert bench.search_flops(10, 100, 8, candidate_dim=16)["products"] == 16000  # never more than d
     throughput = {"fp32_gflops": 100.0, "bf16_gflops": 400.0}
     searched = {"products": 8e9, "rerank": 1e9}
@@ -264,8 +325,17 @@ def test_bad_weights_file_is_one_clear_error(tmp_path, capsys):
     data = _magnetic_tile(tmp_path)
     train, test = bench.magnetic_tile_lists(data, n_train=2, n_test=1)
     bench.write_list(train, tmp_path / "train.txt")
-    code = bench.main(["--our-side", "--train-list", str(tmp_path / "train.txt"), "--backbone", "resnet18",
-                       "--weights", str(tmp_path / "missing.pth")])
+    code = bench.main(
+        [
+            "--our-side",
+            "--train-list",
+            str(tmp_path / "train.txt"),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "missing.pth"),
+        ]
+    )
     assert code == 2
     assert "missing.pth" in capsys.readouterr().err
 
@@ -274,17 +344,43 @@ def test_our_predict_only_side_and_the_headline_uses_the_side_by_side_timing(tmp
     data = _magnetic_tile(tmp_path)
     _, test = bench.magnetic_tile_lists(data, n_train=3, n_test=2)
     bench.write_list(test, tmp_path / "test.txt")
-    code = bench.main(["--our-side", "--test-list", str(tmp_path / "test.txt"), "--backbone", "resnet18",
-                       "--weights", str(resnet18_random), "--layers", "layer2", "layer3", "--threads", "1",
-                       "--bank-rows", "100", "--matmul-shape", "64", "64", "64"])
+    code = bench.main(
+        [
+            "--our-side",
+            "--test-list",
+            str(tmp_path / "test.txt"),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(resnet18_random),
+            "--layers",
+            "layer2",
+            "layer3",
+            "--threads",
+            "1",
+            "--bank-rows",
+            "100",
+            "--matmul-shape",
+            "64",
+            "64",
+            "64",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # 224 px -> layer2 grid 28 x 28 = 784 patches an image: 100 rows round up to one image's worth
     assert result["bank_rows"] == 784 and result["bank_dim"] == 384 and result["predict_images_per_s"] > 0
     assert result["precision_used"] == "fp32" and result["limit_ratio"] > 0
     assert "rerank_hit_rate_random_bank" not in result  # measured only where the search ran in bf16
-    side = {"50": {"predict_speedup": 1.5, "ours_by_precision": {"fp32": {"predict_speedup": 1.5, "limit_ratio": 4.0},
-                                                                 "bf16": {"predict_speedup": 2.5, "limit_ratio": 2.0}}}}
+    side = {
+        "50": {
+            "predict_speedup": 1.5,
+            "ours_by_precision": {
+                "fp32": {"predict_speedup": 1.5, "limit_ratio": 4.0},
+                "bf16": {"predict_speedup": 2.5, "limit_ratio": 2.0},
+            },
+        }
+    }
     report = bench.build_report([], [], {}, "now", side)
     assert report["predict_speedup"] == {"50": 1.5} and report["predict_speedup_source"] == "predict_side_by_side"
     assert report["predict_speedup_by_precision"] == {"fp32": {"50": 1.5}, "bf16": {"50": 2.5}}
@@ -297,13 +393,27 @@ def test_report_and_tables_carry_both_precisions(capsys):
     theirs = {"fit_s": 300.0, "predict_images_per_s": 1.0, "peak_rss_mb": 2000.0, "fit_coreset_s": 200.0}
 
     def ours(fit_s, images_per_s, limit, hit):
-        return {"fit_s": fit_s, "predict_s": 50 / images_per_s, "predict_images_per_s": images_per_s,
-                "peak_rss_mb": 1000.0, "fit_coreset_s": 10.0, "limit_ratio": limit,
-                "floor": {"floor_s": 1.0}, "rerank_hit_rate": {"hit_rate": hit}}
+        return {
+            "fit_s": fit_s,
+            "predict_s": 50 / images_per_s,
+            "predict_images_per_s": images_per_s,
+            "peak_rss_mb": 1000.0,
+            "fit_coreset_s": 10.0,
+            "limit_ratio": limit,
+            "floor": {"floor_s": 1.0},
+            "rerank_hit_rate": {"hit_rate": hit},
+        }
 
     mine = {"fp32": ours(15.0, 3.0, 2.0, 1.0), "bf16": ours(10.0, 6.0, 1.2, 0.99)}
-    row = {"n_train": 300, "n_test": 50, "anomalib": theirs, "ours": mine["fp32"], "ratios": bench.ratios(mine["fp32"], theirs),
-           "ours_by_precision": mine, "ratios_by_precision": {p: bench.ratios(m, theirs) for p, m in mine.items()}}
+    row = {
+        "n_train": 300,
+        "n_test": 50,
+        "anomalib": theirs,
+        "ours": mine["fp32"],
+        "ratios": bench.ratios(mine["fp32"], theirs),
+        "ours_by_precision": mine,
+        "ratios_by_precision": {p: bench.ratios(m, theirs) for p, m in mine.items()},
+    }
     report = bench.build_report([row], [], {}, "now")
     assert report["fit_speedup_by_precision"] == {"fp32": {"300": 20.0}, "bf16": {"300": 30.0}}
     assert report["peak_memory_ratio_by_precision"]["bf16"] == {"300": 0.5}
@@ -311,7 +421,8 @@ def test_report_and_tables_carry_both_precisions(capsys):
     assert report["rerank_hit_rate"] == {"fp32": {"300": 1.0}, "bf16": {"300": 0.99}}
     assert report["goals"]["limit_ratio_of_our_predict"] == "<= 1.5"
     report["coreset_precision"] = bench.coreset_precision_check(
-        np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32), ratio=0.1, projection_dim=4)
+        np.random.default_rng(1).normal(size=(200, 8)).astype(np.float32), ratio=0.1, projection_dim=4
+    )
     bench.print_tables(report)
     printed = capsys.readouterr().out
     assert "Our fit + predict by precision" in printed and "bf16" in printed and "Greedy coreset" in printed
@@ -324,9 +435,16 @@ def test_scaling_table_not_measured_again_is_carried_over_and_labelled(tmp_path)
     bench.carry_over_scaling(report, tmp_path / "missing.json")
     assert report["scaling"] == [] and "scaling_carried_over" not in report
     previous = tmp_path / "patchcore.json"
-    previous.write_text(json.dumps({"started": "2026-11-23T18:56:18", "machine": {"cpu_count": 2},
-                                    "scaling": [{"backbone": "x", "n_train": 100, "fit_s": 1.0}],
-                                    "scaling_memory_check": {"ok": True}}))
+    previous.write_text(
+        json.dumps(
+            {
+                "started": "2026-11-23T18:56:18",
+                "machine": {"cpu_count": 2},
+                "scaling": [{"backbone": "x", "n_train": 100, "fit_s": 1.0}],
+                "scaling_memory_check": {"ok": True},
+            }
+        )
+    )
     bench.carry_over_scaling(report, previous)
     assert report["scaling"] == [{"backbone": "x", "n_train": 100, "fit_s": 1.0}]
     assert report["scaling_memory_check"] == {"ok": True}
@@ -354,17 +472,26 @@ def test_coreset_rate_profile_reads_tqdm_and_gives_the_undisturbed_estimate():
         for _ in range(6):  # an update every 10 s
             t += 10
             done += rate * 10
-            lines.append(f"Selecting Coreset Indices.:  50%|#####     | {done}/2700 [{t // 60:02d}:{t % 60:02d}<00:10, "
-                         f"{rate}.00it/s]")
+            lines.append(
+                f"Selecting Coreset Indices.:  50%|#####     | {done}/2700 [{t // 60:02d}:{t % 60:02d}<00:10, "
+                f"{rate}.00it/s]"
+            )
     profile = bench.coreset_rate_profile("\r".join(lines))
     assert profile["rates"] == [10.0, 10.0, 5.0, 10.0, 10.0] and profile["steps"] == 2700
     assert profile["p90_rate"] == 10.0 and profile["median_rate"] == 10.0 and profile["slowest_rate"] == 5.0
     assert profile["seconds_below_80pct_of_p90"] == 60.0 and profile["coreset_s_at_p90_rate"] == 270.0
     assert bench.coreset_rate_profile("no progress here") is None
     # hours in the elapsed time
-    assert bench.coreset_rate_profile("Selecting Coreset Indices.:  1%|| 10/99 [1:00:00<1:00:00, 1it/s]"
-                                      "Selecting Coreset Indices.:  2%|| 100/99 [1:02:00<0:00, 1it/s]")["steps"] == 99
+    assert (
+        bench.coreset_rate_profile(
+            "Selecting Coreset Indices.:  1%|| 10/99 [1:00:00<1:00:00, 1it/s]"
+            "Selecting Coreset Indices.:  2%|| 100/99 [1:02:00<0:00, 1it/s]"
+        )["steps"]
+        == 99
+    )
     theirs = {"fit_s": 400.0, "fit_coreset_s": 300.0, "coreset_rate_profile": profile}
     ratios = bench.ratios({"fit_s": 37.0}, theirs)
-    assert ratios["fit_speedup"] == pytest.approx(400 / 37) and ratios["fit_speedup_at_anomalib_p90_rate"] == pytest.approx(370 / 37)
+    assert ratios["fit_speedup"] == pytest.approx(400 / 37) and ratios[
+        "fit_speedup_at_anomalib_p90_rate"
+    ] == pytest.approx(370 / 37)
     assert bench.ratios({"fit_s": 37.0}, {"fit_s": 400.0})["fit_speedup_at_anomalib_p90_rate"] is None

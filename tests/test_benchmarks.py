@@ -129,8 +129,7 @@ def test_bench_autoencoder_quick_default_and_longer(tmp_path):
     first = json.loads(out.read_text())
     assert set(first["parts_measured"]) == {"default"} and "longer" not in first
     assert first["parts_measured"]["default"]["torch_threads"] >= 1
-    assert module.main(["--quick", "--parts", "default,longer", "--models", "conv", "--out", str(out),
-                        "--resume"]) == 0
+    assert module.main(["--quick", "--parts", "default,longer", "--models", "conv", "--out", str(out), "--resume"]) == 0
     report = json.loads(out.read_text())
     assert report["default"] == first["default"]  # kept as stored, not measured again
     assert report["parts_measured"]["default"]["kept_from_earlier_run"] is True
@@ -141,7 +140,8 @@ def test_bench_autoencoder_quick_default_and_longer(tmp_path):
     for default, longer in zip(report["default"], report["longer"]):
         assert longer["epochs_run"] == 3 * default["epochs_run"] and longer["stopped_early"] is False
         assert longer["image_auroc_residual_gain_over_default"] == pytest.approx(
-            longer["image_auroc_residual"] - default["image_auroc_residual"])
+            longer["image_auroc_residual"] - default["image_auroc_residual"]
+        )
     assert isinstance(report["native_bf16"], bool)
     full = tmp_path / "full.json"
     full.write_text(json.dumps({"quick": False, "default": []}))
@@ -183,17 +183,25 @@ def test_bench_patchcore_precision_cells_follow_the_study():
     cells = module.study_cells(None)
     names = [name for name, _, _ in cells]
     assert len(names) == 18 and names[:2] == ["synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"]
-    assert names[-6:] == ["magnetic_tile-dinov2_vits14", "magnetic_tile-efficientnet_lite0",
-                          "kolektorsdd-322-keep-dinov2_vits14", "kolektorsdd-448-keep-dinov2_vits14",
-                          "magnetic_tile-448-keep-dinov2_vits14", "magnetic_tile-448-keep-coreset10-dinov2_vits14"]
+    assert names[-6:] == [
+        "magnetic_tile-dinov2_vits14",
+        "magnetic_tile-efficientnet_lite0",
+        "kolektorsdd-322-keep-dinov2_vits14",
+        "kolektorsdd-448-keep-dinov2_vits14",
+        "magnetic_tile-448-keep-dinov2_vits14",
+        "magnetic_tile-448-keep-coreset10-dinov2_vits14",
+    ]
     for name, kwargs, reason in cells:
         assert (kwargs is None) == (reason is not None) == (not name.startswith("synthetic_dagm"))
     kwargs = cells[0][1]
     assert kwargs["coreset_ratio"] == 0.1 and kwargs["backbone"] == "dinov2_vits14"
     assert not set(module.NOTEBOOK_ONLY) & set(kwargs)
     assert [name for name, _, _ in module.study_cells(None, ["mvtec_ad-*"])] == [
-        "mvtec_ad-bottle-dinov2_vits14", "mvtec_ad-bottle-efficientnet_lite0",
-        "mvtec_ad-transistor-dinov2_vits14", "mvtec_ad-transistor-efficientnet_lite0"]
+        "mvtec_ad-bottle-dinov2_vits14",
+        "mvtec_ad-bottle-efficientnet_lite0",
+        "mvtec_ad-transistor-dinov2_vits14",
+        "mvtec_ad-transistor-efficientnet_lite0",
+    ]
 
 
 def test_bench_patchcore_precision_quick_compares_fp32_and_bf16(tmp_path):
@@ -243,10 +251,14 @@ def test_bench_patchcore_precision_stored_only_summarises_without_measuring(tmp_
     other synthetic cell is listed as not measured; one change above 0.002 puts the cell outside the tolerance."""
     module = _load_script("bench_patchcore_precision")
     figures = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.7}
-    row = {"fp32": dict(figures), "bf16": {**figures, "image_auroc": 0.91},
-           "changes": {"image_auroc": 0.01, "pixel_auroc": 0.0, "pro": 0.0}, "within_tolerance": False,
-           "rerank_hit_rate": {"hit_rate": 0.99, "n_queries": 100, "n_hits": 99, "rerank": 8, "n_images": 1},
-           "committed": {**figures, "pro": 0.7 + 1e-7}}
+    row = {
+        "fp32": dict(figures),
+        "bf16": {**figures, "image_auroc": 0.91},
+        "changes": {"image_auroc": 0.01, "pixel_auroc": 0.0, "pro": 0.0},
+        "within_tolerance": False,
+        "rerank_hit_rate": {"hit_rate": 0.99, "n_queries": 100, "n_hits": 99, "rerank": 8, "n_images": 1},
+        "committed": {**figures, "pro": 0.7 + 1e-7},
+    }
     out = tmp_path / "precision.json"
     io_write = json.dumps({"cells": {"synthetic_dagm-efficientnet_lite0": row}})
     out.write_text(io_write)
@@ -264,20 +276,28 @@ def test_bench_patchcore_precision_resume_keeps_cells_that_only_leaves_out(tmp_p
     """--resume --only 'x': a stored cell that the pattern leaves out stays in the report."""
     module = _load_script("bench_patchcore_precision")
     figures = {"image_auroc": 0.9, "pixel_auroc": None, "pro": None}
-    row = {"fp32": dict(figures), "bf16": dict(figures), "changes": {"image_auroc": 0.0, "pixel_auroc": None,
-           "pro": None}, "within_tolerance": True, "committed": None,
-           "rerank_hit_rate": {"hit_rate": 1.0, "n_queries": 10, "n_hits": 10, "rerank": 8, "n_images": 1}}
+    row = {
+        "fp32": dict(figures),
+        "bf16": dict(figures),
+        "changes": {"image_auroc": 0.0, "pixel_auroc": None, "pro": None},
+        "within_tolerance": True,
+        "committed": None,
+        "rerank_hit_rate": {"hit_rate": 1.0, "n_queries": 10, "n_hits": 10, "rerank": 8, "n_images": 1},
+    }
     out = tmp_path / "precision.json"
-    out.write_text(json.dumps({"cells": {"synthetic_dagm-efficientnet_lite0": row,
-                                         "synthetic_dagm-dinov2_vits14": row}}))
+    out.write_text(
+        json.dumps({"cells": {"synthetic_dagm-efficientnet_lite0": row, "synthetic_dagm-dinov2_vits14": row}})
+    )
     assert module.main(["--stored-only", "--only", "*-dinov2_vits14", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["cells"]) == {"synthetic_dagm-dinov2_vits14", "synthetic_dagm-efficientnet_lite0"}
     assert report["cells"]["synthetic_dagm-efficientnet_lite0"]["fp32_matches_committed"] is None
     assert report["max_abs_change"] == 0.0 and report["every_study_cell_measured"] is False
     # stored rows from before the per-cell record were measured where bf16 was emulated
-    assert report["native_bf16_by_cell"] == {"synthetic_dagm-dinov2_vits14": False,
-                                             "synthetic_dagm-efficientnet_lite0": False}
+    assert report["native_bf16_by_cell"] == {
+        "synthetic_dagm-dinov2_vits14": False,
+        "synthetic_dagm-efficientnet_lite0": False,
+    }
 
 
 def test_bench_patchcore_precision_keeps_stored_real_cells_when_the_data_is_absent(tmp_path):
@@ -285,9 +305,14 @@ def test_bench_patchcore_precision_keeps_stored_real_cells_when_the_data_is_abse
     cell: a missing data folder never wipes earlier measurements."""
     module = _load_script("bench_patchcore_precision")
     figures = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.7}
-    row = {"fp32": dict(figures), "bf16": dict(figures), "changes": {k: 0.0 for k in figures},
-           "within_tolerance": True, "committed": None,
-           "rerank_hit_rate": {"hit_rate": 1.0, "n_queries": 10, "n_hits": 10, "rerank": 8, "n_images": 1}}
+    row = {
+        "fp32": dict(figures),
+        "bf16": dict(figures),
+        "changes": {k: 0.0 for k in figures},
+        "within_tolerance": True,
+        "committed": None,
+        "rerank_hit_rate": {"hit_rate": 1.0, "n_queries": 10, "n_hits": 10, "rerank": 8, "n_images": 1},
+    }
     out = tmp_path / "precision.json"
     out.write_text(json.dumps({"cells": {"mvtec_ad-bottle-dinov2_vits14": row}}))
     report = module.run(None, ["mvtec_ad-bottle-*"], 1, out, resume=True, stored_only=True)

@@ -27,8 +27,20 @@ def test_detect_builds_database_then_flags_the_odd_images(tmp_path, capsys, monk
     normal = _images(tmp_path / "normal", 10, 0)
     test = _images(tmp_path / "test", 3, 1)
     _images(tmp_path / "test" / "odd", 2, 2, spot=True)
-    args = ["detect", str(test), "--image-dir", str(normal), "--db-dir", str(tmp_path / "db"), "--k", "3",
-            "--num-workers", "0", "--batch-size", "4"]
+    args = [
+        "detect",
+        str(test),
+        "--image-dir",
+        str(normal),
+        "--db-dir",
+        str(tmp_path / "db"),
+        "--k",
+        "3",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+    ]
     assert main(args) == 0
     assert (tmp_path / "db" / "database.json").is_file()
     runs = sorted((tmp_path / "result").iterdir())
@@ -60,8 +72,20 @@ def test_missing_weights_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     _images(tmp_path / "normal", 4, 0)
-    code = main(["detect", str(tmp_path / "normal"), "--image-dir", str(tmp_path / "normal"), "--model-name",
-                 "wide_resnet50_2", "--db-dir", str(tmp_path / "db"), "--result-dir", str(tmp_path / "r")])
+    code = main(
+        [
+            "detect",
+            str(tmp_path / "normal"),
+            "--image-dir",
+            str(tmp_path / "normal"),
+            "--model-name",
+            "wide_resnet50_2",
+            "--db-dir",
+            str(tmp_path / "db"),
+            "--result-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "wide_resnet50_2" in err and "ANOMALIB_STUDY_WEIGHTS" in err and "Traceback" not in err
@@ -83,8 +107,24 @@ def test_detect_patchcore_end_to_end_with_overlays(tmp_path, capsys, monkeypatch
     normal = _images(tmp_path / "normal", 8, 0)
     test = _images(tmp_path / "test", 2, 1)
     _images(tmp_path / "test" / "odd", 2, 2, spot=True)
-    args = ["detect", str(test), "--method", "patchcore", "--coreset-ratio", "0.1", "--image-size", "64",
-            "--calibration-fraction", "0.25", "--image-dir", str(normal), "--num-workers", "0", "--batch-size", "8"]
+    args = [
+        "detect",
+        str(test),
+        "--method",
+        "patchcore",
+        "--coreset-ratio",
+        "0.1",
+        "--image-size",
+        "64",
+        "--calibration-fraction",
+        "0.25",
+        "--image-dir",
+        str(normal),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "8",
+    ]
     code = main(args)
     captured = capsys.readouterr()
     if code == 2 and "weights" in captured.err:
@@ -108,8 +148,20 @@ def test_detect_patchcore_end_to_end_with_overlays(tmp_path, capsys, monkeypatch
 
 def test_detect_bad_calibration_fraction_is_one_line(tmp_path, capsys):
     _images(tmp_path / "normal", 2, 0)
-    code = main(["detect", str(tmp_path / "normal"), "--method", "patchcore", "--calibration-fraction", "0",
-                 "--image-dir", str(tmp_path / "normal"), "--result-dir", str(tmp_path / "r")])
+    code = main(
+        [
+            "detect",
+            str(tmp_path / "normal"),
+            "--method",
+            "patchcore",
+            "--calibration-fraction",
+            "0",
+            "--image-dir",
+            str(tmp_path / "normal"),
+            "--result-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "calibration_fraction" in err and "Traceback" not in err
 
@@ -119,8 +171,22 @@ def test_detect_resize_mode_squash_is_stored_in_the_database(tmp_path, capsys, m
 
     monkeypatch.chdir(tmp_path)
     normal = _images(tmp_path / "normal", 6, 0)
-    args = ["detect", str(normal), "--image-dir", str(normal), "--db-dir", str(tmp_path / "db"), "--k", "2",
-            "--num-workers", "0", "--batch-size", "4", "--resize-mode", "squash"]
+    args = [
+        "detect",
+        str(normal),
+        "--image-dir",
+        str(normal),
+        "--db-dir",
+        str(tmp_path / "db"),
+        "--k",
+        "2",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--resize-mode",
+        "squash",
+    ]
     assert main(args) == 0
     stored = json.loads((tmp_path / "db" / "database.json").read_text())
     assert stored["backbone"]["preprocessing"]["resize_mode"] == "squash"
@@ -138,16 +204,30 @@ def test_detect_skips_broken_files_with_one_summary_line_or_refuses_them_with_st
     normal, test = _images(tmp_path / "normal", 6, 0), _images(tmp_path / "test", 3, 1)
     (test / "zero.png").write_bytes(b"")
     (test / "text.jpg").write_text("not an image")
-    common = ["--image-dir", str(normal), "--db-dir", str(tmp_path / "db"), "--k", "2", "--num-workers", "0",
-              "--batch-size", "4", "--image-size", "64"]
+    common = [
+        "--image-dir",
+        str(normal),
+        "--db-dir",
+        str(tmp_path / "db"),
+        "--k",
+        "2",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+    ]
     code = main(["detect", str(test), "--strict", *common])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and "Traceback" not in err
-    assert len(errors) == 1 and errors[0].endswith("anomalib-study detect: error: 2 image(s) in test_dir "
-                                                   f"{test} cannot be read, and strict=True (--strict) refuses them; "
-                                                   "nothing was done: remove or replace them, or run without --strict "
-                                                   "to score the others and list these in skipped.csv:")
+    assert len(errors) == 1 and errors[0].endswith(
+        "anomalib-study detect: error: 2 image(s) in test_dir "
+        f"{test} cannot be read, and strict=True (--strict) refuses them; "
+        "nothing was done: remove or replace them, or run without --strict "
+        "to score the others and list these in skipped.csv:"
+    )
     assert "zero.png" in err and "text.jpg" in err and not (tmp_path / "db").exists()
 
     assert main(["detect", str(test), *common]) == 0

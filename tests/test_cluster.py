@@ -25,9 +25,9 @@ def _defects(folder: Path, n_per: int = 6, seed: int = 0) -> dict[str, str]:
             pixels = 128 + rng.normal(0, 12, (96, 96, 3))
             x, y = rng.integers(20, 70, size=2)
             if kind == "spot":
-                pixels[y:y + 14, x:x + 14] = [230, 30, 30]
+                pixels[y : y + 14, x : x + 14] = [230, 30, 30]
             elif kind == "scratch":
-                pixels[5:90, x:x + 4] = 20
+                pixels[5:90, x : x + 4] = 20
             else:
                 pixels[:30, :30] = 250
             name = f"{kind}_{i}.png" if i % 2 else f"part{len(kinds):02d}.png"  # names do not give the kind away
@@ -40,13 +40,19 @@ def _normals(folder: Path, n: int = 8, seed: int = 1) -> Path:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.clip(128 + rng.normal(0, 12, (96, 96, 3)), 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.clip(128 + rng.normal(0, 12, (96, 96, 3)), 0, 255).astype(np.uint8)).save(
+            folder / f"{i}.png"
+        )
     return folder
 
 
 def _run(tmp_path, *extra) -> tuple[int, Path]:
     code = main(["cluster", str(tmp_path / "rejected"), "--out", str(tmp_path / "out"), "--image-size", "64", *extra])
-    runs = sorted(p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) if (tmp_path / "out").is_dir() else []
+    runs = (
+        sorted(p for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
+        if (tmp_path / "out").is_dir()
+        else []
+    )
     return code, (runs[-1] if runs else None)
 
 
@@ -100,8 +106,12 @@ def test_cluster_bad_input_is_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and "Traceback" not in err and len(errors) == 1 and run is None
-    expected = {"empty": "holds no image files", "strict": "zero.png", "too_many": "more than the 3 readable",
-                "too_few": "1 readable image(s)"}[case]
+    expected = {
+        "empty": "holds no image files",
+        "strict": "zero.png",
+        "too_many": "more than the 3 readable",
+        "too_few": "1 readable image(s)",
+    }[case]
     assert expected in err
 
 

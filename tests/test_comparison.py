@@ -16,20 +16,49 @@ from anomalib_study.published import DN2_ACCURACY, PATCHCORE
 SOURCES = "sources-now"
 
 
-def _detection(method, dataset_key, layout, name, config, image_auroc, *, variant=None, synthetic=False,
-               notebook_sha256=None, sources_hash=SOURCES, **extra):
+def _detection(
+    method,
+    dataset_key,
+    layout,
+    name,
+    config,
+    image_auroc,
+    *,
+    variant=None,
+    synthetic=False,
+    notebook_sha256=None,
+    sources_hash=SOURCES,
+    **extra,
+):
     """Metrics as notebooks 01-03 write them (only the keys the comparison and published.py read)."""
     metrics = {
-        "method": method, "dataset": {"name": name, "layout": layout}, "synthetic": synthetic,
+        "method": method,
+        "dataset": {"name": name, "layout": layout},
+        "synthetic": synthetic,
         "backbone": {"name": config, "label": f"{config} (label)", "image_size": 224, "preprocessing": {}},
-        "n_train": 200, "n_test": 40, "k_used": 100,
-        "params": {"k": 100, "thres_ratio": 0.92, "coreset_ratio": 0.1, "model": "conv", "loss": "mse",
-                   "ssim_weight": 0.5},
-        "image_auroc": image_auroc, "accuracy": 0.75,
+        "n_train": 200,
+        "n_test": 40,
+        "k_used": 100,
+        "params": {
+            "k": 100,
+            "thres_ratio": 0.92,
+            "coreset_ratio": 0.1,
+            "model": "conv",
+            "loss": "mse",
+            "ssim_weight": 0.5,
+        },
+        "image_auroc": image_auroc,
+        "accuracy": 0.75,
         "timings": {"fit_s": 12.0, "predict_s": 4.0, "predict_images_per_s": 10.0},
-        "_run": {"dataset": dataset_key, "backbone": "" if variant else config, "status": "ok",
-                 "title": f"{method} study", "headline": ["image_auroc"], "duration_s": 3.0,
-                 "notebook": "/nowhere/nb.ipynb"},
+        "_run": {
+            "dataset": dataset_key,
+            "backbone": "" if variant else config,
+            "status": "ok",
+            "title": f"{method} study",
+            "headline": ["image_auroc"],
+            "duration_s": 3.0,
+            "notebook": "/nowhere/nb.ipynb",
+        },
         **extra,
     }
     if variant:
@@ -40,14 +69,29 @@ def _detection(method, dataset_key, layout, name, config, image_auroc, *, varian
 
 
 def _clustering(dataset_key, name, layout, config):
-    modes = {"unsupervised": {"nmi": 0.41, "ari": 0.3, "f1": 0.6, "tau": 2.5, "tau_rule": "label-free rule"},
-             "average": {"nmi": 0.2, "ari": 0.1, "f1": 0.4, "tau": None, "tau_rule": "uniform weights"}}
-    return {"method": "clustering", "task": "clustering", "dataset": {"name": name, "layout": layout},
-            "synthetic": False, "backbone": {"name": config, "label": config}, "params": {"tau": None},
-            "protocol": {"name": "reproduction"}, "modes": modes,
-            "_run": {"dataset": dataset_key, "backbone": config, "status": "ok", "headline": ["nmi_unsupervised"],
-                     "title": "clustering", "notebook": "/nowhere/nb.ipynb"},
-            "nmi_unsupervised": 0.41}
+    modes = {
+        "unsupervised": {"nmi": 0.41, "ari": 0.3, "f1": 0.6, "tau": 2.5, "tau_rule": "label-free rule"},
+        "average": {"nmi": 0.2, "ari": 0.1, "f1": 0.4, "tau": None, "tau_rule": "uniform weights"},
+    }
+    return {
+        "method": "clustering",
+        "task": "clustering",
+        "dataset": {"name": name, "layout": layout},
+        "synthetic": False,
+        "backbone": {"name": config, "label": config},
+        "params": {"tau": None},
+        "protocol": {"name": "reproduction"},
+        "modes": modes,
+        "_run": {
+            "dataset": dataset_key,
+            "backbone": config,
+            "status": "ok",
+            "headline": ["nmi_unsupervised"],
+            "title": "clustering",
+            "notebook": "/nowhere/nb.ipynb",
+        },
+        "nmi_unsupervised": 0.41,
+    }
 
 
 def _write(folder: Path, cell: str, metrics=None, failed=None, html=True):
@@ -71,23 +115,81 @@ def project(tmp_path):
         (notebooks / f"{stem}.ipynb").write_text(f"{{}} {stem}")
     knn_sha = io.sha256_file(notebooks / "01_knn_detection.ipynb")
     knn, patchcore = reports / "01_knn_detection", reports / "02_patchcore"
-    _write(knn, "synthetic_dagm-b1", _detection("knn", "synthetic_dagm", "dagm", "synthetic_dagm", "b1", 0.81,
-                                                 synthetic=True, notebook_sha256=knn_sha))
-    _write(knn, "mvtec_ad-bottle-b1", _detection("knn", "mvtec_ad-bottle", "mvtec_ad", "mvtec_ad/bottle", "b1", 0.93,
-                                                  notebook_sha256=knn_sha, sources_hash="older-sources"))
-    _write(knn, "mvtec_ad-bottle-b2", failed={"dataset": "mvtec_ad-bottle", "backbone": "b2", "status": "failed",
-                                              "error": {"ename": "ValueError", "evalue": "boom\nmore"}})
-    _write(patchcore, "mvtec_ad-bottle-b1",
-           _detection("patchcore", "mvtec_ad-bottle", "mvtec_ad", "mvtec_ad/bottle", "b1", 0.97, pixel_auroc=0.95,
-                      pro=0.88, notebook_sha256="a-notebook-since-edited"),
-           failed={"dataset": "mvtec_ad-bottle", "backbone": "b1", "status": "failed",
-                   "error": {"ename": "RuntimeError", "evalue": "out of memory"}})
-    _write(reports / "03_autoencoder", "mvtec_ad-bottle-conv",
-           _detection("autoencoder", "mvtec_ad-bottle", "mvtec_ad", "mvtec_ad/bottle", "efficientnet_lite0", 0.9,
-                      variant="conv", image_auroc_residual=0.9, image_auroc_mse=0.8, epochs_run=3,
-                      fit_timings={"train_s": 60.0}, environment={"cpu_count": 2, "device": "cpu"}))
-    _write(reports / "04_anomaly_clustering", "mvtec_ad-bottle-b1",
-           _clustering("mvtec_ad-bottle", "mvtec_ad/bottle", "mvtec_ad", "b1"))
+    _write(
+        knn,
+        "synthetic_dagm-b1",
+        _detection(
+            "knn", "synthetic_dagm", "dagm", "synthetic_dagm", "b1", 0.81, synthetic=True, notebook_sha256=knn_sha
+        ),
+    )
+    _write(
+        knn,
+        "mvtec_ad-bottle-b1",
+        _detection(
+            "knn",
+            "mvtec_ad-bottle",
+            "mvtec_ad",
+            "mvtec_ad/bottle",
+            "b1",
+            0.93,
+            notebook_sha256=knn_sha,
+            sources_hash="older-sources",
+        ),
+    )
+    _write(
+        knn,
+        "mvtec_ad-bottle-b2",
+        failed={
+            "dataset": "mvtec_ad-bottle",
+            "backbone": "b2",
+            "status": "failed",
+            "error": {"ename": "ValueError", "evalue": "boom\nmore"},
+        },
+    )
+    _write(
+        patchcore,
+        "mvtec_ad-bottle-b1",
+        _detection(
+            "patchcore",
+            "mvtec_ad-bottle",
+            "mvtec_ad",
+            "mvtec_ad/bottle",
+            "b1",
+            0.97,
+            pixel_auroc=0.95,
+            pro=0.88,
+            notebook_sha256="a-notebook-since-edited",
+        ),
+        failed={
+            "dataset": "mvtec_ad-bottle",
+            "backbone": "b1",
+            "status": "failed",
+            "error": {"ename": "RuntimeError", "evalue": "out of memory"},
+        },
+    )
+    _write(
+        reports / "03_autoencoder",
+        "mvtec_ad-bottle-conv",
+        _detection(
+            "autoencoder",
+            "mvtec_ad-bottle",
+            "mvtec_ad",
+            "mvtec_ad/bottle",
+            "efficientnet_lite0",
+            0.9,
+            variant="conv",
+            image_auroc_residual=0.9,
+            image_auroc_mse=0.8,
+            epochs_run=3,
+            fit_timings={"train_s": 60.0},
+            environment={"cpu_count": 2, "device": "cpu"},
+        ),
+    )
+    _write(
+        reports / "04_anomaly_clustering",
+        "mvtec_ad-bottle-b1",
+        _clustering("mvtec_ad-bottle", "mvtec_ad/bottle", "mvtec_ad", "b1"),
+    )
     (reports / "benchmarks").mkdir()
     (reports / "benchmarks" / "knn.json").write_text("{}")
     (knn / ".hidden.metrics.json").write_text("{not json")
@@ -106,8 +208,12 @@ def _row(table, notebook, cell):
 
 def test_one_row_per_report_with_its_figures_and_status(project):
     table = _collect(project)
-    assert len(table) == 6 and set(table["notebook"]) == {"01_knn_detection", "02_patchcore", "03_autoencoder",
-                                                          "04_anomaly_clustering"}
+    assert len(table) == 6 and set(table["notebook"]) == {
+        "01_knn_detection",
+        "02_patchcore",
+        "03_autoencoder",
+        "04_anomaly_clustering",
+    }
     synthetic = _row(table, "01_knn_detection", "synthetic_dagm-b1")
     assert synthetic["image_auroc"] == 0.81 and synthetic["synthetic"] and synthetic["status"] == "ok"
     assert synthetic["freshness"] == "current" and synthetic["fit_s"] == 12.0
@@ -212,7 +318,9 @@ def test_front_page_has_the_study_the_comparison_and_every_report(project):
     page = frontpage.write_index(reports, skipped=skipped, sources_hash=SOURCES).read_text()
     assert page == frontpage.write_index(reports, skipped=skipped, sources_hash=SOURCES).read_text()  # deterministic
     assert len(page.encode()) < 1_500_000
-    assert page.index("This study compares") < page.index("<h2>comparison</h2>") < page.index("<h2>01_knn_detection</h2>")
+    assert (
+        page.index("This study compares") < page.index("<h2>comparison</h2>") < page.index("<h2>01_knn_detection</h2>")
+    )
     assert page.count("<img ") == 2 and page.count("data:image/png;base64,") == 2
     assert "<td>0.930</td>" in page  # the summary table, from the metrics file
     knn = page.split("<h2>01_knn_detection</h2>")[1].split("<h2>")[0]
@@ -227,8 +335,11 @@ def test_front_page_has_the_study_the_comparison_and_every_report(project):
 
 def test_front_page_is_small_with_many_reports(tmp_path):
     for i in range(40):
-        _write(tmp_path / "01_knn_detection", f"set{i:02d}-b{i % 2}",
-               _detection("knn", f"set{i // 2:02d}", "dagm", "d", f"b{i % 2}", 0.5 + i / 100))
+        _write(
+            tmp_path / "01_knn_detection",
+            f"set{i:02d}-b{i % 2}",
+            _detection("knn", f"set{i // 2:02d}", "dagm", "d", f"b{i % 2}", 0.5 + i / 100),
+        )
     page = frontpage.write_index(tmp_path, sources_hash=SOURCES)
     assert page.stat().st_size < 1_500_000
     assert "40 report(s): 40 ok" in page.read_text()
@@ -243,8 +354,13 @@ def test_notebook_05_runs_on_a_reports_folder(project, tmp_path):
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "05_comparison.ipynb"
     out = tmp_path / "metrics.json"
     executed = papermill.execute_notebook(
-        str(notebook), str(tmp_path / "05.ipynb"), kernel_name="python3", progress_bar=False,
-        parameters={"reports": str(project["reports"]), "metrics_out": str(out)}, cwd=str(notebook.parent))
+        str(notebook),
+        str(tmp_path / "05.ipynb"),
+        kernel_name="python3",
+        progress_bar=False,
+        parameters={"reports": str(project["reports"]), "metrics_out": str(out)},
+        cwd=str(notebook.parent),
+    )
     summary = json.loads(out.read_text())
     assert summary["method"] == "comparison" and summary["n_reports"] == 6
     detection = pd.DataFrame(summary["detection"])
@@ -255,8 +371,9 @@ def test_notebook_05_runs_on_a_reports_folder(project, tmp_path):
 
 def _scored(config, scores, threshold, paths=("a", "b", "c", "d"), labels=(0, 0, 1, 1), image_auroc=0.5):
     per_image = [{"path": p, "label": y, "score": s} for p, y, s in zip(paths, labels, scores)]
-    return _detection("patchcore", "set", "mvtec_ad", "mvtec_ad/set", config, image_auroc, threshold=threshold,
-                      per_image=per_image)
+    return _detection(
+        "patchcore", "set", "mvtec_ad", "mvtec_ad/set", config, image_auroc, threshold=threshold, per_image=per_image
+    )
 
 
 def test_fusion_table_sums_threshold_normalised_scores(tmp_path):
@@ -278,7 +395,8 @@ def test_fusion_table_sums_threshold_normalised_scores(tmp_path):
     assert row["configs"] == "a + b" and row["best_single"] == "b" and row["image_aurocs"] == "0.500, 0.750"
     assert row["fused_auroc"] == pytest.approx(1.0) and row["gain"] == pytest.approx(0.25) and row["n_test"] == 4
     assert list(comparison.summary(comparison.collect_reports(tmp_path / "reports"))["patchcore_fusion"][0]) == list(
-        comparison.FUSION_COLUMNS)
+        comparison.FUSION_COLUMNS
+    )
 
 
 def test_settings_table_lists_the_settings_of_one_backbone_on_one_data_set(tmp_path):
@@ -287,8 +405,15 @@ def test_settings_table_lists_the_settings_of_one_backbone_on_one_data_set(tmp_p
     folder = tmp_path / "reports" / "02_patchcore"
 
     def cell(config, side, mode, auroc, ratio=0.01):
-        metrics = _detection("patchcore", "tiles", "magnetic_tile", "magnetic_tile", config, auroc,
-                             peak_memory={"peak_rss_mb": 100.0 * side / 224})
+        metrics = _detection(
+            "patchcore",
+            "tiles",
+            "magnetic_tile",
+            "magnetic_tile",
+            config,
+            auroc,
+            peak_memory={"peak_rss_mb": 100.0 * side / 224},
+        )
         metrics["backbone"].update(image_size=side, preprocessing={"resize_mode": mode})
         metrics["params"]["coreset_ratio"] = ratio
         return metrics

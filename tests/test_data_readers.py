@@ -285,8 +285,17 @@ def test_seeded_split_rule():
 def test_unknown_layout_lists_known_ones(tmp_path):
     with pytest.raises(DataError, match="mvtec_ad"):
         load_dataset("mvtec", tmp_path)
-    assert {"mvtec_ad", "mvtec_loco", "mvtec_3d", "dagm", "magnetic_tile", "kolektorsdd", "neu_det",
-            "folder", "ood"} <= set(LAYOUTS)
+    assert {
+        "mvtec_ad",
+        "mvtec_loco",
+        "mvtec_3d",
+        "dagm",
+        "magnetic_tile",
+        "kolektorsdd",
+        "neu_det",
+        "folder",
+        "ood",
+    } <= set(LAYOUTS)
 
 
 def test_missing_and_empty_root(tmp_path):

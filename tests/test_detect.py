@@ -9,19 +9,20 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-
-from anomalib_study.methods import DETECTORS
 from PIL import Image
 
 from anomalib_study import detect
-from anomalib_study.methods import knn
 from anomalib_study.detect import detect_abnormal, load_database, resolve_device
 from anomalib_study.errors import DataError, ModelFileError, ParameterError
+from anomalib_study.methods import DETECTORS, knn
 
 
 def _fake_backbone(name="fake", weights_sha256="a" * 64, preprocessing=None, embedding_dim=3):
     return SimpleNamespace(
-        name=name, weights_sha256=weights_sha256, preprocessing=preprocessing or {"resize": 8}, embedding_dim=embedding_dim
+        name=name,
+        weights_sha256=weights_sha256,
+        preprocessing=preprocessing or {"resize": 8},
+        embedding_dim=embedding_dim,
     )
 
 
@@ -62,13 +63,21 @@ def folders(tmp_path):
     for i in range(4):
         _image(test / f"good{i}.png", _greyish(rng))
     anomalies = [_image(test / "bad" / "red.png", (220, 10, 10)), _image(test / "bad" / "blue.jpg", (10, 10, 220))]
-    return SimpleNamespace(root=tmp_path, images=images, test=test, db=tmp_path / "db", result=tmp_path / "result",
-                           anomalies=anomalies)
+    return SimpleNamespace(
+        root=tmp_path, images=images, test=test, db=tmp_path / "db", result=tmp_path / "result", anomalies=anomalies
+    )
 
 
 def _run(folders, **options):
-    params = dict(db_dir=folders.db, image_dir=folders.images, k=3, thres_ratio=0.9, result_dir=folders.result,
-                  num_workers=0, progress=False)
+    params = dict(
+        db_dir=folders.db,
+        image_dir=folders.images,
+        k=3,
+        thres_ratio=0.9,
+        result_dir=folders.result,
+        num_workers=0,
+        progress=False,
+    )
     params.update(options)
     return detect_abnormal(folders.test, **params)
 
@@ -88,7 +97,9 @@ def test_build_then_detect(fake, folders):
     assert config["n_bank"] == 12 and config["n_test"] == 6 and config["n_abnormal"] == 2
     assert config["index"]["factory"] == "Flat" and config["index"]["ntotal"] == 12
     assert config["db_dir"] == str(folders.db.resolve())
-    assert {"build_database_s", "score_s", "total_s"} <= set(config["timings"])  # test images: extracted and scored in one stream
+    assert {"build_database_s", "score_s", "total_s"} <= set(
+        config["timings"]
+    )  # test images: extracted and scored in one stream
     assert sorted(p.name for p in folders.db.iterdir()) == ["database.json", "knn_model.npz"]
     stored = json.loads((folders.db / "database.json").read_text())
     assert [e["path"] for e in stored["images"]] == sorted(e["path"] for e in stored["images"])
@@ -215,8 +226,16 @@ def test_real_efficientnet_lite0(tmp_path):
     _image(test / "good.png", _greyish(rng))
     _image(test / "red.png", (230, 0, 0))
     try:
-        run = detect_abnormal(test, db_dir=tmp_path / "db", image_dir=images, k=2, result_dir=tmp_path / "result",
-                              batch_size=4, num_workers=0, progress=False)
+        run = detect_abnormal(
+            test,
+            db_dir=tmp_path / "db",
+            image_dir=images,
+            k=2,
+            result_dir=tmp_path / "result",
+            batch_size=4,
+            num_workers=0,
+            progress=False,
+        )
     except WeightsError as error:
         pytest.skip(f"efficientnet_lite0 weights not installed: {error}")
     table = pd.read_csv(run / "scores.csv").set_index("path")
@@ -239,8 +258,17 @@ def _texture(path: Path, seed: int, spot: bool = False) -> Path:
 
 
 def _pc_run(root: Path, **options):
-    params = dict(db_dir=root / "pc_db", image_dir=root / "images", method="patchcore", image_size=64,
-                  calibration_fraction=0.2, result_dir=root / "result", num_workers=0, batch_size=8, progress=False)
+    params = dict(
+        db_dir=root / "pc_db",
+        image_dir=root / "images",
+        method="patchcore",
+        image_size=64,
+        calibration_fraction=0.2,
+        result_dir=root / "result",
+        num_workers=0,
+        batch_size=8,
+        progress=False,
+    )
     params.update(options)
     return detect_abnormal(root / "test", **params)
 
@@ -255,8 +283,10 @@ def patchcore_built(tmp_path_factory):
         _texture(root / "images" / f"n{i}.png", i)
     for i in range(3):
         _texture(root / "test" / f"good{i}.png", 100 + i)
-    anomalies = [_texture(root / "test" / "bad" / "a.png", 200, spot=True),
-                 _texture(root / "test" / "bad" / "a.jpg", 201, spot=True)]
+    anomalies = [
+        _texture(root / "test" / "bad" / "a.png", 200, spot=True),
+        _texture(root / "test" / "bad" / "a.jpg", 201, spot=True),
+    ]
     try:
         run = _pc_run(root)
     except WeightsError as error:
@@ -284,7 +314,10 @@ def test_patchcore_build_flags_the_odd_images_and_writes_overlays(patchcore_buil
     assert sorted(p.name for p in (root / "pc_db").iterdir()) == ["database.json", "patchcore_model.npz"]
     # one overlay per flagged image; a.png and a.jpg share a stem, so both keep their extension
     overlays = run / "overlays"
-    assert sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.jpg")) == ["bad/a_jpg.jpg", "bad/a_png.jpg"]
+    assert sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.jpg")) == [
+        "bad/a_jpg.jpg",
+        "bad/a_png.jpg",
+    ]
     assert config["overlays"]["count"] == 2 and config["overlays"]["vmin"] < config["overlays"]["vmax"]
     listing = pd.read_csv(overlays / "overlays.csv")
     assert set(listing["overlay"]) == {"bad/a_jpg.jpg", "bad/a_png.jpg"}
@@ -362,8 +395,12 @@ def _bomb_png(path: Path) -> Path:
     import zlib
 
     header = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-                     + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -373,8 +410,15 @@ def _odd_readable_images(folder: Path, source: Image.Image) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     small = source.convert("RGB").resize((96, 80))
     grey16 = Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257))
-    paths = [folder / "grey16.png", folder / "palette.png", folder / "cmyk.jpg", folder / "rgba.png",
-             folder / "rotated.jpg", folder / "one_pixel.png", folder / "ünï cödé – image.png"]
+    paths = [
+        folder / "grey16.png",
+        folder / "palette.png",
+        folder / "cmyk.jpg",
+        folder / "rgba.png",
+        folder / "rotated.jpg",
+        folder / "one_pixel.png",
+        folder / "ünï cödé – image.png",
+    ]
     grey16.save(paths[0])
     small.convert("P", palette=Image.ADAPTIVE).save(paths[1])
     small.convert("CMYK").save(paths[2])
@@ -397,8 +441,9 @@ def _hostile_files(folder: Path, good: Path) -> dict[str, Path]:
     (folder / "not_an_image.png").write_text("this is a text file with an image suffix\n")
     _bomb_png(folder / "bomb.png")
     (folder / "dangling.png").symlink_to(folder / "no_such_file.png")
-    return {name: folder / name for name in ("truncated.jpg", "zero.png", "not_an_image.png", "bomb.png",
-                                             "dangling.png")}
+    return {
+        name: folder / name for name in ("truncated.jpg", "zero.png", "not_an_image.png", "bomb.png", "dangling.png")
+    }
 
 
 def _silently_ignored(folder: Path) -> None:
@@ -423,7 +468,10 @@ def hostile(tmp_path_factory, real_data):
     for path in normals:  # small copies keep the test fast; they are still the real pictures
         Image.open(path).convert("RGB").resize((128, 128)).save(images / path.name)
     test = root / "test"
-    real_test = [sorted((bottle / "test" / "good").glob("*.png"))[0], sorted((bottle / "test" / "broken_large").glob("*.png"))[0]]
+    real_test = [
+        sorted((bottle / "test" / "good").glob("*.png"))[0],
+        sorted((bottle / "test" / "broken_large").glob("*.png"))[0],
+    ]
     test.mkdir()
     readable = []
     for path in real_test:
@@ -448,8 +496,16 @@ SMALL = {name: dict(spec.quick_params) for name, spec in DETECTORS.items()}
 
 
 def _hostile_run(hostile, tmp_path, method="knn", **options):
-    params = dict(db_dir=tmp_path / "db", image_dir=hostile.images, result_dir=tmp_path / "result", method=method,
-                  image_size=64, batch_size=8, num_workers=0, progress=False)
+    params = dict(
+        db_dir=tmp_path / "db",
+        image_dir=hostile.images,
+        result_dir=tmp_path / "result",
+        method=method,
+        image_size=64,
+        batch_size=8,
+        num_workers=0,
+        progress=False,
+    )
     params.update(SMALL[method])
     params.update(options)
     return detect_abnormal(hostile.test, **params)
@@ -521,8 +577,16 @@ def test_nothing_readable_is_a_clear_error(hostile, tmp_path):
     only_broken = tmp_path / "only_broken"
     _hostile_files(only_broken, hostile.readable[0])
     with pytest.raises(DataError, match=r"5 image\(s\) in test_dir .* nothing was scored"):
-        detect_abnormal(only_broken, db_dir=tmp_path / "db", image_dir=hostile.images, k=3, image_size=64,
-                        result_dir=tmp_path / "result", num_workers=0, progress=False)
+        detect_abnormal(
+            only_broken,
+            db_dir=tmp_path / "db",
+            image_dir=hostile.images,
+            k=3,
+            image_size=64,
+            result_dir=tmp_path / "result",
+            num_workers=0,
+            progress=False,
+        )
     assert list((tmp_path / "result").iterdir()) == []  # the partial run folder is gone
 
 
@@ -575,11 +639,22 @@ def test_kept_maps_are_bounded_by_max_overlays():
     from anomalib_study.methods.base import MethodSpec, RunOptions
 
     scores = np.array([0.1, 5.0, 3.0, 9.0, 0.2, 7.0, 4.0, 8.0, 6.0, 0.3])
-    spec = MethodSpec(name="toy", label="toy", estimator=object, description="", params=(),
-                      fit_paths=_never, describe=_never, check_loaded=_never, n_images=_never, produces_maps=True,
-                      score_paths=lambda model, backbone, paths, run, errors: {
-                          "image_scores": scores[[int(p) for p in paths]],
-                          "anomaly_maps": np.stack([np.full((2, 2), float(p)) for p in paths])})
+    spec = MethodSpec(
+        name="toy",
+        label="toy",
+        estimator=object,
+        description="",
+        params=(),
+        fit_paths=_never,
+        describe=_never,
+        check_loaded=_never,
+        n_images=_never,
+        produces_maps=True,
+        score_paths=lambda model, backbone, paths, run, errors: {
+            "image_scores": scores[[int(p) for p in paths]],
+            "anomaly_maps": np.stack([np.full((2, 2), float(p)) for p in paths]),
+        },
+    )
     model = SimpleNamespace(threshold_=1.0)
     old = detect.CHUNK_IMAGES
     detect.CHUNK_IMAGES = 3
@@ -593,7 +668,7 @@ def test_kept_maps_are_bounded_by_max_overlays():
 
 
 # ---------------------------------------------------------------------- interrupted runs
-_CHILD = r'''
+_CHILD = r"""
 import sys, time
 from pathlib import Path
 from types import SimpleNamespace
@@ -620,15 +695,16 @@ detect.CHUNK_IMAGES = 2
 run = detect.detect_abnormal(root / "test", db_dir=root / "db", image_dir=root / "images", k=3, thres_ratio=0.9,
                              result_dir=root / "result", num_workers=0, progress=False)
 print(run)
-'''
+"""
 
 
 def _child(root: Path, mode: str):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(root), mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(root), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _kill_when_started(process, marker: Path) -> None:

@@ -18,9 +18,20 @@ def synthetic_root(tmp_path_factory):
 
 
 def test_evaluate_knn_on_the_synthetic_set(synthetic_root, tmp_path):
-    metrics = evaluate("knn", "dagm", synthetic_root, backbone="efficientnet_lite0", k=5, out=tmp_path / "run", progress=False)
+    metrics = evaluate(
+        "knn", "dagm", synthetic_root, backbone="efficientnet_lite0", k=5, out=tmp_path / "run", progress=False
+    )
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("image_auroc", "accuracy", "threshold", "n_train", "n_test", "timings", "per_image", "classification_report"):
+    for key in (
+        "image_auroc",
+        "accuracy",
+        "threshold",
+        "n_train",
+        "n_test",
+        "timings",
+        "per_image",
+        "classification_report",
+    ):
         assert key in written
     assert written["synthetic"] is True
     assert written["n_test"] == len(written["per_image"]) == metrics["n_test"]
@@ -51,8 +62,23 @@ def test_unknown_method_is_named():
 
 def test_cli_evaluate_prints_the_table(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["evaluate", "--method", "knn", "--dataset", "dagm", "--root", str(synthetic_root),
-                 "--backbone", "efficientnet_lite0", "--k", "5", "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--method",
+            "knn",
+            "--dataset",
+            "dagm",
+            "--root",
+            str(synthetic_root),
+            "--backbone",
+            "efficientnet_lite0",
+            "--k",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "image AUROC" in printed and "weighted avg" in printed
@@ -60,8 +86,19 @@ def test_cli_evaluate_prints_the_table(synthetic_root, tmp_path, capsys):
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
-    code = main(["evaluate", "--dataset", "mvtec_ad", "--root", str(tmp_path / "missing"), "--category", "bottle",
-                 "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "evaluate",
+            "--dataset",
+            "mvtec_ad",
+            "--root",
+            str(tmp_path / "missing"),
+            "--category",
+            "bottle",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "missing" in err and "Traceback" not in err
@@ -77,12 +114,36 @@ def test_cli_rejects_impossible_ratio(capsys):
 def test_evaluate_patchcore_on_the_synthetic_set(synthetic_root, tmp_path):
     import numpy as np
 
-    metrics = evaluate("patchcore", "dagm", synthetic_root, category="Class1", backbone="efficientnet_lite0",
-                       image_size=128, coreset_ratio=0.1, out=tmp_path / "run", progress=False, return_maps=True)
+    metrics = evaluate(
+        "patchcore",
+        "dagm",
+        synthetic_root,
+        category="Class1",
+        backbone="efficientnet_lite0",
+        image_size=128,
+        coreset_ratio=0.1,
+        out=tmp_path / "run",
+        progress=False,
+        return_maps=True,
+    )
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("image_auroc", "image_auroc_max", "image_auroc_reweighted", "pixel_auroc", "pro", "image_f1_max",
-                "image_f1_threshold", "pixel_f1_max", "pixel_f1_threshold", "memory_bank_size", "timings",
-                "peak_memory", "per_image", "pixel_metrics_note", "threshold"):
+    for key in (
+        "image_auroc",
+        "image_auroc_max",
+        "image_auroc_reweighted",
+        "pixel_auroc",
+        "pro",
+        "image_f1_max",
+        "image_f1_threshold",
+        "pixel_f1_max",
+        "pixel_f1_threshold",
+        "memory_bank_size",
+        "timings",
+        "peak_memory",
+        "per_image",
+        "pixel_metrics_note",
+        "threshold",
+    ):
         assert key in written, key
     for key in ("fit_s", "fit_extract_s", "fit_coreset_s", "predict_s"):
         assert written["timings"][key] >= 0
@@ -113,7 +174,10 @@ def test_masks_like_input_follow_the_resize_and_crop(tmp_path):
     mask[:, 150:] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
     Image.fromarray(mask).save(tmp_path / "i.png")
-    records = [ImageRecord(tmp_path / "i.png", "test", 1, "cut", tmp_path / "m.png"), ImageRecord(tmp_path / "i.png", "test", 0)]
+    records = [
+        ImageRecord(tmp_path / "i.png", "test", 1, "cut", tmp_path / "m.png"),
+        ImageRecord(tmp_path / "i.png", "test", 0),
+    ]
     out = masks_like_input(records, {"resize": 50, "crop": 40})
     # shorter side 100 -> 50, width 200 -> 100; centre crop 40 keeps columns 30..69 of 100: defect starts at 75
     assert out.shape == (2, 40, 40) and not out.any()
@@ -129,9 +193,29 @@ def test_masks_like_input_follow_the_resize_and_crop(tmp_path):
 
 def test_cli_evaluate_patchcore(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cli_pc"
-    code = main(["evaluate", "--method", "patchcore", "--dataset", "dagm", "--root", str(synthetic_root),
-                 "--category", "Class2", "--image-size", "96", "--coreset-ratio", "0.05", "--score", "max",
-                 "--sigma", "2", "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--method",
+            "patchcore",
+            "--dataset",
+            "dagm",
+            "--root",
+            str(synthetic_root),
+            "--category",
+            "Class2",
+            "--image-size",
+            "96",
+            "--coreset-ratio",
+            "0.05",
+            "--score",
+            "max",
+            "--sigma",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "pixel AUROC" in printed and "PRO" in printed
@@ -142,7 +226,9 @@ def test_cli_evaluate_patchcore(synthetic_root, tmp_path, capsys):
 
 def test_cli_rejects_even_patch_size(capsys):
     with pytest.raises(SystemExit):
-        main(["evaluate", "--method", "patchcore", "--dataset", "dagm", "--root", "x", "--out", "y", "--patch-size", "2"])
+        main(
+            ["evaluate", "--method", "patchcore", "--dataset", "dagm", "--root", "x", "--out", "y", "--patch-size", "2"]
+        )
     assert "odd" in capsys.readouterr().err
 
 
@@ -189,17 +275,38 @@ def test_squash_keeps_the_defect_a_centre_crop_cuts_off(tmp_path):
 def test_evaluate_autoencoder_through_the_generic_path(synthetic_root, tmp_path):
     """The autoencoder needs nothing of evaluate but its declaration: both scores, maps and
     pixel metrics, its threshold rule, its training history, the squashed 64 px input."""
-    metrics = evaluate("autoencoder", "dagm", synthetic_root, category="Class1", image_size=64, epochs=2,
-                       out=tmp_path / "run", progress=False, return_maps=True)
+    metrics = evaluate(
+        "autoencoder",
+        "dagm",
+        synthetic_root,
+        category="Class1",
+        image_size=64,
+        epochs=2,
+        out=tmp_path / "run",
+        progress=False,
+        return_maps=True,
+    )
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["method"] == "autoencoder" and written["score_kinds"] == ["mse", "residual"]
     assert written["backbone"]["preprocessing"]["resize_mode"] == "squash"  # the method's own geometry
-    for key in ("image_auroc", "image_auroc_mse", "image_auroc_residual", "pixel_auroc", "pro", "threshold",
-                "accuracy", "classification_report", "train_scores"):
+    for key in (
+        "image_auroc",
+        "image_auroc_mse",
+        "image_auroc_residual",
+        "pixel_auroc",
+        "pro",
+        "threshold",
+        "accuracy",
+        "classification_report",
+        "train_scores",
+    ):
         assert written[key] is not None, key
     assert written["image_auroc"] == written["image_auroc_residual"]
     assert written["params"]["epochs"] == 2 and written["epochs_run"] <= 2 and len(written["history"]) <= 2
-    assert "held out of training" in written["threshold_rule"] and "squared reconstruction" in written["pixel_metrics_note"]
+    assert (
+        "held out of training" in written["threshold_rule"]
+        and "squared reconstruction" in written["pixel_metrics_note"]
+    )
     assert metrics["anomaly_maps"].shape == (written["n_test"], 64, 64)
     assert {"score_mse", "score_residual", "predicted", "map_max"} <= set(written["per_image"][0])
     # trained from scratch: the backbone (only its preprocessing is used) gave no weights; the seed is recorded
@@ -213,8 +320,27 @@ def test_autoencoder_refuses_a_cropped_input(synthetic_root):
 
 def test_cli_evaluate_autoencoder(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cli_ae"
-    code = main(["evaluate", "--method", "autoencoder", "--dataset", "dagm", "--root", str(synthetic_root),
-                 "--category", "Class2", "--image-size", "64", "--epochs", "1", "--score", "mse", "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--method",
+            "autoencoder",
+            "--dataset",
+            "dagm",
+            "--root",
+            str(synthetic_root),
+            "--category",
+            "Class2",
+            "--image-size",
+            "64",
+            "--epochs",
+            "1",
+            "--score",
+            "mse",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "pixel AUROC" in printed and "mse" in printed

@@ -58,8 +58,15 @@ def test_tau_is_label_free_and_the_oracle_is_labelled(metrics):
 
 
 def test_anomalous_only_protocol_and_one_mode(synthetic_root, tmp_path):
-    result = evaluate("clustering", "dagm", synthetic_root, image_size=64, progress=False, modes=["average"],
-                      protocol="anomalous_only")
+    result = evaluate(
+        "clustering",
+        "dagm",
+        synthetic_root,
+        image_size=64,
+        progress=False,
+        modes=["average"],
+        protocol="anomalous_only",
+    )
     assert set(result["modes"]) == {"average"}
     assert "good" not in result["protocol"]["class_counts"] and result["protocol"]["n_clusters"] == 3
 
@@ -89,11 +96,39 @@ def test_impossible_groupings_are_refused_before_the_features(synthetic_root, tm
 
 
 def test_cli_evaluate_clustering_prints_the_table(synthetic_root, tmp_path, capsys):
-    code = main(["evaluate", "--method", "clustering", "--dataset", "dagm", "--root", str(synthetic_root),
-                 "--image-size", "64", "--modes", "unsupervised,average", "--out", str(tmp_path / "cli")])
+    code = main(
+        [
+            "evaluate",
+            "--method",
+            "clustering",
+            "--dataset",
+            "dagm",
+            "--root",
+            str(synthetic_root),
+            "--image-size",
+            "64",
+            "--modes",
+            "unsupervised,average",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and "unsupervised" in printed and "NMI" in printed
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["protocol"]["name"] == "reproduction"
-    code = main(["evaluate", "--method", "knn", "--dataset", "dagm", "--root", str(synthetic_root), "--tau", "1",
-                 "--out", str(tmp_path / "knn")])
+    code = main(
+        [
+            "evaluate",
+            "--method",
+            "knn",
+            "--dataset",
+            "dagm",
+            "--root",
+            str(synthetic_root),
+            "--tau",
+            "1",
+            "--out",
+            str(tmp_path / "knn"),
+        ]
+    )
     assert code == 2 and "option of method clustering" in capsys.readouterr().err

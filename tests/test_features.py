@@ -38,8 +38,7 @@ def _write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 def _one_by_one(backbone, paths) -> np.ndarray:
     with torch.no_grad():
-        return np.concatenate([backbone(backbone.transform(load_image(p))[None])["embedding"].numpy()
-                               for p in paths])
+        return np.concatenate([backbone(backbone.transform(load_image(p))[None])["embedding"].numpy() for p in paths])
 
 
 def test_rows_follow_the_order_of_paths_with_a_ragged_last_batch(backbone, tmp_path):
@@ -101,8 +100,12 @@ def test_cache_key_changes_with_weights_and_preprocessing(backbone):
     other_weights.weights_sha256 = "0" * 64
     other_pre = Stub()
     other_pre.preprocessing = {**backbone.preprocessing, "crop": 96}
-    keys = {key, FeatureCache.model_key(other_weights), FeatureCache.model_key(other_pre),
-            FeatureCache.model_key(backbone, output="layer2")}
+    keys = {
+        key,
+        FeatureCache.model_key(other_weights),
+        FeatureCache.model_key(other_pre),
+        FeatureCache.model_key(backbone, output="layer2"),
+    }
     assert len(keys) == 4
 
 
@@ -110,8 +113,9 @@ def test_identical_files_share_one_entry(backbone, tmp_path):
     paths = _write_images(tmp_path, 2)
     copy = tmp_path / "copy.png"
     copy.write_bytes(paths[0].read_bytes())
-    result = extract_embeddings(backbone, [paths[0], paths[1], copy], cache=FeatureCache(tmp_path / "c"),
-                                progress=False)
+    result = extract_embeddings(
+        backbone, [paths[0], paths[1], copy], cache=FeatureCache(tmp_path / "c"), progress=False
+    )
     np.testing.assert_array_equal(result[0], result[2])
 
 
@@ -121,8 +125,14 @@ def test_corrupt_image_names_the_path(backbone, tmp_path, num_workers):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     with pytest.raises(DataError) as info:
-        extract_embeddings(backbone, paths[:2] + [broken] + paths[2:], batch_size=2, num_workers=num_workers,
-                           cache=None, progress=False)
+        extract_embeddings(
+            backbone,
+            paths[:2] + [broken] + paths[2:],
+            batch_size=2,
+            num_workers=num_workers,
+            cache=None,
+            progress=False,
+        )
     assert str(broken) in str(info.value)
     assert "Traceback" not in str(info.value)
 
@@ -142,13 +152,11 @@ def test_one_worker_gives_the_same_result(backbone, tmp_path):
 def test_feature_maps_cover_every_image_once(backbone, tmp_path):
     paths = _write_images(tmp_path, 5)
     seen = []
-    for positions, maps in extract_feature_maps(backbone, paths, ["layer2", "layer3"], batch_size=2,
-                                                progress=False):
+    for positions, maps in extract_feature_maps(backbone, paths, ["layer2", "layer3"], batch_size=2, progress=False):
         seen.extend(positions)
         for layer in ("layer2", "layer3"):
             info = backbone.feature_info[layer]
-            assert maps[layer].shape == (len(positions), info["channels"], 64 // info["stride"],
-                                         64 // info["stride"])
+            assert maps[layer].shape == (len(positions), info["channels"], 64 // info["stride"], 64 // info["stride"])
         assert maps["embedding"].shape == (len(positions), backbone.embedding_dim)
     assert seen == list(range(5))
     assert torch.is_grad_enabled()  # inference mode does not leak to the caller
@@ -172,7 +180,7 @@ def test_many_small_writes_are_merged_and_kept(backbone, tmp_path):
     rows = np.arange(40 * 512, dtype=np.float32).reshape(40, 512)
     hashes = [f"{i:064x}" for i in range(40)]
     for i in range(40):
-        cache.put_many(backbone, hashes[i:i + 1], rows[i:i + 1])
+        cache.put_many(backbone, hashes[i : i + 1], rows[i : i + 1])
     folder = tmp_path / "cache" / FeatureCache.model_key(backbone)
     assert len(list(folder.glob("*.npz"))) <= 17
     found = FeatureCache(tmp_path / "cache").get_many(backbone, hashes)
@@ -210,6 +218,9 @@ def test_feature_maps_skip_unreadable_images_with_errors(backbone, tmp_path):
     mixed = [paths[0], tmp_path / "img" / "zero.png", paths[1], paths[2]]
     errors: dict[int, str] = {}
     layer = backbone.patch_layers[0]
-    seen = [pos for positions, _ in extract_feature_maps(backbone, mixed, [layer], batch_size=2, progress=False,
-                                                         errors=errors) for pos in positions]
+    seen = [
+        pos
+        for positions, _ in extract_feature_maps(backbone, mixed, [layer], batch_size=2, progress=False, errors=errors)
+        for pos in positions
+    ]
     assert seen == [0, 2, 3] and list(errors) == [1] and "empty (0 bytes)" in errors[1]

@@ -48,9 +48,13 @@ def test_a_record_names_the_loaded_modules_and_what_changed_since(tmp_path):
         def __init__(self, file):
             self.__file__ = str(file)
 
-    modules = {"anomalib_study": Loaded(root / "__init__.py"), "anomalib_study.methods.a": Loaded(root / "methods/a.py"),
-               "anomalib_study.methods": Loaded(root / "methods/__init__.py"), "numpy": Loaded(tmp_path / "numpy.py"),
-               "anomalib_study.elsewhere": Loaded(tmp_path / "other" / "x.py")}
+    modules = {
+        "anomalib_study": Loaded(root / "__init__.py"),
+        "anomalib_study.methods.a": Loaded(root / "methods/a.py"),
+        "anomalib_study.methods": Loaded(root / "methods/__init__.py"),
+        "numpy": Loaded(tmp_path / "numpy.py"),
+        "anomalib_study.elsewhere": Loaded(tmp_path / "other" / "x.py"),
+    }
     record = freshness.code_record(modules, package_root=root)
     assert record["rule"] == freshness.RULE
     assert list(record["modules"]) == ["__init__.py", "methods/__init__.py", "methods/a.py"]  # b never loaded
@@ -74,10 +78,15 @@ def test_a_record_names_the_loaded_modules_and_what_changed_since(tmp_path):
 
 # the package modules each method notebook's kernel loads: its own imports, then its method
 # (as evaluate loads it through the registry); the comparison loads no method
-_NOTEBOOK_METHODS = {"01_knn_detection": "knn", "02_patchcore": "patchcore", "03_autoencoder": "autoencoder",
-                     "04_anomaly_clustering": "clustering", "05_comparison": None}
+_NOTEBOOK_METHODS = {
+    "01_knn_detection": "knn",
+    "02_patchcore": "patchcore",
+    "03_autoencoder": "autoencoder",
+    "04_anomaly_clustering": "clustering",
+    "05_comparison": None,
+}
 
-_RECORD = textwrap.dedent('''
+_RECORD = textwrap.dedent("""
     import json, sys
     notebook, method = sys.argv[1], sys.argv[2]
     for cell in json.load(open(notebook))["cells"]:
@@ -90,20 +99,21 @@ _RECORD = textwrap.dedent('''
         get_method(method)
     from anomalib_study import freshness
     print(json.dumps(freshness.code_record()))
-''')
+""")
 
-_JUDGE = textwrap.dedent('''
+_JUDGE = textwrap.dedent("""
     import json, sys
     from anomalib_study import comparison
     table = comparison.collect_reports(sys.argv[1], notebooks_dir=sys.argv[2])
     print(json.dumps(sorted(table.loc[table["freshness"] == "stale", "notebook"].tolist())))
-''')
+""")
 
 
 def _python(copy, code, *args):
     env = {**os.environ, "PYTHONPATH": str(copy)}
-    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=copy)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True, timeout=300, cwd=copy
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -119,8 +129,11 @@ def test_a_docstring_edit_stales_nothing_a_change_the_knn_notebook_runs_stales_e
     for notebook, method in _NOTEBOOK_METHODS.items():
         source = copy / "notebooks" / f"{notebook}.ipynb"
         record = _python(copy, _RECORD, source, method or "-")
-        assert (f"methods/{method}.py" in record["modules"]) if method else not any(
-            name in record["modules"] for name in ("methods/knn.py", "methods/patchcore.py"))
+        assert (
+            (f"methods/{method}.py" in record["modules"])
+            if method
+            else not any(name in record["modules"] for name in ("methods/knn.py", "methods/patchcore.py"))
+        )
         others = [m for m in ("knn", "patchcore", "autoencoder", "clustering") if m != method]
         assert not any(f"methods/{m}.py" in record["modules"] for m in others), (notebook, record["modules"])
         run = {"status": "ok", "notebook_sha256": freshness.io.sha256_file(source), "code": record}
@@ -139,6 +152,10 @@ def test_a_docstring_edit_stales_nothing_a_change_the_knn_notebook_runs_stales_e
     knn = copy / "anomalib_study" / "methods" / "knn.py"
     text = knn.read_text()
     assert "def _l2_normalise(X: np.ndarray) -> np.ndarray:\n" in text
-    knn.write_text(text.replace("def _l2_normalise(X: np.ndarray) -> np.ndarray:\n",
-                                "def _l2_normalise(X: np.ndarray) -> np.ndarray:\n    X = X + 0\n"))
+    knn.write_text(
+        text.replace(
+            "def _l2_normalise(X: np.ndarray) -> np.ndarray:\n",
+            "def _l2_normalise(X: np.ndarray) -> np.ndarray:\n    X = X + 0\n",
+        )
+    )
     assert _python(copy, _JUDGE, reports, notebooks) == ["01_knn_detection"]

@@ -19,8 +19,15 @@ from anomalib_study.checks import check_fraction, open_fraction
 from anomalib_study.cli import main
 from anomalib_study.data.synthetic import make_synthetic_dagm
 from anomalib_study.errors import ParameterError
-from anomalib_study.methods.base import (BaseDetector, MethodSpec, Param, check_embeddings, check_is_fitted,
-                                         load_model_file, save_model_file)
+from anomalib_study.methods.base import (
+    BaseDetector,
+    MethodSpec,
+    Param,
+    check_embeddings,
+    check_is_fitted,
+    load_model_file,
+    save_model_file,
+)
 from conftest import REPO
 
 
@@ -53,8 +60,10 @@ def test_every_method_declares_each_parameter_once(name):
     model._validate_params()  # the defaults are valid
     offered = [p.name for p in declared.values() if p.kind == "model" and p.offered]
     assert [p.name for p in spec.params if p not in spec.extra_params] == offered  # the command line's parameters
-    assert spec.resolve_params({}) == {**{p.name: p.default for p in spec.extra_params},
-                                       **{k: declared[k].default for k in offered}}
+    assert spec.resolve_params({}) == {
+        **{p.name: p.default for p in spec.extra_params},
+        **{k: declared[k].default for k in offered},
+    }
     for param in declared.values():
         assert param.help and "\n" not in param.help, f"{name}.{param.name}: one line of help"
         assert f"        {param.name} ({param.kind}, default" in estimator.__doc__  # the docstring lists it
@@ -86,6 +95,7 @@ def test_a_declaration_refuses_bad_values_and_unknown_names():
     with pytest.raises(ParameterError, match="sampler must be one of 'greedy', 'random', got 'best'"):
         methods.get_method("patchcore").estimator(sampler="best")._validate_params()
     with pytest.raises(TypeError, match="declares Params and its own __init__"):
+
         class Both(BaseDetector):
             x = Param(1, "x")
 
@@ -97,10 +107,12 @@ def test_reading_the_registry_loads_no_method_and_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from anomalib_study import comparison, methods; "
-            "print(methods.method_label('knn'), list(comparison.METHOD_LABELS)); "
-            "loaded = [m for m in sys.modules if m.startswith('anomalib_study.methods.') or m == 'torch']; "
-            "print(loaded); assert loaded == ['anomalib_study.methods.base'], loaded")
+    code = (
+        "import sys; from anomalib_study import comparison, methods; "
+        "print(methods.method_label('knn'), list(comparison.METHOD_LABELS)); "
+        "loaded = [m for m in sys.modules if m.startswith('anomalib_study.methods.') or m == 'torch']; "
+        "print(loaded); assert loaded == ['anomalib_study.methods.base'], loaded"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
 
@@ -109,8 +121,9 @@ def test_reading_the_registry_loads_no_method_and_no_torch():
 class MeanDistance(BaseDetector):
     """An image's score: the distance of its embedding to the mean normal embedding."""
 
-    thres_ratio = Param(0.9, "share of normal images the threshold keeps normal", cli=open_fraction,
-                        check=check_fraction)
+    thres_ratio = Param(
+        0.9, "share of normal images the threshold keeps normal", cli=open_fraction, check=check_fraction
+    )
     device = Param("cpu", "unused: numpy on the CPU", kind="run")
 
     def fit(self, X):
@@ -126,14 +139,23 @@ class MeanDistance(BaseDetector):
         return np.linalg.norm(check_embeddings(X, "X", n_features=self.mean_.size) - self.mean_, axis=1)
 
     def save(self, path):
-        return save_model_file(path, "test.mean_distance", 1, {"params": self.get_params(), "threshold_": self.threshold_},
-                               {"mean_": self.mean_, "train_scores_": self.train_scores_})
+        return save_model_file(
+            path,
+            "test.mean_distance",
+            1,
+            {"params": self.get_params(), "threshold_": self.threshold_},
+            {"mean_": self.mean_, "train_scores_": self.train_scores_},
+        )
 
     @classmethod
     def load(cls, path, device="cpu"):
         header, arrays = load_model_file(path, "test.mean_distance", 1, required=("mean_", "train_scores_"))
         model = cls(**header["params"])
-        model.mean_, model.train_scores_, model.threshold_ = arrays["mean_"], arrays["train_scores_"], header["threshold_"]
+        model.mean_, model.train_scores_, model.threshold_ = (
+            arrays["mean_"],
+            arrays["train_scores_"],
+            header["threshold_"],
+        )
         return model
 
 
@@ -152,12 +174,17 @@ def _score_paths(model, backbone, paths, run, errors=None):
 
 
 SPEC = MethodSpec(
-    name="mean_distance", label="mean distance", estimator=MeanDistance,
+    name="mean_distance",
+    label="mean distance",
+    estimator=MeanDistance,
     description="distance of the image embedding to the mean normal embedding",
-    fit_paths=_fit_paths, score_paths=_score_paths,
+    fit_paths=_fit_paths,
+    score_paths=_score_paths,
     describe=lambda m: {**m.model_params(), "threshold": m.threshold_, "threshold_rule": "a quantile"},
-    check_loaded=lambda model, section, n: None, n_images=lambda m: int(m.train_scores_.size),
-    calibration_scores=lambda m: m.train_scores_, quick_params={"thres_ratio": 0.8},
+    check_loaded=lambda model, section, n: None,
+    n_images=lambda m: int(m.train_scores_.size),
+    calibration_scores=lambda m: m.train_scores_,
+    quick_params={"thres_ratio": 0.8},
 )
 
 
@@ -176,8 +203,16 @@ def test_a_method_from_a_test_file_runs_through_evaluate_detect_the_cli_and_the_
     test_every_method_declares_each_parameter_once("mean_distance")
     root = make_synthetic_dagm(tmp_path / "synthetic", seed=0)
 
-    metrics = evaluate("mean_distance", "dagm", root, backbone="efficientnet_lite0", image_size=64, thres_ratio=0.8,
-                       out=tmp_path / "run", progress=False)
+    metrics = evaluate(
+        "mean_distance",
+        "dagm",
+        root,
+        backbone="efficientnet_lite0",
+        image_size=64,
+        thres_ratio=0.8,
+        out=tmp_path / "run",
+        progress=False,
+    )
     assert metrics["method"] == "mean_distance" and 0.5 < metrics["image_auroc"] <= 1.0
     assert metrics["params"]["thres_ratio"] == 0.8 and metrics["threshold_rule"] == "a quantile"
     assert metrics["environment"]["run_options"]["batch_size"] == registered.batch_size == 32
@@ -189,13 +224,36 @@ def test_a_method_from_a_test_file_runs_through_evaluate_detect_the_cli_and_the_
         shutil.copy(path, images / path.name)
     for path in normal[10:]:
         shutil.copy(path, test / path.name)
-    run = detect_abnormal(test, db_dir=tmp_path / "db", image_dir=images, result_dir=tmp_path / "result",
-                          method="mean_distance", image_size=64, num_workers=0, progress=False)
+    run = detect_abnormal(
+        test,
+        db_dir=tmp_path / "db",
+        image_dir=images,
+        result_dir=tmp_path / "result",
+        method="mean_distance",
+        image_size=64,
+        num_workers=0,
+        progress=False,
+    )
     assert (run / "scores.csv").is_file()
     assert (tmp_path / "db" / SPEC.model_file).is_file()
 
-    code = main(["evaluate", "--method", "mean_distance", "--dataset", "dagm", "--root", str(root),
-                 "--image-size", "64", "--thres-ratio", "0.7", "--out", str(tmp_path / "cli")])
+    code = main(
+        [
+            "evaluate",
+            "--method",
+            "mean_distance",
+            "--dataset",
+            "dagm",
+            "--root",
+            str(root),
+            "--image-size",
+            "64",
+            "--thres-ratio",
+            "0.7",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     assert code == 0
     written = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert written["method"] == "mean_distance"

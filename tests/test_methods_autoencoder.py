@@ -42,7 +42,7 @@ def _gray(rng, n, side=SIDE, square=False) -> np.ndarray:
     images = np.clip(levels + rng.normal(0, 2, size=(n, 3, side, side)), 0, 255)
     if square:
         k = side // SIDE
-        images[:, :, SQUARE[0].start * k:SQUARE[0].stop * k, SQUARE[1].start * k:SQUARE[1].stop * k] = 255
+        images[:, :, SQUARE[0].start * k : SQUARE[0].stop * k, SQUARE[1].start * k : SQUARE[1].stop * k] = 255
     return images.round().astype(np.uint8)
 
 
@@ -97,7 +97,7 @@ def test_scores_by_hand():
     # torch's "reflect" padding (d c b | a b c d) is scipy's "mirror"; the pixel sits near a border
     smoothed = ndimage.gaussian_filter(spike, sigma=4.0, mode="mirror", truncate=4.0)
     assert np.allclose(scores["maps"][1].numpy(), smoothed, atol=1e-6)
-    top = np.sort(smoothed.ravel())[::-1][:math.ceil(0.01 * SIDE**2)]  # 11 of 1024 pixels
+    top = np.sort(smoothed.ravel())[::-1][: math.ceil(0.01 * SIDE**2)]  # 11 of 1024 pixels
     assert scores["residual"][1].item() == pytest.approx(top.mean(), rel=1e-4)
     assert residual_maps(images, recon, sigma=0)[1, 5, 7].item() == pytest.approx(0.81)
 
@@ -172,8 +172,15 @@ def test_pretrained_model_shapes_and_frozen_stages():
     from anomalib_study.backbones import load_backbone
 
     images = _gray(np.random.default_rng(1), 6, side=64)
-    model = AutoEncoder(model="pretrained", backbone="efficientnet_lite0", image_size=64, epochs=1, batch_size=4,
-                        val_fraction=0.34, progress=False).fit(images)
+    model = AutoEncoder(
+        model="pretrained",
+        backbone="efficientnet_lite0",
+        image_size=64,
+        epochs=1,
+        batch_size=4,
+        val_fraction=0.34,
+        progress=False,
+    ).fit(images)
     out = model.score_images(images[:2])
     assert out["anomaly_maps"].shape == (2, 64, 64) and model.reconstruct(images[:2]).shape == (2, 3, 64, 64)
     assert model.backbone_identity_["name"] == "efficientnet_lite0"
@@ -183,7 +190,8 @@ def test_pretrained_model_shapes_and_frozen_stages():
     backbone = load_backbone("efficientnet_lite0", image_size=64)
     x = torch.rand(2, 3, 64, 64)
     normalised = (x - torch.tensor(backbone.preprocessing["mean"]).view(1, 3, 1, 1)) / torch.tensor(
-        backbone.preprocessing["std"]).view(1, 3, 1, 1)
+        backbone.preprocessing["std"]
+    ).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = backbone(normalised, layers=["stage2"], embedding=False)["stage2"]
         assert torch.allclose(network.frozen((x - network.mean) / network.std), expected, atol=1e-5)
@@ -341,20 +349,35 @@ def test_foreign_and_old_files_are_refused(reference, tmp_path):
     with pytest.raises(ModelFileError, match="not 'anomalib_study.autoencoder'"):
         AutoEncoder.load(tmp_path / "knn.npz")
     header, arrays = load_model_file(reference.save(tmp_path / "ae.npz"), FORMAT_NAME, FORMAT_VERSION)
-    save_model_file(tmp_path / "future.npz", FORMAT_NAME, FORMAT_VERSION + 1,
-                    {k: v for k, v in header.items() if k not in ("format", "version")}, arrays)
+    save_model_file(
+        tmp_path / "future.npz",
+        FORMAT_NAME,
+        FORMAT_VERSION + 1,
+        {k: v for k, v in header.items() if k not in ("format", "version")},
+        arrays,
+    )
     with pytest.raises(ModelFileError, match="future.npz is version 2"):
         AutoEncoder.load(tmp_path / "future.npz")
 
 
 # ---------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("params, match", [
-    ({"model": "x"}, "model"), ({"ssim_weight": 2}, "ssim_weight"), ({"image_size": 30}, "image_size"),
-    ({"loss": "l1"}, "loss"), ({"val_fraction": 1.0}, "val_fraction"), ({"image_score": "max"}, "image_score"),
-    ({"precision": "fp16"}, "precision"), ({"patience": 0}, "patience"), ({"lr": 0}, "lr"),
-    ({"thres_ratio": 1.5}, "thres_ratio"), ({"model": "pretrained", "backbone": "nope"}, "backbone"),
-    ({"epochs": 1.5}, "epochs"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"model": "x"}, "model"),
+        ({"ssim_weight": 2}, "ssim_weight"),
+        ({"image_size": 30}, "image_size"),
+        ({"loss": "l1"}, "loss"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"image_score": "max"}, "image_score"),
+        ({"precision": "fp16"}, "precision"),
+        ({"patience": 0}, "patience"),
+        ({"lr": 0}, "lr"),
+        ({"thres_ratio": 1.5}, "thres_ratio"),
+        ({"model": "pretrained", "backbone": "nope"}, "backbone"),
+        ({"epochs": 1.5}, "epochs"),
+    ],
+)
 def test_bad_parameters(params, match):
     with pytest.raises(ParameterError, match=match):
         AutoEncoder(**{**FAST, **params}).fit(_gray(np.random.default_rng(0), 4))
@@ -380,9 +403,13 @@ def test_bad_input(tmp_path):
 def test_not_fitted(tmp_path):
     model = AutoEncoder(**FAST)
     images = _gray(np.random.default_rng(0), 2)
-    for call in (lambda: model.score_images(images), lambda: model.reconstruct(images),
-                 lambda: model.score_paths(["x.png"]), lambda: model.predict_paths(["x.png"]),
-                 lambda: model.save(tmp_path / "m.npz")):
+    for call in (
+        lambda: model.score_images(images),
+        lambda: model.reconstruct(images),
+        lambda: model.score_paths(["x.png"]),
+        lambda: model.predict_paths(["x.png"]),
+        lambda: model.save(tmp_path / "m.npz"),
+    ):
         with pytest.raises(NotFittedError, match="AutoEncoder is not fitted"):
             call()
 
@@ -393,8 +420,10 @@ def test_auto_precision_follows_the_hardware():
     assert model.precision_used_ == ("bf16" if native_bf16() else "fp32")
 
 
-@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag): "
-                                              "bf16 would only be emulated")
+@pytest.mark.skipif(
+    not native_bf16(),
+    reason="this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag): bf16 would only be emulated",
+)
 def test_bf16_scores_are_close_to_fp32(normal_images):
     kwargs = dict(epochs=2, **RESUME)
     fp32 = AutoEncoder(precision="fp32", **kwargs).fit(normal_images)

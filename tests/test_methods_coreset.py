@@ -25,12 +25,15 @@ def _naive_greedy(x: np.ndarray, m: int, start: int) -> list[int]:
     return selected
 
 
-@pytest.mark.parametrize("seed, expected", [
-    # seed 11 starts at x=0: farthest 15, then 7 (7 from 0 vs 8 from 15), then 3 (3 from 0 vs 4 from 7)
-    (11, [0, 4, 3, 2]),
-    # seed 1 starts at x=3: farthest 15 (12), then 7 (min(4, 8) = 4 beats 0's 3 and 1's 2), then 0 (3)
-    (1, [2, 4, 3, 0]),
-])
+@pytest.mark.parametrize(
+    "seed, expected",
+    [
+        # seed 11 starts at x=0: farthest 15, then 7 (7 from 0 vs 8 from 15), then 3 (3 from 0 vs 4 from 7)
+        (11, [0, 4, 3, 2]),
+        # seed 1 starts at x=3: farthest 15 (12), then 7 (min(4, 8) = 4 beats 0's 3 and 1's 2), then 0 (3)
+        (1, [2, 4, 3, 0]),
+    ],
+)
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_farthest_point_sequence_by_hand(seed, expected, precision):
     # the gaps (7 vs 8, 3 vs 4) are far above bf16's rounding: every precision picks the same points
@@ -83,7 +86,7 @@ def test_projection_is_seeded_and_used_above_projection_dim():
     projected = GreedyCoresetSampler(projection_dim=16).project(x)
     assert tuple(projected.shape) == (500, 16)
     # Johnson-Lindenstrauss: squared norms kept on average
-    ratio = float((projected.numpy() ** 2).sum() / (x ** 2).sum())
+    ratio = float((projected.numpy() ** 2).sum() / (x**2).sum())
     assert 0.6 < ratio < 1.4
 
 
@@ -114,11 +117,18 @@ def test_random_sampler_is_seeded_and_unique():
     assert np.array_equal(a, RandomSampler(ratio=0.25, seed=5).run(x))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"ratio": 0.0}, "ratio"), ({"ratio": 1.5}, "ratio"), ({"ratio": "a"}, "ratio"),
-    ({"projection_dim": 0}, "projection_dim"), ({"chunk_size": 0}, "chunk_size"),
-    ({"precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"), ({"precision": None}, "precision"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"ratio": "a"}, "ratio"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"),
+        ({"precision": None}, "precision"),
+    ],
+)
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ParameterError, match=match):
         GreedyCoresetSampler(**kwargs).run(LINE)

@@ -100,14 +100,24 @@ def test_no_threshold_without_calibration():
         model.predict(_tiny_features(np.random.default_rng(3), 1))
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"coreset_ratio": 0}, "ratio"), ({"image_score": "mean"}, "image_score"), ({"patch_size": 4}, "patch_size"),
-    ({"sampler": "kmeans"}, "sampler"), ({"sigma": -1}, "sigma"), ({"calibration_fraction": 1.0}, "calibration"),
-    ({"num_neighbours": 0}, "num_neighbours"), ({"index": ""}, "index"), ({"resize_mode": "stretch"}, "resize_mode"),
-    ({"precision": "fp16"}, "precision must be one of fp32, bf16, auto"), ({"precision": None}, "precision"),
-    ({"coreset_precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"),
-    ({"coreset_precision": "fp8", "sampler": "random"}, "coreset_precision must be one of"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"coreset_ratio": 0}, "ratio"),
+        ({"image_score": "mean"}, "image_score"),
+        ({"patch_size": 4}, "patch_size"),
+        ({"sampler": "kmeans"}, "sampler"),
+        ({"sigma": -1}, "sigma"),
+        ({"calibration_fraction": 1.0}, "calibration"),
+        ({"num_neighbours": 0}, "num_neighbours"),
+        ({"index": ""}, "index"),
+        ({"resize_mode": "stretch"}, "resize_mode"),
+        ({"precision": "fp16"}, "precision must be one of fp32, bf16, auto"),
+        ({"precision": None}, "precision"),
+        ({"coreset_precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"),
+        ({"coreset_precision": "fp8", "sampler": "random"}, "coreset_precision must be one of"),
+    ],
+)
 def test_bad_parameters(params, match):
     with pytest.raises(ParameterError, match=match):
         PatchCore(progress=False, **params).fit(_tiny_features(np.random.default_rng(0), 3))
@@ -184,8 +194,11 @@ def _low_rank_clustered_patches(rng, basis, n_images, n_patches=16):
     with a trace (1e-3) in the other directions: r + a few principal components rank its neighbours."""
     d, r = basis.shape
     centres = rng.normal(scale=3.0, size=(6, d)) + 20.0
-    rows = (centres[rng.integers(0, 6, n_images * n_patches)] + rng.normal(size=(n_images * n_patches, r)) @ basis.T
-            + 1e-3 * rng.normal(size=(n_images * n_patches, d)))
+    rows = (
+        centres[rng.integers(0, 6, n_images * n_patches)]
+        + rng.normal(size=(n_images * n_patches, r)) @ basis.T
+        + 1e-3 * rng.normal(size=(n_images * n_patches, d))
+    )
     return rows.reshape(n_images, n_patches, d).astype(np.float32)
 
 
@@ -220,8 +233,9 @@ def test_bf16_search_gives_the_exact_scores(bf16_quietly):
     half = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, coreset_precision="fp16", progress=False).fit(train)
     assert half.memory_bank_.shape == fp32.memory_bank_.shape
     # approximate indexes keep faiss's own search
-    ivf = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, index="IVF2,Flat", precision="bf16",
-                    progress=False).fit(train)
+    ivf = PatchCore(
+        coreset_ratio=1.0, calibration_fraction=0.0, index="IVF2,Flat", precision="bf16", progress=False
+    ).fit(train)
     assert ivf.precision_used_ == "bf16" and ivf.index_.precision_used_ == "fp32"
 
 
@@ -315,8 +329,9 @@ def test_bf16_forward_on_images(synthetic_class, bf16_quietly):
     backbone = load_backbone("efficientnet_lite0", image_size=64)
     train, test = [r.path for r in synthetic_class.train[:3]], [r.path for r in synthetic_class.test[:4]]
     fp32 = PatchCore(backbone=backbone, coreset_ratio=0.2, calibration_fraction=0.0, progress=False).fit_paths(train)
-    bf16 = PatchCore(backbone=backbone, coreset_ratio=0.2, calibration_fraction=0.0, precision="bf16",
-                     progress=False).fit_paths(train)
+    bf16 = PatchCore(
+        backbone=backbone, coreset_ratio=0.2, calibration_fraction=0.0, precision="bf16", progress=False
+    ).fit_paths(train)
     assert bf16.precision_used_ == "bf16" and bf16.memory_bank_.dtype == np.float32
     assert not np.array_equal(bf16.memory_bank_, fp32.memory_bank_)  # the forward did run in bf16
     a, b = fp32.score_paths(test)["image_scores"], bf16.score_paths(test)["image_scores"]
@@ -333,7 +348,8 @@ def test_squash_mode_is_saved_and_restored(synthetic_class, tmp_path):
 
     backbone = load_backbone("efficientnet_lite0", image_size=64, resize_mode="squash")
     model = PatchCore(backbone=backbone, coreset_ratio=0.05, progress=False).fit_paths(
-        [r.path for r in synthetic_class.train[:6]])
+        [r.path for r in synthetic_class.train[:6]]
+    )
     path = model.save(tmp_path / "squash.npz")
     by_name = PatchCore.load(path)
     assert by_name.resize_mode == "squash"
@@ -348,8 +364,9 @@ def test_search_dim_gives_the_exact_scores_and_is_saved(tmp_path, bf16_quietly):
     train, test = _low_rank_clustered_patches(rng, basis, 10), _low_rank_clustered_patches(rng, basis, 3)
     exact = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, progress=False).fit(train)
     for precision in ("fp32", "bf16"):
-        model = PatchCore(coreset_ratio=0.5, calibration_fraction=0.2, precision=precision, search_dim=12,
-                          progress=False).fit(train)
+        model = PatchCore(
+            coreset_ratio=0.5, calibration_fraction=0.2, precision=precision, search_dim=12, progress=False
+        ).fit(train)
         described = model.index_.describe()
         assert described["candidate_dim_used"] == 12 and described["rerank"] == 8
         assert model.index_.rerank_hit_rate(test.reshape(-1, 24))["hit_rate"] == 1.0

@@ -29,7 +29,9 @@ def test_there_are_notebooks():
 def test_notebook_is_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     assert not dirty, (
         f"{path.name}: code cells {dirty} have outputs or execution counts; clear them "
         "(jupyter nbconvert --clear-output --inplace) before committing"
@@ -44,7 +46,9 @@ def test_notebook_has_exactly_one_parameters_cell(path):
     assert nb.cells[tagged[0]].cell_type == "code", f"{path.name}: the 'parameters' cell must be a code cell"
     names = notebook_parameters(path)
     # every notebook takes what the runner sets; one that reads a data set also takes its location and backbone
-    required = ("metrics_out", "report_name") + (("root", "category", "backbone", "device") if "dataset" in names else ())
+    required = ("metrics_out", "report_name") + (
+        ("root", "category", "backbone", "device") if "dataset" in names else ()
+    )
     for name in required:
         assert name in names, f"{path.name}: the parameters cell must declare '{name}' (the runner or a study sets it)"
 

@@ -67,10 +67,15 @@ def test_patch_features_class_takes_named_maps():
         maker({"a": maps["a"]})
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"patch_size": 2}, "patch_size"), ({"patch_size": 0}, "patch_size"),
-    ({"per_layer_dim": 0}, "per_layer_dim"), ({"target_dim": 1.5}, "target_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"patch_size": 2}, "patch_size"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"per_layer_dim": 0}, "per_layer_dim"),
+        ({"target_dim": 1.5}, "target_dim"),
+    ],
+)
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ParameterError, match=match):
         patch_features([torch.zeros(1, 2, 4, 4)], **kwargs)

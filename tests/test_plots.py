@@ -68,13 +68,23 @@ def test_confusion_heatmap_annotates_every_cell():
 
 def _curve(peak_at):
     relatives = [0.0, 0.1, 0.5, 1.0, 2.0, 10.0, "inf"]  # infinity as metrics files store it
-    return [{"tau": None if r == "inf" else r * 0.3, "relative": r,
-             "nmi": 0.9 if r == peak_at else 0.4, "ari": 0.3, "f1": 0.5} for r in relatives][::-1]
+    return [
+        {
+            "tau": None if r == "inf" else r * 0.3,
+            "relative": r,
+            "nmi": 0.9 if r == peak_at else 0.4,
+            "ari": 0.3,
+            "f1": 0.5,
+        }
+        for r in relatives
+    ][::-1]
 
 
 def test_tau_curve_has_a_panel_per_scored_mode_and_marks_chosen_and_oracle():
-    fig = plots.plot_tau_curve({"unsupervised": _curve(2.0), "semi_supervised": _curve(0.0), "average": []},
-                               {"unsupervised": 1.0, "semi_supervised": 1.0})
+    fig = plots.plot_tau_curve(
+        {"unsupervised": _curve(2.0), "semi_supervised": _curve(0.0), "average": []},
+        {"unsupervised": 1.0, "semi_supervised": 1.0},
+    )
     assert isinstance(fig, Figure) and len(fig.axes) == 2  # average has no curve
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
@@ -100,8 +110,9 @@ def test_thumbnail_sheet_has_a_row_per_cluster_and_marks_unreadable_images(tmp_p
     good = [_image(tmp_path / f"{i}.png", (120, 80)) for i in range(3)]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    fig = plots.cluster_thumbnail_sheet({0: good, 1: [good[0], broken], 2: good * 6}, max_per_cluster=4, thumb=32,
-                                        titles={0: ["a", "b", "c"]})
+    fig = plots.cluster_thumbnail_sheet(
+        {0: good, 1: [good[0], broken], 2: good * 6}, max_per_cluster=4, thumb=32, titles={0: ["a", "b", "c"]}
+    )
     assert isinstance(fig, Figure) and len(fig.axes) == 3
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     assert titles == ["cluster 0 (3 images)", "cluster 1 (2 images, 1 unreadable)", "cluster 2 (18 images, 4 shown)"]
@@ -130,7 +141,9 @@ def test_weight_maps_one_axes_per_image_with_the_mask_outline(tmp_path):
     weights[0, 5] = 1.0
     mask = np.zeros((20, 20), dtype=bool)  # another size than the image: resized
     mask[5:10, 5:10] = True
-    fig = plots.plot_weight_maps(images, weights, (4, 4), masks=[mask] + [None] * 6, titles=[f"im {i}" for i in range(7)])
+    fig = plots.plot_weight_maps(
+        images, weights, (4, 4), masks=[mask] + [None] * 6, titles=[f"im {i}" for i in range(7)]
+    )
     assert isinstance(fig, Figure) and len(fig.axes) == 7  # 6 per row, the unused slot removed
     first = fig.axes[0]
     assert len(first.images) == 2 and first.images[1].get_array().shape == (40, 40)
@@ -161,7 +174,9 @@ def test_auroc_heatmap_shows_each_value_and_leaves_missing_ones_blank():
 
 
 def test_auroc_vs_speed_is_a_log_scatter_with_one_point_per_report():
-    fig = plots.plot_auroc_vs_speed([0.9, 0.8, 0.7], [2.0, 20.0, 200.0], ["kNN", "PatchCore", "kNN"], ["b1", "b1", "b2"])
+    fig = plots.plot_auroc_vs_speed(
+        [0.9, 0.8, 0.7], [2.0, 20.0, 200.0], ["kNN", "PatchCore", "kNN"], ["b1", "b1", "b2"]
+    )
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "image AUROC"
     assert "images per second" in ax.get_xlabel()

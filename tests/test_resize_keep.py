@@ -11,27 +11,29 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from test_backbones import make_weights
 
 from anomalib_study.backbones import KEEP_MAX_ASPECT, RESIZE_MODES, input_size, keep_size, load_backbone
 from anomalib_study.errors import ParameterError
 
-from test_backbones import make_weights
-
 
 # ---------------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize("height,width,size,stride,expected", [
-    (64, 64, 64, 16, (64, 64)),            # square stays square
-    (64, 160, 64, 16, (64, 160)),          # 1:2.5, already on the stride
-    (500, 1250, 224, 16, (224, 560)),      # KolektorSDD-like strip
-    (1250, 500, 224, 14, (560, 224)),      # portrait keeps its orientation; 560 = 224 + 24 * 14
-    (100, 150, 224, 14, (224, 336)),       # 1.5 x 224 = 336 = 224 + 8 * 14
-    (100, 151, 224, 32, (224, 352)),       # 338.2 -> nearest 224 + k * 32 is 352
-    (100, 137, 224, 32, (224, 320)),       # 306.9 -> 320 (k = 3)
-    (100, 300, 224, 14, (224, 672)),       # exactly at the 3x cap
-    (100, 1000, 224, 14, (224, 672)),      # 1:10 capped at 3x (squeezed along its length)
-    (100, 1000, 224, 48, (224, 656)),      # the capped side rounds down: 672 is not 224 + k * 48
-    (60, 61, 224, 14, (224, 224)),         # less than half a stride longer: square
-])
+@pytest.mark.parametrize(
+    "height,width,size,stride,expected",
+    [
+        (64, 64, 64, 16, (64, 64)),  # square stays square
+        (64, 160, 64, 16, (64, 160)),  # 1:2.5, already on the stride
+        (500, 1250, 224, 16, (224, 560)),  # KolektorSDD-like strip
+        (1250, 500, 224, 14, (560, 224)),  # portrait keeps its orientation; 560 = 224 + 24 * 14
+        (100, 150, 224, 14, (224, 336)),  # 1.5 x 224 = 336 = 224 + 8 * 14
+        (100, 151, 224, 32, (224, 352)),  # 338.2 -> nearest 224 + k * 32 is 352
+        (100, 137, 224, 32, (224, 320)),  # 306.9 -> 320 (k = 3)
+        (100, 300, 224, 14, (224, 672)),  # exactly at the 3x cap
+        (100, 1000, 224, 14, (224, 672)),  # 1:10 capped at 3x (squeezed along its length)
+        (100, 1000, 224, 48, (224, 656)),  # the capped side rounds down: 672 is not 224 + k * 48
+        (60, 61, 224, 14, (224, 224)),  # less than half a stride longer: square
+    ],
+)
 def test_keep_size_by_hand(height, width, size, stride, expected):
     assert keep_size(height, width, size, stride) == expected
     h, w = keep_size(height, width, size, stride)
@@ -62,7 +64,7 @@ def resnet_weights(tmp_path_factory):
 def _picture(height, width, seed=0, bright_right=False):
     pixels = np.random.default_rng(seed).integers(60, 120, (height, width, 3), dtype=np.uint8)
     if bright_right:
-        pixels[:, -width // 5:] = 255
+        pixels[:, -width // 5 :] = 255
     return Image.fromarray(pixels)
 
 
@@ -114,7 +116,7 @@ def _write(folder, shapes, seed=0, defect=()):
     for i, (h, w) in enumerate(shapes):
         pixels = (110 + 20 * rng.standard_normal((h, w))).clip(0, 255).astype(np.uint8)
         if i in defect:
-            pixels[h // 3:h // 3 + 16, w - 32:w - 16] = 255
+            pixels[h // 3 : h // 3 + 16, w - 32 : w - 16] = 255
         path = folder / f"img_{i:02d}.png"
         Image.fromarray(pixels).save(path)
         paths.append(path)
@@ -140,8 +142,9 @@ def test_grouped_batching_equals_one_by_one_extraction(tmp_path, resnet_weights)
     paths = _write(tmp_path, SHAPES)
     batched = extract_embeddings(net, paths, batch_size=3, cache=None, progress=False)
     with torch.no_grad():
-        single = np.stack([net(net.transform(Image.open(p).convert("RGB"))[None])["embedding"][0].numpy()
-                           for p in paths])
+        single = np.stack(
+            [net(net.transform(Image.open(p).convert("RGB"))[None])["embedding"][0].numpy() for p in paths]
+        )
     np.testing.assert_allclose(batched, single, rtol=1e-4, atol=1e-5)
 
 
@@ -204,7 +207,8 @@ def test_old_patchcore_files_still_load(keep_model, tmp_path):
 
     rng = np.random.default_rng(0)
     model = PatchCore(coreset_ratio=1.0, calibration_fraction=0.0, sigma=0, progress=False).fit(
-        rng.normal(size=(3, 4, 2)).astype(np.float32))
+        rng.normal(size=(3, 4, 2)).astype(np.float32)
+    )
     path = model.save(tmp_path / "old.npz")
     loaded = PatchCore.load(path)
     assert loaded.grid_shape_ == (2, 2) and loaded.resize_mode == "crop"
@@ -225,8 +229,10 @@ def test_masks_follow_the_keep_geometry(tmp_path):
     Image.fromarray(mask).save(tmp_path / "m.png")
     Image.fromarray(np.zeros((50, 200, 3), np.uint8)).save(tmp_path / "i.png")
     Image.fromarray(np.zeros((60, 30, 3), np.uint8)).save(tmp_path / "n.png")
-    records = [ImageRecord(tmp_path / "i.png", "test", 1, mask_path=tmp_path / "m.png"),
-               ImageRecord(tmp_path / "n.png", "test", 0)]
+    records = [
+        ImageRecord(tmp_path / "i.png", "test", 1, mask_path=tmp_path / "m.png"),
+        ImageRecord(tmp_path / "n.png", "test", 0),
+    ]
     crop = {"resize": 50, "crop": 40, "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3}
     assert not masks_like_input(records[:1], crop).any()
     keep = keep_preprocessing(crop, stride=8)
@@ -253,7 +259,9 @@ def test_pixel_metrics_on_images_of_their_own_shapes():
     from sklearn.metrics import roc_auc_score
 
     flat_masks = np.concatenate([m.ravel() for m in masks])
-    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(flat_masks, np.concatenate([m.ravel() for m in maps])))
+    assert pixel_auroc(masks, maps) == pytest.approx(
+        roc_auc_score(flat_masks, np.concatenate([m.ravel() for m in maps]))
+    )
     # images of one shape given one by one (object arrays: the per-image path) give exactly the array's figures
     same_masks, same_maps = np.stack([masks[0], masks[0][::-1]]), np.stack([maps[0], rng.random((4, 10))])
     object_masks, object_maps = np.empty(2, dtype=object), np.empty(2, dtype=object)
@@ -269,11 +277,13 @@ def test_overlays_are_written_at_each_maps_shape(tmp_path):
     from anomalib_study.detect import write_overlays
 
     paths = _write(tmp_path / "images", [(64, 160), (96, 64)])
-    pre = keep_preprocessing({"resize": 64, "crop": 64, "interpolation": "bilinear", "mean": [0.0] * 3,
-                              "std": [1.0] * 3}, stride=16)
+    pre = keep_preprocessing(
+        {"resize": 64, "crop": 64, "interpolation": "bilinear", "mean": [0.0] * 3, "std": [1.0] * 3}, stride=16
+    )
     maps = [np.random.default_rng(0).random(input_size(pre, h, w)).astype(np.float32) for h, w in [(64, 160), (96, 64)]]
-    written = write_overlays(tmp_path / "overlays", paths, tmp_path / "images", maps, [2.0, 1.0], pre, 0.0, 1.0,
-                             progress=False)
+    written = write_overlays(
+        tmp_path / "overlays", paths, tmp_path / "images", maps, [2.0, 1.0], pre, 0.0, 1.0, progress=False
+    )
     assert [Image.open(p).size for p in written] == [(160, 64), (64, 96)]
 
 
@@ -282,8 +292,9 @@ def test_evaluate_patchcore_keep_with_pixel_metrics(tmp_path):
     from anomalib_study.data.synthetic import make_synthetic_dagm
     from anomalib_study.evaluate import evaluate
 
-    root = make_synthetic_dagm(tmp_path / "synthetic", seed=0, n_classes=1, n_train=8, n_test_normal=3,
-                               n_test_defect=3, image_size=64)
+    root = make_synthetic_dagm(
+        tmp_path / "synthetic", seed=0, n_classes=1, n_train=8, n_test_normal=3, n_test_defect=3, image_size=64
+    )
     for path in root.rglob("*"):
         if path.suffix.lower() == ".png":
             Image.open(path).resize((128, 64), Image.BILINEAR).save(path)
@@ -295,8 +306,18 @@ def test_evaluate_patchcore_keep_with_pixel_metrics(tmp_path):
                     fields[4] = str(2 * float(fields[4]))
                 lines.append("\t".join(fields))
             path.write_text("\n".join(lines) + "\n")
-    metrics = evaluate("patchcore", "dagm", root, category="Class1", image_size=64, resize_mode="keep",
-                       coreset_ratio=0.5, progress=False, return_maps=True, out=tmp_path / "run")
+    metrics = evaluate(
+        "patchcore",
+        "dagm",
+        root,
+        category="Class1",
+        image_size=64,
+        resize_mode="keep",
+        coreset_ratio=0.5,
+        progress=False,
+        return_maps=True,
+        out=tmp_path / "run",
+    )
     assert metrics["backbone"]["preprocessing"]["resize_mode"] == "keep" and metrics["grid_shape"] is None
     assert all(m.shape == (64, 128) for m in metrics["anomaly_maps"])
     assert all(m.shape == (64, 128) for m in metrics["masks"])
@@ -322,14 +343,25 @@ def test_detect_database_records_keep_and_overlays_keep_each_shape(tmp_path):
 
     _write(tmp_path / "images", SHAPES, seed=3)
     _write(tmp_path / "test", [(64, 160), (96, 64)], seed=4, defect=(0, 1))
-    params = dict(db_dir=tmp_path / "db", image_dir=tmp_path / "images", method="patchcore", image_size=64,
-                  calibration_fraction=0.3, num_workers=0, batch_size=4, progress=False, resize_mode="keep")
+    params = dict(
+        db_dir=tmp_path / "db",
+        image_dir=tmp_path / "images",
+        method="patchcore",
+        image_size=64,
+        calibration_fraction=0.3,
+        num_workers=0,
+        batch_size=4,
+        progress=False,
+        resize_mode="keep",
+    )
     run = detect_abnormal(tmp_path / "test", result_dir=tmp_path / "r1", **params)
     config = json.loads((run / "config.json").read_text())
     assert config["preprocessing"]["resize_mode"] == "keep" and config["grid_shape"] is None
     assert load_database(tmp_path / "db").resize_mode == "keep"
-    sizes = sorted(Image.open(run / "overlays" / row).size
-                   for row in __import__("pandas").read_csv(run / "overlays" / "overlays.csv")["overlay"])
+    sizes = sorted(
+        Image.open(run / "overlays" / row).size
+        for row in __import__("pandas").read_csv(run / "overlays" / "overlays.csv")["overlay"]
+    )
     assert sizes == [(64, 96), (160, 64)] and config["overlays"]["count"] == 2
     params.pop("resize_mode")  # not given: the database's own "keep" backbone is used again
     again = detect_abnormal(tmp_path / "test", result_dir=tmp_path / "r2", **params)

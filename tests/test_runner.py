@@ -15,7 +15,7 @@ from anomalib_study.errors import ParameterError, StudyError
 
 REPO = Path(__file__).resolve().parents[1]
 
-PARAMETERS = '''dataset = "dagm"      # layout
+PARAMETERS = """dataset = "dagm"      # layout
 root = ""             # data folder
 category = None       # category
 backbone = "tiny"     # backbone
@@ -26,9 +26,9 @@ write = True          # write metrics_out
 side = False          # also write a side file beside metrics_out
 metrics_out = ""      # metrics JSON
 report_name = ""      # report title
-'''
+"""
 # A marker that must never reach the HTML (code inputs are hidden), and outputs that must.
-BODY = '''import json, os
+BODY = """import json, os
 CODE_SOURCE_MARKER_7431 = 1
 print("VISIBLE_OUTPUT", report_name, os.path.basename(os.getcwd()))
 if fail:
@@ -39,7 +39,7 @@ with open(metrics_out if write else os.devnull, "w") as handle:
 if side:
     with open(metrics_out.replace(".metrics.json", ".all_results.csv"), "w") as handle:
         handle.write("path,score\\n")
-'''
+"""
 
 
 def _write_notebook(path: Path) -> Path:
@@ -48,8 +48,12 @@ def _write_notebook(path: Path) -> Path:
     params.metadata["tags"] = ["parameters"]
     removed = nbformat.v4.new_code_cell('print("REMOVED_OUTPUT")')
     removed.metadata["tags"] = ["remove"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny study notebook"), params,
-                nbformat.v4.new_code_cell(BODY), removed]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Tiny study notebook"),
+        params,
+        nbformat.v4.new_code_cell(BODY),
+        removed,
+    ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, path)
@@ -87,8 +91,13 @@ def project(tmp_path, monkeypatch):
     # other engineers edit the package while tests run: keep the sources part of the hash fixed
     monkeypatch.setattr(runner, "package_sources_hash", lambda: "fixed")
     monkeypatch.delenv("ANOMALIB_STUDY_DATA", raising=False)
-    return {"root": tmp_path, "study": study, "reports": tmp_path / "reports", "synthetic": synthetic,
-            "synthetic_calls": calls}
+    return {
+        "root": tmp_path,
+        "study": study,
+        "reports": tmp_path / "reports",
+        "synthetic": synthetic,
+        "synthetic_calls": calls,
+    }
 
 
 def _run(project, **kwargs):
@@ -115,17 +124,26 @@ def test_grid_is_datasets_times_backbones_with_later_parameters_winning(project)
 
 
 def test_a_dataset_entry_can_narrow_its_row_to_some_backbones(project):
-    datasets = {"synth": {"dataset": "dagm", "root": "{synthetic}"},
-                "big": {"dataset": "dagm", "root": "/nowhere/big", "x": 0.2, "backbones": ["b"]}}
+    datasets = {
+        "synth": {"dataset": "dagm", "root": "{synthetic}"},
+        "big": {"dataset": "dagm", "root": "/nowhere/big", "x": 0.2, "backbones": ["b"]},
+    }
     study = runner.read_study(_write_study(project["study"], backbones=["a", "b"], datasets=datasets))
     cells = runner.expand_grid(study)
     assert [c.name for c in cells] == ["synth-a", "synth-b", "big-b"]
     assert cells[2].parameters == {"x": 0.2, "dataset": "dagm", "root": "/nowhere/big", "backbone": "b"}
     runner.check_notebook_parameters(study, cells)  # "backbones" is not a notebook parameter
-    for only, why in ((["c"], "'c', which is not in the study's 'backbones'"), ([], "non-empty list"),
-                      (["b", "b"], "each once"), ("b", "non-empty list")):
-        bad = _write_study(project["study"], backbones=["a", "b"],
-                           datasets={"big": {"dataset": "dagm", "root": "/x", "backbones": only}})
+    for only, why in (
+        (["c"], "'c', which is not in the study's 'backbones'"),
+        ([], "non-empty list"),
+        (["b", "b"], "each once"),
+        ("b", "non-empty list"),
+    ):
+        bad = _write_study(
+            project["study"],
+            backbones=["a", "b"],
+            datasets={"big": {"dataset": "dagm", "root": "/x", "backbones": only}},
+        )
         with pytest.raises(StudyError, match="datasets.big.backbones") as caught:
             runner.read_study(bad)
         assert why in str(caught.value)
@@ -142,12 +160,23 @@ def test_variants_grid_is_datasets_times_variants_with_the_variant_winning(proje
     study = runner.read_study(path)
     assert study.axis == "variant" and study.backbones == ()
     cells = runner.expand_grid(study)
-    assert [c.name for c in cells] == ["synth-conv", "synth-pretrained-b2", "plain-conv", "plain-pretrained-b2",
-                                       "real-conv", "real-pretrained-b2"]
+    assert [c.name for c in cells] == [
+        "synth-conv",
+        "synth-pretrained-b2",
+        "plain-conv",
+        "plain-pretrained-b2",
+        "real-conv",
+        "real-pretrained-b2",
+    ]
     assert [c.variant for c in cells[:2]] == ["conv", "pretrained-b2"]
     # shared < dataset entry < variant entry
-    assert cells[2].parameters == {"x": 0.5, "backbone": "b0", "dataset": "dagm", "root": "/nowhere/plain",
-                                   "category": "c"}
+    assert cells[2].parameters == {
+        "x": 0.5,
+        "backbone": "b0",
+        "dataset": "dagm",
+        "root": "/nowhere/plain",
+        "category": "c",
+    }
     assert cells[3].parameters["x"] == 0.7 and cells[3].parameters["backbone"] == "b2"
     assert (cells[2].backbone, cells[3].backbone) == ("b0", "b2")
     assert cells[4].parameters["category"] == "c"  # the variant's category beats the dataset entry's
@@ -172,14 +201,17 @@ def test_variants_and_backbones_exactly_one_of_the_two(project):
     assert "'variants'" in str(caught.value)
 
 
-@pytest.mark.parametrize("variants, key", [
-    ({}, "variants"),
-    (["conv"], "variants"),
-    ({"bad name": {}}, "variants.bad name"),
-    ({"conv": "model"}, "variants.conv"),
-    ({"conv": {"report_name": "r"}}, "variants.conv.report_name"),
-    ({"conv": {"root": "{nope}"}}, "variants.conv.root"),
-])
+@pytest.mark.parametrize(
+    "variants, key",
+    [
+        ({}, "variants"),
+        (["conv"], "variants"),
+        ({"bad name": {}}, "variants.bad name"),
+        ({"conv": "model"}, "variants.conv"),
+        ({"conv": {"report_name": "r"}}, "variants.conv.report_name"),
+        ({"conv": {"root": "{nope}"}}, "variants.conv.root"),
+    ],
+)
 def test_bad_variants_name_the_file_and_the_key(project, variants, key):
     text = yaml.safe_load(project["study"].read_text())
     del text["backbones"]
@@ -201,11 +233,13 @@ def test_variant_parameter_unknown_to_the_notebook_names_the_variant(project):
 
 
 def test_cell_names_must_be_unique(project):
-    path = _write_study(project["study"], backbones=["b-c"],
-                        datasets={"a": {"dataset": "dagm"}, "a-b": {"dataset": "dagm"}})
+    path = _write_study(
+        project["study"], backbones=["b-c"], datasets={"a": {"dataset": "dagm"}, "a-b": {"dataset": "dagm"}}
+    )
     runner.read_study(path)  # a-b-c and a-b-b-c: distinct
-    path = _write_study(project["study"], backbones=["c", "b-c"],
-                        datasets={"a": {"dataset": "dagm"}, "a-b": {"dataset": "dagm"}})
+    path = _write_study(
+        project["study"], backbones=["c", "b-c"], datasets={"a": {"dataset": "dagm"}, "a-b": {"dataset": "dagm"}}
+    )
     with pytest.raises(StudyError, match="'a-b-c' twice"):
         runner.read_study(path)
 
@@ -227,8 +261,9 @@ def test_placeholders_are_resolved_or_the_cell_skipped(tmp_path):
     assert reason == runner.NEEDS_DATA
     _, reason = runner.resolve_parameters({"root": "{data}/absent"}, data=data, synthetic=synthetic)
     assert "ANOMALIB_STUDY_DATA" in reason and "absent" in reason
-    params, reason = runner.resolve_parameters({"reports": "{reports}"}, data=None, synthetic=synthetic,
-                                               reports=tmp_path / "reports")
+    params, reason = runner.resolve_parameters(
+        {"reports": "{reports}"}, data=None, synthetic=synthetic, reports=tmp_path / "reports"
+    )
     assert reason is None and params["reports"] == str(tmp_path / "reports")
     _, reason = runner.resolve_parameters({"reports": "{reports}"}, data=None, synthetic=synthetic)
     assert "reports folder" in reason
@@ -253,16 +288,19 @@ def test_reports_hash_follows_the_other_reports_metrics(tmp_path):
     assert runner.reports_hash(tmp_path, exclude=tmp_path / "05_own") != changed
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"colour": "red"}, "colour"),
-    ({"notebook": "notebooks/missing.ipynb"}, "notebook"),
-    ({"datasets": {}}, "datasets"),
-    ({"backbones": []}, "backbones"),
-    ({"datasets": {"d": {"root": "/x"}}}, "datasets.d"),
-    ({"parameters": {"metrics_out": "/tmp/m.json"}}, "parameters.metrics_out"),
-    ({"parameters": {"root": "{dat}/x"}}, "parameters.root"),
-    ({"headline": "image_auroc"}, "headline"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"colour": "red"}, "colour"),
+        ({"notebook": "notebooks/missing.ipynb"}, "notebook"),
+        ({"datasets": {}}, "datasets"),
+        ({"backbones": []}, "backbones"),
+        ({"datasets": {"d": {"root": "/x"}}}, "datasets.d"),
+        ({"parameters": {"metrics_out": "/tmp/m.json"}}, "parameters.metrics_out"),
+        ({"parameters": {"root": "{dat}/x"}}, "parameters.root"),
+        ({"headline": "image_auroc"}, "headline"),
+    ],
+)
 def test_bad_study_file_names_the_file_and_the_key(project, change, key):
     path = _write_study(project["study"], **change)
     with pytest.raises(StudyError) as caught:
@@ -297,8 +335,14 @@ def test_inputs_hash_changes_with_each_input(project):
 
 def test_index_is_deterministic_and_lists_benchmarks(tmp_path):
     folder = tmp_path / "nb"
-    run = {"dataset": "d", "backbone": "b", "headline": ["image_auroc"], "status": "ok", "duration_s": 1.25,
-           "title": "T"}
+    run = {
+        "dataset": "d",
+        "backbone": "b",
+        "headline": ["image_auroc"],
+        "status": "ok",
+        "duration_s": 1.25,
+        "title": "T",
+    }
     (folder).mkdir()
     (folder / "d-b.metrics.json").write_text(json.dumps({"image_auroc": 0.91234, "synthetic": True, "_run": run}))
     (folder / "d-b.html").write_text("<html></html>")
@@ -313,7 +357,9 @@ def test_index_is_deterministic_and_lists_benchmarks(tmp_path):
 def test_index_names_the_variant_column(tmp_path):
     for folder, run in [("by_variant", {"variant": "conv", "backbone": ""}), ("by_backbone", {"backbone": "b"})]:
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "d-x.metrics.json").write_text(json.dumps({"_run": {"dataset": "d", "status": "ok", **run}}))
+        (tmp_path / folder / "d-x.metrics.json").write_text(
+            json.dumps({"_run": {"dataset": "d", "status": "ok", **run}})
+        )
     page = runner.write_index(tmp_path).read_text()
     by_backbone, by_variant = page.split("<h2>by_variant</h2>")
     assert "<th>backbone</th>" in by_backbone and "<td>b</td>" in by_backbone
@@ -460,7 +506,8 @@ def test_parallel_jobs_give_the_same_outputs(project):
     assert results["plain-tiny"].metrics["threads"] == expected
     out = project["reports"] / "tiny"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{n}-tiny.{ext}" for n in ("synth", "plain") for ext in ("html", "ipynb", "metrics.json"))
+        f"{n}-tiny.{ext}" for n in ("synth", "plain") for ext in ("html", "ipynb", "metrics.json")
+    )
 
 
 def test_shipped_study_files_are_valid():
@@ -474,12 +521,20 @@ def test_shipped_study_files_are_valid():
     # the main job: every method family on the synthetic set, named apart from the full studies' cells
     default = runner.read_studies(REPO / "studies" / "default.yaml")
     notebooks = [s.notebook.name for s in default]
-    assert notebooks == ["01_knn_detection.ipynb", "02_patchcore.ipynb", "03_autoencoder.ipynb",
-                         "04_anomaly_clustering.ipynb", "05_comparison.ipynb"]
+    assert notebooks == [
+        "01_knn_detection.ipynb",
+        "02_patchcore.ipynb",
+        "03_autoencoder.ipynb",
+        "04_anomaly_clustering.ipynb",
+        "05_comparison.ipynb",
+    ]
     names = {c.name for s in default[:4] for c in runner.expand_grid(s)}
     assert all(name.startswith("synthetic_quick-") for name in names)
-    full = {c.name for f in ("knn", "patchcore", "autoencoder", "clustering")
-            for c in runner.expand_grid(runner.read_study(REPO / "studies" / f"{f}.yaml"))}
+    full = {
+        c.name
+        for f in ("knn", "patchcore", "autoencoder", "clustering")
+        for c in runner.expand_grid(runner.read_study(REPO / "studies" / f"{f}.yaml"))
+    }
     assert not names & full
     knn = runner.expand_grid(runner.read_study(REPO / "studies" / "knn.yaml"))
     assert len(knn) == 16 and {c.backbone for c in knn} == {"efficientnet_lite0", "dinov2_vits14"}
@@ -491,7 +546,9 @@ def test_shipped_study_files_are_valid():
     full = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder.yaml"))
     assert len(full) == 12 and {c.variant for c in full} == {"conv", "pretrained-efficientnet_lite0"}
     assert [c.name for c in full if c.parameters.get("ablation_losses")] == [
-        "mvtec_ad-bottle-conv", "mvtec_ad-bottle-pretrained-efficientnet_lite0"]
+        "mvtec_ad-bottle-conv",
+        "mvtec_ad-bottle-pretrained-efficientnet_lite0",
+    ]
 
 
 # --------------------------------------------------------------------------- suites
@@ -504,11 +561,17 @@ def _write_suite(project, parts, name="suite.yaml"):
 
 
 def test_suite_runs_its_parts_in_order_into_one_index(project):
-    _write_study(project["root"] / "studies" / "other.yaml", notebook="notebooks/other.ipynb",
-                 datasets={"synth": {"dataset": "dagm", "root": "{synthetic}", "x": 0.2}})
+    _write_study(
+        project["root"] / "studies" / "other.yaml",
+        notebook="notebooks/other.ipynb",
+        datasets={"synth": {"dataset": "dagm", "root": "{synthetic}", "x": 0.2}},
+    )
     _write_notebook(project["root"] / "notebooks" / "other.ipynb")
-    inline = {"notebook": "notebooks/tiny.ipynb", "backbones": ["tiny"],
-              "datasets": {"synth": {"dataset": "dagm", "root": "{synthetic}"}}}
+    inline = {
+        "notebook": "notebooks/tiny.ipynb",
+        "backbones": ["tiny"],
+        "datasets": {"synth": {"dataset": "dagm", "root": "{synthetic}"}},
+    }
     suite = _write_suite(project, ["other.yaml", inline])
     studies = runner.read_studies(suite)
     assert [s.notebook.name for s in studies] == ["other.ipynb", "tiny.ipynb"]
@@ -533,13 +596,16 @@ def test_suite_runs_its_parts_in_order_into_one_index(project):
         runner.run_study(suite, reports_dir=project["reports"], only="nope", log=lambda line: None)
 
 
-@pytest.mark.parametrize("parts, message", [
-    ([], "non-empty list"),
-    (["missing.yaml"], "missing.yaml, which is not found"),
-    ([3], "must be a study file path or a study mapping"),
-    ([{"notebook": "notebooks/tiny.ipynb", "backbones": ["tiny"]}], r"studies\[0\]: key 'datasets'"),
-    (["tiny.yaml", "tiny.yaml"], "give the report tiny/synth-tiny"),
-])
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        ([], "non-empty list"),
+        (["missing.yaml"], "missing.yaml, which is not found"),
+        ([3], "must be a study file path or a study mapping"),
+        ([{"notebook": "notebooks/tiny.ipynb", "backbones": ["tiny"]}], r"studies\[0\]: key 'datasets'"),
+        (["tiny.yaml", "tiny.yaml"], "give the report tiny/synth-tiny"),
+    ],
+)
 def test_bad_suites_are_refused_naming_the_part(project, parts, message):
     suite = _write_suite(project, parts)
     with pytest.raises(StudyError, match=message):

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # a cluster start and a few kernels: ~1 minute on 2 cores
 
-PARAMETERS = '''dataset = "dagm"      # layout
+PARAMETERS = """dataset = "dagm"      # layout
 root = ""             # data folder
 backbone = "tiny"     # backbone
 x = 0.0               # shifts the metric
@@ -41,8 +41,8 @@ side = False          # also write a side file beside metrics_out
 hold = ""             # marker file: the first run that finds it missing writes its pids there, then waits
 metrics_out = ""      # metrics JSON
 report_name = ""      # report title
-'''
-BODY = '''import json, os, time
+"""
+BODY = """import json, os, time
 from pathlib import Path
 images = sorted(Path(root).rglob("*.PNG")) if Path(root).is_dir() else []
 print("IMAGES", len(images), report_name, os.path.basename(os.getcwd()))
@@ -56,7 +56,7 @@ with open(metrics_out, "w") as handle:
 if side:
     with open(metrics_out.replace(".metrics.json", ".scores.csv"), "w") as handle:
         handle.write("path,score\\n" + "".join(f"{p.name},{i}\\n" for i, p in enumerate(images[:3])))
-'''
+"""
 VARYING_RUN = ("duration_s", "started_at", "host")  # differ between two runs of the same cell
 VARYING_METRICS = ("threads", "parent_pid")  # the executing process, not the result
 
@@ -73,8 +73,14 @@ def _write_notebook(path: Path) -> Path:
 
 
 def _write_study(path: Path, datasets: dict) -> Path:
-    study = {"notebook": "notebooks/tiny.ipynb", "title": "Tiny cluster study", "headline": ["image_auroc"],
-             "parameters": {"x": 0.1}, "backbones": ["tiny"], "datasets": datasets}
+    study = {
+        "notebook": "notebooks/tiny.ipynb",
+        "title": "Tiny cluster study",
+        "headline": ["image_auroc"],
+        "parameters": {"x": 0.1},
+        "backbones": ["tiny"],
+        "datasets": datasets,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
@@ -83,8 +89,9 @@ def _write_study(path: Path, datasets: dict) -> Path:
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker processes (one thread each) under nannies, on loopback."""
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-                                  dashboard_address=None) as local:
+    with distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    ) as local:
         yield local
 
 
@@ -112,23 +119,31 @@ def _html(path: Path) -> str:
 
 
 def _outputs(path: Path) -> list:
-    """Every code cell's source and outputs, but papermill's injected parameters (its metrics_out is a temporary path)."""
+    """Every code cell's source and outputs, but papermill's injected parameters (its metrics_out is a
+    temporary path)."""
     cells = nbformat.read(path, as_version=4).cells
     return [(c.source, c.get("outputs")) for c in cells if "injected-parameters" not in c.metadata.get("tags", [])]
 
 
 def test_grid_on_the_cluster_equals_a_local_run(project, cluster, capsys):
-    study = _write_study(project / "studies" / "tiny.yaml", {
-        "synth": {"dataset": "dagm", "root": "{synthetic}", "side": True},
-        "plain": {"dataset": "dagm", "root": "/nowhere/plain", "x": 0.3},
-    })
+    study = _write_study(
+        project / "studies" / "tiny.yaml",
+        {
+            "synth": {"dataset": "dagm", "root": "{synthetic}", "side": True},
+            "plain": {"dataset": "dagm", "root": "/nowhere/plain", "x": 0.3},
+        },
+    )
     synthetic = runner.synthetic_path()
     assert not synthetic.exists()  # the client only names it: a worker generates it
 
-    assert main(["run", str(study), "--reports", str(project / "on_cluster"),
-                 "--scheduler", cluster.scheduler_address]) == 0
+    assert (
+        main(["run", str(study), "--reports", str(project / "on_cluster"), "--scheduler", cluster.scheduler_address])
+        == 0
+    )
     log = capsys.readouterr().out
-    assert f"Dask scheduler {cluster.scheduler_address}" in log and log.count(f"sent to {cluster.scheduler_address}") == 2
+    assert (
+        f"Dask scheduler {cluster.scheduler_address}" in log and log.count(f"sent to {cluster.scheduler_address}") == 2
+    )
     assert (synthetic / "synthetic.json").is_file()
     stamp = json.loads((synthetic / "synthetic.json").read_text())["params"]
 
@@ -139,8 +154,9 @@ def test_grid_on_the_cluster_equals_a_local_run(project, cluster, capsys):
     cells = ["synth-tiny", "plain-tiny"]
     on_cluster, here = project / "on_cluster" / "tiny", project / "local" / "tiny"
     files = sorted(p.name for p in here.iterdir())
-    assert files == sorted([f"{c}.{ext}" for c in cells for ext in ("html", "ipynb", "metrics.json")]
-                           + ["synth-tiny.scores.csv"])
+    assert files == sorted(
+        [f"{c}.{ext}" for c in cells for ext in ("html", "ipynb", "metrics.json")] + ["synth-tiny.scores.csv"]
+    )
     assert sorted(p.name for p in on_cluster.iterdir()) == files  # no staging leftovers, no failed cell
     for cell in cells:
         assert _comparable(on_cluster / f"{cell}.metrics.json") == _comparable(here / f"{cell}.metrics.json")
@@ -155,17 +171,22 @@ def test_grid_on_the_cluster_equals_a_local_run(project, cluster, capsys):
     assert metrics["synthetic"] is True and metrics["_run"]["parameters"]["root"] == str(synthetic)
     assert metrics["_run"]["host"] and metrics["parent_pid"] != os.getpid()  # ran in a worker, not here
     assert json.loads((here / "synth-tiny.metrics.json").read_text())["parent_pid"] == os.getpid()
-    assert "IMAGES" in (on_cluster / "synth-tiny.html").read_text() and "notebooks" in (on_cluster / "synth-tiny.html").read_text()
+    assert (
+        "IMAGES" in (on_cluster / "synth-tiny.html").read_text()
+        and "notebooks" in (on_cluster / "synth-tiny.html").read_text()
+    )
     # the host's cores shared by its 2 workers of 1 thread each (a client's own setting wins)
     assert metrics["threads"] == (os.environ.get("OMP_NUM_THREADS") or str(max(1, os.cpu_count() // 2)))
     assert json.loads((here / "synth-tiny.metrics.json").read_text())["threads"] == (
-        os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count()))
+        os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count())
+    )
     index = (project / "on_cluster" / "index.html").read_text()
     assert all(f"tiny/{cell}.html" in index for cell in cells)
 
     # unchanged cells are not sent again
-    again = runner.run_study(study, reports_dir=project / "on_cluster", scheduler=cluster.scheduler_address,
-                             log=lines.append)
+    again = runner.run_study(
+        study, reports_dir=project / "on_cluster", scheduler=cluster.scheduler_address, log=lines.append
+    )
     assert [r.status for r in again] == ["unchanged"] * 2
 
 
@@ -178,8 +199,9 @@ def test_the_grid_benchmark_quick_run_writes_its_report(cluster, tmp_path):
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["settings"]["cells"] == 1
     assert report["jobs_1"]["wall_s"] > 0 and report["cluster"]["wall_s"] > 0
-    assert report["speedup_jobs_1_over_cluster"] == pytest.approx(report["jobs_1"]["wall_s"] / report["cluster"]["wall_s"],
-                                                                  abs=1e-3)
+    assert report["speedup_jobs_1_over_cluster"] == pytest.approx(
+        report["jobs_1"]["wall_s"] / report["cluster"]["wall_s"], abs=1e-3
+    )
     assert set(report["cluster"]["cell_durations_s"]) == {"synthetic_dagm-k5"}
     assert report["headline_metrics"]["cluster"]["synthetic_dagm-k5"]["image_auroc"] == pytest.approx(1 / 6)
     assert report["headline_max_abs_difference"] == 0
@@ -187,14 +209,16 @@ def test_the_grid_benchmark_quick_run_writes_its_report(cluster, tmp_path):
 
 def test_a_worker_killed_mid_cell_is_retried_and_written_once(project, cluster):
     marker = project / "held"
-    study = _write_study(project / "studies" / "tiny.yaml",
-                         {"plain": {"dataset": "dagm", "root": "/nowhere/plain", "hold": str(marker)}})
+    study = _write_study(
+        project / "studies" / "tiny.yaml", {"plain": {"dataset": "dagm", "root": "/nowhere/plain", "hold": str(marker)}}
+    )
     lines, outcome = [], {}
 
     def run():
         try:
-            outcome["results"] = runner.run_study(study, reports_dir=project / "reports",
-                                                  scheduler=cluster.scheduler_address, log=lines.append)
+            outcome["results"] = runner.run_study(
+                study, reports_dir=project / "reports", scheduler=cluster.scheduler_address, log=lines.append
+            )
         except BaseException as exc:  # re-raised below, in the test's thread
             outcome["error"] = exc
 
@@ -247,9 +271,15 @@ def _alive(pid: int) -> bool:
 
 def test_a_path_the_host_does_not_see_fails_the_cell_naming_it_and_the_host(tmp_path):
     missing = tmp_path / "data" / "mvtec_ad"
-    task = runner.CellTask(name="d-b", notebook=str(_write_notebook(tmp_path / "tiny.ipynb")),
-                           notebook_bytes=b"{}", parameters={"root": str(missing)}, kernel="python3",
-                           cwd=str(tmp_path), needs=(("parameter root", str(missing)),))
+    task = runner.CellTask(
+        name="d-b",
+        notebook=str(_write_notebook(tmp_path / "tiny.ipynb")),
+        notebook_bytes=b"{}",
+        parameters={"root": str(missing)},
+        kernel="python3",
+        cwd=str(tmp_path),
+        needs=(("parameter root", str(missing)),),
+    )
     output = runner.execute_cell(task)
     assert output.error[0] == "MissingPath" and output.notebook is None and output.metrics is None
     assert str(missing) in output.error[1] and output.host in output.error[1] and "parameter root" in output.error[1]
@@ -275,8 +305,9 @@ def test_scheduler_and_jobs_are_exclusive_and_missing_distributed_is_explained(p
         runner.run_study(study, scheduler=" ", log=lambda line: None)
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
     with pytest.raises(StudyError, match=r"pip install 'anomalib-study\[cluster\]'"):
-        runner.run_study(study, reports_dir=project / "reports", scheduler="tcp://127.0.0.1:8786",
-                         log=lambda line: None)
+        runner.run_study(
+            study, reports_dir=project / "reports", scheduler="tcp://127.0.0.1:8786", log=lambda line: None
+        )
 
 
 def test_an_unreachable_scheduler_is_one_clear_error(project, monkeypatch):

@@ -35,17 +35,19 @@ def test_results_table_best_pairs_rank_two_backbones_across_settings(tmp_path, c
     [2, 3, 4, 4.5] separates the classes (1.0, gain 0.25 over b's 0.75), a2 + b too (gain 0: a2 alone is
     1.0); a and a2 share a backbone (never paired); a report scored on other images is left out."""
     import pytest
+    from test_comparison import _scored, _write
 
     from anomalib_study import comparison
-    from test_comparison import _scored, _write
 
     table_script = _load("results_table_patchcore")
     folder = tmp_path / "reports" / "02_patchcore"
     _write(folder, "set-a", _scored("a", [1.0, 2.0, 3.0, 0.5], 1.0, image_auroc=0.5))
     _write(folder, "set-b", _scored("b", [10.0, 10.0, 10.0, 40.0], 10.0, image_auroc=0.75))
-    for name, config, scores, paths in (("set448-a2", "a", [1.0, 2.0, 3.0, 4.0], ("a", "b", "c", "d")),
-                                        ("set322-c", "c", [1.0, 1.0, 1.0, 1.0], ("a", "b", "c", "d")),
-                                        ("other-d", "d", [1.0, 2.0, 3.0, 4.0], ("d", "c", "b", "a"))):
+    for name, config, scores, paths in (
+        ("set448-a2", "a", [1.0, 2.0, 3.0, 4.0], ("a", "b", "c", "d")),
+        ("set322-c", "c", [1.0, 1.0, 1.0, 1.0], ("a", "b", "c", "d")),
+        ("other-d", "d", [1.0, 2.0, 3.0, 4.0], ("d", "c", "b", "a")),
+    ):
         metrics = _scored(config, scores, 1.0, paths=paths, image_auroc=1.0 if config == "a" else 0.5)
         metrics["_run"]["dataset"] = name.split("-")[0]
         _write(folder, name, metrics)

@@ -50,8 +50,18 @@ def test_input_not_modified_and_non_contiguous_accepted():
     index = NearestNeighbourIndex().fit(view)
     np.testing.assert_array_equal(view, before)
     assert index.describe() == {
-        "factory": "Flat", "metric": "l2", "kmeans_reduce": None, "ntotal": 20, "dim": 4, "nprobe": None, "seed": 0,
-        "precision": "fp32", "precision_used": "fp32", "rerank": 8, "candidate_dim": None, "candidate_dim_used": None,
+        "factory": "Flat",
+        "metric": "l2",
+        "kmeans_reduce": None,
+        "ntotal": 20,
+        "dim": 4,
+        "nprobe": None,
+        "seed": 0,
+        "precision": "fp32",
+        "precision_used": "fp32",
+        "rerank": 8,
+        "candidate_dim": None,
+        "candidate_dim_used": None,
     }
 
 
@@ -236,8 +246,13 @@ def test_rerank_hit_rate_on_near_ties(bf16_quietly):
     assert report["rerank"] == 1 and report["max_distance_excess"] == pytest.approx(1e-3, rel=0.05)
     # with both rows among the candidates, the float32 re-ranking always finds the exact one
     two = NearestNeighbourIndex(precision="bf16", rerank=2).fit(bank)
-    assert two.rerank_hit_rate(queries) == {"hit_rate": 1.0, "n_queries": len(queries), "n_hits": len(queries),
-                                            "rerank": 2, "max_distance_excess": 0.0}
+    assert two.rerank_hit_rate(queries) == {
+        "hit_rate": 1.0,
+        "n_queries": len(queries),
+        "n_hits": len(queries),
+        "rerank": 2,
+        "max_distance_excess": 0.0,
+    }
     np.testing.assert_array_equal(two.search(queries, 1)[1][:, 0], np.arange(len(queries)))
     # the fp32 index measures what its bf16 search would do, without using it
     assert NearestNeighbourIndex(rerank=1).fit(bank).rerank_hit_rate(queries)["hit_rate"] == report["hit_rate"]

@@ -18,22 +18,22 @@ from anomalib_study import provenance, runner, verify
 from anomalib_study.cli import main
 from anomalib_study.errors import ParameterError, StudyError
 
-PARAMETERS = '''dataset = "dagm"      # layout
+PARAMETERS = """dataset = "dagm"      # layout
 root = ""             # data folder
 backbone = "tiny"     # backbone
 x = 0.0               # shifts the metric
 metrics_out = ""      # metrics JSON
 report_name = ""      # report title
-'''
+"""
 # deterministic figures, plus what changes from run to run and must not count: times, paths, the environment
-BODY = '''import json, time
+BODY = """import json, time
 metrics = {"image_auroc": 0.5 + x, "nested": {"scores": [0.25, 1.5, x], "label": "same", "flag": True},
            "timings": {"fit_s": time.time()}, "predict_s": time.time(), "root": root,
            "per_image": [{"path": f"/somewhere/{time.time()}.png", "score": 0.125}],
            "environment": {"started": time.time()}}
 with open(metrics_out, "w") as handle:
     json.dump(metrics, handle)
-'''
+"""
 
 
 def _write_notebook(path: Path) -> Path:
@@ -48,10 +48,18 @@ def _write_notebook(path: Path) -> Path:
 
 
 def _write_study(path: Path, datasets: dict | None = None) -> Path:
-    study = {"notebook": "notebooks/tiny.ipynb", "title": "Tiny", "headline": ["image_auroc"],
-             "parameters": {"x": 0.1}, "backbones": ["tiny"],
-             "datasets": datasets or {"synth": {"dataset": "dagm", "root": "{synthetic}"},
-                                      "real": {"dataset": "mvtec_ad", "root": "{data}/mvtec_ad"}}}
+    study = {
+        "notebook": "notebooks/tiny.ipynb",
+        "title": "Tiny",
+        "headline": ["image_auroc"],
+        "parameters": {"x": 0.1},
+        "backbones": ["tiny"],
+        "datasets": datasets
+        or {
+            "synth": {"dataset": "dagm", "root": "{synthetic}"},
+            "real": {"dataset": "mvtec_ad", "root": "{data}/mvtec_ad"},
+        },
+    }
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
@@ -86,8 +94,9 @@ def project(tmp_path_factory):
         patch.setattr(runner, "synthetic_root", lambda: synthetic)
         patch.delenv("ANOMALIB_STUDY_DATA", raising=False)
         patch.chdir(root)  # as `anomalib-study run studies/tiny.yaml` from the repository: _run.study is relative
-        results = runner.run_study(study.relative_to(root), reports_dir="reports", only=["synth-*"],
-                                   log=lambda line: None)
+        results = runner.run_study(
+            study.relative_to(root), reports_dir="reports", only=["synth-*"], log=lambda line: None
+        )
     assert [r.status for r in results] == ["ok"]
     return {"root": root, "study": study, "reports": root / "reports", "synthetic": synthetic}
 
@@ -164,12 +173,31 @@ def test_environment_records_the_weights_the_model_used():
 
 
 def test_compare_metrics_rules():
-    committed = {"auroc": 0.5, "n": 3, "ok": True, "name": "a", "rows": [{"s": 1.0}, {"s": 2.0}],
-                 "nan": float("nan"), "fit_s": 1.0, "timings": {"x": 1}, "root": "/a", "per_image": [{"path": "/a"}],
-                 "environment": {"cpu": "A"}, "_run": {"cell": "c"}, "peak_memory": {"rss": 1}}
+    committed = {
+        "auroc": 0.5,
+        "n": 3,
+        "ok": True,
+        "name": "a",
+        "rows": [{"s": 1.0}, {"s": 2.0}],
+        "nan": float("nan"),
+        "fit_s": 1.0,
+        "timings": {"x": 1},
+        "root": "/a",
+        "per_image": [{"path": "/a"}],
+        "environment": {"cpu": "A"},
+        "_run": {"cell": "c"},
+        "peak_memory": {"rss": 1},
+    }
     same = json.loads(json.dumps(committed))  # NaN survives the round trip in Python's JSON
-    same.update(fit_s=9.0, timings={"x": 2}, root="/b", per_image=[{"path": "/b"}], environment={"cpu": "B"},
-                _run={"cell": "d"}, peak_memory={"rss": 2})
+    same.update(
+        fit_s=9.0,
+        timings={"x": 2},
+        root="/b",
+        per_image=[{"path": "/b"}],
+        environment={"cpu": "B"},
+        _run={"cell": "d"},
+        peak_memory={"rss": 2},
+    )
     compared, matched, drifts = verify.compare_metrics(committed, same)
     assert (compared, matched, drifts) == (7, 7, [])  # auroc, n, ok, name, rows[0].s, rows[1].s, nan
 
@@ -190,17 +218,25 @@ def test_compare_metrics_rules():
 
 
 def test_provenance_differences_name_each_field():
-    base = {"_run": {"provenance": {"git_commit": "a" * 40, "cpu_model": "CPU A", "threads": {"OMP_NUM_THREADS": "2"}},
-                     "parameters": {"x": 0.1}},
-            "environment": {"weights_sha256": "1" * 64, "seed": 0}}
+    base = {
+        "_run": {
+            "provenance": {"git_commit": "a" * 40, "cpu_model": "CPU A", "threads": {"OMP_NUM_THREADS": "2"}},
+            "parameters": {"x": 0.1},
+        },
+        "environment": {"weights_sha256": "1" * 64, "seed": 0},
+    }
     assert verify.provenance_differences(base, base) == []
     other = json.loads(json.dumps(base))
     other["_run"]["provenance"].update(git_commit="b" * 40, cpu_model="CPU B")
     other["_run"]["parameters"]["x"] = 0.2
     other["environment"]["weights_sha256"] = "2" * 64
     lines = verify.provenance_differences(base, other)
-    assert lines == ["commit: aaaaaaaaaaaa -> bbbbbbbbbbbb", "CPU: CPU A -> CPU B",
-                     "weights hash: 111111111111 -> 222222222222", "parameter x: 0.1 -> 0.2"]
+    assert lines == [
+        "commit: aaaaaaaaaaaa -> bbbbbbbbbbbb",
+        "CPU: CPU A -> CPU B",
+        "weights hash: 111111111111 -> 222222222222",
+        "parameter x: 0.1 -> 0.2",
+    ]
     old = {"_run": {}, "environment": {"seed": 0, "weights_sha256": "1" * 64}}
     assert verify.provenance_differences(old, base)[0].startswith("the committed report has no _run.provenance")
 
@@ -242,8 +278,10 @@ def test_a_tampered_metric_is_a_drift_with_both_values(reports, capsys):
 def test_tolerance_and_a_changed_commit_or_machine_is_a_difference_not_a_drift(reports, tmp_path):
     def change(data):
         data["image_auroc"] = 0.601  # within the tolerance below
-        data["_run"]["provenance"].update(git_commit="0" * 40, cpu_model="Some Other CPU",
-                                          threads={"OMP_NUM_THREADS": "64", "torch": None})
+        data["_run"]["provenance"].update(
+            git_commit="0" * 40, cpu_model="Some Other CPU", threads={"OMP_NUM_THREADS": "64", "torch": None}
+        )
+
     _edit(_committed(reports), change)
     lines = []
     results = verify.verify_reports(reports, tolerance=0.01, scratch=tmp_path / "scratch", log=lines.append)
@@ -273,8 +311,9 @@ def test_a_missing_study_file_or_cell_fails_with_a_clear_message(reports, projec
     assert results[0].status == "failed" and "study file studies/gone.yaml" in results[0].message
     assert "not found" in results[0].message and verify.exit_code(results) == 1
 
-    other = _write_study(project["root"] / "studies" / "renamed.yaml",
-                         datasets={"other": {"dataset": "dagm", "root": "{synthetic}"}})
+    other = _write_study(
+        project["root"] / "studies" / "renamed.yaml", datasets={"other": {"dataset": "dagm", "root": "{synthetic}"}}
+    )
     _edit(_committed(reports), lambda data: data["_run"].update(study=str(other)))
     results = verify.verify_reports(reports, log=lambda line: None)
     assert results[0].status == "failed"
@@ -302,11 +341,18 @@ def test_verify_regenerates_a_real_notebook_report_on_the_synthetic_set(tmp_path
     repo = Path(__file__).resolve().parents[1]
     study = tmp_path / "studies" / "knn_synthetic.yaml"
     study.parent.mkdir()
-    study.write_text(yaml.safe_dump({
-        "notebook": str(repo / "notebooks" / "01_knn_detection.ipynb"), "title": "kNN, synthetic",
-        "headline": ["image_auroc"], "parameters": {"k": 5, "k_sweep": [1, 5]},
-        "backbones": ["efficientnet_lite0"],
-        "datasets": {"synthetic_dagm": {"dataset": "dagm", "root": "{synthetic}"}}}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "notebook": str(repo / "notebooks" / "01_knn_detection.ipynb"),
+                "title": "kNN, synthetic",
+                "headline": ["image_auroc"],
+                "parameters": {"k": 5, "k_sweep": [1, 5]},
+                "backbones": ["efficientnet_lite0"],
+                "datasets": {"synthetic_dagm": {"dataset": "dagm", "root": "{synthetic}"}},
+            }
+        )
+    )
     reports = tmp_path / "reports"
     (ran,) = runner.run_study(study, reports_dir=reports, log=lambda line: None)
     assert ran.status == "ok", ran.message

@@ -89,8 +89,9 @@ def find_unreadable(paths, progress: bool = False, desc: str = "checking images"
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(tqdm(pool.map(reason, paths), total=len(paths), desc=desc, unit="img",
-                            disable=not progress, leave=False))
+        reasons = list(
+            tqdm(pool.map(reason, paths), total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+        )
     return {path: why for path, why in zip(paths, reasons) if why is not None}
 
 
@@ -304,8 +305,12 @@ def ellipse_mask(
     mask = np.zeros((height, width), dtype=bool)
     for semi_major, semi_minor, angle, x, y in ellipses:
         rows, cols = _draw_ellipse(
-            float(y), float(x), max(float(semi_minor), 0.5), max(float(semi_major), 0.5),
-            shape=(height, width), rotation=float(angle),
+            float(y),
+            float(x),
+            max(float(semi_minor), 0.5),
+            max(float(semi_major), 0.5),
+            shape=(height, width),
+            rotation=float(angle),
         )
         mask[rows, cols] = True
     return mask

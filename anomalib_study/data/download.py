@@ -83,9 +83,12 @@ def _fetch(remote: RemoteFile, part: Path, progress: bool) -> None:
             raise DataError(f"download of {remote.url} failed: unexpected HTTP status {status}")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length is not None else None
-        with open(part, mode) as handle, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=remote.filename, disable=not progress
-        ) as bar:
+        with (
+            open(part, mode) as handle,
+            tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, desc=remote.filename, disable=not progress
+            ) as bar,
+        ):
             while True:
                 block = response.read(_CHUNK)
                 if not block:
@@ -118,9 +121,7 @@ def _download_file(remote: RemoteFile, folder: Path, progress: bool) -> Path:
             f"{size} bytes are kept in {part}: run the download again to resume"
         )
     if remote.sha256 is None:
-        warnings.warn(
-            f"no published sha256 for {remote.filename}: checksum verification skipped", stacklevel=3
-        )
+        warnings.warn(f"no published sha256 for {remote.filename}: checksum verification skipped", stacklevel=3)
     else:
         actual = sha256_file(part)
         if actual != remote.sha256.lower():
@@ -154,8 +155,13 @@ def _extract(archive: Path, into: Path) -> None:
                     _safe_member(member.name, archive)
                     if member.issym() or member.islnk():
                         link = PurePosixPath(member.name).parent / member.linkname
-                        if PurePosixPath(member.linkname).is_absolute() or ".." in PurePosixPath(os.path.normpath(str(link))).parts:
-                            raise DataError(f"archive {archive} holds a link {member.name!r} pointing outside: not extracted")
+                        if (
+                            PurePosixPath(member.linkname).is_absolute()
+                            or ".." in PurePosixPath(os.path.normpath(str(link))).parts
+                        ):
+                            raise DataError(
+                                f"archive {archive} holds a link {member.name!r} pointing outside: not extracted"
+                            )
                     elif not (member.isfile() or member.isdir()):
                         raise DataError(f"archive {archive} holds a special file {member.name!r}: not extracted")
                 if hasattr(tarfile, "data_filter"):
@@ -220,10 +226,13 @@ def download(
     try:
         for archive in archives:
             _extract(archive, staging)
-        write_json(staging / _STAMP, {
-            "name": name,
-            "files": [{"filename": f.filename, "url": f.url, "sha256": f.sha256} for f in files],
-        })
+        write_json(
+            staging / _STAMP,
+            {
+                "name": name,
+                "files": [{"filename": f.filename, "url": f.url, "sha256": f.sha256} for f in files],
+            },
+        )
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

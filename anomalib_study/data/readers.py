@@ -48,7 +48,9 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def _require_dir(folder: Path, hint: str = "") -> Path:
     if not folder.is_dir():
-        raise DataError(f"expected the folder {folder}{hint}, but it does not exist: is this the right layout and root?")
+        raise DataError(
+            f"expected the folder {folder}{hint}, but it does not exist: is this the right layout and root?"
+        )
     return folder
 
 
@@ -187,8 +189,7 @@ def read_mvtec_loco(root: Path, category: str | None = None) -> Dataset:
             raise DataError(f"mvtec_loco: expected {test_dir}/good or {validation} for the normal test images")
         normals = _images(validation)
         notes.append(
-            f"partial: test/good is missing, so the {len(normals)} validation/good images are the "
-            "normal test images"
+            f"partial: test/good is missing, so the {len(normals)} validation/good images are the normal test images"
         )
     test += [ImageRecord(p, "test", NORMAL) for p in normals]
     types = [d.name for d in _subdirs(test_dir) if d.name != GOOD]
@@ -200,7 +201,9 @@ def read_mvtec_loco(root: Path, category: str | None = None) -> Dataset:
         if expected not in types:
             notes.append(f"partial: test/{expected} is missing")
     if not any(r.label == ANOMALOUS for r in test):
-        raise DataError(f"mvtec_loco: expected anomalous images in {test_dir}/logical_anomalies or structural_anomalies")
+        raise DataError(
+            f"mvtec_loco: expected anomalous images in {test_dir}/logical_anomalies or structural_anomalies"
+        )
     return Dataset(f"mvtec_loco/{name}", "mvtec_loco", root, train, test, notes)
 
 
@@ -253,7 +256,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _parse_dagm_labels(labels: Path) -> tuple[dict[str, tuple[int, str | None]], dict[str, list[tuple]], dict[str, list[str]]]:
+def _parse_dagm_labels(
+    labels: Path,
+) -> tuple[dict[str, tuple[int, str | None]], dict[str, list[tuple]], dict[str, list[str]]]:
     """Read a DAGM ``Labels.txt`` in either form.
 
     * Later (HCI / Zenodo) form: an optional first line with a single number, then
@@ -280,8 +285,10 @@ def _parse_dagm_labels(labels: Path) -> tuple[dict[str, tuple[int, str | None]],
         if len(fields) == 5 and is_image_file(fields[2]) and fields[1] in ("0", "1"):
             label_file = None if fields[4] == "0" else fields[4]
             files[fields[2].lower()] = (int(fields[1]), label_file)
-        elif len(fields) == 6 and all(_is_number(f) for f in fields[1:]) and (
-            fields[0].isdigit() or is_image_file(fields[0])
+        elif (
+            len(fields) == 6
+            and all(_is_number(f) for f in fields[1:])
+            and (fields[0].isdigit() or is_image_file(fields[0]))
         ):
             key = f"#{int(fields[0])}" if fields[0].isdigit() else fields[0].lower()
             ellipses.setdefault(key, []).append(tuple(float(f) for f in fields[1:]))
@@ -317,15 +324,15 @@ def _dagm_ellipse_mask_file(image: Path, ellipses: list[tuple], raw_lines: list[
     return target
 
 
-def _dagm_split_records(
-    split_dir: Path, split: str, defect_kinds: dict[str, str], root: Path
-) -> list[ImageRecord]:
+def _dagm_split_records(split_dir: Path, split: str, defect_kinds: dict[str, str], root: Path) -> list[ImageRecord]:
     images = _require_images(split_dir)
     labels = split_dir / "Label" / "Labels.txt"
     if not labels.is_file():
         alternatives = [p for p in (split_dir / "Label").glob("*") if p.name.lower() == "labels.txt"]
         if not alternatives:
-            raise DataError(f"dagm: expected the label file {labels} (DAGM 2007 layout ClassN/{split_dir.name}/Label/Labels.txt)")
+            raise DataError(
+                f"dagm: expected the label file {labels} (DAGM 2007 layout ClassN/{split_dir.name}/Label/Labels.txt)"
+            )
         labels = alternatives[0]
     files, ellipses, raw = _parse_dagm_labels(labels)
     by_name = {p.name.lower(): p for p in images}
@@ -388,7 +395,9 @@ def read_dagm(root: Path, category: str | None = None) -> Dataset:
             (p for p in _subdirs(root) if _CLASS_RE.match(p.name)), key=lambda p: int(_CLASS_RE.match(p.name).group(1))
         )
         if not class_dirs:
-            raise DataError(f"dagm: expected class folders {root}/Class1, {root}/Class2, ... with Train/ and Test/, found none")
+            raise DataError(
+                f"dagm: expected class folders {root}/Class1, {root}/Class2, ... with Train/ and Test/, found none"
+            )
     train: list[ImageRecord] = []
     test: list[ImageRecord] = []
     for class_dir in class_dirs:
@@ -440,7 +449,9 @@ def read_magnetic_tile(
         train_set = {Path(n).name for n in listed}
         train_paths = [p for p in free if p.name in train_set]
         test_normals = [p for p in free if p.name not in train_set]
-        notes.append(f"split from {split_file.name}: {len(train_paths)} MT_Free train images (DifferNet/PatchCore split)")
+        notes.append(
+            f"split from {split_file.name}: {len(train_paths)} MT_Free train images (DifferNet/PatchCore split)"
+        )
     else:
         train_paths, test_normals = seeded_split(free, seed, train_fraction)
         notes.append(_split_note("MT_Free images", seed, train_fraction))
@@ -678,7 +689,9 @@ def read_ood(
         used.append(f"{source} ({len(chosen)} of {len(paths)})")
     if not used:
         raise DataError(f"ood: expected at least one OOD source folder in {root} ({', '.join(sources)}), found none")
-    notes.append(f"out-of-distribution images, at most {max_per_source} per source by default_rng({seed}): " + ", ".join(used))
+    notes.append(
+        f"out-of-distribution images, at most {max_per_source} per source by default_rng({seed}): " + ", ".join(used)
+    )
     return Dataset("ood/magnetic_tile", "ood", root, train, test, notes)
 
 

@@ -48,7 +48,9 @@ def _texture(kind: str, rng: np.random.Generator, size: int, variant: int) -> np
         freq = 2 * np.pi / (9.0 + 2 * variant)
         u = np.cos(angle) * xx + np.sin(angle) * yy
         v = -np.sin(angle) * xx + np.cos(angle) * yy
-        base = 0.5 + 0.2 * np.sin(freq * u + rng.uniform(0, 2 * np.pi)) * np.sin(0.7 * freq * v + rng.uniform(0, 2 * np.pi))
+        base = 0.5 + 0.2 * np.sin(freq * u + rng.uniform(0, 2 * np.pi)) * np.sin(
+            0.7 * freq * v + rng.uniform(0, 2 * np.pi)
+        )
         return base + ndimage.gaussian_filter(rng.normal(0, 0.12, (size, size)), 1.0)
     if kind == "clouds":
         out = np.zeros((size, size))
@@ -99,8 +101,14 @@ def _add_defect(
 
 
 def _params(seed, n_classes, n_train, n_test_normal, n_test_defect, image_size) -> dict:
-    values = dict(seed=seed, n_classes=n_classes, n_train=n_train, n_test_normal=n_test_normal,
-                  n_test_defect=n_test_defect, image_size=image_size)
+    values = dict(
+        seed=seed,
+        n_classes=n_classes,
+        n_train=n_train,
+        n_test_normal=n_test_normal,
+        n_test_defect=n_test_defect,
+        image_size=image_size,
+    )
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
             raise ParameterError(f"{name} must be an integer, got {value!r}")
@@ -186,14 +194,17 @@ def make_synthetic_dagm(
     build = Path(tempfile.mkdtemp(prefix=f".{root.name}.build-", dir=root.parent))
     try:
         kinds = _write_tree(build, params)
-        write_json(build / SYNTHETIC_STAMP, {
-            "generator": "anomalib_study.data.synthetic.make_synthetic_dagm",
-            "version": GENERATOR_VERSION,
-            "synthetic": True,
-            "note": "synthetic DAGM-layout data, generated: not the real DAGM 2007 data set",
-            "params": params,
-            "defect_types": kinds,
-        })
+        write_json(
+            build / SYNTHETIC_STAMP,
+            {
+                "generator": "anomalib_study.data.synthetic.make_synthetic_dagm",
+                "version": GENERATOR_VERSION,
+                "synthetic": True,
+                "note": "synthetic DAGM-layout data, generated: not the real DAGM 2007 data set",
+                "params": params,
+                "defect_types": kinds,
+            },
+        )
         old = None
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))

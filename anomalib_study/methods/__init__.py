@@ -91,8 +91,10 @@ def _check_entry(entry: MethodEntry, spec: MethodSpec) -> None:
     if not isinstance(spec, MethodSpec):
         raise ParameterError(f"{entry.target} is a {type(spec).__name__}, not a MethodSpec")
     if (spec.name, spec.task) != (entry.name, entry.task):
-        raise ParameterError(f"method {entry.name!r} (task {entry.task!r}) is registered with the declaration of "
-                             f"{spec.name!r} (task {spec.task!r})")
+        raise ParameterError(
+            f"method {entry.name!r} (task {entry.task!r}) is registered with the declaration of "
+            f"{spec.name!r} (task {spec.task!r})"
+        )
 
 
 def get_method(name: str) -> MethodSpec:
@@ -111,8 +113,10 @@ def get_detector(name: str) -> MethodSpec:
     """The declaration of detection method ``name``; ParameterError naming the detectors
     otherwise (and saying where a clustering method goes instead)."""
     if name in REGISTRY and REGISTRY[name].task != "detection":
-        raise ParameterError(f"method {name!r} groups images into anomaly types, it does not flag anomalous "
-                             f"images: use `anomalib-study cluster` (detect methods: {', '.join(map(repr, DETECTORS))})")
+        raise ParameterError(
+            f"method {name!r} groups images into anomaly types, it does not flag anomalous "
+            f"images: use `anomalib-study cluster` (detect methods: {', '.join(map(repr, DETECTORS))})"
+        )
     return get_method(name)
 
 
@@ -172,20 +176,48 @@ METHODS: Mapping[str, type] = _Estimators()
 DETECTORS: Mapping[str, MethodSpec] = _Specs("detection")
 
 for _entry in (
-    MethodEntry("knn", "anomalib_study.methods.knn:SPEC", "kNN (DN2)", "detection",
-                "anomalib_study.published:dn2_comparison", "01_knn_detection"),
-    MethodEntry("patchcore", "anomalib_study.methods.patchcore:SPEC", "PatchCore", "detection",
-                "anomalib_study.published:patchcore_comparison", "02_patchcore"),
-    MethodEntry("autoencoder", "anomalib_study.methods.autoencoder:SPEC", "autoencoder", "detection",
-                "anomalib_study.published:autoencoder_comparison", "03_autoencoder"),
-    MethodEntry("clustering", "anomalib_study.methods.clustering:SPEC", "anomaly clustering", "clustering",
-                "anomalib_study.published:anomaly_clustering_nearest", "04_anomaly_clustering"),
+    MethodEntry(
+        "knn",
+        "anomalib_study.methods.knn:SPEC",
+        "kNN (DN2)",
+        "detection",
+        "anomalib_study.published:dn2_comparison",
+        "01_knn_detection",
+    ),
+    MethodEntry(
+        "patchcore",
+        "anomalib_study.methods.patchcore:SPEC",
+        "PatchCore",
+        "detection",
+        "anomalib_study.published:patchcore_comparison",
+        "02_patchcore",
+    ),
+    MethodEntry(
+        "autoencoder",
+        "anomalib_study.methods.autoencoder:SPEC",
+        "autoencoder",
+        "detection",
+        "anomalib_study.published:autoencoder_comparison",
+        "03_autoencoder",
+    ),
+    MethodEntry(
+        "clustering",
+        "anomalib_study.methods.clustering:SPEC",
+        "anomaly clustering",
+        "clustering",
+        "anomalib_study.published:anomaly_clustering_nearest",
+        "04_anomaly_clustering",
+    ),
 ):
     register(_entry)
 
 #: public name -> the module that defines it, imported on first use (PEP 562)
-_LAZY = {"AnomalyClustering": "anomalib_study.methods.clustering", "AutoEncoder": "anomalib_study.methods.autoencoder",
-         "KNNDetector": "anomalib_study.methods.knn", "PatchCore": "anomalib_study.methods.patchcore"}
+_LAZY = {
+    "AnomalyClustering": "anomalib_study.methods.clustering",
+    "AutoEncoder": "anomalib_study.methods.autoencoder",
+    "KNNDetector": "anomalib_study.methods.knn",
+    "PatchCore": "anomalib_study.methods.patchcore",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -196,7 +228,27 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'anomalib_study.methods' has no attribute {name!r}")
 
 
-__all__ = ["AnomalyClustering", "AutoEncoder", "DETECTORS", "BaseDetector", "KNNDetector", "METHODS", "MethodEntry",
-           "MethodParam", "MethodSpec", "NotFittedError", "PatchCore", "REGISTRY", "RunOptions", "SPECS",
-           "check_is_fitted", "get_detector", "get_method", "method_label", "method_task", "published_comparison",
-           "register", "unregister"]
+__all__ = [
+    "AnomalyClustering",
+    "AutoEncoder",
+    "DETECTORS",
+    "BaseDetector",
+    "KNNDetector",
+    "METHODS",
+    "MethodEntry",
+    "MethodParam",
+    "MethodSpec",
+    "NotFittedError",
+    "PatchCore",
+    "REGISTRY",
+    "RunOptions",
+    "SPECS",
+    "check_is_fitted",
+    "get_detector",
+    "get_method",
+    "method_label",
+    "method_task",
+    "published_comparison",
+    "register",
+    "unregister",
+]

@@ -69,7 +69,6 @@ import hashlib
 import math
 import os
 import time
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -80,21 +79,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from anomalib_study.hardware import PRECISIONS, native_bf16, resolve_precision
+from anomalib_study.checks import open_fraction, positive_int
 from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
 from anomalib_study.features import _collate, _ImageFiles
+from anomalib_study.hardware import PRECISIONS, native_bf16, resolve_precision
 from anomalib_study.io import as_json, atomic_write
-from anomalib_study.checks import open_fraction, positive_int
 from anomalib_study.methods.base import (
-    Param,
-    gaussian_kernel_size,
     BaseDetector,
     MethodSpec,
+    Param,
     RunOptions,
     check_bool,
     check_fraction,
     check_int,
     check_is_fitted,
+    gaussian_kernel_size,
     load_model_file,
     save_model_file,
 )
@@ -153,11 +152,16 @@ class ConvAutoEncoder(nn.Module):
     def __init__(self):
         super().__init__()
         c = self.channels
-        self.encoder = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(c[i], c[i + 1], 4, stride=2, padding=1, bias=False),
-                          nn.BatchNorm2d(c[i + 1]), nn.ReLU(inplace=True))
-            for i in range(len(c) - 1)
-        ])
+        self.encoder = nn.Sequential(
+            *[
+                nn.Sequential(
+                    nn.Conv2d(c[i], c[i + 1], 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(c[i + 1]),
+                    nn.ReLU(inplace=True),
+                )
+                for i in range(len(c) - 1)
+            ]
+        )
         up = list(reversed(c))
         blocks = []
         for i in range(len(up) - 1):
@@ -194,7 +198,7 @@ def _cnn_stages(backbone) -> list[nn.Module]:
         ends = [int(model.feature_info[i]["module"].split(".")[1]) for i in range(1, 5)]
         stages, start = [], 0
         for k, end in enumerate(ends):
-            blocks = list(model.blocks[start:end + 1])
+            blocks = list(model.blocks[start : end + 1])
             stages.append(nn.Sequential(model.conv_stem, model.bn1, *blocks) if k == 0 else nn.Sequential(*blocks))
             start = end + 1
         return stages
@@ -213,11 +217,12 @@ class PretrainedAutoEncoder(nn.Module):
     the backbone's ``feature_info``. The input is normalised with ``mean`` / ``std``.
     """
 
-    def __init__(self, stages: Sequence[nn.Module], channels: int, stride: int, mean, std,
-                 frozen: int = _FROZEN_STAGES):
+    def __init__(
+        self, stages: Sequence[nn.Module], channels: int, stride: int, mean, std, frozen: int = _FROZEN_STAGES
+    ):
         super().__init__()
         n_up = int(round(math.log2(stride)))
-        if 2 ** n_up != stride:
+        if 2**n_up != stride:
             raise ParameterError(f"the encoder's stride {stride} is not a power of two")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -241,8 +246,9 @@ class PretrainedAutoEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- pure parts
-def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, loss: str = "mse_ssim",
-                        ssim_weight: float = 0.5) -> torch.Tensor:
+def reconstruction_loss(
+    reconstructions: torch.Tensor, images: torch.Tensor, loss: str = "mse_ssim", ssim_weight: float = 0.5
+) -> torch.Tensor:
     """Scalar training loss of (B, 3, S, S) reconstructions against images, both in [0, 1].
 
     ``"mse"``: mean squared error; ``"mse_ssim"``: (1 - a) * MSE + a * (1 - SSIM),
@@ -314,22 +320,34 @@ def _squash(image, image_size: int) -> torch.Tensor:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import pil_to_tensor, resize
 
-    return pil_to_tensor(resize(image, [image_size, image_size], interpolation=InterpolationMode.BILINEAR,
-                                antialias=True))
+    return pil_to_tensor(
+        resize(image, [image_size, image_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    )
 
 
-def _iter_decoded(paths: Sequence[str | os.PathLike], image_size: int, batch_size: int, num_workers: int,
-                  progress: bool, desc: str, errors: dict[int, str] | None = None
-                  ) -> Iterator[tuple[list[int], torch.Tensor]]:
+def _iter_decoded(
+    paths: Sequence[str | os.PathLike],
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+    errors: dict[int, str] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(positions, (b, 3, S, S) uint8 batch) for the images at ``paths``, in order, one batch at a time
     (with ``num_workers`` processes, at most one more batch per worker is being decoded).
 
     An undecodable image raises its DataError, or with ``errors`` (a dict) is left out of
     its batch and recorded there (position -> reason)."""
     # the feature layer's decoding dataset and collate: errors carried as messages, batches of the readable
-    loader = DataLoader(_ImageFiles([Path(p) for p in paths], partial(_squash, image_size=int(image_size))),
-                        batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
-                        prefetch_factor=1 if num_workers else None)
+    loader = DataLoader(
+        _ImageFiles([Path(p) for p in paths], partial(_squash, image_size=int(image_size))),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        prefetch_factor=1 if num_workers else None,
+    )
     with tqdm(total=len(paths), desc=desc, unit="image", disable=not progress, leave=False) as bar:
         for positions, batch, failed in loader:
             if failed:
@@ -341,8 +359,13 @@ def _iter_decoded(paths: Sequence[str | os.PathLike], image_size: int, batch_siz
                 yield positions, batch
 
 
-def decode_images(paths: Sequence[str | os.PathLike], image_size: int, batch_size: int = 16, num_workers: int = 0,
-                  progress: bool = False) -> torch.Tensor:
+def decode_images(
+    paths: Sequence[str | os.PathLike],
+    image_size: int,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
     """Decode image files (:func:`~anomalib_study.data.decode.load_image`) and squash each to
     ``image_size`` x ``image_size`` (torchvision bilinear resize of the PIL image, antialiased):
     one (n, 3, S, S) uint8 tensor, filled batch by batch (no list of tensors).
@@ -384,10 +407,15 @@ class AutoEncoder(BaseDetector):
     ``n_train_images_`` / ``n_val_images_``.
     """
 
-    model = Param("conv", "autoencoder: conv (trained from scratch) or pretrained (the backbone as encoder)", cli=str,
-                  choices=MODELS)
-    backbone = Param("efficientnet_lite0", "registry name of the encoder (model=pretrained only; CNNs only)",
-                     kind="input")
+    model = Param(
+        "conv",
+        "autoencoder: conv (trained from scratch) or pretrained (the backbone as encoder)",
+        cli=str,
+        choices=MODELS,
+    )
+    backbone = Param(
+        "efficientnet_lite0", "registry name of the encoder (model=pretrained only; CNNs only)", kind="input"
+    )
     weights = Param(None, "explicit weights file for that backbone (e.g. a ResNet-18 .pth)", kind="input")
     loss = Param("mse_ssim", "training loss: mse or mse_ssim = (1 - a) MSE + a (1 - SSIM)", cli=str, choices=LOSSES)
     ssim_weight = Param(0.5, "a, the SSIM share of the mse_ssim loss, in [0, 1]", cli=float)
@@ -396,15 +424,24 @@ class AutoEncoder(BaseDetector):
     lr = Param(1e-3, "Adam learning rate", cli=float)
     batch_size = Param(16, "images per training step and per scoring batch", kind="run")
     val_fraction = Param(0.1, "share of normal images held out (early stopping and threshold)", cli=open_fraction)
-    patience = Param(5, "epochs without a lower validation loss before stopping (the learning rate halves after "
-                     "patience // 2 + 1)", cli=positive_int)
-    image_score = Param("residual", "image score: residual (top 1 % of the smoothed residual map) or mse (mean "
-                        "squared error); what image_scores and threshold_ use", cli=str, choices=IMAGE_SCORES,
-                        flag="--score")
+    patience = Param(
+        5,
+        "epochs without a lower validation loss before stopping (the learning rate halves after patience // 2 + 1)",
+        cli=positive_int,
+    )
+    image_score = Param(
+        "residual",
+        "image score: residual (top 1 % of the smoothed residual map) or mse (mean "
+        "squared error); what image_scores and threshold_ use",
+        cli=str,
+        choices=IMAGE_SCORES,
+        flag="--score",
+    )
     thres_ratio = Param(0.99, "share of held-out normal images the threshold keeps normal, in (0, 1]", cli=float)
     seed = Param(0, "seed of the split, the initial weights and the shuffling", cli=int, flag="--model-seed")
-    precision = Param("fp32", "fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU has it natively)", cli=str,
-                      choices=PRECISIONS)
+    precision = Param(
+        "fp32", "fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU has it natively)", cli=str, choices=PRECISIONS
+    )
     device = Param("cpu", "cpu or cuda[:N]", kind="run")
     checkpoint_dir = Param(None, "folder of the per-epoch checkpoint a stopped run resumes from (None: none)", cli=str)
     num_workers = Param(0, "DataLoader processes decoding images", kind="run")
@@ -412,8 +449,9 @@ class AutoEncoder(BaseDetector):
 
     # ------------------------------------------------------------------ checks
     @staticmethod
-    def _check_number(name: str, value: Any, low: float, high: float | None, low_open: bool,
-                      high_open: bool = False) -> float:
+    def _check_number(
+        name: str, value: Any, low: float, high: float | None, low_open: bool, high_open: bool = False
+    ) -> float:
         """``value`` as a float in the interval low..high (open or closed ends); else ParameterError naming ``name``."""
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ParameterError(f"{name} must be a number, got {value!r}")
@@ -436,14 +474,18 @@ class AutoEncoder(BaseDetector):
             raise ParameterError(f"model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.model == "pretrained":
             if self.backbone not in BACKBONES:
-                raise ParameterError(f"backbone must be a registered backbone name, got {self.backbone!r}; "
-                                     f"registered: {', '.join(BACKBONES)}")
+                raise ParameterError(
+                    f"backbone must be a registered backbone name, got {self.backbone!r}; "
+                    f"registered: {', '.join(BACKBONES)}"
+                )
             family = BACKBONES[self.backbone].family
             if family not in _CNN_FAMILIES:
                 kind = "a Vision Transformer" if family in ("timm_vit", "dinov2_onnx", "clip") else "not splittable"
                 cnns = [name for name, spec in BACKBONES.items() if spec.family in _CNN_FAMILIES]
-                raise ParameterError(f"backbone {self.backbone!r} is {kind}: model='pretrained' supports only CNN "
-                                     f"backbones ({', '.join(cnns)})")
+                raise ParameterError(
+                    f"backbone {self.backbone!r} is {kind}: model='pretrained' supports only CNN "
+                    f"backbones ({', '.join(cnns)})"
+                )
         if self.weights is not None and not isinstance(self.weights, (str, os.PathLike)):
             raise ParameterError(f"weights must be a file path or None, got {self.weights!r}")
         if self.loss not in LOSSES:
@@ -451,8 +493,10 @@ class AutoEncoder(BaseDetector):
         self._check_number("ssim_weight", self.ssim_weight, 0.0, 1.0, low_open=False)
         size = check_int("image_size", self.image_size)
         if size < _SIZE_MULTIPLE or size % _SIZE_MULTIPLE:
-            raise ParameterError(f"image_size must be a positive multiple of {_SIZE_MULTIPLE} (five stride-2 steps), "
-                                 f"got {size}: use e.g. {max(_SIZE_MULTIPLE, size // _SIZE_MULTIPLE * _SIZE_MULTIPLE)}")
+            raise ParameterError(
+                f"image_size must be a positive multiple of {_SIZE_MULTIPLE} (five stride-2 steps), "
+                f"got {size}: use e.g. {max(_SIZE_MULTIPLE, size // _SIZE_MULTIPLE * _SIZE_MULTIPLE)}"
+            )
         check_int("epochs", self.epochs, minimum=1)
         self._check_number("lr", self.lr, 0.0, None, low_open=True)
         check_int("batch_size", self.batch_size, minimum=1)
@@ -484,16 +528,19 @@ class AutoEncoder(BaseDetector):
         images = images.detach().cpu()
         side = int(self.image_size)
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (side, side) or images.shape[0] == 0:
-            raise ParameterError(f"{name} must be a non-empty (n, 3, {side}, {side}) batch (image_size={side}), "
-                                 f"got shape {tuple(images.shape)}")
+            raise ParameterError(
+                f"{name} must be a non-empty (n, 3, {side}, {side}) batch (image_size={side}), "
+                f"got shape {tuple(images.shape)}"
+            )
         if images.dtype == torch.uint8:
             return images.contiguous()
         if images.dtype == torch.bool or images.is_complex():
             raise ParameterError(f"{name} must be uint8 (0..255) or float (0..1), got {images.dtype}")
         images = images.to(torch.float32).contiguous()
         if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-            raise ParameterError(f"{name} holds float values outside [0, 1] (or NaN): give uint8 0..255 "
-                                 "or floats scaled to 0..1")
+            raise ParameterError(
+                f"{name} holds float values outside [0, 1] (or NaN): give uint8 0..255 or floats scaled to 0..1"
+            )
         return images
 
     @staticmethod
@@ -512,19 +559,25 @@ class AutoEncoder(BaseDetector):
             return ConvAutoEncoder().to(device), None
         from anomalib_study.backbones import load_backbone
 
-        backbone = load_backbone(self.backbone, weights=self.weights if weights is None else weights,
-                                 image_size=int(self.image_size))
+        backbone = load_backbone(
+            self.backbone, weights=self.weights if weights is None else weights, image_size=int(self.image_size)
+        )
         last = list(backbone.feature_info)[-1]
         channels, stride = backbone.feature_info[last]["channels"], backbone.feature_info[last]["stride"]
         if self.image_size % stride:
-            raise ParameterError(f"image_size must be divisible by {backbone.name}'s stride {stride}, "
-                                 f"got {self.image_size}")
+            raise ParameterError(
+                f"image_size must be divisible by {backbone.name}'s stride {stride}, got {self.image_size}"
+            )
         torch.manual_seed(int(self.seed))
-        network = PretrainedAutoEncoder(_cnn_stages(backbone), channels, stride, backbone.preprocessing["mean"],
-                                        backbone.preprocessing["std"])
+        network = PretrainedAutoEncoder(
+            _cnn_stages(backbone), channels, stride, backbone.preprocessing["mean"], backbone.preprocessing["std"]
+        )
         network = network.to(device)
-        identity = {"name": backbone.name, "weights_path": backbone.weights_path,
-                    "weights_sha256": backbone.weights_sha256}
+        identity = {
+            "name": backbone.name,
+            "weights_path": backbone.weights_path,
+            "weights_sha256": backbone.weights_sha256,
+        }
         return network, identity
 
     def _check_batchnorm(self, network: nn.Module, n_train: int, device: torch.device) -> None:
@@ -535,9 +588,11 @@ class AutoEncoder(BaseDetector):
             probe = network.encode if isinstance(network, PretrainedAutoEncoder) else network.encoder
             side = probe(torch.zeros(1, 3, self.image_size, self.image_size, device=device)).shape[-1]
         if side == 1 and (self.batch_size < 2 or n_train < 2):
-            raise ParameterError(f"at image_size={self.image_size} the bottleneck is 1x1 and BatchNorm needs >= 2 "
-                                 f"images per training batch: use batch_size >= 2 (got {self.batch_size}), at least "
-                                 f"2 training images (got {n_train}) or a larger image_size")
+            raise ParameterError(
+                f"at image_size={self.image_size} the bottleneck is 1x1 and BatchNorm needs >= 2 "
+                f"images per training batch: use batch_size >= 2 (got {self.batch_size}), at least "
+                f"2 training images (got {n_train}) or a larger image_size"
+            )
 
     # ------------------------------------------------------------------ fit
     def fit(self, images) -> "AutoEncoder":
@@ -552,8 +607,9 @@ class AutoEncoder(BaseDetector):
         self._validate_params()
         paths = _check_paths(paths)
         started = time.perf_counter()
-        images = decode_images(paths, int(self.image_size), int(self.batch_size), int(self.num_workers),
-                               progress=bool(self.progress))
+        images = decode_images(
+            paths, int(self.image_size), int(self.batch_size), int(self.num_workers), progress=bool(self.progress)
+        )
         return self._fit_images(images, decode_s=time.perf_counter() - started)
 
     def _fit_images(self, images: torch.Tensor, decode_s: float) -> "AutoEncoder":
@@ -570,8 +626,9 @@ class AutoEncoder(BaseDetector):
         state = self._train(network, images, train_idx, val_idx, fingerprint, device, precision)
         train_s = time.perf_counter() - started
         if state["best_weights"] is None:  # every validation loss was NaN
-            raise ParameterError(f"training diverged (validation loss {state['history'][-1]['val_loss']}): "
-                                 f"lower lr (got {self.lr})")
+            raise ParameterError(
+                f"training diverged (validation loss {state['history'][-1]['val_loss']}): lower lr (got {self.lr})"
+            )
         network.load_state_dict(state["best_weights"])
         network.eval()
 
@@ -588,9 +645,12 @@ class AutoEncoder(BaseDetector):
         self.n_train_images_ = int(train_idx.size)
         self.n_val_images_ = int(val_idx.size)
         total_s = sum(row["seconds"] for row in history)
-        self.timings_ = {"decode_s": float(decode_s), "train_s": train_s,
-                         "seconds_per_epoch": total_s / len(history),
-                         "images_per_s": train_idx.size * len(history) / total_s if total_s > 0 else float("nan")}
+        self.timings_ = {
+            "decode_s": float(decode_s),
+            "train_s": train_s,
+            "seconds_per_epoch": total_s / len(history),
+            "images_per_s": train_idx.size * len(history) / total_s if total_s > 0 else float("nan"),
+        }
         scores = self._score_tensor(images[torch.from_numpy(val_idx)])
         self.calibration_scores_ = {"mse": scores["image_scores_mse"], "residual": scores["image_scores_residual"]}
         self.threshold_ = self._threshold()
@@ -607,8 +667,9 @@ class AutoEncoder(BaseDetector):
             chunks[-2:] = [torch.cat(chunks[-2:])]
         return chunks
 
-    def _validation_loss(self, network: nn.Module, images: torch.Tensor, val_idx: np.ndarray, device,
-                         precision: str) -> float:
+    def _validation_loss(
+        self, network: nn.Module, images: torch.Tensor, val_idx: np.ndarray, device, precision: str
+    ) -> float:
         """Mean loss over the held-out images (eval mode: BatchNorm running statistics)."""
         network.eval()
         total = 0.0
@@ -620,16 +681,32 @@ class AutoEncoder(BaseDetector):
                 total += float(reconstruction_loss(reconstructions, x, self.loss, float(self.ssim_weight))) * len(chunk)
         return total / val_idx.size
 
-    def _train(self, network: nn.Module, images: torch.Tensor, train_idx: np.ndarray, val_idx: np.ndarray,
-               fingerprint: dict, device: torch.device, precision: str) -> dict:
+    def _train(
+        self,
+        network: nn.Module,
+        images: torch.Tensor,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        fingerprint: dict,
+        device: torch.device,
+        precision: str,
+    ) -> dict:
         """The epoch loop with early stopping and checkpoints; returns the early-stopping state
         (best_weights, best_epoch, stopped_early, history, resumed_from_epoch, ...)."""
         optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=float(self.lr))
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=LR_FACTOR,
-                                                               patience=int(self.patience) // 2)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=LR_FACTOR, patience=int(self.patience) // 2
+        )
         generator = torch.Generator().manual_seed(int(self.seed))
-        state = {"epoch": 0, "best_val": math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False,
-                 "best_weights": None, "history": []}
+        state = {
+            "epoch": 0,
+            "best_val": math.inf,
+            "best_epoch": 0,
+            "bad_epochs": 0,
+            "stopped_early": False,
+            "best_weights": None,
+            "history": [],
+        }
         path = Path(self.checkpoint_dir) / CHECKPOINT_NAME if self.checkpoint_dir is not None else None
         if path is not None and path.is_file():
             checkpoint = self._read_checkpoint(path, fingerprint)
@@ -638,14 +715,22 @@ class AutoEncoder(BaseDetector):
             scheduler.load_state_dict(checkpoint["scheduler"])
             generator.set_state(checkpoint["rng"]["generator"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
-            state = {**checkpoint["early_stopping"], "epoch": int(checkpoint["epoch"]),
-                     "history": list(checkpoint["history"])}
+            state = {
+                **checkpoint["early_stopping"],
+                "epoch": int(checkpoint["epoch"]),
+                "history": list(checkpoint["history"]),
+            }
             if state["best_weights"] is None and state["best_epoch"] == state["epoch"]:
                 state["best_weights"] = {k: v.detach().clone() for k, v in network.state_dict().items()}
         resumed_from = state["epoch"]
         train_positions = torch.from_numpy(train_idx)
-        bar = tqdm(total=int(self.epochs), initial=resumed_from, desc=f"AutoEncoder ({self.model})", unit="epoch",
-                   disable=not self.progress)
+        bar = tqdm(
+            total=int(self.epochs),
+            initial=resumed_from,
+            desc=f"AutoEncoder ({self.model})",
+            unit="epoch",
+            disable=not self.progress,
+        )
         try:
             for epoch in range(state["epoch"] + 1, int(self.epochs) + 1):
                 if state["stopped_early"]:
@@ -655,8 +740,9 @@ class AutoEncoder(BaseDetector):
                 network.train()
                 total = 0.0
                 order = train_positions[torch.randperm(train_positions.numel(), generator=generator)]
-                for chunk in tqdm(self._batches(order), desc=f"epoch {epoch}", unit="batch", leave=False,
-                                  disable=not self.progress):
+                for chunk in tqdm(
+                    self._batches(order), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not self.progress
+                ):
                     x = self._unit(images[chunk], device)
                     with self._autocast(device, precision):
                         reconstructions = network(x)
@@ -669,14 +755,25 @@ class AutoEncoder(BaseDetector):
                 val_loss = self._validation_loss(network, images, val_idx, device, precision)
                 scheduler.step(val_loss)
                 if val_loss < state["best_val"]:
-                    state.update(best_val=val_loss, best_epoch=epoch, bad_epochs=0,
-                                 best_weights={k: v.detach().clone() for k, v in network.state_dict().items()})
+                    state.update(
+                        best_val=val_loss,
+                        best_epoch=epoch,
+                        bad_epochs=0,
+                        best_weights={k: v.detach().clone() for k, v in network.state_dict().items()},
+                    )
                 else:
                     state["bad_epochs"] += 1
                     state["stopped_early"] = state["bad_epochs"] >= int(self.patience)
                 state["epoch"] = epoch
-                state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                                         "seconds": time.perf_counter() - started})
+                state["history"].append(
+                    {
+                        "epoch": epoch,
+                        "train_loss": train_loss,
+                        "val_loss": val_loss,
+                        "lr": lr,
+                        "seconds": time.perf_counter() - started,
+                    }
+                )
                 bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", lr=f"{lr:.1e}")
                 bar.update(1)
                 if path is not None:
@@ -691,22 +788,31 @@ class AutoEncoder(BaseDetector):
         """What a checkpoint must match: the trajectory-relevant parameters, the backbone
         weights and the sha256 of the decoded training images."""
         params = {k: v for k, v in self.get_params().items() if k not in _RESUME_FREE}
-        return as_json({
-            "params": params, "precision_used": precision,
-            "backbone_weights_sha256": None if identity is None else identity["weights_sha256"],
-            "images_shape": list(images.shape), "images_dtype": str(images.dtype),
-            "images_sha256": _tensor_sha256(images),
-        })
+        return as_json(
+            {
+                "params": params,
+                "precision_used": precision,
+                "backbone_weights_sha256": None if identity is None else identity["weights_sha256"],
+                "images_shape": list(images.shape),
+                "images_dtype": str(images.dtype),
+                "images_sha256": _tensor_sha256(images),
+            }
+        )
 
     @staticmethod
     def _write_checkpoint(path: Path, fingerprint: dict, network, optimizer, scheduler, generator, state) -> None:
-        early_stopping = {key: state[key] for key in ("best_val", "best_epoch", "bad_epochs", "stopped_early",
-                                                      "best_weights")}
+        early_stopping = {
+            key: state[key] for key in ("best_val", "best_epoch", "bad_epochs", "stopped_early", "best_weights")
+        }
         if state["best_epoch"] == state["epoch"]:  # the best weights are the model's: do not write them twice
             early_stopping["best_weights"] = None
         payload = {
-            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": state["epoch"],
-            "model": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "epoch": state["epoch"],
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "early_stopping": early_stopping,
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
             "history": state["history"],
@@ -727,11 +833,15 @@ class AutoEncoder(BaseDetector):
             stored_params, params = stored.get("params", {}), fingerprint["params"]
             changed = sorted(k for k in set(stored_params) | set(params) if stored_params.get(k) != params.get(k))
             changed += [k for k in fingerprint if k != "params" and stored.get(k) != fingerprint[k]]
-            raise ModelFileError(f"checkpoint {path} was made by a fit with other parameters or images (differs in: "
-                                 f"{', '.join(changed)}): {advice}")
+            raise ModelFileError(
+                f"checkpoint {path} was made by a fit with other parameters or images (differs in: "
+                f"{', '.join(changed)}): {advice}"
+            )
         if int(checkpoint["epoch"]) > int(self.epochs):
-            raise ModelFileError(f"checkpoint {path} has already run {checkpoint['epoch']} epochs, more than "
-                                 f"epochs={self.epochs}: pass epochs >= {checkpoint['epoch']}, or {advice}")
+            raise ModelFileError(
+                f"checkpoint {path} has already run {checkpoint['epoch']} epochs, more than "
+                f"epochs={self.epochs}: pass epochs >= {checkpoint['epoch']}, or {advice}"
+            )
         return checkpoint
 
     # ------------------------------------------------------------------ scoring
@@ -745,9 +855,11 @@ class AutoEncoder(BaseDetector):
 
     def _empty_scores(self, n: int) -> dict[str, np.ndarray]:
         side = int(self.image_size)
-        return {"image_scores_mse": np.full(n, np.nan, dtype=np.float64),
-                "image_scores_residual": np.full(n, np.nan, dtype=np.float64),
-                "anomaly_maps": np.full((n, side, side), np.nan, dtype=np.float32)}
+        return {
+            "image_scores_mse": np.full(n, np.nan, dtype=np.float64),
+            "image_scores_residual": np.full(n, np.nan, dtype=np.float64),
+            "anomaly_maps": np.full((n, side, side), np.nan, dtype=np.float32),
+        }
 
     def _fill_scores(self, out: dict, positions, batch: torch.Tensor) -> None:
         scores = reconstruction_scores(*self._forward(batch))
@@ -776,8 +888,9 @@ class AutoEncoder(BaseDetector):
         check_is_fitted(self, _FITTED, fit_call=_FIT_CALL)
         return self._score_tensor(self._as_images(images))
 
-    def score_paths(self, paths: Sequence[str | os.PathLike], errors: dict[int, str] | None = None
-                    ) -> dict[str, np.ndarray]:
+    def score_paths(
+        self, paths: Sequence[str | os.PathLike], errors: dict[int, str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Score image files, decoded and squashed to S x S batch by batch (at most one batch of
         decoded images in memory). Same dict as :meth:`score_images`; the maps cover the
         squashed image (resize them to an original file's size to overlay them).
@@ -787,9 +900,15 @@ class AutoEncoder(BaseDetector):
         check_is_fitted(self, _FITTED, fit_call=_FIT_CALL)
         paths = _check_paths(paths)
         out = self._empty_scores(len(paths))
-        for positions, batch in _iter_decoded(paths, int(self.image_size), int(self.batch_size),
-                                              int(self.num_workers), bool(self.progress), "AutoEncoder scoring",
-                                              errors):
+        for positions, batch in _iter_decoded(
+            paths,
+            int(self.image_size),
+            int(self.batch_size),
+            int(self.num_workers),
+            bool(self.progress),
+            "AutoEncoder scoring",
+            errors,
+        ):
             self._fill_scores(out, positions, batch)
         return self._finish_scores(out)
 
@@ -823,10 +942,16 @@ class AutoEncoder(BaseDetector):
         metadata = {
             "params": self._params_for_file(),
             "state_keys": list(state),
-            "history_": self.history_, "epochs_run_": self.epochs_run_, "best_epoch_": self.best_epoch_,
-            "stopped_early_": self.stopped_early_, "resumed_from_epoch_": self.resumed_from_epoch_,
-            "threshold_": self.threshold_, "timings_": self.timings_, "precision_used_": self.precision_used_,
-            "backbone_identity_": self.backbone_identity_, "n_train_images_": self.n_train_images_,
+            "history_": self.history_,
+            "epochs_run_": self.epochs_run_,
+            "best_epoch_": self.best_epoch_,
+            "stopped_early_": self.stopped_early_,
+            "resumed_from_epoch_": self.resumed_from_epoch_,
+            "threshold_": self.threshold_,
+            "timings_": self.timings_,
+            "precision_used_": self.precision_used_,
+            "backbone_identity_": self.backbone_identity_,
+            "n_train_images_": self.n_train_images_,
             "n_val_images_": self.n_val_images_,
         }
         arrays = {f"state.{key}": value.detach().cpu().numpy() for key, value in state.items()}
@@ -836,8 +961,9 @@ class AutoEncoder(BaseDetector):
         return save_model_file(path, FORMAT_NAME, FORMAT_VERSION, metadata, arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu",
-             weights: str | os.PathLike | None = None) -> "AutoEncoder":
+    def load(
+        cls, path: str | os.PathLike, device: str = "cpu", weights: str | os.PathLike | None = None
+    ) -> "AutoEncoder":
         """Load a model written by :meth:`save` onto ``device``.
 
         For ``model="pretrained"`` the backbone is built from the registry (``weights``,
@@ -845,8 +971,9 @@ class AutoEncoder(BaseDetector):
         its weights' sha256 must equal the stored one. A foreign, old, corrupt or
         inconsistent file, or other backbone weights -> ModelFileError naming ``path``.
         """
-        header, arrays = load_model_file(path, FORMAT_NAME, FORMAT_VERSION,
-                                         required=("calibration_scores_mse", "calibration_scores_residual"))
+        header, arrays = load_model_file(
+            path, FORMAT_NAME, FORMAT_VERSION, required=("calibration_scores_mse", "calibration_scores_residual")
+        )
         try:
             params = dict(header["params"])
             params["device"] = device
@@ -887,8 +1014,10 @@ class AutoEncoder(BaseDetector):
         model.n_val_images_ = int(header.get("n_val_images_", 0))
         model.timings_ = dict(header.get("timings_") or {})
         model.validation_indices_ = np.asarray(arrays.get("validation_indices_", np.zeros(0)), dtype=np.int64)
-        model.calibration_scores_ = {"mse": np.asarray(arrays["calibration_scores_mse"], dtype=np.float64),
-                                     "residual": np.asarray(arrays["calibration_scores_residual"], dtype=np.float64)}
+        model.calibration_scores_ = {
+            "mse": np.asarray(arrays["calibration_scores_mse"], dtype=np.float64),
+            "residual": np.asarray(arrays["calibration_scores_residual"], dtype=np.float64),
+        }
         model.threshold_ = float(header["threshold_"]) if header.get("threshold_") is not None else model._threshold()
         return model
 
@@ -898,9 +1027,16 @@ class AutoEncoder(BaseDetector):
 # weights file) and the input geometry (its image_size, the whole image squashed); the
 # batch size, workers, device and progress bars are the run's. Everything else is declared.
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> AutoEncoder:
-    return AutoEncoder(backbone=backbone.name, weights=backbone.weights_path, image_size=int(backbone.image_size),
-                       batch_size=run.batch_size, num_workers=run.num_workers, device=run.device,
-                       progress=run.progress, **params).fit_paths(list(paths))
+    return AutoEncoder(
+        backbone=backbone.name,
+        weights=backbone.weights_path,
+        image_size=int(backbone.image_size),
+        batch_size=run.batch_size,
+        num_workers=run.num_workers,
+        device=run.device,
+        progress=run.progress,
+        **params,
+    ).fit_paths(list(paths))
 
 
 def _score_paths(model: AutoEncoder, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
@@ -910,18 +1046,25 @@ def _score_paths(model: AutoEncoder, backbone, paths, run: RunOptions, errors: d
 
 def _describe(model: AutoEncoder) -> dict:
     identity = model.backbone_identity_
-    encoder = (f"{identity['name']} (stem and stages 1-{_FROZEN_STAGES} frozen, the rest fine-tuned)"
-               if identity else "none: convolutional autoencoder trained from scratch")
+    encoder = (
+        f"{identity['name']} (stem and stages 1-{_FROZEN_STAGES} frozen, the rest fine-tuned)"
+        if identity
+        else "none: convolutional autoencoder trained from scratch"
+    )
     return {
         **as_json(model.model_params()),
         "checkpoint_dir": None if model.checkpoint_dir is None else str(model.checkpoint_dir),
         "encoder": encoder,
         "image_size": int(model.image_size),
         "threshold": float(model.threshold_),
-        "threshold_rule": (f"{model.thres_ratio} quantile of the {model.image_score} scores of the "
-                           f"{model.n_val_images_} normal images held out of training"),
-        "map_rule": (f"per-pixel squared reconstruction error (mean over RGB) on the squashed input, Gaussian "
-                     f"sigma {RESIDUAL_SIGMA:g}"),
+        "threshold_rule": (
+            f"{model.thres_ratio} quantile of the {model.image_score} scores of the "
+            f"{model.n_val_images_} normal images held out of training"
+        ),
+        "map_rule": (
+            f"per-pixel squared reconstruction error (mean over RGB) on the squashed input, Gaussian "
+            f"sigma {RESIDUAL_SIGMA:g}"
+        ),
         "epochs_run": int(model.epochs_run_),
         "best_epoch": int(model.best_epoch_),
         "stopped_early": bool(model.stopped_early_),
@@ -935,11 +1078,16 @@ def _describe(model: AutoEncoder) -> dict:
 
 
 def _check_loaded(model: AutoEncoder, section: dict, n_images: int) -> str | None:
-    if (not np.isclose(model.threshold_, float(section["threshold"]))
-            or model.n_train_images_ + model.n_val_images_ != n_images or model.model != section["model"]):
-        return (f"the model ({model.model}, threshold={model.threshold_:.6g}, "
-                f"{model.n_train_images_ + model.n_val_images_} images) does not match its description "
-                f"({section['model']}, threshold={float(section['threshold']):.6g}, {n_images} images)")
+    if (
+        not np.isclose(model.threshold_, float(section["threshold"]))
+        or model.n_train_images_ + model.n_val_images_ != n_images
+        or model.model != section["model"]
+    ):
+        return (
+            f"the model ({model.model}, threshold={model.threshold_:.6g}, "
+            f"{model.n_train_images_ + model.n_val_images_} images) does not match its description "
+            f"({section['model']}, threshold={float(section['threshold']):.6g}, {n_images} images)"
+        )
     return None
 
 

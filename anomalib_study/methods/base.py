@@ -88,11 +88,15 @@ def check_patches(X: Any, name: str, n_features: int | None = None, n_patches: i
     if array.ndim != 3 or 0 in array.shape:
         raise ParameterError(f"{name} must be a non-empty (n_images, h*w, D) array, got shape {array.shape}")
     if n_features is not None and array.shape[2] != n_features:
-        raise ParameterError(f"{name} has D={array.shape[2]} but the model was fitted on D={n_features}: "
-                             "use the same backbone, layers and dimensions")
+        raise ParameterError(
+            f"{name} has D={array.shape[2]} but the model was fitted on D={n_features}: "
+            "use the same backbone, layers and dimensions"
+        )
     if n_patches is not None and array.shape[1] != n_patches:
-        raise ParameterError(f"{name} has {array.shape[1]} patches per image but the model was fitted on "
-                             f"{n_patches}: use the same image size")
+        raise ParameterError(
+            f"{name} has {array.shape[1]} patches per image but the model was fitted on "
+            f"{n_patches}: use the same image size"
+        )
     return array
 
 
@@ -171,8 +175,9 @@ def _init_from_declarations(cls: type, declared: dict[str, Param]) -> None:
         given = dict(zip(names, args))
         for name, value in kwargs.items():
             if name not in declared:
-                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}; "
-                                f"its parameters: {', '.join(names)}")
+                raise TypeError(
+                    f"{cls.__name__}() got an unexpected keyword argument {name!r}; its parameters: {', '.join(names)}"
+                )
             if name in given:
                 raise TypeError(f"{cls.__name__}() got multiple values for argument {name!r}")
             given[name] = value
@@ -180,8 +185,10 @@ def _init_from_declarations(cls: type, declared: dict[str, Param]) -> None:
             setattr(self, name, given.get(name, param.default))
 
     parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=param.default)
-                   for name, param in declared.items()]
+    parameters += [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=param.default)
+        for name, param in declared.items()
+    ]
     __init__.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__doc__ = f"Store the declared parameters of {cls.__name__} (see the class docstring)."
@@ -215,8 +222,10 @@ class BaseDetector:
         cls._declared = declared
         if declared:
             if "__init__" in vars(cls):
-                raise TypeError(f"{cls.__name__} declares Params and its own __init__: the declarations make the "
-                                "__init__; remove it")
+                raise TypeError(
+                    f"{cls.__name__} declares Params and its own __init__: the declarations make the "
+                    "__init__; remove it"
+                )
             _init_from_declarations(cls, declared)
             cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + _declarations_doc(declared)
 
@@ -260,7 +269,9 @@ class BaseDetector:
         return f"{type(self).__name__}({args})"
 
 
-def save_model_file(path: str | os.PathLike, format_name: str, version: int, metadata: dict, arrays: dict[str, np.ndarray]) -> Path:
+def save_model_file(
+    path: str | os.PathLike, format_name: str, version: int, metadata: dict, arrays: dict[str, np.ndarray]
+) -> Path:
     """Write one ``.npz`` holding ``arrays`` and a JSON metadata entry, atomically.
 
     The metadata entry records ``format`` and ``version`` so that :func:`load_model_file`
@@ -277,7 +288,9 @@ def save_model_file(path: str | os.PathLike, format_name: str, version: int, met
     return path
 
 
-def load_model_file(path: str | os.PathLike, format_name: str, version: int, required: Iterable[str] = ()) -> tuple[dict, dict[str, np.ndarray]]:
+def load_model_file(
+    path: str | os.PathLike, format_name: str, version: int, required: Iterable[str] = ()
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a file written by :func:`save_model_file`: (metadata dict, arrays dict).
 
     Raises ModelFileError naming ``path`` when it is missing, not an npz, has no
@@ -301,7 +314,9 @@ def load_model_file(path: str | os.PathLike, format_name: str, version: int, req
         raise ModelFileError(f"{path} cannot be read as a model file (corrupt or not an .npz): {error}") from None
     if not isinstance(header, dict) or header.get("format") != format_name:
         found = header.get("format") if isinstance(header, dict) else None
-        raise ModelFileError(f"{path} holds format {found!r}, not {format_name!r}: it was written by another program or method")
+        raise ModelFileError(
+            f"{path} holds format {found!r}, not {format_name!r}: it was written by another program or method"
+        )
     if header.get("version") != version:
         raise ModelFileError(
             f"{path} is version {header.get('version')!r} of {format_name!r}; this code reads version {version}: "
@@ -492,7 +507,9 @@ class MethodSpec:
         unknown = sorted(set(given) - {param.name for param in self.params})
         if unknown:
             valid = ", ".join(param.name for param in self.params)
-            raise ParameterError(f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; its parameters: {valid}")
+            raise ParameterError(
+                f"method {self.name!r} has no parameter(s) {', '.join(unknown)}; its parameters: {valid}"
+            )
         return {**self.defaults(), **given}
 
     def resolve_resize_mode(self, resize_mode: str | None) -> str:
@@ -501,8 +518,10 @@ class MethodSpec:
         if resize_mode is None:
             return self.resize_mode or "crop"
         if self.resize_mode is not None and resize_mode != self.resize_mode:
-            raise ParameterError(f"method {self.name!r} works on resize_mode={self.resize_mode!r} only "
-                                 f"(got {resize_mode!r}): leave resize_mode unset or pass {self.resize_mode!r}")
+            raise ParameterError(
+                f"method {self.name!r} works on resize_mode={self.resize_mode!r} only "
+                f"(got {resize_mode!r}): leave resize_mode unset or pass {self.resize_mode!r}"
+            )
         return resize_mode
 
     def check_params(self, params: dict[str, Any]) -> None:

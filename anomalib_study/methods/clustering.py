@@ -47,23 +47,31 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomalib_study.checks import check_int, check_is_fitted
+from anomalib_study.checks import check_int, check_is_fitted, fraction_up_to_one, odd_positive_int, positive_int
 from anomalib_study.errors import ParameterError
 from anomalib_study.hardware import PRECISIONS
-from anomalib_study.checks import fraction_up_to_one, odd_positive_int, positive_int
 from anomalib_study.methods.base import BaseDetector, Param, check_embeddings, check_patches
 
 __all__ = [
-    "AnomalyClustering", "LINKAGES", "MODES", "choose_n_clusters", "cluster_embeddings",
-    "TAU_FACTORS", "effective_share", "label_free_tau", "patch_weights", "unsupervised_is_exact",
-    "semi_supervised_patch_scores", "unsupervised_patch_scores", "weighted_embeddings",
+    "AnomalyClustering",
+    "LINKAGES",
+    "MODES",
+    "choose_n_clusters",
+    "cluster_embeddings",
+    "TAU_FACTORS",
+    "effective_share",
+    "label_free_tau",
+    "patch_weights",
+    "unsupervised_is_exact",
+    "semi_supervised_patch_scores",
+    "unsupervised_patch_scores",
+    "weighted_embeddings",
 ]
 
 #: patch-score modes: the paper's two, and uniform weights
@@ -98,8 +106,13 @@ def cluster_embeddings(X, n_clusters: int, linkage: str = "ward", seed: int = 0)
         labels = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit_predict(X)
     elif linkage == "spectral":
         neighbours = max(2, min(10, n - 1))
-        labels = SpectralClustering(n_clusters=n_clusters, affinity="nearest_neighbors", n_neighbors=neighbours,
-                                    random_state=seed, assign_labels="cluster_qr").fit_predict(X)
+        labels = SpectralClustering(
+            n_clusters=n_clusters,
+            affinity="nearest_neighbors",
+            n_neighbors=neighbours,
+            random_state=seed,
+            assign_labels="cluster_qr",
+        ).fit_predict(X)
     else:
         labels = AgglomerativeClustering(n_clusters=n_clusters, linkage=linkage).fit_predict(X)
     _, first = np.unique(labels, return_index=True)
@@ -107,8 +120,9 @@ def cluster_embeddings(X, n_clusters: int, linkage: str = "ward", seed: int = 0)
     return np.array([order[int(v)] for v in labels], dtype=np.int64)
 
 
-def choose_n_clusters(X, candidates: Iterable[int] | None = None, linkage: str = "ward",
-                      seed: int = 0) -> tuple[int, dict[int, float]]:
+def choose_n_clusters(
+    X, candidates: Iterable[int] | None = None, linkage: str = "ward", seed: int = 0
+) -> tuple[int, dict[int, float]]:
     """The number of clusters with the highest silhouette score, and every candidate's score.
 
     For a folder without labels. ``candidates``: the numbers tried (default 2 to
@@ -137,8 +151,10 @@ def _as_bags(Z, name: str = "Z") -> torch.Tensor:
     array = torch.from_numpy(np.ascontiguousarray(check_patches(Z, name)))
     if not torch.isfinite(array).all():
         bad = torch.nonzero(~torch.isfinite(array).reshape(array.shape[0], -1).all(dim=1)).flatten().tolist()
-        raise ParameterError(f"{name} has NaN or infinite values in {len(bad)} image(s) (first: image {bad[0]}): "
-                             "leave unreadable images out")
+        raise ParameterError(
+            f"{name} has NaN or infinite values in {len(bad)} image(s) (first: image {bad[0]}): "
+            "leave unreadable images out"
+        )
     return array.contiguous()
 
 
@@ -152,8 +168,9 @@ def _project(Z: torch.Tensor, distance_dim: int | None, seed: int) -> torch.Tens
     return Z @ weights
 
 
-def _nearest_distances(A: torch.Tensor, a_norms: torch.Tensor, B: torch.Tensor, b_norms: torch.Tensor, P: int,
-                       bf16: bool, both: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _nearest_distances(
+    A: torch.Tensor, a_norms: torch.Tensor, B: torch.Tensor, b_norms: torch.Tensor, P: int, bf16: bool, both: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Blocks of images A (ca*P, d) and B (cb*P, d): for each patch of each A image its distance
     to the nearest patch of each B image, (ca, P, cb); with ``both`` also B's patches against
     each A image, (ca, cb, P). One matrix product, never more than (ca*P) x (cb*P) floats."""
@@ -173,9 +190,16 @@ def _nearest_distances(A: torch.Tensor, a_norms: torch.Tensor, B: torch.Tensor, 
     return rows, cols
 
 
-def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_dim: int | None = None,
-                              precision: str = "fp32", seed: int = 0, device: str = "cpu",
-                              progress: bool = False) -> np.ndarray:
+def unsupervised_patch_scores(
+    Z,
+    *,
+    n_references: int | None = None,
+    distance_dim: int | None = None,
+    precision: str = "fp32",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
     """The unsupervised patch scores (n, P) float32 of the images' patch embeddings ``Z`` (n, P, D).
 
     Patch p of image i scores the mean, over the reference images j != i, of the Euclidean
@@ -183,7 +207,8 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
     definition). References: every image (exact; ``n_references`` None, or at least half the
     images, where a subset would cost as much as the exact computation, which does each
     pair of images once) or a seeded random subset of ``n_references`` images (i's own image
-    is left out of its mean when it is one of them). :func:`unsupervised_is_exact` says which. ``distance_dim``: compute the distances after a seeded Gaussian random
+    is left out of its mean when it is one of them). :func:`unsupervised_is_exact` says which.
+    ``distance_dim``: compute the distances after a seeded Gaussian random
     projection to that many dimensions (None = exact). ``precision``: ``"bf16"`` matrix
     products (norms and minima in float32), ``"auto"`` = bf16 where native.
 
@@ -196,8 +221,9 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
     Z = _as_bags(Z)
     n, P, _ = Z.shape
     if n < 2:
-        raise ParameterError(f"the unsupervised patch score compares each image with the others: it needs at least "
-                             f"2 images, got {n}")
+        raise ParameterError(
+            f"the unsupervised patch score compares each image with the others: it needs at least 2 images, got {n}"
+        )
     if n_references is not None:
         n_references = check_int("n_references", n_references, minimum=1)
     if distance_dim is not None:
@@ -219,18 +245,17 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
         if n_references is None or 2 * n_references >= n + 1:  # a subset would cost as much as exact
             starts = list(range(0, n, block))
             pairs = [(a, b) for ai, a in enumerate(starts) for b in starts[ai:]]
-            bar = tqdm(pairs, desc=f"unsupervised patch scores ({n} images, exact)", disable=not progress,
-                       unit="block")
+            bar = tqdm(pairs, desc=f"unsupervised patch scores ({n} images, exact)", disable=not progress, unit="block")
             for a, b in bar:
                 ia, ib = slice(a * P, min(n, a + block) * P), slice(b * P, min(n, b + block) * P)
                 rows, cols = _nearest_distances(flat[ia], norms[ia], flat[ib], norms[ib], P, bf16, both=a != b)
                 if a == b:  # the diagonal block holds (i, j) and (j, i): its row minima cover both
                     k = rows.shape[0]
                     rows[torch.arange(k), :, torch.arange(k)] = 0.0
-                    sums[a:a + k] += rows.sum(dim=2, dtype=torch.float64)
+                    sums[a : a + k] += rows.sum(dim=2, dtype=torch.float64)
                 else:
-                    sums[a:a + rows.shape[0]] += rows.sum(dim=2, dtype=torch.float64)
-                    sums[b:b + cols.shape[1]] += cols.sum(dim=0, dtype=torch.float64)
+                    sums[a : a + rows.shape[0]] += rows.sum(dim=2, dtype=torch.float64)
+                    sums[b : b + cols.shape[1]] += cols.sum(dim=0, dtype=torch.float64)
             counts[:] = n - 1
         else:
             rng = np.random.default_rng(seed)
@@ -239,16 +264,23 @@ def unsupervised_patch_scores(Z, *, n_references: int | None = None, distance_di
             R, R_norms = flat[ref_rows], norms[ref_rows]
             refs_t = torch.from_numpy(refs).to(torch_device)
             pairs = [(a, b) for a in range(0, n, block) for b in range(0, n_references, block)]
-            bar = tqdm(pairs, desc=f"unsupervised patch scores ({n} images, {n_references} references)",
-                       disable=not progress, unit="block")
+            bar = tqdm(
+                pairs,
+                desc=f"unsupervised patch scores ({n} images, {n_references} references)",
+                disable=not progress,
+                unit="block",
+            )
             for a, b in bar:
                 ia = slice(a * P, min(n, a + block) * P)
                 ib = slice(b * P, min(n_references, b + block) * P)
                 rows, _ = _nearest_distances(flat[ia], norms[ia], R[ib], R_norms[ib], P, bf16, both=False)
-                own = torch.arange(a, a + rows.shape[0], device=torch_device)[:, None] == refs_t[b:b + rows.shape[2]][None, :]
+                own = (
+                    torch.arange(a, a + rows.shape[0], device=torch_device)[:, None]
+                    == refs_t[b : b + rows.shape[2]][None, :]
+                )
                 rows.masked_fill_(own[:, None, :], 0.0)
-                sums[a:a + rows.shape[0]] += rows.sum(dim=2, dtype=torch.float64)
-                counts[a:a + rows.shape[0]] += (~own).sum(dim=1).to(torch.float64)
+                sums[a : a + rows.shape[0]] += rows.sum(dim=2, dtype=torch.float64)
+                counts[a : a + rows.shape[0]] += (~own).sum(dim=1).to(torch.float64)
         if bool((counts == 0).any()):
             raise ParameterError("n_references=1 leaves the reference image with no other image: use n_references >= 2")
         return (sums / counts[:, None]).float().cpu().numpy()
@@ -259,8 +291,9 @@ def unsupervised_is_exact(n_images: int, n_references: int | None) -> bool:
     return n_references is None or 2 * n_references >= n_images + 1
 
 
-def semi_supervised_patch_scores(Z, bank, *, index: str = "Flat", device: str = "cpu",
-                                 chunk_patches: int = 65536) -> np.ndarray:
+def semi_supervised_patch_scores(
+    Z, bank, *, index: str = "Flat", device: str = "cpu", chunk_patches: int = 65536
+) -> np.ndarray:
     """The semi-supervised patch scores (n, P) float32: the Euclidean distance from each patch
     of ``Z`` (n, P, D) to its nearest row of the normal patches ``bank``: an (M, D) array
     (searched with :class:`~anomalib_study.search.NearestNeighbourIndex` of factory
@@ -274,19 +307,25 @@ def semi_supervised_patch_scores(Z, bank, *, index: str = "Flat", device: str = 
     else:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         if bank.ndim != 2 or bank.shape[1] != D:
-            raise ParameterError(f"the bank of normal patches has shape {bank.shape}, but Z has {D} features per "
-                                 "patch: use the same backbone and patch settings")
+            raise ParameterError(
+                f"the bank of normal patches has shape {bank.shape}, but Z has {D} features per "
+                "patch: use the same backbone and patch settings"
+            )
         searcher = NearestNeighbourIndex(factory=index, device=device).fit(bank)
     if searcher.dim_ != D:
-        raise ParameterError(f"Z has {D} features per patch but the normal images had {searcher.dim_}: use the "
-                             "same backbone and patch settings")
+        raise ParameterError(
+            f"Z has {D} features per patch but the normal images had {searcher.dim_}: use the "
+            "same backbone and patch settings"
+        )
     flat = Z.reshape(n * P, D).numpy()
     out = np.empty(n * P, dtype=np.float32)
     for start in range(0, n * P, chunk_patches):
-        out[start:start + chunk_patches] = searcher.search(flat[start:start + chunk_patches], 1)[0][:, 0]
+        out[start : start + chunk_patches] = searcher.search(flat[start : start + chunk_patches], 1)[0][:, 0]
     if not np.isfinite(out).all():
-        raise ParameterError(f"index {searcher.factory!r} found no neighbour for some patches: use index='Flat' "
-                             "or an IVF index with more points per list")
+        raise ParameterError(
+            f"index {searcher.factory!r} found no neighbour for some patches: use index='Flat' "
+            "or an IVF index with more points per list"
+        )
     return out.reshape(n, P)
 
 
@@ -330,7 +369,9 @@ def label_free_tau(scores, weight_share: float = 0.1) -> float:
     """
     s = np.asarray(scores, dtype=np.float64)
     if isinstance(weight_share, bool) or not isinstance(weight_share, (int, float)) or not 0 < weight_share < 1:
-        raise ParameterError(f"weight_share must be in (0, 1) (e.g. 0.1 = a tenth of the patches), got {weight_share!r}")
+        raise ParameterError(
+            f"weight_share must be in (0, 1) (e.g. 0.1 = a tenth of the patches), got {weight_share!r}"
+        )
     if s.ndim != 2 or s.shape[1] == 1:
         return 0.0
     stds = s.std(axis=1)
@@ -383,8 +424,11 @@ class AnomalyClustering(BaseDetector):
     ({k: score} when chosen), ``grid_shape_``, ``timings_`` (seconds per stage).
     """
 
-    backbone = Param("efficientnet_lite0", "registered backbone name, or a loaded Backbone (only the *_paths "
-                     "methods use it)", kind="input")
+    backbone = Param(
+        "efficientnet_lite0",
+        "registered backbone name, or a loaded Backbone (only the *_paths methods use it)",
+        kind="input",
+    )
     weights = Param(None, "explicit weight file for a backbone given by name", kind="input")
     image_size = Param(None, "input side for a backbone given by name (None = its default)", kind="input")
     resize_mode = Param("crop", "crop or squash (keep gives each image shape its own grid: refused)", kind="input")
@@ -392,23 +436,41 @@ class AnomalyClustering(BaseDetector):
     patch_size = Param(3, "neighbourhood side of the patch embeddings", cli=odd_positive_int)
     per_layer_dim = Param(None, "channels each stage is pooled to (None: native)")
     target_dim = Param(None, "dimension of the patch embedding (None: the stages' sum)")
-    mode = Param("unsupervised", "unsupervised, semi_supervised (needs fit on normal images) or average",
-                 choices=MODES, offered=False)
-    tau = Param(None, "softmax temperature of the patch weights (0 = top patch only; None: the label-free rule "
-                "with weight_share)", cli=float)
-    weight_share = Param(0.1, "label-free tau: share of its patches the median image's weights spread over, in "
-                         "(0, 1)", cli=float)
+    mode = Param(
+        "unsupervised",
+        "unsupervised, semi_supervised (needs fit on normal images) or average",
+        choices=MODES,
+        offered=False,
+    )
+    tau = Param(
+        None,
+        "softmax temperature of the patch weights (0 = top patch only; None: the label-free rule with weight_share)",
+        cli=float,
+    )
+    weight_share = Param(
+        0.1, "label-free tau: share of its patches the median image's weights spread over, in (0, 1)", cli=float
+    )
     linkage = Param("ward", "clustering algorithm", cli=str, choices=LINKAGES)
-    n_clusters = Param(None, "number of clusters (None: evaluate uses as many as the protocol's classes; cluster "
-                       "chooses by the silhouette over 2..max_clusters)", cli=positive_int)
+    n_clusters = Param(
+        None,
+        "number of clusters (None: evaluate uses as many as the protocol's classes; cluster "
+        "chooses by the silhouette over 2..max_clusters)",
+        cli=positive_int,
+    )
     max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int)
-    n_references = Param(100, "unsupervised: reference images per image (None, or >= the images: all of them, "
-                         "exact)", cli=positive_int)
+    n_references = Param(
+        100, "unsupervised: reference images per image (None, or >= the images: all of them, exact)", cli=positive_int
+    )
     distance_dim = Param(None, "unsupervised: random projection of the distances (None: exact)", cli=positive_int)
-    precision = Param("fp32", "unsupervised distance products: fp32, bf16 or auto (bf16 where native)", cli=str,
-                      choices=PRECISIONS)
-    coreset_ratio = Param(1.0, "semi-supervised: share of normal patches kept in the memory bank (1 = all, exact, "
-                          "the reproduction's choice; < 1: PatchCore's greedy coreset)", cli=fraction_up_to_one)
+    precision = Param(
+        "fp32", "unsupervised distance products: fp32, bf16 or auto (bf16 where native)", cli=str, choices=PRECISIONS
+    )
+    coreset_ratio = Param(
+        1.0,
+        "semi-supervised: share of normal patches kept in the memory bank (1 = all, exact, "
+        "the reproduction's choice; < 1: PatchCore's greedy coreset)",
+        cli=fraction_up_to_one,
+    )
     projection_dim = Param(128, "semi-supervised: random projection of the greedy coreset")
     index = Param("Flat", "faiss factory string of the semi-supervised search (Flat = exact)", cli=str)
     seed = Param(0, "seed of the references, projection, coreset and clustering", cli=int, flag="--model-seed")
@@ -431,9 +493,11 @@ class AnomalyClustering(BaseDetector):
         if self.resize_mode not in RESIZE_MODES:
             raise ParameterError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.resize_mode == "keep":  # the bags are one (n, P, D) array: P must be one number
-            raise ParameterError("resize_mode='keep' gives every image shape its own patch grid, and anomaly clustering "
-                                 "needs one (n, P, D) array of patch bags: use resize_mode='squash' (nothing cut off) "
-                                 "or 'crop'")
+            raise ParameterError(
+                "resize_mode='keep' gives every image shape its own patch grid, and anomaly clustering "
+                "needs one (n, P, D) array of patch bags: use resize_mode='squash' (nothing cut off) "
+                "or 'crop'"
+            )
         if self.precision not in PRECISIONS:
             raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tau is not None:
@@ -466,22 +530,36 @@ class AnomalyClustering(BaseDetector):
             if isinstance(self.backbone, Backbone):
                 self._backbone_module = self.backbone
             elif isinstance(self.backbone, str):
-                self._backbone_module = load_backbone(self.backbone, weights=self.weights, device=self.device,
-                                                      image_size=self.image_size, resize_mode=self.resize_mode)
+                self._backbone_module = load_backbone(
+                    self.backbone,
+                    weights=self.weights,
+                    device=self.device,
+                    image_size=self.image_size,
+                    resize_mode=self.resize_mode,
+                )
             else:
                 raise ParameterError(f"backbone must be a registered name or a loaded Backbone, got {self.backbone!r}")
         return self._backbone_module
 
-    def extract(self, paths: Sequence[str | os.PathLike], desc: str = "patch features",
-                errors: dict[int, str] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    def extract(
+        self, paths: Sequence[str | os.PathLike], desc: str = "patch features", errors: dict[int, str] | None = None
+    ) -> tuple[np.ndarray, tuple[int, int]]:
         """Patch embeddings of image files: ``(Z (n, P, D) float32, grid (h, w))``; with
         ``errors`` unreadable images are skipped (NaN rows, position -> reason recorded)."""
         from anomalib_study.patches import collect_patch_features
 
         self._validate_params()
-        return collect_patch_features(self.get_backbone(), list(paths), self._patch_maker(),
-                                      batch_size=self.batch_size, num_workers=self.num_workers, device=self.device,
-                                      progress=self.progress, desc=desc, errors=errors)
+        return collect_patch_features(
+            self.get_backbone(),
+            list(paths),
+            self._patch_maker(),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            progress=self.progress,
+            desc=desc,
+            errors=errors,
+        )
 
     # ------------------------------------------------------------------ fitting
     def fit(self, Z_normal=None) -> "AnomalyClustering":
@@ -500,15 +578,18 @@ class AnomalyClustering(BaseDetector):
             self.n_normal_images_ = int(Z_normal.shape[0])
         if self.mode == "semi_supervised":
             if Z_normal is None:
-                raise ParameterError("mode='semi_supervised' needs normal images: call fit(Z_normal) (or "
-                                     "fit_paths(normal_paths)) first, or use mode='unsupervised'")
+                raise ParameterError(
+                    "mode='semi_supervised' needs normal images: call fit(Z_normal) (or "
+                    "fit_paths(normal_paths)) first, or use mode='unsupervised'"
+                )
             from anomalib_study.search import NearestNeighbourIndex
 
             started = time.perf_counter()
             bank = Z_normal.reshape(-1, Z_normal.shape[-1]).numpy()  # a view: no copy at coreset_ratio=1
             if self.coreset_ratio < 1:
-                keep = GreedyCoresetSampler(self.coreset_ratio, self.projection_dim, self.seed, device=self.device,
-                                            progress=self.progress).run(bank)
+                keep = GreedyCoresetSampler(
+                    self.coreset_ratio, self.projection_dim, self.seed, device=self.device, progress=self.progress
+                ).run(bank)
                 bank = np.ascontiguousarray(bank[np.sort(keep)])
             self.timings_["coreset_s"] = time.perf_counter() - started
             started = time.perf_counter()
@@ -538,9 +619,15 @@ class AnomalyClustering(BaseDetector):
             return None
         if self.mode == "semi_supervised":
             return semi_supervised_patch_scores(Z, self.index_, device=self.device)
-        return unsupervised_patch_scores(Z, n_references=self.n_references, distance_dim=self.distance_dim,
-                                         precision=self.precision, seed=self.seed, device=self.device,
-                                         progress=self.progress)
+        return unsupervised_patch_scores(
+            Z,
+            n_references=self.n_references,
+            distance_dim=self.distance_dim,
+            precision=self.precision,
+            seed=self.seed,
+            device=self.device,
+            progress=self.progress,
+        )
 
     def _resolve_tau(self, scores: np.ndarray | None, tau: float | None) -> tuple[float, str]:
         if scores is None:
@@ -548,8 +635,10 @@ class AnomalyClustering(BaseDetector):
         if tau is not None:
             return float(tau), f"given: tau = {tau:g}"
         value = label_free_tau(scores, self.weight_share)
-        return value, (f"label-free rule: the tau at which the median image's weights spread over "
-                       f"{self.weight_share:.0%} of its patches (effective number of patches); tau = {value:.4g}")
+        return value, (
+            f"label-free rule: the tau at which the median image's weights spread over "
+            f"{self.weight_share:.0%} of its patches (effective number of patches); tau = {value:.4g}"
+        )
 
     def fit_predict(self, Z, grid_shape: tuple[int, int] | None = None) -> np.ndarray:
         """Cluster labels (n,) of the images whose patch embeddings are ``Z`` (n, P, D)."""
@@ -563,8 +652,10 @@ class AnomalyClustering(BaseDetector):
         if self.n_clusters is None and n < 3:
             raise ParameterError(f"choosing the number of clusters needs at least 3 images, got {n}: pass n_clusters")
         if self.bank_shape_ is not None and self.bank_shape_[1] != Z.shape[2]:
-            raise ParameterError(f"Z has {Z.shape[2]} features per patch but the normal images had "
-                                 f"{self.bank_shape_[1]}: use the same backbone and patch settings")
+            raise ParameterError(
+                f"Z has {Z.shape[2]} features per patch but the normal images had "
+                f"{self.bank_shape_[1]}: use the same backbone and patch settings"
+            )
         started = time.perf_counter()
         self.patch_scores_ = self.patch_scores(Z)
         self.timings_["patch_scores_s"] = time.perf_counter() - started
@@ -573,8 +664,7 @@ class AnomalyClustering(BaseDetector):
         self.labels_ = self.recluster()
         return self.labels_
 
-    def fit_predict_paths(self, paths: Sequence[str | os.PathLike],
-                          errors: dict[int, str] | None = None) -> np.ndarray:
+    def fit_predict_paths(self, paths: Sequence[str | os.PathLike], errors: dict[int, str] | None = None) -> np.ndarray:
         """:meth:`fit_predict` on image files. With ``errors`` (a dict) unreadable images are
         left out (position -> reason recorded there, label -1; ``positions_`` lists the
         others, the rows of ``weights_`` / ``embeddings_``); without, one raises DataError."""
@@ -588,8 +678,9 @@ class AnomalyClustering(BaseDetector):
         self.positions_ = keep
         return labels
 
-    def recluster(self, tau: float | None = None, n_clusters: int | None = None,
-                  linkage: str | None = None) -> np.ndarray:
+    def recluster(
+        self, tau: float | None = None, n_clusters: int | None = None, linkage: str | None = None
+    ) -> np.ndarray:
         """Labels of the last :meth:`fit_predict` images with another ``tau`` / ``n_clusters`` /
         ``linkage`` (None = the estimator's), reusing their patch scores; sets the fitted
         attributes to that result."""
@@ -600,19 +691,25 @@ class AnomalyClustering(BaseDetector):
         started = time.perf_counter()
         self.tau_, self.tau_rule_ = self._resolve_tau(self.patch_scores_, tau)
         shape = tuple(self._Z.shape[:2])
-        self.weights_ = (np.full(shape, 1.0 / shape[1]) if self.patch_scores_ is None
-                         else patch_weights(self.patch_scores_, self.tau_))
+        self.weights_ = (
+            np.full(shape, 1.0 / shape[1])
+            if self.patch_scores_ is None
+            else patch_weights(self.patch_scores_, self.tau_)
+        )
         self.embeddings_ = weighted_embeddings(self._Z, self.weights_)
         self.timings_["weights_s"] = time.perf_counter() - started
         started = time.perf_counter()
         self.silhouette_ = None
         if n_clusters is None:
             n = self.embeddings_.shape[0]
-            chosen, self.silhouette_ = choose_n_clusters(self.embeddings_, range(2, min(self.max_clusters, n - 1) + 1),
-                                                         linkage=linkage, seed=self.seed)
+            chosen, self.silhouette_ = choose_n_clusters(
+                self.embeddings_, range(2, min(self.max_clusters, n - 1) + 1), linkage=linkage, seed=self.seed
+            )
             self.n_clusters_ = int(chosen)
-            self.n_clusters_rule_ = (f"chosen without labels: the highest silhouette over 2..{max(self.silhouette_)} "
-                                     f"clusters ({self.silhouette_[chosen]:.3f} at {chosen})")
+            self.n_clusters_rule_ = (
+                f"chosen without labels: the highest silhouette over 2..{max(self.silhouette_)} "
+                f"clusters ({self.silhouette_[chosen]:.3f} at {chosen})"
+            )
         else:
             self.n_clusters_ = int(n_clusters)
             self.n_clusters_rule_ = f"given: {n_clusters}"
@@ -623,10 +720,28 @@ class AnomalyClustering(BaseDetector):
     def describe(self) -> dict:
         """The settings and what was chosen, JSON-able, for reports."""
         check_is_fitted(self, "labels_")
-        settings = {name: getattr(self, name) for name in (
-            "mode", "tau", "weight_share", "linkage", "n_clusters", "max_clusters", "n_references", "distance_dim",
-            "precision", "coreset_ratio", "projection_dim", "index", "seed", "layers", "patch_size",
-            "per_layer_dim", "target_dim")}
+        settings = {
+            name: getattr(self, name)
+            for name in (
+                "mode",
+                "tau",
+                "weight_share",
+                "linkage",
+                "n_clusters",
+                "max_clusters",
+                "n_references",
+                "distance_dim",
+                "precision",
+                "coreset_ratio",
+                "projection_dim",
+                "index",
+                "seed",
+                "layers",
+                "patch_size",
+                "per_layer_dim",
+                "target_dim",
+            )
+        }
         return {
             "settings": settings,
             "tau": None if math.isinf(self.tau_) else float(self.tau_),
@@ -639,8 +754,11 @@ class AnomalyClustering(BaseDetector):
             "feature_dim": int(self._Z.shape[2]),
             "grid_shape": None if self.grid_shape_ is None else list(self.grid_shape_),
             "memory_bank_size": None if self.bank_shape_ is None else self.bank_shape_[0],
-            "unsupervised_exact": (unsupervised_is_exact(int(self.labels_.size), self.n_references)
-                                   if self.mode == "unsupervised" else None),
+            "unsupervised_exact": (
+                unsupervised_is_exact(int(self.labels_.size), self.n_references)
+                if self.mode == "unsupervised"
+                else None
+            ),
             "n_normal_images": int(self.n_normal_images_),
             "median_weight_share": float(np.median(effective_share(self.weights_))),
             "timings": dict(self.timings_),
@@ -651,7 +769,9 @@ class AnomalyClustering(BaseDetector):
 #: the tau curve: multiples of the label-free tau, plus 0 (top patch only) and inf (uniform)
 TAU_FACTORS = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, math.inf)
 #: the model parameters every mode shares (the mode and the number of clusters are set per run)
-_ESTIMATOR_PARAMS = tuple(name for name in AnomalyClustering.declared_params("model") if name not in ("mode", "n_clusters"))
+_ESTIMATOR_PARAMS = tuple(
+    name for name in AnomalyClustering.declared_params("model") if name not in ("mode", "n_clusters")
+)
 
 
 def _modes(params: dict, has_normal: bool) -> list[str]:
@@ -676,12 +796,24 @@ def _cluster_images(backbone, paths, normal_paths, params: dict, run, n_clusters
     """Every mode of ``params['modes']`` on the same patch features (extracted once)."""
     modes = _modes(params, bool(normal_paths))
     if "semi_supervised" in modes and not normal_paths:
-        raise ParameterError("mode semi_supervised needs normal images, and there are none: leave it out of modes "
-                             "(unsupervised and average need none)")
+        raise ParameterError(
+            "mode semi_supervised needs normal images, and there are none: leave it out of modes "
+            "(unsupervised and average need none)"
+        )
     options = {k: params[k] for k in _ESTIMATOR_PARAMS}
-    make = lambda mode: AnomalyClustering(backbone=backbone, mode=mode, n_clusters=n_clusters, **options,  # noqa: E731
-                                          batch_size=run.batch_size, num_workers=run.num_workers,
-                                          device=run.device, progress=run.progress)
+
+    def make(mode: str) -> AnomalyClustering:
+        return AnomalyClustering(
+            backbone=backbone,
+            mode=mode,
+            n_clusters=n_clusters,
+            **options,
+            batch_size=run.batch_size,
+            num_workers=run.num_workers,
+            device=run.device,
+            progress=run.progress,
+        )
+
     timings: dict[str, float] = {}
     started = time.perf_counter()
     Z, grid = make(modes[0]).extract(paths, desc="anomaly clustering: patch features")
@@ -710,11 +842,23 @@ def _cluster_images(backbone, paths, normal_paths, params: dict, run, n_clusters
             free_tau = model.tau_  # the label-free (or given) tau of this run
             for factor in TAU_FACTORS:
                 value = free_tau * factor if math.isfinite(factor) else math.inf
-                curve.append({"value": None if math.isinf(value) else float(value),
-                              "relative": factor if math.isfinite(factor) else "inf",
-                              "labels": labels.copy() if factor == 1.0 else model.recluster(tau=value).copy()})
-        runs.append({"name": mode, "labels": labels, "description": description, "curve": curve, **chosen,
-                     "patch_scores": model.patch_scores_})
+                curve.append(
+                    {
+                        "value": None if math.isinf(value) else float(value),
+                        "relative": factor if math.isfinite(factor) else "inf",
+                        "labels": labels.copy() if factor == 1.0 else model.recluster(tau=value).copy(),
+                    }
+                )
+        runs.append(
+            {
+                "name": mode,
+                "labels": labels,
+                "description": description,
+                "curve": curve,
+                **chosen,
+                "patch_scores": model.patch_scores_,
+            }
+        )
     return {"runs": runs, "timings": timings, "grid": list(grid)}
 
 
@@ -733,11 +877,16 @@ def _build_spec():
         label="Anomaly clustering",
         estimator=AnomalyClustering,
         description="anomaly clustering (Sohn et al., WACV 2023): patch-weighted image embeddings grouped into "
-                    "anomaly types",
+        "anomaly types",
         task="clustering",
         extra_params=(
-            MethodParam("modes", None, "patch-score modes compared (comma-separated; default all the data allows: "
-                        "unsupervised, semi_supervised when there are normal images, average)", _comma_list),
+            MethodParam(
+                "modes",
+                None,
+                "patch-score modes compared (comma-separated; default all the data allows: "
+                "unsupervised, semi_supervised when there are normal images, average)",
+                _comma_list,
+            ),
         ),
         cluster_images=_cluster_images,
         needs_normal_images=lambda params: "semi_supervised" in (params.get("modes") or ()),

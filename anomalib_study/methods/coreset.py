@@ -37,8 +37,15 @@ from anomalib_study.errors import ParameterError
 
 _PRUNE_PATIENCE = 20  # consecutive steps of little pruning before switching to the plain update
 
-__all__ = ["BaseSampler", "GreedyCoresetSampler", "RandomSampler", "SAMPLERS", "COVERAGE_PRECISIONS", "coreset_size",
-           "selection_overlap"]
+__all__ = [
+    "BaseSampler",
+    "GreedyCoresetSampler",
+    "RandomSampler",
+    "SAMPLERS",
+    "COVERAGE_PRECISIONS",
+    "coreset_size",
+    "selection_overlap",
+]
 
 #: values of GreedyCoresetSampler's ``precision``: the type the projected features are kept in
 COVERAGE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,8 +135,16 @@ class GreedyCoresetSampler(BaseSampler):
     (the first one is the random start). Deterministic for a seed.
     """
 
-    def __init__(self, ratio: float = 0.1, projection_dim: int | None = 128, seed: int = 0, device: str = "cpu",
-                 chunk_size: int = 65536, progress: bool = False, precision: str = "fp32"):
+    def __init__(
+        self,
+        ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        seed: int = 0,
+        device: str = "cpu",
+        chunk_size: int = 65536,
+        progress: bool = False,
+        precision: str = "fp32",
+    ):
         self.ratio = ratio
         self.projection_dim = projection_dim
         self.seed = seed
@@ -141,17 +156,23 @@ class GreedyCoresetSampler(BaseSampler):
     def _check(self) -> None:
         _check_ratio(self.ratio)
         if self.projection_dim is not None and (
-            isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, (int, np.integer))
+            isinstance(self.projection_dim, bool)
+            or not isinstance(self.projection_dim, (int, np.integer))
             or self.projection_dim < 1
         ):
             raise ParameterError(f"projection_dim must be None or an integer >= 1, got {self.projection_dim!r}")
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, (int, np.integer)) or self.chunk_size < 1:
+        if (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, (int, np.integer))
+            or self.chunk_size < 1
+        ):
             raise ParameterError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ParameterError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.precision, str) or self.precision not in COVERAGE_PRECISIONS:
-            raise ParameterError(f"coreset precision must be one of {', '.join(COVERAGE_PRECISIONS)}, "
-                                 f"got {self.precision!r}")
+            raise ParameterError(
+                f"coreset precision must be one of {', '.join(COVERAGE_PRECISIONS)}, got {self.precision!r}"
+            )
 
     def project(self, features) -> torch.Tensor:
         """(N, D) -> (N, projection_dim) float32 on ``device``: ``features @ W``, W ~ N(0, 1/projection_dim).
@@ -172,7 +193,7 @@ class GreedyCoresetSampler(BaseSampler):
         weights = weights.to(device)
         out = torch.empty(n, int(self.projection_dim), dtype=torch.float32, device=device)
         for start in range(0, n, self.chunk_size):
-            out[start:start + self.chunk_size] = x[start:start + self.chunk_size].to(device) @ weights
+            out[start : start + self.chunk_size] = x[start : start + self.chunk_size].to(device) @ weights
         return out
 
     def run(self, features) -> np.ndarray:
@@ -201,14 +222,16 @@ class GreedyCoresetSampler(BaseSampler):
         """``x`` centred, scaled by a power of two (largest norm in [1, 2)) and cast to ``precision``, in chunks."""
         mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         for start in range(0, x.shape[0], self.chunk_size):
-            mean += x[start:start + self.chunk_size].sum(dim=0, dtype=torch.float64)
+            mean += x[start : start + self.chunk_size].sum(dim=0, dtype=torch.float64)
         mean = (mean / x.shape[0]).float()
-        largest = max(float((x[start:start + self.chunk_size] - mean).norm(dim=1).max())
-                      for start in range(0, x.shape[0], self.chunk_size))
+        largest = max(
+            float((x[start : start + self.chunk_size] - mean).norm(dim=1).max())
+            for start in range(0, x.shape[0], self.chunk_size)
+        )
         scale = 2.0 ** -math.floor(math.log2(largest)) if largest > 0 else 1.0
         out = torch.empty(x.shape, dtype=COVERAGE_PRECISIONS[self.precision], device=x.device)
         for start in range(0, x.shape[0], self.chunk_size):
-            out[start:start + self.chunk_size] = (x[start:start + self.chunk_size] - mean) * scale
+            out[start : start + self.chunk_size] = (x[start : start + self.chunk_size] - mean) * scale
         return out
 
     def _sq_dist_to(self, x: torch.Tensor, norms: torch.Tensor, rows: torch.Tensor | None, pick: int) -> torch.Tensor:
@@ -228,8 +251,8 @@ class GreedyCoresetSampler(BaseSampler):
             else:
                 out = norms[rows]
                 for start in range(0, rows.shape[0], self.chunk_size):
-                    chunk = rows[start:start + self.chunk_size]
-                    out[start:start + self.chunk_size].add_((x[chunk] @ centre).float(), alpha=-2.0)
+                    chunk = rows[start : start + self.chunk_size]
+                    out[start : start + self.chunk_size].add_((x[chunk] @ centre).float(), alpha=-2.0)
         elif x.device.type == "cpu":
             xn, cn = x.numpy(), centre.numpy()
             if rows is None:
@@ -239,7 +262,9 @@ class GreedyCoresetSampler(BaseSampler):
                 rn = rows.numpy()
                 dots = torch.empty(rn.shape[0], dtype=torch.float32)
                 for start in range(0, rn.shape[0], self.chunk_size):
-                    dots[start:start + self.chunk_size] = torch.from_numpy(xn[rn[start:start + self.chunk_size]] @ cn)
+                    dots[start : start + self.chunk_size] = torch.from_numpy(
+                        xn[rn[start : start + self.chunk_size]] @ cn
+                    )
                 out = norms[rows]
             out.add_(dots, alpha=-2.0)
         elif rows is None:
@@ -247,8 +272,8 @@ class GreedyCoresetSampler(BaseSampler):
         else:
             out = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
             for start in range(0, rows.shape[0], self.chunk_size):
-                chunk = rows[start:start + self.chunk_size]
-                out[start:start + self.chunk_size] = torch.addmv(norms[chunk], x[chunk], centre, alpha=-2.0)
+                chunk = rows[start : start + self.chunk_size]
+                out[start : start + self.chunk_size] = torch.addmv(norms[chunk], x[chunk], centre, alpha=-2.0)
         return out.add_(norms[pick]).clamp_(min=0.0)
 
     def _greedy(self, x: torch.Tensor, m: int) -> np.ndarray:
@@ -258,11 +283,17 @@ class GreedyCoresetSampler(BaseSampler):
         selected[0] = start
         # min_sq[i]: squared distance of point i to its nearest centre; nearest[i]: which centre (0..m-1)
         if x.dtype != torch.float32:  # float32 norms of the rounded values
-            norms = torch.cat([(x[i:i + self.chunk_size].float() ** 2).sum(dim=1)
-                               for i in range(0, x.shape[0], self.chunk_size)])
+            norms = torch.cat(
+                [(x[i : i + self.chunk_size].float() ** 2).sum(dim=1) for i in range(0, x.shape[0], self.chunk_size)]
+            )
         else:
-            norms = (x * x).sum(dim=1) if x.shape[0] * x.shape[1] <= 4 * self.chunk_size * 128 else torch.cat(
-                [(x[i:i + self.chunk_size] ** 2).sum(dim=1) for i in range(0, x.shape[0], self.chunk_size)])
+            norms = (
+                (x * x).sum(dim=1)
+                if x.shape[0] * x.shape[1] <= 4 * self.chunk_size * 128
+                else torch.cat(
+                    [(x[i : i + self.chunk_size] ** 2).sum(dim=1) for i in range(0, x.shape[0], self.chunk_size)]
+                )
+            )
         min_sq = self._sq_dist_to(x, norms, None, start)
         min_sq[start] = 0.0
         nearest = torch.zeros(n, dtype=torch.int32, device=x.device)

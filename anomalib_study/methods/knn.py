@@ -31,7 +31,6 @@ from anomalib_study.methods.base import (
     check_bool,
     check_embeddings,
     check_fraction,
-    check_int,
     check_is_fitted,
     load_model_file,
     save_model_file,
@@ -69,10 +68,13 @@ class KNNDetector(BaseDetector):
         n_features_in_: d.
     """
 
-    k = Param(100, "neighbours averaged (clamped to the normal images - 1)", cli=positive_int,
-              check=int_at_least(1))
-    thres_ratio = Param(0.92, "share of normal images the threshold keeps normal (quantile of their leave-one-out "
-                        "scores)", cli=open_fraction, check=check_fraction)
+    k = Param(100, "neighbours averaged (clamped to the normal images - 1)", cli=positive_int, check=int_at_least(1))
+    thres_ratio = Param(
+        0.92,
+        "share of normal images the threshold keeps normal (quantile of their leave-one-out scores)",
+        cli=open_fraction,
+        check=check_fraction,
+    )
     normalize = Param(True, "L2-normalise the embeddings", cli=bool, check=check_bool)
     index = Param("Flat", "faiss factory string of the search (Flat = exact)", cli=str, check=_factory_string)
     device = Param("cpu", "where the search runs (cpu; cuda[:N] with faiss-gpu)", kind="run")
@@ -184,7 +186,9 @@ class KNNDetector(BaseDetector):
                 f"{path} is inconsistent: memory bank shape {bank.shape} vs index of {index.ntotal} x {index.dim_}"
             )
         if train_scores.shape != (bank.shape[0],) or not 1 <= k_used < bank.shape[0]:
-            raise ModelFileError(f"{path} is inconsistent: {train_scores.shape[0]} train scores, k_={k_used}, bank {bank.shape}")
+            raise ModelFileError(
+                f"{path} is inconsistent: {train_scores.shape[0]} train scores, k_={k_used}, bank {bank.shape}"
+            )
         detector.memory_bank_ = bank
         detector.index_ = index
         detector.k_ = k_used
@@ -198,21 +202,36 @@ class KNNDetector(BaseDetector):
 def _check_shape(x: np.ndarray, n: int, backbone, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.shape != (n, int(backbone.embedding_dim)):
-        raise StudyError(f"backbone {backbone.name} gave embeddings of shape {x.shape} for {n} {what}, "
-                         f"expected ({n}, {backbone.embedding_dim})")
+        raise StudyError(
+            f"backbone {backbone.name} gave embeddings of shape {x.shape} for {n} {what}, "
+            f"expected ({n}, {backbone.embedding_dim})"
+        )
     return x
 
 
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> KNNDetector:
     """Embeddings of the normal images (through the feature cache ``run.cache``), then fit."""
     started = time.perf_counter()
-    bank = extract_embeddings(backbone, list(paths), batch_size=run.batch_size, num_workers=run.num_workers,
-                              device=run.device, cache=run.cache, progress=run.progress, desc="normal images")
+    bank = extract_embeddings(
+        backbone,
+        list(paths),
+        batch_size=run.batch_size,
+        num_workers=run.num_workers,
+        device=run.device,
+        cache=run.cache,
+        progress=run.progress,
+        desc="normal images",
+    )
     bank = _check_shape(bank, len(paths), backbone, "normal images")
     extract_s = time.perf_counter() - started
     started = time.perf_counter()
-    detector = KNNDetector(k=params["k"], thres_ratio=params["thres_ratio"], normalize=params["normalize"],
-                           index=params["index"], device=run.device).fit(bank)
+    detector = KNNDetector(
+        k=params["k"],
+        thres_ratio=params["thres_ratio"],
+        normalize=params["normalize"],
+        index=params["index"],
+        device=run.device,
+    ).fit(bank)
     detector.timings_ = {"extract_s": extract_s, "index_s": time.perf_counter() - started}
     return detector
 
@@ -220,9 +239,17 @@ def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> KNNDetector:
 def _score_paths(detector: KNNDetector, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
     """``image_scores`` (n,) and the test ``embeddings`` (n, D) (for :func:`_sweep`)."""
     paths = list(paths)
-    x = extract_embeddings(backbone, paths, batch_size=run.batch_size, num_workers=run.num_workers,
-                           device=run.device, cache=run.cache, progress=run.progress, desc="test images",
-                           **({} if errors is None else {"errors": errors}))
+    x = extract_embeddings(
+        backbone,
+        paths,
+        batch_size=run.batch_size,
+        num_workers=run.num_workers,
+        device=run.device,
+        cache=run.cache,
+        progress=run.progress,
+        desc="test images",
+        **({} if errors is None else {"errors": errors}),
+    )
     x = _check_shape(x, len(paths), backbone, "test images")
     scores = np.full(len(paths), np.nan)
     readable = np.isfinite(x).all(axis=1) if errors else np.ones(len(paths), dtype=bool)
@@ -237,8 +264,10 @@ def _describe(detector: KNNDetector) -> dict:
         "k_used": int(detector.k_),
         "thres_ratio": float(detector.thres_ratio),
         "threshold": float(detector.threshold_),
-        "threshold_rule": (f"{detector.thres_ratio} quantile of the leave-one-out scores of the "
-                           f"{detector.memory_bank_.shape[0]} normal images"),
+        "threshold_rule": (
+            f"{detector.thres_ratio} quantile of the leave-one-out scores of the "
+            f"{detector.memory_bank_.shape[0]} normal images"
+        ),
         "normalize": bool(detector.normalize),
         "index": detector.index,
         "index_describe": detector.index_.describe(),
@@ -247,11 +276,16 @@ def _describe(detector: KNNDetector) -> dict:
 
 
 def _check_loaded(detector: KNNDetector, section: dict, n_images: int) -> str | None:
-    if (detector.k_ != int(section["k_used"]) or not np.isclose(detector.threshold_, float(section["threshold"]))
-            or detector.memory_bank_.shape[0] != n_images):
-        return (f"the model (k={detector.k_}, threshold={detector.threshold_:.6g}, {detector.memory_bank_.shape[0]} "
-                f"images) does not match its description (k={section['k_used']}, threshold="
-                f"{float(section['threshold']):.6g}, {n_images} images)")
+    if (
+        detector.k_ != int(section["k_used"])
+        or not np.isclose(detector.threshold_, float(section["threshold"]))
+        or detector.memory_bank_.shape[0] != n_images
+    ):
+        return (
+            f"the model (k={detector.k_}, threshold={detector.threshold_:.6g}, {detector.memory_bank_.shape[0]} "
+            f"images) does not match its description (k={section['k_used']}, threshold="
+            f"{float(section['threshold']):.6g}, {n_images} images)"
+        )
     return None
 
 

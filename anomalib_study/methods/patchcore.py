@@ -69,14 +69,14 @@ from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.hardware import PRECISIONS, resolve_precision
 from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
-    Param,
-    check_patches,
-    gaussian_kernel_size,
-    MethodSpec,
-    RunOptions,
     BaseDetector,
+    MethodSpec,
+    Param,
+    RunOptions,
     check_int,
     check_is_fitted,
+    check_patches,
+    gaussian_kernel_size,
     load_model_file,
     save_model_file,
 )
@@ -84,8 +84,16 @@ from anomalib_study.methods.coreset import COVERAGE_PRECISIONS, SAMPLERS
 from anomalib_study.patches import PatchFeatures
 from anomalib_study.search import NearestNeighbourIndex
 
-__all__ = ["PatchCore", "reweighted_image_scores", "anomaly_maps", "gaussian_kernel_size", "FORMAT_NAME",
-           "FORMAT_VERSION", "IMAGE_SCORES", "SPEC"]
+__all__ = [
+    "PatchCore",
+    "reweighted_image_scores",
+    "anomaly_maps",
+    "gaussian_kernel_size",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "IMAGE_SCORES",
+    "SPEC",
+]
 
 FORMAT_NAME = "anomalib_study.patchcore"
 FORMAT_VERSION = 1
@@ -115,7 +123,9 @@ def reweighted_image_scores(support_distances) -> np.ndarray:
     return weight * d[:, 0]
 
 
-def anomaly_maps(patch_scores, size: tuple[int, int], sigma: float = 4.0, device: str | torch.device = "cpu") -> np.ndarray:
+def anomaly_maps(
+    patch_scores, size: tuple[int, int], sigma: float = 4.0, device: str | torch.device = "cpu"
+) -> np.ndarray:
     """Patch scores on their grid -> smoothed anomaly maps at ``size``.
 
     Args:
@@ -168,12 +178,19 @@ class PatchCore(BaseDetector):
     (``"fp32"`` or ``"bf16"``: what ``precision`` resolved to at fit).
     """
 
-    backbone = Param("efficientnet_lite0", "registered backbone name, or a loaded Backbone (only fit_paths / "
-                     "score_paths use it)", kind="input")
+    backbone = Param(
+        "efficientnet_lite0",
+        "registered backbone name, or a loaded Backbone (only fit_paths / score_paths use it)",
+        kind="input",
+    )
     weights = Param(None, "explicit weight file for a backbone given by name", kind="input")
     image_size = Param(None, "input side for a backbone given by name (None = its default)", kind="input")
-    resize_mode = Param("crop", "crop (shorter side resized, centre crop), squash (the whole image to the square "
-                        "input) or keep (aspect ratio kept: per-image grids and maps)", kind="input")
+    resize_mode = Param(
+        "crop",
+        "crop (shorter side resized, centre crop), squash (the whole image to the square "
+        "input) or keep (aspect ratio kept: per-image grids and maps)",
+        kind="input",
+    )
     layers = Param(None, "backbone stages of the patch features (None: two mid-level stages)")
     patch_size = Param(3, "neighbourhood side of the patch features", cli=odd_positive_int)
     per_layer_dim = Param(None, "channels each stage is pooled to (None: the paper's default)")
@@ -181,22 +198,44 @@ class PatchCore(BaseDetector):
     sampler = Param("greedy", "coreset sampler (random: the ablation)", cli=str, choices=tuple(sorted(SAMPLERS)))
     coreset_ratio = Param(0.1, "share of training patches kept in the memory bank", cli=fraction_up_to_one)
     projection_dim = Param(128, "random projection of the greedy coreset's distances (paper: 128)")
-    coreset_precision = Param("fp32", "type of the projected features the greedy coreset reads: fp32, bf16 or fp16 "
-                              "(half the bytes; the selection may differ a little)", cli=str,
-                              choices=COVERAGE_PRECISIONS)
-    image_score = Param("reweighted", "image score: max patch score or the paper's Eq. 7 reweighting", cli=str,
-                        choices=IMAGE_SCORES, flag="--score")
-    num_neighbours = Param(9, "b of Eq. 7: bank neighbours of the nearest patch used by the reweighting",
-                           cli=positive_int)
+    coreset_precision = Param(
+        "fp32",
+        "type of the projected features the greedy coreset reads: fp32, bf16 or fp16 "
+        "(half the bytes; the selection may differ a little)",
+        cli=str,
+        choices=COVERAGE_PRECISIONS,
+    )
+    image_score = Param(
+        "reweighted",
+        "image score: max patch score or the paper's Eq. 7 reweighting",
+        cli=str,
+        choices=IMAGE_SCORES,
+        flag="--score",
+    )
+    num_neighbours = Param(
+        9, "b of Eq. 7: bank neighbours of the nearest patch used by the reweighting", cli=positive_int
+    )
     sigma = Param(4.0, "Gaussian sigma of the anomaly maps, in pixels (paper: 4)", cli=non_negative_float)
     index = Param("Flat", "faiss factory string of the bank search (Flat = exact)", cli=str)
-    precision = Param("fp32", "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) or auto (bf16 "
-                      "where the CPU/GPU has it natively)", cli=str, choices=PRECISIONS)
-    search_dim = Param(None, "principal components of the bank the Flat search's candidates use, re-ranked exactly "
-                       "on every feature (None: every feature)", cli=positive_int)
+    precision = Param(
+        "fp32",
+        "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) or auto (bf16 "
+        "where the CPU/GPU has it natively)",
+        cli=str,
+        choices=PRECISIONS,
+    )
+    search_dim = Param(
+        None,
+        "principal components of the bank the Flat search's candidates use, re-ranked exactly "
+        "on every feature (None: every feature)",
+        cli=positive_int,
+    )
     thres_ratio = Param(0.99, "share of held-out normal images the threshold keeps normal", cli=open_fraction)
-    calibration_fraction = Param(0.1, "share of training images held out of the bank to set the threshold (0 = "
-                                 "none, the paper's setting)", cli=float)
+    calibration_fraction = Param(
+        0.1,
+        "share of training images held out of the bank to set the threshold (0 = none, the paper's setting)",
+        cli=float,
+    )
     seed = Param(0, "seed of the coreset and of the held-out choice", cli=int, flag="--model-seed")
     batch_size = Param(8, "images per forward pass of the backbone", kind="run")
     num_workers = Param(0, "image-decoding worker processes", kind="run")
@@ -230,13 +269,17 @@ class PatchCore(BaseDetector):
         if not isinstance(self.index, str) or not self.index.strip():
             raise ParameterError(f"index must be a faiss factory string such as 'Flat', got {self.index!r}")
         if self.precision not in PRECISIONS:
-            raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)} (bf16: backbone forward and "
-                                 f"bank search in bfloat16, re-ranked in float32), got {self.precision!r}")
+            raise ParameterError(
+                f"precision must be one of {', '.join(PRECISIONS)} (bf16: backbone forward and "
+                f"bank search in bfloat16, re-ranked in float32), got {self.precision!r}"
+            )
         if self.search_dim is not None:
             check_int("search_dim", self.search_dim, minimum=1)
             if self.index.strip() != "Flat":
-                raise ParameterError(f"search_dim re-ranks the exact search only: it needs index='Flat', got "
-                                     f"index={self.index!r}; pass search_dim=None with an approximate index")
+                raise ParameterError(
+                    f"search_dim re-ranks the exact search only: it needs index='Flat', got "
+                    f"index={self.index!r}; pass search_dim=None with an approximate index"
+                )
         from anomalib_study.patches import patch_features
 
         patch_features([torch.zeros(1, 1, 1, 1)], self.patch_size, self.per_layer_dim, self.target_dim)
@@ -247,11 +290,18 @@ class PatchCore(BaseDetector):
 
     def _make_sampler(self):
         if self.sampler == "greedy":
-            return SAMPLERS["greedy"](ratio=self.coreset_ratio, projection_dim=self.projection_dim, seed=self.seed,
-                                      device=self.device, progress=self.progress, precision=self.coreset_precision)
+            return SAMPLERS["greedy"](
+                ratio=self.coreset_ratio,
+                projection_dim=self.projection_dim,
+                seed=self.seed,
+                device=self.device,
+                progress=self.progress,
+                precision=self.coreset_precision,
+            )
         if self.coreset_precision not in COVERAGE_PRECISIONS:  # checked here too: the random sampler ignores it
-            raise ParameterError(f"coreset_precision must be one of {', '.join(COVERAGE_PRECISIONS)}, "
-                                 f"got {self.coreset_precision!r}")
+            raise ParameterError(
+                f"coreset_precision must be one of {', '.join(COVERAGE_PRECISIONS)}, got {self.coreset_precision!r}"
+            )
         return SAMPLERS[self.sampler](ratio=self.coreset_ratio, seed=self.seed)
 
     def calibration_images(self, n_images: int) -> np.ndarray:
@@ -278,8 +328,14 @@ class PatchCore(BaseDetector):
         held = self.calibration_images(n)
         keep = np.setdiff1d(np.arange(n), held)
         bank_part = X if held.size == 0 else X[keep]
-        self._fit_arrays(bank_part, X[held], self._grid(grid_shape, p), backbone_identity=None, extract_s=0.0,
-                         precision=self._resolve_precision())
+        self._fit_arrays(
+            bank_part,
+            X[held],
+            self._grid(grid_shape, p),
+            backbone_identity=None,
+            extract_s=0.0,
+            precision=self._resolve_precision(),
+        )
         return self
 
     def _resolve_precision(self) -> str:
@@ -289,8 +345,14 @@ class PatchCore(BaseDetector):
     def _new_index(self, precision: str, device: str) -> NearestNeighbourIndex:
         """The bank's (unfitted) search index: ``index``'s factory, the search precision of
         ``precision``, and ``search_dim``'s candidate dimensions."""
-        return NearestNeighbourIndex(factory=self.index, metric="l2", seed=int(self.seed), device=device,
-                                     precision=self._search_precision(precision), candidate_dim=self.search_dim)
+        return NearestNeighbourIndex(
+            factory=self.index,
+            metric="l2",
+            seed=int(self.seed),
+            device=device,
+            precision=self._search_precision(precision),
+            candidate_dim=self.search_dim,
+        )
 
     def _search_precision(self, precision: str) -> str:
         # the bf16 re-ranked search exists for the exact index only; approximate ones stay faiss's
@@ -308,19 +370,35 @@ class PatchCore(BaseDetector):
             raise ParameterError(f"grid_shape {grid_shape} does not hold {n_patches} patches per image")
         return h, w
 
-    def _fit_arrays(self, bank_part: np.ndarray, calibration: np.ndarray, grid: tuple[int, int],
-                    backbone_identity: dict | None, extract_s: float, precision: str) -> None:
+    def _fit_arrays(
+        self,
+        bank_part: np.ndarray,
+        calibration: np.ndarray,
+        grid: tuple[int, int],
+        backbone_identity: dict | None,
+        extract_s: float,
+        precision: str,
+    ) -> None:
         n_bank, p, d = bank_part.shape
-        self._fit_rows(bank_part.reshape(n_bank * p, d), n_bank, [calibration], grid, backbone_identity, extract_s,
-                       precision)
+        self._fit_rows(
+            bank_part.reshape(n_bank * p, d), n_bank, [calibration], grid, backbone_identity, extract_s, precision
+        )
 
-    def _fit_rows(self, rows: np.ndarray, n_bank: int, calibration: list[np.ndarray], grid: tuple[int, int] | None,
-                  backbone_identity: dict | None, extract_s: float, precision: str) -> None:
+    def _fit_rows(
+        self,
+        rows: np.ndarray,
+        n_bank: int,
+        calibration: list[np.ndarray],
+        grid: tuple[int, int] | None,
+        backbone_identity: dict | None,
+        extract_s: float,
+        precision: str,
+    ) -> None:
         """Fit on the bank images' patches ``rows`` (N, D); ``calibration``: the held-out
         images as a list of (n_i, p_i, D) arrays (one per patch count, in held-out order)."""
         d = rows.shape[1]
         for start in range(0, rows.shape[0], 65536):  # chunked: no boolean copy of the whole array
-            if not np.isfinite(rows[start:start + 65536]).all():
+            if not np.isfinite(rows[start : start + 65536]).all():
                 raise ParameterError("the training patch features contain NaN or infinite values")
         started = time.perf_counter()
         chosen = self._make_sampler().run(rows)
@@ -348,11 +426,17 @@ class PatchCore(BaseDetector):
         self.calibration_scores_max_ = scores_max
         self.calibration_scores_reweighted_ = scores_rw
         self.threshold_ = self._threshold()
-        self.timings_ = {"extract_s": float(extract_s), "coreset_s": coreset_s, "index_s": index_s,
-                         "calibration_s": time.perf_counter() - started}
+        self.timings_ = {
+            "extract_s": float(extract_s),
+            "coreset_s": coreset_s,
+            "index_s": index_s,
+            "calibration_s": time.perf_counter() - started,
+        }
 
     def _threshold(self) -> float:
-        scores = self.calibration_scores_reweighted_ if self.image_score == "reweighted" else self.calibration_scores_max_
+        scores = (
+            self.calibration_scores_reweighted_ if self.image_score == "reweighted" else self.calibration_scores_max_
+        )
         return float(np.quantile(scores, self.thres_ratio)) if scores.size else float("nan")
 
     # ------------------------------------------------------------------ scoring (features)
@@ -360,8 +444,10 @@ class PatchCore(BaseDetector):
         n, p, d = X.shape
         distances, indices = self.index_.search(X.reshape(n * p, d), 1)
         if not np.isfinite(distances).all():
-            raise ParameterError(f"index {self.index!r} found no neighbour for some patches: use index='Flat' "
-                                 "or an IVF index with more points per list")
+            raise ParameterError(
+                f"index {self.index!r} found no neighbour for some patches: use index='Flat' "
+                "or an IVF index with more points per list"
+            )
         patch_scores = distances[:, 0].reshape(n, p)
         best = np.argmax(patch_scores, axis=1)
         image_max = patch_scores[np.arange(n), best].astype(np.float64)
@@ -393,8 +479,9 @@ class PatchCore(BaseDetector):
         """
         check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
         grid = self.grid_shape_
-        X = self._as_patches(X, "X", n_features=self.n_features_in_,
-                             n_patches=None if grid is None else grid[0] * grid[1])
+        X = self._as_patches(
+            X, "X", n_features=self.n_features_in_, n_patches=None if grid is None else grid[0] * grid[1]
+        )
         return self._score_arrays(X)
 
     def score(self, X) -> np.ndarray:
@@ -411,8 +498,10 @@ class PatchCore(BaseDetector):
 
     def _check_threshold(self) -> None:
         if not np.isfinite(self.threshold_):
-            raise ParameterError("this PatchCore has no threshold (fitted with calibration_fraction=0): "
-                                 "refit with calibration_fraction > 0, or rank images by score()")
+            raise ParameterError(
+                "this PatchCore has no threshold (fitted with calibration_fraction=0): "
+                "refit with calibration_fraction > 0, or rank images by score()"
+            )
 
     def anomaly_maps(self, patch_scores, size: tuple[int, int] | None = None) -> np.ndarray:
         """(n, h*w) or (n, h, w) patch scores -> (n, H, W) float32 smoothed maps (see :func:`anomaly_maps`).
@@ -422,8 +511,10 @@ class PatchCore(BaseDetector):
         check_is_fitted(self, _FITTED, fit_call="fit(patch_features) or fit_paths(paths)")
         scores = np.asarray(patch_scores, dtype=np.float32)
         if self.grid_shape_ is None and (scores.ndim == 2 or size is None):
-            raise ParameterError("this PatchCore was fitted under resize_mode='keep' (a patch grid per image shape): "
-                                 "give (n, h, w) patch scores of one shape and size=(H, W)")
+            raise ParameterError(
+                "this PatchCore was fitted under resize_mode='keep' (a patch grid per image shape): "
+                "give (n, h, w) patch scores of one shape and size=(H, W)"
+            )
         if scores.ndim == 2:
             scores = scores.reshape(scores.shape[0], *self.grid_shape_)
         if size is None:
@@ -446,8 +537,13 @@ class PatchCore(BaseDetector):
             if isinstance(self.backbone, Backbone):
                 module = self.backbone
             elif isinstance(self.backbone, str):
-                module = load_backbone(self.backbone, weights=self.weights, device=self.device,
-                                       image_size=self.image_size, resize_mode=self.resize_mode)
+                module = load_backbone(
+                    self.backbone,
+                    weights=self.weights,
+                    device=self.device,
+                    image_size=self.image_size,
+                    resize_mode=self.resize_mode,
+                )
             else:
                 raise ParameterError(f"backbone must be a registered name or a loaded Backbone, got {self.backbone!r}")
             self._check_identity(module)
@@ -455,8 +551,13 @@ class PatchCore(BaseDetector):
         return self._backbone_module
 
     def _identity(self, backbone) -> dict:
-        return {"name": backbone.name, "weights_sha256": backbone.weights_sha256, "image_size": backbone.image_size,
-                "preprocessing": backbone.preprocessing, "layers": self._patch_maker().resolve_layers(backbone)}
+        return {
+            "name": backbone.name,
+            "weights_sha256": backbone.weights_sha256,
+            "image_size": backbone.image_size,
+            "preprocessing": backbone.preprocessing,
+            "layers": self._patch_maker().resolve_layers(backbone),
+        }
 
     def _check_identity(self, backbone) -> None:
         expected = getattr(self, "backbone_identity_", None)
@@ -477,12 +578,22 @@ class PatchCore(BaseDetector):
         from anomalib_study.patches import iter_patch_features
 
         precision = getattr(self, "precision_used_", None) or self._resolve_precision()
-        return iter_patch_features(self.get_backbone(), paths, self._patch_maker(), batch_size=self.batch_size,
-                                   num_workers=self.num_workers, device=self.device, progress=self.progress,
-                                   desc=desc, errors=errors, precision=precision)
+        return iter_patch_features(
+            self.get_backbone(),
+            paths,
+            self._patch_maker(),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            progress=self.progress,
+            desc=desc,
+            errors=errors,
+            precision=precision,
+        )
 
-    def extract_patches(self, paths: Sequence[str | os.PathLike], desc: str = "patch features"
-                        ) -> tuple[np.ndarray, tuple[int, int]]:
+    def extract_patches(
+        self, paths: Sequence[str | os.PathLike], desc: str = "patch features"
+    ) -> tuple[np.ndarray, tuple[int, int]]:
         """Patch features of image files: ``(features (n, h*w, D) float32, (h, w))``.
 
         For studies that fit several models on the same features (e.g. a coreset ablation)
@@ -491,9 +602,17 @@ class PatchCore(BaseDetector):
         from anomalib_study.patches import collect_patch_features
 
         self._validate_params()
-        return collect_patch_features(self.get_backbone(), list(paths), self._patch_maker(), batch_size=self.batch_size,
-                                      num_workers=self.num_workers, device=self.device, progress=self.progress,
-                                      desc=desc, precision=self._resolve_precision())
+        return collect_patch_features(
+            self.get_backbone(),
+            list(paths),
+            self._patch_maker(),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            progress=self.progress,
+            desc=desc,
+            precision=self._resolve_precision(),
+        )
 
     def fit_paths(self, paths: Sequence[str | os.PathLike]) -> "PatchCore":
         """Fit on normal image files: backbone -> patch features -> coreset -> index. Returns self.
@@ -569,16 +688,22 @@ class PatchCore(BaseDetector):
                     continue
                 if used + p > rows.shape[0]:
                     rows.resize((max(used + p, int(1.5 * rows.shape[0])), d), refcheck=False)
-                rows[used:used + p] = row
+                rows[used : used + p] = row
                 used += p
         extract_s = time.perf_counter() - started
         calibration = [held[i] for i in range(n_held)]
-        self._fit_rows(rows[:used], n_bank, calibration, None, self._identity(backbone), extract_s,
-                       self.precision_used_)
+        self._fit_rows(
+            rows[:used], n_bank, calibration, None, self._identity(backbone), extract_s, self.precision_used_
+        )
         return self
 
-    def score_paths(self, paths: Sequence[str | os.PathLike], size: tuple[int, int] | None = None,
-                    keep_patch_scores: bool = False, errors: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+    def score_paths(
+        self,
+        paths: Sequence[str | os.PathLike],
+        size: tuple[int, int] | None = None,
+        keep_patch_scores: bool = False,
+        errors: dict[int, str] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Score image files.
 
         Returns a dict: ``image_scores`` (n,) of the kind ``image_score``,
@@ -606,21 +731,31 @@ class PatchCore(BaseDetector):
         out = {
             "image_scores_max": np.full(n, np.nan, dtype=np.float64),
             "image_scores_reweighted": np.full(n, np.nan, dtype=np.float64),
-            "anomaly_maps": (np.full(n, None, dtype=object) if size is None
-                             else np.full((n, int(size[0]), int(size[1])), np.nan, dtype=np.float32)),
+            "anomaly_maps": (
+                np.full(n, None, dtype=object)
+                if size is None
+                else np.full((n, int(size[0]), int(size[1])), np.nan, dtype=np.float32)
+            ),
         }
         if keep_patch_scores:
-            out["patch_scores"] = (np.full(n, None, dtype=object) if per_image
-                                   else np.full((n, *self.grid_shape_), np.nan, dtype=np.float32))
+            out["patch_scores"] = (
+                np.full(n, None, dtype=object)
+                if per_image
+                else np.full((n, *self.grid_shape_), np.nan, dtype=np.float32)
+            )
         for positions, features, grid, input_hw in self._iter_patch_batches(paths, "PatchCore scoring", errors):
             if (not per_image and tuple(grid) != tuple(self.grid_shape_)) or features.shape[2] != self.n_features_in_:
-                raise ParameterError(f"features of grid {grid} x D={features.shape[2]} do not match the fitted "
-                                     f"{self.grid_shape_} x D={self.n_features_in_}: use the same backbone and image size")
+                raise ParameterError(
+                    f"features of grid {grid} x D={features.shape[2]} do not match the fitted "
+                    f"{self.grid_shape_} x D={self.n_features_in_}: use the same backbone and image size"
+                )
             patch, image_max, image_rw = self._score_arrays(features)
             grid_scores = patch.reshape(len(positions), *grid)
             out["image_scores_max"][positions] = image_max
             out["image_scores_reweighted"][positions] = image_rw
-            maps = anomaly_maps(grid_scores, input_hw if size is None else size, float(self.sigma), self._torch_device())
+            maps = anomaly_maps(
+                grid_scores, input_hw if size is None else size, float(self.sigma), self._torch_device()
+            )
             _place(out["anomaly_maps"], positions, maps)
             if keep_patch_scores:
                 _place(out["patch_scores"], positions, grid_scores)
@@ -685,9 +820,12 @@ class PatchCore(BaseDetector):
         which must be the one the model was fitted with (same name, weights sha256, image
         size and layers), else ModelFileError. A foreign, old or corrupt file -> ModelFileError.
         """
-        header, arrays = load_model_file(path, FORMAT_NAME, FORMAT_VERSION,
-                                         required=("memory_bank_", "calibration_scores_max_",
-                                                   "calibration_scores_reweighted_"))
+        header, arrays = load_model_file(
+            path,
+            FORMAT_NAME,
+            FORMAT_VERSION,
+            required=("memory_bank_", "calibration_scores_max_", "calibration_scores_reweighted_"),
+        )
         try:
             params = dict(header["params"])
             params["device"] = device
@@ -735,8 +873,14 @@ class PatchCore(BaseDetector):
 
 # ---------------------------------------------------------------------- the method's declaration
 def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> PatchCore:
-    return PatchCore(backbone=backbone, **params, batch_size=run.batch_size, num_workers=run.num_workers,
-                     device=run.device, progress=run.progress).fit_paths(list(paths))
+    return PatchCore(
+        backbone=backbone,
+        **params,
+        batch_size=run.batch_size,
+        num_workers=run.num_workers,
+        device=run.device,
+        progress=run.progress,
+    ).fit_paths(list(paths))
 
 
 def _score_paths(model: PatchCore, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
@@ -759,7 +903,8 @@ def _describe(model: PatchCore) -> dict:
         "threshold": float(model.threshold_) if has_threshold else None,
         "threshold_rule": (
             f"{model.thres_ratio} quantile of the {model.image_score} image scores of the {n_calibration} training "
-            "images held out of the memory bank" if has_threshold
+            "images held out of the memory bank"
+            if has_threshold
             else "none: calibration_fraction=0 (every training image is in the memory bank)"
         ),
         "memory_bank_size": int(model.memory_bank_.shape[0]),
@@ -773,7 +918,7 @@ def _describe(model: PatchCore) -> dict:
         "precision_used": model.precision_used_,
         "fit_timings": dict(model.timings_),
         "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}"
-                    + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
+        + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
     }
 
 
@@ -781,18 +926,25 @@ def _check_loaded(model: PatchCore, section: dict, n_images: int) -> str | None:
     threshold = section["threshold"]
     threshold = float("nan") if threshold is None else float(threshold)
     bank = (int(section["memory_bank_size"]), int(section["feature_dim"]))
-    if (not np.isclose(model.threshold_, threshold, equal_nan=True) or model.memory_bank_.shape != bank
-            or model.n_train_images_ != n_images):
-        return (f"the model (threshold={model.threshold_:.6g}, bank {model.memory_bank_.shape[0]} x "
-                f"{model.n_features_in_}, {model.n_train_images_} images) does not match its description "
-                f"(threshold={threshold:.6g}, bank {bank[0]} x {bank[1]}, {n_images} images)")
+    if (
+        not np.isclose(model.threshold_, threshold, equal_nan=True)
+        or model.memory_bank_.shape != bank
+        or model.n_train_images_ != n_images
+    ):
+        return (
+            f"the model (threshold={model.threshold_:.6g}, bank {model.memory_bank_.shape[0]} x "
+            f"{model.n_features_in_}, {model.n_train_images_} images) does not match its description "
+            f"(threshold={threshold:.6g}, bank {bank[0]} x {bank[1]}, {n_images} images)"
+        )
     return None
 
 
 def _threshold_problem(params: dict) -> str | None:
     if params["calibration_fraction"] == 0:
-        return ("calibration_fraction=0 holds no normal image out of the memory bank, so the model has no "
-                "threshold: give calibration_fraction in (0, 1), e.g. 0.1")
+        return (
+            "calibration_fraction=0 holds no normal image out of the memory bank, so the model has no "
+            "threshold: give calibration_fraction in (0, 1), e.g. 0.1"
+        )
     return None
 
 
@@ -810,6 +962,7 @@ SPEC = MethodSpec(
     score_kinds=IMAGE_SCORES,
     produces_maps=True,
     threshold_problem=_threshold_problem,
-    calibration_scores=lambda model: (model.calibration_scores_reweighted_ if model.image_score == "reweighted"
-                                      else model.calibration_scores_max_),
+    calibration_scores=lambda model: (
+        model.calibration_scores_reweighted_ if model.image_score == "reweighted" else model.calibration_scores_max_
+    ),
 )
