@@ -92,7 +92,7 @@ def test_a_declaration_refuses_bad_values_and_unknown_names():
         model._validate_params()
     with pytest.raises(TypeError, match="unexpected keyword argument 'kk'"):
         methods.get_method("knn").estimator(kk=3)
-    with pytest.raises(ParameterError, match="sampler must be one of 'greedy', 'random', got 'best'"):
+    with pytest.raises(ParameterError, match="sampler must be one of greedy, random, got 'best'"):
         methods.get_method("patchcore").estimator(sampler="best")._validate_params()
     with pytest.raises(TypeError, match="declares Params and its own __init__"):
 

@@ -114,7 +114,7 @@ def test_no_threshold_without_calibration():
         ({"resize_mode": "stretch"}, "resize_mode"),
         ({"precision": "fp16"}, "precision must be one of fp32, bf16, auto"),
         ({"precision": None}, "precision"),
-        ({"coreset_precision": "fp8"}, "coreset precision must be one of fp32, bf16, fp16"),
+        ({"coreset_precision": "fp8"}, "coreset_precision must be one of fp32, bf16, fp16"),
         ({"coreset_precision": "fp8", "sampler": "random"}, "coreset_precision must be one of"),
     ],
 )

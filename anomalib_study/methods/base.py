@@ -155,7 +155,7 @@ class Param:
     def validate(self, value: Any) -> None:
         """ParameterError naming the parameter when ``value`` is impossible."""
         if self.choices is not None and value not in self.choices:
-            raise ParameterError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+            raise ParameterError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
         if self.check is not None:
             self.check(self.name, value)
 
