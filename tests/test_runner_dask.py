@@ -23,7 +23,7 @@ import nbformat
 import pytest
 import yaml
 
-from anomalib_study import runner
+from anomalib_study import dask_cluster, runner
 from anomalib_study.cli import main
 from anomalib_study.errors import ParameterError, StudyError
 
@@ -312,7 +312,7 @@ def test_scheduler_and_jobs_are_exclusive_and_missing_distributed_is_explained(p
 
 def test_an_unreachable_scheduler_is_one_clear_error(project, monkeypatch):
     study = _write_study(project / "studies" / "tiny.yaml", {"plain": {"dataset": "dagm"}})
-    monkeypatch.setattr(runner, "CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(dask_cluster, "CONNECT_TIMEOUT_S", 1)  # looked up by connect_cluster there
     with pytest.raises(StudyError, match=r"cannot reach the Dask scheduler at 'tcp://127\.0\.0\.1:1'.*dask scheduler"):
         runner.run_study(study, reports_dir=project / "reports", scheduler="tcp://127.0.0.1:1", log=lambda line: None)
     assert not (project / "reports").exists()  # nothing ran, nothing written

@@ -1,0 +1,474 @@
+"""Study files: read and validate them, expand their grid, resolve the cells' parameters.
+
+A study file (YAML) names one notebook and the grid::
+
+    notebook: notebooks/01_knn_detection.ipynb   # relative to the study file's folder or its parent
+    title: Deep nearest-neighbour detection
+    headline: [image_auroc, accuracy]             # metric keys shown in the index
+    parameters: {k: 100, thres_ratio: 0.92}       # shared by every cell
+    backbones: [efficientnet_lite0, dinov2_vits14]
+    datasets:
+      synthetic_dagm: {dataset: dagm, root: "{synthetic}"}
+      mvtec_ad-bottle: {dataset: mvtec_ad, root: "{data}/mvtec_ad", category: bottle}
+
+Each grid cell ``<dataset key>-<backbone>`` runs the notebook once with papermill, with the
+parameters ``shared parameters + dataset entry + backbone`` (later ones win), plus
+``metrics_out`` and ``report_name``, which the runner sets.
+
+Instead of ``backbones`` (exactly one of the two), the second axis can be ``variants``: a
+mapping of names to parameters, for studies whose columns are not backbones (e.g. the
+models of one method)::
+
+    variants:
+      conv: {model: conv}
+      pretrained-efficientnet_lite0: {model: pretrained, backbone: efficientnet_lite0}
+
+Each cell is then ``<dataset key>-<variant name>`` with the parameters ``shared parameters +
+dataset entry + variant entry`` (later ones win); a variant, a dataset entry or the shared
+parameters may set ``backbone`` (with ``backbones`` only the list sets it). In string parameters,
+``{data}`` becomes the real-data folder (``--data`` or $ANOMALIB_STUDY_DATA; a cell that
+needs it while it is unset or missing is skipped, with a message), ``{synthetic}`` the
+synthetic DAGM-layout set (generated once, into ``cache_root() / "synthetic_dagm"``) and
+``{reports}`` the reports folder (for a notebook that reads the other reports, e.g. the
+comparison; its inputs hash then covers every other ``*/*.metrics.json`` and ``*.failed.json``).
+A dataset entry names a layout (``dataset:``) unless the notebook has no ``dataset`` parameter.
+In a backbones grid, a dataset entry may narrow its row to some of the grid's backbones with
+``backbones: [dinov2_vits14]`` (for a setting too costly or pointless for the others); that key is
+not passed to the notebook.
+
+A suite file (``title`` + ``studies:``, a list of study files or inline studies) runs several
+studies in order into the same reports folder, e.g. ``studies/default.yaml``: every method
+family on the synthetic set, then the comparison (see :func:`read_studies`).
+
+The runner (:mod:`anomalib_study.runner`) decides which of the cells run, executes them
+(:mod:`anomalib_study.execution`) and writes their reports.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+
+from anomalib_study import io
+from anomalib_study.errors import StudyError
+
+STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "variants", "datasets")
+SUITE_KEYS = ("title", "studies")
+AXES = ("backbones", "variants")  # the grid's second axis: a study file gives exactly one
+RUNNER_PARAMETERS = ("metrics_out", "report_name")  # set by the runner, never by a study file
+DATASET_BACKBONES = "backbones"  # in a dataset entry of a backbones grid: run only these of the grid's backbones
+NEEDS_DATA = "needs the real data: set ANOMALIB_STUDY_DATA or pass --data"
+SYNTHETIC_SEED = 0  # the seed of the synthetic set behind {synthetic}
+
+_NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_PLACEHOLDERS = ("data", "synthetic", "reports")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file.
+
+    Attributes:
+        path: the study file.
+        notebook: the notebook it runs (absolute).
+        title: shown in the index.
+        headline: metric keys shown in the index, in order.
+        parameters: shared by every cell.
+        backbones: backbone names (one grid column each); empty when the file gives ``variants``.
+        datasets: dataset key -> that row's parameters (``dataset`` at least).
+        variants: variant name -> that column's parameters (one grid column each); None
+            when the file gives ``backbones``.
+    """
+
+    path: Path
+    notebook: Path
+    title: str
+    headline: tuple[str, ...]
+    parameters: dict[str, Any]
+    backbones: tuple[str, ...]
+    datasets: dict[str, dict[str, Any]]
+    variants: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def axis(self) -> str:
+        """What the grid's columns are: ``"backbone"`` or ``"variant"``."""
+        return "backbone" if self.variants is None else "variant"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: a (dataset key, backbone or variant) pair and its unresolved parameters.
+
+    ``backbone`` is the column's backbone (for a variants grid the ``backbone`` parameter
+    the cell sets, "" if none); ``variant`` the variant's name (None in a backbones grid).
+    """
+
+    name: str
+    dataset: str
+    backbone: str
+    parameters: dict[str, Any]
+    variant: str | None = None
+
+
+def _load_yaml(study_file: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    path = Path(study_file)
+    if not path.is_file():
+        raise StudyError(f"study file {path} not found: pass a YAML file such as studies/default.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise StudyError(f"study file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise StudyError(
+            f"study file {path}: expected a mapping with the keys {', '.join(STUDY_KEYS)} "
+            f"(or, for a suite, {', '.join(SUITE_KEYS)})"
+        )
+    return path, data
+
+
+def read_study(study_file: str | os.PathLike) -> Study:
+    """Read and validate a study file; raises StudyError naming the file and the bad key.
+
+    A suite file (``studies:``) is refused here: :func:`read_studies` reads both kinds."""
+    path, data = _load_yaml(study_file)
+    if "studies" in data:
+        raise StudyError(f"study file {path} is a suite of studies (key 'studies'): read it with read_studies")
+    return _parse_study(data, path, f"study file {path}")
+
+
+def read_studies(study_file: str | os.PathLike) -> list[Study]:
+    """The studies a file runs, in order: the file itself, or the parts of a suite.
+
+    A suite file has the keys ``title`` (optional) and ``studies``: a list whose entries are
+    study file paths (relative to the suite's folder) or inline study mappings (their
+    ``notebook`` resolved like a study file's). Its parts run one after the other, so a part
+    may read the reports of the ones before it (e.g. the comparison notebook)::
+
+        title: The whole study on the synthetic set
+        studies:
+          - knn_quick.yaml
+          - {notebook: notebooks/02_patchcore.ipynb, backbones: [efficientnet_lite0],
+             datasets: {synthetic_quick: {dataset: dagm, root: "{synthetic}"}}}
+    """
+    path, data = _load_yaml(study_file)
+    if "studies" not in data:
+        return [_parse_study(data, path, f"study file {path}")]
+    unknown = sorted(set(map(str, data)) - set(SUITE_KEYS))
+    if unknown:
+        raise StudyError(
+            f"study file {path}: key '{unknown[0]}' is not a suite key (a suite has only "
+            f"{', '.join(SUITE_KEYS)}; put study keys inside its parts)"
+        )
+    parts = data["studies"]
+    if not isinstance(parts, list) or not parts:
+        raise StudyError(f"study file {path}: key 'studies' must be a non-empty list of study files or inline studies")
+    studies = []
+    for number, part in enumerate(parts):
+        where = f"study file {path}: studies[{number}]"
+        if isinstance(part, str):
+            sub = path.parent / part
+            if not sub.is_file():
+                raise StudyError(f"{where} names {part}, which is not found (looked at {sub})")
+            sub_path, sub_data = _load_yaml(sub)
+            if "studies" in sub_data:
+                raise StudyError(f"{where} names the suite {part}: a suite's parts must be studies, not suites")
+            studies.append(_parse_study(sub_data, sub_path, f"study file {sub_path}"))
+        elif isinstance(part, dict):
+            studies.append(_parse_study(part, path, where))
+        else:
+            raise StudyError(f"{where} must be a study file path or a study mapping, got {type(part).__name__}")
+    seen: dict[str, Path] = {}
+    for study in studies:  # two parts writing the same report would overwrite each other
+        for cell in expand_grid(study):
+            key = f"{study.notebook.stem}/{cell.name}"
+            if key in seen:
+                raise StudyError(
+                    f"study file {path}: two parts ({seen[key]} and {study.path}) give the report {key}: "
+                    "rename a dataset key"
+                )
+            seen[key] = study.path
+    return studies
+
+
+def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
+    def bad(key: str, why: str) -> StudyError:
+        return StudyError(f"{origin}: key '{key}' {why}")
+
+    unknown = sorted(set(map(str, data)) - set(STUDY_KEYS))
+    if unknown:
+        raise bad(unknown[0], f"is not a study key (known: {', '.join(STUDY_KEYS)})")
+
+    notebook = data.get("notebook")
+    if not isinstance(notebook, str) or not notebook:
+        raise bad("notebook", "is missing: name the notebook to run, e.g. notebooks/01_knn_detection.ipynb")
+    candidates = (
+        [Path(notebook)] if Path(notebook).is_absolute() else [path.parent / notebook, path.parent.parent / notebook]
+    )
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise bad("notebook", f"names {notebook}, which is not found (looked at {', '.join(map(str, candidates))})")
+
+    title = data.get("title", found.stem)
+    if not isinstance(title, str):
+        raise bad("title", "must be a string")
+    headline = data.get("headline", [])
+    if not isinstance(headline, list) or not all(isinstance(h, str) for h in headline):
+        raise bad("headline", "must be a list of metric keys, e.g. [image_auroc, accuracy]")
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad("parameters", "must be a mapping of notebook parameters, e.g. {k: 100}")
+
+    given = [axis for axis in AXES if axis in data]
+    if len(given) != 1:
+        why = (
+            "and 'variants' are both given: use one of the two as the grid's second axis"
+            if given
+            else "is missing: give either 'backbones' (a list of backbone names) or 'variants' "
+            "(a mapping of variant name -> parameters)"
+        )
+        raise bad("backbones", why)
+    backbones, variants = data.get("backbones"), None
+    if given == ["backbones"]:
+        if not isinstance(backbones, list) or not backbones:
+            raise bad("backbones", "must be a non-empty list of backbone names (the grid would be empty)")
+        for name in backbones:
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise bad("backbones", f"has the entry {name!r}: use names of letters, digits, '_', '.' and '-'")
+        if len(set(backbones)) != len(backbones):
+            raise bad("backbones", "lists a backbone twice")
+    else:
+        backbones, variants = [], data["variants"]
+        if not isinstance(variants, dict) or not variants:
+            raise bad(
+                "variants", "must be a non-empty mapping of name -> {parameter: value, ...} (the grid would be empty)"
+            )
+        for key, entry in variants.items():
+            if not isinstance(key, str) or not _NAME.match(key):
+                raise bad(f"variants.{key}", "is not a usable name: use letters, digits, '_', '.' and '-'")
+            if not isinstance(entry, dict):
+                raise bad(
+                    f"variants.{key}", "must be a mapping of notebook parameters, e.g. {model: conv} ({} for none)"
+                )
+
+    datasets = data.get("datasets")
+    if not isinstance(datasets, dict) or not datasets:
+        raise bad(
+            "datasets",
+            "must be a non-empty mapping of name -> {dataset: <layout>, root: ...} (the grid would be empty)",
+        )
+    # a notebook without a `dataset` parameter (e.g. the comparison over the reports) takes no layout
+    takes_layout = "dataset" in (notebook_parameters(found) or ["dataset"])
+    for key, entry in datasets.items():
+        if not isinstance(key, str) or not _NAME.match(key):
+            raise bad(f"datasets.{key}", "is not a usable name: use letters, digits, '_', '.' and '-'")
+        if not isinstance(entry, dict) or (takes_layout and not isinstance(entry.get("dataset"), str)):
+            raise bad(f"datasets.{key}", "must be a mapping with at least 'dataset: <layout name>'")
+        if "dataset" in entry:
+            _check_layout(entry["dataset"], lambda why, key=key: bad(f"datasets.{key}.dataset", why))
+        if DATASET_BACKBONES in entry:  # this data set's cells: a subset of the grid's backbones
+            only = entry[DATASET_BACKBONES]
+            if variants is not None:
+                raise bad(f"datasets.{key}.backbones", "only narrows a 'backbones' grid: this study has 'variants'")
+            if not isinstance(only, list) or not only or len(set(map(str, only))) != len(only):
+                raise bad(f"datasets.{key}.backbones", "must be a non-empty list of backbone names, each once")
+            unknown = [name for name in only if name not in backbones]
+            if unknown:
+                raise bad(
+                    f"datasets.{key}.backbones",
+                    f"names {unknown[0]!r}, which is not in the study's "
+                    f"'backbones' ({', '.join(backbones)}): add it there or remove it here",
+                )
+
+    sections = (
+        [("parameters", parameters)]
+        + [(f"datasets.{k}", v) for k, v in datasets.items()]
+        + [(f"variants.{k}", v) for k, v in (variants or {}).items()]
+    )
+    for where, mapping in sections:
+        for name, value in mapping.items():
+            if name == DATASET_BACKBONES and where.startswith("datasets."):
+                continue  # checked above; not a notebook parameter
+            if name in RUNNER_PARAMETERS:
+                raise bad(f"{where}.{name}", "is set by the runner for each cell: remove it")
+            if name == "backbone" and variants is None:
+                raise bad(f"{where}.{name}", "is set per cell from 'backbones': list it there")
+            for placeholder in _PLACEHOLDER.findall(value) if isinstance(value, str) else ():
+                if placeholder not in _PLACEHOLDERS:
+                    raise bad(
+                        f"{where}.{name}",
+                        f"uses the unknown placeholder {{{placeholder}}} (known: {{data}}, {{synthetic}}, {{reports}})",
+                    )
+
+    study = Study(
+        path=path,
+        notebook=found.resolve(),
+        title=title,
+        headline=tuple(headline),
+        parameters=dict(parameters),
+        backbones=tuple(backbones),
+        datasets={k: dict(v) for k, v in datasets.items()},
+        variants=None if variants is None else {k: dict(v) for k, v in variants.items()},
+    )
+    names = [cell.name for cell in expand_grid(study)]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # e.g. dataset "a-b" x column "c" and dataset "a" x column "b-c"
+        raise bad("datasets", f"and the {study.axis}s give the cell name {twice[0]!r} twice: rename one")
+    return study
+
+
+def _check_layout(layout: str, bad: Callable[[str], StudyError]) -> None:
+    try:
+        from anomalib_study.data.readers import LAYOUTS
+    except ImportError:  # the data layer validates the layout when the notebook runs
+        return
+    if layout not in LAYOUTS:
+        raise bad(f"names the unknown layout {layout!r} (known: {', '.join(sorted(LAYOUTS))})")
+
+
+def expand_grid(study: Study) -> list[Cell]:
+    """The grid, datasets (file order) x backbones or variants (file order); parameters not yet resolved.
+
+    A backbones grid's cell has ``shared + dataset entry + {"backbone": name}``, a variants
+    grid's ``shared + dataset entry + variant entry`` (later ones win)."""
+    cells = []
+    for key, entry in study.datasets.items():
+        only = entry.get(DATASET_BACKBONES)
+        entry = {name: value for name, value in entry.items() if name != DATASET_BACKBONES}
+        if study.variants is None:
+            for backbone in study.backbones:
+                if only is not None and backbone not in only:
+                    continue
+                parameters = {**study.parameters, **entry, "backbone": backbone}
+                cells.append(Cell(name=f"{key}-{backbone}", dataset=key, backbone=backbone, parameters=parameters))
+        else:
+            for variant, settings in study.variants.items():
+                parameters = {**study.parameters, **entry, **settings}
+                cells.append(
+                    Cell(
+                        name=f"{key}-{variant}",
+                        dataset=key,
+                        backbone=str(parameters.get("backbone", "")),
+                        parameters=parameters,
+                        variant=variant,
+                    )
+                )
+    return cells
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> list[str] | None:
+    """Names assigned in the notebook's code cell tagged ``parameters`` (None if it has none).
+
+    Read with ``ast``, not ``papermill.inspect_notebook``, whose line parser drops a
+    parameter whose comment contains ``=`` (it still receives its value when run).
+    """
+    import ast
+
+    import nbformat
+
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            try:
+                tree = ast.parse(cell.source)
+            except SyntaxError as error:
+                raise StudyError(f"notebook {notebook}: its parameters cell is not plain Python ({error})") from None
+            names = []
+            for node in tree.body:
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, ast.AnnAssign)
+                    else []
+                )
+                names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
+            return names
+    return None
+
+
+def check_notebook_parameters(study: Study, cells: Sequence[Cell]) -> None:
+    """Every parameter a cell sets must be declared in the notebook's ``parameters`` cell."""
+    declared = notebook_parameters(study.notebook)
+    if declared is None:
+        raise StudyError(
+            f"notebook {study.notebook} has no code cell tagged 'parameters': tag one (papermill reads it)"
+        )
+    for name in RUNNER_PARAMETERS + (("backbone",) if study.variants is None else ()):
+        if name not in declared:
+            raise StudyError(
+                f"notebook {study.notebook} does not declare '{name}' in its parameters cell: the runner sets it"
+            )
+    for cell in cells:
+        for name in cell.parameters:
+            if name not in declared:
+                where = (
+                    "parameters"
+                    if name in study.parameters
+                    else f"datasets.{cell.dataset}"
+                    if name in study.datasets.get(cell.dataset, {})
+                    else f"variants.{cell.variant}"
+                )
+                raise StudyError(
+                    f"study file {study.path}: key '{where}.{name}' is not a parameter of {study.notebook.name} "
+                    f"(its parameters: {', '.join(declared)})"
+                )
+
+
+def select_cells(cells: Sequence[Cell], only: str | Iterable[str] | None) -> list[Cell]:
+    """Keep the cells whose name matches one of ``only`` (names or glob patterns); None keeps all."""
+    if only is None:
+        return list(cells)
+    patterns = [only] if isinstance(only, str) else list(only)
+    if not patterns:
+        return list(cells)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(cell.name, pattern) for cell in cells):
+            raise StudyError(
+                f"--only {pattern!r} matches no cell of the study (cells: {', '.join(c.name for c in cells)})"
+            )
+    return [cell for cell in cells if any(fnmatch.fnmatchcase(cell.name, p) for p in patterns)]
+
+
+def resolve_parameters(
+    parameters: Mapping[str, Any], *, data: Path | None, synthetic: Callable[[], Path], reports: Path | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """Replace ``{data}`` / ``{synthetic}`` / ``{reports}`` in string values.
+
+    Returns ``(parameters, reason)``: ``reason`` is None when the cell can run, else why it
+    is skipped (the real data is unset, or the folder it names does not exist; no reports
+    folder given for ``{reports}``). ``synthetic`` is only called when a value uses ``{synthetic}``.
+    """
+    resolved = {}
+    for name, value in parameters.items():
+        if isinstance(value, str) and "{reports}" in value:
+            if reports is None:
+                return dict(parameters), "needs the reports folder ({reports}): run it through run_study"
+            value = value.replace("{reports}", str(reports))
+        if isinstance(value, str) and "{data}" in value:
+            if data is None:
+                return dict(parameters), NEEDS_DATA
+            value = value.replace("{data}", str(data))
+            if name == "root" and not Path(value).exists():
+                return dict(parameters), f"{NEEDS_DATA} ({value} does not exist)"
+        if isinstance(value, str) and "{synthetic}" in value:
+            value = value.replace("{synthetic}", str(synthetic()))
+        resolved[name] = value
+    return resolved, None
+
+
+def synthetic_path() -> Path:
+    """Where the synthetic set behind ``{synthetic}`` lives: ``cache_root() / "synthetic_dagm"`` (not generated)."""
+    return io.cache_root() / "synthetic_dagm"
+
+
+def synthetic_root() -> Path:
+    """The synthetic DAGM-layout set behind ``{synthetic}`` (the folder notebook 01 uses too), generated if missing."""
+    from anomalib_study.data.synthetic import make_synthetic_dagm
+
+    return Path(make_synthetic_dagm(synthetic_path(), seed=SYNTHETIC_SEED))
