@@ -60,6 +60,7 @@ def test_bad_parameters_are_named():
 
 # ------------------------------------------------------------------ patch scores, weights, estimator
 from anomalib_study.methods import clustering as clu  # noqa: E402
+from anomalib_study.methods import clustering_steps  # noqa: E402
 
 
 def _brute_unsupervised(Z):
@@ -81,7 +82,7 @@ def _bags(n=12, P=9, D=5, seed=0):
 @pytest.mark.parametrize("block_rows", [8192, 9 * 3, 9])  # one block; several blocks (off-diagonal pairs); 1 image
 def test_unsupervised_scores_equal_the_definition(monkeypatch, block_rows, n):
     Z = _bags(n=n) + 40.0  # far from the origin, like ReLU features: centring keeps the expansion exact
-    monkeypatch.setattr(clu, "_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(clustering_steps, "_BLOCK_ROWS", block_rows)
     np.testing.assert_allclose(clu.unsupervised_patch_scores(Z), _brute_unsupervised(Z), rtol=1e-4, atol=1e-4)
 
 
@@ -95,7 +96,7 @@ def test_reference_subset_leaves_the_image_itself_out(monkeypatch):
         for j in others:
             d = np.sqrt(((Z[i][:, None, :].astype(np.float64) - Z[j][None]) ** 2).sum(-1))
             expected[i] += d.min(axis=1) / len(others)
-    monkeypatch.setattr(clu, "_BLOCK_ROWS", 27)  # blocks of 3 images: ragged on both sides
+    monkeypatch.setattr(clustering_steps, "_BLOCK_ROWS", 27)  # blocks of 3 images: ragged on both sides
     np.testing.assert_allclose(clu.unsupervised_patch_scores(Z, n_references=4, seed=4), expected, atol=1e-5)
     exact = clu.unsupervised_patch_scores(Z)
     # at least half the images as references costs as much as exact: exact is computed
