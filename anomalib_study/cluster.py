@@ -78,8 +78,7 @@ def cluster_folder(
     """
     import matplotlib.pyplot as plt
 
-    from anomalib_study.data.decode import find_unreadable
-    from anomalib_study.detect import list_images, unreadable_message
+    from anomalib_study.data.decode import find_unreadable, list_images, unreadable_message
     from anomalib_study.methods.clustering import AnomalyClustering
     from anomalib_study.plots import cluster_thumbnail_sheet
 

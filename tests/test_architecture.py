@@ -34,6 +34,8 @@ LAYERS = {
     "anomalib_study.plots": 6,
     "anomalib_study.evaluate": 7,
     "anomalib_study.detect": 7,
+    "anomalib_study.detect_db": 7,
+    "anomalib_study.overlays": 7,
     "anomalib_study.cluster": 7,
     "anomalib_study.comparison": 7,
     "anomalib_study.frontpage": 7,

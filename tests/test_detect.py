@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from anomalib_study import detect
+from anomalib_study import detect, overlays
 from anomalib_study.detect import detect_abnormal, load_database, resolve_device
 from anomalib_study.errors import DataError, ModelFileError, ParameterError
 from anomalib_study.methods import DETECTORS, knn
@@ -367,7 +367,7 @@ def test_patchcore_needs_a_threshold(fake, folders):
 
 
 def test_overlay_names_unique():
-    names = detect._overlay_names([Path("a.png"), Path("b/a.png"), Path("b/a.JPG"), Path("c.bmp")])
+    names = overlays.overlay_names([Path("a.png"), Path("b/a.png"), Path("b/a.JPG"), Path("c.bmp")])
     assert [n.as_posix() for n in names] == ["a.jpg", "b/a_png.jpg", "b/a_JPG.jpg", "c.jpg"]
 
 

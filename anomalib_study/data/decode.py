@@ -95,6 +95,24 @@ def find_unreadable(paths, progress: bool = False, desc: str = "checking images"
     return {path: why for path, why in zip(paths, reasons) if why is not None}
 
 
+def list_images(folder: str | os.PathLike, what: str = "folder") -> list[Path]:
+    """Every image file under ``folder`` (recursively, by the package's one listing rule:
+    :func:`image_files`), sorted; DataError naming ``what`` if none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder} does not exist or is not a folder")
+    paths = image_files(folder)
+    if not paths:
+        raise DataError(f"{what} {folder} holds no image files (.png, .jpg, .bmp, .tif): nothing to do")
+    return paths
+
+
+def unreadable_message(bad: dict[Path, str], what: str, folder: Path, fix: str) -> str:
+    """One message naming every unreadable image of ``bad`` (path -> reason)."""
+    lines = "\n".join(f"  {path}: {reason}" for path, reason in bad.items())
+    return f"{len(bad)} image(s) in {what} {folder} cannot be read, {fix}:\n{lines}"
+
+
 def _open_fully(path: Path, what: str) -> Image.Image:
     """Open ``path`` and force a full decode; any failure becomes one clear DataError."""
     if not path.exists():

@@ -6,35 +6,16 @@ residual between the image and its reconstruction is large there. Inputs to the 
 are RGB images in [0, 1] of side ``image_size`` (the whole image squashed to a square, no
 crop); the output is a sigmoid, also in [0, 1].
 
-Two networks (``model=``):
-
-* ``"conv"``: five Conv(4x4, stride 2)-BatchNorm-ReLU blocks down (channels
-  3 -> 64 -> 128 -> 256 -> 512 -> 512; at 128 px the bottleneck is 512 x 4 x 4), five
-  ConvTranspose(4x4, stride 2) blocks up (BatchNorm-ReLU except the last), then a sigmoid.
-  ``image_size`` must be divisible by 32. All weights are trained from a seeded start.
-* ``"pretrained"``: the encoder is a CNN from the backbone registry
-  (:func:`anomalib_study.backbones.load_backbone`: EfficientNet-Lite or a torchvision
-  ResNet, no ViT) cut into its four stages (strides 4/8/16/32, read from the model). The
-  stem and the first two stages keep their pretrained weights and BatchNorm statistics
-  (frozen), the last two are fine-tuned; a transposed-convolution decoder (one stride-2
-  block per halving) returns to the input size. The network normalises its [0, 1] input
-  with the backbone's own mean/std before the encoder.
+Two networks (``model=``, :mod:`anomalib_study.methods.ae_networks`): ``"conv"``, a
+convolutional autoencoder trained from a seeded start (``image_size`` divisible by 32), and
+``"pretrained"``, a registry CNN (EfficientNet-Lite or a torchvision ResNet) as encoder, its
+stem and first two stages frozen, the rest fine-tuned, with a transposed-convolution decoder.
 
 Loss (``loss=``): ``"mse"``, or ``"mse_ssim"`` = (1 - a) * MSE + a * (1 - SSIM) with
-a = ``ssim_weight`` and SSIM from :func:`pytorch_msssim.ssim` (data_range 1, 11 px Gaussian
-window, mean over the batch).
-
-Scores, all higher = more anomalous, always computed together in one pass:
-
-* residual map: per pixel the squared error averaged over the three channels, smoothed by
-  a Gaussian of sigma 4 px (kernel side 33, reflect padding, as PatchCore's maps):
-  ``anomaly_maps`` (n, S, S).
-* ``image_score="mse"``: the per-image mean squared reconstruction error (the usual
-  autoencoder baseline score);
-* ``image_score="residual"`` (default, our change): the mean of the top 1 % values of the
-  smoothed residual map. A small defect barely moves the mean over the whole image but
-  dominates its own neighbourhood; smoothing first keeps isolated noisy pixels (edges,
-  texture the network blurs everywhere) from deciding the score.
+a = ``ssim_weight``. Scores, all higher = more anomalous, computed together in one pass: the
+smoothed residual map (``anomaly_maps``), the per-image mean squared error
+(``image_score="mse"``) and the mean of the top 1 % of the residual map
+(``image_score="residual"``, the default). Both: :mod:`anomalib_study.methods.ae_losses`.
 
 Training: a seeded ``val_fraction`` of the normal images (at least one) is held out. It
 drives ReduceLROnPlateau (factor 0.5, patience ``patience // 2``) and early stopping (stop
@@ -65,25 +46,31 @@ losses and scores in float32); ``"auto"`` = bf16 where the hardware has native b
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomalib_study.checks import open_fraction, positive_int
-from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
-from anomalib_study.features import _collate, _ImageFiles
+from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.hardware import PRECISIONS, native_bf16, resolve_precision
 from anomalib_study.io import as_json, atomic_write
+from anomalib_study.methods.ae_decode import check_paths, decode_images, iter_decoded, tensor_sha256
+from anomalib_study.methods.ae_losses import (
+    LOSSES,
+    RESIDUAL_SIGMA,
+    RESIDUAL_TOP_FRACTION,  # noqa: F401 (re-exported: importable from here as before)
+    reconstruction_loss,
+    reconstruction_scores,
+    residual_maps,
+)
+from anomalib_study.methods.ae_networks import FROZEN_STAGES, ConvAutoEncoder, PretrainedAutoEncoder, cnn_stages
 from anomalib_study.methods.base import (
     BaseDetector,
     MethodSpec,
@@ -93,7 +80,6 @@ from anomalib_study.methods.base import (
     check_fraction,
     check_int,
     check_is_fitted,
-    gaussian_kernel_size,
     load_model_file,
     save_model_file,
 )
@@ -121,15 +107,11 @@ __all__ = [
 FORMAT_NAME = "anomalib_study.autoencoder"
 FORMAT_VERSION = 1
 MODELS = ("conv", "pretrained")
-LOSSES = ("mse", "mse_ssim")
 IMAGE_SCORES = ("mse", "residual")
-RESIDUAL_SIGMA = 4.0  # Gaussian sigma (px) of the residual maps
-RESIDUAL_TOP_FRACTION = 0.01  # the "residual" image score averages this share of the map's highest pixels
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 LR_FACTOR = 0.5  # ReduceLROnPlateau factor
 _CNN_FAMILIES = ("efficientnet", "torchvision_resnet")  # registry families the encoder can be cut from
-_FROZEN_STAGES = 2  # stem + stages 1-2 (strides 4 and 8) keep their pretrained weights
 _SIZE_MULTIPLE = 32  # five stride-2 steps
 # parameters that may change between an interrupted fit and its resume: they do not touch the trajectory
 _RESUME_FREE = ("epochs", "progress", "num_workers", "checkpoint_dir", "image_score", "thres_ratio")
@@ -137,169 +119,7 @@ _FITTED = ["network_", "threshold_", "calibration_scores_", "precision_used_", "
 _FIT_CALL = "fit(images) or fit_paths(paths)"
 
 
-# ---------------------------------------------------------------------------------- networks
-class ConvAutoEncoder(nn.Module):
-    """The plain convolutional autoencoder: (B, 3, S, S) in [0, 1] -> (B, 3, S, S) in (0, 1).
-
-    Five Conv(4x4, stride 2, padding 1)-BatchNorm-ReLU blocks halve the side each
-    (3 -> 64 -> 128 -> 256 -> 512 -> 512 channels, S -> S / 32), five mirrored
-    ConvTranspose(4x4, stride 2, padding 1) blocks double it again (BatchNorm-ReLU except
-    the last, which gives 3 channels), then a sigmoid. S must be divisible by 32.
-    """
-
-    channels = (3, 64, 128, 256, 512, 512)
-
-    def __init__(self):
-        super().__init__()
-        c = self.channels
-        self.encoder = nn.Sequential(
-            *[
-                nn.Sequential(
-                    nn.Conv2d(c[i], c[i + 1], 4, stride=2, padding=1, bias=False),
-                    nn.BatchNorm2d(c[i + 1]),
-                    nn.ReLU(inplace=True),
-                )
-                for i in range(len(c) - 1)
-            ]
-        )
-        up = list(reversed(c))
-        blocks = []
-        for i in range(len(up) - 1):
-            last = i == len(up) - 2
-            conv = nn.ConvTranspose2d(up[i], up[i + 1], 4, stride=2, padding=1, bias=last)
-            blocks.append(conv if last else nn.Sequential(conv, nn.BatchNorm2d(up[i + 1]), nn.ReLU(inplace=True)))
-        self.decoder = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(self.encoder(x)))
-
-
-def _decoder(in_channels: int, n_up: int) -> nn.Sequential:
-    """``n_up`` ConvTranspose(4x4, stride 2) blocks: in_channels -> 256 -> 128 -> ... (>= 16) -> 3."""
-    widths = [max(16, 256 >> i) for i in range(n_up - 1)] + [3]
-    blocks, previous = [], in_channels
-    for i, width in enumerate(widths):
-        last = i == len(widths) - 1
-        conv = nn.ConvTranspose2d(previous, width, 4, stride=2, padding=1, bias=last)
-        blocks.append(conv if last else nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)))
-        previous = width
-    return nn.Sequential(*blocks)
-
-
-def _cnn_stages(backbone) -> list[nn.Module]:
-    """A registry CNN cut into its four stages (stem included in the first), as trainable modules.
-
-    EfficientNet-Lite: the stage ends are the blocks named by timm's ``feature_info``
-    entries 1..4 (the same ones the registry's ``stage1``..``stage4`` maps come from).
-    ResNet: stem + layer1, layer2, layer3, layer4.
-    """
-    model = backbone.model
-    if hasattr(model, "blocks") and hasattr(model, "conv_stem"):  # timm EfficientNet
-        ends = [int(model.feature_info[i]["module"].split(".")[1]) for i in range(1, 5)]
-        stages, start = [], 0
-        for k, end in enumerate(ends):
-            blocks = list(model.blocks[start : end + 1])
-            stages.append(nn.Sequential(model.conv_stem, model.bn1, *blocks) if k == 0 else nn.Sequential(*blocks))
-            start = end + 1
-        return stages
-    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # torchvision ResNet (BatchNorm folded)
-        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
-        return [stem, model.layer2, model.layer3, model.layer4]
-    raise ParameterError(f"backbone {backbone.name!r}: cannot cut its network into stages (only CNN backbones)")
-
-
-class PretrainedAutoEncoder(nn.Module):
-    """A registry CNN as encoder, a transposed-convolution decoder: (B, 3, S, S) in [0, 1] -> same shape.
-
-    ``stages``: the backbone's four stages (:func:`_cnn_stages`); the first ``frozen`` keep
-    their weights and BatchNorm statistics (they stay in eval mode even in ``train()``),
-    the others are fine-tuned. ``channels`` / ``stride``: of the last stage's map, read from
-    the backbone's ``feature_info``. The input is normalised with ``mean`` / ``std``.
-    """
-
-    def __init__(
-        self, stages: Sequence[nn.Module], channels: int, stride: int, mean, std, frozen: int = _FROZEN_STAGES
-    ):
-        super().__init__()
-        n_up = int(round(math.log2(stride)))
-        if 2**n_up != stride:
-            raise ParameterError(f"the encoder's stride {stride} is not a power of two")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.frozen = nn.Sequential(*stages[:frozen]).requires_grad_(False)
-        self.tuned = nn.Sequential(*stages[frozen:]).requires_grad_(True)
-        self.decoder = _decoder(channels, n_up)
-
-    def train(self, mode: bool = True) -> "PretrainedAutoEncoder":
-        super().train(mode)
-        self.frozen.eval()  # pretrained BatchNorm statistics must not drift towards the few normal images
-        return self
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> the last stage's map (B, C, S / stride, S / stride)."""
-        with torch.no_grad():  # no gradient flows into the frozen stages: keep no activations for it
-            h = self.frozen((x - self.mean) / self.std)
-        return self.tuned(h)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(self.encode(x)))
-
-
-# ---------------------------------------------------------------------------------- pure parts
-def reconstruction_loss(
-    reconstructions: torch.Tensor, images: torch.Tensor, loss: str = "mse_ssim", ssim_weight: float = 0.5
-) -> torch.Tensor:
-    """Scalar training loss of (B, 3, S, S) reconstructions against images, both in [0, 1].
-
-    ``"mse"``: mean squared error; ``"mse_ssim"``: (1 - a) * MSE + a * (1 - SSIM),
-    a = ``ssim_weight``, SSIM = :func:`pytorch_msssim.ssim` (data_range=1, batch mean).
-    Computed in float32 whatever the autocast dtype of the network.
-    """
-    reconstructions, images = reconstructions.float(), images.float()
-    mse = torch.mean((reconstructions - images) ** 2)
-    if loss == "mse":
-        return mse
-    if loss != "mse_ssim":
-        raise ParameterError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    from pytorch_msssim import ssim
-
-    similarity = ssim(reconstructions, images, data_range=1.0, size_average=True)
-    return (1.0 - ssim_weight) * mse + ssim_weight * (1.0 - similarity)
-
-
-def residual_maps(images: torch.Tensor, reconstructions: torch.Tensor, sigma: float = RESIDUAL_SIGMA) -> torch.Tensor:
-    """(n, 3, S, S) images and reconstructions in [0, 1] -> (n, S, S) float32 smoothed residual maps.
-
-    Per pixel the squared error averaged over the channels, then a Gaussian blur of
-    ``sigma`` px (side :func:`~anomalib_study.methods.base.gaussian_kernel_size`,
-    reflect padding; 0 = none). Higher = more anomalous.
-    """
-    from torchvision.transforms.functional import gaussian_blur
-
-    residual = ((reconstructions.float() - images.float()) ** 2).mean(dim=1, keepdim=True)
-    if sigma > 0:
-        side = gaussian_kernel_size(sigma)
-        if side // 2 >= min(residual.shape[-2:]):  # reflect padding needs pad < size
-            raise ParameterError(f"sigma={sigma} is too large for {tuple(residual.shape[-2:])} maps (kernel {side} px)")
-        residual = gaussian_blur(residual, kernel_size=[side, side], sigma=[float(sigma), float(sigma)])
-    return residual[:, 0]
-
-
-def reconstruction_scores(images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Both image scores and the maps of one batch (n, 3, S, S), higher = more anomalous.
-
-    Returns ``{"mse": (n,), "residual": (n,), "maps": (n, S, S)}`` float32 tensors:
-    mean squared error over the image, mean of the top :data:`RESIDUAL_TOP_FRACTION` of
-    the :func:`residual_maps` values (at least one pixel), and those maps.
-    """
-    images, reconstructions = images.float(), reconstructions.float()
-    mse = ((reconstructions - images) ** 2).mean(dim=(1, 2, 3))
-    maps = residual_maps(images, reconstructions)
-    flat = maps.flatten(1)
-    k = max(1, math.ceil(RESIDUAL_TOP_FRACTION * flat.shape[1]))
-    return {"mse": mse, "residual": flat.topk(k, dim=1).values.mean(dim=1), "maps": maps}
-
-
+# ---------------------------------------------------------------------------------- the held-out split
 def split_validation(n_images: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, held-out indices), both sorted int64: a seeded ``val_fraction`` share,
     at least one image and at least one left for training. Needs ``n_images >= 2``."""
@@ -312,85 +132,6 @@ def split_validation(n_images: int, val_fraction: float, seed: int) -> tuple[np.
     rng = np.random.default_rng(seed)
     held = np.sort(rng.choice(n_images, size=count, replace=False)).astype(np.int64)
     return np.setdiff1d(np.arange(n_images, dtype=np.int64), held), held
-
-
-# ---------------------------------------------------------------------------------- decoding
-def _squash(image, image_size: int) -> torch.Tensor:
-    """A decoded RGB image resized whole to (3, S, S) uint8 (bilinear, antialiased)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.functional import pil_to_tensor, resize
-
-    return pil_to_tensor(
-        resize(image, [image_size, image_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    )
-
-
-def _iter_decoded(
-    paths: Sequence[str | os.PathLike],
-    image_size: int,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
-    desc: str,
-    errors: dict[int, str] | None = None,
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(positions, (b, 3, S, S) uint8 batch) for the images at ``paths``, in order, one batch at a time
-    (with ``num_workers`` processes, at most one more batch per worker is being decoded).
-
-    An undecodable image raises its DataError, or with ``errors`` (a dict) is left out of
-    its batch and recorded there (position -> reason)."""
-    # the feature layer's decoding dataset and collate: errors carried as messages, batches of the readable
-    loader = DataLoader(
-        _ImageFiles([Path(p) for p in paths], partial(_squash, image_size=int(image_size))),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        prefetch_factor=1 if num_workers else None,
-    )
-    with tqdm(total=len(paths), desc=desc, unit="image", disable=not progress, leave=False) as bar:
-        for positions, batch, failed in loader:
-            if failed:
-                if errors is None:
-                    raise DataError(failed[0][1])
-                errors.update(failed)
-            bar.update(len(positions) + len(failed))
-            if positions:
-                yield positions, batch
-
-
-def decode_images(
-    paths: Sequence[str | os.PathLike],
-    image_size: int,
-    batch_size: int = 16,
-    num_workers: int = 0,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Decode image files (:func:`~anomalib_study.data.decode.load_image`) and squash each to
-    ``image_size`` x ``image_size`` (torchvision bilinear resize of the PIL image, antialiased):
-    one (n, 3, S, S) uint8 tensor, filled batch by batch (no list of tensors).
-
-    Raises the DataError of :func:`load_image` for a missing or undecodable file.
-    """
-    paths = _check_paths(paths)
-    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
-    for positions, batch in _iter_decoded(paths, image_size, batch_size, num_workers, progress, "decoding images"):
-        out[positions] = batch
-    return out
-
-
-def _check_paths(paths) -> list:
-    if isinstance(paths, (str, os.PathLike)):
-        raise ParameterError("paths must be a list of image paths, not a single path")
-    paths = list(paths)
-    if not paths:
-        raise ParameterError("paths is empty: give at least one image file")
-    return paths
-
-
-def _tensor_sha256(images: torch.Tensor) -> str:
-    array = np.ascontiguousarray(images.cpu().numpy())
-    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- estimator
@@ -570,7 +311,7 @@ class AutoEncoder(BaseDetector):
             )
         torch.manual_seed(int(self.seed))
         network = PretrainedAutoEncoder(
-            _cnn_stages(backbone), channels, stride, backbone.preprocessing["mean"], backbone.preprocessing["std"]
+            cnn_stages(backbone), channels, stride, backbone.preprocessing["mean"], backbone.preprocessing["std"]
         )
         network = network.to(device)
         identity = {
@@ -605,7 +346,7 @@ class AutoEncoder(BaseDetector):
         """Fit on normal image files: each decoded once (:func:`decode_images`), kept as one
         uint8 tensor for all epochs. Returns self. An undecodable file raises DataError."""
         self._validate_params()
-        paths = _check_paths(paths)
+        paths = check_paths(paths)
         started = time.perf_counter()
         images = decode_images(
             paths, int(self.image_size), int(self.batch_size), int(self.num_workers), progress=bool(self.progress)
@@ -795,7 +536,7 @@ class AutoEncoder(BaseDetector):
                 "backbone_weights_sha256": None if identity is None else identity["weights_sha256"],
                 "images_shape": list(images.shape),
                 "images_dtype": str(images.dtype),
-                "images_sha256": _tensor_sha256(images),
+                "images_sha256": tensor_sha256(images),
             }
         )
 
@@ -898,9 +639,9 @@ class AutoEncoder(BaseDetector):
         An undecodable file raises DataError; with ``errors`` (an empty dict) it is skipped
         instead: position -> reason is recorded there and its scores and map are NaN."""
         check_is_fitted(self, _FITTED, fit_call=_FIT_CALL)
-        paths = _check_paths(paths)
+        paths = check_paths(paths)
         out = self._empty_scores(len(paths))
-        for positions, batch in _iter_decoded(
+        for positions, batch in iter_decoded(
             paths,
             int(self.image_size),
             int(self.batch_size),
@@ -1047,7 +788,7 @@ def _score_paths(model: AutoEncoder, backbone, paths, run: RunOptions, errors: d
 def _describe(model: AutoEncoder) -> dict:
     identity = model.backbone_identity_
     encoder = (
-        f"{identity['name']} (stem and stages 1-{_FROZEN_STAGES} frozen, the rest fine-tuned)"
+        f"{identity['name']} (stem and stages 1-{FROZEN_STAGES} frozen, the rest fine-tuned)"
         if identity
         else "none: convolutional autoencoder trained from scratch"
     )
