@@ -168,6 +168,7 @@ class CellOutput:
         duration_s: the notebook's execution time.
         started_at: when it started (ISO 8601, local time of the executing host).
         host: the executing host's name.
+        kernel_env: the variables set in the kernel's environment (its thread counts).
         code: the package modules the kernel loaded, hashed
             (:func:`anomalib_study.freshness.code_record`); None if not recorded.
     """
@@ -181,6 +182,7 @@ class CellOutput:
     started_at: str = ""
     host: str = ""
     code: dict[str, Any] | None = None
+    kernel_env: dict[str, str] = field(default_factory=dict)
 
 
 def execute_cell(task: CellTask) -> CellOutput:
@@ -239,7 +241,16 @@ def _execute_in_scratch(task: CellTask, host: str, started_at: str) -> CellOutpu
             notebook = nbformat.writes(node).encode("utf-8")
         code = freshness.read_code_record(scratch / CODE_RECORD_FILE) if error is None else None
     return CellOutput(
-        task.name, notebook, metrics if error is None else None, error, side_files, duration, started_at, host, code
+        task.name,
+        notebook,
+        metrics if error is None else None,
+        error,
+        side_files,
+        duration,
+        started_at,
+        host,
+        code,
+        dict(task.env),
     )
 
 

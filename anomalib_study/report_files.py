@@ -114,6 +114,8 @@ class ReportWriter:
             # count it ran with (on a cluster, evaluate's environment describes the worker's machine)
             "provenance": provenance.collect(self.study.notebook, torch_threads=False),
         }
+        if output.kernel_env.get("OMP_NUM_THREADS"):  # what the kernel was given, not this process's variable
+            run["provenance"]["threads"]["OMP_NUM_THREADS"] = output.kernel_env["OMP_NUM_THREADS"]
         run["host"] = output.host
         if cell.variant is not None:  # a variants grid: the index's second column names the variant
             run["variant"] = cell.variant

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from anomalib_study import runner
+from anomalib_study import comparison, runner
 from anomalib_study.errors import ParameterError, StudyError
 
 __all__ = [
@@ -121,6 +121,9 @@ class VerifyResult:
         message: why it failed or was skipped ("" otherwise).
         committed: the committed metrics file; ``rerun``: the re-run's (None if none,
             and gone with a temporary scratch folder).
+        freshness: the committed report's freshness by the front page's rule
+            (:func:`anomalib_study.comparison.freshness`): ``"current"``, ``"stale: <why>"``
+            or ``"unknown: <why>"``.
     """
 
     report: str
@@ -132,6 +135,7 @@ class VerifyResult:
     message: str = ""
     committed: Path | None = None
     rerun: Path | None = None
+    freshness: str = ""
 
     @property
     def worst(self) -> Drift | None:
@@ -223,7 +227,7 @@ _PROVENANCE_FIELDS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("weights hash", (("environment", "weights_sha256"), ("backbone", "weights_sha256"))),
     ("seed", (("environment", "seed"),)),
     ("device", (("environment", "device"),)),
-    ("inputs hash (notebook, parameters, package sources or data folder changed)", (("_run", "inputs_hash"),)),
+    ("inputs hash (notebook, parameters or data folder changed)", (("_run", "inputs_hash"),)),
 )
 
 
@@ -422,11 +426,29 @@ def verify_reports(
             for entry, result in _rerun_study(study_path, entries, out, tolerance, data_root, kernel_name, log):
                 results[entry.report] = result
         ordered = [results[report] for report, _ in selected]
+        for result, (_, path) in zip(ordered, selected):
+            result.freshness = _freshness(path)
         if scratch is None:  # the temporary folder goes: no path into it may be handed back
             for result in ordered:
                 result.rerun = None
     log(format_table(ordered, tolerance))
     return ordered
+
+
+def _freshness(metrics_path: Path) -> str:
+    """The committed report's freshness, by the same rule as the front page."""
+    report = comparison.Report(
+        metrics_path.parent.name,
+        metrics_path.name[: -len(".metrics.json")],
+        metrics_path.parent,
+        comparison.io.read_json_object(metrics_path),
+        None,
+    )
+    notebook = comparison.find_notebook(report)
+    fresh, why = comparison.freshness(
+        report, None if notebook is None else comparison.io.sha256_file(notebook), comparison.io.package_sources_hash()
+    )
+    return fresh if not why else f"{fresh}: {why}"
 
 
 def _rerun_study(
@@ -566,6 +588,8 @@ def format_table(results: Sequence[VerifyResult], tolerance: float = 0.0, drifts
         if len(valued) > drifts_shown:
             details.append(f"  ... and {len(valued) - drifts_shown} more drifted value(s)")
         details += [f"  differs: {line}" for line in result.differences]
+        if result.freshness and result.freshness != "current":
+            details.append(f"  freshness of the committed report: {result.freshness}")
         if result.message and result.status in ("failed", "skipped"):
             details.append(f"  {result.status}: {result.message}")
         if details:
