@@ -200,7 +200,7 @@ def _resolve_cache(cache) -> FeatureCache | None:
 # --------------------------------------------------------------------------------------
 # Decoding in DataLoader workers
 # --------------------------------------------------------------------------------------
-class _ImageFiles(Dataset):
+class ImageFiles(Dataset):
     """(position, preprocessed image or None, error message or None) for each path."""
 
     def __init__(self, paths: Sequence[Path], transform):
@@ -219,7 +219,7 @@ class _ImageFiles(Dataset):
             return position, None, f"image {self.paths[position]} cannot be preprocessed: {error}"
 
 
-def _collate(items):
+def collate_images(items):
     """(positions of the decoded images, their (B, 3, H, W) batch or None, [(position, error)])."""
     good = [item for item in items if item[2] is None]
     errors = [(item[0], item[2]) for item in items if item[2] is not None]
@@ -287,7 +287,7 @@ def _batches(
     An image that cannot be decoded raises DataError naming it, or, with ``errors`` (a
     dict), is left out of its batch and recorded there (position -> the reason).
     """
-    dataset = _ImageFiles(paths, backbone.image_transform)
+    dataset = ImageFiles(paths, backbone.image_transform)
     common = dict(num_workers=num_workers, collate_fn=_collate_by_shape, pin_memory=device.type == "cuda")
     if backbone.preprocessing.get("resize_mode") == "keep":
         loader = DataLoader(dataset, batch_sampler=shape_batches(paths, backbone.preprocessing, batch_size), **common)

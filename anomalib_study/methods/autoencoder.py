@@ -81,7 +81,7 @@ from tqdm.auto import tqdm
 
 from anomalib_study.checks import open_fraction, positive_int
 from anomalib_study.errors import DataError, ModelFileError, ParameterError, StudyError
-from anomalib_study.features import _collate, _ImageFiles
+from anomalib_study.features import ImageFiles, collate_images
 from anomalib_study.hardware import PRECISIONS, native_bf16, resolve_precision
 from anomalib_study.io import as_json, atomic_write
 from anomalib_study.methods.base import (
@@ -341,11 +341,11 @@ def _iter_decoded(
     its batch and recorded there (position -> reason)."""
     # the feature layer's decoding dataset and collate: errors carried as messages, batches of the readable
     loader = DataLoader(
-        _ImageFiles([Path(p) for p in paths], partial(_squash, image_size=int(image_size))),
+        ImageFiles([Path(p) for p in paths], partial(_squash, image_size=int(image_size))),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_images,
         prefetch_factor=1 if num_workers else None,
     )
     with tqdm(total=len(paths), desc=desc, unit="image", disable=not progress, leave=False) as bar:
