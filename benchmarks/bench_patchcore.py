@@ -180,10 +180,10 @@ def write_list(paths: Sequence[Path], target: Path) -> str:
 
 def preprocessing_of(image_size: int = 224) -> dict:
     """Our backbone's preprocessing dict (resize, crop, interpolation, mean, std), used by both sides."""
-    from anomalib_study.backbones import IMAGENET_MEAN, IMAGENET_STD, _preprocessing
+    from anomalib_study.preprocessing import IMAGENET_MEAN, IMAGENET_STD, make_preprocessing
 
-    # torchvision ResNets: resize the short side to size*256/224, centre-crop size (backbones._build_resnet)
-    return _preprocessing(int(round(image_size * 256 / 224)), image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    # torchvision ResNets: resize the short side to size*256/224, centre-crop size (backbone_models._build_resnet)
+    return make_preprocessing(int(round(image_size * 256 / 224)), image_size, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
 
 
 # --------------------------------------------------------------------------------------

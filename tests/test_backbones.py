@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from anomalib_study import backbones as bb
+from anomalib_study import weights as weight_files
 from anomalib_study.backbones import BACKBONES, available_backbones, load_backbone
 from anomalib_study.errors import ParameterError, WeightsError
+from anomalib_study.io import sha256_file
 
 SKIMAGE_DATA = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"
 # sizes that keep the heavy ViTs quick on 2 CPU cores (position embeddings are resampled)
@@ -24,7 +26,7 @@ TEST_SIZE = {"vit_base_patch16_224": 112, "dino_vitb8": 64, "dino_vits8": 112}
 
 def _package_file(name: str) -> Path | None:
     spec = BACKBONES[name]
-    folder = bb._package_dir(spec.package)
+    folder = weight_files._package_dir(spec.package)
     return folder / spec.package_file if folder and (folder / spec.package_file).is_file() else None
 
 
@@ -180,7 +182,7 @@ def test_every_backbone_loads_generated_weights(name, tmp_path):
     size = size or BACKBONES[name].image_size
     assert backbone.image_size == size
     assert backbone.weights_path == str(path)
-    assert backbone.weights_sha256 == bb.sha256_file(path)
+    assert backbone.weights_sha256 == sha256_file(path)
     assert backbone.label and backbone.name == name
     _check_contract(backbone, size)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8))
