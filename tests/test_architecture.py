@@ -24,6 +24,7 @@ LAYERS = {
     "anomalib_study.hardware": 0,
     "anomalib_study.provenance": 0,
     "anomalib_study.freshness": 0,
+    "anomalib_study.schema": 0,
     "anomalib_study.data": 1,
     "anomalib_study.preprocessing": 1,
     "anomalib_study.weights": 2,
