@@ -30,7 +30,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from anomalib_study import freshness as code_freshness
-from anomalib_study import io, methods
+from anomalib_study import io, methods, schema
 
 
 class _RegistryView(Mapping):
@@ -320,6 +320,9 @@ def collect_reports(
         fresh, why = (
             freshness(report, hashes.get(notebook), sources_hash) if report.metrics is not None else ("unknown", "")
         )
+        layout = schema.problems(report.metrics) if report.metrics is not None else []
+        if layout:  # read as far as it goes, never claimed current
+            fresh, why = "unknown", f"its metrics file does not hold the current layout: {layout[0]}"
         rows.append(_report_row(report, fresh, why))
     table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if len(table):  # a cell that never succeeded has no method: it is the one of its notebook's other cells
@@ -576,18 +579,17 @@ def published_table(reports: pd.DataFrame, method: str | None = None) -> pd.Data
 
     Columns: ``method`` (label), ``dataset``, ``config``, ``kind`` (``"this run"`` or
     ``"published"``), then the comparison's own columns (``source``, ``data``, the figures,
-    ``what differs``). A report too old for the comparison keeps the rows it stored itself.
+    ``what differs``). A report whose metrics file is not of the current layout
+    (:mod:`anomalib_study.schema`) is left out: the reports table names it.
     """
     frames = []
-    selected = reports[reports["metrics"].notna() & reports["method"].isin(list(COMPARISONS))]
+    current = reports["metrics"].map(lambda metrics: metrics is not None and not schema.problems(metrics))
+    selected = reports[current & reports["method"].isin(list(COMPARISONS))]
     if method is not None:
         selected = selected[selected["method"] == method]
     selected = selected.assign(_order=selected["method"].map(list(COMPARISONS).index))
     for report in selected.sort_values(["_order", "dataset", "config"]).itertuples():
-        try:
-            rows = COMPARISONS[report.method](report.metrics)
-        except (KeyError, TypeError, ValueError):  # an older metrics layout: the rows it stored when it ran
-            rows = report.metrics.get("published") or []
+        rows = COMPARISONS[report.method](report.metrics)
         if not rows:
             continue
         frame = pd.DataFrame(rows)
@@ -620,7 +622,9 @@ def summary(reports: pd.DataFrame) -> dict[str, Any]:
     tables, and the image-AUROC matrix (method x data set)."""
     matrix = auroc_matrix(reports)
     return {
+        "schema": schema.SCHEMA_VERSION,
         "method": "comparison",
+        "task": "comparison",
         "n_reports": int(len(reports)),
         "status_counts": status_counts(reports),
         "detection": records(detection_table(reports)),

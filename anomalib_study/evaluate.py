@@ -27,6 +27,7 @@ from anomalib_study.io import as_json, write_json
 from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.profiling import peak_rss_mb as _peak_rss_mb
 from anomalib_study.provenance import collect as collect_provenance
+from anomalib_study.schema import SCHEMA_VERSION
 
 
 def _default_workers() -> int:
@@ -593,6 +594,7 @@ def evaluate(
     in_memory = {key: result.pop(key) for key in IN_MEMORY_KEYS if key in result}
     result["timings"] = {"load_s": load_s, **result["timings"], "total_s": time.perf_counter() - started}
     metrics = {
+        "schema": SCHEMA_VERSION,
         "method": method,
         "task": spec.task,
         "dataset": data.summary(),

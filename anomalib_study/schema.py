@@ -87,11 +87,14 @@ def version(metrics: Mapping[str, Any]) -> int:
 def problems(metrics: Any) -> list[str]:
     """What keeps ``metrics`` from being a version-2 metrics file, one line per problem
     naming the key (empty when it is one). A version-1 file gets one line naming the
-    migration."""
+    migration. A file with neither ``schema`` nor ``method`` is a notebook's own metrics
+    (a study of a notebook that is not one of the study's methods), not checked: []."""
     from jsonschema import Draft202012Validator
 
     if not isinstance(metrics, Mapping):
         return [f"not a JSON object but {type(metrics).__name__}"]
+    if "schema" not in metrics and "method" not in metrics:
+        return []  # a notebook's own metrics (no method of the study): not this layout, not checked
     if version(metrics) < SCHEMA_VERSION:
         return [f"metrics layout version {version(metrics)} (this code reads {SCHEMA_VERSION}): run {MIGRATE_COMMAND}"]
     if version(metrics) > SCHEMA_VERSION:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from anomalib_study import comparison, runner
+from anomalib_study import comparison, runner, schema
 from anomalib_study.errors import ParameterError, StudyError
 
 __all__ = [
@@ -211,18 +211,19 @@ def _get(data: Mapping[str, Any], *path: str) -> Any:
     return data
 
 
-#: label -> where the value is read, first path found wins (older reports lack some)
+#: label -> where the value is read, first path found wins (a report migrated from the first layout holds
+#: in ``_run.provenance`` what its kernel recorded in ``environment``: :func:`anomalib_study.schema.migrate`)
 _PROVENANCE_FIELDS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("package version", (("_run", "provenance", "package_version"), ("environment", "anomalib_study"))),
+    ("package version", (("_run", "provenance", "package_version"),)),
     ("commit", (("_run", "provenance", "git_commit"),)),
     ("uncommitted changes", (("_run", "provenance", "git_dirty"),)),
-    ("CPU", (("_run", "provenance", "cpu_model"), ("environment", "cpu_model"))),
-    ("logical cores", (("_run", "provenance", "logical_cores"), ("environment", "cpu_count"))),
+    ("CPU", (("_run", "provenance", "cpu_model"),)),
+    ("logical cores", (("_run", "provenance", "logical_cores"),)),
     ("threads (OMP_NUM_THREADS)", (("_run", "provenance", "threads", "OMP_NUM_THREADS"),)),
     ("torch threads", (("environment", "threads", "torch"),)),
-    ("GPU", (("_run", "provenance", "gpu"), ("environment", "gpu"))),
-    ("python", (("_run", "provenance", "python"), ("environment", "python"))),
-    ("torch", (("_run", "provenance", "torch"), ("environment", "torch"))),
+    ("GPU", (("_run", "provenance", "gpu"),)),
+    ("python", (("_run", "provenance", "python"),)),
+    ("torch", (("_run", "provenance", "torch"),)),
     ("platform", (("_run", "provenance", "platform"),)),
     ("weights hash", (("environment", "weights_sha256"), ("backbone", "weights_sha256"))),
     ("seed", (("environment", "seed"),)),
@@ -405,6 +406,12 @@ def verify_reports(
         folder, cell = report.split("/", 1)
         try:
             metrics = json.loads(path.read_text(encoding="utf-8"))
+            layout = schema.problems(metrics)
+            if layout:
+                results[report] = VerifyResult(
+                    report, "failed", committed=path, message=f"{path} is not of the current layout: {layout[0]}"
+                )
+                continue
             named = metrics["_run"]["study"]
         except (OSError, ValueError, KeyError, TypeError):
             results[report] = VerifyResult(

@@ -32,7 +32,9 @@ def _detection(
 ):
     """Metrics as notebooks 01-03 write them (only the keys the comparison and published.py read)."""
     metrics = {
+        "schema": 2,
         "method": method,
+        "task": "detection",
         "dataset": {"name": name, "layout": layout},
         "synthetic": synthetic,
         "backbone": {"name": config, "label": f"{config} (label)", "image_size": 224, "preprocessing": {}},
@@ -48,6 +50,8 @@ def _detection(
             "ssim_weight": 0.5,
         },
         "image_auroc": image_auroc,
+        "per_image": [],
+        "environment": {},
         "accuracy": 0.75,
         "timings": {"fit_s": 12.0, "predict_s": 4.0, "predict_images_per_s": 10.0},
         "_run": {
@@ -74,9 +78,14 @@ def _clustering(dataset_key, name, layout, config):
         "average": {"nmi": 0.2, "ari": 0.1, "f1": 0.4, "tau": None, "tau_rule": "uniform weights"},
     }
     return {
+        "schema": 2,
         "method": "clustering",
         "task": "clustering",
         "dataset": {"name": name, "layout": layout},
+        "n_train": 0,
+        "n_test": 12,
+        "timings": {},
+        "environment": {},
         "synthetic": False,
         "backbone": {"name": config, "label": config},
         "params": {"tau": None},

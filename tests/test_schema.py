@@ -98,3 +98,16 @@ def test_the_migration_script_leaves_a_current_folder_as_it_is(tmp_path):
     assert json.loads((folder / "a.metrics.json").read_text())["schema"] == schema.SCHEMA_VERSION
     again = subprocess.run([sys.executable, script, tmp_path / "reports"], capture_output=True, text=True)
     assert "migrated 0 of 1" in again.stdout
+
+
+def test_the_front_page_names_an_old_layout_and_never_calls_it_current(tmp_path):
+    from anomalib_study import comparison, io
+
+    folder = tmp_path / "reports" / "01_knn_detection"
+    old = {"method": "knn", "dataset": {"name": "dagm"}, "image_auroc": 0.8, "_run": {"status": "ok"}}
+    io.write_json(folder / "a.metrics.json", old)
+    (folder / "a.html").write_text("<html></html>")
+    row = comparison.collect_reports(tmp_path / "reports").iloc[0]
+    assert row["freshness"] == "unknown" and "scripts/migrate_metrics.py" in row["note"]
+    assert row["image_auroc"] == 0.8  # read as far as it goes
+    assert comparison.published_table(comparison.collect_reports(tmp_path / "reports")).empty
