@@ -175,6 +175,7 @@ def _check_contract(backbone, size):
 
 
 @pytest.mark.parametrize("name", available_backbones())
+@pytest.mark.slow
 def test_every_backbone_loads_generated_weights(name, tmp_path):
     path = make_weights(name, tmp_path)
     size = TEST_SIZE.get(name)

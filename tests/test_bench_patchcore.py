@@ -304,6 +304,7 @@ def test_matmul_throughput_and_coreset_check_keys():
         assert check[precision]["covering_radius_vs_fp32"] > 0 and check[precision]["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_quick_run_writes_both_precisions(tmp_path, capsys):
     out = tmp_path / "quick.json"
     assert bench.main(["--quick", "--out", str(out)]) == 0

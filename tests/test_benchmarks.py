@@ -101,6 +101,7 @@ def test_bad_arguments_raise_clear_errors(tmp_path):
     assert bench.main(["--data", str(tmp_path / "missing"), "--parts", "search"]) == 2
 
 
+@pytest.mark.slow
 def test_bench_detect_quick_streams_with_flat_memory(tmp_path):
     """bench_detect.py --quick (kNN only): two folder sizes, each in a fresh process, both in chunks."""
     spec = importlib.util.spec_from_file_location("bench_detect", REPO / "benchmarks" / "bench_detect.py")
@@ -118,6 +119,7 @@ def test_bench_detect_quick_streams_with_flat_memory(tmp_path):
     assert any(line.startswith("knn: added-memory ratio") for line in module.summary(report))
 
 
+@pytest.mark.slow
 def test_bench_autoencoder_quick_default_and_longer(tmp_path):
     """bench_autoencoder.py --quick on the synthetic set (conv model): the default run, then with
     --resume the 3x longer one (the stored default part kept, not run again)."""

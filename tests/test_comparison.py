@@ -357,6 +357,7 @@ def test_front_page_is_small_with_many_reports(tmp_path):
 # --------------------------------------------------------------------------- notebook 05
 
 
+@pytest.mark.slow
 def test_notebook_05_runs_on_a_reports_folder(project, tmp_path):
     import papermill
 

@@ -723,6 +723,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_run_killed_while_scoring_leaves_earlier_results_and_database_intact(folders):
     first = _child(folders.root, "full")
     out, err = first.communicate(timeout=120)
@@ -742,6 +743,7 @@ def test_run_killed_while_scoring_leaves_earlier_results_and_database_intact(fol
     assert load_database(folders.db).metadata["n_images"] == 12
 
 
+@pytest.mark.slow
 def test_build_killed_halfway_leaves_no_database_and_the_next_call_rebuilds(folders):
     building = _child(folders.root, "slow_normal")
     _kill_when_started(building, folders.root / "started_normal")

@@ -17,6 +17,7 @@ def synthetic_root(tmp_path_factory):
     return make_synthetic_dagm(tmp_path_factory.mktemp("synthetic"), seed=0)
 
 
+@pytest.mark.slow
 def test_evaluate_knn_on_the_synthetic_set(synthetic_root, tmp_path):
     metrics = evaluate(
         "knn", "dagm", synthetic_root, backbone="efficientnet_lite0", k=5, out=tmp_path / "run", progress=False
@@ -60,6 +61,7 @@ def test_unknown_method_is_named():
         evaluate("lof", "dagm", "anywhere")
 
 
+@pytest.mark.slow
 def test_cli_evaluate_prints_the_table(synthetic_root, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(
@@ -272,6 +274,7 @@ def test_squash_keeps_the_defect_a_centre_crop_cuts_off(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- autoencoder
+@pytest.mark.slow
 def test_evaluate_autoencoder_through_the_generic_path(synthetic_root, tmp_path):
     """The autoencoder needs nothing of evaluate but its declaration: both scores, maps and
     pixel metrics, its threshold rule, its training history, the squashed 64 px input."""

@@ -28,6 +28,7 @@ def metrics(synthetic_root, tmp_path_factory):
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_mode_is_scored_against_the_types(metrics):
     assert metrics["task"] == "clustering" and set(metrics["modes"]) == {"unsupervised", "semi_supervised", "average"}
     protocol = metrics["protocol"]

@@ -147,6 +147,7 @@ def test_conv_network_shapes():
     assert y.shape == x.shape and 0 < y.min() and y.max() < 1
 
 
+@pytest.mark.slow
 def test_conv_model_outputs(reference, normal_images):
     out = reference.score_images(normal_images[:3])
     assert out["anomaly_maps"].shape == (3, SIDE, SIDE) and out["anomaly_maps"].dtype == np.float32
@@ -251,6 +252,7 @@ def test_mse_loss_and_mse_score():
     assert model.threshold_ == pytest.approx(np.quantile(model.calibration_scores_["mse"], 0.99))
 
 
+@pytest.mark.slow
 def test_same_seed_same_scores(normal_images):
     # (the resume tests also compare fits run separately with the 4-epoch reference, bit for bit)
     first, second = (AutoEncoder(epochs=2, **FAST).fit(normal_images) for _ in range(2))
@@ -424,6 +426,7 @@ def test_auto_precision_follows_the_hardware():
     not native_bf16(),
     reason="this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag): bf16 would only be emulated",
 )
+@pytest.mark.slow
 def test_bf16_scores_are_close_to_fp32(normal_images):
     kwargs = dict(epochs=2, **RESUME)
     fp32 = AutoEncoder(precision="fp32", **kwargs).fit(normal_images)

@@ -139,6 +139,7 @@ def test_bad_features():
         GreedyCoresetSampler().run(np.zeros((3, 4, 5)))
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_for_200k_points():
     """200k x 16 points: an N x N float32 matrix would need 160 GB; N x M (M = 100) 80 MB.
     The peak resident memory of the run must stay within a few N-sized vectors."""

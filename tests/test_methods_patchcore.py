@@ -293,6 +293,7 @@ def fitted(synthetic_class):
     return model.fit_paths([r.path for r in synthetic_class.train])
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_synthetic_set(fitted, synthetic_class, tmp_path):
     from anomalib_study.backbones import load_backbone
     from anomalib_study.metrics import image_auroc

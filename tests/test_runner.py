@@ -369,6 +369,7 @@ def test_index_names_the_variant_column(tmp_path):
 # --------------------------------------------------------------------------- with execution
 
 
+@pytest.mark.slow
 def test_run_rerun_failure_and_recovery(project):
     reports, out = project["reports"], project["reports"] / "tiny"
 
@@ -447,6 +448,7 @@ def test_run_rerun_failure_and_recovery(project):
     assert "failed run" not in index and "class='failed'" not in index
 
 
+@pytest.mark.slow
 def test_variants_study_runs_names_cells_by_variant_and_keeps_side_files(project):
     text = yaml.safe_load(project["study"].read_text())
     del text["backbones"]
@@ -467,6 +469,7 @@ def test_variants_study_runs_names_cells_by_variant_and_keeps_side_files(project
     assert "<th>variant</th>" in index and "<td>high-b</td>" in index and "tiny/plain-low.html" in index
 
 
+@pytest.mark.slow
 def test_a_cell_reading_the_reports_reruns_when_they_change(project):
     path = _write_study(project["study"], datasets={"over": {"dataset": "dagm", "root": "{reports}"}})
     other = project["reports"] / "other"
@@ -560,6 +563,7 @@ def _write_suite(project, parts, name="suite.yaml"):
     return path
 
 
+@pytest.mark.slow
 def test_suite_runs_its_parts_in_order_into_one_index(project):
     _write_study(
         project["root"] / "studies" / "other.yaml",

@@ -125,6 +125,7 @@ def _outputs(path: Path) -> list:
     return [(c.source, c.get("outputs")) for c in cells if "injected-parameters" not in c.metadata.get("tags", [])]
 
 
+@pytest.mark.slow
 def test_grid_on_the_cluster_equals_a_local_run(project, cluster, capsys):
     study = _write_study(
         project / "studies" / "tiny.yaml",
@@ -190,6 +191,7 @@ def test_grid_on_the_cluster_equals_a_local_run(project, cluster, capsys):
     assert [r.status for r in again] == ["unchanged"] * 2
 
 
+@pytest.mark.slow
 def test_the_grid_benchmark_quick_run_writes_its_report(cluster, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_dask_grid", REPO / "benchmarks" / "bench_dask_grid.py")
     bench = importlib.util.module_from_spec(spec)
@@ -207,6 +209,7 @@ def test_the_grid_benchmark_quick_run_writes_its_report(cluster, tmp_path):
     assert report["headline_max_abs_difference"] == 0
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_cell_is_retried_and_written_once(project, cluster):
     marker = project / "held"
     study = _write_study(

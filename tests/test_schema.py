@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from anomalib_study import schema
 from conftest import REPO
 
@@ -84,6 +86,7 @@ def test_every_committed_report_is_at_the_current_layout():
     assert not {k: v for k, v in bad.items() if v}
 
 
+@pytest.mark.slow
 def test_the_migration_script_leaves_a_current_folder_as_it_is(tmp_path):
     folder = tmp_path / "reports" / "01_knn_detection"
     folder.mkdir(parents=True)

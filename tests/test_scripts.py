@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -13,6 +15,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_resume_demo_killed_run_resumes_to_identical_results(capsys):
     """A child process killed with SIGKILL after epoch 1 of 3, resumed: the same losses, threshold and scores."""
     demo = _load("resume_demo")
