@@ -603,7 +603,6 @@ def test_hidden_and_non_image_files_are_ignored_everywhere(fake, folders):
 
 def test_scoring_streams_in_bounded_chunks(fake, folders, monkeypatch):
     """No call scores more than CHUNK_IMAGES images: memory does not grow with the folder."""
-    import dataclasses
 
     from anomalib_study import methods
     from anomalib_study.methods import SPECS
@@ -620,7 +619,7 @@ def test_scoring_streams_in_bounded_chunks(fake, folders, monkeypatch):
         return score_paths(model, backbone, paths, run, errors)
 
     entry, original = methods.REGISTRY["knn"], SPECS["knn"]
-    methods.register(entry, dataclasses.replace(original, score_paths=spy), replace=True)
+    methods.register(entry, original.replace(score_paths=spy), replace=True)
     try:
         run = _run(folders)
     finally:

@@ -21,7 +21,7 @@ from anomalib_study.data.synthetic import make_synthetic_dagm
 from anomalib_study.errors import ParameterError
 from anomalib_study.methods.base import (
     BaseDetector,
-    MethodSpec,
+    Method,
     Param,
     check_embeddings,
     check_is_fitted,
@@ -159,33 +159,39 @@ class MeanDistance(BaseDetector):
         return model
 
 
-def _fit_paths(backbone, paths, params, run):
-    from anomalib_study.features import extract_embeddings
+class MeanDistanceMethod(Method):
+    """The method as evaluate, detect, the command line and the reports see it."""
 
-    X = extract_embeddings(backbone, list(paths), batch_size=run.batch_size, device=run.device, progress=False)
-    return MeanDistance(**params).fit(X)
+    name, label, estimator = "mean_distance", "mean distance", MeanDistance
+    description = "distance of the image embedding to the mean normal embedding"
+    quick_params = {"thres_ratio": 0.8}
+
+    def fit_paths(self, backbone, paths, params, run):
+        from anomalib_study.features import extract_embeddings
+
+        X = extract_embeddings(backbone, list(paths), batch_size=run.batch_size, device=run.device, progress=False)
+        return MeanDistance(**params).fit(X)
+
+    def score_paths(self, model, backbone, paths, run, errors=None):
+        from anomalib_study.features import extract_embeddings
+
+        X = extract_embeddings(backbone, list(paths), batch_size=run.batch_size, device=run.device, progress=False)
+        return {"image_scores": model.score(X)}
+
+    def describe(self, model):
+        return {**model.model_params(), "threshold": model.threshold_, "threshold_rule": "a quantile"}
+
+    def check_loaded(self, model, section, n_images):
+        return None
+
+    def n_images(self, model):
+        return int(model.train_scores_.size)
+
+    def calibration_scores(self, model):
+        return model.train_scores_
 
 
-def _score_paths(model, backbone, paths, run, errors=None):
-    from anomalib_study.features import extract_embeddings
-
-    X = extract_embeddings(backbone, list(paths), batch_size=run.batch_size, device=run.device, progress=False)
-    return {"image_scores": model.score(X)}
-
-
-SPEC = MethodSpec(
-    name="mean_distance",
-    label="mean distance",
-    estimator=MeanDistance,
-    description="distance of the image embedding to the mean normal embedding",
-    fit_paths=_fit_paths,
-    score_paths=_score_paths,
-    describe=lambda m: {**m.model_params(), "threshold": m.threshold_, "threshold_rule": "a quantile"},
-    check_loaded=lambda model, section, n: None,
-    n_images=lambda m: int(m.train_scores_.size),
-    calibration_scores=lambda m: m.train_scores_,
-    quick_params={"thres_ratio": 0.8},
-)
+SPEC = MeanDistanceMethod()
 
 
 @pytest.fixture
@@ -265,3 +271,16 @@ def test_a_method_from_a_test_file_runs_through_evaluate_detect_the_cli_and_the_
     assert list(table["method"]) == ["mean distance (test)"]
     assert table["image_auroc"].iloc[0] == written["image_auroc"]
     assert os.environ.get("ANOMALIB_STUDY_PLUGIN") is None  # nothing outside this file was changed or set
+
+
+def test_a_method_is_read_only_and_replace_gives_a_copy():
+    spec = methods.get_method("knn")
+    with pytest.raises(AttributeError, match="read-only"):
+        spec.label = "other"
+    other = spec.replace(label="other")
+    assert other.label == "other" and spec.label == "kNN" and type(other) is type(spec)
+    assert other.fit_paths.__func__ is spec.fit_paths.__func__
+    with pytest.raises(TypeError, match="no attribute"):
+        Method(name="x", colour="red")
+    with pytest.raises(ValueError, match="must declare fit_paths"):
+        Method(name="x", estimator=MeanDistance)

@@ -78,7 +78,7 @@ from anomalib_study.methods.ae_training import (  # noqa: F401 (re-exported)
 )
 from anomalib_study.methods.base import (
     BaseDetector,
-    MethodSpec,
+    Method,
     Param,
     RunOptions,
     check_bool,
@@ -193,7 +193,8 @@ class AutoEncoder(AutoEncoderTraining, BaseDetector):
     def _check_number(
         name: str, value: Any, low: float, high: float | None, low_open: bool, high_open: bool = False
     ) -> float:
-        """``value`` as a float in the interval low..high (open or closed ends); else ParameterError naming ``name``."""
+        """``value`` as a float in the interval low..high (open or closed ends); else ParameterError
+        naming ``name``."""
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ParameterError(f"{name} must be a number, got {value!r}")
         if not math.isfinite(value):
@@ -582,87 +583,92 @@ class AutoEncoder(AutoEncoderTraining, BaseDetector):
 # The backbone evaluate / detect load gives the encoder (model="pretrained": its name and
 # weights file) and the input geometry (its image_size, the whole image squashed); the
 # batch size, workers, device and progress bars are the run's. Everything else is declared.
-def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> AutoEncoder:
-    return AutoEncoder(
-        backbone=backbone.name,
-        weights=backbone.weights_path,
-        image_size=int(backbone.image_size),
-        batch_size=run.batch_size,
-        num_workers=run.num_workers,
-        device=run.device,
-        progress=run.progress,
-        **params,
-    ).fit_paths(list(paths))
 
 
-def _score_paths(model: AutoEncoder, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
-    model.set_params(batch_size=run.batch_size, num_workers=run.num_workers, progress=run.progress)
-    return model.score_paths(list(paths), errors=errors)
+class AutoEncoderMethod(Method):
+    """The reconstruction autoencoders as the study runs them: the backbone gives the encoder
+    and the input size; the run its batch size, workers, device and progress bars."""
 
+    name = "autoencoder"
+    label = "Autoencoder"
+    estimator = AutoEncoder
+    description = "reconstruction autoencoder (convolutional, or with a pretrained encoder), MSE or MSE + SSIM loss"
+    quick_params = {"epochs": 2, "val_fraction": 0.25}
+    score_kinds = IMAGE_SCORES
+    produces_maps = True
+    min_images = 3
+    resize_mode = "squash"
+    image_size = 128
 
-def _describe(model: AutoEncoder) -> dict:
-    identity = model.backbone_identity_
-    encoder = (
-        f"{identity['name']} (stem and stages 1-{FROZEN_STAGES} frozen, the rest fine-tuned)"
-        if identity
-        else "none: convolutional autoencoder trained from scratch"
-    )
-    return {
-        **as_json(model.model_params()),
-        "checkpoint_dir": None if model.checkpoint_dir is None else str(model.checkpoint_dir),
-        "encoder": encoder,
-        "image_size": int(model.image_size),
-        "threshold": float(model.threshold_),
-        "threshold_rule": (
-            f"{model.thres_ratio} quantile of the {model.image_score} scores of the "
-            f"{model.n_val_images_} normal images held out of training"
-        ),
-        "map_rule": (
-            f"per-pixel squared reconstruction error (mean over RGB) on the squashed input, Gaussian "
-            f"sigma {RESIDUAL_SIGMA:g}"
-        ),
-        "epochs_run": int(model.epochs_run_),
-        "best_epoch": int(model.best_epoch_),
-        "stopped_early": bool(model.stopped_early_),
-        "resumed_from_epoch": int(model.resumed_from_epoch_),
-        "precision_used": model.precision_used_,
-        "n_train_images": int(model.n_train_images_),
-        "n_val_images": int(model.n_val_images_),
-        "history": as_json(model.history_),
-        "fit_timings": as_json(model.timings_),
-    }
+    def fit_paths(self, backbone, paths, params: dict, run: RunOptions) -> AutoEncoder:
+        return AutoEncoder(
+            backbone=backbone.name,
+            weights=backbone.weights_path,
+            image_size=int(backbone.image_size),
+            batch_size=run.batch_size,
+            num_workers=run.num_workers,
+            device=run.device,
+            progress=run.progress,
+            **params,
+        ).fit_paths(list(paths))
 
+    def score_paths(self, model: AutoEncoder, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
+        model.set_params(batch_size=run.batch_size, num_workers=run.num_workers, progress=run.progress)
+        return model.score_paths(list(paths), errors=errors)
 
-def _check_loaded(model: AutoEncoder, section: dict, n_images: int) -> str | None:
-    if (
-        not np.isclose(model.threshold_, float(section["threshold"]))
-        or model.n_train_images_ + model.n_val_images_ != n_images
-        or model.model != section["model"]
-    ):
-        return (
-            f"the model ({model.model}, threshold={model.threshold_:.6g}, "
-            f"{model.n_train_images_ + model.n_val_images_} images) does not match its description "
-            f"({section['model']}, threshold={float(section['threshold']):.6g}, {n_images} images)"
+    def describe(self, model: AutoEncoder) -> dict:
+        identity = model.backbone_identity_
+        encoder = (
+            f"{identity['name']} (stem and stages 1-{FROZEN_STAGES} frozen, the rest fine-tuned)"
+            if identity
+            else "none: convolutional autoencoder trained from scratch"
         )
-    return None
+        return {
+            **as_json(model.model_params()),
+            "checkpoint_dir": None if model.checkpoint_dir is None else str(model.checkpoint_dir),
+            "encoder": encoder,
+            "image_size": int(model.image_size),
+            "threshold": float(model.threshold_),
+            "threshold_rule": (
+                f"{model.thres_ratio} quantile of the {model.image_score} scores of the "
+                f"{model.n_val_images_} normal images held out of training"
+            ),
+            "map_rule": (
+                f"per-pixel squared reconstruction error (mean over RGB) on the squashed input, Gaussian "
+                f"sigma {RESIDUAL_SIGMA:g}"
+            ),
+            "epochs_run": int(model.epochs_run_),
+            "best_epoch": int(model.best_epoch_),
+            "stopped_early": bool(model.stopped_early_),
+            "resumed_from_epoch": int(model.resumed_from_epoch_),
+            "precision_used": model.precision_used_,
+            "n_train_images": int(model.n_train_images_),
+            "n_val_images": int(model.n_val_images_),
+            "history": as_json(model.history_),
+            "fit_timings": as_json(model.timings_),
+        }
+
+    def check_loaded(self, model: AutoEncoder, section: dict, n_images: int) -> str | None:
+        if (
+            not np.isclose(model.threshold_, float(section["threshold"]))
+            or model.n_train_images_ + model.n_val_images_ != n_images
+            or model.model != section["model"]
+        ):
+            return (
+                f"the model ({model.model}, threshold={model.threshold_:.6g}, "
+                f"{model.n_train_images_ + model.n_val_images_} images) does not match its description "
+                f"({section['model']}, threshold={float(section['threshold']):.6g}, {n_images} images)"
+            )
+        return None
+
+    def n_images(self, model):
+        return int(model.n_train_images_ + model.n_val_images_)
+
+    def calibration_scores(self, model):
+        return model.calibration_scores_[model.image_score]
+
+    def uses_backbone_weights(self, params):
+        return params["model"] == "pretrained"
 
 
-SPEC = MethodSpec(
-    name="autoencoder",
-    label="Autoencoder",
-    estimator=AutoEncoder,
-    description="reconstruction autoencoder (convolutional, or with a pretrained encoder), MSE or MSE + SSIM loss",
-    quick_params={"epochs": 2, "val_fraction": 0.25},
-    fit_paths=_fit_paths,
-    score_paths=_score_paths,
-    describe=_describe,
-    check_loaded=_check_loaded,
-    n_images=lambda model: int(model.n_train_images_ + model.n_val_images_),
-    score_kinds=IMAGE_SCORES,
-    produces_maps=True,
-    min_images=3,
-    resize_mode="squash",
-    image_size=128,
-    calibration_scores=lambda model: model.calibration_scores_[model.image_score],
-    uses_backbone_weights=lambda params: params["model"] == "pretrained",
-)
+SPEC = AutoEncoderMethod()

@@ -13,9 +13,10 @@ import inspect
 import json
 import os
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -35,6 +36,7 @@ __all__ = [
     "gaussian_kernel_size",
     "save_model_file",
     "load_model_file",
+    "Method",
     "MethodParam",
     "Param",
     "MethodSpec",
@@ -373,9 +375,21 @@ TASKS = {
 }
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What ``evaluate``, ``detect`` and the command line need of a method.
+class Method:
+    """A method of the study: what ``evaluate``, ``detect``, the command line and the reports
+    need of it, declared once. A method module subclasses it, setting the attributes below
+    as class attributes and writing the hooks as methods, and declares one instance as
+    ``SPEC``::
+
+        class KNN(Method):
+            name, label, estimator, description = "knn", "kNN", KNNDetector, "deep nearest neighbours"
+
+            def fit_paths(self, backbone, paths, params, run): ...
+
+    (``Method(name=..., fit_paths=function, ...)`` builds one from keyword arguments too:
+    a method written in a notebook or a test.) An instance is read-only; :meth:`replace`
+    gives a copy with other values.
+
 
     ``name`` is the method's key (``"knn"``), ``label`` how reports name it (``"kNN"``),
     ``batch_size`` the images per forward pass ``evaluate``, ``detect`` and ``cluster`` use
@@ -390,8 +404,8 @@ class MethodSpec:
     (tests and smoke runs of every registered method read them; never a study's result).
     Each method module declares one as ``SPEC``; the registry
     (:func:`anomalib_study.methods.register`) names it. A new method plugs in by declaring
-    its own and registering it, with no change to the shared modules. The hooks (all pure
-    functions of their arguments):
+    its own and registering it, with no change to the shared modules. The hooks (methods
+    that depend on their arguments only; a hook left None is one the method does not have):
 
     ``fit_paths(backbone, paths, params, run) -> model``
         fit on normal image files; ``params`` holds every declared parameter (defaults
@@ -446,22 +460,14 @@ class MethodSpec:
         ``params`` validates them).
     """
 
-    name: str
-    label: str
-    estimator: type
-    description: str
+    # what the method is
+    name: str = ""
+    label: str = ""
+    estimator: type | None = None
+    description: str = ""
+    task: str = "detection"
     params: tuple[MethodParam, ...] | None = None
     extra_params: tuple[MethodParam, ...] = ()
-    fit_paths: Callable[..., Any] | None = None
-    score_paths: Callable[..., dict] | None = None
-    describe: Callable[[Any], dict] | None = None
-    check_loaded: Callable[[Any, dict, int], str | None] | None = None
-    n_images: Callable[[Any], int] | None = None
-    task: str = "detection"
-    cluster_images: Callable[..., dict] | None = None
-    needs_normal_images: Callable[[dict], bool] | None = None
-    uses_backbone_weights: Callable[[dict], bool] | None = None
-    validate: Callable[[dict], None] | None = None
     score_kinds: tuple[str, ...] = ()
     produces_maps: bool = False
     batch_size: int | None = None
@@ -469,25 +475,73 @@ class MethodSpec:
     image_size: int | None = None
     uses_embedding: bool = False
     min_images: int = 2
-    sweep: Callable[..., list] | None = None
     sweep_param: str | None = None
+    quick_params: Mapping[str, Any] = MappingProxyType({})
+    # the hooks: a subclass writes them as methods (None: the method has none)
+    fit_paths: Callable[..., Any] | None = None
+    score_paths: Callable[..., dict] | None = None
+    describe: Callable[[Any], dict] | None = None
+    check_loaded: Callable[[Any, dict, int], str | None] | None = None
+    n_images: Callable[[Any], int] | None = None
+    cluster_images: Callable[..., dict] | None = None
+    needs_normal_images: Callable[[dict], bool] | None = None
+    uses_backbone_weights: Callable[[dict], bool] | None = None
+    validate: Callable[[dict], None] | None = None
+    sweep: Callable[..., list] | None = None
     threshold_problem: Callable[[dict], str | None] | None = None
     calibration_scores: Callable[[Any], Any] | None = None
-    quick_params: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.params is None:  # the estimator's declared model parameters, then the method's own evaluate options
-            declared = getattr(self.estimator, "declared_params", lambda kind: {})("model")
-            offered = tuple(p.method_param() for p in declared.values() if p.offered)
-            object.__setattr__(self, "params", self.extra_params + offered)
-        if self.batch_size is None:  # the estimator's declared run option, else 32
-            declared = getattr(self.estimator, "declared_params", lambda kind: {})("run")
-            object.__setattr__(self, "batch_size", declared["batch_size"].default if "batch_size" in declared else 32)
+    _FIELDS = (
+        "name", "label", "estimator", "description", "task", "params", "extra_params", "score_kinds",
+        "produces_maps", "batch_size", "resize_mode", "image_size", "uses_embedding", "min_images", "sweep_param",
+        "quick_params", "fit_paths", "score_paths", "describe", "check_loaded", "n_images", "cluster_images",
+        "needs_normal_images", "uses_backbone_weights", "validate", "sweep", "threshold_problem", "calibration_scores",
+    )  # fmt: skip
+
+    def __init__(self, *args: Any, **given: Any) -> None:
+        if len(args) > 5:
+            raise TypeError("Method takes at most 5 positional arguments (name, label, estimator, description, params)")
+        for key, value in zip(("name", "label", "estimator", "description", "params"), args):
+            if key in given:
+                raise TypeError(f"Method got multiple values for {key!r}")
+            given[key] = value
+        unknown = sorted(set(given) - set(self._FIELDS))
+        if unknown:
+            raise TypeError(
+                f"Method has no attribute(s) {', '.join(unknown)}; its attributes: {', '.join(self._FIELDS)}"
+            )
+        values = dict(given)
+        declared = getattr(self.estimator if "estimator" not in given else given["estimator"], "declared_params", None)
+        if values.get("params", self.params) is None:  # the estimator's declared model parameters, then its own
+            model = declared("model") if declared else {}
+            offered = tuple(p.method_param() for p in model.values() if p.offered)
+            values["params"] = tuple(values.get("extra_params", self.extra_params)) + offered
+        if values.get("batch_size", self.batch_size) is None:  # the estimator's declared run option, else 32
+            run = declared("run") if declared else {}
+            values["batch_size"] = run["batch_size"].default if "batch_size" in run else 32
+        values["quick_params"] = MappingProxyType(dict(values.get("quick_params", self.quick_params)))
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "_given", dict(given))
+        if not self.name:
+            raise ValueError(f"{type(self).__name__} has no name")
         if self.task not in TASKS:
             raise ValueError(f"method {self.name!r}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
         missing = [hook for hook in TASKS[self.task] if getattr(self, hook) is None]
         if missing:
             raise ValueError(f"method {self.name!r} of task {self.task!r} must declare {', '.join(missing)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"method {self.name!r} is read-only: use replace({name}=...) for a copy with another value"
+        )
+
+    def replace(self, **changes: Any) -> "Method":
+        """A copy with ``changes`` (e.g. a hook wrapped by a test)."""
+        return type(self)(**{**self._given, **changes})
+
+    def __repr__(self) -> str:
+        return f"<method {self.name!r} ({self.task}): {type(self).__name__}>"
 
     @property
     def model_file(self) -> str:
@@ -538,3 +592,7 @@ class MethodSpec:
     def load(self, path: str | os.PathLike, device: str = "cpu"):
         """The fitted model saved at ``path`` (the estimator's own ``load``)."""
         return self.estimator.load(path, device=device)
+
+
+#: the name the declarations had before they were a class (``MethodSpec(name=..., fit_paths=...)`` still builds one)
+MethodSpec = Method

@@ -55,7 +55,7 @@ import torch
 from anomalib_study.checks import check_int, check_is_fitted, fraction_up_to_one, odd_positive_int, positive_int
 from anomalib_study.errors import ParameterError
 from anomalib_study.hardware import PRECISIONS
-from anomalib_study.methods.base import BaseDetector, Param
+from anomalib_study.methods.base import BaseDetector, Method, MethodParam, Param
 from anomalib_study.methods.clustering_steps import (
     LINKAGES,
     MODES,
@@ -469,83 +469,6 @@ def _modes(params: dict, has_normal: bool) -> list[str]:
     return modes
 
 
-def _validate(params: dict) -> None:
-    _modes(params, True)
-    if params.get("n_clusters") is not None:
-        check_int("n_clusters", params["n_clusters"], minimum=1)
-    AnomalyClustering(**{k: params[k] for k in _ESTIMATOR_PARAMS})._validate_params()
-
-
-def _cluster_images(backbone, paths, normal_paths, params: dict, run, n_clusters: int | None) -> dict:
-    """Every mode of ``params['modes']`` on the same patch features (extracted once)."""
-    modes = _modes(params, bool(normal_paths))
-    if "semi_supervised" in modes and not normal_paths:
-        raise ParameterError(
-            "mode semi_supervised needs normal images, and there are none: leave it out of modes "
-            "(unsupervised and average need none)"
-        )
-    options = {k: params[k] for k in _ESTIMATOR_PARAMS}
-
-    def make(mode: str) -> AnomalyClustering:
-        return AnomalyClustering(
-            backbone=backbone,
-            mode=mode,
-            n_clusters=n_clusters,
-            **options,
-            batch_size=run.batch_size,
-            num_workers=run.num_workers,
-            device=run.device,
-            progress=run.progress,
-        )
-
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    Z, grid = make(modes[0]).extract(paths, desc="anomaly clustering: patch features")
-    timings["extract_s"] = time.perf_counter() - started
-    Z_normal = None
-    runs = []
-    for mode in modes:
-        model = make(mode)
-        if mode == "semi_supervised":
-            if Z_normal is None:
-                started = time.perf_counter()
-                Z_normal, _ = model.extract(normal_paths, desc="anomaly clustering: normal patch features")
-                timings["normal_extract_s"] = time.perf_counter() - started
-            model.fit(Z_normal)
-            Z_normal = None  # the index holds its own copy
-        else:
-            model.fit(None)
-        started = time.perf_counter()
-        labels = model.fit_predict(Z, grid)
-        timings[f"{mode}_s"] = time.perf_counter() - started
-        timings.update({f"{mode}_{key}": value for key, value in model.timings_.items()})
-        description = model.describe()
-        chosen = {"weights": model.weights_, "embeddings": model.embeddings_}
-        curve = []
-        if model.patch_scores_ is not None:
-            free_tau = model.tau_  # the label-free (or given) tau of this run
-            for factor in TAU_FACTORS:
-                value = free_tau * factor if math.isfinite(factor) else math.inf
-                curve.append(
-                    {
-                        "value": None if math.isinf(value) else float(value),
-                        "relative": factor if math.isfinite(factor) else "inf",
-                        "labels": labels.copy() if factor == 1.0 else model.recluster(tau=value).copy(),
-                    }
-                )
-        runs.append(
-            {
-                "name": mode,
-                "labels": labels,
-                "description": description,
-                "curve": curve,
-                **chosen,
-                "patch_scores": model.patch_scores_,
-            }
-        )
-    return {"runs": runs, "timings": timings, "grid": list(grid)}
-
-
 def _comma_list(text: str) -> list[str]:
     items = [item.strip() for item in str(text).split(",") if item.strip()]
     if not items:
@@ -553,29 +476,104 @@ def _comma_list(text: str) -> list[str]:
     return items
 
 
-def _build_spec():
-    from anomalib_study.methods.base import MethodParam, MethodSpec
+class AnomalyClusteringMethod(Method):
+    """Anomaly clustering as the study runs it: every mode of ``modes`` on the same patch
+    features, with the labels at other values of tau."""
 
-    return MethodSpec(
-        name="clustering",
-        label="Anomaly clustering",
-        estimator=AnomalyClustering,
-        description="anomaly clustering (Sohn et al., WACV 2023): patch-weighted image embeddings grouped into "
-        "anomaly types",
-        task="clustering",
-        extra_params=(
-            MethodParam(
-                "modes",
-                None,
-                "patch-score modes compared (comma-separated; default all the data allows: "
-                "unsupervised, semi_supervised when there are normal images, average)",
-                _comma_list,
-            ),
+    name = "clustering"
+    label = "Anomaly clustering"
+    estimator = AnomalyClustering
+    description = (
+        "anomaly clustering (Sohn et al., WACV 2023): patch-weighted image embeddings grouped into anomaly types"
+    )
+    task = "clustering"
+    extra_params = (
+        MethodParam(
+            "modes",
+            None,
+            "patch-score modes compared (comma-separated; default all the data allows: "
+            "unsupervised, semi_supervised when there are normal images, average)",
+            _comma_list,
         ),
-        cluster_images=_cluster_images,
-        needs_normal_images=lambda params: "semi_supervised" in (params.get("modes") or ()),
-        validate=_validate,
     )
 
+    def cluster_images(self, backbone, paths, normal_paths, params: dict, run, n_clusters: int | None) -> dict:
+        """Every mode of ``params['modes']`` on the same patch features (extracted once)."""
+        modes = _modes(params, bool(normal_paths))
+        if "semi_supervised" in modes and not normal_paths:
+            raise ParameterError(
+                "mode semi_supervised needs normal images, and there are none: leave it out of modes "
+                "(unsupervised and average need none)"
+            )
+        options = {k: params[k] for k in _ESTIMATOR_PARAMS}
 
-SPEC = _build_spec()
+        def make(mode: str) -> AnomalyClustering:
+            return AnomalyClustering(
+                backbone=backbone,
+                mode=mode,
+                n_clusters=n_clusters,
+                **options,
+                batch_size=run.batch_size,
+                num_workers=run.num_workers,
+                device=run.device,
+                progress=run.progress,
+            )
+
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        Z, grid = make(modes[0]).extract(paths, desc="anomaly clustering: patch features")
+        timings["extract_s"] = time.perf_counter() - started
+        Z_normal = None
+        runs = []
+        for mode in modes:
+            model = make(mode)
+            if mode == "semi_supervised":
+                if Z_normal is None:
+                    started = time.perf_counter()
+                    Z_normal, _ = model.extract(normal_paths, desc="anomaly clustering: normal patch features")
+                    timings["normal_extract_s"] = time.perf_counter() - started
+                model.fit(Z_normal)
+                Z_normal = None  # the index holds its own copy
+            else:
+                model.fit(None)
+            started = time.perf_counter()
+            labels = model.fit_predict(Z, grid)
+            timings[f"{mode}_s"] = time.perf_counter() - started
+            timings.update({f"{mode}_{key}": value for key, value in model.timings_.items()})
+            description = model.describe()
+            chosen = {"weights": model.weights_, "embeddings": model.embeddings_}
+            curve = []
+            if model.patch_scores_ is not None:
+                free_tau = model.tau_  # the label-free (or given) tau of this run
+                for factor in TAU_FACTORS:
+                    value = free_tau * factor if math.isfinite(factor) else math.inf
+                    curve.append(
+                        {
+                            "value": None if math.isinf(value) else float(value),
+                            "relative": factor if math.isfinite(factor) else "inf",
+                            "labels": labels.copy() if factor == 1.0 else model.recluster(tau=value).copy(),
+                        }
+                    )
+            runs.append(
+                {
+                    "name": mode,
+                    "labels": labels,
+                    "description": description,
+                    "curve": curve,
+                    **chosen,
+                    "patch_scores": model.patch_scores_,
+                }
+            )
+        return {"runs": runs, "timings": timings, "grid": list(grid)}
+
+    def needs_normal_images(self, params):
+        return "semi_supervised" in (params.get("modes") or ())
+
+    def validate(self, params: dict) -> None:
+        _modes(params, True)
+        if params.get("n_clusters") is not None:
+            check_int("n_clusters", params["n_clusters"], minimum=1)
+        AnomalyClustering(**{k: params[k] for k in _ESTIMATOR_PARAMS})._validate_params()
+
+
+SPEC = AnomalyClusteringMethod()

@@ -25,7 +25,7 @@ from anomalib_study.errors import ModelFileError, ParameterError, StudyError
 from anomalib_study.features import extract_embeddings
 from anomalib_study.methods.base import (
     BaseDetector,
-    MethodSpec,
+    Method,
     Param,
     RunOptions,
     check_bool,
@@ -209,112 +209,112 @@ def _check_shape(x: np.ndarray, n: int, backbone, what: str) -> np.ndarray:
     return x
 
 
-def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> KNNDetector:
-    """Embeddings of the normal images (through the feature cache ``run.cache``), then fit."""
-    started = time.perf_counter()
-    bank = extract_embeddings(
-        backbone,
-        list(paths),
-        batch_size=run.batch_size,
-        num_workers=run.num_workers,
-        device=run.device,
-        cache=run.cache,
-        progress=run.progress,
-        desc="normal images",
-    )
-    bank = _check_shape(bank, len(paths), backbone, "normal images")
-    extract_s = time.perf_counter() - started
-    started = time.perf_counter()
-    detector = KNNDetector(
-        k=params["k"],
-        thres_ratio=params["thres_ratio"],
-        normalize=params["normalize"],
-        index=params["index"],
-        device=run.device,
-    ).fit(bank)
-    detector.timings_ = {"extract_s": extract_s, "index_s": time.perf_counter() - started}
-    return detector
+class KNNMethod(Method):
+    """Deep nearest-neighbour detection as the study runs it: embeddings of image files, then :class:`KNNDetector`."""
 
+    name = "knn"
+    label = "kNN"
+    estimator = KNNDetector
+    description = "deep nearest-neighbour detection (DN2): mean distance to the k nearest normal image embeddings"
+    quick_params = {"k": 3}
+    uses_embedding = True
+    sweep_param = "k"
 
-def _score_paths(detector: KNNDetector, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
-    """``image_scores`` (n,) and the test ``embeddings`` (n, D) (for :func:`_sweep`)."""
-    paths = list(paths)
-    x = extract_embeddings(
-        backbone,
-        paths,
-        batch_size=run.batch_size,
-        num_workers=run.num_workers,
-        device=run.device,
-        cache=run.cache,
-        progress=run.progress,
-        desc="test images",
-        **({} if errors is None else {"errors": errors}),
-    )
-    x = _check_shape(x, len(paths), backbone, "test images")
-    scores = np.full(len(paths), np.nan)
-    readable = np.isfinite(x).all(axis=1) if errors else np.ones(len(paths), dtype=bool)
-    if readable.any():
-        scores[readable] = detector.score(x[readable])
-    return {"image_scores": scores, "embeddings": x}
-
-
-def _describe(detector: KNNDetector) -> dict:
-    return {
-        "k": int(detector.k),
-        "k_used": int(detector.k_),
-        "thres_ratio": float(detector.thres_ratio),
-        "threshold": float(detector.threshold_),
-        "threshold_rule": (
-            f"{detector.thres_ratio} quantile of the leave-one-out scores of the "
-            f"{detector.memory_bank_.shape[0]} normal images"
-        ),
-        "normalize": bool(detector.normalize),
-        "index": detector.index,
-        "index_describe": detector.index_.describe(),
-        "n_bank": int(detector.memory_bank_.shape[0]),
-    }
-
-
-def _check_loaded(detector: KNNDetector, section: dict, n_images: int) -> str | None:
-    if (
-        detector.k_ != int(section["k_used"])
-        or not np.isclose(detector.threshold_, float(section["threshold"]))
-        or detector.memory_bank_.shape[0] != n_images
-    ):
-        return (
-            f"the model (k={detector.k_}, threshold={detector.threshold_:.6g}, {detector.memory_bank_.shape[0]} "
-            f"images) does not match its description (k={section['k_used']}, threshold="
-            f"{float(section['threshold']):.6g}, {n_images} images)"
+    def fit_paths(self, backbone, paths, params: dict, run: RunOptions) -> KNNDetector:
+        """Embeddings of the normal images (through the feature cache ``run.cache``), then fit."""
+        started = time.perf_counter()
+        bank = extract_embeddings(
+            backbone,
+            list(paths),
+            batch_size=run.batch_size,
+            num_workers=run.num_workers,
+            device=run.device,
+            cache=run.cache,
+            progress=run.progress,
+            desc="normal images",
         )
-    return None
+        bank = _check_shape(bank, len(paths), backbone, "normal images")
+        extract_s = time.perf_counter() - started
+        started = time.perf_counter()
+        detector = KNNDetector(
+            k=params["k"],
+            thres_ratio=params["thres_ratio"],
+            normalize=params["normalize"],
+            index=params["index"],
+            device=run.device,
+        ).fit(bank)
+        detector.timings_ = {"extract_s": extract_s, "index_s": time.perf_counter() - started}
+        return detector
+
+    def score_paths(self, detector: KNNDetector, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
+        """``image_scores`` (n,) and the test ``embeddings`` (n, D) (for :func:`_sweep`)."""
+        paths = list(paths)
+        x = extract_embeddings(
+            backbone,
+            paths,
+            batch_size=run.batch_size,
+            num_workers=run.num_workers,
+            device=run.device,
+            cache=run.cache,
+            progress=run.progress,
+            desc="test images",
+            **({} if errors is None else {"errors": errors}),
+        )
+        x = _check_shape(x, len(paths), backbone, "test images")
+        scores = np.full(len(paths), np.nan)
+        readable = np.isfinite(x).all(axis=1) if errors else np.ones(len(paths), dtype=bool)
+        if readable.any():
+            scores[readable] = detector.score(x[readable])
+        return {"image_scores": scores, "embeddings": x}
+
+    def describe(self, detector: KNNDetector) -> dict:
+        return {
+            "k": int(detector.k),
+            "k_used": int(detector.k_),
+            "thres_ratio": float(detector.thres_ratio),
+            "threshold": float(detector.threshold_),
+            "threshold_rule": (
+                f"{detector.thres_ratio} quantile of the leave-one-out scores of the "
+                f"{detector.memory_bank_.shape[0]} normal images"
+            ),
+            "normalize": bool(detector.normalize),
+            "index": detector.index,
+            "index_describe": detector.index_.describe(),
+            "n_bank": int(detector.memory_bank_.shape[0]),
+        }
+
+    def check_loaded(self, detector: KNNDetector, section: dict, n_images: int) -> str | None:
+        if (
+            detector.k_ != int(section["k_used"])
+            or not np.isclose(detector.threshold_, float(section["threshold"]))
+            or detector.memory_bank_.shape[0] != n_images
+        ):
+            return (
+                f"the model (k={detector.k_}, threshold={detector.threshold_:.6g}, {detector.memory_bank_.shape[0]} "
+                f"images) does not match its description (k={section['k_used']}, threshold="
+                f"{float(section['threshold']):.6g}, {n_images} images)"
+            )
+        return None
+
+    def n_images(self, detector):
+        return int(detector.memory_bank_.shape[0])
+
+    def calibration_scores(self, detector):
+        return detector.train_scores_
+
+    def sweep(self, detector: KNNDetector, scored: dict, params: dict, values) -> list[tuple[int, np.ndarray, float]]:
+        """The same embeddings scored with every other k of ``values`` (those below the bank size)."""
+        bank = detector.memory_bank_  # already normalised when params["normalize"]
+        test = scored["embeddings"]
+        if params["normalize"]:
+            test = _l2_normalise(test)
+        out = []
+        for k in sorted({int(v) for v in values if 0 < int(v) < bank.shape[0]}):
+            other = KNNDetector(k=k, thres_ratio=params["thres_ratio"], normalize=False, index=params["index"]).fit(
+                bank
+            )
+            out.append((k, other.score(test), float(other.threshold_)))
+        return out
 
 
-def _sweep(detector: KNNDetector, scored: dict, params: dict, values) -> list[tuple[int, np.ndarray, float]]:
-    """The same embeddings scored with every other k of ``values`` (those below the bank size)."""
-    bank = detector.memory_bank_  # already normalised when params["normalize"]
-    test = scored["embeddings"]
-    if params["normalize"]:
-        test = _l2_normalise(test)
-    out = []
-    for k in sorted({int(v) for v in values if 0 < int(v) < bank.shape[0]}):
-        other = KNNDetector(k=k, thres_ratio=params["thres_ratio"], normalize=False, index=params["index"]).fit(bank)
-        out.append((k, other.score(test), float(other.threshold_)))
-    return out
-
-
-SPEC = MethodSpec(
-    name="knn",
-    label="kNN",
-    estimator=KNNDetector,
-    description="deep nearest-neighbour detection (DN2): mean distance to the k nearest normal image embeddings",
-    quick_params={"k": 3},
-    fit_paths=_fit_paths,
-    score_paths=_score_paths,
-    describe=_describe,
-    check_loaded=_check_loaded,
-    n_images=lambda detector: int(detector.memory_bank_.shape[0]),
-    uses_embedding=True,
-    calibration_scores=lambda detector: detector.train_scores_,
-    sweep=_sweep,
-    sweep_param="k",
-)
+SPEC = KNNMethod()

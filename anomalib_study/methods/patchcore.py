@@ -68,7 +68,7 @@ from anomalib_study.hardware import PRECISIONS, resolve_precision
 from anomalib_study.io import as_json
 from anomalib_study.methods.base import (
     BaseDetector,
-    MethodSpec,
+    Method,
     Param,
     RunOptions,
     check_int,
@@ -591,97 +591,98 @@ class PatchCore(PatchCoreImages, BaseDetector):
 
 
 # ---------------------------------------------------------------------- the method's declaration
-def _fit_paths(backbone, paths, params: dict, run: RunOptions) -> PatchCore:
-    return PatchCore(
-        backbone=backbone,
-        **params,
-        batch_size=run.batch_size,
-        num_workers=run.num_workers,
-        device=run.device,
-        progress=run.progress,
-    ).fit_paths(list(paths))
 
 
-def _score_paths(model: PatchCore, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
-    if model.backbone is not backbone:  # a loaded model: score with the backbone loaded now (identity checked)
-        model.set_params(backbone=backbone)
-        model._backbone_module = None
-    model.set_params(batch_size=run.batch_size, num_workers=run.num_workers, progress=run.progress)
-    model.get_backbone()
-    return model.score_paths(list(paths), errors=errors)
+class PatchCoreMethod(Method):
+    """PatchCore as the study runs it: image files through :class:`PatchCore`'s image pipeline,
+    its description for the reports."""
 
+    name = "patchcore"
+    label = "PatchCore"
+    estimator = PatchCore
+    description = "PatchCore (Roth et al., CVPR 2022): coreset memory bank of patch features, anomaly maps"
+    quick_params = {"calibration_fraction": 0.25}
+    score_kinds = IMAGE_SCORES
+    produces_maps = True
 
-def _describe(model: PatchCore) -> dict:
-    params = as_json(model.model_params())
-    identity = model.backbone_identity_ or {}
-    n_calibration = int(model.calibration_scores_max_.size)
-    has_threshold = bool(np.isfinite(model.threshold_))
-    return {
-        **params,
-        "layers": identity.get("layers", as_json(model.layers)),
-        "threshold": float(model.threshold_) if has_threshold else None,
-        "threshold_rule": (
-            f"{model.thres_ratio} quantile of the {model.image_score} image scores of the {n_calibration} training "
-            "images held out of the memory bank"
-            if has_threshold
-            else "none: calibration_fraction=0 (every training image is in the memory bank)"
-        ),
-        "memory_bank_size": int(model.memory_bank_.shape[0]),
-        "n_bank": int(model.memory_bank_.shape[0]),
-        "feature_dim": int(model.n_features_in_),
-        "grid_shape": None if model.grid_shape_ is None else list(model.grid_shape_),
-        "n_train_images": int(model.n_train_images_),
-        "n_calibration": n_calibration,
-        "n_train_patches": int(model.n_train_patches_),
-        "index_describe": model.index_.describe(),
-        "precision_used": model.precision_used_,
-        "fit_timings": dict(model.timings_),
-        "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}"
-        + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
-    }
+    def fit_paths(self, backbone, paths, params: dict, run: RunOptions) -> PatchCore:
+        return PatchCore(
+            backbone=backbone,
+            **params,
+            batch_size=run.batch_size,
+            num_workers=run.num_workers,
+            device=run.device,
+            progress=run.progress,
+        ).fit_paths(list(paths))
 
+    def score_paths(self, model: PatchCore, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
+        if model.backbone is not backbone:  # a loaded model: score with the backbone loaded now (identity checked)
+            model.set_params(backbone=backbone)
+            model._backbone_module = None
+        model.set_params(batch_size=run.batch_size, num_workers=run.num_workers, progress=run.progress)
+        model.get_backbone()
+        return model.score_paths(list(paths), errors=errors)
 
-def _check_loaded(model: PatchCore, section: dict, n_images: int) -> str | None:
-    threshold = section["threshold"]
-    threshold = float("nan") if threshold is None else float(threshold)
-    bank = (int(section["memory_bank_size"]), int(section["feature_dim"]))
-    if (
-        not np.isclose(model.threshold_, threshold, equal_nan=True)
-        or model.memory_bank_.shape != bank
-        or model.n_train_images_ != n_images
-    ):
+    def describe(self, model: PatchCore) -> dict:
+        params = as_json(model.model_params())
+        identity = model.backbone_identity_ or {}
+        n_calibration = int(model.calibration_scores_max_.size)
+        has_threshold = bool(np.isfinite(model.threshold_))
+        return {
+            **params,
+            "layers": identity.get("layers", as_json(model.layers)),
+            "threshold": float(model.threshold_) if has_threshold else None,
+            "threshold_rule": (
+                f"{model.thres_ratio} quantile of the {model.image_score} image scores of the {n_calibration} training "
+                "images held out of the memory bank"
+                if has_threshold
+                else "none: calibration_fraction=0 (every training image is in the memory bank)"
+            ),
+            "memory_bank_size": int(model.memory_bank_.shape[0]),
+            "n_bank": int(model.memory_bank_.shape[0]),
+            "feature_dim": int(model.n_features_in_),
+            "grid_shape": None if model.grid_shape_ is None else list(model.grid_shape_),
+            "n_train_images": int(model.n_train_images_),
+            "n_calibration": n_calibration,
+            "n_train_patches": int(model.n_train_patches_),
+            "index_describe": model.index_.describe(),
+            "precision_used": model.precision_used_,
+            "fit_timings": dict(model.timings_),
+            "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}"
+            + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
+        }
+
+    def check_loaded(self, model: PatchCore, section: dict, n_images: int) -> str | None:
+        threshold = section["threshold"]
+        threshold = float("nan") if threshold is None else float(threshold)
+        bank = (int(section["memory_bank_size"]), int(section["feature_dim"]))
+        if (
+            not np.isclose(model.threshold_, threshold, equal_nan=True)
+            or model.memory_bank_.shape != bank
+            or model.n_train_images_ != n_images
+        ):
+            return (
+                f"the model (threshold={model.threshold_:.6g}, bank {model.memory_bank_.shape[0]} x "
+                f"{model.n_features_in_}, {model.n_train_images_} images) does not match its description "
+                f"(threshold={threshold:.6g}, bank {bank[0]} x {bank[1]}, {n_images} images)"
+            )
+        return None
+
+    def n_images(self, model):
+        return int(model.n_train_images_)
+
+    def threshold_problem(self, params: dict) -> str | None:
+        if params["calibration_fraction"] == 0:
+            return (
+                "calibration_fraction=0 holds no normal image out of the memory bank, so the model has no "
+                "threshold: give calibration_fraction in (0, 1), e.g. 0.1"
+            )
+        return None
+
+    def calibration_scores(self, model):
         return (
-            f"the model (threshold={model.threshold_:.6g}, bank {model.memory_bank_.shape[0]} x "
-            f"{model.n_features_in_}, {model.n_train_images_} images) does not match its description "
-            f"(threshold={threshold:.6g}, bank {bank[0]} x {bank[1]}, {n_images} images)"
+            model.calibration_scores_reweighted_ if model.image_score == "reweighted" else model.calibration_scores_max_
         )
-    return None
 
 
-def _threshold_problem(params: dict) -> str | None:
-    if params["calibration_fraction"] == 0:
-        return (
-            "calibration_fraction=0 holds no normal image out of the memory bank, so the model has no "
-            "threshold: give calibration_fraction in (0, 1), e.g. 0.1"
-        )
-    return None
-
-
-SPEC = MethodSpec(
-    name="patchcore",
-    label="PatchCore",
-    estimator=PatchCore,
-    description="PatchCore (Roth et al., CVPR 2022): coreset memory bank of patch features, anomaly maps",
-    quick_params={"calibration_fraction": 0.25},
-    fit_paths=_fit_paths,
-    score_paths=_score_paths,
-    describe=_describe,
-    check_loaded=_check_loaded,
-    n_images=lambda model: int(model.n_train_images_),
-    score_kinds=IMAGE_SCORES,
-    produces_maps=True,
-    threshold_problem=_threshold_problem,
-    calibration_scores=lambda model: (
-        model.calibration_scores_reweighted_ if model.image_score == "reweighted" else model.calibration_scores_max_
-    ),
-)
+SPEC = PatchCoreMethod()
