@@ -70,6 +70,7 @@ from anomalib_study.methods.clustering_steps import (
     unsupervised_patch_scores,
     weighted_embeddings,
 )
+from anomalib_study.methods.patch_images import PatchImages
 
 __all__ = [
     "AnomalyClustering",
@@ -89,7 +90,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ the estimator
-class AnomalyClustering(BaseDetector):
+class AnomalyClustering(PatchImages, BaseDetector):
     """Group images into anomaly types (see the module docstring for the method).
 
     ``n_references`` bounds the unsupervised cost: each image is compared with a seeded
@@ -201,49 +202,13 @@ class AnomalyClustering(BaseDetector):
         patch_features([torch.zeros(1, 1, 1, 1)], self.patch_size, self.per_layer_dim, self.target_dim)
         GreedyCoresetSampler(self.coreset_ratio, self.projection_dim, self.seed)._check()
 
-    def _patch_maker(self):
-        from anomalib_study.patches import PatchFeatures
-
-        return PatchFeatures(self.layers, self.patch_size, self.per_layer_dim, self.target_dim)
-
-    def get_backbone(self):
-        """The backbone object (loaded from its name the first time)."""
-        from anomalib_study.backbones import Backbone, load_backbone
-
-        if getattr(self, "_backbone_module", None) is None:
-            if isinstance(self.backbone, Backbone):
-                self._backbone_module = self.backbone
-            elif isinstance(self.backbone, str):
-                self._backbone_module = load_backbone(
-                    self.backbone,
-                    weights=self.weights,
-                    device=self.device,
-                    image_size=self.image_size,
-                    resize_mode=self.resize_mode,
-                )
-            else:
-                raise ParameterError(f"backbone must be a registered name or a loaded Backbone, got {self.backbone!r}")
-        return self._backbone_module
-
     def extract(
         self, paths: Sequence[str | os.PathLike], desc: str = "patch features", errors: dict[int, str] | None = None
     ) -> tuple[np.ndarray, tuple[int, int]]:
         """Patch embeddings of image files: ``(Z (n, P, D) float32, grid (h, w))``; with
         ``errors`` unreadable images are skipped (NaN rows, position -> reason recorded)."""
-        from anomalib_study.patches import collect_patch_features
-
         self._validate_params()
-        return collect_patch_features(
-            self.get_backbone(),
-            list(paths),
-            self._patch_maker(),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            device=self.device,
-            progress=self.progress,
-            desc=desc,
-            errors=errors,
-        )
+        return self.collect_patches(paths, desc, errors=errors)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, Z_normal=None) -> "AnomalyClustering":

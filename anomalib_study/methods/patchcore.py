@@ -81,7 +81,6 @@ from anomalib_study.methods.base import (
 from anomalib_study.methods.coreset import COVERAGE_PRECISIONS, SAMPLERS
 from anomalib_study.methods.patch_maps import anomaly_maps
 from anomalib_study.methods.patchcore_images import PatchCoreImages
-from anomalib_study.patches import PatchFeatures
 from anomalib_study.search import NearestNeighbourIndex
 
 __all__ = [
@@ -244,9 +243,6 @@ class PatchCore(PatchCoreImages, BaseDetector):
 
         patch_features([torch.zeros(1, 1, 1, 1)], self.patch_size, self.per_layer_dim, self.target_dim)
         self._make_sampler().run(np.zeros((1, 1), np.float32))
-
-    def _patch_maker(self) -> PatchFeatures:
-        return PatchFeatures(self.layers, self.patch_size, self.per_layer_dim, self.target_dim)
 
     def _make_sampler(self):
         if self.sampler == "greedy":

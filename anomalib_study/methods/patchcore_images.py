@@ -20,6 +20,7 @@ import numpy as np
 from anomalib_study.checks import check_is_fitted
 from anomalib_study.errors import ModelFileError, ParameterError
 from anomalib_study.io import as_json
+from anomalib_study.methods.patch_images import PatchImages
 from anomalib_study.methods.patch_maps import anomaly_maps, place_rows
 
 __all__ = ["PatchCoreImages", "MEMMAP_BYTES"]
@@ -27,30 +28,8 @@ __all__ = ["PatchCoreImages", "MEMMAP_BYTES"]
 MEMMAP_BYTES = 2 * 1024**3  # training features larger than this go to a temporary memory-mapped file
 
 
-class PatchCoreImages:
+class PatchCoreImages(PatchImages):
     """Fitting and scoring image files (mixed into PatchCore; see the module docstring)."""
-
-    def get_backbone(self):
-        """The backbone object (loaded from its name the first time, and checked against
-        the fitted model's identity: another backbone or weights -> ModelFileError)."""
-        from anomalib_study.backbones import Backbone, load_backbone
-
-        if getattr(self, "_backbone_module", None) is None:
-            if isinstance(self.backbone, Backbone):
-                module = self.backbone
-            elif isinstance(self.backbone, str):
-                module = load_backbone(
-                    self.backbone,
-                    weights=self.weights,
-                    device=self.device,
-                    image_size=self.image_size,
-                    resize_mode=self.resize_mode,
-                )
-            else:
-                raise ParameterError(f"backbone must be a registered name or a loaded Backbone, got {self.backbone!r}")
-            self._check_identity(module)
-            self._backbone_module = module
-        return self._backbone_module
 
     def _identity(self, backbone) -> dict:
         return {
@@ -101,20 +80,8 @@ class PatchCoreImages:
         For studies that fit several models on the same features (e.g. a coreset ablation)
         with :meth:`fit` / :meth:`score_patches`; :meth:`fit_paths` avoids holding them twice.
         """
-        from anomalib_study.patches import collect_patch_features
-
         self._validate_params()
-        return collect_patch_features(
-            self.get_backbone(),
-            list(paths),
-            self._patch_maker(),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            device=self.device,
-            progress=self.progress,
-            desc=desc,
-            precision=self._resolve_precision(),
-        )
+        return self.collect_patches(paths, desc, precision=self._resolve_precision())
 
     def fit_paths(self, paths: Sequence[str | os.PathLike]) -> "PatchCoreImages":
         """Fit on normal image files: backbone -> patch features -> coreset -> index. Returns self.
