@@ -17,8 +17,9 @@ still matches the method, the backbone and the normal images. This module writes
     name and sha256; every normal image (path relative to ``image_dir``, content sha256);
     and the unreadable normal images that were skipped (``skipped_images``, only with
     ``skip_unreadable_normal``). It is written last, so a database folder without it (a
-    build that was interrupted) is not a database, and the next call rebuilds it. Version-1
-    kNN databases (format ``"anomalib_study.knn_database"``) are still read.
+    build that was interrupted) is not a database, and the next call rebuilds it. A kNN
+    database of the first layout (format ``"anomalib_study.knn_database"``) is refused,
+    named, with the fix (rebuild it).
 
 Loading refuses (ModelFileError, with how to fix it) a database of another format or
 version, built for another method, whose two files do not belong together, whose
@@ -60,7 +61,7 @@ __all__ = [
 
 DB_FORMAT = "anomalib_study.detect_database"
 DB_VERSION = 2
-LEGACY_FORMAT, LEGACY_VERSION = "anomalib_study.knn_database", 1  # kNN-only databases, still read
+LEGACY_FORMAT, LEGACY_VERSION = "anomalib_study.knn_database", 1  # the first kNN-only databases: refused, named
 DB_FILE = "database.json"
 
 
@@ -237,10 +238,12 @@ def load_database(db_dir: str | os.PathLike, device: str = "cpu", method: str | 
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise ModelFileError(f"{meta_path} is corrupt ({error}): {fix}") from None
     found = metadata.get("format") if isinstance(metadata, dict) else None
-    if found == LEGACY_FORMAT and metadata.get("version") == LEGACY_VERSION:
-        metadata["method"] = "knn"
-        metadata.setdefault("model_file", "knn_model.npz")
-    elif found != DB_FORMAT:
+    if found == LEGACY_FORMAT:
+        raise ModelFileError(
+            f"{meta_path} is a kNN database of the first layout ({LEGACY_FORMAT} version "
+            f"{metadata.get('version')!r}), which this version no longer reads: {fix}"
+        )
+    if found != DB_FORMAT:
         raise ModelFileError(
             f"{meta_path} holds format {found!r}, not {DB_FORMAT!r}: it is not a detect "
             f"({_either(spec.label for spec in DETECTORS.values())}) database; {fix}"

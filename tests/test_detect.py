@@ -371,14 +371,14 @@ def test_overlay_names_unique():
     assert [n.as_posix() for n in names] == ["a.jpg", "b/a_png.jpg", "b/a_JPG.jpg", "c.jpg"]
 
 
-def test_legacy_knn_database_still_read(fake, folders):
+def test_a_database_of_the_first_layout_is_named_and_refused(fake, folders):
     _run(folders)
     meta_path = folders.db / "database.json"
     meta = json.loads(meta_path.read_text())
     meta.pop("method")
     meta_path.write_text(json.dumps({**meta, "format": "anomalib_study.knn_database", "version": 1}))
-    assert load_database(folders.db).method == "knn"
-    assert json.loads((_run(folders) / "config.json").read_text())["database_built"] is False
+    with pytest.raises(ModelFileError, match=r"first layout .* no longer reads: delete .* to rebuild it"):
+        load_database(folders.db)
 
 
 # ---------------------------------------------------------------------- real folders: hostile files
