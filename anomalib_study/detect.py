@@ -160,18 +160,15 @@ def detect_abnormal(
     db_dir: str | os.PathLike | None = None,
     image_dir: str | os.PathLike = "images",
     model_name: str = "efficientnet_lite0",
-    k: int | None = None,
-    thres_ratio: float | None = None,
+    *,
+    method: str = "knn",
     gpu: bool | int | str = False,
     batch_size: int | None = None,
     num_workers: int = 8,
     result_dir: str | os.PathLike = "result",
     weights: str | os.PathLike | None = None,
-    index: str | None = None,
     progress: bool = True,
     cache: Any = "default",
-    method: str = "knn",
-    *,
     image_size: int | None = None,
     resize_mode: str | None = None,
     max_overlays: int = 100,
@@ -192,11 +189,6 @@ def detect_abnormal(
         image_dir: folder of normal images (searched recursively) the database is built
             from, and checked against when a database is reused.
         model_name: backbone name (see ``anomalib_study.backbones.BACKBONES``).
-        k, thres_ratio, index: method parameters, kept here by name and position for the
-            seed's calls: (kNN) neighbours averaged; the quantile used as threshold, in
-            (0, 1) (None = the method's default: 0.92 of the kNN leave-one-out normal
-            scores, 0.99 of PatchCore's held-out calibration images' scores); the faiss
-            factory string of the search (``"Flat"`` = exact). None = the method's default.
         gpu: False (cpu), True (cuda) or a GPU number; CUDA unavailable -> ParameterError.
         batch_size: images per forward pass (None: the method's, :attr:`MethodSpec.batch_size`).
         num_workers: image-loading processes (clamped to the cores available).
@@ -221,10 +213,11 @@ def detect_abnormal(
             named) instead of skipping them.
         skip_unreadable_normal: build the database without the unreadable normal images
             (recorded in it) instead of refusing them.
-        **method_params: the method's other parameters by name (PatchCore: coreset_ratio,
-            patch_size, image_score, sigma, calibration_fraction (in (0, 1): detect needs a
-            threshold), seed, ...; see each method's ``SPEC.params``). An unknown name ->
-            ParameterError listing the valid ones.
+        **method_params: the method's parameters by name, as it declares them (kNN: k,
+            thres_ratio, normalize, index; PatchCore: coreset_ratio, patch_size, image_score,
+            sigma, calibration_fraction (in (0, 1): detect needs a threshold), seed, ...; see
+            each method's ``SPEC.params``); those not given take the method's defaults. An
+            unknown name -> ParameterError listing the valid ones.
 
     Returns:
         The new run folder, holding ``abnormal.result``, ``scores.csv``, ``skipped.csv``,
@@ -233,14 +226,7 @@ def detect_abnormal(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     spec = get_detector(method)
-    declared = {param.name for param in spec.params}
-    given = {}
-    for name, value in (("k", k), ("thres_ratio", thres_ratio), ("index", index)):
-        if value is not None and name not in declared:
-            warnings.warn(f"{name}={value!r} ignored: method {spec.name!r} has no parameter {name}", stacklevel=2)
-        elif value is not None:
-            given[name] = value
-    given.update(method_params)
+    given = dict(method_params)  # what the caller set (a reused database warns where it differs)
     params = spec.resolve_params(given)
     spec.check_params(params)
     problem = spec.threshold_problem(params) if spec.threshold_problem is not None else None

@@ -78,6 +78,8 @@ def _run(folders, **options):
         num_workers=0,
         progress=False,
     )
+    if options.get("method", "knn") != "knn":  # k and thres_ratio are kNN's parameters
+        del params["k"], params["thres_ratio"]
     params.update(options)
     return detect_abnormal(folders.test, **params)
 
