@@ -38,6 +38,8 @@ LAYERS = {
     "anomalib_study.metrics": 6,
     "anomalib_study.plots": 6,
     "anomalib_study.evaluate": 7,
+    "anomalib_study.evaluate_detection": 7,
+    "anomalib_study.evaluate_clustering": 7,
     "anomalib_study.notebook": 7,
     "anomalib_study.detect": 7,
     "anomalib_study.detect_db": 7,
