@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from anomalib_study.errors import DataError, ParameterError
-from anomalib_study.io import as_json, atomic_write, run_dir_in_progress, write_json
+from anomalib_study.io import as_json, atomic_write, check_output_folder, run_dir_in_progress, write_json
 
 __all__ = ["cluster_folder"]
 
@@ -83,6 +83,7 @@ def cluster_folder(
     from anomalib_study.plots import cluster_thumbnail_sheet
 
     folder = Path(folder)
+    check_output_folder(out)  # before any image is read: a file named like it fails now, not at the end
     paths = list_images(folder, "folder")
     if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 2):
         raise ParameterError(

@@ -28,3 +28,9 @@ class ParameterError(StudyError, ValueError):
 
 class NotFittedError(StudyError, AttributeError):
     """A method (or a search index) was used before ``fit``."""
+
+
+class DiskFullError(StudyError, OSError):
+    """A result could not be written: the file system is full (or over its quota). The
+    message names the file, its folder and the space left there; nothing half-written is
+    left behind (the earlier file, if any, is kept)."""

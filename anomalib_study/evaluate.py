@@ -20,7 +20,6 @@ import platform
 import sys
 import time
 import types
-from pathlib import Path
 from typing import Any
 
 from anomalib_study import __version__
@@ -30,7 +29,7 @@ from anomalib_study.evaluate_clustering import evaluate_clustering
 from anomalib_study.evaluate_detection import evaluate_detection
 from anomalib_study.evaluate_detection import masks_like_input as masks_like_input
 from anomalib_study.evaluate_detection import patchcore_coreset_ablation as patchcore_coreset_ablation
-from anomalib_study.io import write_json
+from anomalib_study.io import check_output_folder, write_json
 from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.provenance import collect as collect_provenance
 from anomalib_study.schema import SCHEMA_VERSION
@@ -165,7 +164,7 @@ def evaluate(
     resize_mode = spec.resolve_resize_mode(resize_mode)
     if image_size is None:
         image_size = spec.image_size
-    metrics_path = Path(out) / "metrics.json" if out is not None else None
+    metrics_path = check_output_folder(out) / "metrics.json" if out is not None else None
     if metrics_path is not None and metrics_path.exists():
         raise StudyError(f"{metrics_path} exists already: results are never overwritten; choose another --out")
 

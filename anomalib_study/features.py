@@ -43,6 +43,14 @@ _MAX_SHARDS = 16
 # --------------------------------------------------------------------------------------
 # The cache
 # --------------------------------------------------------------------------------------
+def _cache_write_failed(root: Path, error: OSError) -> None:
+    warnings.warn(
+        f"feature cache: could not write to {root} ({error}); the run goes on without storing these features "
+        "(free some space there, or set ANOMALIB_STUDY_CACHE to another folder)",
+        stacklevel=3,
+    )
+
+
 class FeatureCache:
     """Embeddings on disk, keyed by (backbone identity, image content hash).
 
@@ -111,7 +119,10 @@ class FeatureCache:
 
     def _save_hash_index(self) -> None:
         if self._hash_index_dirty:
-            write_json(self.root / "content_hashes.json", self._hash_index)
+            try:
+                write_json(self.root / "content_hashes.json", self._hash_index)
+            except OSError as error:  # a cache is an optimisation: a failed write never fails the run
+                _cache_write_failed(self.root, error)
             self._hash_index_dirty = False
 
     # ---- entries -----------------------------------------------------------------------
@@ -147,19 +158,24 @@ class FeatureCache:
         return found
 
     def put_many(self, backbone: Backbone, hashes: Sequence[str], rows: np.ndarray, output: str = "embedding") -> None:
-        """Store ``rows`` (N, D) under ``hashes`` (N,) as one new shard, written atomically."""
+        """Store ``rows`` (N, D) under ``hashes`` (N,) as one new shard, written atomically. A
+        write that fails (a full disk, a read-only folder) is a warning: the features were
+        computed, the run goes on, the next run computes them again."""
         rows = np.asarray(rows, dtype=np.float32)
         if len(hashes) == 0:
             return
         if rows.ndim != 2 or rows.shape[0] != len(hashes):
             raise ParameterError(f"put_many: rows of shape {rows.shape} do not match {len(hashes)} hashes")
         folder = self._folder(backbone, output)
-        if not (folder / "key.json").is_file():
-            write_json(folder / "key.json", self.key_fields(backbone, output))
-        self._write_shard(folder / f"{uuid.uuid4().hex}.npz", np.asarray(list(hashes)), rows)
-        shard_files = sorted(folder.glob("*.npz"))
-        if len(shard_files) > _MAX_SHARDS:
-            self._merge(folder, shard_files)
+        try:
+            if not (folder / "key.json").is_file():
+                write_json(folder / "key.json", self.key_fields(backbone, output))
+            self._write_shard(folder / f"{uuid.uuid4().hex}.npz", np.asarray(list(hashes)), rows)
+            shard_files = sorted(folder.glob("*.npz"))
+            if len(shard_files) > _MAX_SHARDS:
+                self._merge(folder, shard_files)
+        except OSError as error:  # a cache is an optimisation: a failed write never fails the run
+            _cache_write_failed(self.root, error)
 
     @staticmethod
     def _write_shard(path: Path, hashes: np.ndarray, rows: np.ndarray) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from anomalib_study.errors import DiskFullError, StudyError
 
 _CHUNK = 1 << 20
 
@@ -49,7 +53,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        if error.errno in _NO_SPACE:
+            raise disk_full(path, error) from None
+        raise
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -57,10 +66,45 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno in _NO_SPACE and not isinstance(error, DiskFullError):
+            raise disk_full(path, error) from None
         raise
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: str | os.PathLike, error: OSError) -> DiskFullError:
+    """The error for a write of ``path`` that failed for lack of space: one sentence naming
+    the file, its folder and the space left there (the earlier file, if any, is kept)."""
+    folder = Path(path).parent
+    try:
+        left = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB left"
+    except OSError:
+        left = "space left unknown"
+    what = "quota exceeded" if error.errno == errno.EDQUOT else "no space left on the device"
+    return DiskFullError(
+        f"could not write {path}: {what} ({left} in {folder}); nothing was half-written and any earlier "
+        f"{Path(path).name} is kept: free some space there or write to another folder"
+    )
+
+
+def check_output_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
+    """``folder`` as a Path, checked before any work (nothing is created): StudyError when it
+    names an existing file (or lies under one), or when the folder it would be made in is
+    not writable."""
+    folder = Path(folder)
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise StudyError(f"{what} {folder}: {part} is a file, not a folder: pass a folder for the results")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise StudyError(f"{what} {folder}: {part} is not writable: choose another folder")
+            break
+    return folder
 
 
 def _umask() -> int:

@@ -404,23 +404,11 @@ def verify_reports(
     by_study: dict[Path, list[_Committed]] = {}
     for report, path in selected:
         folder, cell = report.split("/", 1)
-        try:
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-            layout = schema.problems(metrics)
-            if layout:
-                results[report] = VerifyResult(
-                    report, "failed", committed=path, message=f"{path} is not of the current layout: {layout[0]}"
-                )
-                continue
-            named = metrics["_run"]["study"]
-        except (OSError, ValueError, KeyError, TypeError):
-            results[report] = VerifyResult(
-                report,
-                "failed",
-                committed=path,
-                message=(f"{path} is not a report written by `anomalib-study run` (no readable _run.study)"),
-            )
+        problem, metrics = _read_committed(path)
+        if problem:
+            results[report] = VerifyResult(report, "failed", committed=path, message=problem)
             continue
+        named = metrics["_run"]["study"]
         try:
             study = _study_file(str(named), path, reports)
         except StudyError as error:
@@ -440,6 +428,37 @@ def verify_reports(
                 result.rerun = None
     log(format_table(ordered, tolerance))
     return ordered
+
+
+#: the files of a committed report beside its metrics (a report is all of them)
+REPORT_FILES = (".ipynb", ".html")
+
+
+def _read_committed(path: Path) -> tuple[str, dict[str, Any]]:
+    """``(problem, metrics)`` of a committed report's metrics file: the problem ("" if none)
+    names a missing report file, a JSON error (with where it is), another layout, or a
+    file the runner did not write."""
+    stem = path.name[: -len(".metrics.json")]
+    missing = [f"{stem}{suffix}" for suffix in REPORT_FILES if not path.with_name(f"{stem}{suffix}").is_file()]
+    if missing:
+        return (
+            f"the report is incomplete: {', '.join(missing)} missing beside {path.name}: restore it "
+            f"(git checkout -- {path.parent}) or run the cell again",
+            {},
+        )
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        return f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}): restore it", {}
+    except (OSError, UnicodeDecodeError) as error:
+        return f"{path} cannot be read ({error})", {}
+    layout = schema.problems(metrics)
+    if layout:
+        return f"{path} is not of the current layout: {layout[0]}", {}
+    run = metrics.get("_run") if isinstance(metrics, dict) else None
+    if not isinstance(run, dict) or not isinstance(run.get("study"), str):
+        return f"{path} is not a report written by `anomalib-study run` (no _run.study naming its study file)", {}
+    return "", metrics
 
 
 def _freshness(metrics_path: Path) -> str:

@@ -124,3 +124,16 @@ def test_detect_refuses_the_clustering_method(tmp_path, capsys):
 
     with pytest.raises(ParameterError, match="use `anomalib-study cluster`"):
         detect_abnormal(tmp_path, method="clustering")
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_image_is_read(tmp_path, capsys, monkeypatch):
+    from anomalib_study.data import decode
+
+    _defects(tmp_path / "rejected", n_per=2)
+    (tmp_path / "out").write_text("a file, not a folder")
+    monkeypatch.setattr(
+        decode, "list_images", lambda *a, **k: pytest.fail("images were listed before --out was checked")
+    )
+    code = main(["cluster", str(tmp_path / "rejected"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "out is a file, not a folder" in err

@@ -349,3 +349,13 @@ def test_cli_evaluate_autoencoder(synthetic_root, tmp_path, capsys):
     assert "pixel AUROC" in printed and "mse" in printed
     written = json.loads((out / "metrics.json").read_text())
     assert written["params"]["image_score"] == "mse" and written["image_auroc"] == written["image_auroc_mse"]
+
+
+def test_an_out_that_cannot_work_is_refused_before_any_work(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    for out in (taken, taken / "below"):  # the data set does not even exist: the check comes first
+        with pytest.raises(StudyError, match=r"--out .*taken is a file, not a folder"):
+            evaluate("knn", "dagm", tmp_path / "no_such_set", out=out)
+    code = main(["evaluate", "--dataset", "dagm", "--root", str(tmp_path / "no_such_set"), "--out", str(taken)])
+    assert code == 2

@@ -224,3 +224,23 @@ def test_feature_maps_skip_unreadable_images_with_errors(backbone, tmp_path):
         for pos in positions
     ]
     assert seen == [0, 2, 3] and list(errors) == [1] and "empty (0 bytes)" in errors[1]
+
+
+def test_a_full_disk_under_the_cache_is_a_warning_and_the_run_goes_on(backbone, tmp_path, monkeypatch):
+    """A cache is an optimisation: its failed writes warn, the features come back all the same."""
+    import errno
+
+    from anomalib_study import io
+
+    paths = _write_images(tmp_path, 3)
+    expected = extract_embeddings(backbone, paths, cache=None, progress=False)
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)  # every atomic write fails as on a full disk
+    cache = FeatureCache(tmp_path / "cache")
+    with pytest.warns(UserWarning, match=r"feature cache: could not write to .*no space left.*the run goes on"):
+        rows = extract_embeddings(backbone, paths, cache=cache, progress=False)
+    np.testing.assert_array_equal(rows, expected)
+    assert not list((tmp_path / "cache").rglob("*.npz")) and not list((tmp_path / "cache").rglob("*.tmp"))

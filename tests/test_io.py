@@ -39,3 +39,27 @@ def test_run_dir_in_progress_appears_only_when_complete(tmp_path):
     with run_dir_in_progress(tmp_path / "runs") as second:
         pass
     assert second.final != run.final and len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_a_full_disk_is_one_message_naming_the_file_and_the_earlier_file_is_kept(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from anomalib_study import io
+    from anomalib_study.errors import DiskFullError, StudyError
+
+    target = tmp_path / "out" / "metrics.json"
+    io.write_json(target, {"kept": 1})
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)
+    with pytest.raises(
+        DiskFullError, match=r"could not write .*metrics\.json: no space left on the device \(.* MB left"
+    ):
+        io.write_json(target, {"new": 2})
+    assert issubclass(DiskFullError, StudyError)  # the command line prints it on one line, exit status 2
+    assert io.read_json_object(target) == {"kept": 1}  # the earlier result, whole
+    assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]  # no temporary file left

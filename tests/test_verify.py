@@ -299,6 +299,8 @@ def test_real_data_cells_are_skipped_not_drifts(reports, project):
     import shutil
 
     shutil.copy(_committed(reports), _committed(reports, "real-tiny"))  # a report made with the real data
+    for suffix in (".ipynb", ".html"):
+        shutil.copy(reports / "tiny" / f"synth-tiny{suffix}", reports / "tiny" / f"real-tiny{suffix}")
     _edit(_committed(reports, "real-tiny"), lambda data: data["_run"].update(cell="real-tiny"))
     results = verify.verify_reports(reports, only=["real-*"], log=lambda line: None)
     assert [(r.status, r.message) for r in results] == [("skipped", runner.NEEDS_DATA)]
@@ -319,6 +321,21 @@ def test_a_missing_study_file_or_cell_fails_with_a_clear_message(reports, projec
     assert results[0].status == "failed"
     message = results[0].message
     assert message.startswith("cell synth-tiny is no longer in study file") and "other-tiny" in message
+
+
+def test_an_incomplete_report_or_a_corrupt_metrics_file_is_named(reports):
+    import shutil
+
+    for suffix in (".ipynb", ".html"):  # a second report whose metrics file is cut short
+        shutil.copy(reports / "tiny" / f"synth-tiny{suffix}", reports / "tiny" / f"bad-tiny{suffix}")
+    _committed(reports, "bad-tiny").write_text('{"image_auroc": 0.8,')
+    results = verify.verify_reports(reports, only=["bad-tiny"], log=lambda line: None)
+    assert results[0].status == "failed" and "is not valid JSON (" in results[0].message
+    assert "line 1, column" in results[0].message
+    (reports / "tiny" / "synth-tiny.ipynb").unlink()
+    results = verify.verify_reports(reports, only=["synth-tiny"], log=lambda line: None)
+    assert results[0].status == "failed" and verify.exit_code(results) == 1
+    assert "incomplete: synth-tiny.ipynb missing beside synth-tiny.metrics.json" in results[0].message
 
 
 def test_bad_arguments_are_refused_before_any_run(reports, capsys):
