@@ -112,7 +112,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="database folder: loaded if valid, else built and saved there (default <method>_db)",
     )
-    p.add_argument("--image-dir", default="images", help="folder of normal images to build the database from")
+    p.add_argument(
+        "--image-dir",
+        default=None,
+        help="folder of normal images to build the database from, and to check a reused one against "
+        "(default: images, when there is such a folder)",
+    )
     p.add_argument("--model-name", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
     p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
     p.add_argument("--gpu", action="store_true", help="use CUDA")

@@ -154,11 +154,14 @@ def resolve_device(gpu: bool | int | str) -> str:
     return device
 
 
+DEFAULT_IMAGE_DIR = "images"  # the folder of normal images used when none is given, if it exists
+
+
 # ---------------------------------------------------------------------- the command
 def detect_abnormal(
     test_dir: str | os.PathLike,
     db_dir: str | os.PathLike | None = None,
-    image_dir: str | os.PathLike = "images",
+    image_dir: str | os.PathLike | None = None,
     model_name: str = "efficientnet_lite0",
     *,
     method: str = "knn",
@@ -187,7 +190,8 @@ def detect_abnormal(
             ``method`` and is not stale; otherwise the database is built from ``image_dir``
             and saved there.
         image_dir: folder of normal images (searched recursively) the database is built
-            from, and checked against when a database is reused.
+            from, and checked against when a database is reused (None: ``images`` in the
+            current folder when there is one; a database is then reused without that check).
         model_name: backbone name (see ``anomalib_study.backbones.BACKBONES``).
         gpu: False (cpu), True (cuda) or a GPU number; CUDA unavailable -> ParameterError.
         batch_size: images per forward pass (None: the method's, :attr:`MethodSpec.batch_size`).
@@ -250,7 +254,15 @@ def detect_abnormal(
     device = resolve_device(gpu)
     workers = min(num_workers, available_cores())
     db_dir = Path(db_dir) if db_dir is not None else Path(spec.default_db_dir)
-    image_dir, test_dir = Path(image_dir), Path(test_dir)
+    test_dir = Path(test_dir)
+    if image_dir is None and Path(DEFAULT_IMAGE_DIR).is_dir():
+        image_dir = DEFAULT_IMAGE_DIR
+    image_dir = Path(image_dir) if image_dir is not None else None
+    if image_dir is None and not (db_dir / DB_FILE).is_file():
+        raise DataError(
+            f"no database in {db_dir} ({DB_FILE} missing) and no folder of normal images to build it from: "
+            f"pass --image-dir (image_dir=), the folder of normal images"
+        )
     test_paths = list_images(test_dir, "test_dir")
     if strict:
         bad = find_unreadable(test_paths, progress=progress, desc="checking test images")
@@ -319,7 +331,7 @@ def detect_abnormal(
             config.update(
                 {
                     "test_dir": str(test_dir.resolve()),
-                    "image_dir": str(image_dir.resolve()),
+                    "image_dir": None if image_dir is None else str(image_dir.resolve()),
                     "db_dir": str(db_dir.resolve()),
                     "database_built": built,
                     "database_created": stored.get("created"),

@@ -371,7 +371,7 @@ def reuse_database(
     spec: MethodSpec,
     given: dict,
     db_dir: Path,
-    image_dir: Path,
+    image_dir: Path | None,
     model_name: str,
     weights,
     given_geometry: dict,
@@ -398,7 +398,13 @@ def reuse_database(
             )
     backbone = load_backbone(database.backbone_name, weights, device, database.image_size, database.resize_mode)
     database.check_backbone(backbone)
-    if image_dir.is_dir():
+    if image_dir is None:
+        warnings.warn(
+            f"the database {db_dir} is used without checking that its normal images are still current: "
+            "pass --image-dir (image_dir=) to check them",
+            stacklevel=3,
+        )
+    elif image_dir.is_dir():
         database.check_images(image_dir, progress=progress)
     else:
         warnings.warn(

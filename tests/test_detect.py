@@ -756,3 +756,16 @@ def test_build_killed_halfway_leaves_no_database_and_the_next_call_rebuilds(fold
     assert again.returncode == 0, err
     config = json.loads((Path(out.strip()) / "config.json").read_text())
     assert config["database_built"] is True and config["n_test"] == 6
+
+
+def test_without_image_dir_a_new_database_asks_for_it_and_a_reused_one_is_used_unchecked(fake, folders, monkeypatch):
+    elsewhere = folders.root / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no "images" folder here: the default does not exist
+    with pytest.raises(DataError, match=r"no database in .*db \(database\.json missing\).*pass --image-dir"):
+        detect_abnormal(folders.test, db_dir=folders.db, result_dir=folders.result, num_workers=0, progress=False)
+    _run(folders)  # built from image_dir
+    with pytest.warns(UserWarning, match=r"used without checking .* pass --image-dir \(image_dir=\) to check them"):
+        run = detect_abnormal(folders.test, db_dir=folders.db, result_dir=folders.result, num_workers=0, progress=False)
+    config = json.loads((run / "config.json").read_text())
+    assert config["database_built"] is False and config["image_dir"] is None
