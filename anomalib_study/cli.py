@@ -178,6 +178,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--seed", type=int, default=None, help="seed of the split where the layout has no official one")
+    p.add_argument(
+        "--normal",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="--dataset folder: the folder of normal images under --root (default good); repeatable",
+    )
+    p.add_argument(
+        "--anomalous",
+        default=None,
+        metavar="NAME",
+        help="--dataset folder: the folder of anomalous images (one subfolder per defect type; default anomalous)",
+    )
     p.add_argument("--out", required=True, help="folder for metrics.json (never overwritten)")
     p.add_argument(
         "--protocol",
@@ -279,7 +292,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from anomalib_study.evaluate import evaluate
 
-    options = {"seed": args.seed} if args.seed is not None else None
+    given = {"seed": args.seed, "normal": args.normal, "anomalous": args.anomalous}
+    options = {name: value for name, value in given.items() if value is not None} or None
+    if args.dataset != "folder" and (args.normal or args.anomalous):
+        raise StudyError("--normal and --anomalous are options of --dataset folder only")
     metrics = evaluate(
         args.method,
         args.dataset,

@@ -359,3 +359,36 @@ def test_an_out_that_cannot_work_is_refused_before_any_work(tmp_path):
             evaluate("knn", "dagm", tmp_path / "no_such_set", out=out)
     code = main(["evaluate", "--dataset", "dagm", "--root", str(tmp_path / "no_such_set"), "--out", str(taken)])
     assert code == 2
+
+
+def test_the_folder_layout_names_its_folders_on_the_command_line(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(synthetic_root / "Class1" / "Train", tree / "ok_parts")
+    shutil.copytree(synthetic_root / "Class1" / "Test", tree / "rejected" / "defect")
+    code = main(["evaluate", "--dataset", "folder", "--root", str(tree), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--normal NAME on the command line" in err and "Traceback" not in err
+    code = main(
+        [
+            "evaluate",
+            "--dataset",
+            "folder",
+            "--root",
+            str(tree),
+            "--normal",
+            "ok_parts",
+            "--anomalous",
+            "rejected",
+            "--k",
+            "5",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert code == 0
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert written["n_train"] > 0 and written["dataset"]["layout"] == "folder"
+    code = main(["evaluate", "--dataset", "dagm", "--root", str(tree), "--normal", "x", "--out", str(tmp_path / "c")])
+    assert code == 2 and "options of --dataset folder only" in capsys.readouterr().err

@@ -219,8 +219,8 @@ def read_folder(
             normal_paths += folder_images(folder, recursive=True)
     if not normal_paths:
         raise DataError(
-            f"folder: expected normal images in {' or '.join(str(base / n) for n in normal_names)}, found none "
-            "(set normal=<folder name>)"
+            f"folder: expected normal images in {' or '.join(str(base / n) for n in normal_names)}, found none: "
+            "name the folder of normal images (--normal NAME on the command line, normal= in Python)"
         )
     check_split_options(seed, train_fraction)
     train_paths, test_paths = seeded_split(normal_paths, seed, train_fraction)
