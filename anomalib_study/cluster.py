@@ -78,7 +78,7 @@ def cluster_folder(
     """
     import matplotlib.pyplot as plt
 
-    from anomalib_study.data.decode import find_unreadable, list_images, unreadable_message
+    from anomalib_study.data.decode import content_hash, find_unreadable, list_images, unreadable_message
     from anomalib_study.methods.clustering import AnomalyClustering
     from anomalib_study.plots import cluster_thumbnail_sheet
 
@@ -122,6 +122,25 @@ def cluster_folder(
         raise DataError(f"folder {folder} holds {len(readable)} readable image(s): clustering needs at least 3")
     if n_clusters is not None and n_clusters > len(readable):
         raise ParameterError(f"n_clusters={n_clusters} is more than the {len(readable)} readable images of {folder}")
+    distinct = len({content_hash(path) for path in readable})  # the same bytes: the same image
+    if distinct < 2:
+        raise DataError(
+            f"the {len(readable)} readable images of {folder} are all the same image (identical files): there is "
+            "nothing to group"
+        )
+    if n_clusters is not None and n_clusters > distinct:
+        raise ParameterError(
+            f"n_clusters={n_clusters} is more than the {distinct} distinct images of {folder} "
+            f"({len(readable) - distinct} of its {len(readable)} images are copies of others): pass at most {distinct}"
+        )
+    if distinct < len(readable):
+        warnings.warn(
+            f"{len(readable) - distinct} of the {len(readable)} images of {folder} are byte-for-byte copies of others: "
+            "copies always share a cluster",
+            stacklevel=2,
+        )
+        if n_clusters is None and model.max_clusters > distinct:  # never more clusters than distinct images
+            model.set_params(max_clusters=distinct)
     normal_paths: list[Path] = []
     if normal_dir is not None:
         normal_paths = list_images(normal_dir, "normal_dir")

@@ -137,3 +137,26 @@ def test_an_out_that_is_a_file_is_refused_before_any_image_is_read(tmp_path, cap
     code = main(["cluster", str(tmp_path / "rejected"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "out is a file, not a folder" in err
+
+
+def test_identical_images_are_refused_and_copies_are_said(tmp_path, capsys):
+    folder = tmp_path / "rejected"
+    kinds = _defects(folder, n_per=2)
+    first = folder / next(iter(kinds))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for i in range(5):
+        (copies / f"copy{i}.png").write_bytes(first.read_bytes())
+    code = main(["cluster", str(copies), "--out", str(tmp_path / "out1"), "--image-size", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "are all the same image (identical files): there is nothing to group" in err
+    for i in range(3):
+        (folder / f"again{i}.png").write_bytes(first.read_bytes())
+    code, run = _run(tmp_path, "--n-clusters", "3")
+    err = capsys.readouterr().err
+    assert code == 0 and "3 of the 9 images" in err and "byte-for-byte copies of others" in err
+    table = pd.read_csv(run / "clusters.csv")
+    copies_of_first = table[table["path"].str.contains("again") | (table["path"] == str(first))]
+    assert copies_of_first["cluster"].nunique() == 1  # copies share a cluster
+    code, _ = _run(tmp_path, "--n-clusters", "7")
+    assert code == 2 and "more than the 6 distinct images" in capsys.readouterr().err
