@@ -165,15 +165,27 @@ class ReportWriter:
         metrics.setdefault(
             "synthetic", any(isinstance(v, str) and "{synthetic}" in v for v in cell.parameters.values())
         )
+        side_files = {
+            name: data  # the notebook's side files (tables, ...)
+            for name, data in sorted(output.side_files.items())
+            if Path(name).name == name and name.startswith(f"{cell.name}.")
+        }
+        html = page.encode("utf-8")
+        # the sha256 of every other file of the report: a report is replaced as one unit, and one whose
+        # files do not all match its metrics (a run killed, or a disk full, between the renames) is rerun
+        run["files"] = {
+            paths["ipynb"].name: io.sha256_bytes(output.notebook),
+            paths["html"].name: io.sha256_bytes(html),
+            **{name: io.sha256_bytes(data) for name, data in side_files.items()},
+        }
         metrics["_run"] = run
         with io.atomic_write(paths["ipynb"]) as handle:
             handle.write(output.notebook)
-        for name, data in sorted(output.side_files.items()):  # the notebook's side files (tables, ...)
-            if Path(name).name == name and name.startswith(f"{cell.name}."):
-                with io.atomic_write(self.out_dir / name) as handle:
-                    handle.write(data)
-        with io.atomic_write(paths["html"], "w") as handle:
-            handle.write(page)
+        for name, data in side_files.items():
+            with io.atomic_write(self.out_dir / name) as handle:
+                handle.write(data)
+        with io.atomic_write(paths["html"]) as handle:
+            handle.write(html)
         io.write_json(paths["metrics"], metrics)  # last: a complete report is one with matching metrics
         _unlink(paths["failed_ipynb"], paths["failed_html"], paths["failed_json"])
         size = paths["html"].stat().st_size
@@ -220,3 +232,16 @@ def _error_page(title: str, ename: str, evalue: str) -> str:
         f"<body><h1>FAILED {html.escape(title)}</h1><pre>{html.escape(ename)}: {html.escape(evalue)}</pre>"
         "</body></html>\n"
     )
+
+
+def report_files_match(folder: Path, run: dict) -> bool:
+    """Whether every file a report's ``_run["files"]`` records is there with those bytes
+    (True for a report from before the record: its metrics and HTML are all that is known)."""
+    recorded = run.get("files")
+    if not isinstance(recorded, dict):
+        return True
+    for name, digest in recorded.items():
+        path = folder / name
+        if not path.is_file() or io.sha256_file(path) != digest:
+            return False
+    return True

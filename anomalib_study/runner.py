@@ -76,7 +76,7 @@ from anomalib_study.execution import THREAD_VARIABLES as THREAD_VARIABLES
 from anomalib_study.execution import CellOutput, CellTask, choose_kernel, execute_cell, kernel_env
 from anomalib_study.execution import render_html as render_html
 from anomalib_study.report_files import REPORT_SIZE_WARNING as REPORT_SIZE_WARNING
-from anomalib_study.report_files import CellResult, ReportWriter, headline_text
+from anomalib_study.report_files import CellResult, ReportWriter, headline_text, report_files_match
 from anomalib_study.studies import AXES as AXES
 from anomalib_study.studies import DATASET_BACKBONES as DATASET_BACKBONES
 from anomalib_study.studies import NEEDS_DATA as NEEDS_DATA
@@ -215,6 +215,7 @@ class _Runner:
             and run_info.get("status") == "ok"
             and paths["html"].is_file()
             and not paths["failed_json"].exists()
+            and report_files_match(self.out_dir, run_info)  # a half-replaced report is rerun
         ):
             metrics = {k: v for k, v in previous.items() if k != "_run"}
             self.log(f"{tag}: unchanged, not rerun ({headline_text(metrics, self.study.headline)})".replace(" ()", ""))

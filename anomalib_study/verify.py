@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from anomalib_study import comparison, runner, schema
 from anomalib_study.errors import ParameterError, StudyError
+from anomalib_study.report_files import report_files_match
 
 __all__ = [
     "UNCOMPARED",
@@ -458,6 +459,12 @@ def _read_committed(path: Path) -> tuple[str, dict[str, Any]]:
     run = metrics.get("_run") if isinstance(metrics, dict) else None
     if not isinstance(run, dict) or not isinstance(run.get("study"), str):
         return f"{path} is not a report written by `anomalib-study run` (no _run.study naming its study file)", {}
+    if not report_files_match(path.parent, run):
+        return (
+            f"the files of the report do not match its metrics ({', '.join(sorted(run['files']))} recorded in "
+            f"{path.name}): it was replaced in part; run the cell again",
+            {},
+        )
     return "", metrics
 
 

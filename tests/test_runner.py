@@ -625,3 +625,23 @@ def test_suite_refuses_study_keys_and_nested_suites(project):
     outer = _write_suite(project, [inner.name], name="outer.yaml")
     with pytest.raises(StudyError, match="a suite's parts must be studies"):
         runner.read_studies(outer)
+
+
+def test_a_half_replaced_report_is_rerun(project):
+    """A run killed (or a disk full) between the renames of a report's files leaves files that do not
+    match its metrics: the next run redoes the cell instead of calling it unchanged."""
+    out = project["reports"] / "tiny"
+    _run(project, only="plain-tiny")
+    recorded = json.loads((out / "plain-tiny.metrics.json").read_text())["_run"]["files"]
+    assert sorted(recorded) == ["plain-tiny.html", "plain-tiny.ipynb"]
+    assert all(runner.io.sha256_file(out / name) == digest for name, digest in recorded.items())
+    results, _ = _run(project, only="plain-tiny")
+    assert results["plain-tiny"].status == "unchanged"
+    notebook = out / "plain-tiny.ipynb"
+    notebook.write_bytes(notebook.read_bytes().replace(b"VISIBLE_OUTPUT", b"A_NEWER_RUN'S_OUTPUT"))
+    results, _ = _run(project, only="plain-tiny")
+    assert results["plain-tiny"].status == "ok"  # rerun: the report is whole again
+    assert b"A_NEWER_RUN" not in notebook.read_bytes()
+    (out / "plain-tiny.html").unlink()
+    results, _ = _run(project, only="plain-tiny")
+    assert results["plain-tiny"].status == "ok"

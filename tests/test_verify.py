@@ -332,6 +332,12 @@ def test_an_incomplete_report_or_a_corrupt_metrics_file_is_named(reports):
     results = verify.verify_reports(reports, only=["bad-tiny"], log=lambda line: None)
     assert results[0].status == "failed" and "is not valid JSON (" in results[0].message
     assert "line 1, column" in results[0].message
+    page = reports / "tiny" / "synth-tiny.html"
+    original = page.read_bytes()
+    page.write_bytes(original + b"<!-- another run's page -->")  # replaced in part
+    results = verify.verify_reports(reports, only=["synth-tiny"], log=lambda line: None)
+    assert results[0].status == "failed" and "do not match its metrics" in results[0].message
+    page.write_bytes(original)
     (reports / "tiny" / "synth-tiny.ipynb").unlink()
     results = verify.verify_reports(reports, only=["synth-tiny"], log=lambda line: None)
     assert results[0].status == "failed" and verify.exit_code(results) == 1
