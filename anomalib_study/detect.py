@@ -56,6 +56,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ from anomalib_study.detect_db import (
     save_database,
 )
 from anomalib_study.errors import DataError, ParameterError
-from anomalib_study.io import as_json, atomic_write, run_dir_in_progress, write_json
+from anomalib_study.io import as_json, atomic_write, folder_lock, run_dir_in_progress, write_json
 from anomalib_study.methods import DETECTORS, get_detector
 from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.overlays import overlay_names, write_overlays
@@ -155,6 +156,10 @@ def resolve_device(gpu: bool | int | str) -> str:
 
 
 DEFAULT_IMAGE_DIR = "images"  # the folder of normal images used when none is given, if it exists
+
+
+def _say(message: str) -> None:
+    print(f"anomalib-study: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------- the command
@@ -280,35 +285,39 @@ def detect_abnormal(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step = time.perf_counter()
-        built = not (db_dir / DB_FILE).is_file()
-        if built:
-            detector, backbone = build_database(
-                spec,
-                params,
-                db_dir,
-                image_dir,
-                model_name,
-                weights,
-                image_size,
-                resize_mode,
-                skip_unreadable_normal,
-                RunOptions(device=device, batch_size=batch_size, num_workers=workers, progress=progress, cache=cache),
-                load_backbone=_load_backbone,
-            )
-        else:
-            detector, backbone = reuse_database(
-                spec,
-                given,
-                db_dir,
-                image_dir,
-                model_name,
-                weights,
-                given_geometry,
-                device,
-                progress,
-                load_backbone=_load_backbone,
-            )
-        stored = json.loads((db_dir / DB_FILE).read_text(encoding="utf-8"))
+        # one process at a time builds or loads a database folder: a second one waits, told who holds it
+        with folder_lock(db_dir.parent / f".{db_dir.name}.lock", f"the database folder {db_dir}", notify=_say):
+            built = not (db_dir / DB_FILE).is_file()
+            if built:
+                detector, backbone = build_database(
+                    spec,
+                    params,
+                    db_dir,
+                    image_dir,
+                    model_name,
+                    weights,
+                    image_size,
+                    resize_mode,
+                    skip_unreadable_normal,
+                    RunOptions(
+                        device=device, batch_size=batch_size, num_workers=workers, progress=progress, cache=cache
+                    ),
+                    load_backbone=_load_backbone,
+                )
+            else:
+                detector, backbone = reuse_database(
+                    spec,
+                    given,
+                    db_dir,
+                    image_dir,
+                    model_name,
+                    weights,
+                    given_geometry,
+                    device,
+                    progress,
+                    load_backbone=_load_backbone,
+                )
+            stored = json.loads((db_dir / DB_FILE).read_text(encoding="utf-8"))
         timings["build_database_s" if built else "load_database_s"] = time.perf_counter() - step
 
         step = time.perf_counter()

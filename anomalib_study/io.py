@@ -107,6 +107,53 @@ def check_output_folder(folder: str | os.PathLike, what: str = "--out") -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def folder_lock(lock_path: str | os.PathLike, what: str, wait: bool = True, notify: Any = None) -> Iterator[None]:
+    """Hold the lock file ``lock_path`` (``filelock``: released when the process ends, however it
+    ends) while the block runs, so that two processes never write ``what`` at once.
+
+    When another process holds it: ``wait=True`` says so once, naming the holder (process id,
+    host, command, since when), and waits for it; ``wait=False`` raises StudyError naming it.
+    ``notify(message)`` says it (default: a warning; a caller that records its warnings
+    passes a function that prints at once).
+    """
+    import socket
+    import sys
+    import warnings
+
+    from filelock import FileLock, Timeout
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    owner = lock_path.with_name(lock_path.name + ".owner")
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = owner.read_text(encoding="utf-8").strip() or "another process"
+        except OSError:
+            holder = "another process"
+        if not wait:
+            raise StudyError(f"{what} is in use by {holder}: wait for it to finish, or use another folder") from None
+        message = f"{what} is in use by {holder}: waiting for it to finish"
+        if notify is None:
+            warnings.warn(message, stacklevel=3)
+        else:
+            notify(message)
+        lock.acquire()
+    try:
+        started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        command = " ".join(sys.argv[:3]) or "python"
+        with contextlib.suppress(OSError):
+            owner.write_text(f"process {os.getpid()} on {socket.gethostname()} ({command}, since {started})")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner.unlink()
+        lock.release()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

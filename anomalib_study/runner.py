@@ -401,47 +401,53 @@ def run_study(
     skipped: dict[tuple[str, str], str] = {}  # (notebook stem, cell) -> why, listed on the front page
     sources: str | None = None
 
-    client = connect_cluster(scheduler) if scheduler is not None else None
-    try:
-        threads = cluster_kernel_threads(client) if client is not None else max(1, (os.cpu_count() or 1) // jobs)
-        for study, cells in zip(studies, grids):  # parts in order: a later part may read the earlier reports
-            if not cells:
-                continue
-            kernel = choose_kernel(kernel_name, study.notebook)
-            runner = _Runner(
-                study,
-                reports / study.notebook.stem,
-                kernel,
-                data.resolve() if data else None,
-                force,
-                log,
-                len(cells),
-                kernel_env(threads),
-                on_cluster=client is not None,
-            )
-            where = f"Dask scheduler {scheduler}" if client is not None else f"jobs {jobs}"
-            log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, {where}")
-            prepared = [runner.prepare(i, cell) for i, cell in enumerate(cells, 1)]
-            pending = [item for item in prepared if isinstance(item, _Pending)]
+    # one run at a time writes a reports folder: a second one is refused, told who holds it
+    with io.folder_lock(reports / REPORTS_LOCK, f"the reports folder {reports}", wait=False):
+        client = connect_cluster(scheduler) if scheduler is not None else None
+        try:
+            threads = cluster_kernel_threads(client) if client is not None else max(1, (os.cpu_count() or 1) // jobs)
+            for study, cells in zip(studies, grids):  # parts in order: a later part may read the earlier reports
+                if not cells:
+                    continue
+                kernel = choose_kernel(kernel_name, study.notebook)
+                runner = _Runner(
+                    study,
+                    reports / study.notebook.stem,
+                    kernel,
+                    data.resolve() if data else None,
+                    force,
+                    log,
+                    len(cells),
+                    kernel_env(threads),
+                    on_cluster=client is not None,
+                )
+                where = f"Dask scheduler {scheduler}" if client is not None else f"jobs {jobs}"
+                log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, {where}")
+                prepared = [runner.prepare(i, cell) for i, cell in enumerate(cells, 1)]
+                pending = [item for item in prepared if isinstance(item, _Pending)]
+                if client is not None:
+                    executed = _run_on_cluster(runner, pending, client, scheduler)
+                else:
+                    executed = _run_local(runner, pending, jobs)
+                by_name = {result.name: result for result in executed}
+                part = [by_name[item.cell.name] if isinstance(item, _Pending) else item for item in prepared]
+                for result in part:
+                    result.notebook = study.notebook.stem
+                results += part
+                skipped.update({(study.notebook.stem, r.name): r.message for r in part if r.status == "skipped"})
+                sources = runner.sources_hash
+        finally:
             if client is not None:
-                executed = _run_on_cluster(runner, pending, client, scheduler)
-            else:
-                executed = _run_local(runner, pending, jobs)
-            by_name = {result.name: result for result in executed}
-            part = [by_name[item.cell.name] if isinstance(item, _Pending) else item for item in prepared]
-            for result in part:
-                result.notebook = study.notebook.stem
-            results += part
-            skipped.update({(study.notebook.stem, r.name): r.message for r in part if r.status == "skipped"})
-            sources = runner.sources_hash
-    finally:
-        if client is not None:
-            client.close()
+                client.close()
 
-    index = write_index(reports, skipped=skipped, sources_hash=sources)
+        index = write_index(reports, skipped=skipped, sources_hash=sources)
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "unchanged", "failed", "skipped")}
     log(f"study {study_file}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; index {index}")
     return results
+
+
+#: the lock file of a reports folder while a run writes it (ignored by git)
+REPORTS_LOCK = ".run.lock"
 
 
 def exit_code(results: Iterable[CellResult]) -> int:

@@ -769,3 +769,25 @@ def test_without_image_dir_a_new_database_asks_for_it_and_a_reused_one_is_used_u
         run = detect_abnormal(folders.test, db_dir=folders.db, result_dir=folders.result, num_workers=0, progress=False)
     config = json.loads((run / "config.json").read_text())
     assert config["database_built"] is False and config["image_dir"] is None
+
+
+def test_a_second_process_on_one_database_folder_waits_and_is_told_who_holds_it(fake, folders, capsys):
+    import subprocess
+    import sys
+
+    lock = folders.db.parent / f".{folders.db.name}.lock"
+    code = (
+        "import sys, time; from anomalib_study.io import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'x'):\n"
+        "    print('held', flush=True); time.sleep(2)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        run = _run(folders)  # waits for the holder, then builds the database
+    finally:
+        child.wait(timeout=30)
+    err = capsys.readouterr().err
+    assert f"the database folder {folders.db} is in use by process {child.pid}" in err
+    assert "waiting for it to finish" in err
+    assert json.loads((run / "config.json").read_text())["database_built"] is True

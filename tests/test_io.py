@@ -63,3 +63,49 @@ def test_a_full_disk_is_one_message_naming_the_file_and_the_earlier_file_is_kept
     assert issubclass(DiskFullError, StudyError)  # the command line prints it on one line, exit status 2
     assert io.read_json_object(target) == {"kept": 1}  # the earlier result, whole
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+def _hold(lock_path, seconds):
+    """A second process that holds ``lock_path`` for ``seconds``; returns once it holds it."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time; from anomalib_study.io import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'x'):\n"
+        "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock_path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "held"
+    time.sleep(0.1)
+    return child
+
+
+def test_a_second_process_is_refused_naming_the_holder_or_waits_for_it(tmp_path):
+    import time
+
+    import pytest
+
+    from anomalib_study import io
+    from anomalib_study.errors import StudyError
+
+    lock = tmp_path / "reports" / ".run.lock"
+    child = _hold(lock, 3)
+    try:
+        with pytest.raises(StudyError, match=rf"the reports folder is in use by process {child.pid} on .*: wait"):
+            with io.folder_lock(lock, "the reports folder", wait=False):
+                pass
+        said = []
+        started = time.perf_counter()
+        with io.folder_lock(lock, "the database folder", notify=said.append):
+            waited = time.perf_counter() - started
+        assert waited > 1.0 and len(said) == 1 and f"in use by process {child.pid}" in said[0]
+        assert "waiting for it to finish" in said[0]
+    finally:
+        child.wait(timeout=30)
+    with io.folder_lock(lock, "free now", wait=False):  # released when its holder ended
+        assert (lock.parent / ".run.lock.owner").read_text().startswith("process ")
+    assert not (lock.parent / ".run.lock.owner").exists()
