@@ -87,6 +87,7 @@ from anomalib_study.studies import SYNTHETIC_SEED as SYNTHETIC_SEED
 from anomalib_study.studies import (
     Cell,
     Study,
+    check_cells,
     check_notebook_parameters,
     expand_grid,
     read_studies,
@@ -396,13 +397,19 @@ def run_study(
                 raise StudyError(f"--only {pattern!r} matches no cell of the study (cells: {names})")
         grids = [[c for c in cells if any(matches(s, c, p) for p in patterns)] for s, cells in zip(studies, grids)]
     data = io.data_root(data_root)
-    reports = Path(reports_dir).resolve()  # absolute: the kernel runs in the notebook's folder
+    if data is not None and not data.is_dir():
+        given = "--data" if data_root else "ANOMALIB_STUDY_DATA"
+        raise StudyError(f"{given} {data} is not a folder: pass the real data folder (e.g. ../shared/data)")
+    for study, cells in zip(studies, grids):  # everything a kernel would find wrong, found before one starts
+        check_cells(study, cells, data.resolve() if data else None)
+    reports = io.check_output_folder(Path(reports_dir), "--reports").resolve()  # absolute: kernels run elsewhere
     results: list[CellResult] = []
     skipped: dict[tuple[str, str], str] = {}  # (notebook stem, cell) -> why, listed on the front page
     sources: str | None = None
 
-    # one run at a time writes a reports folder: a second one is refused, told who holds it
-    with io.folder_lock(reports / REPORTS_LOCK, f"the reports folder {reports}", wait=False):
+    # one run at a time writes a reports folder (its lock file lies beside it: nothing is written into the
+    # folder before a cell runs); a second run is refused, told who holds it
+    with io.folder_lock(reports_lock(reports), f"the reports folder {reports}", wait=False):
         client = connect_cluster(scheduler) if scheduler is not None else None
         try:
             threads = cluster_kernel_threads(client) if client is not None else max(1, (os.cpu_count() or 1) // jobs)
@@ -446,8 +453,9 @@ def run_study(
     return results
 
 
-#: the lock file of a reports folder while a run writes it (ignored by git)
-REPORTS_LOCK = ".run.lock"
+def reports_lock(reports: Path) -> Path:
+    """The lock file a run holds while it writes ``reports`` (beside it, hidden, ignored by git)."""
+    return reports.parent / f".{reports.name}.run.lock"
 
 
 def exit_code(results: Iterable[CellResult]) -> int:

@@ -472,3 +472,87 @@ def synthetic_root() -> Path:
     from anomalib_study.data.synthetic import make_synthetic_dagm
 
     return Path(make_synthetic_dagm(synthetic_path(), seed=SYNTHETIC_SEED))
+
+
+# --------------------------------------------------------------------------- checks before any kernel starts
+def declared_types(notebook: str | os.PathLike) -> dict[str, str]:
+    """name -> the type the notebook's parameters cell declares (``papermill.inspect_notebook``'s
+    ``inferred_type_name``: ``"int"``, ``"Optional[str]"``, ``"list[int]"``, ...; names it
+    cannot read are left out)."""
+    import papermill
+
+    try:
+        found = papermill.inspect_notebook(str(notebook))
+    except Exception:  # an unreadable cell is named by check_notebook_parameters
+        return {}
+    return {name: str(entry.get("inferred_type_name") or "") for name, entry in found.items()}
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def value_matches(value: Any, declared: str) -> bool:
+    """Whether ``value`` (from a study file) is of the type ``declared`` (a parameters cell's
+    annotation); an annotation this does not know accepts anything."""
+    declared = declared.replace(" ", "")
+    if declared.startswith("Optional[") and declared.endswith("]"):
+        return value is None or value_matches(value, declared[len("Optional[") : -1])
+    checks = {
+        "int": lambda v: _is_number(v, int),
+        "float": lambda v: _is_number(v, (int, float)),
+        "str": lambda v: isinstance(v, str),
+        "bool": lambda v: isinstance(v, bool),
+    }
+    if declared in checks:
+        return checks[declared](value)
+    if declared.lower().startswith(("list", "tuple", "sequence")):
+        return isinstance(value, (list, tuple))
+    if declared.lower().startswith("dict"):
+        return isinstance(value, dict)
+    return True
+
+
+def check_cells(study: Study, cells: Sequence[Cell], data: Path | None) -> None:
+    """Everything about the cells that can be checked before a kernel starts, all at once:
+    each parameter's value against the type the notebook declares, the backbone against the
+    registry, and, with the real data folder, that each ``{data}`` root (and its category)
+    exists. StudyError listing every problem; nothing has been run or written. (The backbone
+    is checked in the notebooks of the registered methods, which load it from the registry.)"""
+    from anomalib_study import methods
+
+    problems: list[str] = []
+    types = declared_types(study.notebook)
+    registered: Sequence[str] | None = None
+    # a method notebook loads its backbone from the registry; another notebook may name its axis as it likes
+    loads_backbones = study.notebook.stem in {entry.notebook for entry in methods.REGISTRY.values()}
+    for cell in cells:
+        for name, value in cell.parameters.items():
+            declared = types.get(name, "")
+            if declared and not value_matches(value, declared):
+                problems.append(
+                    f"cell {cell.name}: {name}={value!r} is a {type(value).__name__}, but {study.notebook.name} "
+                    f"declares {name}: {declared}"
+                )
+        backbone = cell.parameters.get("backbone")
+        if loads_backbones and isinstance(backbone, str) and "{" not in backbone:
+            if registered is None:
+                from anomalib_study.backbones import available_backbones
+
+                registered = available_backbones()
+            if backbone not in registered:
+                problems.append(f"cell {cell.name}: backbone {backbone!r} is not registered ({', '.join(registered)})")
+        root = cell.parameters.get("root")
+        if data is not None and isinstance(root, str) and "{data}" in root:
+            path = Path(root.replace("{data}", str(data)))
+            category = cell.parameters.get("category")
+            if not path.is_dir():
+                problems.append(f"cell {cell.name}: {path} (root {root} with --data {data}) does not exist")
+            elif isinstance(category, str) and not (path / category).is_dir():
+                problems.append(f"cell {cell.name}: category {category!r} is not a folder of {path}")
+    if problems:
+        shown = "\n".join(f"  - {problem}" for problem in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise StudyError(
+            f"study {study.path} cannot run ({len(problems)} problem(s); nothing was run or written):\n{shown}{more}"
+        )

@@ -651,7 +651,7 @@ def test_a_second_run_on_one_reports_folder_is_refused_naming_the_first(project)
     import subprocess
     import sys
 
-    lock = project["reports"] / runner.REPORTS_LOCK
+    lock = runner.reports_lock(project["reports"])
     code = (
         "import sys, time; from anomalib_study.io import folder_lock\n"
         "with folder_lock(sys.argv[1], 'x'):\n"
@@ -668,3 +668,42 @@ def test_a_second_run_on_one_reports_folder_is_refused_naming_the_first(project)
         child.wait()
     results, _ = _run(project)  # the holder is gone: the lock went with it
     assert results["synth-tiny"].status == "ok"
+
+
+def test_a_study_that_cannot_run_is_refused_whole_before_any_kernel_starts(tmp_path, capsys):
+    from conftest import REPO
+
+    data = tmp_path / "data"
+    (data / "mvtec_ad" / "bottle").mkdir(parents=True)
+    study = tmp_path / "studies" / "broken.yaml"
+    study.parent.mkdir()
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "notebook": str(REPO / "notebooks" / "01_knn_detection.ipynb"),
+                "title": "broken",
+                "parameters": {"k": "ten"},
+                "backbones": ["efficientnet_lite0", "no_such_net"],
+                "datasets": {
+                    "bottle": {"dataset": "mvtec_ad", "root": "{data}/mvtec_ad", "category": "bottle"},
+                    "cable": {"dataset": "mvtec_ad", "root": "{data}/mvtec_ad", "category": "cable"},
+                    "tire": {"dataset": "mvtec_3d", "root": "{data}/mvtec_3d", "category": "tire"},
+                },
+            }
+        )
+    )
+    reports = tmp_path / "reports"
+    with pytest.raises(StudyError) as refused:
+        runner.run_study(study, reports_dir=reports, data_root=data, log=lambda line: None)
+    message = str(refused.value)
+    assert "cannot run" in message and "nothing was run or written" in message
+    assert "k='ten' is a str, but 01_knn_detection.ipynb declares k: int" in message
+    assert "backbone 'no_such_net' is not registered" in message
+    assert "category 'cable' is not a folder of" in message and "mvtec_3d (root {data}/mvtec_3d" in message
+    assert not reports.exists()  # nothing written
+    from anomalib_study.cli import main
+
+    code = main(["run", str(study), "--data", str(tmp_path / "no_such_data"), "--reports", str(reports)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--data {tmp_path / 'no_such_data'} is not a folder" in err and "Traceback" not in err
+    assert not reports.exists()

@@ -57,7 +57,8 @@ if side:
     with open(metrics_out.replace(".metrics.json", ".scores.csv"), "w") as handle:
         handle.write("path,score\\n" + "".join(f"{p.name},{i}\\n" for i, p in enumerate(images[:3])))
 """
-VARYING_RUN = ("duration_s", "started_at", "host")  # differ between two runs of the same cell
+VARYING_RUN = ("duration_s", "started_at", "host", "files")  # differ between two runs of the same cell (files:
+# the sha256 of the executed notebook and page, which hold cell ids and temporary paths)
 VARYING_METRICS = ("threads", "parent_pid")  # the executing process, not the result
 
 
