@@ -7,6 +7,7 @@ line naming what is wrong and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -513,6 +514,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _COMMANDS[args.command](args)
         except StudyError as error:
             print(f"{prefix}: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # a write outside the atomic helpers (a memory-mapped bank, a library's file)
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {error.filename}" if error.filename else ""
+            print(
+                f"{prefix}: error: no space left on the device{where}: free some space there, or write to "
+                "another folder (--out, --reports, ANOMALIB_STUDY_CACHE)",
+                file=sys.stderr,
+            )
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

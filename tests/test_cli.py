@@ -241,3 +241,17 @@ def test_detect_skips_broken_files_with_one_summary_line_or_refuses_them_with_st
 def test_detect_refuses_an_option_of_another_method(tmp_path, capsys):
     code = main(["detect", str(tmp_path), "--method", "patchcore", "--k", "3"])
     assert code == 2 and "--k is an option of method knn, not of patchcore" in capsys.readouterr().err
+
+
+def test_a_full_disk_outside_the_atomic_writes_is_one_line_too(monkeypatch, capsys):
+    import errno
+
+    from anomalib_study import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/bank.memmap")
+
+    monkeypatch.setitem(cli._COMMANDS, "backbones", full)
+    assert cli.main(["backbones"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no space left on the device writing /somewhere/bank.memmap" in err and "Traceback" not in err
