@@ -151,6 +151,7 @@ def test_bench_autoencoder_quick_default_and_longer(tmp_path):
         module.main(["--quick", "--parts", "longer", "--out", str(full), "--resume"])
 
 
+@pytest.mark.slow
 def test_bench_clustering_quick_default_options_and_scaling(tmp_path):
     """bench_clustering.py --quick on the synthetic set: the default pipeline, the exact computation
     and the cheaper options on the same features, and the cost against N."""
@@ -206,6 +207,7 @@ def test_bench_patchcore_precision_cells_follow_the_study():
     ]
 
 
+@pytest.mark.slow
 def test_bench_patchcore_precision_quick_compares_fp32_and_bf16(tmp_path):
     """--quick: one tiny cell fitted in fp32 and in bf16; the changes are bf16 - fp32, the hit rate a
     share of the test patches, and bf16 is never allowed as the default from a partial measurement."""

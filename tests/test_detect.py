@@ -771,6 +771,7 @@ def test_without_image_dir_a_new_database_asks_for_it_and_a_reused_one_is_used_u
     assert config["database_built"] is False and config["image_dir"] is None
 
 
+@pytest.mark.slow
 def test_a_second_process_on_one_database_folder_waits_and_is_told_who_holds_it(fake, folders, capsys):
     import subprocess
     import sys

@@ -361,6 +361,7 @@ def test_an_out_that_cannot_work_is_refused_before_any_work(tmp_path):
     assert code == 2
 
 
+@pytest.mark.slow
 def test_the_folder_layout_names_its_folders_on_the_command_line(synthetic_root, tmp_path, capsys):
     import shutil
 

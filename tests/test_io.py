@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from anomalib_study.io import as_json
 
@@ -84,6 +85,7 @@ def _hold(lock_path, seconds):
     return child
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_naming_the_holder_or_waits_for_it(tmp_path):
     import time
 

@@ -627,6 +627,7 @@ def test_suite_refuses_study_keys_and_nested_suites(project):
         runner.read_studies(outer)
 
 
+@pytest.mark.slow
 def test_a_half_replaced_report_is_rerun(project):
     """A run killed (or a disk full) between the renames of a report's files leaves files that do not
     match its metrics: the next run redoes the cell instead of calling it unchanged."""
@@ -647,6 +648,7 @@ def test_a_half_replaced_report_is_rerun(project):
     assert results["plain-tiny"].status == "ok"
 
 
+@pytest.mark.slow
 def test_a_second_run_on_one_reports_folder_is_refused_naming_the_first(project):
     import subprocess
     import sys
