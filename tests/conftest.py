@@ -31,3 +31,21 @@ def real_data() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own feature cache, so no test depends on another's leftovers."""
     monkeypatch.setenv("ANOMALIB_STUDY_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def hold_lock(lock_path, seconds: float = 30.0):
+    """A second process holding ``lock_path`` (:func:`anomalib_study.io.folder_lock`) for
+    ``seconds``; returned (a ``subprocess.Popen``) once it holds it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from anomalib_study.io import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'x'):\n"
+        "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock_path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "held"
+    return child

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from anomalib_study.io import as_json
+from conftest import hold_lock
 
 
 def test_as_json_is_what_a_json_file_reads_back():
@@ -66,25 +67,6 @@ def test_a_full_disk_is_one_message_naming_the_file_and_the_earlier_file_is_kept
     assert [p.name for p in target.parent.iterdir()] == ["metrics.json"]  # no temporary file left
 
 
-def _hold(lock_path, seconds):
-    """A second process that holds ``lock_path`` for ``seconds``; returns once it holds it."""
-    import subprocess
-    import sys
-    import time
-
-    code = (
-        "import sys, time; from anomalib_study.io import folder_lock\n"
-        "with folder_lock(sys.argv[1], 'x'):\n"
-        "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(lock_path), str(seconds)], stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout.readline().strip() == "held"
-    time.sleep(0.1)
-    return child
-
-
 @pytest.mark.slow
 def test_a_second_process_is_refused_naming_the_holder_or_waits_for_it(tmp_path):
     import time
@@ -95,7 +77,7 @@ def test_a_second_process_is_refused_naming_the_holder_or_waits_for_it(tmp_path)
     from anomalib_study.errors import StudyError
 
     lock = tmp_path / "reports" / ".run.lock"
-    child = _hold(lock, 3)
+    child = hold_lock(lock, 3)
     try:
         with pytest.raises(StudyError, match=rf"the reports folder is in use by process {child.pid} on .*: wait"):
             with io.folder_lock(lock, "the reports folder", wait=False):

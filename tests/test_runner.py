@@ -650,18 +650,10 @@ def test_a_half_replaced_report_is_rerun(project):
 
 @pytest.mark.slow
 def test_a_second_run_on_one_reports_folder_is_refused_naming_the_first(project):
-    import subprocess
-    import sys
+    from conftest import hold_lock
 
-    lock = runner.reports_lock(project["reports"])
-    code = (
-        "import sys, time; from anomalib_study.io import folder_lock\n"
-        "with folder_lock(sys.argv[1], 'x'):\n"
-        "    print('held', flush=True); time.sleep(30)\n"
-    )
-    child = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    child = hold_lock(runner.reports_lock(project["reports"]))
     try:
-        assert child.stdout.readline().strip() == "held"
         with pytest.raises(StudyError, match=rf"the reports folder .* is in use by process {child.pid}"):
             _run(project)
         assert not (project["reports"] / "tiny").exists()  # nothing written
