@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,34 +32,11 @@ import pandas as pd
 from anomalib_study import freshness as code_freshness
 from anomalib_study import io, methods, schema
 
-
-class _RegistryView(Mapping):
-    """method name -> ``value(name)`` over the method registry as it is now (a method
-    registered later is in it too); ``keep(name)`` picks the methods listed."""
-
-    def __init__(self, value: Callable[[str], Any], keep: Callable[[str], bool] = lambda name: True) -> None:
-        self._value, self._keep = value, keep
-
-    def _names(self) -> list[str]:
-        return [name for name in methods.REGISTRY if self._keep(name)]
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._names():
-            raise KeyError(name)
-        return self._value(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
 #: method name -> how the tables name it (the registry's labels)
-METHOD_LABELS: Mapping[str, str] = _RegistryView(methods.method_label)
+METHOD_LABELS: Mapping[str, str] = methods.RegistryView(methods.method_label)
 #: the published comparison of each method that declares one (this run's row first, then the published figures)
-COMPARISONS: Mapping[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = _RegistryView(
-    methods.published_comparison, keep=lambda name: methods.REGISTRY[name].published is not None
+COMPARISONS: Mapping[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = methods.RegistryView(
+    methods.published_comparison, keep=lambda entry: entry.published is not None
 )
 
 
@@ -314,16 +291,7 @@ def collect_reports(
     notebooks = None if notebooks_dir is None else Path(notebooks_dir)
     rows, hashes = [], {}
     for report in read_reports(reports_dir):
-        notebook = find_notebook(report, notebooks)
-        if notebook is not None and notebook not in hashes:
-            hashes[notebook] = io.sha256_file(notebook)
-        fresh, why = (
-            freshness(report, hashes.get(notebook), sources_hash) if report.metrics is not None else ("unknown", "")
-        )
-        layout = schema.problems(report.metrics) if report.metrics is not None else []
-        if layout:  # read as far as it goes, never claimed current
-            fresh, why = "unknown", f"its metrics file does not hold the current layout: {layout[0]}"
-        rows.append(_report_row(report, fresh, why))
+        rows.append(_report_row(report, *report_freshness(report, notebooks, sources_hash, hashes)))
     table = pd.DataFrame(rows, columns=list(REPORT_COLUMNS))
     if len(table):  # a cell that never succeeded has no method: it is the one of its notebook's other cells
         known = table[table["method"] != ""].groupby("notebook")["method"].first().to_dict()
@@ -332,6 +300,28 @@ def collect_reports(
         ]
         table["task"] = [task or _task(method) for task, method in zip(table["task"], table["method"])]
     return table
+
+
+def report_freshness(
+    report: Report,
+    notebooks_dir: Path | None = None,
+    sources_hash: str | None = None,
+    notebook_hashes: dict[Path, str] | None = None,
+) -> tuple[str, str]:
+    """``(freshness, why)`` of a report as the front page and ``verify`` state it: :func:`freshness`
+    against its notebook as it is now (:func:`find_notebook`; ``notebook_hashes`` caches their
+    sha256 across reports), and never "current" for a metrics file of another layout."""
+    if report.metrics is None:
+        return "unknown", ""
+    layout = schema.problems(report.metrics)
+    if layout:  # read as far as it goes, never claimed current
+        return "unknown", f"its metrics file does not hold the current layout: {layout[0]}"
+    notebook = find_notebook(report, notebooks_dir)
+    hashes = {} if notebook_hashes is None else notebook_hashes
+    if notebook is not None and notebook not in hashes:
+        hashes[notebook] = io.sha256_file(notebook)
+    sources = io.package_sources_hash() if sources_hash is None else sources_hash
+    return freshness(report, hashes.get(notebook), sources)
 
 
 def _task(method: str) -> str:

@@ -270,6 +270,15 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "anomalib_study"
 
 
+#: the seed of the one synthetic set the study shares (made by `data.synthetic.shared_synthetic_set`)
+SHARED_SYNTHETIC_SEED = 0
+
+
+def shared_synthetic_path() -> Path:
+    """Where the study's shared synthetic set lives: ``<cache>/synthetic_dagm`` (not generated)."""
+    return cache_root() / "synthetic_dagm"
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when the file is missing, unreadable, not JSON or
     not an object (for files another run may be writing or may have left half-written)."""

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from anomalib_study import methods
 from anomalib_study.evaluate import IN_MEMORY_KEYS, evaluate
-from anomalib_study.io import atomic_write, cache_root, write_json
+from anomalib_study.io import atomic_write, write_json
 
 __all__ = ["NotebookRun", "configure_display", "start", "SYNTHETIC_NOTE"]
 
@@ -215,9 +215,9 @@ def start(
     configure_display()
     options = {"dataset": dataset, "category": category, **evaluate_options}
     if not root:
-        from anomalib_study.data.synthetic import make_synthetic_dagm
+        from anomalib_study.data.synthetic import shared_synthetic_set
 
-        root = str(make_synthetic_dagm(cache_root() / "synthetic_dagm", seed=0))
+        root = str(shared_synthetic_set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = evaluate(method, root=root, progress=False, return_maps=return_maps, **options)

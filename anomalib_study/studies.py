@@ -64,7 +64,7 @@ AXES = ("backbones", "variants")  # the grid's second axis: a study file gives e
 RUNNER_PARAMETERS = ("metrics_out", "report_name")  # set by the runner, never by a study file
 DATASET_BACKBONES = "backbones"  # in a dataset entry of a backbones grid: run only these of the grid's backbones
 NEEDS_DATA = "needs the real data: set ANOMALIB_STUDY_DATA or pass --data"
-SYNTHETIC_SEED = 0  # the seed of the synthetic set behind {synthetic}
+SYNTHETIC_SEED = io.SHARED_SYNTHETIC_SEED  # the seed of the synthetic set behind {synthetic}
 
 _NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -463,15 +463,15 @@ def resolve_parameters(
 
 
 def synthetic_path() -> Path:
-    """Where the synthetic set behind ``{synthetic}`` lives: ``cache_root() / "synthetic_dagm"`` (not generated)."""
-    return io.cache_root() / "synthetic_dagm"
+    """Where the synthetic set behind ``{synthetic}`` lives (not generated): the study's shared one."""
+    return io.shared_synthetic_path()
 
 
 def synthetic_root() -> Path:
-    """The synthetic DAGM-layout set behind ``{synthetic}`` (the folder notebook 01 uses too), generated if missing."""
-    from anomalib_study.data.synthetic import make_synthetic_dagm
+    """The synthetic DAGM-layout set behind ``{synthetic}`` (the notebooks' fallback too), generated if missing."""
+    from anomalib_study.data.synthetic import shared_synthetic_set
 
-    return Path(make_synthetic_dagm(synthetic_path(), seed=SYNTHETIC_SEED))
+    return shared_synthetic_set()
 
 
 # --------------------------------------------------------------------------- checks before any kernel starts

@@ -469,17 +469,11 @@ def _read_committed(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def _freshness(metrics_path: Path) -> str:
-    """The committed report's freshness, by the same rule as the front page."""
-    report = comparison.Report(
-        metrics_path.parent.name,
-        metrics_path.name[: -len(".metrics.json")],
-        metrics_path.parent,
-        comparison.io.read_json_object(metrics_path),
-        None,
-    )
-    notebook = comparison.find_notebook(report)
-    fresh, why = comparison.freshness(
-        report, None if notebook is None else comparison.io.sha256_file(notebook), comparison.io.package_sources_hash()
+    """The committed report's freshness, by the front page's rule (:func:`comparison.report_freshness`)."""
+    cell = metrics_path.name[: -len(".metrics.json")]
+    metrics = comparison.io.read_json_object(metrics_path)
+    fresh, why = comparison.report_freshness(
+        comparison.Report(metrics_path.parent.name, cell, metrics_path.parent, metrics, None)
     )
     return fresh if not why else f"{fresh}: {why}"
 

@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage
 
 from anomalib_study.errors import DataError, ParameterError
-from anomalib_study.io import write_json
+from anomalib_study.io import SHARED_SYNTHETIC_SEED, shared_synthetic_path, write_json
 
 from .decode import ellipse_mask
 
@@ -216,3 +216,10 @@ def make_synthetic_dagm(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return root
+
+
+def shared_synthetic_set() -> Path:
+    """The study's shared synthetic set (``{synthetic}`` in study files, the notebooks' fallback: at
+    :func:`anomalib_study.io.shared_synthetic_path`, seed :data:`anomalib_study.io.SHARED_SYNTHETIC_SEED`),
+    generated if missing."""
+    return Path(make_synthetic_dagm(shared_synthetic_path(), seed=SHARED_SYNTHETIC_SEED))

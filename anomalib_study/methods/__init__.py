@@ -138,20 +138,21 @@ def published_comparison(name: str) -> Callable[[dict[str, Any]], list[dict[str,
     return _resolve(entry.published) if entry is not None and entry.published else None
 
 
-class _Specs(Mapping):
-    """name -> :class:`MethodSpec` over the registry as it is now (``task``: only those of
-    that task); a declaration is imported when it is looked up."""
+class RegistryView(Mapping):
+    """method name -> ``value(name)`` over the registry as it is now (a method registered
+    later is in it too); ``keep(entry)`` picks the methods listed. The views below import a
+    method's declaration only when it is looked up."""
 
-    def __init__(self, task: str | None = None) -> None:
-        self._task = task
+    def __init__(self, value: Callable[[str], Any], keep: Callable[[MethodEntry], bool] = lambda entry: True) -> None:
+        self._value, self._keep = value, keep
 
     def _names(self) -> list[str]:
-        return [name for name, entry in REGISTRY.items() if self._task is None or entry.task == self._task]
+        return [name for name, entry in REGISTRY.items() if self._keep(entry)]
 
-    def __getitem__(self, name: str) -> MethodSpec:
+    def __getitem__(self, name: str) -> Any:
         if name not in self._names():
             raise KeyError(name)
-        return get_method(name)
+        return self._value(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names())
@@ -163,17 +164,12 @@ class _Specs(Mapping):
         return f"<methods {', '.join(self._names())}>"
 
 
-class _Estimators(_Specs):
-    def __getitem__(self, name: str) -> type:
-        return super().__getitem__(name).estimator
-
-
 #: method name -> its declaration (imported on look-up)
-SPECS: Mapping[str, MethodSpec] = _Specs()
+SPECS: Mapping[str, MethodSpec] = RegistryView(get_method)
 #: method name -> estimator class (imported on look-up)
-METHODS: Mapping[str, type] = _Estimators()
+METHODS: Mapping[str, type] = RegistryView(lambda name: get_method(name).estimator)
 #: the methods ``detect`` takes (task "detection"); the others group images (``anomalib-study cluster``)
-DETECTORS: Mapping[str, MethodSpec] = _Specs("detection")
+DETECTORS: Mapping[str, MethodSpec] = RegistryView(get_method, keep=lambda entry: entry.task == "detection")
 
 for _entry in (
     MethodEntry(
@@ -241,6 +237,7 @@ __all__ = [
     "NotFittedError",
     "PatchCore",
     "REGISTRY",
+    "RegistryView",
     "RunOptions",
     "SPECS",
     "check_is_fitted",
