@@ -27,6 +27,31 @@ CLUSTERING_PROTOCOLS = {
 }
 
 
+def _criteria(variant: dict, classes: np.ndarray, params: dict) -> dict | None:
+    """Every label-free criterion's number of clusters for one variant's image embeddings, and
+    the NMI / ARI / F1 of the clustering at that number (the labels score the choices; they
+    never make them). None where the variant has no embeddings or too few images."""
+    from anomalib_study.methods.clustering_steps import cluster_embeddings
+    from anomalib_study.methods.n_clusters import DEFAULT_CRITERION, candidates_for, criteria_table
+    from anomalib_study.metrics import clustering_metrics
+
+    X = variant.get("embeddings")
+    if X is None or len(X) < 4:
+        return None
+    linkage, seed = params.get("linkage", "ward"), int(params.get("seed", 0) or 0)
+    table = criteria_table(X, candidates_for(len(X), params.get("max_clusters") or 10), linkage=linkage, seed=seed)
+    scored = {}
+    for k in sorted({entry["chosen"] for entry in table.values()}):
+        found = clustering_metrics(classes, cluster_embeddings(X, k, linkage, seed))
+        scored[k] = {key: found[key] for key in ("nmi", "ari", "f1")}
+    return {
+        "default": params.get("n_clusters_criterion") or DEFAULT_CRITERION,
+        "chosen": {name: entry["chosen"] for name, entry in table.items()},
+        "scores_at_chosen": {name: scored[entry["chosen"]] for name, entry in table.items()},
+        "curves": {name: {str(k): v for k, v in entry["scores"].items()} for name, entry in table.items()},
+    }
+
+
 def evaluate_clustering(
     spec: MethodSpec,
     dataset,
@@ -110,6 +135,7 @@ def evaluate_clustering(
                 "never our result",
             },
             "confusion": {"clusters": [int(c) for c in clusters], "classes": kinds, "counts": contingency},
+            "n_clusters_criteria": _criteria(variant, classes, params),
         }
         for key in ("nmi", "ari", "f1"):
             result[f"{key}_{name}"] = scores[key]
@@ -117,6 +143,15 @@ def evaluate_clustering(
             row[f"cluster_{name}"] = int(label)
         if return_maps:
             in_memory[name] = {k: variant.get(k) for k in ("labels", "weights", "embeddings", "patch_scores")}
+    first = next(iter(result["modes"].values()))["n_clusters_criteria"]
+    if first is not None:  # the first mode's choice (unsupervised where it runs), every criterion beside it
+        result["n_clusters_chosen"] = first["chosen"][first["default"]]
+        result["n_clusters_criteria"] = {
+            "mode": next(iter(result["modes"])),
+            "true": n_classes,
+            "default": first["default"],
+            "chosen": first["chosen"],
+        }
     result["per_image"] = per_image
     result["timings"] = timings
     result["peak_memory"] = {

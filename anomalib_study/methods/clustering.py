@@ -23,7 +23,8 @@ tau is chosen without labels by :func:`label_free_tau`: the one tau of a data se
 the weights of the median image are spread over ``weight_share`` of its patches (their
 effective number 1 / sum alpha^2 = weight_share * P; default 10 %): a rule fixed in
 advance, scale-free (distances of any backbone), and blind to the defect types. The
-number of clusters is given, or chosen by the silhouette (:func:`choose_n_clusters`).
+number of clusters is given, or chosen without labels by ``n_clusters_criterion``
+(:mod:`anomalib_study.methods.n_clusters` compares the criteria).
 
 Cost: the unsupervised score is N^2 x P^2 distance evaluations. They are computed in
 blocks through BLAS (a block of images against a block of images, never a full
@@ -60,7 +61,6 @@ from anomalib_study.methods.clustering_steps import (
     LINKAGES,
     MODES,
     as_bags,
-    choose_n_clusters,
     cluster_embeddings,
     effective_share,
     label_free_tau,
@@ -70,6 +70,7 @@ from anomalib_study.methods.clustering_steps import (
     unsupervised_patch_scores,
     weighted_embeddings,
 )
+from anomalib_study.methods.n_clusters import CRITERIA, DEFAULT_CRITERION, candidates_for, choose_n_clusters
 from anomalib_study.methods.patch_images import PatchImages
 
 __all__ = [
@@ -105,8 +106,8 @@ class AnomalyClustering(PatchImages, BaseDetector):
     :class:`~anomalib_study.search.NearestNeighbourIndex`; else None), ``bank_shape_`` (M, D),
     ``n_normal_images_``. After :meth:`fit_predict`: ``labels_`` (n,), ``patch_scores_``
     (n, P) (None for ``average``), ``weights_`` (n, P), ``embeddings_`` (n, D), ``tau_``,
-    ``tau_rule_`` (a sentence), ``n_clusters_``, ``n_clusters_rule_``, ``silhouette_``
-    ({k: score} when chosen), ``grid_shape_``, ``timings_`` (seconds per stage).
+    ``tau_rule_`` (a sentence), ``n_clusters_``, ``n_clusters_rule_``, ``n_clusters_scores_``
+    ({k: the criterion's score} when chosen, else None), ``grid_shape_``, ``timings_`` (seconds per stage).
     """
 
     backbone = Param(
@@ -139,8 +140,14 @@ class AnomalyClustering(PatchImages, BaseDetector):
     n_clusters = Param(
         None,
         "number of clusters (None: evaluate uses as many as the protocol's classes; cluster "
-        "chooses by the silhouette over 2..max_clusters)",
+        "chooses it with n_clusters_criterion over 2..max_clusters)",
         cli=positive_int,
+    )
+    n_clusters_criterion = Param(
+        DEFAULT_CRITERION,
+        "label-free criterion that chooses the number of clusters when it is not given",
+        cli=str,
+        choices=tuple(CRITERIA),
     )
     max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int)
     n_references = Param(
@@ -348,16 +355,16 @@ class AnomalyClustering(PatchImages, BaseDetector):
         self.embeddings_ = weighted_embeddings(self._Z, self.weights_)
         self.timings_["weights_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        self.silhouette_ = None
+        self.n_clusters_scores_ = None
         if n_clusters is None:
-            n = self.embeddings_.shape[0]
-            chosen, self.silhouette_ = choose_n_clusters(
-                self.embeddings_, range(2, min(self.max_clusters, n - 1) + 1), linkage=linkage, seed=self.seed
+            candidates = candidates_for(self.embeddings_.shape[0], self.max_clusters)
+            chosen, self.n_clusters_scores_ = choose_n_clusters(
+                self.embeddings_, candidates, linkage=linkage, seed=self.seed, criterion=self.n_clusters_criterion
             )
             self.n_clusters_ = int(chosen)
             self.n_clusters_rule_ = (
-                f"chosen without labels: the highest silhouette over 2..{max(self.silhouette_)} "
-                f"clusters ({self.silhouette_[chosen]:.3f} at {chosen})"
+                f"chosen without labels: {self.n_clusters_criterion} over {candidates[0]}..{candidates[-1]} "
+                f"clusters ({self.n_clusters_scores_[chosen]:.3g} at {chosen})"
             )
         else:
             self.n_clusters_ = int(n_clusters)
@@ -377,6 +384,7 @@ class AnomalyClustering(PatchImages, BaseDetector):
                 "weight_share",
                 "linkage",
                 "n_clusters",
+                "n_clusters_criterion",
                 "max_clusters",
                 "n_references",
                 "distance_dim",
@@ -397,7 +405,10 @@ class AnomalyClustering(PatchImages, BaseDetector):
             "tau_rule": self.tau_rule_,
             "n_clusters": int(self.n_clusters_),
             "n_clusters_rule": self.n_clusters_rule_,
-            "silhouette": None if self.silhouette_ is None else {str(k): v for k, v in self.silhouette_.items()},
+            "n_clusters_criterion": self.n_clusters_criterion,
+            "n_clusters_scores": None
+            if self.n_clusters_scores_ is None
+            else {str(k): v for k, v in self.n_clusters_scores_.items()},
             "n_images": int(self.labels_.size),
             "n_patches": int(self._Z.shape[1]),
             "feature_dim": int(self._Z.shape[2]),

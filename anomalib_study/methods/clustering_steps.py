@@ -1,14 +1,14 @@
 """The steps of anomaly clustering as functions of arrays (see
 :mod:`anomalib_study.methods.clustering` for the method): patch scores (unsupervised in
 BLAS blocks, semi-supervised through the search layer), patch weights and the label-free
-tau, weighted image embeddings, and the clustering with its number of clusters.
+tau, weighted image embeddings, and the clustering (the number of clusters is chosen in
+:mod:`anomalib_study.methods.n_clusters`).
 :class:`~anomalib_study.methods.clustering.AnomalyClustering` chains them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ __all__ = [
     "LINKAGES",
     "MODES",
     "as_bags",
-    "choose_n_clusters",
     "cluster_embeddings",
     "effective_share",
     "label_free_tau",
@@ -77,31 +76,6 @@ def cluster_embeddings(X, n_clusters: int, linkage: str = "ward", seed: int = 0)
     _, first = np.unique(labels, return_index=True)
     order = {int(labels[i]): rank for rank, i in enumerate(sorted(first))}
     return np.array([order[int(v)] for v in labels], dtype=np.int64)
-
-
-def choose_n_clusters(
-    X, candidates: Iterable[int] | None = None, linkage: str = "ward", seed: int = 0
-) -> tuple[int, dict[int, float]]:
-    """The number of clusters with the highest silhouette score, and every candidate's score.
-
-    For a folder without labels. ``candidates``: the numbers tried (default 2 to
-    min(10, n - 1)); each is clustered with :func:`cluster_embeddings` and scored with
-    ``sklearn.metrics.silhouette_score`` (Euclidean, in [-1, 1], higher = tighter and better
-    separated clusters). Ties go to the smaller number.
-    """
-    from sklearn.metrics import silhouette_score
-
-    X = check_embeddings(X, name="X (image embeddings)")
-    n = X.shape[0]
-    if n < 3:
-        raise ParameterError(f"choosing the number of clusters needs at least 3 images, got {n}: pass n_clusters")
-    values = sorted({int(k) for k in (candidates if candidates is not None else range(2, min(10, n - 1) + 1))})
-    usable = [k for k in values if 2 <= k <= n - 1]
-    if not usable:
-        raise ParameterError(f"no candidate number of clusters in 2..{n - 1} (n - 1) among {values}")
-    scores = {k: float(silhouette_score(X, cluster_embeddings(X, k, linkage, seed))) for k in usable}
-    best = max(usable, key=lambda k: (scores[k], -k))
-    return best, scores
 
 
 # ------------------------------------------------------------------------------ patch scores
