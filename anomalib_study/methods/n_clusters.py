@@ -110,15 +110,11 @@ def _gap(X, ks, linkage, seed, references: int = 10):
     gaps, spreads = {}, {}
     for k in ks:
         observed = np.log(max(_dispersion(X, _ward_labels(X, k, linkage, seed)), 1e-300))
-        expected = np.array(
-            [np.log(max(_dispersion(R, _ward_labels(R, k, linkage, seed)), 1e-300)) for R in samples]
-        )
+        expected = np.array([np.log(max(_dispersion(R, _ward_labels(R, k, linkage, seed)), 1e-300)) for R in samples])
         gaps[k] = float(expected.mean() - observed)
         spreads[k] = float(expected.std() * np.sqrt(1 + 1 / references))
     ordered = sorted(ks)
-    chosen = next(
-        (k for k, nxt in zip(ordered, ordered[1:]) if gaps[k] >= gaps[nxt] - spreads[nxt]), ordered[-1]
-    )
+    chosen = next((k for k, nxt in zip(ordered, ordered[1:]) if gaps[k] >= gaps[nxt] - spreads[nxt]), ordered[-1])
     return chosen, gaps
 
 
@@ -194,9 +190,7 @@ def choose_n_clusters(
     return int(chosen), {int(k): float(v) for k, v in scores.items()}
 
 
-def criteria_table(
-    X, candidates: Iterable[int] | None = None, linkage: str = "ward", seed: int = 0
-) -> dict[str, dict]:
+def criteria_table(X, candidates: Iterable[int] | None = None, linkage: str = "ward", seed: int = 0) -> dict[str, dict]:
     """Every criterion's choice and curve: ``{name: {"chosen": k, "scores": {k: score}}}``."""
     table = {}
     for name in CRITERIA:
