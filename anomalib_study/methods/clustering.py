@@ -398,6 +398,11 @@ class AnomalyClustering(PatchImages, BaseDetector):
             "n_clusters": int(self.n_clusters_),
             "n_clusters_rule": self.n_clusters_rule_,
             "silhouette": None if self.silhouette_ is None else {str(k): v for k, v in self.silhouette_.items()},
+            # the criterion that chose the number of clusters, and its score per candidate (None: given)
+            "n_clusters_criterion": "silhouette",
+            "n_clusters_scores": (
+                None if self.silhouette_ is None else {int(k): float(v) for k, v in self.silhouette_.items()}
+            ),
             "n_images": int(self.labels_.size),
             "n_patches": int(self._Z.shape[1]),
             "feature_dim": int(self._Z.shape[2]),
