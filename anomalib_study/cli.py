@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from anomalib_study.checks import non_negative_float, positive_int
+from anomalib_study.checks import non_negative_float, odd_positive_int, positive_int
 from anomalib_study.errors import StudyError
 
 
@@ -54,6 +54,23 @@ def _method_options(specs) -> dict[str, list]:
     return options
 
 
+#: readers of whole numbers: their values show as N in --help
+_WHOLE_NUMBER_READERS = (int, positive_int, odd_positive_int)
+
+
+def _metavar(param) -> str | None:
+    """The word ``--help`` shows for a method option's value: the declared one (``--n-clusters
+    K``), ``N`` for a whole number, else the flag's last word (``--tau TAU``, ``--weight-share
+    SHARE``); None where argparse lists the choices instead."""
+    if param.metavar:
+        return param.metavar
+    if param.choices:
+        return None
+    if param.type in _WHOLE_NUMBER_READERS:
+        return "N"
+    return param.cli_flag.lstrip("-").rsplit("-", 1)[-1].upper()
+
+
 def _add_method_options(parser: argparse.ArgumentParser, specs=None, skip: Sequence[str] = ()) -> None:
     """One option per method parameter flag (read from the methods' declarations: ``specs``,
     default every method), default None, so that only what the user gives reaches the
@@ -75,7 +92,13 @@ def _add_method_options(parser: argparse.ArgumentParser, specs=None, skip: Seque
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(
-                flag, dest=dest, type=_parser_type(first.type), default=None, choices=choices or None, help=help_text
+                flag,
+                dest=dest,
+                type=_parser_type(first.type),
+                default=None,
+                choices=choices or None,
+                metavar=None if choices else _metavar(first),
+                help=help_text,
             )
 
 

@@ -160,3 +160,14 @@ def test_identical_images_are_refused_and_copies_are_said(tmp_path, capsys):
     assert copies_of_first["cluster"].nunique() == 1  # copies share a cluster
     code, _ = _run(tmp_path, "--n-clusters", "7")
     assert code == 2 and "more than the 6 distinct images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["cluster", "detect", "evaluate"])
+def test_help_shows_words_for_values(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "METHOD_" not in out and "--model-seed SEED" in out and "--index FACTORY" in out
+    if command != "detect":
+        for shown in ("--tau TAU", "--n-clusters K", "--max-clusters K", "--patch-size N", "--weight-share SHARE"):
+            assert shown in out

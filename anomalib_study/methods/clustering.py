@@ -141,8 +141,9 @@ class AnomalyClustering(PatchImages, BaseDetector):
         "number of clusters (None: evaluate uses as many as the protocol's classes; cluster "
         "chooses by the silhouette over 2..max_clusters)",
         cli=positive_int,
+        metavar="K",
     )
-    max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int)
+    max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int, metavar="K")
     n_references = Param(
         100, "unsupervised: reference images per image (None, or >= the images: all of them, exact)", cli=positive_int
     )
@@ -157,8 +158,12 @@ class AnomalyClustering(PatchImages, BaseDetector):
         cli=fraction_up_to_one,
     )
     projection_dim = Param(128, "semi-supervised: random projection of the greedy coreset")
-    index = Param("Flat", "faiss factory string of the semi-supervised search (Flat = exact)", cli=str)
-    seed = Param(0, "seed of the references, projection, coreset and clustering", cli=int, flag="--model-seed")
+    index = Param(
+        "Flat", "faiss factory string of the semi-supervised search (Flat = exact)", cli=str, metavar="FACTORY"
+    )
+    seed = Param(
+        0, "seed of the references, projection, coreset and clustering", cli=int, flag="--model-seed", metavar="SEED"
+    )
     batch_size = Param(16, "images per forward pass of the backbone", kind="run")
     num_workers = Param(0, "image-decoding worker processes", kind="run")
     device = Param("cpu", "cpu or cuda[:N]", kind="run")
