@@ -31,7 +31,7 @@ def _parser_type(read):
 
 
 def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
-    from anomalib_study.backbones import RESIZE_MODES
+    from anomalib_study.preprocessing import RESIZE_MODES  # not backbones: the parser does not import torchvision
 
     parser.add_argument(
         "--resize-mode",
@@ -495,7 +495,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     print(f"number of clusters: {config['n_clusters_rule']}")
     print(f"tau: {config['tau_rule']}")
     if config.get("from_run"):
-        print(f"regrouped from {config['from_run']} in {config['timings']['regroup_s']:.1f} s")
+        print(f"regrouped from {config['from_run']} in {config['timings']['total_s']:.1f} s (page included)")
     if config["n_skipped"]:
         print(f"{config['n_skipped']} unreadable image(s) skipped: see {Path(run_dir) / 'skipped.csv'}")
     print(f"results in {run_dir}; open {Path(run_dir) / 'index.html'}")

@@ -93,12 +93,13 @@ def cluster_folder(
 
     ``options``: other :class:`~anomalib_study.methods.clustering.AnomalyClustering`
     parameters (tau, weight_share, linkage, layers, n_references, ...). ``max_thumbnails``:
-    images shown per cluster on the page (all are in clusters.csv). ``batch_size``: images per forward pass (None: the
-    method's declared default).
+    images shown per cluster on the page (all are in clusters.csv). ``batch_size``: images
+    per forward pass (None: the method's declared default).
     """
     from anomalib_study.data.decode import content_hash, find_unreadable, list_images, unreadable_message
     from anomalib_study.methods.clustering import AnomalyClustering
 
+    begun = time.perf_counter()
     folder = Path(folder)
     check_output_folder(out)  # before any image is read: a file named like it fails now, not at the end
     paths = list_images(folder, "folder")
@@ -190,7 +191,7 @@ def cluster_folder(
         },
     )
     timings = {"check_s": check_s, **description["timings"], "thumbnails_s": thumbnails_s}
-    return _write_run(out, run, timings, max_thumbnails)
+    return _write_run(out, run, timings, max_thumbnails, started=begun)
 
 
 def _thumbnails(paths: list[Path], preprocessing: dict, progress: bool) -> list[bytes]:
@@ -296,7 +297,7 @@ def regroup_run(
         description=description,
         info=info,
     )
-    return _write_run(out, run, {"regroup_s": time.perf_counter() - started}, max_thumbnails)
+    return _write_run(out, run, {"regroup_s": time.perf_counter() - started}, max_thumbnails, started=started)
 
 
 def _check_n_clusters(n_clusters: int | None) -> None:
@@ -304,9 +305,11 @@ def _check_n_clusters(n_clusters: int | None) -> None:
         raise ParameterError(f"n_clusters must be an integer >= 2 (or None: chosen without labels), got {n_clusters!r}")
 
 
-def _write_run(out: str | os.PathLike, run: ClusterRun, timings: dict[str, float], max_shown: int) -> Path:
+def _write_run(
+    out: str | os.PathLike, run: ClusterRun, timings: dict[str, float], max_shown: int, started: float
+) -> Path:
     """Write ``run``'s files into a new ``<out>/<timestamp>/`` (built hidden, renamed when
-    complete; ``config.json`` last); returns it."""
+    complete; ``config.json`` last, its ``total_s`` counted from ``started``); returns it."""
     labels = np.asarray(run.labels)
     sizes = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
     with run_dir_in_progress(out) as folder:
@@ -347,7 +350,7 @@ def _write_run(out: str | os.PathLike, run: ClusterRun, timings: dict[str, float
                     "backbone": info.get("backbone"),
                     "cluster_sizes": {str(k): v for k, v in sizes.items()},
                     **run.description,
-                    "timings": timings,
+                    "timings": {**timings, "total_s": time.perf_counter() - started},
                 }
             ),
         )

@@ -66,7 +66,8 @@ class ClusterRun:
     ``thumbnails``: n JPEG byte strings; ``description``: the method's ``describe()`` of
     this grouping; ``info``: the run's facts (``backbone``, ``preprocessing``,
     ``normal_dir``, ``n_normal_images``, ``n_listed``, ``n_distinct``, ``skipped`` {path:
-    reason}, ``from_run``: the run regrouped, or None).
+    reason}, ``from_run``: the run regrouped, or None; ``criterion_of_source``: for a regroup
+    into a given number, the criterion and scores of the run regrouped, which the page plots).
     """
 
     folder: str
