@@ -267,7 +267,7 @@ def regroup_run(
     max_clusters = settings.get("max_clusters", 10) if max_clusters is None else max_clusters
     linkage = settings.get("linkage", "ward") if linkage is None else linkage
     n = len(source.relatives)
-    distinct = len(np.unique(source.embeddings, axis=0))
+    distinct = source.info.get("n_distinct") or len(np.unique(source.embeddings, axis=0))  # as the run counted
     if n_clusters is not None and n_clusters > distinct:
         kind = "images" if distinct == n else f"distinct images ({n - distinct} of its {n} are copies of others)"
         raise ParameterError(f"n_clusters={n_clusters} is more than the {distinct} {kind} of run {run_dir}")
@@ -313,9 +313,9 @@ def _write_run(
     labels = np.asarray(run.labels)
     sizes = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
     with run_dir_in_progress(out) as folder:
-        started = time.perf_counter()
+        page_started = time.perf_counter()
         files = render_run(run, max_shown)
-        timings = {**timings, "page_s": time.perf_counter() - started}
+        timings = {**timings, "page_s": time.perf_counter() - page_started}
         distances = centre_distances(run.embeddings, labels)
         table = pd.DataFrame(
             [
