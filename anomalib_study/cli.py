@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from anomalib_study.checks import non_negative_float, positive_int
+from anomalib_study.checks import non_negative_float, odd_positive_int, positive_int
 from anomalib_study.errors import StudyError
 
 
@@ -31,7 +31,7 @@ def _parser_type(read):
 
 
 def _add_resize_mode(parser: argparse.ArgumentParser) -> None:
-    from anomalib_study.backbones import RESIZE_MODES
+    from anomalib_study.preprocessing import RESIZE_MODES  # not backbones: the parser does not import torchvision
 
     parser.add_argument(
         "--resize-mode",
@@ -52,6 +52,23 @@ def _method_options(specs) -> dict[str, list]:
             if param.type is not None:
                 options.setdefault(param.cli_flag, []).append((spec, param))
     return options
+
+
+#: readers of whole numbers: their values show as N in --help
+_WHOLE_NUMBER_READERS = (int, positive_int, odd_positive_int)
+
+
+def _metavar(param) -> str | None:
+    """The word ``--help`` shows for a method option's value: the declared one (``--n-clusters
+    K``), ``N`` for a whole number, else the flag's last word (``--tau TAU``, ``--weight-share
+    SHARE``); None where argparse lists the choices instead."""
+    if param.metavar:
+        return param.metavar
+    if param.choices:
+        return None
+    if param.type in _WHOLE_NUMBER_READERS:
+        return "N"
+    return param.cli_flag.lstrip("-").rsplit("-", 1)[-1].upper()
 
 
 def _add_method_options(parser: argparse.ArgumentParser, specs=None, skip: Sequence[str] = ()) -> None:
@@ -75,7 +92,13 @@ def _add_method_options(parser: argparse.ArgumentParser, specs=None, skip: Seque
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(
-                flag, dest=dest, type=_parser_type(first.type), default=None, choices=choices or None, help=help_text
+                flag,
+                dest=dest,
+                type=_parser_type(first.type),
+                default=None,
+                choices=choices or None,
+                metavar=None if choices else _metavar(first),
+                help=help_text,
             )
 
 
@@ -202,26 +225,67 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_method_options(p)
 
-    p = sub.add_parser("cluster", help="group the images of a folder into anomaly types (anomaly clustering)")
-    p.add_argument("folder", help="folder of images to group (e.g. a day's rejected parts)")
+    p = sub.add_parser(
+        "cluster",
+        help="group the images of a folder into anomaly types (anomaly clustering); --from RUN regroups a run",
+        description="Group the images of FOLDER into anomaly types; each run writes <out>/<timestamp>/ with "
+        "index.html (open it in a browser), clusters.csv, embeddings.npz and config.json. --from RUN groups "
+        "the images of an earlier run again from its embeddings, in seconds (e.g. with another --n-clusters).",
+    )
+    p.add_argument(
+        "folder", nargs="?", default=None, metavar="FOLDER", help="folder of images to group (e.g. a day's rejects)"
+    )
+    p.add_argument(
+        "--from",
+        dest="from_run",
+        default=None,
+        metavar="RUN",
+        help="regroup an earlier run's images from its embeddings.npz (no backbone, no image read) into a new "
+        "run folder: with --n-clusters K, into K clusters; without, the number chosen again "
+        "(--max-clusters and --linkage apply too; instead of FOLDER)",
+    )
     p.add_argument(
         "--normal-dir",
         default=None,
+        metavar="DIR",
         help="folder of normal images: semi-supervised patch scores (default: unsupervised, none needed)",
     )
-    p.add_argument("--out", default="clusters", help="runs are written to <out>/<timestamp>/ (default clusters)")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone (see `anomalib-study backbones`)")
-    p.add_argument("--weights", default=None, help="explicit weight file for the backbone")
-    p.add_argument("--image-size", type=_parser_type(positive_int), default=None)
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="runs are written to DIR/<timestamp>/ (default clusters; with --from: beside RUN)",
+    )
+    p.add_argument(
+        "--backbone",
+        default=None,
+        metavar="NAME",
+        help="backbone (default efficientnet_lite0; see `anomalib-study backbones`)",
+    )
+    p.add_argument("--weights", default=None, metavar="FILE", help="explicit weight file for the backbone")
+    p.add_argument(
+        "--image-size",
+        type=_parser_type(positive_int),
+        default=None,
+        metavar="PX",
+        help="input side in pixels (default: the backbone's)",
+    )
     _add_resize_mode(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default=None, metavar="DEVICE", help="cpu (default), cuda or cuda:N")
     p.add_argument(
         "--batch-size",
         type=_parser_type(positive_int),
         default=None,
+        metavar="N",
         help="images per forward pass (default: the method's own)",
     )
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="image-decoding worker processes (default 0)",
+    )
     p.add_argument(
         "--strict", action="store_true", help="refuse a folder holding unreadable images instead of skipping them"
     )
@@ -372,25 +436,56 @@ def _print_metrics(metrics: dict, args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'metrics.json'}")
 
 
+#: the cluster options that make the embeddings: a regroup (--from) reuses the run's
+_EMBEDDING_OPTIONS = (
+    "normal_dir",
+    "backbone",
+    "weights",
+    "image_size",
+    "resize_mode",
+    "device",
+    "batch_size",
+    "num_workers",
+)
+#: the method options a regroup takes
+_REGROUP_PARAMS = ("n_clusters", "max_clusters", "linkage")
+
+
 def _cmd_cluster(args: argparse.Namespace) -> int:
     import json
 
-    from anomalib_study.cluster import cluster_folder
+    from anomalib_study.cluster import cluster_folder, regroup_run
 
-    run_dir = cluster_folder(
-        args.folder,
-        args.out,
-        normal_dir=args.normal_dir,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        resize_mode=args.resize_mode or "crop",
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        strict=args.strict,
-        **_method_params(args),
-    )
+    params = _method_params(args)
+    if args.from_run is not None:
+        given = ["FOLDER"] if args.folder is not None else []
+        given += [f"--{name.replace('_', '-')}" for name in _EMBEDDING_OPTIONS if getattr(args, name) is not None]
+        given += [f"--{name.replace('_', '-')}" for name in params if name not in _REGROUP_PARAMS]
+        given += ["--strict"] if args.strict else []
+        if given:
+            raise StudyError(
+                f"--from regroups the embeddings of run {args.from_run} as they are: {', '.join(given)} would need "
+                "them made again; run `anomalib-study cluster FOLDER` with those options instead (--from takes "
+                "--n-clusters, --max-clusters, --linkage and --out)"
+            )
+        run_dir = regroup_run(args.from_run, args.out, **params)
+    elif args.folder is None:
+        raise StudyError("give the FOLDER of images to group, or --from RUN to regroup an earlier run")
+    else:
+        run_dir = cluster_folder(
+            args.folder,
+            args.out or "clusters",
+            normal_dir=args.normal_dir,
+            backbone=args.backbone or "efficientnet_lite0",
+            weights=args.weights,
+            image_size=args.image_size,
+            resize_mode=args.resize_mode or "crop",
+            device=args.device or "cpu",
+            batch_size=args.batch_size,
+            num_workers=args.num_workers or 0,
+            strict=args.strict,
+            **params,
+        )
     config = json.loads((Path(run_dir) / "config.json").read_text())
     sizes = ", ".join(f"{k}: {v}" for k, v in config["cluster_sizes"].items())
     print(
@@ -399,9 +494,11 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     )
     print(f"number of clusters: {config['n_clusters_rule']}")
     print(f"tau: {config['tau_rule']}")
+    if config.get("from_run"):
+        print(f"regrouped from {config['from_run']} in {config['timings']['total_s']:.1f} s (page included)")
     if config["n_skipped"]:
         print(f"{config['n_skipped']} unreadable image(s) skipped: see {Path(run_dir) / 'skipped.csv'}")
-    print(f"results in {run_dir}")
+    print(f"results in {run_dir}; open {Path(run_dir) / 'index.html'}")
     return 0
 
 

@@ -45,6 +45,8 @@ LAYERS = {
     "anomalib_study.detect_db": 7,
     "anomalib_study.overlays": 7,
     "anomalib_study.cluster": 7,
+    "anomalib_study.cluster_run": 7,
+    "anomalib_study.cluster_page": 7,
     "anomalib_study.comparison": 7,
     "anomalib_study.frontpage": 7,
     "anomalib_study.studies": 8,

@@ -196,8 +196,11 @@ def test_estimator_chooses_clusters_and_reclusters():
     assert clustering_metrics(y, labels)["f1"] > 0.9
     described = model.describe()
     assert described["tau"] == pytest.approx(model.tau_) and "label-free" in described["tau_rule"]
+    scores = described["n_clusters_scores"]  # the criterion's score per candidate (what cluster's page plots)
+    assert isinstance(described["n_clusters_criterion"], str) and described["n_clusters_criterion"]
+    assert 3 in scores and all(isinstance(k, int) and isinstance(v, float) for k, v in scores.items())
     again = model.recluster(tau=0.0, n_clusters=2)
-    assert set(again) == {0, 1} and model.tau_ == 0.0
+    assert set(again) == {0, 1} and model.tau_ == 0.0 and model.describe()["n_clusters_scores"] is None
 
 
 def test_estimator_refuses_impossible_use():

@@ -179,7 +179,9 @@ class AutoEncoder(AutoEncoderTraining, BaseDetector):
         flag="--score",
     )
     thres_ratio = Param(0.99, "share of held-out normal images the threshold keeps normal, in (0, 1]", cli=float)
-    seed = Param(0, "seed of the split, the initial weights and the shuffling", cli=int, flag="--model-seed")
+    seed = Param(
+        0, "seed of the split, the initial weights and the shuffling", cli=int, flag="--model-seed", metavar="SEED"
+    )
     precision = Param(
         "fp32", "fp32, bf16 (autocast) or auto (bf16 where the CPU/GPU has it natively)", cli=str, choices=PRECISIONS
     )

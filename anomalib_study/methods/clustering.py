@@ -142,14 +142,16 @@ class AnomalyClustering(PatchImages, BaseDetector):
         "number of clusters (None: evaluate uses as many as the protocol's classes; cluster "
         "chooses it with n_clusters_criterion over 2..max_clusters)",
         cli=positive_int,
+        metavar="K",
     )
     n_clusters_criterion = Param(
         DEFAULT_CRITERION,
         "label-free criterion that chooses the number of clusters when it is not given",
         cli=str,
         choices=tuple(CRITERIA),
+        metavar="NAME",
     )
-    max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int)
+    max_clusters = Param(10, "largest number of clusters tried when choosing it", cli=positive_int, metavar="K")
     n_references = Param(
         100, "unsupervised: reference images per image (None, or >= the images: all of them, exact)", cli=positive_int
     )
@@ -164,8 +166,12 @@ class AnomalyClustering(PatchImages, BaseDetector):
         cli=fraction_up_to_one,
     )
     projection_dim = Param(128, "semi-supervised: random projection of the greedy coreset")
-    index = Param("Flat", "faiss factory string of the semi-supervised search (Flat = exact)", cli=str)
-    seed = Param(0, "seed of the references, projection, coreset and clustering", cli=int, flag="--model-seed")
+    index = Param(
+        "Flat", "faiss factory string of the semi-supervised search (Flat = exact)", cli=str, metavar="FACTORY"
+    )
+    seed = Param(
+        0, "seed of the references, projection, coreset and clustering", cli=int, flag="--model-seed", metavar="SEED"
+    )
     batch_size = Param(16, "images per forward pass of the backbone", kind="run")
     num_workers = Param(0, "image-decoding worker processes", kind="run")
     device = Param("cpu", "cpu or cuda[:N]", kind="run")
@@ -405,10 +411,11 @@ class AnomalyClustering(PatchImages, BaseDetector):
             "tau_rule": self.tau_rule_,
             "n_clusters": int(self.n_clusters_),
             "n_clusters_rule": self.n_clusters_rule_,
+            # the criterion that chose the number of clusters, and its score per candidate (None: given)
             "n_clusters_criterion": self.n_clusters_criterion,
             "n_clusters_scores": None
             if self.n_clusters_scores_ is None
-            else {str(k): v for k, v in self.n_clusters_scores_.items()},
+            else {int(k): float(v) for k, v in self.n_clusters_scores_.items()},
             "n_images": int(self.labels_.size),
             "n_patches": int(self._Z.shape[1]),
             "feature_dim": int(self._Z.shape[2]),

@@ -76,7 +76,9 @@ class KNNDetector(BaseDetector):
         check=check_fraction,
     )
     normalize = Param(True, "L2-normalise the embeddings", cli=bool, check=check_bool)
-    index = Param("Flat", "faiss factory string of the search (Flat = exact)", cli=str, check=_factory_string)
+    index = Param(
+        "Flat", "faiss factory string of the search (Flat = exact)", cli=str, check=_factory_string, metavar="FACTORY"
+    )
     device = Param("cpu", "where the search runs (cpu; cuda[:N] with faiss-gpu)", kind="run")
 
     def _prepare(self, X, name: str, n_features: int | None = None, min_samples: int = 1) -> np.ndarray:

@@ -45,7 +45,9 @@ class Param:
     device, batch size, workers, progress; never stored with a model); ``flag``: another
     command-line flag than ``--<name-with-dashes>``; ``offered=False``: a model parameter
     that ``evaluate`` and the command line do not offer, as the method's evaluation sets it
-    itself (anomaly clustering's ``mode``: one per variant compared).
+    itself (anomaly clustering's ``mode``: one per variant compared); ``metavar``: the word
+    ``--help`` shows for the value (default: ``N`` for a whole number, else the flag's last
+    word, e.g. ``--tau TAU``; a parameter with ``choices`` shows them instead).
     """
 
     default: Any
@@ -56,6 +58,7 @@ class Param:
     kind: str = "model"
     flag: str | None = None
     offered: bool = True
+    metavar: str | None = None
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -74,7 +77,7 @@ class Param:
 
     def method_param(self) -> "MethodParam":
         """How ``evaluate``, ``detect`` and the command line offer it."""
-        return MethodParam(self.name, self.default, self.help, self.cli, self.choices, self.flag)
+        return MethodParam(self.name, self.default, self.help, self.cli, self.choices, self.flag, self.metavar)
 
 
 def _init_from_declarations(cls: type, declared: dict[str, Param]) -> None:
@@ -188,7 +191,8 @@ class MethodParam:
 
     ``type`` (``int``, ``float``, ``str``, ``bool``) is how the command line reads it
     (``bool``: ``--name`` / ``--no-name``); ``None`` keeps it off the command line (lists,
-    objects). ``flag`` overrides the command-line flag (default ``--<name-with-dashes>``).
+    objects). ``flag`` overrides the command-line flag (default ``--<name-with-dashes>``);
+    ``metavar`` the word ``--help`` shows for its value (None: the command line derives one).
     The estimator validates the value, so a bad one gets the estimator's own message.
     """
 
@@ -198,6 +202,7 @@ class MethodParam:
     type: Callable[[str], Any] | None = None
     choices: tuple | None = None
     flag: str | None = None
+    metavar: str | None = None
 
     @property
     def cli_flag(self) -> str:

@@ -175,7 +175,7 @@ class PatchCore(PatchCoreImages, BaseDetector):
         9, "b of Eq. 7: bank neighbours of the nearest patch used by the reweighting", cli=positive_int
     )
     sigma = Param(4.0, "Gaussian sigma of the anomaly maps, in pixels (paper: 4)", cli=non_negative_float)
-    index = Param("Flat", "faiss factory string of the bank search (Flat = exact)", cli=str)
+    index = Param("Flat", "faiss factory string of the bank search (Flat = exact)", cli=str, metavar="FACTORY")
     precision = Param(
         "fp32",
         "fp32, bf16 (backbone autocast; Flat search in bf16 re-ranked in fp32) or auto (bf16 "
@@ -195,7 +195,7 @@ class PatchCore(PatchCoreImages, BaseDetector):
         "share of training images held out of the bank to set the threshold (0 = none, the paper's setting)",
         cli=float,
     )
-    seed = Param(0, "seed of the coreset and of the held-out choice", cli=int, flag="--model-seed")
+    seed = Param(0, "seed of the coreset and of the held-out choice", cli=int, flag="--model-seed", metavar="SEED")
     batch_size = Param(8, "images per forward pass of the backbone", kind="run")
     num_workers = Param(0, "image-decoding worker processes", kind="run")
     device = Param("cpu", "cpu or cuda[:N]: backbone, patch features, coreset, maps", kind="run")
