@@ -27,16 +27,15 @@ CLUSTERING_PROTOCOLS = {
 }
 
 
-def _criteria(variant: dict, classes: np.ndarray, params: dict) -> dict | None:
-    """Every label-free criterion's number of clusters for one variant's image embeddings, and
-    the NMI / ARI / F1 of the clustering at that number (the labels score the choices; they
-    never make them). None where the variant has no embeddings or too few images."""
+def _criteria(X, classes: np.ndarray, params: dict) -> dict | None:
+    """Every label-free criterion's number of clusters for image embeddings ``X``, and the NMI
+    / ARI / F1 of the clustering at that number (the labels score the choices; they never
+    make them). None where there are too few images or fewer than two classes."""
     from anomalib_study.methods.clustering_steps import cluster_embeddings
     from anomalib_study.methods.n_clusters import DEFAULT_CRITERION, candidates_for, criteria_table
     from anomalib_study.metrics import clustering_metrics
 
-    X = variant.get("embeddings")
-    if X is None or len(X) < 4:
+    if X is None or len(X) < 4 or np.unique(classes).size < 2:
         return None
     linkage, seed = params.get("linkage", "ward"), int(params.get("seed", 0) or 0)
     table = criteria_table(X, candidates_for(len(X), params.get("max_clusters") or 10), linkage=linkage, seed=seed)
@@ -45,11 +44,25 @@ def _criteria(variant: dict, classes: np.ndarray, params: dict) -> dict | None:
         found = clustering_metrics(classes, cluster_embeddings(X, k, linkage, seed))
         scored[k] = {key: found[key] for key in ("nmi", "ari", "f1")}
     return {
+        "true": int(np.unique(classes).size),
         "default": params.get("n_clusters_criterion") or DEFAULT_CRITERION,
         "chosen": {name: entry["chosen"] for name, entry in table.items()},
         "scores_at_chosen": {name: scored[entry["chosen"]] for name, entry in table.items()},
         "curves": {name: {str(k): v for k, v in entry["scores"].items()} for name, entry in table.items()},
     }
+
+
+def _criteria_by_protocol(
+    variant: dict, classes: np.ndarray, anomalous: np.ndarray, protocol: str, params: dict
+) -> dict:
+    """:func:`_criteria` on the protocol's images and, where it keeps normal images, on the
+    anomalous ones alone (the same embeddings, the normal test images left out): the number of
+    defect types a person grouping a folder of rejected parts would want."""
+    X = variant.get("embeddings")
+    found = {protocol: _criteria(X, classes, params)}
+    if X is not None and protocol != "anomalous_only" and not anomalous.all():
+        found["anomalous_only"] = _criteria(np.asarray(X)[anomalous], classes[anomalous], params)
+    return found
 
 
 def evaluate_clustering(
@@ -73,6 +86,7 @@ def evaluate_clustering(
     if protocol == "anomalous_only":
         records = [r for r in records if r.label == 1]
     classes = np.array([r.defect_type for r in records])
+    anomalous = np.array([r.label == 1 for r in records], dtype=bool)
     n_classes = int(np.unique(classes).size) if len(records) else 0
     if n_classes < 2:
         raise StudyError(
@@ -135,7 +149,7 @@ def evaluate_clustering(
                 "never our result",
             },
             "confusion": {"clusters": [int(c) for c in clusters], "classes": kinds, "counts": contingency},
-            "n_clusters_criteria": _criteria(variant, classes, params),
+            "n_clusters_criteria": _criteria_by_protocol(variant, classes, anomalous, protocol, params),
         }
         for key in ("nmi", "ari", "f1"):
             result[f"{key}_{name}"] = scores[key]
@@ -143,14 +157,14 @@ def evaluate_clustering(
             row[f"cluster_{name}"] = int(label)
         if return_maps:
             in_memory[name] = {k: variant.get(k) for k in ("labels", "weights", "embeddings", "patch_scores")}
-    first = next(iter(result["modes"].values()))["n_clusters_criteria"]
+    first_mode = next(iter(result["modes"]))
+    first = result["modes"][first_mode]["n_clusters_criteria"][protocol]
     if first is not None:  # the first mode's choice (unsupervised where it runs), every criterion beside it
         result["n_clusters_chosen"] = first["chosen"][first["default"]]
         result["n_clusters_criteria"] = {
-            "mode": next(iter(result["modes"])),
-            "true": n_classes,
-            "default": first["default"],
-            "chosen": first["chosen"],
+            "mode": first_mode,
+            "protocol": protocol,
+            **{key: first[key] for key in ("true", "default", "chosen")},
         }
     result["per_image"] = per_image
     result["timings"] = timings
