@@ -66,9 +66,8 @@ def resolution(runs: pd.DataFrame) -> Ablation | None:
                     "image AUROC": best.image_auroc,
                 }
             )
-            curves.append(
-                {"panel": first.data_set, "line": f"{first.backbone_label} {mode}", "x": size, "y": best.image_auroc}
-            )
+            name = f"{first.backbone_label} · {mode}" + (f", {first.params_setting}" if first.params_setting else "")
+            curves.append({"panel": first.data_set, "line": name, "x": size, "y": best.image_auroc})
     if not rows:
         return None
     long = pd.DataFrame(rows)

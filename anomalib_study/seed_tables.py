@@ -125,7 +125,7 @@ def dn2_seed_table(runs: pd.DataFrame) -> SeedTable:
             first = group.iloc[0]
             k = sorted({m.get("k_used") for m in group["metrics"]} - {None})
             ratio = first.metrics["params"]["thres_ratio"]
-            source = f"{THIS_STUDY}: {backbone}, k = {'/'.join(map(str, k))}, ratio {ratio:g}"
+            source = f"{THIS_STUDY}: {backbone} (k {'/'.join(map(str, k))}, ratio {ratio:g})"
             source += "".join(sorted({_mark(run) for run in group.itertuples()}))
             for key in _REPORT_ROWS:
                 entry = report.get(key)
@@ -139,8 +139,8 @@ def dn2_seed_table(runs: pd.DataFrame) -> SeedTable:
                 rows.append({"source": source, "class": key, **cells})
         rows.append(
             {
-                "source": f"published (DN2 seed): {setting['backbone']}, k = {setting['k']}, "
-                f"ratio {setting['thres_ratio']:g}",
+                "source": f"published (DN2 seed): {setting['backbone']} (k {setting['k']}, "
+                f"ratio {setting['thres_ratio']:g})",
                 "class": "accuracy",
                 "precision": None,
                 "recall": None,
@@ -250,8 +250,8 @@ def patchcore_seed_table(runs: pd.DataFrame) -> SeedTable:
 def _loss_label(loss: str, ssim_weight: Any = None) -> str:
     if loss == "mse":
         return "MSE"
-    weight = f", a = {ssim_weight:g}" if isinstance(ssim_weight, (int, float)) else ""
-    return f"MSE + SSIM ((1 - a) MSE + a (1 - SSIM){weight})" if loss == "mse_ssim" else loss
+    weight = f" (a = {ssim_weight:g})" if isinstance(ssim_weight, (int, float)) else ""
+    return f"MSE + SSIM{weight}" if loss == "mse_ssim" else loss
 
 
 def autoencoder_seed_table(runs: pd.DataFrame) -> SeedTable:
@@ -285,24 +285,24 @@ def autoencoder_seed_table(runs: pd.DataFrame) -> SeedTable:
             row = {
                 "model": family,
                 "source": THIS_STUDY,
-                "encoder": "none (from scratch)" if backbone == findings.NO_BACKBONE else backbone,
+                "encoder": "from scratch" if backbone == findings.NO_BACKBONE else backbone,
                 "loss": loss,
             }
             row.update({name: same.loc[same["data_set"] == name, "auroc"].max() for name in ours})
             row.update({name: None for name in categories})
             seconds = same["train_s"].dropna()
             times = dict.fromkeys(findings.seconds_text(t) for t in (seconds.min(), seconds.max()))
-            row["training"] = " - ".join(times) + " on a CPU" if len(seconds) else "-"
+            row["training"] = " - ".join(times) + ", CPU" if len(seconds) else "-"
             rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
         for name, published_loss, figures in published.AUTOENCODER:
             if published.AUTOENCODER_MODELS.get(name) != model:
                 continue
-            encoder = published.AUTOENCODER_SETTING["resnet_encoder"] if name == "ResNet" else "none (from scratch)"
+            encoder = published.AUTOENCODER_SETTING["resnet_encoder"] if name == "ResNet" else "from scratch"
             rows.append(
                 {
                     "model": family,
                     "source": "published (seed work)",
-                    "encoder": f"{name}: {encoder}",
+                    "encoder": f"{name} ({encoder})",
                     "loss": published_loss,
                     **{n: None for n in ours},
                     **{c: figures.get(c) for c in categories},
@@ -315,7 +315,7 @@ def autoencoder_seed_table(runs: pd.DataFrame) -> SeedTable:
     notes += [
         "The seed trained on MVTec AD hazelnut and zipper, which are not here: its ranges and our figures are "
         "on different data and cannot be compared cell for cell.",
-        "The seed's SSIM loss stands beside our mixed loss (1 - a) MSE + a (1 - SSIM); its ResNet encoder is "
+        "The seed's SSIM loss stands beside our mixed loss, (1 - a) MSE + a (1 - SSIM); its ResNet encoder is "
         "ResNet-18 (ImageNet weights not available here), ours the EfficientNet-Lite0 encoder.",
         "The MSE rows of ours come from the loss ablation, run on the data sets it lists only.",
     ]
