@@ -56,6 +56,7 @@ HEADLINE_COLUMNS = (
     "data_set",
     "synthetic",
     "family",
+    "family_order",
     "image_auroc",
     "setting",
     "pixel_auroc",
@@ -211,7 +212,7 @@ def data_sets(runs: pd.DataFrame) -> list[str]:
 
 
 def families(runs: pd.DataFrame) -> list[str]:
-    """The families of ``runs`` in registry order."""
+    """The families of ``runs`` (or of a headline table) in registry order."""
     return list(dict.fromkeys(runs.sort_values("family_order", kind="stable")["family"]))
 
 
@@ -274,8 +275,7 @@ def headline_text(headline: pd.DataFrame) -> pd.DataFrame:
             text += f" [{row.status}]"
         name = row.data_set + (" (synthetic)" if row.synthetic else "")
         cells.setdefault(name, {})[row.family] = text
-    order = list(dict.fromkeys(headline["family"]))
-    table = pd.DataFrame.from_dict(cells, orient="index").reindex(columns=order).fillna("-")
+    table = pd.DataFrame.from_dict(cells, orient="index").reindex(columns=families(headline)).fillna("-")
     table.index.name = "data set"
     return table
 

@@ -38,7 +38,7 @@ table.glance { font-size: 0.9em; width: 100%; table-layout: fixed; }
 table.glance th:first-child { width: 13%; }
 table.glance .auroc { font-size: 1.3em; font-weight: 650; }
 table.glance td.best .auroc { color: #0a6b2a; }
-.sub { color: #555; font-size: 0.86em; }
+.sub { color: #555; font-size: 0.86em; } .sub .part { white-space: nowrap; }
 .mark { color: #8a5a00; font-size: 0.8em; font-weight: 600; }
 .grid { display: flex; flex-wrap: wrap; gap: 0 1.4em; align-items: flex-start; }
 .grid table { font-size: 0.8em; } .grid th, .grid td { padding: 0.15em 0.35em; } .grid th { white-space: nowrap; }
@@ -188,7 +188,8 @@ def _glance_cell(row: Any, best: bool, link_prefix: str) -> str:
     auroc = f"<span class='auroc'>{row.image_auroc:.3f}</span>"
     if link_prefix is not None:
         auroc = f"<a href='{_esc(link_prefix)}{_esc(row.notebook)}/{_esc(row.cell)}.html'>{auroc}</a>"
-    lines = [auroc + mark, f"<div class='sub'>{_esc(row.setting)}</div>"]
+    setting = " · ".join(f"<span class='part'>{_esc(part)}</span>" for part in row.setting.split(" · "))
+    lines = [auroc + mark, f"<div class='sub'>{setting}</div>"]
     if not (math.isnan(row.pixel_auroc) and math.isnan(row.pro)):
         lines.append(f"<div class='sub'>pixel AUROC {format_cell(row.pixel_auroc)} · PRO {format_cell(row.pro)}</div>")
     cost = f"fit {findings.seconds_text(row.fit_s)} · {findings.speed_text(row.predict_images_per_s)}"
@@ -203,7 +204,7 @@ def glance_html(headline: pd.DataFrame, runs: pd.DataFrame, link_prefix: str | N
     best image AUROC with its setting, pixel AUROC / PRO and cost; the row's best in green."""
     if not len(headline):
         return []
-    order = list(dict.fromkeys(headline["family"]))
+    order = findings.families(headline)
     parts = [
         "<h2 id='glance'>Detection at a glance</h2>",
         "<p>Per data set and method family: the best image AUROC of the reports run (the setting that gave "
@@ -222,7 +223,8 @@ def glance_html(headline: pd.DataFrame, runs: pd.DataFrame, link_prefix: str | N
         about.append("masks" if first.has_masks else "no masks")
         if first.synthetic:
             about.insert(0, "synthetic (generated), not DAGM")
-        cells = [f"<td><b>{_esc(data_set)}</b><div class='sub'>{_esc(' · '.join(about))}</div></td>"]
+        name = _esc(data_set).replace("/", "/<wbr>")
+        cells = [f"<td><b>{name}</b><div class='sub'>{_esc(' · '.join(about))}</div></td>"]
         top = group["image_auroc"].max()
         for family in order:
             rows = list(group[group["family"] == family].itertuples())
