@@ -207,13 +207,11 @@ def glance_html(headline: pd.DataFrame, runs: pd.DataFrame, link_prefix: str | N
     order = findings.families(headline)
     parts = [
         "<h2 id='glance'>Detection at a glance</h2>",
-        "<p>Per data set and method family: the best image AUROC of the reports run (the setting that gave "
-        "it: backbone, input side and resize mode, and the parameters the family's reports differ in), its "
-        "pixel AUROC and PRO where the data set has masks, and its cost on this machine's CPU: seconds to fit "
-        "(training features included) and test images scored per second. Chosen on the test set among "
-        "the settings run (their count). A status after a figure: the report's code or notebook changed "
-        "since it ran (stale), or its last run failed (its last good run's figure). kNN's speed may come "
-        "from cached embeddings. The figure links to its report.</p>",
+        "<p>Per data set and method family: the best image AUROC among the reports run (how many: <i>best "
+        "of n</i>, chosen on the test set), the setting that gave it (read from the report's metrics), its pixel "
+        "AUROC and PRO where the data set has masks, and its cost on this machine's CPU (fit time with the "
+        "training features; test images scored per second; kNN may read cached embeddings). <i>stale</i>: the "
+        "report's code changed since it ran. Each figure links to its report; the best of a row is green.</p>",
         "<table class='glance'><tr><th>data set</th>" + "".join(f"<th>{_esc(f)}</th>" for f in order) + "</tr>",
     ]
     for data_set, group in headline.groupby("data_set", sort=False):
