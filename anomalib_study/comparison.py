@@ -402,12 +402,15 @@ def detection_table(reports: pd.DataFrame) -> pd.DataFrame:
 
 def auroc_matrix(reports: pd.DataFrame, value: str = "image_auroc") -> pd.DataFrame:
     """``value`` (default image AUROC) of each detection report as a matrix: one row per
-    method and backbone / variant (:func:`method_label`), one column per data set."""
+    method and backbone / variant (:func:`method_label`), one column per data set (the one
+    its metrics name, ``data``; the study's data set key where a report names none)."""
     table = reports[(reports["task"] == "detection") & reports[value].notna()].copy()
     if not len(table):
         return pd.DataFrame(dtype=float)
     table = table.assign(
-        _order=_method_order(table), row=[method_label(m, c) for m, c in zip(table["method"], table["config"])]
+        _order=_method_order(table),
+        row=[method_label(m, c) for m, c in zip(table["method"], table["config"])],
+        dataset=[data or key for data, key in zip(table["data"], table["dataset"])],
     )
     rows = list(dict.fromkeys(table.sort_values(["_order", "config"])["row"]))
     matrix = table.pivot_table(index="row", columns="dataset", values=value, aggfunc="first")
@@ -567,7 +570,7 @@ def published_table(reports: pd.DataFrame, method: str | None = None) -> pd.Data
     every method), the rows of its comparison in :mod:`anomalib_study.published` (this run
     first, then the published figures nearest to it, each saying what differs).
 
-    Columns: ``method`` (label), ``dataset``, ``config``, ``kind`` (``"this run"`` or
+    Columns: ``method`` (label), ``dataset`` (the data set its metrics name), ``config``, ``kind`` (``"this run"`` or
     ``"published"``), then the comparison's own columns (``source``, ``data``, the figures,
     ``what differs``). A report whose metrics file is not of the current layout
     (:mod:`anomalib_study.schema`) is left out: the reports table names it.
@@ -586,7 +589,7 @@ def published_table(reports: pd.DataFrame, method: str | None = None) -> pd.Data
         kind = ["this run" if s == "this run" else "published" for s in frame.get("source", ["published"] * len(frame))]
         frame.insert(0, "kind", kind)
         frame.insert(0, "config", report.config)
-        frame.insert(0, "dataset", report.dataset)
+        frame.insert(0, "dataset", report.data or report.dataset)
         frame.insert(0, "method", METHOD_LABELS.get(report.method, report.method))
         frames.append(frame)
     if not frames:

@@ -1,58 +1,41 @@
-"""The front page ``reports/index.html``: what the study is, the comparison, every report.
+"""The front page ``reports/index.html``: what the study found, then every report.
 
-Numbers come from the metrics files through :mod:`anomalib_study.comparison` (never from a
-rendered notebook); the two plots are small PNGs embedded in the page. The page is
-deterministic: the same files give the same bytes.
+It opens with the findings (:mod:`anomalib_study.findings_html`: the findings in a few
+sentences, detection at a glance, each seed work's table beside its published figures, the
+plots, the ablations), then lists every report, one collapsed section per notebook. Numbers
+come from the metrics files through :mod:`anomalib_study.comparison` (never from a rendered
+notebook); the plots are PNGs embedded in the page, nothing is loaded from the network. The
+page is deterministic: the same files give the same bytes.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io as _io
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
 
-from anomalib_study import comparison, io
+from anomalib_study import comparison, findings, findings_html, io
 
 COMPARISON_NOTEBOOK = "05_comparison"
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 80em; }
-table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f0f0f0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.failed td { background: #fde8e8; }
-tr.stale td { background: #fff6dc; }
-tr.skipped td { color: #777; }
-.note { color: #8a5a00; }
-.error { color: #a00; font-family: monospace; font-size: 0.9em; }
-img { max-width: 100%; margin: 0.5em 1em 1em 0; vertical-align: top; }
-"""
 _STUDY = (
     "This study compares image anomaly detection methods on industrial inspection images, on a CPU: "
     "deep nearest-neighbour detection (DN2: the mean distance of an image's embedding to its k nearest "
     "normal embeddings), PatchCore (a coreset memory bank of patch features, with anomaly maps), "
     "reconstruction autoencoders (convolutional from scratch, or with a pretrained encoder) and anomaly "
     "clustering (grouping the anomalous images into defect types). Each numbered notebook runs once per "
-    "data set and backbone (or variant) from a study file; every figure on this page is read from the "
-    "metrics files those runs wrote, and the comparison notebook sets them beside the published figures "
-    "of each seed work, saying what differs."
+    "data set and setting from a study file; every figure on this page is read from the metrics files "
+    "those runs wrote, and each seed work's own table is reproduced beside its published figures."
 )
-_DISPLAY = (
-    "dataset",
-    "method",
-    "config",
-    "image_auroc",
-    "pixel_auroc",
-    "pro",
-    "accuracy",
-    "fit_s",
-    "predict_images_per_s",
-    "status",
+_NAV = (
+    ("found", "what the study found"),
+    ("glance", "detection at a glance"),
+    ("seed", "the seed works' tables"),
+    ("plots", "methods x data sets"),
+    ("ablations", "ablations"),
+    ("reports", "every report"),
 )
 
 
@@ -65,11 +48,12 @@ def write_index(
 ) -> Path:
     """Write ``reports_dir/index.html`` and return its path.
 
-    The page: a paragraph on the study; the comparison (the detection table, the heatmap
-    of image AUROC per method x data set, image AUROC against images/s, the clustering
-    NMI per mode); then every report under ``reports_dir/*/``, grouped by notebook and
-    data set, with its headline figures, status (ok / stale / failed with its error /
-    skipped), links; then the ``reports_dir/benchmarks/*.json`` files.
+    The page opens with what the study found (:mod:`anomalib_study.findings_html`: the findings
+    in a few sentences, detection at a glance, each seed work's table beside its published
+    figures, the method x data set heatmap and AUROC against speed, the ablations); then every
+    report under ``reports_dir/*/``, one collapsed section per notebook (its status counts in one
+    line at the top), grouped by data set, with its headline figures, status (ok / stale / failed
+    with its error / skipped) and links; then the ``reports_dir/benchmarks/*.json`` files.
 
     Args:
         skipped: ``(notebook stem, cell name) -> reason`` of cells skipped by the last run.
@@ -82,20 +66,31 @@ def write_index(
     found = {(r.notebook, r.cell): r for r in comparison.read_reports(reports)}
     parts = [
         "<!DOCTYPE html>",
-        "<html><head><meta charset='utf-8'><title>anomalib_study reports</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>anomalib_study reports</h1>",
+        "<html lang='en'><head><meta charset='utf-8'><title>anomalib_study: what the study found</title>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<style>{findings_html.CSS}</style></head><body>",
+        "<h1>Image anomaly detection on industrial images: what the study found</h1>",
         f"<p>{html.escape(_STUDY)}</p>",
     ]
     if not len(table) and not skipped:
         parts.append("<p>No reports yet: run <code>anomalib-study run studies/default.yaml</code>.</p>")
     else:
+        method_reports = table[table["task"] != ""] if len(table) else table
+        found_parts = findings_html.findings_parts(method_reports) if len(method_reports) else []
+        shown = {anchor for anchor, _ in _NAV if f"id='{anchor}'" in "".join(found_parts)} | {"reports"}
+        parts.append(
+            "<nav>"
+            + "".join(f"<a href='#{a}'>{html.escape(label)}</a>" for a, label in _NAV if a in shown)
+            + _comparison_link(reports)
+            + "</nav>"
+        )
+        parts += found_parts
+        parts.append("<h2 id='reports'>Every report</h2>")
         parts.append(_status_line(table))
-        parts += _comparison_section(reports, table)
         parts += _reports_section(reports, table, found, dict(skipped or {}))
     benchmarks = sorted((reports / "benchmarks").glob("*.json")) if (reports / "benchmarks").is_dir() else []
     if benchmarks:
-        parts.append("<h2>benchmarks</h2><ul>")
+        parts.append("<h2 id='benchmarks'>Benchmarks</h2><ul>")
         parts += [f"<li><a href='benchmarks/{html.escape(p.name)}'>{html.escape(p.name)}</a></li>" for p in benchmarks]
         parts.append("</ul>")
     parts.append("</body></html>\n")
@@ -105,122 +100,71 @@ def write_index(
     return index
 
 
+def _comparison_link(reports: Path) -> str:
+    folder = reports / COMPARISON_NOTEBOOK
+    full = sorted(p for p in folder.glob("*.html") if not p.name.endswith(".failed.html")) if folder.is_dir() else []
+    if not full:
+        return ""
+    return f"<a href='{COMPARISON_NOTEBOOK}/{html.escape(full[0].name)}'>the comparison report (more detail)</a>"
+
+
 def _status_line(table: pd.DataFrame) -> str:
+    """``"95 reports: 67 ok, 28 stale; the freshness of 46 is unknown (...)"``, in one line."""
+    if not len(table):
+        return ""
     counts = comparison.status_counts(table)
-    text = f"{len(table)} report(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()) if len(table) else ""
-    unknown = int(((table["freshness"] == "unknown") & table["metrics"].notna()).sum()) if len(table) else 0
+    text = f"{len(table)} report(s): " + ", ".join(f"{n} {s}" for s, n in counts.items())
+    unknown = int(((table["freshness"] == "unknown") & table["metrics"].notna()).sum())
     if unknown:
         text += (
-            f". {unknown} of them ran before the runner recorded their notebook and sources hashes: "
-            "whether those are stale is unknown"
+            f"; the freshness of {unknown} is unknown (they ran before the runner recorded their notebook "
+            "and sources hashes)"
         )
-    return f"<p>{html.escape(text)}.</p>" if text else ""
-
-
-def _comparison_section(reports: Path, table: pd.DataFrame) -> list[str]:
-    detection = comparison.detection_table(table) if len(table) else pd.DataFrame()
-    clustering = comparison.clustering_table(table) if len(table) else pd.DataFrame()
-    if not len(detection) and not len(clustering):
-        return []
-    parts = ["<h2>comparison</h2>"]
-    full = sorted((reports / COMPARISON_NOTEBOOK).glob("*.html")) if (reports / COMPARISON_NOTEBOOK).is_dir() else []
-    full = [p for p in full if not p.name.endswith(".failed.html")]
-    if full:
-        parts.append(
-            f"<p>With the published figures beside ours and what differs: "
-            f"<a href='{COMPARISON_NOTEBOOK}/{html.escape(full[0].name)}'>the comparison report</a>.</p>"
-        )
-    if len(detection):
-        parts.append(
-            "<p>Detection: image AUROC, pixel AUROC, PRO and accuracy at each method's calibrated "
-            "threshold; fit time includes extracting the training features, speed the test images "
-            "scored per second with their extraction (kNN embeddings may come from the feature cache, "
-            "which makes kNN look faster than it is on new images).</p>"
-        )
-        shown = detection[list(_DISPLAY)].rename(columns=comparison.LABELS)
-        parts.append(_html_table(shown))
-        matrix = comparison.auroc_matrix(table)
-        if len(matrix):
-            parts.append(_figure_img(_heatmap(matrix), "image AUROC per method and data set"))
-        speed = comparison.speed_table(table)
-        if len(speed):
-            parts.append(_figure_img(_scatter(speed), "image AUROC against test images per second"))
-    if len(clustering) and clustering["nmi"].notna().any():
-        parts.append(
-            "<p>Anomaly clustering: NMI against the true defect types per mode "
-            "(tau chosen without labels; the clustering reports give ARI, F1 and the tau curve).</p>"
-        )
-        nmi = clustering.pivot_table(index=["dataset", "config"], columns="mode", values="nmi", aggfunc="first")
-        nmi.columns.name = None  # the modes are the columns; no empty "mode" column on the page
-        nmi = nmi.reset_index().rename(columns={"dataset": "data set", "config": "backbone"})
-        parts.append(_html_table(nmi))
-    return parts
-
-
-def _heatmap(matrix: pd.DataFrame):
-    from anomalib_study import plots
-
-    return plots.plot_auroc_heatmap(matrix.to_numpy(), list(matrix.index), list(matrix.columns))
-
-
-def _scatter(speed: pd.DataFrame):
-    from anomalib_study import plots
-
-    return plots.plot_auroc_vs_speed(
-        speed["image_auroc"], speed["predict_images_per_s"], speed["method"], speed["config"]
+    return (
+        f"<p>{html.escape(text)}. Stale: the report's notebook or the package code it ran changed since; "
+        "its figures are those of its last run. Each notebook's reports below are grouped by data set "
+        "(click to open).</p>"
     )
 
 
-_DECIMALS = {comparison.LABELS["fit_s"]: 1, comparison.LABELS["predict_images_per_s"]: 2}
-
-
-def _html_table(frame: pd.DataFrame) -> str:
-    """pandas' HTML table: scores to 3 decimals, seconds to 1, images/s to 2, "-" for none."""
-    formatters = {
-        column: (lambda v, d=decimals: "-" if pd.isna(v) else f"{v:.{d}f}")
-        for column, decimals in _DECIMALS.items()
-        if column in frame.columns
-    }
-    return frame.to_html(
-        index=False, na_rep="-", float_format=lambda v: f"{v:.3f}", formatters=formatters, border=0, escape=True
-    )
-
-
-def _figure_img(fig, alt: str) -> str:
-    """The figure as an embedded PNG (85 dpi, no software stamp: the same figure, the same bytes)."""
-    import matplotlib.pyplot as plt
-
-    buffer = _io.BytesIO()
-    fig.savefig(
-        buffer,
-        format="png",
-        dpi=85,
-        facecolor="white",
-        bbox_inches="tight",
-        pad_inches=0.05,
-        metadata={"Software": None},
-    )
-    plt.close(fig)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+def _data_names(table: pd.DataFrame) -> dict[str, str]:
+    """Each study's data set key -> the data set its reports' metrics name (a cell that never
+    succeeded takes the name its key's other reports give)."""
+    names: dict[str, str] = {}
+    for row in table.itertuples():
+        if row.data and row.dataset not in names:
+            names[row.dataset] = row.data
+    return names
 
 
 def _reports_section(reports: Path, table: pd.DataFrame, found: dict, skipped: dict[tuple[str, str], str]) -> list[str]:
     esc = html.escape
     rows = {(r.notebook, r.cell): r for r in table.itertuples()}
+    names = _data_names(table)
+    settings = {}
+    if len(table):
+        runs = findings.annotate(table)
+        settings = {(r.notebook, r.cell): r.setting for r in runs.itertuples()}
     folders = sorted({folder for folder, _ in rows} | {folder for folder, _ in skipped})
     parts = []
     for folder in folders:
+
+        def data_set(cell: str, folder: str = folder) -> str:
+            row = rows.get((folder, cell))
+            if row is None:
+                return cell
+            return str(row.data or names.get(row.dataset) or row.dataset)
+
         cells = sorted(
             {cell for f, cell in rows if f == folder} | {cell for f, cell in skipped if f == folder},
-            key=lambda cell: (str(rows[(folder, cell)].dataset) if (folder, cell) in rows else cell, cell),
+            key=lambda cell: (data_set(cell), cell),
         )
-        runs = [found[(folder, c)].run for c in cells if (folder, c) in found]
-        titles = sorted({r.get("title") for r in runs if r.get("title")})
+        runs_here = [found[(folder, c)].run for c in cells if (folder, c) in found]
+        titles = sorted({r.get("title") for r in runs_here if r.get("title")})
         headline: list[str] = []
-        for run in runs:
+        for run in runs_here:
             headline += [k for k in run.get("headline", []) if k not in headline]
-        with_variant = [bool(r.get("variant")) for r in runs]
+        with_variant = [bool(r.get("variant")) for r in runs_here]
         column = (
             "variant"
             if with_variant and all(with_variant)
@@ -228,16 +172,22 @@ def _reports_section(reports: Path, table: pd.DataFrame, found: dict, skipped: d
             if any(with_variant)
             else "backbone"
         )
-        parts.append(f"<h2>{esc(folder)}</h2>")
-        if titles:
-            parts.append(f"<p>{esc(' / '.join(titles))}</p>")
+        has_setting = any((folder, c) in settings for c in cells)
+        statuses = [rows[(folder, c)].status if (folder, c) in rows else "skipped" for c in cells]
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in ("ok", "stale", "failed", "skipped") if s in statuses)
         parts.append(
-            f"<table><tr><th>dataset</th><th>{column}</th>"
+            f"<details id='{esc(folder)}'><summary><span class='folder'>{esc(folder)}</span>"
+            + (f": {esc(' / '.join(titles))}" if titles else "")
+            + f" <span class='sub'>({len(cells)} report(s): {esc(counts)})</span></summary>"
+        )
+        parts.append(
+            f"<table><tr><th>data set</th><th>{column}</th>"
+            + ("<th>setting (from its metrics)</th>" if has_setting else "")
             + "".join(f"<th>{esc(k)}</th>" for k in headline)
             + "<th>status</th><th>duration (s)</th><th>report</th><th>note</th></tr>"
         )
-        datasets = [str(rows[(folder, c)].dataset) if (folder, c) in rows else c for c in cells]
-        for i, cell in enumerate(cells):  # sorted by dataset: a dataset's name spans its cells
+        datasets = [data_set(c) for c in cells]
+        for i, cell in enumerate(cells):  # sorted by data set: a data set's name spans its cells
             dataset_cell = ""
             if i == 0 or datasets[i] != datasets[i - 1]:
                 span = 1
@@ -246,6 +196,7 @@ def _reports_section(reports: Path, table: pd.DataFrame, found: dict, skipped: d
                 dataset_cell = (
                     f"<td rowspan='{span}'>{esc(datasets[i])}</td>" if span > 1 else f"<td>{esc(datasets[i])}</td>"
                 )
+            setting = f"<td>{esc(settings.get((folder, cell), ''))}</td>" if has_setting else ""
             parts.append(
                 _report_row(
                     folder,
@@ -255,9 +206,10 @@ def _reports_section(reports: Path, table: pd.DataFrame, found: dict, skipped: d
                     skipped.get((folder, cell)),
                     headline,
                     dataset_cell,
+                    setting,
                 )
             )
-        parts.append("</table>")
+        parts.append("</table></details>")
     return parts
 
 
@@ -269,6 +221,7 @@ def _report_row(
     skipped: str | None,
     headline: list[str],
     dataset_cell: str,
+    setting: str = "",
 ) -> str:
     esc = html.escape
     metrics = (report.metrics if report is not None else None) or {}
@@ -290,7 +243,7 @@ def _report_row(
     duration = run.get("duration_s")
     column = run.get("variant") or run.get("backbone", "")
     return (
-        f"<tr class='{esc(status)}'>{dataset_cell}<td>{esc(str(column))}</td>"
+        f"<tr class='{esc(status)}'>{dataset_cell}<td>{esc(str(column))}</td>{setting}"
         + "".join(f"<td class='num'>{esc(format_value(metrics.get(k)))}</td>" for k in headline)
         + f"<td>{esc(status)}</td>"
         f"<td class='num'>{'' if not isinstance(duration, (int, float)) else f'{float(duration):.1f}'}</td>"

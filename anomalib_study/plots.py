@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from anomalib_study.data.decode import load_image
+from anomalib_study.study_plots import plot_auroc_heatmap as plot_auroc_heatmap  # the study's figures, moved
+from anomalib_study.study_plots import plot_auroc_vs_speed as plot_auroc_vs_speed
 
 _FIGSIZE = (5.0, 3.6)
 
@@ -516,88 +518,3 @@ def plot_weight_maps(
 
 
 # ------------------------------------------------------------------------------ comparison across reports
-def plot_auroc_heatmap(
-    values, methods: Sequence[str], datasets: Sequence[str], title: str | None = None, label: str = "image AUROC"
-) -> Figure:
-    """Heatmap of one figure per method x data set, the value written in each cell.
-
-    Args:
-        values: (n_methods, n_datasets) scores in [0, 1] (image AUROC), NaN where a method
-            has no report on a data set (left blank). Colours run from 0.5 (chance) to 1;
-            lower values take the colour of 0.5 and keep their number.
-        methods: the row labels (a method and its backbone or variant).
-        datasets: the column labels.
-    """
-    import seaborn as sns
-
-    values = np.asarray(values, dtype=float).reshape(len(methods), len(datasets))
-    width = min(12.0, 2.6 + 0.85 * len(datasets))
-    height = min(8.0, 1.3 + 0.36 * len(methods))
-    fig, ax = plt.subplots(figsize=(width, height))
-    sns.heatmap(
-        values,
-        mask=np.isnan(values),
-        annot=True,
-        fmt=".3f",
-        vmin=0.5,
-        vmax=1.0,
-        cmap="viridis",
-        linewidths=0.5,
-        linecolor="white",
-        xticklabels=list(datasets),
-        yticklabels=list(methods),
-        annot_kws={"fontsize": 7},
-        cbar_kws={"label": label, "shrink": 0.8},
-        ax=ax,
-    )
-    ax.set(xlabel="data set", ylabel="method · backbone / variant")
-    ax.tick_params(labelsize=7)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    plt.setp(ax.get_yticklabels(), rotation=0)
-    ax.set_title(title or f"{label} per method and data set", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def plot_auroc_vs_speed(
-    auroc, images_per_s, methods: Sequence[str], configs: Sequence[str], title: str | None = None
-) -> Figure:
-    """Image AUROC against prediction speed, one point per report: colour = method,
-    marker = backbone / variant, speed on a log axis.
-
-    Args:
-        auroc: (n,) image AUROC of each report.
-        images_per_s: (n,) test images scored per second (feature extraction included), > 0.
-        methods, configs: (n,) the method and the backbone / variant of each point.
-    """
-    import seaborn as sns
-
-    auroc = np.asarray(auroc, dtype=float)
-    images_per_s = np.asarray(images_per_s, dtype=float)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    if len(auroc):
-        points = {
-            "images/s": images_per_s,
-            "image AUROC": auroc,
-            "method": list(methods),
-            "backbone / variant": list(configs),
-        }
-        sns.scatterplot(
-            data=points,
-            x="images/s",
-            y="image AUROC",
-            hue="method",
-            style="backbone / variant",
-            s=45,
-            alpha=0.85,
-            ax=ax,
-        )
-        ax.set_xscale("log")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    else:
-        ax.text(0.5, 0.5, "no report with both an image AUROC and a timing", ha="center", va="center", fontsize=9)
-    ax.set(xlabel="test images per second (log scale)", ylabel="image AUROC")
-    ax.grid(alpha=0.3)
-    ax.set_title(title or "Image AUROC against prediction speed", fontsize=10)
-    fig.tight_layout()
-    return fig

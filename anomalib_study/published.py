@@ -14,6 +14,15 @@ DN2_SETTING = {"backbone": "CLIP ViT", "k": 100, "thres_ratio": 0.92}
 
 # which published figure a layout compares with
 _DN2_BY_LAYOUT = {"dagm": "DAGM", "ood": "OOD", "mvtec_ad": "MVTec", "mvtec_3d": "MVTec", "mvtec_loco": "MVTec"}
+#: the seed's own table (its notebook's printed scikit-learn classification report per data set, accuracy
+#: published): what each of its data sets was, and which of our layouts stand for it in the reproduced
+#: table. MVTec: the seed pooled the categories of MVTec AD into one report; we pool the MVTec AD
+#: categories we have (MVTec 3D and LOCO are other data sets, left out of the pool).
+DN2_DATA = {
+    "DAGM": {"seed": "DAGM 2007", "layouts": ("dagm",)},
+    "OOD": {"seed": "the seed's out-of-distribution set", "layouts": ("ood",)},
+    "MVTec": {"seed": "MVTec AD, every category pooled", "layouts": ("mvtec_ad",)},
+}
 
 
 def dn2_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -150,6 +159,8 @@ def patchcore_comparison(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 #: Reconstruction autoencoders (the seed work): image AUROC ranges on two MVTec AD categories,
 #: 8-15 minutes of training on an RTX 3050 GPU. The encoder of "ResNet" is ResNet-18 with ImageNet weights.
 AUTOENCODER_SETTING = {"training": "8-15 min on an RTX 3050 GPU", "resnet_encoder": "ResNet-18 (ImageNet)"}
+#: the seed's model -> the value of our autoencoder's ``model`` parameter that stands for it
+AUTOENCODER_MODELS = {"CAE": "conv", "ResNet": "pretrained"}
 AUTOENCODER = [  # (model, loss, {category: image AUROC range as printed})
     ("CAE", "MSE", {"hazelnut": "0.70-0.80", "zipper": "0.60-0.70"}),
     ("CAE", "SSIM", {"hazelnut": "0.75-0.85", "zipper": "0.65-0.75"}),

@@ -1,4 +1,4 @@
-"""Tests of the comparison across reports and of the front page, on hand-made metrics files."""
+"""Tests of the comparison across reports, on hand-made metrics files (the front page: test_frontpage.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from anomalib_study import comparison, frontpage, io
+from anomalib_study import comparison, io
 from anomalib_study.published import DN2_ACCURACY, PATCHCORE
 
 SOURCES = "sources-now"
@@ -260,11 +260,11 @@ def test_stale_when_the_notebook_or_the_sources_changed(project):
 
 def test_heatmap_cells_are_the_metrics_values(project):
     matrix = comparison.auroc_matrix(_collect(project))
-    assert list(matrix.columns) == ["mvtec_ad-bottle", "synthetic_dagm"]
+    assert list(matrix.columns) == ["mvtec_ad/bottle", "synthetic_dagm"]  # the data sets the metrics name
     assert list(matrix.index) == ["kNN (DN2) · b1", "PatchCore · b1", "autoencoder · conv"]
-    assert matrix.loc["kNN (DN2) · b1", "mvtec_ad-bottle"] == 0.93
+    assert matrix.loc["kNN (DN2) · b1", "mvtec_ad/bottle"] == 0.93
     assert matrix.loc["kNN (DN2) · b1", "synthetic_dagm"] == 0.81
-    assert matrix.loc["PatchCore · b1", "mvtec_ad-bottle"] == 0.97
+    assert matrix.loc["PatchCore · b1", "mvtec_ad/bottle"] == 0.97
     assert math.isnan(matrix.loc["PatchCore · b1", "synthetic_dagm"])
 
 
@@ -308,7 +308,7 @@ def test_summary_is_json(project):
     summary = comparison.summary(_collect(project))
     json.dumps(summary, allow_nan=False)  # NaN written as null
     assert summary["n_reports"] == 6 and summary["status_counts"] == {"ok": 3, "stale": 1, "failed": 2}
-    assert summary["image_auroc_matrix"]["PatchCore · b1"]["mvtec_ad-bottle"] == 0.97
+    assert summary["image_auroc_matrix"]["PatchCore · b1"]["mvtec_ad/bottle"] == 0.97
     assert summary["image_auroc_matrix"]["PatchCore · b1"]["synthetic_dagm"] is None
 
 
@@ -316,42 +316,6 @@ def test_no_reports_folder_is_an_empty_table(tmp_path):
     table = comparison.collect_reports(tmp_path / "absent", sources_hash=SOURCES)
     assert len(table) == 0 and list(table.columns) == list(comparison.REPORT_COLUMNS)
     assert len(comparison.detection_table(table)) == 0 and len(comparison.auroc_matrix(table)) == 0
-
-
-# --------------------------------------------------------------------------- front page
-
-
-def test_front_page_has_the_study_the_comparison_and_every_report(project):
-    reports = project["reports"]
-    skipped = {("01_knn_detection", "kolektorsdd-b1"): "needs the real data"}
-    page = frontpage.write_index(reports, skipped=skipped, sources_hash=SOURCES).read_text()
-    assert page == frontpage.write_index(reports, skipped=skipped, sources_hash=SOURCES).read_text()  # deterministic
-    assert len(page.encode()) < 1_500_000
-    assert (
-        page.index("This study compares") < page.index("<h2>comparison</h2>") < page.index("<h2>01_knn_detection</h2>")
-    )
-    assert page.count("<img ") == 2 and page.count("data:image/png;base64,") == 2
-    assert "<td>0.930</td>" in page  # the summary table, from the metrics file
-    knn = page.split("<h2>01_knn_detection</h2>")[1].split("<h2>")[0]
-    assert "ValueError: boom" in knn and "01_knn_detection/mvtec_ad-bottle-b2.failed.html" in knn
-    assert "stale: the package sources changed" in knn
-    assert "skipped in the last run: needs the real data" in knn and "<tr class='skipped'>" in knn
-    assert "synthetic, not DAGM" in knn and "<td rowspan='2'>mvtec_ad-bottle</td>" in knn
-    patchcore = page.split("<h2>02_patchcore</h2>")[1].split("<h2>")[0]
-    assert "last good report" in patchcore and "RuntimeError: out of memory" in patchcore
-    assert "benchmarks/knn.json" in page and "http" not in page.replace("http-equiv", "")
-
-
-def test_front_page_is_small_with_many_reports(tmp_path):
-    for i in range(40):
-        _write(
-            tmp_path / "01_knn_detection",
-            f"set{i:02d}-b{i % 2}",
-            _detection("knn", f"set{i // 2:02d}", "dagm", "d", f"b{i % 2}", 0.5 + i / 100),
-        )
-    page = frontpage.write_index(tmp_path, sources_hash=SOURCES)
-    assert page.stat().st_size < 1_500_000
-    assert "40 report(s): 40 ok" in page.read_text()
 
 
 # --------------------------------------------------------------------------- notebook 05

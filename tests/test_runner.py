@@ -361,7 +361,7 @@ def test_index_names_the_variant_column(tmp_path):
             json.dumps({"_run": {"dataset": "d", "status": "ok", **run}})
         )
     page = runner.write_index(tmp_path).read_text()
-    by_backbone, by_variant = page.split("<h2>by_variant</h2>")
+    by_backbone, by_variant = page.split("<span class='folder'>by_variant</span>")
     assert "<th>backbone</th>" in by_backbone and "<td>b</td>" in by_backbone
     assert "<th>variant</th>" in by_variant and "<td>conv</td>" in by_variant and "<th>backbone</th>" not in by_variant
 

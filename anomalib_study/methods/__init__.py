@@ -38,7 +38,14 @@ class MethodEntry:
     optionally ``"module:function"`` of its published comparison (a report's metrics in,
     rows out: this run's row, then the published figures; see :mod:`anomalib_study.published`);
     ``notebook``: the stem of the study notebook that reports it (its parameters cell
-    agrees with the declaration: names and defaults, checked by the tests).
+    agrees with the declaration: names and defaults, checked by the tests);
+    ``seed_table``: optionally ``"module:function"`` that reproduces the seed work's own
+    table from this method's reports (a reports table in, a
+    :class:`~anomalib_study.seed_tables.SeedTable` out: ours beside the published figures);
+    ``family_param`` / ``families``: where the method's reports fall into families the study
+    compares apart (the parameter read from each report's ``params`` and ``(value, label)``
+    pairs in the order the tables list them, e.g. the autoencoder's ``model``: conv or
+    pretrained); none: the method is one family, named by its label.
     """
 
     name: str
@@ -47,11 +54,14 @@ class MethodEntry:
     task: str = "detection"
     published: str | None = None
     notebook: str | None = None
+    seed_table: str | None = None
+    family_param: str | None = None
+    families: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ParameterError(f"method {self.name!r}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for what, value in (("target", self.target), ("published", self.published)):
+        for what, value in (("target", self.target), ("published", self.published), ("seed_table", self.seed_table)):
             if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
                 raise ParameterError(f"method {self.name!r}: {what} must read 'module:attribute', got {value!r}")
 
@@ -138,6 +148,31 @@ def published_comparison(name: str) -> Callable[[dict[str, Any]], list[dict[str,
     return _resolve(entry.published) if entry is not None and entry.published else None
 
 
+def seed_table(name: str) -> Callable[[Any], Any] | None:
+    """Method ``name``'s seed-table function (its reports in, the seed work's table out), or None."""
+    entry = REGISTRY.get(name)
+    return _resolve(entry.seed_table) if entry is not None and entry.seed_table else None
+
+
+def method_families(name: str) -> list[str]:
+    """The families method ``name``'s reports fall into, in table order (its label alone when it declares none)."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        return [name]
+    return [label for _, label in entry.families] or [entry.label]
+
+
+def method_family(name: str, params: Mapping[str, Any] | None = None) -> str:
+    """The family of a report of method ``name`` with ``params`` (its metrics' ``params``): the
+    label its entry gives the value of ``family_param`` (the value itself when it has no label),
+    else the method's label."""
+    entry = REGISTRY.get(name)
+    if entry is None or entry.family_param is None:
+        return method_label(name)
+    value = (params or {}).get(entry.family_param)
+    return dict(entry.families).get(value, f"{entry.label} ({value})")
+
+
 class RegistryView(Mapping):
     """method name -> ``value(name)`` over the registry as it is now (a method registered
     later is in it too); ``keep(entry)`` picks the methods listed. The views below import a
@@ -179,6 +214,7 @@ for _entry in (
         "detection",
         "anomalib_study.published:dn2_comparison",
         "01_knn_detection",
+        seed_table="anomalib_study.seed_tables:dn2_seed_table",
     ),
     MethodEntry(
         "patchcore",
@@ -187,6 +223,7 @@ for _entry in (
         "detection",
         "anomalib_study.published:patchcore_comparison",
         "02_patchcore",
+        seed_table="anomalib_study.seed_tables:patchcore_seed_table",
     ),
     MethodEntry(
         "autoencoder",
@@ -195,6 +232,9 @@ for _entry in (
         "detection",
         "anomalib_study.published:autoencoder_comparison",
         "03_autoencoder",
+        seed_table="anomalib_study.seed_tables:autoencoder_seed_table",
+        family_param="model",
+        families=(("conv", "convolutional autoencoder"), ("pretrained", "pretrained-encoder autoencoder")),
     ),
     MethodEntry(
         "clustering",
@@ -203,6 +243,7 @@ for _entry in (
         "clustering",
         "anomalib_study.published:anomaly_clustering_nearest",
         "04_anomaly_clustering",
+        seed_table="anomalib_study.seed_tables:anomaly_clustering_seed_table",
     ),
 ):
     register(_entry)
@@ -243,9 +284,12 @@ __all__ = [
     "check_is_fitted",
     "get_detector",
     "get_method",
+    "method_families",
+    "method_family",
     "method_label",
     "method_task",
     "published_comparison",
     "register",
+    "seed_table",
     "unregister",
 ]
