@@ -60,10 +60,12 @@ from anomalib_study.methods.base import BaseDetector, Method, MethodParam, Param
 from anomalib_study.methods.clustering_steps import (
     LINKAGES,
     MODES,
+    MULTI_TAU_FACTORS,
     as_bags,
     cluster_embeddings,
     effective_share,
     label_free_tau,
+    multi_tau_embeddings,
     patch_weights,
     semi_supervised_patch_scores,
     unsupervised_is_exact,
@@ -82,12 +84,19 @@ __all__ = [
     "TAU_FACTORS",
     "effective_share",
     "label_free_tau",
+    "MULTI_TAU_FACTORS",
+    "multi_tau_embeddings",
     "patch_weights",
+    "TAU_RULES",
     "unsupervised_is_exact",
     "semi_supervised_patch_scores",
     "unsupervised_patch_scores",
     "weighted_embeddings",
 ]
+
+
+#: the label-free rules for tau (see :class:`AnomalyClustering`'s ``tau_rule``)
+TAU_RULES = ("multi", "single")
 
 
 # ------------------------------------------------------------------------------ the estimator
@@ -132,6 +141,15 @@ class AnomalyClustering(PatchImages, BaseDetector):
         None,
         "softmax temperature of the patch weights (0 = top patch only; None: the label-free rule with weight_share)",
         cli=float,
+    )
+    tau_rule = Param(
+        "multi",
+        "label-free tau when tau is not given: 'single' = the one tau at which the median image's weights "
+        "spread over weight_share of its patches; 'multi' = the embeddings at five taus around it "
+        "(weight_share x 0.3 .. x 3) concatenated",
+        cli=str,
+        choices=TAU_RULES,
+        metavar="RULE",
     )
     weight_share = Param(
         0.1, "label-free tau: share of its patches the median image's weights spread over, in (0, 1)", cli=float
@@ -358,7 +376,18 @@ class AnomalyClustering(PatchImages, BaseDetector):
             if self.patch_scores_ is None
             else patch_weights(self.patch_scores_, self.tau_)
         )
-        self.embeddings_ = weighted_embeddings(self._Z, self.weights_)
+        self.taus_ = None
+        if self.patch_scores_ is not None and tau is None and self.tau_rule == "multi":
+            self.embeddings_, self.taus_ = multi_tau_embeddings(self._Z, self.patch_scores_, self.weight_share)
+            self.tau_rule_ = (
+                f"label-free multi-tau rule: the embeddings at the {len(self.taus_)} taus at which the median "
+                f"image's weights spread over "
+                + ", ".join(f"{self.weight_share * f:.0%}" for f in MULTI_TAU_FACTORS)
+                + f" of its patches, concatenated (taus {', '.join(f'{t:.3g}' for t in self.taus_)}); "
+                f"weights shown at the middle one, tau = {self.tau_:.4g}"
+            )
+        else:
+            self.embeddings_ = weighted_embeddings(self._Z, self.weights_)
         self.timings_["weights_s"] = time.perf_counter() - started
         started = time.perf_counter()
         self.n_clusters_scores_ = None
@@ -387,6 +416,7 @@ class AnomalyClustering(PatchImages, BaseDetector):
             for name in (
                 "mode",
                 "tau",
+                "tau_rule",
                 "weight_share",
                 "linkage",
                 "n_clusters",
@@ -408,6 +438,7 @@ class AnomalyClustering(PatchImages, BaseDetector):
         return {
             "settings": settings,
             "tau": None if math.isinf(self.tau_) else float(self.tau_),
+            "taus": None if self.taus_ is None else [float(t) for t in self.taus_],
             "tau_rule": self.tau_rule_,
             "n_clusters": int(self.n_clusters_),
             "n_clusters_rule": self.n_clusters_rule_,
@@ -534,7 +565,7 @@ class AnomalyClusteringMethod(Method):
                         {
                             "value": None if math.isinf(value) else float(value),
                             "relative": factor if math.isfinite(factor) else "inf",
-                            "labels": labels.copy() if factor == 1.0 else model.recluster(tau=value).copy(),
+                            "labels": model.recluster(tau=value).copy(),  # one tau each, the multi-tau rule's too
                         }
                     )
             runs.append(

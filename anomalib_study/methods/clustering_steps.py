@@ -25,6 +25,8 @@ __all__ = [
     "cluster_embeddings",
     "effective_share",
     "label_free_tau",
+    "multi_tau_embeddings",
+    "MULTI_TAU_FACTORS",
     "patch_weights",
     "semi_supervised_patch_scores",
     "unsupervised_is_exact",
@@ -32,6 +34,9 @@ __all__ = [
     "weighted_embeddings",
 ]
 
+#: the multi-tau rule's effective shares, as multiples of ``weight_share`` (0.03 .. 0.3 at 0.1):
+#: a grid fixed in advance around the single-tau rule, half a decade either side
+MULTI_TAU_FACTORS = (0.3, 0.5, 1.0, 2.0, 3.0)
 #: patch-score modes: the paper's two, and uniform weights
 MODES = ("unsupervised", "semi_supervised", "average")
 #: rows of one side of a distance block: (rows x rows) float32 = 256 MiB at 8192
@@ -335,3 +340,23 @@ def weighted_embeddings(Z, weights) -> np.ndarray:
     if w.shape != tuple(Z.shape[:2]):
         raise ParameterError(f"weights of shape {w.shape} do not match Z's (n_images, n_patches) {tuple(Z.shape[:2])}")
     return torch.einsum("np,npd->nd", torch.from_numpy(np.ascontiguousarray(w)), Z).numpy()
+
+
+def multi_tau_embeddings(
+    Z, scores, weight_share: float = 0.1, factors=MULTI_TAU_FACTORS
+) -> tuple[np.ndarray, list[float]]:
+    """The multi-tau image embeddings: the weighted embeddings at several label-free taus,
+    concatenated, ``(n, len(factors) * D)`` float32, and those taus.
+
+    The taus are those at which the median image's weights spread over ``weight_share * f``
+    of its patches for each f of ``factors`` (capped below 1): no single temperature has to
+    be right, the clustering sees the image at a sharper and at a broader focus at once.
+    Each block is divided by its mean row norm, so each temperature counts alike.
+    """
+    taus = [label_free_tau(scores, min(float(weight_share) * float(f), 0.95)) for f in factors]
+    blocks = []
+    for tau in taus:
+        X = weighted_embeddings(Z, patch_weights(scores, tau))
+        scale = float(np.linalg.norm(X, axis=1).mean())
+        blocks.append(X / scale if scale > 0 else X)
+    return np.concatenate(blocks, axis=1).astype(np.float32), taus
