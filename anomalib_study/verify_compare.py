@@ -220,7 +220,7 @@ def check_tolerance(tolerance: Any) -> float:
 # --------------------------------------------------------------------------- roots of paths
 
 _END = r"(?=[/\\\s'\",;:)\]]|$)"  # a root ends at a separator, the text's end or punctuation
-_START = r"(?<![^\s'\"(=\[])"  # a path starts at the text's start, after a space, quote or bracket
+_START = r"(?<![^\s'\"(=\[:])"  # a path starts at the text's start, after a space, quote, bracket or colon
 _GENERIC = (
     (re.compile(_START + r"/[^\s'\",;()]*?/(?:site|dist)-packages" + _END), "<site-packages>"),
     (re.compile(_START + r"(?:/home/[^/\s'\"]+|/Users/[^/\s'\"]+|/root)" + _END), "<home>"),
