@@ -124,7 +124,9 @@ LABEL_KEYS = (
 
 #: every number not of a declared family: exact up to float rounding
 EXACT = Tolerance(
-    ("*",), relative=1e-9, reason="deterministic on any CPU: exact up to float rounding (the last digits of a float)"
+    ("*",),
+    relative=1e-9,
+    reason="no training whose rounding accumulates: exact up to float rounding (the last digits of a float)",
 )
 
 

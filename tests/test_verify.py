@@ -237,9 +237,13 @@ def _judge(committed: dict, new: dict, report: str = "02_patchcore/cell", **opti
 
 
 def test_paths_under_another_data_cache_or_environment_root_match():
-    committed = _metrics(synthetic_root="/root/.cache/anomalib_study/synthetic_dagm")
-    result = _judge(committed, _rerun(committed))
+    committed = _metrics(
+        synthetic_root="/root/.cache/anomalib_study/synthetic_dagm",
+        _run={"parameters": {"root": "/work/shared/data/magnetic_tile", "k": 5}},
+    )
+    result = _judge(committed, _rerun(committed, lambda new: new["_run"]["parameters"].update(k=6)))
     assert (result.status, result.drifts, result.schema, result.wording) == ("matched", [], [], [])
+    assert result.differences[1:] == ["parameter k: 5 -> 6"]  # the root parameter: the same under its root
     assert result.compared == result.matched == 23  # no time or environment key among them
     assert verify.exit_code([result]) == 0
     # the same relative path under the root is the same path; another relative path is not
