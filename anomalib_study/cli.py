@@ -312,7 +312,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 
     p = sub.add_parser(
-        "verify", help="re-run committed reports in a scratch folder and compare their metrics (exit 1 on a drift)"
+        "verify",
+        help="re-run committed reports in a scratch folder and compare their metrics (exit 1 when a number drifted; "
+        "schema and wording differences are listed)",
     )
     p.add_argument(
         "--only",
@@ -324,7 +326,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=_parser_type(non_negative_float),
         default=0.0,
-        help="largest absolute difference of two numbers that still matches (default 0: exact)",
+        help="largest absolute difference of two numbers that still matches, on top of each number's own "
+        "tolerance (default 0: exact up to float rounding, or within a method's declared tolerance)",
     )
     p.add_argument("--reports", default="reports", help="the committed reports folder, only read (default reports)")
     p.add_argument(

