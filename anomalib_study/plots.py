@@ -267,6 +267,7 @@ def plot_tau_curve(
     title: str | None = None,
     chosen_label: str = "chosen tau (label-free)",
     reference: str = "label-free tau",
+    combined: dict[str, float] | None = None,
 ) -> Figure:
     """NMI, ARI and F1 against tau relative to the label-free tau, one panel per mode.
 
@@ -282,6 +283,8 @@ def plot_tau_curve(
             picked by looking at the labels, an upper bound rather than a result.
         chosen_label: legend of the chosen tau; reference: what ``relative`` divides by (x label),
             e.g. "given tau" when tau was set by hand.
+        combined: ``mode -> NMI`` of a result that combines several taus (the multi-tau rule),
+            drawn as a horizontal line.
     """
     chosen = chosen or {}
     modes = [m for m, curve in curves.items() if curve]
@@ -322,6 +325,14 @@ def plot_tau_curve(
             linestyle="none",
             label=f"oracle (labels): NMI {points[best]['nmi']:.3f}",
         )
+        if combined and combined.get(mode) is not None:
+            ax.axhline(
+                combined[mode],
+                color="tab:purple",
+                linestyle="-.",
+                linewidth=1.2,
+                label=f"multi-tau result: NMI {combined[mode]:.3f}",
+            )
         if mode in chosen and chosen[mode] is not None:
             x_chosen = _tau_positions([_relative_tau(chosen[mode])] + relatives)[0][0]
             ax.axvline(x_chosen, color="black", linestyle="--", linewidth=1, label=chosen_label)

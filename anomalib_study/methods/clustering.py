@@ -96,7 +96,7 @@ __all__ = [
 
 
 #: the label-free rules for tau (see :class:`AnomalyClustering`'s ``tau_rule``)
-TAU_RULES = ("multi", "single")
+TAU_RULES = ("single", "multi")
 
 
 # ------------------------------------------------------------------------------ the estimator
@@ -143,7 +143,7 @@ class AnomalyClustering(PatchImages, BaseDetector):
         cli=float,
     )
     tau_rule = Param(
-        "multi",
+        "single",
         "label-free tau when tau is not given: 'single' = the one tau at which the median image's weights "
         "spread over weight_share of its patches; 'multi' = the embeddings at five taus around it "
         "(weight_share x 0.3 .. x 3) concatenated",
