@@ -35,7 +35,7 @@ from anomalib_study.methods.base import check_embeddings
 __all__ = ["CRITERIA", "DEFAULT_CRITERION", "candidates_for", "choose_n_clusters", "criteria_table"]
 
 #: the criterion anomaly clustering uses when the number of clusters is not given
-DEFAULT_CRITERION = "silhouette"
+DEFAULT_CRITERION = "silhouette_cosine"
 
 
 def _ward_labels(X: np.ndarray, k: int, linkage: str, seed: int) -> np.ndarray:
