@@ -19,12 +19,12 @@ parts read them.
 Parts:
 
 1. ``criteria``: every criterion of :mod:`anomalib_study.methods.n_clusters` on the image
-   embeddings of each mode (the default tau rule), its number of clusters against the true
+   embeddings of each mode (the default tau rule: one label-free tau), its number of clusters against the true
    one and the NMI at it, under both protocols; per criterion, on how many sets it is within
    one of the true number with at least 0.9 of the NMI at the true number.
 2. ``tau``: NMI at the true number of clusters for the single-tau rule at several effective
-   shares, the multi-tau rule (the default's candidate) and a co-association consensus over
-   the same taus; the oracle (the best point of the tau curve, labels) and a split-half
+   shares, the multi-tau rule and a co-association consensus over the same taus (the two
+   candidates that were tried against it); the oracle (the best point of the tau curve, labels) and a split-half
    oracle (tau picked with the labels of half the images, scored on the other half, 50
    seeded splits): how much of the oracle's lead over a label-free rule is real.
 3. ``embeddings``: unsupervised and average NMI of other embeddings on the two MVTec AD
@@ -131,12 +131,14 @@ def _protocols(classes: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _mode_embeddings(entry: dict) -> dict[str, np.ndarray]:
-    from anomalib_study.methods.clustering_steps import multi_tau_embeddings
+    """Each mode's image embeddings under the default tau rule (one label-free tau)."""
+    from anomalib_study.methods.clustering_steps import label_free_tau, patch_weights, weighted_embeddings
 
     out = {}
     for mode in ("unsupervised", "semi_supervised"):
         if entry[mode] is not None:
-            out[mode] = multi_tau_embeddings(entry["Z"], entry[mode], 0.1)[0]
+            s = entry[mode]
+            out[mode] = weighted_embeddings(entry["Z"], patch_weights(s, label_free_tau(s, 0.1)))
     out["average"] = entry["Z"].mean(axis=1)
     return out
 
