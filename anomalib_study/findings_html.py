@@ -41,6 +41,7 @@ table.glance td.best .auroc { color: #0a6b2a; }
 .sub { color: #555; font-size: 0.86em; } .sub .part { white-space: nowrap; }
 .mark { color: #8a5a00; font-size: 0.8em; font-weight: 600; }
 .grid { display: flex; flex-wrap: wrap; gap: 0 1.4em; align-items: flex-start; }
+.grid > div { flex: 1 1 30em; min-width: 0; overflow-x: auto; }
 .grid table { font-size: 0.8em; } .grid th, .grid td { padding: 0.15em 0.35em; } .grid th { white-space: nowrap; }
 .grid td.group { max-width: 9.5em; }
 table.wide { width: 100%; } td.nw { white-space: nowrap; }
@@ -238,8 +239,7 @@ def seed_table_html(seed: Any) -> list[str]:
     several = len(seed.tables) > 1
     parts.append("<div class='grid'>" if several else "<div>")
     for caption, frame in seed.tables:
-        width = f" style='max-width: {max(20, 99 // max(1, int(seed.columns)) - 2)}%'" if several else ""
-        parts.append(f"<div{width}>" + (f"<p class='caption'>{_esc(caption)}</p>" if caption else ""))
+        parts.append("<div>" + (f"<p class='caption'>{_esc(caption)}</p>" if caption else ""))
         parts.append(table_html(frame, "" if several else "wide"))
         parts.append("</div>")
     parts.append("</div>")
