@@ -542,7 +542,7 @@ def refuse_duplicates(study_file: str | os.PathLike, studies: Sequence[Study]) -
     (:func:`anomalib_study.studies.duplicate_cells`; files there that cannot be read are passed
     over): StudyError naming both cells and the fix, before anything runs."""
     path = Path(study_file)
-    files = list(dict.fromkeys([path, *sorted(path.parent.glob("*.yaml"))]))
+    files = sorted({path, *path.parent.glob("*.yaml")})  # in name order, whichever of them runs
     involving = [path, *(study.path for study in studies)]
     problems = duplicate_cells(files, involving=involving, skip_unreadable=True)
     if not problems:
