@@ -11,6 +11,12 @@ name is looked up in the module that uses it, so patch it there (``synthetic_roo
 A suite file (``title`` + ``studies:``) runs its studies in order into the same reports folder,
 so a later part may read the earlier reports (e.g. the comparison; see :func:`read_studies`).
 
+One cell per distinct computation: a study file that repeats a computation of another study
+file in its folder (or writes one of its reports with other parameters) is refused before
+anything runs (:func:`refuse_duplicates`). The cells a study ``uses`` (defined by another study
+file) are never run for it, nor with ``force``: they are listed after its own cells,
+``"unchanged"`` when their report is current, else ``"skipped"`` naming the command that runs them.
+
 Outputs, per cell, under ``reports/<notebook stem>/``:
 ``<cell>.ipynb`` (executed), ``<cell>.html`` (nbconvert, code inputs hidden, cells tagged
 ``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``: the study,
