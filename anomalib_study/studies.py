@@ -179,7 +179,8 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
 
     A suite file has the keys ``title`` (optional) and ``studies``: a list whose entries are
     study file paths (relative to the suite's folder), ``{study: <path>, only: [cells]}`` (some
-    cells of a study file, names or glob patterns: they stay that file's cells, with its reports)
+    cells of a study file, names or glob patterns: they stay that file's cells, with its reports;
+    the cells that file ``uses`` are not listed)
     or inline study mappings (their ``notebook`` resolved like a study file's). Its parts run one
     after the other, so a part may read the reports of the ones before it (e.g. the comparison
     notebook)::
@@ -235,7 +236,7 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
                     select_cells(expand_grid(study), only)
                 except StudyError as error:
                     raise StudyError(f"{where}: 'only' {str(error).removeprefix('--only ')}") from None
-                study = replace(study, only=tuple(only))
+                study = replace(study, only=tuple(only), uses=())  # those cells only: not the ones it uses
             studies.append(study)
         elif isinstance(part, dict):
             studies.append(_parse_study(part, path, where))

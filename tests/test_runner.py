@@ -775,6 +775,8 @@ def test_a_cell_counts_once_where_it_is_defined(project):
     user = _other_study(
         project, "user.yaml", {"mine": {"dataset": "dagm", "root": "/mine"}}, uses={"tiny.yaml": ["plain-tiny"]}
     )
+    part = _write_suite(project, [{"study": "user.yaml", "only": ["mine-*"]}], name="part.yaml")
+    assert [(s.path.name, s.uses) for s in runner.read_studies(part)] == [("user.yaml", ())]  # its cells only
     assert studies.duplicate_cells([project["study"], whole, some, user]) == []
     inline = {
         "notebook": "notebooks/tiny.ipynb",
