@@ -39,6 +39,8 @@ class CellResult:
             failed cell, None when skipped.
         message: why a cell failed or was skipped ("" otherwise).
         notebook: the stem of the notebook it ran (its reports folder), e.g. ``01_knn_detection``.
+        defined_by: for a cell the study only uses (``uses``), the study file that defines and
+            runs it (never run by the study that uses it); "" for the study's own cells.
     """
 
     name: str
@@ -52,6 +54,7 @@ class CellResult:
     message: str = ""
     variant: str | None = None
     notebook: str = ""
+    defined_by: str = ""
 
 
 class ReportWriter:

@@ -11,6 +11,12 @@ name is looked up in the module that uses it, so patch it there (``synthetic_roo
 A suite file (``title`` + ``studies:``) runs its studies in order into the same reports folder,
 so a later part may read the earlier reports (e.g. the comparison; see :func:`read_studies`).
 
+One cell per distinct computation: a study file that repeats a computation of another study
+file in its folder (or writes one of its reports with other parameters) is refused before
+anything runs (:func:`refuse_duplicates`). The cells a study ``uses`` (defined by another study
+file) are never run for it, nor with ``force``: they are listed after its own cells,
+``"unchanged"`` when their report is current, else ``"skipped"`` naming the command that runs them.
+
 Outputs, per cell, under ``reports/<notebook stem>/``:
 ``<cell>.ipynb`` (executed), ``<cell>.html`` (nbconvert, code inputs hidden, cells tagged
 ``remove`` dropped) and ``<cell>.metrics.json`` (the notebook's metrics + ``_run``: the study,
@@ -89,11 +95,13 @@ from anomalib_study.studies import (
     Study,
     check_cells,
     check_notebook_parameters,
+    duplicate_cells,
     expand_grid,
     read_studies,
     resolve_parameters,
     synthetic_path,
     synthetic_root,
+    used_cells,
 )
 from anomalib_study.studies import notebook_parameters as notebook_parameters
 from anomalib_study.studies import read_study as read_study
@@ -196,40 +204,10 @@ class _Runner:
                 cell.name, cell.dataset, cell.backbone, "skipped", parameters, message=reason, variant=cell.variant
             )
         parameters["report_name"] = cell.name
-        paths = self.reports.paths(cell.name)
-        previous = io.read_json_object(paths["metrics"]) or {}
-        run_info = previous.get("_run", {})
-        legacy = "code" not in run_info  # run before the per-module record: every source file counts
-        digest = inputs_hash(self.study.notebook, parameters, self.data)
-        recorded_digest = (
-            inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash) if legacy else digest
-        )
-        if uses_reports(cell.parameters):  # its inputs are the other reports, too
-            others = reports_hash(self.out_dir.parent, exclude=self.out_dir)
-            digest, recorded_digest = (io.sha256_bytes(f"{d}:{others}".encode()) for d in (digest, recorded_digest))
-
-        code_current = legacy or freshness.changed_modules(run_info.get("code")) == []
-        if (
-            not self.force
-            and run_info.get("inputs_hash") == recorded_digest
-            and code_current
-            and run_info.get("status") == "ok"
-            and paths["html"].is_file()
-            and not paths["failed_json"].exists()
-            and report_files_match(self.out_dir, run_info)  # a half-replaced report is rerun
-        ):
-            metrics = {k: v for k, v in previous.items() if k != "_run"}
-            self.log(f"{tag}: unchanged, not rerun ({headline_text(metrics, self.study.headline)})".replace(" ()", ""))
-            return CellResult(
-                cell.name,
-                cell.dataset,
-                cell.backbone,
-                "unchanged",
-                parameters,
-                metrics,
-                html=paths["html"],
-                variant=cell.variant,
-            )
+        digest, current = self.current_report(cell, parameters)
+        if current is not None and not self.force:
+            self.log(f"{tag}: unchanged, not rerun ({self.headline(current)})".replace(" ()", ""))
+            return current
 
         uses_synthetic = any(isinstance(value, str) and "{synthetic}" in value for value in cell.parameters.values())
         needs = [("the notebook's folder, where its kernel starts", str(self.study.notebook.parent))]
@@ -250,6 +228,85 @@ class _Runner:
             synthetic=str(self.synthetic_root()) if self.on_cluster and uses_synthetic else None,
         )
         return _Pending(index, tag, cell, parameters, digest, task)
+
+    def current_report(self, cell: Cell, parameters: Mapping[str, Any]) -> tuple[str, CellResult | None]:
+        """The cell's inputs hash, and its report as an ``"unchanged"`` result when that report is
+        current (same inputs hash, none of the modules its kernel loaded changed, its last run
+        succeeded, its files whole), else None. ``parameters``: resolved, with ``report_name``."""
+        paths = self.reports.paths(cell.name)
+        previous = io.read_json_object(paths["metrics"]) or {}
+        run_info = previous.get("_run", {})
+        legacy = "code" not in run_info  # run before the per-module record: every source file counts
+        digest = inputs_hash(self.study.notebook, parameters, self.data)
+        recorded_digest = (
+            inputs_hash(self.study.notebook, parameters, self.data, self.sources_hash) if legacy else digest
+        )
+        if uses_reports(cell.parameters):  # its inputs are the other reports, too
+            others = reports_hash(self.out_dir.parent, exclude=self.out_dir)
+            digest, recorded_digest = (io.sha256_bytes(f"{d}:{others}".encode()) for d in (digest, recorded_digest))
+
+        code_current = legacy or freshness.changed_modules(run_info.get("code")) == []
+        if not (
+            run_info.get("inputs_hash") == recorded_digest
+            and code_current
+            and run_info.get("status") == "ok"
+            and paths["html"].is_file()
+            and not paths["failed_json"].exists()
+            and report_files_match(self.out_dir, run_info)  # a half-replaced report is rerun
+        ):
+            return digest, None
+        metrics = {k: v for k, v in previous.items() if k != "_run"}
+        result = CellResult(
+            cell.name,
+            cell.dataset,
+            cell.backbone,
+            "unchanged",
+            dict(parameters),
+            metrics,
+            html=paths["html"],
+            variant=cell.variant,
+        )
+        return digest, result
+
+    def headline(self, result: CellResult) -> str:
+        return headline_text(result.metrics, self.study.headline)
+
+    def referenced(self, index: int, cell: Cell, user: Path) -> CellResult:
+        """The result of a cell this runner's study defines and the study ``user`` uses: never
+        run here. ``"unchanged"`` when its report is current (``defined_by`` names its study),
+        ``"skipped"`` otherwise, the message naming the command that runs it."""
+        tag = f"[{index}/{self.total}] {cell.name}"
+        defined = str(self.study.path)
+        parameters, reason = resolve_parameters(
+            cell.parameters, data=self.data, synthetic=self.synthetic_root, reports=self.out_dir.parent
+        )
+        if not reason:
+            parameters["report_name"] = cell.name
+            _, current = self.current_report(cell, parameters)
+            if current is not None:
+                current.defined_by = defined
+                line = f"{tag}: defined by {defined}, current, not run here ({self.headline(current)})"
+                self.log(line.replace(" ()", ""))
+                return current
+            paths = self.reports.paths(cell.name)
+            state = "failed" if paths["failed_json"].exists() else "stale" if paths["metrics"].exists() else "missing"
+            reason = (
+                f"{state}; used by {user}, defined by {defined}: run "
+                f"`anomalib-study run {defined} --only '{cell.name}'`"
+            )
+        else:
+            reason = f"{reason} (defined by {defined}, used by {user})"
+        self.log(f"{tag}: skipped, {reason}")
+        return CellResult(
+            cell.name,
+            cell.dataset,
+            cell.backbone,
+            "skipped",
+            parameters,
+            message=reason,
+            variant=cell.variant,
+            defined_by=defined,
+        )
 
     def record(self, pending: _Pending, output: CellOutput) -> CellResult:
         """Write the report of an executed cell (:meth:`anomalib_study.report_files.ReportWriter.write`)."""
@@ -376,26 +433,41 @@ def run_study(
             "set how many cells run at once (`dask worker --nthreads N`)"
         )
     studies = read_studies(study_file)
-    grids = []
+    refuse_duplicates(study_file, studies)
+
+    def with_device(cells: list[Cell]) -> list[Cell]:
+        if device is None:
+            return cells
+        return [dataclasses.replace(c, parameters={**c.parameters, "device": device}) for c in cells]
+
+    grids, used = [], []  # per part: its own cells; the cells it uses, with their defining studies
+    own = set()  # (study file, notebook, cell) run by this run: a part using one of them lists it no more
     for study in studies:
-        cells = expand_grid(study)
-        if device is not None:
-            cells = [dataclasses.replace(c, parameters={**c.parameters, "device": device}) for c in cells]
+        cells = with_device(expand_grid(study))
         check_notebook_parameters(study, cells)
         grids.append(cells)
+        own |= {(study.path.resolve(), study.notebook.stem, cell.name) for cell in cells}
+    for study in studies:
+        pairs = []
+        for owner, cell in used_cells(study):
+            if (owner.path.resolve(), owner.notebook.stem, cell.name) not in own:
+                pairs += [(owner, with_device([cell])[0])]
+        used.append(pairs)
     patterns = [] if only is None else [only] if isinstance(only, str) else list(only)
-    if patterns:  # a pattern must match a cell of some part; each part keeps its matches
+    if patterns:  # a pattern must match a cell of some part (its own or one it uses); each part keeps its matches
 
         def matches(study: Study, cell: Cell, pattern: str) -> bool:
             return fnmatch.fnmatchcase(cell.name, pattern) or fnmatch.fnmatchcase(
                 f"{study.notebook.stem}/{cell.name}", pattern
             )
 
+        every = [(s, c) for s, cells in zip(studies, grids) for c in cells] + [pair for pairs in used for pair in pairs]
         for pattern in patterns:
-            if not any(matches(s, c, pattern) for s, cells in zip(studies, grids) for c in cells):
-                names = ", ".join(f"{s.notebook.stem}/{c.name}" for s, cells in zip(studies, grids) for c in cells)
+            if not any(matches(s, c, pattern) for s, c in every):
+                names = ", ".join(f"{s.notebook.stem}/{c.name}" for s, c in every)
                 raise StudyError(f"--only {pattern!r} matches no cell of the study (cells: {names})")
         grids = [[c for c in cells if any(matches(s, c, p) for p in patterns)] for s, cells in zip(studies, grids)]
+        used = [[(s, c) for s, c in pairs if any(matches(s, c, p) for p in patterns)] for pairs in used]
     data = io.data_root(data_root)
     if data is not None and not data.is_dir():
         given = "--data" if data_root else "ANOMALIB_STUDY_DATA"
@@ -413,23 +485,33 @@ def run_study(
         client = connect_cluster(scheduler) if scheduler is not None else None
         try:
             threads = cluster_kernel_threads(client) if client is not None else max(1, (os.cpu_count() or 1) // jobs)
-            for study, cells in zip(studies, grids):  # parts in order: a later part may read the earlier reports
-                if not cells:
+            # parts in order: a later part may read the earlier reports
+            for study, cells, uses in zip(studies, grids, used):
+                if not cells and not uses:
                     continue
                 kernel = choose_kernel(kernel_name, study.notebook)
-                runner = _Runner(
-                    study,
-                    reports / study.notebook.stem,
-                    kernel,
-                    data.resolve() if data else None,
-                    force,
-                    log,
-                    len(cells),
-                    kernel_env(threads),
-                    on_cluster=client is not None,
-                )
+                total = len(cells) + len(uses)
+
+                def runner_for(owner: Study, kernel: str = kernel, total: int = total) -> _Runner:
+                    return _Runner(
+                        owner,
+                        reports / owner.notebook.stem,
+                        kernel,
+                        data.resolve() if data else None,
+                        force,
+                        log,
+                        total,
+                        kernel_env(threads),
+                        on_cluster=client is not None,
+                    )
+
+                runner = runner_for(study)
                 where = f"Dask scheduler {scheduler}" if client is not None else f"jobs {jobs}"
-                log(f"study {study.path}: {len(cells)} cell(s) of {study.notebook.name}, kernel {kernel}, {where}")
+                listed = f" (+ {len(uses)} used, defined by other studies)" if uses else ""
+                log(
+                    f"study {study.path}: {len(cells)} cell(s){listed} of {study.notebook.name}, kernel {kernel}, "
+                    f"{where}"
+                )
                 prepared = [runner.prepare(i, cell) for i, cell in enumerate(cells, 1)]
                 pending = [item for item in prepared if isinstance(item, _Pending)]
                 if client is not None:
@@ -440,8 +522,15 @@ def run_study(
                 part = [by_name[item.cell.name] if isinstance(item, _Pending) else item for item in prepared]
                 for result in part:
                     result.notebook = study.notebook.stem
+                owners: dict[Path, _Runner] = {}  # the used cells: reported, never run here
+                for index, (owner, cell) in enumerate(uses, len(cells) + 1):
+                    if owner.path not in owners:
+                        owners[owner.path] = runner_for(owner)
+                    result = owners[owner.path].referenced(index, cell, study.path)
+                    result.notebook = owner.notebook.stem
+                    part.append(result)
                 results += part
-                skipped.update({(study.notebook.stem, r.name): r.message for r in part if r.status == "skipped"})
+                skipped.update({(r.notebook, r.name): r.message for r in part if r.status == "skipped"})
                 sources = runner.sources_hash
         finally:
             if client is not None:
@@ -451,6 +540,26 @@ def run_study(
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "unchanged", "failed", "skipped")}
     log(f"study {study_file}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; index {index}")
     return results
+
+
+def refuse_duplicates(study_file: str | os.PathLike, studies: Sequence[Study]) -> None:
+    """Refuse to run a study file one of whose cells is the same computation as a cell of
+    another study file in its folder, or writes the same report with other parameters
+    (:func:`anomalib_study.studies.duplicate_cells`; files there that cannot be read are passed
+    over): StudyError naming both cells and the fix, before anything runs."""
+    path = Path(study_file)
+    files = sorted({path, *path.parent.glob("*.yaml")})  # in name order, whichever of them runs
+    involving = [path, *(study.path for study in studies)]
+    problems = duplicate_cells(files, involving=involving, skip_unreadable=True)
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise StudyError(f"study {path} cannot run (nothing was run or written): {problems[0]}")
+    shown = "\n".join(f"  - {problem}" for problem in problems)
+    raise StudyError(
+        f"study {path} cannot run ({len(problems)} cells break one cell per distinct computation; nothing was "
+        f"run or written):\n{shown}"
+    )
 
 
 def reports_lock(reports: Path) -> Path:

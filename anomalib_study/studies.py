@@ -40,6 +40,20 @@ A suite file (``title`` + ``studies:``, a list of study files or inline studies)
 studies in order into the same reports folder, e.g. ``studies/default.yaml``: every method
 family on the synthetic set, then the comparison (see :func:`read_studies`).
 
+One cell per distinct computation: a study may list cells another study file defines, under
+``uses`` (study file, relative to this one's folder -> cell names)::
+
+    uses:   # shown with this study's cells, defined and run by patchcore_resolution.yaml
+      patchcore_resolution.yaml: [magnetic_tile-dinov2_vits14-448-keep]
+
+A used cell belongs to its defining study: the runner never runs it for the study that uses it,
+it reports it (current: ``"unchanged"``; missing, stale or failed: ``"skipped"``, naming the
+command that runs it). Its report is the defining study's, in the same reports folder, so the
+front page and the notebooks that read ``{reports}`` find it like any other.
+:func:`duplicate_cells` finds two cells of the study files that are one computation (the
+same notebook, data and parameters after the notebook's defaults) or that write one report
+with different parameters; ``anomalib-study run`` refuses to run either.
+
 The runner (:mod:`anomalib_study.runner`) decides which of the cells run, executes them
 (:mod:`anomalib_study.execution`) and writes their reports.
 """
@@ -47,9 +61,10 @@ The runner (:mod:`anomalib_study.runner`) decides which of the cells run, execut
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -58,8 +73,9 @@ import yaml
 from anomalib_study import io
 from anomalib_study.errors import StudyError
 
-STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "variants", "datasets")
+STUDY_KEYS = ("notebook", "title", "headline", "parameters", "backbones", "variants", "datasets", "uses")
 SUITE_KEYS = ("title", "studies")
+SUITE_PART_KEYS = ("study", "only")  # a suite part running some cells of a study file, as that file's
 AXES = ("backbones", "variants")  # the grid's second axis: a study file gives exactly one
 RUNNER_PARAMETERS = ("metrics_out", "report_name")  # set by the runner, never by a study file
 DATASET_BACKBONES = "backbones"  # in a dataset entry of a backbones grid: run only these of the grid's backbones
@@ -69,6 +85,15 @@ SYNTHETIC_SEED = io.SHARED_SYNTHETIC_SEED  # the seed of the synthetic set behin
 _NAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]*$")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _PLACEHOLDERS = ("data", "synthetic", "reports")
+
+
+@dataclass(frozen=True)
+class CellRef:
+    """A cell another study file defines, listed in a study's ``uses``: ``study_file`` (the
+    defining file, resolved against the using file's folder) and the cell's name."""
+
+    study_file: Path
+    cell: str
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,8 @@ class Study:
         datasets: dataset key -> that row's parameters (``dataset`` at least).
         variants: variant name -> that column's parameters (one grid column each); None
             when the file gives ``backbones``.
+        uses: cells other study files define, listed with this study's, never run by it.
+        only: the cells of the grid a suite part runs (names or glob patterns; None: all).
     """
 
     path: Path
@@ -95,6 +122,8 @@ class Study:
     backbones: tuple[str, ...]
     datasets: dict[str, dict[str, Any]]
     variants: dict[str, dict[str, Any]] | None = None
+    uses: tuple[CellRef, ...] = ()
+    only: tuple[str, ...] | None = None
 
     @property
     def axis(self) -> str:
@@ -140,26 +169,34 @@ def read_study(study_file: str | os.PathLike) -> Study:
     path, data = _load_yaml(study_file)
     if "studies" in data:
         raise StudyError(f"study file {path} is a suite of studies (key 'studies'): read it with read_studies")
-    return _parse_study(data, path, f"study file {path}")
+    study = _parse_study(data, path, f"study file {path}")
+    used_cells(study)  # every cell it uses exists
+    return study
 
 
 def read_studies(study_file: str | os.PathLike) -> list[Study]:
     """The studies a file runs, in order: the file itself, or the parts of a suite.
 
     A suite file has the keys ``title`` (optional) and ``studies``: a list whose entries are
-    study file paths (relative to the suite's folder) or inline study mappings (their
-    ``notebook`` resolved like a study file's). Its parts run one after the other, so a part
-    may read the reports of the ones before it (e.g. the comparison notebook)::
+    study file paths (relative to the suite's folder), ``{study: <path>, only: [cells]}`` (some
+    cells of a study file, names or glob patterns: they stay that file's cells, with its reports;
+    the cells that file ``uses`` are not listed)
+    or inline study mappings (their ``notebook`` resolved like a study file's). Its parts run one
+    after the other, so a part may read the reports of the ones before it (e.g. the comparison
+    notebook)::
 
         title: The whole study on the synthetic set
         studies:
-          - knn_quick.yaml
+          - {study: knn.yaml, only: [synthetic_dagm-efficientnet_lite0]}
           - {notebook: notebooks/02_patchcore.ipynb, backbones: [efficientnet_lite0],
              datasets: {synthetic_quick: {dataset: dagm, root: "{synthetic}"}}}
+          - comparison.yaml
     """
     path, data = _load_yaml(study_file)
     if "studies" not in data:
-        return [_parse_study(data, path, f"study file {path}")]
+        study = _parse_study(data, path, f"study file {path}")
+        used_cells(study)
+        return [study]
     unknown = sorted(set(map(str, data)) - set(SUITE_KEYS))
     if unknown:
         raise StudyError(
@@ -172,6 +209,20 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
     studies = []
     for number, part in enumerate(parts):
         where = f"study file {path}: studies[{number}]"
+        only = None
+        if isinstance(part, dict) and "study" in part:  # some cells of a study file
+            unknown = sorted(set(map(str, part)) - set(SUITE_PART_KEYS))
+            if unknown:
+                raise StudyError(
+                    f"{where}: key '{unknown[0]}' does not go with 'study' (a part naming a study file has only "
+                    f"{', '.join(SUITE_PART_KEYS)})"
+                )
+            only = part.get("only")
+            if not isinstance(only, list) or not only or not all(isinstance(n, str) and n for n in only):
+                raise StudyError(f"{where}: key 'only' must be a non-empty list of the study's cell names (or globs)")
+            part = part["study"]
+            if not isinstance(part, str) or not part:
+                raise StudyError(f"{where}: key 'study' must name a study file, e.g. knn.yaml")
         if isinstance(part, str):
             sub = path.parent / part
             if not sub.is_file():
@@ -179,11 +230,19 @@ def read_studies(study_file: str | os.PathLike) -> list[Study]:
             sub_path, sub_data = _load_yaml(sub)
             if "studies" in sub_data:
                 raise StudyError(f"{where} names the suite {part}: a suite's parts must be studies, not suites")
-            studies.append(_parse_study(sub_data, sub_path, f"study file {sub_path}"))
+            study = _parse_study(sub_data, sub_path, f"study file {sub_path}")
+            if only is not None:
+                try:
+                    select_cells(expand_grid(study), only)
+                except StudyError as error:
+                    raise StudyError(f"{where}: 'only' {str(error).removeprefix('--only ')}") from None
+                study = replace(study, only=tuple(only), uses=())  # those cells only: not the ones it uses
+            studies.append(study)
         elif isinstance(part, dict):
             studies.append(_parse_study(part, path, where))
         else:
             raise StudyError(f"{where} must be a study file path or a study mapping, got {type(part).__name__}")
+        used_cells(studies[-1])
     seen: dict[str, Path] = {}
     for study in studies:  # two parts writing the same report would overwrite each other
         for cell in expand_grid(study):
@@ -306,6 +365,24 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
                         f"uses the unknown placeholder {{{placeholder}}} (known: {{data}}, {{synthetic}}, {{reports}})",
                     )
 
+    uses = data.get("uses") or {}
+    if not isinstance(uses, dict):
+        raise bad(
+            "uses", "must be a mapping of study file -> [cell names], e.g. {knn.yaml: [synthetic_dagm-dinov2_vits14]}"
+        )
+    refs = []
+    for other, names in uses.items():
+        if not isinstance(other, str) or not other:
+            raise bad("uses", f"has the key {other!r}: name a study file, e.g. knn.yaml")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and _NAME.match(n) for n in names):
+            raise bad(f"uses.{other}", "must be a non-empty list of the cell names that study file defines")
+        if len(set(names)) != len(names):
+            raise bad(f"uses.{other}", "lists a cell twice")
+        defining = path.parent / other
+        if not defining.is_file():
+            raise bad(f"uses.{other}", f"names a study file that is not found (looked at {defining})")
+        refs += [CellRef(defining, name) for name in names]
+
     study = Study(
         path=path,
         notebook=found.resolve(),
@@ -315,12 +392,56 @@ def _parse_study(data: Mapping[str, Any], path: Path, origin: str) -> Study:
         backbones=tuple(backbones),
         datasets={k: dict(v) for k, v in datasets.items()},
         variants=None if variants is None else {k: dict(v) for k, v in variants.items()},
+        uses=tuple(refs),
     )
     names = [cell.name for cell in expand_grid(study)]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # e.g. dataset "a-b" x column "c" and dataset "a" x column "b-c"
         raise bad("datasets", f"and the {study.axis}s give the cell name {twice[0]!r} twice: rename one")
     return study
+
+
+def used_cells(study: Study) -> list[tuple[Study, Cell]]:
+    """The cells ``study`` uses, each with the study that defines it, in the order of ``uses``.
+
+    StudyError when a defining file is a suite, lacks the cell (or only uses it itself: name
+    the file that defines it), or when a used cell would write one of ``study``'s own reports.
+    The defining files' own ``uses`` are not followed."""
+    found: list[tuple[Study, Cell]] = []
+    defining: dict[Path, Study] = {}
+    own = {(study.notebook.stem, cell.name) for cell in expand_grid(study)}
+    for ref in study.uses:
+        where = f"study file {study.path}: key 'uses.{_relative(ref.study_file, study.path.parent)}'"
+        if ref.study_file not in defining:
+            path, data = _load_yaml(ref.study_file)
+            if "studies" in data:
+                raise StudyError(f"{where} names a suite: name the study file that defines the cell")
+            defining[ref.study_file] = _parse_study(data, path, f"study file {path}")
+        other = defining[ref.study_file]
+        cells = {cell.name: cell for cell in expand_grid(other)}
+        if ref.cell not in cells:
+            via = next((r.study_file for r in other.uses if r.cell == ref.cell), None)
+            why = (
+                f"only uses it: name {_relative(via, study.path.parent)}, which defines it"
+                if via is not None
+                else f"does not define it (its cells: {', '.join(cells)})"
+            )
+            raise StudyError(f"{where} names the cell {ref.cell}, but {ref.study_file} {why}")
+        if (other.notebook.stem, ref.cell) in own:
+            raise StudyError(
+                f"{where} names {ref.cell}, which is also one of this study's own cells "
+                f"(reports/{other.notebook.stem}/{ref.cell}): remove one of the two"
+            )
+        found.append((other, cells[ref.cell]))
+    return found
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """``path`` as a study file in ``folder`` names it (relative where it can be)."""
+    try:
+        return Path(os.path.relpath(path, folder)).as_posix()
+    except ValueError:  # another drive
+        return str(path)
 
 
 def _check_layout(layout: str, bad: Callable[[str], StudyError]) -> None:
@@ -336,7 +457,8 @@ def expand_grid(study: Study) -> list[Cell]:
     """The grid, datasets (file order) x backbones or variants (file order); parameters not yet resolved.
 
     A backbones grid's cell has ``shared + dataset entry + {"backbone": name}``, a variants
-    grid's ``shared + dataset entry + variant entry`` (later ones win)."""
+    grid's ``shared + dataset entry + variant entry`` (later ones win). A suite part's ``only``
+    keeps the cells it names; the cells a study ``uses`` are not in its grid (:func:`used_cells`)."""
     cells = []
     for key, entry in study.datasets.items():
         only = entry.get(DATASET_BACKBONES)
@@ -359,15 +481,12 @@ def expand_grid(study: Study) -> list[Cell]:
                         variant=variant,
                     )
                 )
-    return cells
+    return cells if study.only is None else select_cells(cells, study.only)
 
 
-def notebook_parameters(notebook: str | os.PathLike) -> list[str] | None:
-    """Names assigned in the notebook's code cell tagged ``parameters`` (None if it has none).
-
-    Read with ``ast``, not ``papermill.inspect_notebook``, whose line parser drops a
-    parameter whose comment contains ``=`` (it still receives its value when run).
-    """
+def _parameter_assignments(notebook: str | os.PathLike) -> list[tuple[str, Any]] | None:
+    """``(name, value node)`` of each assignment in the notebook's code cell tagged
+    ``parameters``, in order (None if it has none; the value node None for a bare annotation)."""
     import ast
 
     import nbformat
@@ -378,7 +497,7 @@ def notebook_parameters(notebook: str | os.PathLike) -> list[str] | None:
                 tree = ast.parse(cell.source)
             except SyntaxError as error:
                 raise StudyError(f"notebook {notebook}: its parameters cell is not plain Python ({error})") from None
-            names = []
+            found = []
             for node in tree.body:
                 targets = (
                     node.targets
@@ -387,9 +506,39 @@ def notebook_parameters(notebook: str | os.PathLike) -> list[str] | None:
                     if isinstance(node, ast.AnnAssign)
                     else []
                 )
-                names += [t.id for t in targets if isinstance(t, ast.Name) and t.id not in names]
-            return names
+                found += [(t.id, node.value) for t in targets if isinstance(t, ast.Name)]
+            return found
     return None
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> list[str] | None:
+    """Names assigned in the notebook's code cell tagged ``parameters`` (None if it has none).
+
+    Read with ``ast``, not ``papermill.inspect_notebook``, whose line parser drops a
+    parameter whose comment contains ``=`` (it still receives its value when run).
+    """
+    found = _parameter_assignments(notebook)
+    if found is None:
+        return None
+    return list(dict.fromkeys(name for name, _ in found))
+
+
+def notebook_defaults(notebook: str | os.PathLike) -> dict[str, Any]:
+    """name -> the default value the notebook's parameters cell gives it (the last assignment
+    wins), read with ``ast`` like :func:`notebook_parameters` (for the same reason). A default
+    that is not a literal (``Path("x")``) is kept as its source text, marked, so that it equals
+    no value a study file could give."""
+    import ast
+
+    defaults: dict[str, Any] = {}
+    for name, node in _parameter_assignments(notebook) or []:
+        if node is None:
+            continue
+        try:
+            defaults[name] = ast.literal_eval(node)
+        except ValueError:
+            defaults[name] = ("<expression>", ast.unparse(node))
+    return defaults
 
 
 def check_notebook_parameters(study: Study, cells: Sequence[Cell]) -> None:
@@ -556,3 +705,147 @@ def check_cells(study: Study, cells: Sequence[Cell], data: Path | None) -> None:
         raise StudyError(
             f"study {study.path} cannot run ({len(problems)} problem(s); nothing was run or written):\n{shown}{more}"
         )
+
+
+# --------------------------------------------------------------------------- one cell per distinct computation
+DATA_PARAMETERS = ("dataset", "root", "category")  # the data a cell reads
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A cell where a study file defines it (an inline part of a suite: the suite, ``inline``)."""
+
+    file: Path
+    notebook: Path
+    cell: Cell
+    inline: bool = False
+
+    @property
+    def identity(self) -> tuple[Path, Path, str]:
+        return self.file.resolve(), self.notebook, self.cell.name
+
+    def __str__(self) -> str:
+        return f"{self.file} cell {self.cell.name}"
+
+
+def _defined_sites(study_file: str | os.PathLike) -> list[_Site]:
+    """The cells a study file runs, each where it is defined (a suite's part naming a study
+    file runs that file's cells: they are defined there)."""
+    path, data = _load_yaml(study_file)
+    suite = "studies" in data
+    return [
+        _Site(study.path, study.notebook, cell, inline=suite and study.path == path)
+        for study in read_studies(path)
+        for cell in expand_grid(study)
+    ]
+
+
+def _canonical(value: Any) -> Any:
+    """A value as the computation sees it: 1 and 1.0 alike, tuples as lists."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _canonical(item) for key, item in value.items()}
+    return str(value)
+
+
+def resolved_cell_parameters(notebook: Path, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters a cell runs its notebook with, the notebook's defaults filled in and the
+    runner's own (``metrics_out``, ``report_name``) left out; values canonical (1 == 1.0)."""
+    merged = {**notebook_defaults(notebook), **parameters}
+    return {name: _canonical(value) for name, value in merged.items() if name not in RUNNER_PARAMETERS}
+
+
+def duplicate_cells(
+    study_files: Iterable[str | os.PathLike],
+    *,
+    involving: Iterable[str | os.PathLike] | None = None,
+    skip_unreadable: bool = False,
+) -> list[str]:
+    """What breaks "one cell per distinct computation" among the cells the study files define
+    (a suite's inline parts included; a cell a suite runs from another file, or one a study
+    ``uses``, counts once, where it is defined). One line per problem, naming both files and
+    both cells:
+
+    * two cells that are the same computation: the same notebook with the same parameters
+      after the notebook's defaults (a parameter given at its default counts as not given),
+      the data (``dataset``, ``root``, ``category``) included, whatever the cells are named;
+    * two cells that write the same report (``reports/<notebook stem>/<cell>``) with different
+      parameters: whichever ran last would replace the other.
+
+    ``involving``: keep only the problems one of whose cells these files define (None: all);
+    ``skip_unreadable``: pass over a file that cannot be read (StudyError otherwise)."""
+    sites: dict[tuple[Path, Path, str], _Site] = {}
+    for study_file in study_files:
+        try:
+            found = _defined_sites(study_file)
+        except StudyError:
+            if skip_unreadable:
+                continue
+            raise
+        for site in found:
+            sites.setdefault(site.identity, site)
+    shown = {key: {**notebook_defaults(site.notebook), **site.cell.parameters} for key, site in sites.items()}
+    computations = {
+        key: (site.notebook, json.dumps(resolved_cell_parameters(site.notebook, shown[key]), sort_keys=True))
+        for key, site in sites.items()
+    }
+
+    problems: list[tuple[_Site, _Site, str]] = []
+    first_of: dict[tuple[str, str], tuple[Path, Path, str]] = {}
+    for key, computation in computations.items():
+        earlier = next(k for k, c in computations.items() if c == computation)
+        if earlier != key:
+            kept, other = sites[earlier], sites[key]
+            if kept.inline and not other.inline:  # a suite's inline part refers to a study file's cell, not back
+                kept, other = other, kept
+            problems.append((kept, other, _same_computation(kept, other, shown[key])))
+            continue
+        report = (sites[key].notebook.stem, sites[key].cell.name)
+        if report in first_of:
+            first = first_of[report]
+            problems.append(
+                (sites[first], sites[key], _same_report(sites[first], sites[key], shown[first], shown[key]))
+            )
+        else:
+            first_of[report] = key
+    if involving is not None:
+        files = {Path(path).resolve() for path in involving}
+        problems = [p for p in problems if p[0].file.resolve() in files or p[1].file.resolve() in files]
+    return [text for _, _, text in problems]
+
+
+def _same_computation(kept: _Site, other: _Site, parameters: Mapping[str, Any]) -> str:
+    data = ", ".join(f"{name} {parameters.get(name)!r}" for name in DATA_PARAMETERS if name in parameters)
+    given = sorted(set(kept.cell.parameters) ^ set(other.cell.parameters))
+    at_default = f"; {', '.join(given)} given in one of them at the notebook's default" if given else ""
+    target = _relative(kept.file, other.file.parent)
+    fix = (
+        f"make that part {{study: {target}, only: [{kept.cell.name}]}}"
+        if other.inline
+        else f"list it there as uses: {{{target}: [{kept.cell.name}]}}"
+    )
+    return (
+        f"{kept} and {other} are the same computation ({kept.notebook.name}, data {data or 'none'}, every other "
+        f"parameter equal after the notebook's defaults{at_default}): define it in one file only, e.g. drop "
+        f"{other.cell.name} from {other.file} and {fix}"
+    )
+
+
+def _same_report(first: _Site, second: _Site, a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    differ = [
+        name
+        for name in sorted(set(a) | set(b))
+        if name not in RUNNER_PARAMETERS and _canonical(a.get(name)) != _canonical(b.get(name))
+    ]
+    shown = ", ".join(f"{name} {a.get(name)!r} vs {b.get(name)!r}" for name in differ[:4])
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    return (
+        f"{first} and {second} write the same report reports/{first.notebook.stem}/{first.cell.name}.* with "
+        f"different parameters ({shown}{more}): whichever runs last replaces the other; rename the dataset key "
+        f"in one of them"
+    )

@@ -6,9 +6,9 @@
 Issue 13's rule: bf16 becomes PatchCore's default precision only if image AUROC, pixel AUROC
 and PRO move by at most 0.002 on every committed data set. This script measures exactly that.
 For every cell of ``studies/patchcore.yaml`` (data set x backbone, the study's own parameters:
-10 % coreset, reweighted image score, sigma 4, the data set's resize mode; the two 448 px
-aspect-kept DINOv2 cells at 1 %), in the order of the
-cheapest first, it runs :func:`anomalib_study.evaluate.evaluate` twice in this process, with
+10 % coreset, reweighted image score, sigma 4, the data set's resize mode) and every cell it
+``uses`` (the aspect-kept DINOv2 cells of the resolution and coreset ablations, after the study's
+own), in the order of the cheapest first, it runs :func:`anomalib_study.evaluate.evaluate` twice in this process, with
 ``precision="fp32"`` and ``precision="bf16"`` (backbone forward under bf16 autocast, Flat bank
 search in bf16 with the best 8 candidates of each patch re-ranked in float32), and records:
 
@@ -71,9 +71,6 @@ ORDER = (
     "kolektorsdd",
     "mvtec_loco-juice_bottle",
     "magnetic_tile",
-    "kolektorsdd-322-keep",
-    "kolektorsdd-448-keep",
-    "magnetic_tile-448-keep",
 )
 _START = time.perf_counter()
 
@@ -84,12 +81,14 @@ def log(message: str) -> None:
 
 def study_cells(data: Path | None, only: Sequence[str] = ()) -> list[tuple[str, dict[str, Any] | None, str | None]]:
     """``(cell name, evaluate keyword arguments or None, skip reason or None)`` of the PatchCore study,
-    cheapest first."""
-    from anomalib_study.runner import expand_grid, read_study, resolve_parameters, synthetic_root
+    cheapest first, then the cells it uses (defined by the ablation studies), in its order."""
+    from anomalib_study.runner import expand_grid, read_study, resolve_parameters, synthetic_root, used_cells
 
-    cells = expand_grid(read_study(STUDY))
+    study = read_study(STUDY)
+    cells = expand_grid(study)
     rank = {key: i for i, key in enumerate(ORDER)}
     cells.sort(key=lambda c: (rank.get(c.dataset, len(ORDER)), c.name))
+    cells += [cell for _, cell in used_cells(study)]
     chosen = []
     for cell in cells:
         if only and not any(fnmatch.fnmatchcase(cell.name, pattern) for pattern in only):

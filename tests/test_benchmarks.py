@@ -180,8 +180,8 @@ def _load_script(name: str):
 
 
 def test_bench_patchcore_precision_cells_follow_the_study():
-    """Every cell of studies/patchcore.yaml, cheapest data set first; without real data only the
-    synthetic cells run, the others are skipped with the reason; notebook-only keys are dropped."""
+    """Every cell of studies/patchcore.yaml, cheapest data set first, then the cells it uses; without real
+    data only the synthetic cells run, the others are skipped with the reason; notebook-only keys are dropped."""
     module = _load_script("bench_patchcore_precision")
     cells = module.study_cells(None)
     names = [name for name, _, _ in cells]
@@ -189,10 +189,10 @@ def test_bench_patchcore_precision_cells_follow_the_study():
     assert names[-6:] == [
         "magnetic_tile-dinov2_vits14",
         "magnetic_tile-efficientnet_lite0",
-        "kolektorsdd-322-keep-dinov2_vits14",
-        "kolektorsdd-448-keep-dinov2_vits14",
-        "magnetic_tile-448-keep-dinov2_vits14",
-        "magnetic_tile-448-keep-coreset10-dinov2_vits14",
+        "kolektorsdd-dinov2_vits14-322-keep",
+        "kolektorsdd-dinov2_vits14-448-keep",
+        "magnetic_tile-dinov2_vits14-448-keep",
+        "magnetic_tile-448-keep-coreset10",
     ]
     for name, kwargs, reason in cells:
         assert (kwargs is None) == (reason is not None) == (not name.startswith("synthetic_dagm"))

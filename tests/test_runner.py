@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
 
-from anomalib_study import runner
+from anomalib_study import runner, studies
 from anomalib_study.errors import ParameterError, StudyError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -521,7 +522,8 @@ def test_shipped_study_files_are_valid():
             cells = runner.expand_grid(study)
             runner.check_notebook_parameters(study, cells)
             assert cells
-    # the main job: every method family on the synthetic set, named apart from the full studies' cells
+    # the main job: every method family on the synthetic set; its own cells named apart from the full
+    # studies' cells, kNN and clustering the full studies' own synthetic cells (the same computation)
     default = runner.read_studies(REPO / "studies" / "default.yaml")
     notebooks = [s.notebook.name for s in default]
     assert notebooks == [
@@ -531,7 +533,18 @@ def test_shipped_study_files_are_valid():
         "04_anomaly_clustering.ipynb",
         "05_comparison.ipynb",
     ]
-    names = {c.name for s in default[:4] for c in runner.expand_grid(s)}
+    assert [s.path.name for s in default] == [
+        "knn.yaml",
+        "default.yaml",
+        "default.yaml",
+        "clustering.yaml",
+        "comparison.yaml",
+    ]
+    assert [c.name for s in (default[0], default[3]) for c in runner.expand_grid(s)] == [
+        "synthetic_dagm-efficientnet_lite0",
+        "synthetic_dagm-efficientnet_lite0",
+    ]
+    names = {c.name for s in default[1:3] for c in runner.expand_grid(s)}
     assert all(name.startswith("synthetic_quick-") for name in names)
     full = {
         c.name
@@ -542,7 +555,7 @@ def test_shipped_study_files_are_valid():
     knn = runner.expand_grid(runner.read_study(REPO / "studies" / "knn.yaml"))
     assert len(knn) == 16 and {c.backbone for c in knn} == {"efficientnet_lite0", "dinov2_vits14"}
     smoke = runner.expand_grid(runner.read_study(REPO / "studies" / "autoencoder_smoke.yaml"))
-    assert [c.name for c in smoke] == ["synthetic_dagm-conv", "synthetic_dagm-pretrained-efficientnet_lite0"]
+    assert [c.name for c in smoke] == ["synthetic_smoke-conv", "synthetic_smoke-pretrained-efficientnet_lite0"]
     assert smoke[1].parameters["model"] == "pretrained" and smoke[1].parameters["backbone"] == "efficientnet_lite0"
     compare = runner.expand_grid(runner.read_study(REPO / "studies" / "comparison.yaml"))
     assert [(c.name, c.parameters) for c in compare] == [("all-comparison", {"reports": "{reports}"})]
@@ -571,10 +584,10 @@ def test_suite_runs_its_parts_in_order_into_one_index(project):
         datasets={"synth": {"dataset": "dagm", "root": "{synthetic}", "x": 0.2}},
     )
     _write_notebook(project["root"] / "notebooks" / "other.ipynb")
-    inline = {
+    inline = {  # its own data set key: tiny.yaml's synth-tiny report has other parameters (x 0.1)
         "notebook": "notebooks/tiny.ipynb",
         "backbones": ["tiny"],
-        "datasets": {"synth": {"dataset": "dagm", "root": "{synthetic}"}},
+        "datasets": {"inline": {"dataset": "dagm", "root": "{synthetic}"}},
     }
     suite = _write_suite(project, ["other.yaml", inline])
     studies = runner.read_studies(suite)
@@ -583,19 +596,19 @@ def test_suite_runs_its_parts_in_order_into_one_index(project):
         runner.read_study(suite)
     lines = []
     results = runner.run_study(suite, reports_dir=project["reports"], log=lines.append)
-    assert [(r.name, r.status) for r in results] == [("synth-tiny", "ok"), ("synth-tiny", "ok")]
+    assert [(r.name, r.status) for r in results] == [("synth-tiny", "ok"), ("inline-tiny", "ok")]
     assert results[0].metrics["image_auroc"] == pytest.approx(0.7) and results[1].metrics["image_auroc"] == 0.5
     assert (project["reports"] / "other" / "synth-tiny.html").is_file()
-    assert (project["reports"] / "tiny" / "synth-tiny.html").is_file()
+    assert (project["reports"] / "tiny" / "inline-tiny.html").is_file()
     assert lines[0].startswith("study ") and "other.ipynb" in lines[0]
     index = (project["reports"] / "index.html").read_text()
     assert "other" in index and "tiny" in index
     # --only applies across the parts; a pattern that matches no part's cell is refused
-    again = runner.run_study(suite, reports_dir=project["reports"], only="synth-*", log=lambda line: None)
+    again = runner.run_study(suite, reports_dir=project["reports"], only="*-tiny", log=lambda line: None)
     assert [r.status for r in again] == ["unchanged", "unchanged"]
     assert [r.notebook for r in again] == ["other", "tiny"]
-    one = runner.run_study(suite, reports_dir=project["reports"], only="tiny/synth-*", log=lambda line: None)
-    assert [(r.notebook, r.name) for r in one] == [("tiny", "synth-tiny")]
+    one = runner.run_study(suite, reports_dir=project["reports"], only="tiny/inline-*", log=lambda line: None)
+    assert [(r.notebook, r.name) for r in one] == [("tiny", "inline-tiny")]
     with pytest.raises(StudyError, match="matches no cell"):
         runner.run_study(suite, reports_dir=project["reports"], only="nope", log=lambda line: None)
 
@@ -701,3 +714,176 @@ def test_a_study_that_cannot_run_is_refused_whole_before_any_kernel_starts(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and f"--data {tmp_path / 'no_such_data'} is not a folder" in err and "Traceback" not in err
     assert not reports.exists()
+
+
+# --------------------------------------------------------------------------- one cell per distinct computation
+
+
+def _other_study(project, name, datasets, **overrides):
+    return _write_study(project["root"] / "studies" / name, datasets=datasets, **overrides)
+
+
+def test_a_duplicate_across_two_files_is_found_and_named(project):
+    one = _other_study(project, "a.yaml", {"one": {"dataset": "dagm", "root": "/d", "x": 0.2}})
+    two = _other_study(project, "b.yaml", {"two": {"dataset": "dagm", "root": "/d"}}, parameters={"x": 0.2})
+    problems = studies.duplicate_cells([one, two])
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert problems[0].startswith(f"{one} cell one-tiny and {two} cell two-tiny are the same computation (tiny.ipynb")
+    assert "data dataset 'dagm', root '/d', category None" in problems[0]
+    assert f"drop two-tiny from {two} and list it there as uses: {{a.yaml: [one-tiny]}}" in problems[0]
+
+
+def test_a_parameter_given_at_its_default_counts_as_the_same(project):
+    given = {"dataset": "dagm", "root": "/d", "category": None, "device": "cpu", "x": 0}  # x: 0 == the default 0.0
+    one = _other_study(project, "a.yaml", {"one": given}, parameters={})
+    two = _other_study(project, "b.yaml", {"two": {"dataset": "dagm", "root": "/d"}}, parameters={})
+    problems = studies.duplicate_cells([one, two])
+    assert len(problems) == 1 and "category, device, x given in one of them at the notebook's default" in problems[0]
+    assert studies.notebook_defaults(project["root"] / "notebooks" / "tiny.ipynb")["x"] == 0.0
+
+
+def test_different_data_or_parameters_are_not_a_duplicate(project):
+    base = {"dataset": "dagm", "root": "/d"}
+    one = _other_study(project, "a.yaml", {"one": base})
+    others = {
+        "root": {**base, "root": "/e"},
+        "category": {**base, "category": "Class2"},
+        "layout": {**base, "dataset": "mvtec_ad"},
+        "x": {**base, "x": 0.3},
+    }
+    two = _other_study(project, "b.yaml", others)
+    assert studies.duplicate_cells([one, two]) == []
+
+
+def test_two_cells_writing_one_report_with_other_parameters_are_named(project):
+    two = _other_study(project, "b.yaml", {"synth": {"dataset": "dagm", "root": "{synthetic}"}}, parameters={"x": 0.4})
+    problems = studies.duplicate_cells([project["study"], two])
+    assert problems == [
+        f"{project['study']} cell synth-tiny and {two} cell synth-tiny write the same report "
+        "reports/tiny/synth-tiny.* with different parameters (x 0.1 vs 0.4): whichever runs last replaces the "
+        "other; rename the dataset key in one of them"
+    ]
+    assert studies.duplicate_cells([two], involving=[project["study"]]) == []
+
+
+def test_a_cell_counts_once_where_it_is_defined(project):
+    """A suite part naming a study file (or some of its cells) and a study's ``uses`` run or list that
+    file's cells: no duplicate. An inline part repeating one is, and the fix names the part form."""
+    whole = _write_suite(project, ["tiny.yaml"], name="whole.yaml")
+    some = _write_suite(project, [{"study": "tiny.yaml", "only": ["plain-*"]}], name="some.yaml")
+    assert [c.name for s in runner.read_studies(some) for c in runner.expand_grid(s)] == ["plain-tiny"]
+    user = _other_study(
+        project, "user.yaml", {"mine": {"dataset": "dagm", "root": "/mine"}}, uses={"tiny.yaml": ["plain-tiny"]}
+    )
+    part = _write_suite(project, [{"study": "user.yaml", "only": ["mine-*"]}], name="part.yaml")
+    assert [(s.path.name, s.uses) for s in runner.read_studies(part)] == [("user.yaml", ())]  # its cells only
+    assert studies.duplicate_cells([project["study"], whole, some, user]) == []
+    inline = {
+        "notebook": "notebooks/tiny.ipynb",
+        "parameters": {"x": 0.3},
+        "backbones": ["tiny"],
+        "datasets": {"again": {"dataset": "dagm", "root": "/nowhere/plain"}},
+    }
+    suite = _write_suite(project, [inline], name="inline.yaml")
+    (problem,) = studies.duplicate_cells([suite, project["study"]])
+    assert problem.startswith(f"{project['study']} cell plain-tiny and {suite} cell again-tiny are the same")
+    assert problem.endswith("make that part {study: tiny.yaml, only: [plain-tiny]}")
+    with pytest.raises(StudyError, match=r"studies\[0\]: 'only' 'nope' matches no cell"):
+        runner.read_studies(_write_suite(project, [{"study": "tiny.yaml", "only": ["nope"]}], name="bad.yaml"))
+
+
+def test_uses_names_cells_another_study_file_defines(project):
+    user = _other_study(
+        project, "user.yaml", {"mine": {"dataset": "dagm", "root": "/mine"}}, uses={"tiny.yaml": ["plain-tiny"]}
+    )
+    study = runner.read_study(user)
+    assert [c.name for c in runner.expand_grid(study)] == ["mine-tiny"]  # a used cell is not in the grid
+    assert [(s.path.name, c.name, c.parameters["x"]) for s, c in studies.used_cells(study)] == [
+        ("tiny.yaml", "plain-tiny", 0.3)
+    ]
+    _write_suite(project, ["tiny.yaml"], name="suite.yaml")
+    cases = [
+        ({"tiny.yaml": ["nope-tiny"]}, "does not define it (its cells: synth-tiny, plain-tiny, real-tiny)"),
+        ({"gone.yaml": ["plain-tiny"]}, "uses.gone.yaml' names a study file that is not found"),
+        ({"user.yaml": ["plain-tiny"]}, "user.yaml only uses it: name tiny.yaml, which defines it"),
+        ({"suite.yaml": ["synth-tiny"]}, "names a suite: name the study file that defines the cell"),
+        (["tiny.yaml"], "key 'uses' must be a mapping of study file -> [cell names]"),
+        ({"tiny.yaml": []}, "must be a non-empty list of the cell names"),
+    ]
+    for uses, message in cases:
+        path = _other_study(project, "bad.yaml", {"own": {"dataset": "dagm"}}, uses=uses)
+        with pytest.raises(StudyError, match=re.escape(message)):
+            runner.read_studies(path)
+    path = _other_study(project, "bad.yaml", {"plain": {"dataset": "dagm"}}, uses={"tiny.yaml": ["plain-tiny"]})
+    with pytest.raises(StudyError, match="which is also one of this study's own cells"):
+        runner.read_study(path)
+
+
+def test_run_refuses_a_duplicate_computation_before_any_kernel_starts(project, capsys):
+    copy = _other_study(project, "copy.yaml", {"again": {"dataset": "dagm", "root": "/nowhere/plain", "x": 0.3}})
+    for study in (project["study"], copy):  # either of the two
+        with pytest.raises(StudyError) as refused:
+            runner.run_study(study, reports_dir=project["reports"], log=lambda line: None)
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith(f"study {study} cannot run (nothing was run or written): ")
+        # in the order of the files' names, whichever of the two runs
+        assert f"{copy} cell again-tiny and {project['study']} cell plain-tiny are the same computation" in message
+        assert f"drop plain-tiny from {project['study']} and list it there as uses: {{copy.yaml: [again-tiny]}}" in (
+            message
+        )
+    assert not project["reports"].exists() and project["synthetic_calls"] == []
+    from anomalib_study.cli import main
+
+    assert main(["run", str(copy), "--reports", str(project["reports"])]) == 2
+    err = capsys.readouterr().err
+    assert "again-tiny and " in err and "are the same computation" in err and "Traceback" not in err
+    copy.write_text("{not: valid")  # a sibling that cannot be read is not this study's problem
+    assert runner.duplicate_cells([copy], skip_unreadable=True) == []
+
+
+def test_a_referring_study_lists_the_cell_and_never_runs_it(project):
+    reports, out = project["reports"], project["reports"] / "tiny"
+    user = _other_study(
+        project,
+        "user.yaml",
+        {"mine": {"dataset": "dagm", "root": "/mine", "x": 0.2}},
+        uses={"tiny.yaml": ["plain-tiny"]},
+    )
+    lines = []
+    (missing,) = runner.run_study(user, reports_dir=reports, only="plain-*", log=lines.append)
+    assert missing.status == "skipped" and missing.defined_by == str(project["study"])
+    assert missing.message.startswith(f"missing; used by {user}, defined by {project['study']}: run ")
+    assert f"`anomalib-study run {project['study']} --only 'plain-tiny'`" in missing.message
+    assert not (out / "plain-tiny.metrics.json").exists()  # not run
+    assert "skipped in the last run: missing; used by" in (reports / "index.html").read_text()
+
+    assert [r.status for r in runner.run_study(project["study"], reports_dir=reports, only="plain-tiny")] == ["ok"]
+    before = (out / "plain-tiny.metrics.json").read_bytes()
+    lines = []
+    (listed,) = runner.run_study(user, reports_dir=reports, only="plain-tiny", force=True, log=lines.append)
+    assert listed.status == "unchanged" and listed.defined_by == str(project["study"])
+    assert listed.notebook == "tiny" and listed.metrics["image_auroc"] == pytest.approx(0.8)
+    assert (out / "plain-tiny.metrics.json").read_bytes() == before  # --force reruns own cells, never used ones
+    assert any(f"plain-tiny: defined by {project['study']}, current, not run here" in line for line in lines)
+    assert "(+ 1 used, defined by other studies)" in lines[0]
+
+    study = yaml.safe_load(project["study"].read_text())
+    study["datasets"]["plain"]["x"] = 0.5  # its defining study changed it: the report is stale until rerun there
+    project["study"].write_text(yaml.safe_dump(study))
+    (stale,) = runner.run_study(user, reports_dir=reports, only="plain-tiny", log=lambda line: None)
+    assert stale.status == "skipped" and stale.message.startswith("stale; used by")
+    assert (out / "plain-tiny.metrics.json").read_bytes() == before
+
+
+def test_the_committed_study_files_define_each_computation_once():
+    files = sorted((REPO / "studies").glob("*.yaml"))
+    assert studies.duplicate_cells(files) == []
+    used = {
+        (path.name, other.path.name, cell.name)
+        for path in files
+        for study in runner.read_studies(path)
+        for other, cell in studies.used_cells(study)
+    }
+    assert ("patchcore.yaml", "patchcore_resolution.yaml", "magnetic_tile-dinov2_vits14-448-keep") in used
+    assert ("patchcore.yaml", "patchcore_keep_coreset.yaml", "magnetic_tile-448-keep-coreset10") in used
+    assert ("patchcore_keep_coreset.yaml", "patchcore_resolution.yaml", "magnetic_tile-dinov2_vits14-448-keep") in used

@@ -517,7 +517,8 @@ def test_a_missing_study_file_or_cell_fails_with_a_clear_message(reports, projec
     assert "not found" in results[0].message and verify.exit_code(results) == 1
 
     other = _write_study(
-        project["root"] / "studies" / "renamed.yaml", datasets={"other": {"dataset": "dagm", "root": "{synthetic}"}}
+        project["root"] / "studies" / "renamed.yaml",
+        datasets={"other": {"dataset": "dagm", "root": "{synthetic}", "x": 0.2}},  # not tiny.yaml's computation
     )
     _edit(_committed(reports), lambda data: data["_run"].update(study=str(other)))
     results = verify.verify_reports(reports, log=lambda line: None)
