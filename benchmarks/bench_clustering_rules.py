@@ -322,6 +322,10 @@ def main(argv=None) -> int:
     configs = [c for c in args.configs.split(",") if c]
     parts = [p for p in args.parts.split(",") if p]
     report = {"machine": machine_info(), "sets": sets, "configs": configs, "parts": {}}
+    if args.out.is_file():  # parts measured by an earlier run are kept, those run now replaced
+        import json
+
+        report["parts"] = json.loads(args.out.read_text()).get("parts", {})
     entries = {}
     if {"criteria", "tau"} & set(parts):
         entries = {(s, c): cached(cache, Path(data), s, c, semi=True) for s in sets for c in configs}
