@@ -25,8 +25,8 @@ THIS_STUDY = "this study"
 
 @dataclass
 class SeedTable:
-    """A seed work's table: ``tables`` are ``(caption, frame)`` pairs shown ``columns`` side by
-    side (a frame's first column of repeated values is one group; a tuple column name is a
+    """A seed work's table: ``tables`` are ``(caption, frame)`` pairs, shown side by side where
+    there is room (a frame's first column of repeated values is one group; a tuple column name is a
     two-level heading); ``notes`` say what differs and what is missing; ``summary`` is the
     finding in one sentence."""
 
@@ -36,7 +36,6 @@ class SeedTable:
     tables: list[tuple[str, pd.DataFrame]]
     notes: list[str] = field(default_factory=list)
     summary: str = ""
-    columns: int = 1
 
 
 def _mark(run: Any) -> str:
@@ -169,7 +168,6 @@ def dn2_seed_table(runs: pd.DataFrame) -> SeedTable:
         tables=tables,
         notes=notes,
         summary=("DN2 accuracy at k = 100, ratio 0.92 (better backbone): " + "; ".join(found) + ".") if found else "",
-        columns=min(3, max(1, len(tables))),
     )
 
 
