@@ -211,16 +211,13 @@ def part_tau(entries: dict, splits: int = 50) -> dict:
             scores = entry[mode]
             if scores is None:
                 continue
-            single = {}
-            for share in SHARES:
+            grid = [round(0.1 * f, 6) for f in MULTI_TAU_FACTORS]
+            single = {}  # every share of the single-rule sweep and of the multi-tau grid, clustered once
+            for share in sorted(set(SHARES) | set(grid)):
                 single[share] = cluster_embeddings(
                     weighted_embeddings(Z, patch_weights(scores, label_free_tau(scores, share))), k
                 )
-            grid = [0.1 * f for f in MULTI_TAU_FACTORS]
-            around = [
-                cluster_embeddings(weighted_embeddings(Z, patch_weights(scores, label_free_tau(scores, s))), k)
-                for s in grid
-            ]
+            around = [single[s] for s in grid]
             together = np.mean([(lab[:, None] == lab[None, :]) for lab in around], axis=0)
             consensus = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(
                 1 - together
@@ -248,7 +245,7 @@ def part_tau(entries: dict, splits: int = 50) -> dict:
                 "config": config,
                 "mode": mode,
                 "true": k,
-                "single": {str(s): _nmi(classes, lab) for s, lab in single.items()},
+                "single": {str(s): _nmi(classes, single[s]) for s in SHARES},
                 "multi": _nmi(classes, multi),
                 "consensus": _nmi(classes, consensus),
                 "oracle": max(_nmi(classes, lab) for lab in curve.values()),
