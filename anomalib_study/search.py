@@ -31,15 +31,28 @@ centred bank's covariance with the largest eigenvalues, found at :meth:`fit`) in
 d features, which costs about d / ``candidate_dim`` times less arithmetic; the re-ranking is
 still exact, on all d features, in float32. Candidates are bf16 products with
 ``precision="bf16"``, float32 ones otherwise (then the search is re-ranked in fp32 too).
-``None`` (the default), or a value of at least d, uses every feature. How often the exact
-nearest neighbour survives the projection is measured the same way
+``None`` (the default), or a value of at least d, is faiss's exhaustive search. How often the
+exact nearest neighbour survives the projection is measured the same way
 (:meth:`NearestNeighbourIndex.rerank_hit_rate`); a larger ``rerank`` makes up for a smaller
-``candidate_dim``.
+``candidate_dim``. Each candidate vector ends with the norm of what the components leave out,
+so that the candidate distance is a lower bound of the exact one.
+
+The certificate (every re-ranked search): the r = k - 1 + ``rerank`` candidates of a query are
+the rows of smallest candidate distance, so every other row's exact distance is at least the
+lower bound computed from the r-th candidate distance (less allowances for the rounding of the
+inputs to bf16 and of the float32 sums, :func:`_lower_bound`). When the k-th exact distance
+among the candidates is within that bound, the candidates provably hold the exact k nearest;
+the queries without that certificate are searched again by faiss's exhaustive search. The
+results are therefore those of the exact search (distances summed from the differences, so
+they can differ from faiss's ``|q|^2 + |b|^2 - 2 q.b`` by float rounding), and
+:meth:`NearestNeighbourIndex.describe` records how many queries needed the exhaustive search
+(``exact_fallbacks`` of ``reranked_queries``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -110,14 +123,59 @@ def _query_rows(centred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([rounded * -2, _split(_squared_norms(rounded), dtype), ones], dim=1)
 
 
-def _smallest(scores: torch.Tensor, r: int) -> torch.Tensor:
-    """(b, r) int64: the columns of the ``r`` smallest entries of each row of ``scores`` (b, n), in any order.
-    On the CPU faiss's k-selection (a heap per row, rows in parallel): with 2 threads and r = 8 about twice
-    as fast as torch.topk over 23,520 columns, the conversion to float32 included."""
+def _lower_vectors(rows: torch.Tensor, mean: torch.Tensor, components: torch.Tensor | None) -> torch.Tensor:
+    """(b, w) float32 candidate vectors of ``rows`` (b, d): centred on ``mean``; with ``components`` (d, c),
+    their coordinates on the components followed by the norm of what the components leave out (w = c + 1).
+
+    The distance between two such vectors is never more than the distance between the rows
+    (Pythagoras, then the reverse triangle inequality on the left-out parts), so a candidate
+    distance is a lower bound of the exact one: the certificate of :meth:`NearestNeighbourIndex.search`."""
+    centred = rows - mean
+    if components is None:
+        return centred
+    coordinates = centred @ components
+    residual = centred - coordinates @ components.T  # what the components leave out, computed directly
+    return torch.cat([coordinates, residual.norm(dim=1, keepdim=True)], dim=1)
+
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def _exact_rounding(d: int) -> float:
+    """Relative allowance for float32 rounding in a distance summed over ``d`` features (16 sqrt(d) units
+    in the last place: rounding errors of a sum grow like its square root; 16 is the safety margin)."""
+    return 16.0 * math.sqrt(d + 1) * _UNIT_ROUNDOFF[torch.float32]
+
+
+def _lower_bound(score: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, columns: int, d: int) -> torch.Tensor:
+    """(b,) a lower bound of the exact distance of every bank row whose candidate score (a squared
+    distance between candidate vectors, :func:`_lower_vectors`, computed in ``dtype``) is at least
+    ``score`` (b,), for queries whose candidate vector norm plus the bank's largest is ``scale`` (b,).
+
+    Allowances, each relative to ``scale``: the inputs rounded to ``dtype`` (and float32 rounding of the
+    projection: ``_exact_rounding``), the products' float32 accumulation over ``columns`` + 4 columns
+    with the norms split in two, and the output rounded to ``dtype``. A candidate distance is a lower
+    bound of the exact one (:func:`_lower_vectors`), so rows below this bound were not left out."""
+    unit = _UNIT_ROUNDOFF.get(dtype, _UNIT_ROUNDOFF[torch.bfloat16])
+    low_precision = dtype != torch.float32
+    inputs = (unit if low_precision else 0.0) + _exact_rounding(d + columns)
+    accumulation = 16.0 * math.sqrt(columns + _NORM_COLUMNS) * _UNIT_ROUNDOFF[torch.float32] + (
+        2.0**-15 if low_precision else 0.0
+    )
+    output = unit if low_precision else 0.0
+    squared = score.float() * (1.0 - output) - accumulation * scale.float() ** 2
+    return squared.clamp(min=0).sqrt() - inputs * scale.float()
+
+
+def _smallest(scores: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, r) float32 values and int64 columns of the ``r`` smallest entries of each row of ``scores`` (b, n),
+    in any order. On the CPU faiss's k-selection (a heap per row, rows in parallel): with 2 threads and r = 8
+    about twice as fast as torch.topk over 23,520 columns, the conversion to float32 included."""
     if scores.device.type != "cpu":
-        return scores.topk(r, dim=1, largest=False, sorted=False).indices
-    _, ids = faiss.kmin(scores.float().numpy(), r)
-    return torch.from_numpy(ids)
+        values, ids = scores.topk(r, dim=1, largest=False, sorted=False)
+        return values.float(), ids
+    values, ids = faiss.kmin(scores.float().numpy(), r)
+    return torch.from_numpy(values), torch.from_numpy(ids)
 
 
 def _exact_squared(rows: torch.Tensor, queries: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -383,9 +441,15 @@ class NearestNeighbourIndex:
 
     def _reranked(self) -> bool:
         """Whether :meth:`search` is the re-ranked search (bf16 candidates, or fewer candidate dimensions)."""
-        return getattr(self, "precision_used_", "fp32") == "bf16" or self.candidate_dim is not None
+        fewer = self.candidate_dim is not None and int(self.candidate_dim) < int(getattr(self, "dim_", 0) or 0)
+        return getattr(self, "precision_used_", "fp32") == "bf16" or fewer
+
+    def _reranked_fitted(self) -> bool:
+        return getattr(self, "_low", None) is not None
 
     def _set_precision(self) -> None:
+        self.searched_queries_ = 0
+        self.exact_fallbacks_ = 0
         self.precision_used_ = self._resolve_precision()
         self._low = self._candidate_bank() if self._reranked() else None
         self.candidate_dim_used_ = None if self._low is None else int(self._low["width"])
@@ -393,9 +457,10 @@ class NearestNeighbourIndex:
     def _candidate_bank(self, dtype: torch.dtype | None = None) -> dict:
         """The re-ranked search's view of the bank: the float32 rows (faiss's own storage, not a
         copy, on the CPU), their mean, the principal components the candidates use (None: every
-        feature), their number ``width``, and ``low``: the centred (projected) rows in the candidate
-        type (``dtype``, default bf16 with ``precision_used_ == "bf16"``, else float32), each followed
-        by 1, 1 and its squared norm split in two (:func:`_query_rows`)."""
+        feature), their number ``width``, and ``low``: each row's candidate vector (:func:`_lower_vectors`)
+        in the candidate type (``dtype``, default bf16 with ``precision_used_ == "bf16"``, else float32),
+        followed by 1, 1 and its squared norm split in two (:func:`_query_rows`); ``max_norm``: the
+        largest norm of a candidate vector (the certificate's rounding allowance scales with it)."""
         n, d = int(self.index_.ntotal), int(self.dim_)
         device = self._torch_device()
         if dtype is None:
@@ -408,16 +473,26 @@ class NearestNeighbourIndex:
             if self.candidate_dim is not None and int(self.candidate_dim) < d:
                 components = _principal_components(rows, mean, int(self.candidate_dim), step)
             width = d if components is None else components.shape[1]
-            low = torch.empty(n, width + _NORM_COLUMNS, dtype=dtype, device=device)
+            columns = width if components is None else width + 1
+            low = torch.empty(n, columns + _NORM_COLUMNS, dtype=dtype, device=device)
+            max_norm = 0.0
             for start in range(0, n, step):
-                centred = rows[start : start + step] - mean
-                low[start : start + step, :width] = centred if components is None else centred @ components
+                vectors = _lower_vectors(rows[start : start + step], mean, components)
+                max_norm = max(max_norm, float(vectors.norm(dim=1).max()))
+                low[start : start + step, :columns] = vectors
                 # [b, 1, 1, |b|^2 (value), |b|^2 (remainder)]: see _query_rows
-                low[start : start + step, width : width + 2] = 1.0
-                low[start : start + step, width + 2 :] = _split(
-                    _squared_norms(low[start : start + step, :width]), dtype
+                low[start : start + step, columns : columns + 2] = 1.0
+                low[start : start + step, columns + 2 :] = _split(
+                    _squared_norms(low[start : start + step, :columns]), dtype
                 )
-        return {"rows": rows, "mean": mean, "components": components, "low": low, "width": width}
+        return {
+            "rows": rows,
+            "mean": mean,
+            "components": components,
+            "low": low,
+            "width": width,
+            "max_norm": max_norm,
+        }
 
     def _apply_search_params(self) -> None:
         if self.nprobe is not None:
@@ -471,7 +546,9 @@ class NearestNeighbourIndex:
             raise ParameterError(f"k={k} is larger than the {self.ntotal} vectors in the index: use k <= {self.ntotal}")
         queries = _as_matrix("queries", queries, dim=self.dim_)
         if self._reranked():
-            distances, indices, _ = self._reranked_search(queries, int(k))
+            distances, indices, _, certified = self._reranked_search(queries, int(k))
+            self.searched_queries_ = getattr(self, "searched_queries_", 0) + int(certified.size)
+            self.exact_fallbacks_ = getattr(self, "exact_fallbacks_", 0) + int((~certified).sum())
             return distances, indices
         _set_faiss_threads()
         distances, indices = self._search_index.search(queries, int(k))
@@ -485,36 +562,64 @@ class NearestNeighbourIndex:
             distances[missing] = -np.inf
         return distances, indices
 
-    def _reranked_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _reranked_search(
+        self, queries: np.ndarray, k: int, certify: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The re-ranked search of checked float32 ``queries`` (q, d): (distances (q, k), indices (q, k),
-        candidates (q, r)), r = min(ntotal, max(k, rerank)); distances Euclidean, exact float32.
-        Without a candidate bank of its own (faiss's fp32 search), bf16 candidates on every feature
-        (or on ``candidate_dim`` components): what the bf16 search would give."""
+        candidates (q, r), certified (q,) bool), r = min(ntotal, k - 1 + rerank); distances Euclidean,
+        exact float32. Without a candidate bank of its own (faiss's fp32 search), bf16 candidates on every
+        feature (or on ``candidate_dim`` components): what the bf16 search would give.
+
+        ``certified[i]``: the candidates provably hold query i's exact k nearest (:func:`_lower_bound`).
+        With ``certify``, the other queries are searched again by faiss's exact search (their distances
+        recomputed the same way as the certified ones), so every result is the exact search's."""
         low = self._low if getattr(self, "_low", None) is not None else self._candidate_bank(torch.bfloat16)
         n = low["low"].shape[0]
         d = self.dim_
-        r = min(n, max(int(k), int(self.rerank)))
+        r = min(n, int(k) - 1 + int(self.rerank))
         block = max(1, min(_SCORE_BLOCK // n, _GATHER_BLOCK // (r * d)))
         _set_faiss_threads()
         q_all = torch.from_numpy(queries).to(low["rows"].device)
         distances = np.empty((queries.shape[0], k), dtype=np.float32)
         indices = np.empty((queries.shape[0], k), dtype=np.int64)
         candidates = np.empty((queries.shape[0], r), dtype=np.int64)
+        certified = np.ones(queries.shape[0], dtype=bool)
+        dtype = low["low"].dtype
+        columns = low["low"].shape[1] - _NORM_COLUMNS
         with torch.inference_mode():
             for start in range(0, queries.shape[0], block):
                 q = q_all[start : start + block]
-                centred = q - low["mean"]
-                if low["components"] is not None:
-                    centred = centred @ low["components"]
-                scores = _query_rows(centred, low["low"].dtype) @ low["low"].T  # squared distances, candidate type
-                chosen = _smallest(scores, r) if r < n else torch.arange(n, device=q.device).expand(q.shape[0], n)
+                vectors = _lower_vectors(q, low["mean"], low["components"])
+                scores = _query_rows(vectors, dtype) @ low["low"].T  # squared distances, candidate type
+                if r < n:
+                    values, chosen = _smallest(scores, r)
+                else:
+                    values, chosen = None, torch.arange(n, device=q.device).expand(q.shape[0], n)
                 del scores
                 best, where = _exact_squared(low["rows"], q, chosen).topk(k, dim=1, largest=False, sorted=True)
                 end = start + q.shape[0]
                 distances[start:end] = best.sqrt().cpu().numpy()
                 indices[start:end] = chosen.gather(1, where).cpu().numpy()
                 candidates[start:end] = chosen.cpu().numpy()
-        return distances, indices, candidates
+                if values is not None:  # every other row scored at least the largest candidate score
+                    bound = _lower_bound(
+                        values.max(dim=1).values, vectors.norm(dim=1) + low["max_norm"], dtype, columns, d
+                    )
+                    kth = best[:, -1].clamp(min=0).sqrt() * (1 + _exact_rounding(d))
+                    certified[start:end] = (kth <= bound).cpu().numpy()
+        if certify and not certified.all():
+            self._exact_again(queries, np.flatnonzero(~certified), k, low["rows"], distances, indices)
+        return distances, indices, candidates, certified
+
+    def _exact_again(self, queries, which, k, rows, distances, indices) -> None:
+        """Search ``queries[which]`` with faiss's exact search; their distances recomputed as the re-ranked
+        search computes them (sums of squared differences), written into ``distances`` / ``indices``."""
+        _, exact_ids = self.index_.search(queries[which], int(k))
+        exact_ids = torch.from_numpy(np.ascontiguousarray(exact_ids, dtype=np.int64))
+        exact = _exact_squared(rows.cpu(), torch.from_numpy(queries[which]), exact_ids)
+        order = torch.sort(exact, dim=1, stable=True).indices
+        distances[which] = exact.gather(1, order).clamp(min=0).sqrt().numpy()
+        indices[which] = exact_ids.gather(1, order).numpy()
 
     def rerank_hit_rate(self, queries) -> dict:
         """How often the re-ranked search's candidates contain the exact nearest neighbour, on ``queries`` (q, d).
@@ -535,7 +640,7 @@ class NearestNeighbourIndex:
                 f"'Flat' and metric 'l2', got {self.factory!r}, {self.metric!r}"
             )
         queries = _as_matrix("queries", queries, dim=self.dim_)
-        reranked, _, candidates = self._reranked_search(queries, 1)
+        reranked, _, candidates, _ = self._reranked_search(queries, 1, certify=False)
         _set_faiss_threads()
         exact_sq, exact_ids = self.index_.search(queries, 1)
         exact = np.sqrt(np.clip(exact_sq[:, 0], 0.0, None))
@@ -567,6 +672,8 @@ class NearestNeighbourIndex:
             "rerank": self.rerank,
             "candidate_dim": self.candidate_dim,
             "candidate_dim_used": getattr(self, "candidate_dim_used_", None),
+            "reranked_queries": getattr(self, "searched_queries_", 0) if self._reranked_fitted() else None,
+            "exact_fallbacks": getattr(self, "exact_fallbacks_", 0) if self._reranked_fitted() else None,
         }
 
     # ------------------------------------------------------------------ bytes

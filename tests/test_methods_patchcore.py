@@ -376,7 +376,7 @@ def test_search_dim_gives_the_exact_scores_and_is_saved(tmp_path, bf16_quietly):
     loaded = PatchCore.load(model.save(tmp_path / "projected.npz"))
     assert loaded.search_dim == 12 and loaded.index_.candidate_dim_used_ == 12
     np.testing.assert_array_equal(loaded.score(test), model.score(test))
-    with pytest.raises(ParameterError, match="search_dim.*index='Flat'"):
-        PatchCore(index="IVF2,Flat", search_dim=8, progress=False).fit(train)
+    # approximate indexes search as faiss does: search_dim (like the default 256) does not apply to them
+    assert PatchCore(index="IVF2,Flat", search_dim=8, progress=False).fit(train).index_.candidate_dim_used_ is None
     with pytest.raises(ParameterError, match="search_dim must be >= 1"):
         PatchCore(search_dim=0, progress=False).fit(train)

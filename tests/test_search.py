@@ -62,6 +62,8 @@ def test_input_not_modified_and_non_contiguous_accepted():
         "rerank": 8,
         "candidate_dim": None,
         "candidate_dim_used": None,
+        "reranked_queries": None,
+        "exact_fallbacks": None,
     }
 
 
@@ -230,20 +232,26 @@ def test_bf16_candidates_are_rounded_relative_to_the_distance(bf16_quietly):
     queries = (centres[rng.integers(0, 6, 500)] + rng.normal(size=(500, 64))).astype(np.float32)
     assert NearestNeighbourIndex(precision="bf16", rerank=1).fit(bank).rerank_hit_rate(queries)["hit_rate"] >= 0.95
     assert NearestNeighbourIndex(precision="bf16", rerank=2).fit(bank).rerank_hit_rate(queries)["hit_rate"] >= 0.99
-    # float32 candidates through the same product (every feature): the exact neighbours
-    assert NearestNeighbourIndex(candidate_dim=64, rerank=1).fit(bank).rerank_hit_rate(queries)["hit_rate"] == 1.0
+    # with the certificate, the search itself returns the exact neighbours whatever the candidates held
+    exact = NearestNeighbourIndex().fit(bank).search(queries, 1)[1]
+    np.testing.assert_array_equal(NearestNeighbourIndex(precision="bf16", rerank=1).fit(bank).search(queries, 1)[1], exact)
 
 
 def test_rerank_hit_rate_on_near_ties(bf16_quietly):
     bank, queries = _near_ties()
     one = NearestNeighbourIndex(precision="bf16", rerank=1).fit(bank)
     report = one.rerank_hit_rate(queries)
-    _, found = one.search(queries, 1)
-    right = found[:, 0] == np.arange(len(queries))  # the exact neighbour of query i is row i
+    _, _, candidates, certified = one._reranked_search(queries, 1, certify=False)
+    right = candidates[:, 0] == np.arange(len(queries))  # the exact neighbour of query i is row i
     assert 0 < report["hit_rate"] < 1  # bf16 picks the wrong one of the two rows about half the time
     assert report["n_hits"] == int(right.sum()) and report["n_queries"] == len(queries)
     assert report["hit_rate"] == pytest.approx(right.mean())
     assert report["rerank"] == 1 and report["max_distance_excess"] == pytest.approx(1e-3, rel=0.05)
+    # the certificate never vouches for a wrong candidate; the search itself falls back to the exact one
+    assert not certified[~right].any()
+    _, found = one.search(queries, 1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(len(queries)))
+    assert one.describe()["exact_fallbacks"] >= int((~right).sum())
     # with both rows among the candidates, the float32 re-ranking always finds the exact one
     two = NearestNeighbourIndex(precision="bf16", rerank=2).fit(bank)
     assert two.rerank_hit_rate(queries) == {
@@ -323,22 +331,49 @@ def test_candidate_dim_projects_on_the_principal_components_and_reranks_exactly(
     np.testing.assert_allclose(components.T @ components, np.eye(6), atol=1e-5)
     variance = ((bank - bank.mean(0)) @ components).var(axis=0)
     assert (np.diff(variance) <= 1e-3).all()
-    # as many dimensions as the features (or more): every feature, re-ranked in float32
-    assert NearestNeighbourIndex(candidate_dim=64).fit(bank).candidate_dim_used_ == 32
-    assert NearestNeighbourIndex().fit(bank).candidate_dim_used_ is None  # faiss's own search
+    # as many dimensions as the features (or more): faiss's own exact search, no candidates
+    assert NearestNeighbourIndex(candidate_dim=64).fit(bank).candidate_dim_used_ is None
+    assert NearestNeighbourIndex().fit(bank).candidate_dim_used_ is None
 
 
-def test_too_few_candidate_dimensions_miss_and_the_hit_rate_says_so():
+def test_too_few_candidate_dimensions_miss_the_hit_rate_says_so_and_the_search_stays_exact():
     """Two dimensions of a six-dimensional cloud cannot rank its neighbours: the candidates often miss the exact
-    nearest row, which rerank_hit_rate counts (and the distance it returns is then larger, never smaller)."""
+    nearest row, which rerank_hit_rate counts; the certificate catches every miss, so search() falls back to
+    the exact search for those queries and returns the exact neighbours all the same."""
     bank, queries = _low_rank(500).astype(np.float32), _low_rank(200, seed=2).astype(np.float32)
     index = NearestNeighbourIndex(candidate_dim=2, rerank=2).fit(bank)
     report = index.rerank_hit_rate(queries)
     exact_d, exact_i = NearestNeighbourIndex().fit(bank).search(queries, 1)
+    assert report["hit_rate"] < 0.9 and report["max_distance_excess"] > 0
+    _, candidate_i, _, certified = index._reranked_search(queries, 1, certify=False)
+    assert not certified[candidate_i[:, 0] != exact_i[:, 0]].any()
     found_d, found_i = index.search(queries, 1)
-    assert 0.0 < report["hit_rate"] < 0.9 and report["max_distance_excess"] > 0
-    assert report["hit_rate"] == pytest.approx((found_i[:, 0] == exact_i[:, 0]).mean())
-    assert (found_d[:, 0] >= exact_d[:, 0] - 1e-4).all()
+    np.testing.assert_array_equal(found_i, exact_i)
+    np.testing.assert_allclose(found_d, exact_d, rtol=1e-5, atol=1e-4)
+    assert index.describe()["exact_fallbacks"] == int((~certified).sum()) > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("candidate_dim", [None, 4, 12])
+def test_candidate_distances_are_lower_bounds_within_the_certificates_allowance(bf16_quietly, precision, candidate_dim):
+    """The certificate's premise, checked over every (query, bank row) pair: the bound computed from a row's
+    candidate score is never above the row's exact distance (rows far from and near the query alike)."""
+    import torch
+
+    from anomalib_study.search import _NORM_COLUMNS, _lower_bound, _lower_vectors, _query_rows
+
+    rng = np.random.default_rng(5)
+    bank = (_low_rank(400, rank=10) + rng.normal(scale=0.5, size=(400, 32))).astype(np.float32)
+    queries = np.concatenate([bank[:50] + 0.01 * rng.normal(size=(50, 32)), _low_rank(50, seed=7)]).astype(np.float32)
+    index = NearestNeighbourIndex(precision=precision, candidate_dim=candidate_dim).fit(bank)
+    low = index._low if index._low is not None else index._candidate_bank(torch.bfloat16)
+    vectors = _lower_vectors(torch.from_numpy(queries), low["mean"], low["components"])
+    scores = (_query_rows(vectors, low["low"].dtype) @ low["low"].T).float()
+    columns = low["low"].shape[1] - _NORM_COLUMNS
+    scale = (vectors.norm(dim=1) + low["max_norm"])[:, None].expand_as(scores)
+    bound = _lower_bound(scores.reshape(-1), scale.reshape(-1), low["low"].dtype, columns, 32).reshape(scores.shape)
+    exact = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(axis=2))
+    assert (bound.numpy() <= exact).all()
 
 
 def test_candidate_dim_refusals_and_bytes():
