@@ -29,6 +29,7 @@ from anomalib_study.evaluate_clustering import evaluate_clustering
 from anomalib_study.evaluate_detection import evaluate_detection
 from anomalib_study.evaluate_detection import masks_like_input as masks_like_input
 from anomalib_study.evaluate_detection import patchcore_coreset_ablation as patchcore_coreset_ablation
+from anomalib_study.hardware import native_bf16
 from anomalib_study.io import check_output_folder, write_json
 from anomalib_study.methods.base import MethodSpec, RunOptions
 from anomalib_study.provenance import collect as collect_provenance
@@ -69,6 +70,7 @@ def _environment(
         "cpu_count": os.cpu_count(),
         "device": device,
         **{key: recorded[key] for key in ("cpu_model", "threads", "gpu", "torch", "git_commit", "git_dirty")},
+        "native_bf16": native_bf16(device),
         "weights_sha256": (backbone.weights_sha256 or "none") if uses_weights else "none",
     }
     if "seed" in params:

@@ -226,7 +226,6 @@ def _rerun(committed: dict, change=None) -> dict:
         text = text.replace(old, new)
     new = json.loads(text)
     new["timings"] = {"fit_s": 99.0}
-    new["environment"] = {"cpu_model": "Intel Xeon"}
     if change:
         change(new)
     return new
@@ -324,6 +323,30 @@ def test_an_auroc_change_of_1e_3_is_a_drift_float_rounding_is_not():
     assert rounded.status == "matched" and rounded.tolerated == []
     # --tolerance widens every number's
     assert _judge(committed, _rerun(committed, lambda new: new.update(image_auroc=0.751)), tolerance=0.01).tolerated
+
+
+def test_a_report_from_another_cpu_holds_its_numbers_to_relative_1e_4_labels_stay_exact():
+    committed = _metrics()
+
+    def other_cpu(shift, label=None):
+        def change(new):
+            new["environment"] = {"cpu_model": "Intel Xeon"}
+            new["image_auroc"] = 0.75 * (1 + shift)
+            if label:
+                new["per_image"][0]["defect_type"] = label
+
+        return _rerun(committed, change)
+
+    result = _judge(committed, other_cpu(5e-5))
+    assert result.status == "matched" and [(d.key, d.tolerance) for d in result.tolerated] == [
+        ("image_auroc", "relative 0.0001")
+    ]
+    assert _judge(committed, other_cpu(2e-4)).status == "drifted"
+    assert [d.key for d in _judge(committed, other_cpu(0.0, label="crack")).drifts] == ["per_image[0].defect_type"]
+    # the same shift on the report's own CPU is a drift
+    same = _rerun(committed, lambda new: new.update(image_auroc=0.75 * (1 + 5e-5)))
+    assert _judge(committed, same).status == "drifted"
+    assert any(row["method"].endswith("another CPU") for row in verify.tolerance_table())
 
 
 def test_the_autoencoders_training_losses_have_a_tolerance_patchcore_scores_do_not():
