@@ -78,6 +78,20 @@ def test_matches_the_plain_algorithm_and_is_deterministic():
     assert not np.array_equal(first, GreedyCoresetSampler(ratio=0.05, projection_dim=None, seed=4).run(x))
 
 
+def test_batched_passes_pick_the_same_points_as_one_pass_per_centre():
+    """Once pruning stops paying, each pass computes the distances to the 64 farthest points at once;
+    every step still picks the plain loop's farthest point: the same set (near-tied pairs may come in
+    the other order, the distances coming from a matrix-matrix instead of a matrix-vector product)."""
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(6000, 24)) @ rng.normal(size=(24, 48)) + rng.normal(size=(6000, 48))).astype(np.float32)
+    plain = GreedyCoresetSampler(ratio=0.05, projection_dim=None, seed=0, batch_centres=1).run(x)
+    for batch in (2, 7, 64):
+        batched = GreedyCoresetSampler(ratio=0.05, projection_dim=None, seed=0, batch_centres=batch).run(x)
+        assert len(batched) == 300 and set(batched.tolist()) == set(plain.tolist())
+        assert batched[0] == plain[0]
+    assert batched.tolist() == _naive_greedy(x, 300, int(batched[0]))
+
+
 def test_projection_is_seeded_and_used_above_projection_dim():
     x = np.random.default_rng(1).normal(size=(500, 64)).astype(np.float32)
     a = GreedyCoresetSampler(ratio=0.1, projection_dim=16, seed=0).run(x)

