@@ -58,7 +58,9 @@ def stage_seconds(timings: dict[str, Any], duration_s: float | None) -> dict[str
     """A report's ``timings`` summed into :data:`STAGES` (leaf keys only: a key that other keys
     refine, e.g. ``fit_s`` beside ``fit_extract_s``, or a mode's total beside its parts, is left out),
     and ``rendering`` = ``duration_s`` less the notebook's own ``total_s`` (when both are known)."""
-    numbers = {k: float(v) for k, v in (timings or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {
+        k: float(v) for k, v in (timings or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     keys = [k for k in numbers if not any(s in k for s in _SKIPPED)]
     leaves = [k for k in keys if not any(o != k and o.startswith(k[: -len("_s")] + "_") for o in keys)]
     out: dict[str, float] = {}
@@ -207,8 +209,10 @@ def _print(result: dict[str, Any]) -> None:
         if side not in result:
             continue
         t = result[side]
-        print(f"{side}: {t['total_h']} h over {t['n_timed']} of {t['n_cells']} cells; per notebook (h): "
-              + ", ".join(f"{k} {v / 3600:.2f}" for k, v in t["per_notebook_s"].items()))
+        print(
+            f"{side}: {t['total_h']} h over {t['n_timed']} of {t['n_cells']} cells; per notebook (h): "
+            + ", ".join(f"{k} {v / 3600:.2f}" for k, v in t["per_notebook_s"].items())
+        )
         print("  slowest: " + ", ".join(f"{c['cell']} {c['seconds'] / 60:.0f} min" for c in t["slowest"][:5]))
     if "before" in result and result["after"]["total_s"]:
         print(f"ratio before / after: {result['before']['total_s'] / result['after']['total_s']:.2f}")

@@ -41,7 +41,13 @@ def test_stage_seconds_sums_leaf_keys_into_stages_and_rendering_is_the_rest():
         "predict": 14.0,
         "rendering": 15.0,
     }
-    autoencoder = {"fit_s": 50.0, "fit_decode_s": 1.0, "fit_train_s": 49.0, "fit_seconds_per_epoch": 5.0, "total_s": 55.0}
+    autoencoder = {
+        "fit_s": 50.0,
+        "fit_decode_s": 1.0,
+        "fit_train_s": 49.0,
+        "fit_seconds_per_epoch": 5.0,
+        "total_s": 55.0,
+    }
     assert bench.stage_seconds(autoencoder, None) == {"training": 50.0}
     clustering = {"unsupervised_s": 9.0, "unsupervised_patch_scores_s": 6.0, "unsupervised_cluster_s": 3.0}
     assert bench.stage_seconds(clustering, None) == {"clustering": 3.0, "predict": 6.0}

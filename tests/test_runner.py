@@ -535,8 +535,8 @@ def test_shipped_study_files_are_valid():
     ]
     assert [s.path.name for s in default] == [
         "knn.yaml",
-        "default.yaml",
-        "default.yaml",
+        "patchcore_quick.yaml",
+        "autoencoder_quick.yaml",
         "clustering.yaml",
         "comparison.yaml",
     ]

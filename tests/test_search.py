@@ -234,7 +234,9 @@ def test_bf16_candidates_are_rounded_relative_to_the_distance(bf16_quietly):
     assert NearestNeighbourIndex(precision="bf16", rerank=2).fit(bank).rerank_hit_rate(queries)["hit_rate"] >= 0.99
     # with the certificate, the search itself returns the exact neighbours whatever the candidates held
     exact = NearestNeighbourIndex().fit(bank).search(queries, 1)[1]
-    np.testing.assert_array_equal(NearestNeighbourIndex(precision="bf16", rerank=1).fit(bank).search(queries, 1)[1], exact)
+    np.testing.assert_array_equal(
+        NearestNeighbourIndex(precision="bf16", rerank=1).fit(bank).search(queries, 1)[1], exact
+    )
 
 
 def test_rerank_hit_rate_on_near_ties(bf16_quietly):

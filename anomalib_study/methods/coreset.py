@@ -360,7 +360,6 @@ class GreedyCoresetSampler(BaseSampler):
             bar.update(1)
         return selected.cpu().numpy()
 
-
     def _greedy_batched(self, x, norms, min_sq, selected, first_step, m, bar) -> np.ndarray:
         """The plain greedy selection, ``batch_centres`` distance rows per pass over the features.
 
