@@ -16,25 +16,17 @@ to the paper's 1024 only repeats values and inflates the memory bank.
 from __future__ import annotations
 
 import os
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalib_study.errors import ParameterError
+from anomalib_study.errors import DataError, ParameterError
+from anomalib_study.patch_cache import PatchBatch as PatchBatch
+from anomalib_study.patch_cache import PatchCache
 
 __all__ = ["PatchFeatures", "PatchBatch", "patch_features", "iter_patch_features", "collect_patch_features"]
-
-
-class PatchBatch(NamedTuple):
-    """One batch of :func:`iter_patch_features`: ``positions`` in the paths, ``features``
-    (B, h*w, D) float32, the patch ``grid`` (h, w) and the preprocessed ``input_size`` (H, W)."""
-
-    positions: list[int]
-    features: np.ndarray
-    grid: tuple[int, int]
-    input_size: tuple[int, int]
 
 
 def _check_dim(name: str, value) -> int | None:
@@ -174,6 +166,8 @@ def iter_patch_features(
     desc: str | None = None,
     errors: dict[int, str] | None = None,
     precision: str = "fp32",
+    cache: PatchCache | bool | None = True,
+    record: dict | None = None,
 ) -> Iterator[PatchBatch]:
     """Yield one :class:`PatchBatch` ``(positions, features (B, h*w, D) float32 numpy, grid
     (h, w), input_size (H, W))`` per batch.
@@ -185,6 +179,11 @@ def iter_patch_features(
     order: ``positions`` say where they belong). ``errors`` and ``precision`` (of the backbone
     forward, "fp32" or "bf16"; the patch features are float32) as in
     :func:`~anomalib_study.features.extract_feature_maps`.
+
+    ``cache``: the :class:`~anomalib_study.patch_cache.PatchCache` the batches are read from
+    when another run extracted the same images the same way, and stored into otherwise
+    (True: the default one; False / None: none). ``record`` (a dict) receives what happened:
+    ``{"patch_cache": "hit" | "extracted" | "off", "key": ...}`` (extracted: and stored, where the write succeeded).
     """
     from tqdm.auto import tqdm
 
@@ -193,8 +192,39 @@ def iter_patch_features(
     layers = maker.resolve_layers(backbone)
     check_forward_precision(precision)
     paths = paths if isinstance(paths, (str, os.PathLike)) else list(paths)  # a single path is refused below
+    from anomalib_study.backbones import Backbone
+
+    store = PatchCache() if cache is True else (cache or None)
+    if store is not None and (
+        not store.enabled or not isinstance(backbone, Backbone) or isinstance(paths, (str, os.PathLike)) or not paths
+    ):
+        store = None  # off, a backbone without a recorded identity, or an argument refused below
+    key = described = None
+    if store is not None:
+        try:
+            key, described = _cache_key(store, backbone, paths, maker, layers, batch_size, device, precision)
+        except (DataError, OSError):  # a missing file: the extraction below records it (or raises) as usual
+            store = None
+    if store is not None:
+        stored = store.read(key, errors)
+        if stored is not None:
+            if record is not None:
+                record.update(patch_cache="hit", key=key)
+            bar = tqdm(
+                total=len(paths), desc=(desc or "patch features") + " (stored)", disable=not progress, unit="img"
+            )
+            try:
+                for batch in stored:
+                    bar.update(len(batch.positions))
+                    yield batch
+            finally:
+                bar.close()
+            return
+    if record is not None:
+        record.update(patch_cache="off" if store is None else "extracted", key=key)
     bar = tqdm(total=len(paths), desc=desc or f"{backbone.name} patch features", disable=not progress, unit="img")
-    try:
+
+    def extracted() -> Iterator[PatchBatch]:
         for positions, images in image_batches(
             backbone, paths, batch_size=batch_size, num_workers=num_workers, device=device, errors=errors
         ):
@@ -203,8 +233,35 @@ def iter_patch_features(
                 features, grid = maker(maps, layers)
             bar.update(len(positions))
             yield PatchBatch(positions, features.cpu().numpy(), grid, (int(images.shape[-2]), int(images.shape[-1])))
+
+    try:
+        if store is None:
+            yield from extracted()
+        else:
+            yield from store.write_through(key, described, extracted(), errors)
     finally:
         bar.close()
+
+
+def _cache_key(store, backbone, paths, maker, layers, batch_size, device, precision) -> tuple[str, dict]:
+    """The patch cache's key of one extraction (see :mod:`anomalib_study.patch_cache`)."""
+    from anomalib_study.backbones import resolve_device
+    from anomalib_study.features import FeatureCache
+
+    hashes = FeatureCache(store.root.parent / "features").content_hashes(paths)
+    fields = {
+        "backbone": backbone.name,
+        "weights_sha256": backbone.weights_sha256,
+        "preprocessing": backbone.preprocessing,
+        "layers": list(layers),
+        "patch_size": maker.patch_size,
+        "per_layer_dim": maker.per_layer_dim,
+        "target_dim": maker.target_dim,
+        "precision": precision,
+        "device": resolve_device(device).type,
+        "batch_size": int(batch_size),
+    }
+    return store.key(fields, hashes)
 
 
 def collect_patch_features(

@@ -109,6 +109,7 @@ UNCOMPARED = (
     "peak_memory*",
     "peak_rss*",
     "*_mb",  # memory
+    "patch_cache",  # whether the patch features were read from the cache or extracted: the same features
 )
 
 #: fnmatch patterns on a key's last name: a string there, inside a table (a list, or a dict

@@ -33,6 +33,7 @@ LAYERS = {
     "anomalib_study.backbones": 2,
     "anomalib_study.features": 3,
     "anomalib_study.patches": 3,
+    "anomalib_study.patch_cache": 3,
     "anomalib_study.search": 4,
     "anomalib_study.methods": 5,
     "anomalib_study.metrics": 6,

@@ -71,5 +71,13 @@ class PatchImages:
             device=self.device,
             progress=self.progress,
             desc=desc,
+            record=self._patch_cache_record(desc),
             **options,
         )
+
+    def _patch_cache_record(self, desc: str) -> dict:
+        """The dict :func:`~anomalib_study.patches.iter_patch_features` records the patch cache's use into,
+        one per kind of extraction (``desc``), kept in ``patch_cache_`` for the report."""
+        log = self.__dict__.setdefault("patch_cache_", {})
+        log[desc] = {}
+        return log[desc]

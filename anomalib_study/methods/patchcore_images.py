@@ -70,6 +70,7 @@ class PatchCoreImages(PatchImages):
             desc=desc,
             errors=errors,
             precision=precision,
+            record=self._patch_cache_record(desc),
         )
 
     def extract_patches(
