@@ -45,11 +45,16 @@ exact float32 nearest neighbour (:meth:`NearestNeighbourIndex.rerank_hit_rate`),
 real bank of the fit runs. ``coreset_precision`` compares the greedy coreset with fp32 /
 bf16 / fp16 distance updates (time, overlap with the fp32 selection, covering radius).
 
-A setting may also name fewer search dimensions, ``<precision>@<dims>`` (e.g. ``bf16@256``):
+A setting without ``@`` is PatchCore with its defaults (``search_dim=256``: the certified
+re-ranked search, whose results are the exhaustive search's); ``<precision>@full`` is faiss's
+exhaustive search on every feature (the setting the earlier runs called plain ``fp32``), and
+``<precision>@<dims>`` (e.g. ``bf16@256``) names the search dimensions:
 ``PatchCore(precision=..., search_dim=dims)``, whose bank search takes its candidates from the
 bank's first ``dims`` principal components and re-ranks the best 8 of each patch exactly on
 every feature; its floor counts the candidate products at ``dims`` columns, the projection of
-the queries (2 q d dims, fp32 rate) and the re-ranking.
+the queries (2 q d dims, fp32 rate) and the re-ranking. Our predict-only runs fill the bank
+with a random 10 % of the first N training images' real patches (the certified search's cost
+depends on the data), anomalib's with random normal rows of the same shape.
 
 ``--quick`` runs only our side, in this process, on a few generated 64 px tiles with a
 random ResNet-18 (seconds; no anomalib, no data); it writes nothing unless ``--out``.
@@ -203,9 +208,15 @@ def _our_side_main(args: argparse.Namespace) -> int:
         [Path(line) for line in Path(args.test_list).read_text().split("\n") if line.strip()] if args.test_list else []
     )
     if args.bank_rows:
+        train = (
+            [Path(line) for line in Path(args.train_list).read_text().split("\n") if line.strip()]
+            if args.train_list
+            else None
+        )
         result = our_predict_only(
             test,
             args.bank_rows,
+            train_paths=train,
             backbone=args.backbone,
             weights=args.weights,
             layers=args.layers,

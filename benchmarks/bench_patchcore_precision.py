@@ -124,6 +124,7 @@ def measure(kwargs: dict[str, Any], hit_images: int, quick: bool = False, compar
     runs: dict[str, Any] = {}
     for setting in ("fp32", compare):
         precision, search_dim = parse_setting(setting)
+        search_dim = None if search_dim == "default" else search_dim  # here a setting without @: every feature
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "bf16 is emulated": recorded as native_bf16
             metrics = evaluate(
@@ -345,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench_patchcore import parse_setting
 
         precision, search_dim = parse_setting(args.compare)
+        search_dim = None if search_dim == "default" else search_dim  # here a setting without @: every feature
         if args.compare == "fp32":
             raise StudyError("--compare fp32 compares fp32 with itself: give bf16 or a setting with @<dims>")
         default_out = (

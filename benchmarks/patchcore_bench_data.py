@@ -40,19 +40,34 @@ CORESET_CHECK_IMAGES = 20  # training images whose patches the coreset-precision
 _START = time.perf_counter()
 
 
-def parse_setting(setting: str) -> tuple[str, int | None]:
-    """``"fp32"`` / ``"bf16"`` / ``"auto"``, optionally ``@<dims>`` -> (precision, search_dim or None).
+#: parse_setting's search dimensions for a setting without ``@``: PatchCore's own default
+DEFAULT_SEARCH = "default"
+
+
+def parse_setting(setting: str) -> tuple[str, int | str | None]:
+    """``"fp32"`` / ``"bf16"`` / ``"auto"``, optionally ``@<dims>`` or ``@full`` -> (precision, search_dim):
+    without ``@``, :data:`DEFAULT_SEARCH` (PatchCore's default ``search_dim``, the certified re-ranked
+    search); ``@full``: None (faiss's exhaustive search on every feature); ``@256``: 256.
 
     Raises StudyError naming the setting when it is neither."""
     from anomalib_study.errors import StudyError
 
     precision, at, dims = str(setting).partition("@")
-    if precision not in ("fp32", "bf16", "auto") or (at and not (dims.isdigit() and int(dims) >= 1)):
+    if precision not in ("fp32", "bf16", "auto") or (
+        at and not (dims == "full" or (dims.isdigit() and int(dims) >= 1))
+    ):
         raise StudyError(
             f"unknown setting {setting!r}: give fp32, bf16 or auto, optionally followed by @<search "
-            "dimensions>, e.g. bf16@256"
+            "dimensions> or @full (every feature), e.g. bf16@256"
         )
-    return precision, int(dims) if dims else None
+    if not at:
+        return precision, DEFAULT_SEARCH
+    return precision, None if dims == "full" else int(dims)
+
+
+def search_kwargs(search_dim: int | str | None) -> dict:
+    """PatchCore keyword arguments of a parsed search setting (none for the default)."""
+    return {} if search_dim == DEFAULT_SEARCH else {"search_dim": search_dim}
 
 
 def log(message: str) -> None:

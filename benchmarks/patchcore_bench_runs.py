@@ -44,7 +44,9 @@ def predict_side_by_side(
     precisions: Sequence[str] = PRECISIONS,
 ) -> dict:
     """Predict speed of both sides in turn, in this one run: for each training-set size N, a
-    memory bank of the 10 % coreset's shape (N x 784 patches x 0.1 rows, 1536 columns),
+    memory bank of the 10 % coreset's shape (N x 784 patches x 0.1 rows, 1536 columns: anomalib's
+    random normal rows, whose exhaustive search costs what the shape says; ours a random 10 % of the
+    first N training images' real patches, since our default certified search depends on the data),
     ``repeats`` rounds of (anomalib, ours in each of ``precisions``), each a fresh process
     with one warm-up batch. ``predict_speedup`` = median of our images/s / median of
     anomalib's (the first precision, fp32, under the historical keys; every precision under
@@ -54,13 +56,15 @@ def predict_side_by_side(
     from anomalib_study.errors import StudyError
     from anomalib_study.methods.coreset import coreset_size
 
-    _, test = magnetic_tile_lists(data, max(sizes), n_test)
+    train, test = magnetic_tile_lists(data, max(sizes), n_test)
     test_list = work / f"predict_test_{n_test}.txt"
     write_list(test, test_list)
     patches_per_image = (224 // 8) ** 2  # layer2 of a ResNet has stride 8: 28 x 28 patches at 224 px
     out = {}
     for n in sizes:
         rows = coreset_size(n * patches_per_image, CORESET_RATIO)
+        train_list = work / f"predict_train_{n}.txt"  # our bank: a random 10 % of these images' real patches
+        write_list(train[:n], train_list)
         sides = ["anomalib", *[f"ours_{p}" for p in precisions]]
         runs = {side: [] for side in sides}
         for round_ in range(repeats):
@@ -97,6 +101,8 @@ def predict_side_by_side(
                         str(threads),
                         "--bank-rows",
                         str(rows),
+                        "--train-list",
+                        str(train_list),
                         "--precision",
                         side.split("_", 1)[1],
                     ]
@@ -122,6 +128,8 @@ def predict_side_by_side(
                             "floor",
                             "limit_ratio",
                             "rerank_hit_rate_random_bank",
+                            "rerank_hit_rate",
+                            "exact_fallbacks",
                         )
                     }
                 )

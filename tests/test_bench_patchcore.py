@@ -170,6 +170,8 @@ def test_our_side_fits_and_scores_with_known_sizes(tmp_path, resnet18_random, ca
             "0.5",
             "--threads",
             "1",
+            "--precision",
+            "fp32@full",  # faiss's exhaustive search: the floor below has no re-ranking
             "--image-size",
             "64",
             "--matmul-shape",
@@ -266,7 +268,8 @@ def test_floor_and_search_flops_by_hand():
 
 
 def test_settings_name_a_precision_and_optional_search_dimensions(capsys):
-    assert bench.parse_setting("fp32") == ("fp32", None) and bench.parse_setting("bf16@256") == ("bf16", 256)
+    assert bench.parse_setting("fp32") == ("fp32", "default") and bench.parse_setting("bf16@256") == ("bf16", 256)
+    assert bench.parse_setting("fp32@full") == ("fp32", None)
     assert bench.parse_setting("auto@64") == ("auto", 64)
     for bad in ("fp16", "bf16@", "bf16@0", "bf16@x", "@256"):
         with pytest.raises(StudyError, match="unknown setting"):
@@ -359,6 +362,8 @@ def test_our_predict_only_side_and_the_headline_uses_the_side_by_side_timing(tmp
             "layer3",
             "--threads",
             "1",
+            "--precision",
+            "fp32@full",
             "--bank-rows",
             "100",
             "--matmul-shape",
