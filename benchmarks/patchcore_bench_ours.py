@@ -25,9 +25,9 @@ from patchcore_bench_data import (
     magnetic_tile_lists,
     make_tiny_magnetic_tile,
     parse_setting,
-    search_kwargs,
     peak_rss_mb,
     random_wide_resnet_weights,
+    search_kwargs,
 )
 from patchcore_bench_floor import coreset_precision_check, floor_of_predict, matmul_throughput, rerank_hit_rate_of
 from patchcore_bench_report import machine_info
