@@ -83,3 +83,14 @@ def test_run_reads_the_suites_reports_and_judges_nothing_when_reports_are_missin
     assert result["after"]["total_s"] == 9.0 and result["after"]["n_timed"] == 1
     assert result["goal"]["met"] is None and "not current" in result["goal"]["why"]
     assert {"cpu", "native_bf16", "load_average_1_5_15_min"} <= set(result["machine"])
+
+
+def test_everything_yaml_runs_exactly_the_committed_reports():
+    """studies/everything.yaml regenerates every committed report and nothing else, each once."""
+    cells = bench.suite_cells(REPO / "studies" / "everything.yaml")
+    assert len(cells) == len(set(cells))
+    committed = {
+        (path.parent.name, path.name[: -len(".metrics.json")]) for path in (REPO / "reports").glob("0*/*.metrics.json")
+    }
+    assert set(cells) == committed
+    assert cells[-1] == ("05_comparison", "all-comparison")  # the comparison reads all the others: last
