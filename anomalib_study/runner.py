@@ -95,7 +95,6 @@ from anomalib_study.studies import (
     Study,
     check_cells,
     check_notebook_parameters,
-    duplicate_cells,
     expand_grid,
     read_studies,
     resolve_parameters,
@@ -106,6 +105,7 @@ from anomalib_study.studies import (
 from anomalib_study.studies import notebook_parameters as notebook_parameters
 from anomalib_study.studies import read_study as read_study
 from anomalib_study.studies import select_cells as select_cells
+from anomalib_study.study_duplicates import duplicate_cells
 
 # --------------------------------------------------------------------------- hashing
 
@@ -545,7 +545,7 @@ def run_study(
 def refuse_duplicates(study_file: str | os.PathLike, studies: Sequence[Study]) -> None:
     """Refuse to run a study file one of whose cells is the same computation as a cell of
     another study file in its folder, or writes the same report with other parameters
-    (:func:`anomalib_study.studies.duplicate_cells`; files there that cannot be read are passed
+    (:func:`anomalib_study.study_duplicates.duplicate_cells`; files there that cannot be read are passed
     over): StudyError naming both cells and the fix, before anything runs."""
     path = Path(study_file)
     files = sorted({path, *path.parent.glob("*.yaml")})  # in name order, whichever of them runs

@@ -56,6 +56,7 @@ LAYERS = {
     "anomalib_study.findings_html": 7,
     "anomalib_study.frontpage": 7,
     "anomalib_study.studies": 8,
+    "anomalib_study.study_duplicates": 8,
     "anomalib_study.execution": 8,
     "anomalib_study.dask_cluster": 8,
     "anomalib_study.report_files": 8,

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 import yaml
 
-from anomalib_study import runner, studies
+from anomalib_study import runner, studies, study_duplicates
 from anomalib_study.errors import ParameterError, StudyError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -726,7 +726,7 @@ def _other_study(project, name, datasets, **overrides):
 def test_a_duplicate_across_two_files_is_found_and_named(project):
     one = _other_study(project, "a.yaml", {"one": {"dataset": "dagm", "root": "/d", "x": 0.2}})
     two = _other_study(project, "b.yaml", {"two": {"dataset": "dagm", "root": "/d"}}, parameters={"x": 0.2})
-    problems = studies.duplicate_cells([one, two])
+    problems = study_duplicates.duplicate_cells([one, two])
     assert len(problems) == 1 and "\n" not in problems[0]
     assert problems[0].startswith(f"{one} cell one-tiny and {two} cell two-tiny are the same computation (tiny.ipynb")
     assert "data dataset 'dagm', root '/d', category None" in problems[0]
@@ -737,7 +737,7 @@ def test_a_parameter_given_at_its_default_counts_as_the_same(project):
     given = {"dataset": "dagm", "root": "/d", "category": None, "device": "cpu", "x": 0}  # x: 0 == the default 0.0
     one = _other_study(project, "a.yaml", {"one": given}, parameters={})
     two = _other_study(project, "b.yaml", {"two": {"dataset": "dagm", "root": "/d"}}, parameters={})
-    problems = studies.duplicate_cells([one, two])
+    problems = study_duplicates.duplicate_cells([one, two])
     assert len(problems) == 1 and "category, device, x given in one of them at the notebook's default" in problems[0]
     assert studies.notebook_defaults(project["root"] / "notebooks" / "tiny.ipynb")["x"] == 0.0
 
@@ -752,18 +752,18 @@ def test_different_data_or_parameters_are_not_a_duplicate(project):
         "x": {**base, "x": 0.3},
     }
     two = _other_study(project, "b.yaml", others)
-    assert studies.duplicate_cells([one, two]) == []
+    assert study_duplicates.duplicate_cells([one, two]) == []
 
 
 def test_two_cells_writing_one_report_with_other_parameters_are_named(project):
     two = _other_study(project, "b.yaml", {"synth": {"dataset": "dagm", "root": "{synthetic}"}}, parameters={"x": 0.4})
-    problems = studies.duplicate_cells([project["study"], two])
+    problems = study_duplicates.duplicate_cells([project["study"], two])
     assert problems == [
         f"{project['study']} cell synth-tiny and {two} cell synth-tiny write the same report "
         "reports/tiny/synth-tiny.* with different parameters (x 0.1 vs 0.4): whichever runs last replaces the "
         "other; rename the dataset key in one of them"
     ]
-    assert studies.duplicate_cells([two], involving=[project["study"]]) == []
+    assert study_duplicates.duplicate_cells([two], involving=[project["study"]]) == []
 
 
 def test_a_cell_counts_once_where_it_is_defined(project):
@@ -777,7 +777,7 @@ def test_a_cell_counts_once_where_it_is_defined(project):
     )
     part = _write_suite(project, [{"study": "user.yaml", "only": ["mine-*"]}], name="part.yaml")
     assert [(s.path.name, s.uses) for s in runner.read_studies(part)] == [("user.yaml", ())]  # its cells only
-    assert studies.duplicate_cells([project["study"], whole, some, user]) == []
+    assert study_duplicates.duplicate_cells([project["study"], whole, some, user]) == []
     inline = {
         "notebook": "notebooks/tiny.ipynb",
         "parameters": {"x": 0.3},
@@ -785,7 +785,7 @@ def test_a_cell_counts_once_where_it_is_defined(project):
         "datasets": {"again": {"dataset": "dagm", "root": "/nowhere/plain"}},
     }
     suite = _write_suite(project, [inline], name="inline.yaml")
-    (problem,) = studies.duplicate_cells([suite, project["study"]])
+    (problem,) = study_duplicates.duplicate_cells([suite, project["study"]])
     assert problem.startswith(f"{project['study']} cell plain-tiny and {suite} cell again-tiny are the same")
     assert problem.endswith("make that part {study: tiny.yaml, only: [plain-tiny]}")
     with pytest.raises(StudyError, match=r"studies\[0\]: 'only' 'nope' matches no cell"):
@@ -877,7 +877,7 @@ def test_a_referring_study_lists_the_cell_and_never_runs_it(project):
 
 def test_the_committed_study_files_define_each_computation_once():
     files = sorted((REPO / "studies").glob("*.yaml"))
-    assert studies.duplicate_cells(files) == []
+    assert study_duplicates.duplicate_cells(files) == []
     used = {
         (path.name, other.path.name, cell.name)
         for path in files
