@@ -201,7 +201,38 @@ def run(study: Path, reports: Path, before: str | None) -> dict[str, Any]:
         result["before_rev"] = before
         result["before"] = totals(old)
         result["before_cells"] = old
+        result["rerun"] = rerun_comparison(old, cells)
     return result
+
+
+def rerun_comparison(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cells run again since ``before`` (another ``started_at``), like for like: their seconds
+    then and now, per notebook and in all."""
+    per_notebook: dict[str, list[float]] = {}
+    for old, new in zip(before, after):
+        if old.get("seconds") is None or new.get("seconds") is None or old.get("started_at") == new.get("started_at"):
+            continue
+        sums = per_notebook.setdefault(new["notebook"], [0.0, 0.0, 0])
+        sums[0] += old["seconds"]
+        sums[1] += new["seconds"]
+        sums[2] += 1
+    rows = {
+        notebook: {
+            "cells": n,
+            "before_s": round(b, 1),
+            "after_s": round(a, 1),
+            "speedup": round(b / a, 2) if a else None,
+        }
+        for notebook, (b, a, n) in sorted(per_notebook.items())
+    }
+    b, a = sum(r["before_s"] for r in rows.values()), sum(r["after_s"] for r in rows.values())
+    return {
+        "per_notebook": rows,
+        "cells": sum(r["cells"] for r in rows.values()),
+        "before_s": round(b, 1),
+        "after_s": round(a, 1),
+        "speedup": round(b / a, 2) if a else None,
+    }
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -214,6 +245,13 @@ def _print(result: dict[str, Any]) -> None:
             + ", ".join(f"{k} {v / 3600:.2f}" for k, v in t["per_notebook_s"].items())
         )
         print("  slowest: " + ", ".join(f"{c['cell']} {c['seconds'] / 60:.0f} min" for c in t["slowest"][:5]))
+    if result.get("rerun", {}).get("cells"):
+        r = result["rerun"]
+        print(
+            f"run again since {result['before_rev']}: {r['cells']} cells, {r['before_s'] / 3600:.2f} h -> "
+            f"{r['after_s'] / 3600:.2f} h ({r['speedup']}x); "
+            + ", ".join(f"{k} {v['speedup']}x ({v['cells']})" for k, v in r["per_notebook"].items())
+        )
     if "before" in result and result["after"]["total_s"]:
         print(f"ratio before / after: {result['before']['total_s'] / result['after']['total_s']:.2f}")
     print(f"goal: {result['goal']['why']}")
