@@ -339,7 +339,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keep-scratch",
         default=None,
         metavar="DIR",
-        help="re-run into DIR and keep it (default: a temporary folder, removed)",
+        help=(
+            "re-run into DIR and keep it (default: a temporary folder, removed); verify again with the same DIR "
+            "to resume: re-runs there that are current (same code, parameters, data) are compared, not run again"
+        ),
     )
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 

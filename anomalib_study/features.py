@@ -12,7 +12,10 @@ Cache layout (``<root>/``, default ``<cache_root()>/features``)::
     <model_key>/<shard>.npz          hashes (N,) str + embeddings (N, D) float32, append-only
 
 ``model_key`` is the sha256 of the canonical JSON of the backbone name, the weights'
-sha256, the preprocessing dict and the output kind; an image's entry is keyed by the
+sha256, the preprocessing dict, the output kind and the code that computes the embeddings
+(:data:`EXTRACTION_MODULES`, :func:`anomalib_study.freshness.code_version`: after an edit
+to how images are decoded, preprocessed or run through a backbone, the stored embeddings
+are not reused); an image's entry is keyed by the
 sha256 of its file bytes, so a changed file is a cache miss. Every file is written
 atomically; shards are merged into one when they become many.
 """
@@ -34,9 +37,20 @@ from tqdm.auto import tqdm
 from .backbones import Backbone, resolve_device
 from .data.decode import content_hash, load_image
 from .errors import DataError, ParameterError, StudyError
+from .freshness import code_version
 from .io import atomic_write, cache_root, sha256_bytes, write_json
 
 CACHE_FORMAT = 1
+#: the modules whose code computes an embedding: part of every cache key (`freshness.code_version`)
+EXTRACTION_MODULES = (
+    "features.py",
+    "backbones.py",
+    "backbone_models.py",
+    "backbone_families.py",
+    "preprocessing.py",
+    "weights.py",
+    "data/decode.py",
+)
 _MAX_SHARDS = 16
 
 
@@ -77,6 +91,7 @@ class FeatureCache:
             "weights_sha256": backbone.weights_sha256,
             "preprocessing": backbone.preprocessing,
             "output": output,
+            "code": code_version(EXTRACTION_MODULES),
         }
 
     @classmethod
@@ -342,6 +357,7 @@ def extract_embeddings(
     progress: bool = True,
     desc: str | None = None,
     errors: dict[int, str] | None = None,
+    record: dict | None = None,
 ) -> np.ndarray:
     """Global embeddings of the images at ``paths``: (N, D) float32, rows in the order of ``paths``.
 
@@ -351,13 +367,17 @@ def extract_embeddings(
     raw features: no direction (higher/lower) is implied.
     Raises DataError naming the first image that cannot be decoded; with ``errors`` (a
     dict) such images are skipped instead: position in ``paths`` -> reason is recorded
-    there, their rows are NaN, and nothing is cached for them.
+    there, their rows are NaN, and nothing is cached for them. With ``record`` (a dict) what
+    the cache did is written there: ``{"feature_cache": "off"}``, or ``{"feature_cache":
+    {"read": images read from it, "computed": images run, "key": its model key}}``.
     """
     paths = _check_arguments(paths, batch_size, num_workers)
     device = _prepare(backbone, device)
     store = _resolve_cache(cache)
     result = np.zeros((len(paths), backbone.embedding_dim), dtype=np.float32)
     if not paths:
+        if record is not None:
+            record["feature_cache"] = "off" if store is None else {"read": 0, "computed": 0, "key": None}
         return result
     if store is not None:
         hashes = store.content_hashes(paths, progress=progress)
@@ -371,6 +391,12 @@ def extract_embeddings(
         todo = sorted(first_position.values())
     else:
         hashes, todo = None, list(range(len(paths)))
+    if record is not None:
+        record["feature_cache"] = (
+            "off"
+            if store is None
+            else {"read": len(paths) - len(todo), "computed": len(todo), "key": store.model_key(backbone)}
+        )
     if todo:
         computed = np.full((len(todo), backbone.embedding_dim), np.nan, dtype=np.float32)
         failed: dict[int, str] | None = None if errors is None else {}

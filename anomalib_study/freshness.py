@@ -22,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from anomalib_study import io
 
@@ -32,6 +32,7 @@ __all__ = [
     "source_hash",
     "module_hash",
     "code_record",
+    "code_version",
     "write_code_record",
     "read_code_record",
     "changed_modules",
@@ -109,6 +110,17 @@ def code_record(modules: Mapping[str, Any] | None = None, package_root: str | os
         if digest is not None:
             found[relative] = digest
     return {"rule": RULE, "modules": dict(sorted(found.items()))}
+
+
+def code_version(modules: Iterable[str], package_root: str | os.PathLike | None = None) -> str:
+    """sha256 (first 16 hex digits) of the :func:`module_hash` of each named package module
+    (paths relative to the package, e.g. ``"features.py"``), in the order given: what a cache
+    keys its entries by, so that an entry computed by other code (not a docstring, comment or
+    layout edit) is a miss rather than a stale hit. A module that does not exist counts as
+    None."""
+    root = Path(package_root or PACKAGE_ROOT)
+    hashes = [[relative, module_hash(root / relative)] for relative in modules]
+    return hashlib.sha256(json.dumps([RULE, hashes]).encode()).hexdigest()[:16]
 
 
 def write_code_record(path: str | os.PathLike) -> None:

@@ -23,10 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from anomalib_study.errors import DataError, ParameterError
+from anomalib_study.freshness import code_version
 from anomalib_study.patch_cache import PatchBatch as PatchBatch
 from anomalib_study.patch_cache import PatchCache
 
 __all__ = ["PatchFeatures", "PatchBatch", "patch_features", "iter_patch_features", "collect_patch_features"]
+
+#: the modules beside :data:`anomalib_study.features.EXTRACTION_MODULES` whose code computes or
+#: stores patch features: part of every patch cache key (a code edit makes the stored patches a miss)
+PATCH_MODULES = ("patches.py", "patch_cache.py")
 
 
 def _check_dim(name: str, value) -> int | None:
@@ -246,7 +251,7 @@ def iter_patch_features(
 def _cache_key(store, backbone, paths, maker, layers, batch_size, device, precision) -> tuple[str, dict]:
     """The patch cache's key of one extraction (see :mod:`anomalib_study.patch_cache`)."""
     from anomalib_study.backbones import resolve_device
-    from anomalib_study.features import FeatureCache
+    from anomalib_study.features import EXTRACTION_MODULES, FeatureCache
 
     hashes = FeatureCache(store.root.parent / "features").content_hashes(paths)
     fields = {
@@ -260,6 +265,7 @@ def _cache_key(store, backbone, paths, maker, layers, batch_size, device, precis
         "precision": precision,
         "device": resolve_device(device).type,
         "batch_size": int(batch_size),
+        "code": code_version(EXTRACTION_MODULES + PATCH_MODULES),
     }
     return store.key(fields, hashes)
 

@@ -2,8 +2,9 @@
 
 For each committed ``<reports>/<notebook>/<cell>.metrics.json`` selected, the cell is run
 again, from the study file named in its ``_run["study"]``, with
-:func:`anomalib_study.runner.run_study` (``force=True``) into a scratch folder (a temporary
-one, or ``scratch``), and the two metrics are compared key by key
+:func:`anomalib_study.runner.run_study` into a scratch folder (a temporary one, or
+``scratch``, kept: verify then resumes, comparing the re-runs already there that are current
+instead of running them again), and the two metrics are compared key by key
 (:mod:`anomalib_study.verify_compare`); the committed reports folder is only read, never
 written. The comparison tells numbers from bookkeeping:
 
@@ -232,7 +233,10 @@ def verify_reports(
         data_root: the real data folder (default $ANOMALIB_STUDY_DATA); without it, cells
             that need it are skipped.
         scratch: where the re-runs go, kept afterwards (None: a temporary folder, removed);
-            must lie outside ``reports_dir``.
+            must lie outside ``reports_dir``. A kept folder resumes: a re-run already in it
+            and current (same notebook, parameters, data and code, by the runner's rule) is
+            compared without running it again, so a verify over every report can be spread
+            over several sessions.
         kernel_name: the Jupyter kernel (see :func:`anomalib_study.runner.run_study`).
         log: called with the runner's progress lines, then the table (:func:`format_table`).
 
@@ -270,7 +274,16 @@ def verify_reports(
         committed_roots = {"reports": Path(os.path.abspath(reports)).as_posix()}
         for study_path, entries in by_study.items():
             for entry, result in _rerun_study(
-                study_path, entries, out, tolerance, data_root, kernel_name, log, roots, committed_roots
+                study_path,
+                entries,
+                out,
+                tolerance,
+                data_root,
+                kernel_name,
+                log,
+                roots,
+                committed_roots,
+                resume=scratch is not None,
             ):
                 results[entry.report] = result
         ordered = [results[report] for report, _ in selected]
@@ -340,6 +353,7 @@ def _rerun_study(
     log: Callable[[str], None],
     roots: list[tuple[str, str]],
     committed_roots: dict[str, str],
+    resume: bool = False,
 ) -> Iterator[tuple[_Committed, VerifyResult]]:
     try:  # a study file, or a suite whose parts run several notebooks
         studies = {study.notebook.stem: study for study in runner.read_studies(study_path)}
@@ -383,7 +397,7 @@ def _rerun_study(
             study_path,
             reports_dir=out,
             only=[f"{e.folder}/{e.cell}" for e in runnable],
-            force=True,
+            force=not resume,  # resume: a current re-run in the kept scratch folder is not run again
             data_root=data_root,
             kernel_name=kernel_name,
             log=log,
@@ -399,7 +413,7 @@ def _rerun_study(
         if cell.status == "skipped":
             yield entry, VerifyResult(entry.report, "skipped", committed=entry.path, message=cell.message)
             continue
-        if cell.status != "ok":
+        if cell.status not in ("ok", "unchanged"):
             yield (
                 entry,
                 VerifyResult(

@@ -110,6 +110,7 @@ UNCOMPARED = (
     "peak_rss*",
     "*_mb",  # memory
     "patch_cache",  # whether the patch features were read from the cache or extracted: the same features
+    "feature_cache",  # the same for the embeddings (kNN)
 )
 
 #: fnmatch patterns on a key's last name: a string there, inside a table (a list, or a dict

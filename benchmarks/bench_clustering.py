@@ -34,6 +34,7 @@ unless ``--out`` is given. Times are wall-clock seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -47,6 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 for _folder in (REPO, REPO / "benchmarks"):  # a source checkout; bench_knn's machine_info
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
+
+# the timings include the patch extraction: the patch cache (anomalib_study.patch_cache) would hand a later
+# round or process the features an earlier one stored, so it is off in this process and those it starts
+os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
 
 from anomalib_study.io import data_root, write_json  # noqa: E402
 

@@ -20,6 +20,10 @@ reports as committed at ``--before`` (default: none), and writes one JSON:
 * ``totals``: per notebook and in all, the ten slowest cells, for ``after`` (the reports now)
   and ``before``; the 4-hour goal is judged on ``after`` only when every cell is current and
   says so otherwise;
+* ``caches``: what the current cells read from the patch and embedding caches (each report
+  records it: ``patch_cache``, ``feature_cache``), and whether every read is of an entry an
+  earlier cell of the same regeneration wrote: only then is the total what a clean clone with
+  an empty cache would take (:func:`cache_check`);
 * ``machine``: this machine now (CPU, native bf16, load average), since the cells' machines
   and loads are those of their runs.
 """
@@ -111,6 +115,54 @@ def cell_record(notebook: str, cell: str, metrics: dict | None, fresh: str | Non
         "cpu": environment.get("cpu_model"),
         "native_bf16": environment.get("native_bf16"),
         "freshness": fresh,
+        "caches": cache_uses(metrics),
+    }
+
+
+def cache_uses(metrics: Any) -> list[dict[str, Any]]:
+    """Every use of the patch or embedding cache a report records, anywhere in it:
+    ``{"cache": "patch" | "feature", "read": bool, "key": ...}`` (a cache turned off: none)."""
+    found: list[dict[str, Any]] = []
+    if isinstance(metrics, dict):
+        for key, value in metrics.items():
+            if key == "_run":
+                continue
+            if isinstance(value, dict) and value.get("patch_cache") in ("hit", "extracted"):
+                found.append({"cache": "patch", "read": value["patch_cache"] == "hit", "key": value.get("key")})
+            elif key == "feature_cache" and isinstance(value, dict):
+                for use in value.values():
+                    if isinstance(use, dict) and "read" in use:
+                        found += [{"cache": "feature", "read": True, "key": use["key"]}] * bool(use["read"])
+                        found += [{"cache": "feature", "read": False, "key": use["key"]}] * bool(use["computed"])
+            else:
+                found += cache_uses(value)
+    elif isinstance(metrics, list):
+        for value in metrics:
+            found += cache_uses(value)
+    return found
+
+
+def cache_check(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cache reads of the current cells, in the order they ran: a read of a key an earlier
+    current cell wrote is sharing within this regeneration; any other read came from a cache
+    filled before it, so the total is then less than an empty cache's."""
+    written: set[tuple[str, str]] = set()
+    shared, earlier = 0, []
+    ran = sorted((c for c in cells if c.get("freshness") == "current"), key=lambda c: c.get("started_at") or "")
+    for cell in ran:
+        for use in cell.get("caches") or []:
+            if not use["read"]:
+                continue
+            if (use["cache"], use["key"]) in written:
+                shared += 1
+            else:
+                earlier.append(f"{cell['notebook']}/{cell['cell']} ({use['cache']} cache)")
+        written.update((use["cache"], use["key"]) for use in cell.get("caches") or [] if not use["read"])
+    return {
+        "reads_shared_within_the_regeneration": shared,
+        "reads_from_before_it": len(earlier),
+        "cells_reading_from_before_it": sorted(set(earlier)),
+        "as_from_an_empty_cache": not earlier,
     }
 
 
@@ -192,7 +244,13 @@ def run(study: Path, reports: Path, before: str | None) -> dict[str, Any]:
         "after": totals(cells),
         "cells": cells,
     }
+    result["caches"] = cache_check(cells)
     result["goal"] = goal(result["after"], cells)
+    if result["goal"]["met"] is not None and not result["caches"]["as_from_an_empty_cache"]:
+        result["goal"]["why"] += (
+            f"; but {result['caches']['reads_from_before_it']} cache read(s) came from before this regeneration: "
+            "an empty cache takes longer"
+        )
     if before:
         old = []
         for notebook, cell in suite_cells(study):
@@ -254,6 +312,11 @@ def _print(result: dict[str, Any]) -> None:
         )
     if "before" in result and result["after"]["total_s"]:
         print(f"ratio before / after: {result['before']['total_s'] / result['after']['total_s']:.2f}")
+    caches = result["caches"]
+    print(
+        f"caches: {caches['reads_shared_within_the_regeneration']} read(s) of entries written by an earlier cell, "
+        f"{caches['reads_from_before_it']} of entries from before the regeneration"
+    )
     print(f"goal: {result['goal']['why']}")
 
 

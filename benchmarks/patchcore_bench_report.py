@@ -145,6 +145,8 @@ def build_report(
         "notes": [
             "Timings are wall-clock seconds on a shared 2-core machine: other processes ran at the same time "
             "(see the load averages recorded with every measurement), which slows both sides.",
+            "Our side runs with the patch cache off (ANOMALIB_STUDY_PATCH_CACHE_GB=0): every round extracts its "
+            "patch features, as anomalib does (with the cache on, a second round would replay the first's).",
             "Peak memory = resource.getrusage(RUSAGE_SELF).ru_maxrss of the measuring process (one process per "
             "measurement); tracemalloc does not see torch's native allocations. It includes the imports: "
             "'peak_memory_above_imports_ratio' discounts them (anomalib's package import alone is ~1 GB).",

@@ -67,6 +67,51 @@ def test_totals_per_notebook_and_slowest_first():
     assert bench.goal(out, cells)["met"] is None  # not every cell current: not judged
 
 
+def test_cache_reads_are_told_apart_sharing_within_the_run_from_a_cache_filled_before():
+    patchcore = {  # a PatchCore report: its train features read, its test features extracted
+        "index": {
+            "patch_cache": {
+                "train": {"patch_cache": "hit", "key": "A"},
+                "test": {"patch_cache": "extracted", "key": "B"},
+            }
+        },
+        "_run": {"code": {"modules": {"patch_cache.py": "x"}}},
+    }
+    knn = {"index": {"feature_cache": {"normal images": {"read": 2, "computed": 3, "key": "K"}, "test images": "off"}}}
+    assert bench.cache_uses(patchcore) == [
+        {"cache": "patch", "read": True, "key": "A"},
+        {"cache": "patch", "read": False, "key": "B"},
+    ]
+    assert bench.cache_uses(knn) == [
+        {"cache": "feature", "read": True, "key": "K"},
+        {"cache": "feature", "read": False, "key": "K"},
+    ]
+    writer = {
+        "cell": "w",
+        "notebook": "02",
+        "started_at": "1",
+        "freshness": "current",
+        "caches": [{"cache": "patch", "read": False, "key": "A"}],
+    }
+    reader = {
+        "cell": "r",
+        "notebook": "02",
+        "started_at": "2",
+        "freshness": "current",
+        "caches": bench.cache_uses(patchcore),
+    }
+    assert bench.cache_check([reader, writer]) == {
+        "reads_shared_within_the_regeneration": 1,
+        "reads_from_before_it": 0,
+        "cells_reading_from_before_it": [],
+        "as_from_an_empty_cache": True,
+    }
+    early = {**reader, "started_at": "0"}  # it ran before the cell that wrote A: A was in the cache already
+    check = bench.cache_check([early, writer])
+    assert check["reads_from_before_it"] == 1 and check["cells_reading_from_before_it"] == ["02/r (patch cache)"]
+    assert not check["as_from_an_empty_cache"]
+
+
 def test_run_reads_the_suites_reports_and_judges_nothing_when_reports_are_missing(tmp_path):
     study = tmp_path / "suite.yaml"
     study.write_text(f"studies:\n  - {REPO / 'studies' / 'knn.yaml'}\n  - {REPO / 'studies' / 'comparison.yaml'}\n")

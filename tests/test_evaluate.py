@@ -38,6 +38,9 @@ def test_evaluate_knn_on_the_synthetic_set(synthetic_root, tmp_path):
     assert written["n_test"] == len(written["per_image"]) == metrics["n_test"]
     assert written["backbone"]["weights_sha256"] and len(written["backbone"]["weights_sha256"]) == 64
     assert written["index"]["factory"] == "Flat"
+    used = written["feature_cache"]  # read from the embedding cache or computed, per image set
+    assert set(used) == {"normal images", "test images"}
+    assert used["normal images"]["read"] + used["normal images"]["computed"] == written["n_train"]
     environment = written["environment"]  # what produced the figures; knn has no seed
     assert environment["weights_sha256"] == written["backbone"]["weights_sha256"] and "seed" not in environment
     assert environment["gpu"] == "none" and environment["device"] == "cpu"

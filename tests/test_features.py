@@ -53,9 +53,13 @@ def test_rows_follow_the_order_of_paths_with_a_ragged_last_batch(backbone, tmp_p
 def test_cached_rows_equal_uncached_and_skip_decoding(backbone, tmp_path, monkeypatch):
     paths = _write_images(tmp_path, 4)
     cache = FeatureCache(tmp_path / "cache")
-    uncached = extract_embeddings(backbone, paths, batch_size=3, cache=None, progress=False)
-    first = extract_embeddings(backbone, paths, batch_size=3, cache=cache, progress=False)
+    off, computed, read = {}, {}, {}
+    uncached = extract_embeddings(backbone, paths, batch_size=3, cache=None, progress=False, record=off)
+    first = extract_embeddings(backbone, paths, batch_size=3, cache=cache, progress=False, record=computed)
     np.testing.assert_array_equal(first, uncached)
+    assert off == {"feature_cache": "off"}
+    key = FeatureCache.model_key(backbone)
+    assert computed == {"feature_cache": {"read": 0, "computed": 4, "key": key}}
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a cached image was decoded or hashed again")
@@ -63,8 +67,9 @@ def test_cached_rows_equal_uncached_and_skip_decoding(backbone, tmp_path, monkey
     monkeypatch.setattr(features, "load_image", refuse)
     monkeypatch.setattr(features, "content_hash", refuse)
     for store in (cache, FeatureCache(tmp_path / "cache")):  # same instance, and a fresh one reading the disk
-        second = extract_embeddings(backbone, paths[::-1], cache=store, progress=False)
+        second = extract_embeddings(backbone, paths[::-1], cache=store, progress=False, record=read)
         np.testing.assert_array_equal(second, uncached[::-1])
+        assert read == {"feature_cache": {"read": 4, "computed": 0, "key": key}}
 
 
 def test_default_cache_lives_under_the_cache_env(backbone, tmp_path, monkeypatch):
@@ -107,6 +112,18 @@ def test_cache_key_changes_with_weights_and_preprocessing(backbone):
         FeatureCache.model_key(backbone, output="layer2"),
     }
     assert len(keys) == 4
+
+
+def test_cache_key_moves_with_the_code_that_computes_the_embeddings(backbone, monkeypatch):
+    from anomalib_study import features, freshness
+
+    key = FeatureCache.model_key(backbone)
+    assert FeatureCache.key_fields(backbone)["code"] == freshness.code_version(features.EXTRACTION_MODULES)
+    real = freshness.module_hash
+    monkeypatch.setattr(  # as if preprocessing.py had been edited: the stored embeddings are not reused
+        freshness, "module_hash", lambda path: "edited" if str(path).endswith("preprocessing.py") else real(path)
+    )
+    assert FeatureCache.model_key(backbone) != key
 
 
 def test_identical_files_share_one_entry(backbone, tmp_path):

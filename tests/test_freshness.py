@@ -38,6 +38,20 @@ def test_docstrings_comments_and_layout_leave_the_hash_a_statement_changes_it():
     assert freshness.source_hash("def broken(:\n").startswith("bytes:")  # never raises
 
 
+def test_a_code_version_moves_with_a_statement_of_a_named_module_only(tmp_path):
+    for name in ("a.py", "b.py", "c.py"):
+        (tmp_path / name).write_text(MODULE)
+    base = freshness.code_version(["a.py", "b.py"], package_root=tmp_path)
+    assert len(base) == 16 and freshness.code_version(["a.py", "b.py"], package_root=tmp_path) == base
+    assert freshness.code_version(["b.py", "a.py"], package_root=tmp_path) != base  # the names are part of it
+    (tmp_path / "c.py").write_text(MODULE.replace("r ** 2", "r ** 3"))  # not named: no effect
+    (tmp_path / "a.py").write_text(MODULE.replace('"""The area."""', '"""The area of a disc."""'))
+    assert freshness.code_version(["a.py", "b.py"], package_root=tmp_path) == base
+    (tmp_path / "b.py").write_text(MODULE.replace("r ** 2", "r ** 3"))
+    assert freshness.code_version(["a.py", "b.py"], package_root=tmp_path) != base
+    assert freshness.code_version(["a.py", "gone.py"], package_root=tmp_path) != base
+
+
 def test_a_record_names_the_loaded_modules_and_what_changed_since(tmp_path):
     root = tmp_path / "anomalib_study"
     (root / "methods").mkdir(parents=True)

@@ -80,6 +80,22 @@ def test_what_changes_the_features_is_a_miss(tmp_path, images, backbone):
     assert len(keys) == 5 and all(r["patch_cache"] == "extracted" for r in (batch, maker, order, size))
 
 
+def test_an_edit_to_the_extraction_code_is_a_miss(tmp_path, images, backbone, monkeypatch):
+    from anomalib_study import freshness
+
+    paths, _ = images
+    cache = PatchCache(tmp_path / "patches", limit=2**30)
+    _, base = _run(backbone, paths, cache)
+    real = freshness.module_hash
+    for edited in ("patches.py", "backbone_models.py"):
+        with monkeypatch.context() as patch:
+            patch.setattr(freshness, "module_hash", lambda path: "edited" if str(path).endswith(edited) else real(path))
+            _, after = _run(backbone, paths, cache)
+        assert after["patch_cache"] == "extracted" and after["key"] != base["key"], edited
+    _, again = _run(backbone, paths, cache)
+    assert again == {"patch_cache": "hit", "key": base["key"]}
+
+
 def test_unreadable_images_are_recorded_on_a_hit_too(tmp_path, images, backbone):
     paths, broken = images
     cache = PatchCache(tmp_path / "patches", limit=2**30)

@@ -521,6 +521,21 @@ def test_tolerance_and_a_changed_commit_or_machine_is_a_difference_not_a_drift(r
     assert result.rerun == tmp_path / "scratch" / "tiny" / "synth-tiny.metrics.json" and result.rerun.is_file()
 
 
+def test_a_kept_scratch_folder_resumes_without_running_a_current_rerun_again(reports, tmp_path):
+    scratch = tmp_path / "scratch"
+    first = verify.verify_reports(reports, scratch=scratch, log=lambda line: None)
+    assert first[0].status == "matched"
+    rerun = scratch / "tiny" / "synth-tiny.metrics.json"
+    started = json.loads(rerun.read_text())["_run"]["started_at"]
+    lines = []
+    again = verify.verify_reports(reports, scratch=scratch, log=lines.append)
+    assert again[0].status == "matched" and again[0].rerun == rerun
+    assert json.loads(rerun.read_text())["_run"]["started_at"] == started  # compared, not run again
+    assert any("unchanged" in line for line in lines)
+    _edit(_committed(reports), lambda data: data.update(image_auroc=0.601))  # the committed side still decides
+    assert verify.verify_reports(reports, scratch=scratch, log=lambda line: None)[0].status == "drifted"
+
+
 def test_real_data_cells_are_skipped_not_drifts(reports, project):
     import shutil
 

@@ -460,7 +460,7 @@ class AnomalyClustering(PatchImages, BaseDetector):
             "n_normal_images": int(self.n_normal_images_),
             "median_weight_share": float(np.median(effective_share(self.weights_))),
             "timings": dict(self.timings_),
-            "patch_cache": {desc: dict(used) for desc, used in getattr(self, "patch_cache_", {}).items()},
+            "patch_cache": self.patch_cache_used(),
         }
 
 

@@ -225,6 +225,7 @@ class KNNMethod(Method):
     def fit_paths(self, backbone, paths, params: dict, run: RunOptions) -> KNNDetector:
         """Embeddings of the normal images (through the feature cache ``run.cache``), then fit."""
         started = time.perf_counter()
+        cache_record: dict = {}
         bank = extract_embeddings(
             backbone,
             list(paths),
@@ -234,6 +235,7 @@ class KNNMethod(Method):
             cache=run.cache,
             progress=run.progress,
             desc="normal images",
+            record=cache_record,
         )
         bank = _check_shape(bank, len(paths), backbone, "normal images")
         extract_s = time.perf_counter() - started
@@ -246,11 +248,13 @@ class KNNMethod(Method):
             device=run.device,
         ).fit(bank)
         detector.timings_ = {"extract_s": extract_s, "index_s": time.perf_counter() - started}
+        detector.feature_cache_ = {"normal images": cache_record.get("feature_cache")}
         return detector
 
     def score_paths(self, detector: KNNDetector, backbone, paths, run: RunOptions, errors: dict | None = None) -> dict:
         """``image_scores`` (n,) and the test ``embeddings`` (n, D) (for :func:`_sweep`)."""
         paths = list(paths)
+        cache_record: dict = {}
         x = extract_embeddings(
             backbone,
             paths,
@@ -260,8 +264,11 @@ class KNNMethod(Method):
             cache=run.cache,
             progress=run.progress,
             desc="test images",
+            record=cache_record,
             **({} if errors is None else {"errors": errors}),
         )
+        if hasattr(detector, "feature_cache_"):
+            detector.feature_cache_["test images"] = cache_record.get("feature_cache")
         x = _check_shape(x, len(paths), backbone, "test images")
         scores = np.full(len(paths), np.nan)
         readable = np.isfinite(x).all(axis=1) if errors else np.ones(len(paths), dtype=bool)
@@ -283,6 +290,8 @@ class KNNMethod(Method):
             "index": detector.index,
             "index_describe": detector.index_.describe(),
             "n_bank": int(detector.memory_bank_.shape[0]),
+            # what the embedding cache did: read or computed, per image set (not compared by verify)
+            "feature_cache": dict(getattr(detector, "feature_cache_", {})),
         }
 
     def check_loaded(self, detector: KNNDetector, section: dict, n_images: int) -> str | None:

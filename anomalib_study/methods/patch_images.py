@@ -81,3 +81,8 @@ class PatchImages:
         log = self.__dict__.setdefault("patch_cache_", {})
         log[desc] = {}
         return log[desc]
+
+    def patch_cache_used(self) -> dict:
+        """For the report: per kind of extraction, whether its patch features were read from the
+        patch cache or extracted, and the key (empty before any extraction)."""
+        return {desc: dict(used) for desc, used in getattr(self, "patch_cache_", {}).items()}

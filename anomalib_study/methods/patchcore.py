@@ -646,7 +646,7 @@ class PatchCoreMethod(Method):
             "index_describe": model.index_.describe(),
             "precision_used": model.precision_used_,
             "fit_timings": dict(model.timings_),
-            "patch_cache": {desc: dict(used) for desc, used in getattr(model, "patch_cache_", {}).items()},
+            "patch_cache": model.patch_cache_used(),
             "map_rule": f"bilinearly upsampled from the patch grid, Gaussian sigma {model.sigma}"
             + (" (a patch grid and a map per image shape: resize_mode 'keep')" if model.grid_shape_ is None else ""),
         }
