@@ -49,10 +49,6 @@ for _folder in (REPO, REPO / "benchmarks"):  # a source checkout; bench_knn's ma
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
-# the timings include the patch extraction: the patch cache (anomalib_study.patch_cache) would hand a later
-# round or process the features an earlier one stored, so it is off in this process and those it starts
-os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
-
 from anomalib_study.io import data_root, write_json  # noqa: E402
 
 DEFAULT_OUT = REPO / "reports" / "benchmarks" / "clustering.json"
@@ -276,6 +272,9 @@ def summary(report: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # the timings include the patch extraction: the patch cache would hand a later round or process the
+    # features an earlier one stored, so it is off here and in every process this one starts
+    os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="synthetic set at 64 px (smoke test)")
     parser.add_argument(

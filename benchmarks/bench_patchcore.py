@@ -79,10 +79,6 @@ for _folder in (REPO, _HERE):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
-# the timings include the patch extraction: the patch cache (anomalib_study.patch_cache) would hand a later
-# round or process the features an earlier one stored, so it is off in this process and those it starts
-os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
-
 # The parts of this benchmark, one module each; every public name is re-exported here (__all__).
 from patchcore_bench_anomalib import anomalib_python, run_anomalib  # noqa: E402
 from patchcore_bench_data import (  # noqa: E402
@@ -252,6 +248,9 @@ def _our_side_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # the timings include the patch extraction: the patch cache would hand a later round or process the
+    # features an earlier one stored, so it is off here and in every process this one starts
+    os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
     from anomalib_study.errors import StudyError
     from anomalib_study.io import data_root, write_json
 

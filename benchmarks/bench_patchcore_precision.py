@@ -56,10 +56,6 @@ for _folder in (REPO, REPO / "benchmarks"):  # a source checkout; bench_knn's Pa
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
-# the timings include the patch extraction: the patch cache (anomalib_study.patch_cache) would hand a later
-# round or process the features an earlier one stored, so it is off in this process and those it starts
-os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
-
 DEFAULT_OUT = REPO / "reports" / "benchmarks" / "patchcore_precision.json"
 STUDY = REPO / "studies" / "patchcore.yaml"
 COMMITTED = REPO / "reports" / "02_patchcore"
@@ -317,6 +313,9 @@ def summary(report: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # the timings include the patch extraction: the patch cache would hand a later round or process the
+    # features an earlier one stored, so it is off here and in every process this one starts
+    os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] = "0"
     from anomalib_study.errors import StudyError
     from anomalib_study.io import data_root, write_json
 

@@ -29,8 +29,10 @@ def real_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own feature cache, so no test depends on another's leftovers."""
+    """Every test gets its own feature cache, so no test depends on another's leftovers, and the
+    patch cache at its default size (a benchmark's main() turns it off in its process: undone here)."""
     monkeypatch.setenv("ANOMALIB_STUDY_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("ANOMALIB_STUDY_PATCH_CACHE_GB", os.environ.get("ANOMALIB_STUDY_PATCH_CACHE_GB", ""))
 
 
 def hold_lock(lock_path, seconds: float = 30.0):

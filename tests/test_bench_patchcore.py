@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -311,6 +312,7 @@ def test_matmul_throughput_and_coreset_check_keys():
 def test_quick_run_writes_both_precisions(tmp_path, capsys):
     out = tmp_path / "quick.json"
     assert bench.main(["--quick", "--out", str(out)]) == 0
+    assert os.environ["ANOMALIB_STUDY_PATCH_CACHE_GB"] == "0"  # every round extracts its own patch features
     report = json.loads(out.read_text())
     assert report["quick"] is True and report["precisions"] == ["fp32", "bf16"]
     assert isinstance(report["machine"]["native_bf16"], bool) and report["machine"]["cpu_capability"]
