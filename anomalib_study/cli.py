@@ -341,7 +341,8 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=(
             "re-run into DIR and keep it (default: a temporary folder, removed); verify again with the same DIR "
-            "to resume: re-runs there that are current (same code, parameters, data) are compared, not run again"
+            "to resume: re-runs it left there that are current (same notebook, code, parameters, data folder) are "
+            "compared, not run again"
         ),
     )
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")

@@ -8,14 +8,14 @@ index of content hashes and the stored embeddings.
 Cache layout (``<root>/``, default ``<cache_root()>/features``)::
 
     content_hashes.json              path -> [size, mtime_ns, sha256 of the bytes]
-    <model_key>/key.json             what the key stands for (backbone, weights, preprocessing)
+    <model_key>/key.json             what the key stands for (backbone, weights, preprocessing, output, code)
     <model_key>/<shard>.npz          hashes (N,) str + embeddings (N, D) float32, append-only
 
 ``model_key`` is the sha256 of the canonical JSON of the backbone name, the weights'
 sha256, the preprocessing dict, the output kind and the code that computes the embeddings
-(:data:`EXTRACTION_MODULES`, :func:`anomalib_study.freshness.code_version`: after an edit
-to how images are decoded, preprocessed or run through a backbone, the stored embeddings
-are not reused); an image's entry is keyed by the
+(:data:`EXTRACTION_CODE`: the modules :data:`EXTRACTION_MODULES` and the versions of torch,
+torchvision, timm, Pillow and numpy; after an edit to how images are decoded, preprocessed
+or run through a backbone, or an upgrade, the stored embeddings are not reused); an image's entry is keyed by the
 sha256 of its file bytes, so a changed file is a cache miss. Every file is written
 atomically; shards are merged into one when they become many.
 """
@@ -51,6 +51,9 @@ EXTRACTION_MODULES = (
     "weights.py",
     "data/decode.py",
 )
+#: their :func:`~anomalib_study.freshness.code_version` with the feature libraries' versions, taken
+#: when this module is imported: the code this process runs, even if a file is edited afterwards
+EXTRACTION_CODE = code_version(EXTRACTION_MODULES, libraries=True)
 _MAX_SHARDS = 16
 
 
@@ -91,7 +94,7 @@ class FeatureCache:
             "weights_sha256": backbone.weights_sha256,
             "preprocessing": backbone.preprocessing,
             "output": output,
-            "code": code_version(EXTRACTION_MODULES),
+            "code": EXTRACTION_CODE,
         }
 
     @classmethod
@@ -377,7 +380,7 @@ def extract_embeddings(
     result = np.zeros((len(paths), backbone.embedding_dim), dtype=np.float32)
     if not paths:
         if record is not None:
-            record["feature_cache"] = "off" if store is None else {"read": 0, "computed": 0, "key": None}
+            record["feature_cache"] = "off" if store is None else _cache_use(store.model_key(backbone), [], {})
         return result
     if store is not None:
         hashes = store.content_hashes(paths, progress=progress)
@@ -392,11 +395,7 @@ def extract_embeddings(
     else:
         hashes, todo = None, list(range(len(paths)))
     if record is not None:
-        record["feature_cache"] = (
-            "off"
-            if store is None
-            else {"read": len(paths) - len(todo), "computed": len(todo), "key": store.model_key(backbone)}
-        )
+        record["feature_cache"] = "off" if store is None else _cache_use(store.model_key(backbone), hashes, found)
     if todo:
         computed = np.full((len(todo), backbone.embedding_dim), np.nan, dtype=np.float32)
         failed: dict[int, str] | None = None if errors is None else {}
@@ -430,6 +429,25 @@ def extract_embeddings(
         if failed:
             result[sorted(errors)] = np.nan
     return result
+
+
+def _cache_use(model_key: str, hashes: Sequence[str], found: dict) -> dict:
+    """What one extraction did with the cache: images ``read`` from it and ``computed``, and a
+    digest of each set of distinct image hashes (``read_images`` / ``computed_images``, None
+    when empty), so that a read can be matched with the extraction that stored it."""
+
+    def digest(chosen: set[str]) -> str | None:
+        return sha256_bytes(json.dumps(sorted(chosen)).encode())[:16] if chosen else None
+
+    read = {h for h in hashes if h in found}
+    computed = set(hashes) - read
+    return {
+        "read": sum(h in found for h in hashes),
+        "computed": len(computed),
+        "key": model_key,
+        "read_images": digest(read),
+        "computed_images": digest(computed),
+    }
 
 
 def check_forward_precision(precision: str) -> None:

@@ -33,6 +33,8 @@ __all__ = [
     "module_hash",
     "code_record",
     "code_version",
+    "library_versions",
+    "FEATURE_LIBRARIES",
     "write_code_record",
     "read_code_record",
     "changed_modules",
@@ -112,15 +114,36 @@ def code_record(modules: Mapping[str, Any] | None = None, package_root: str | os
     return {"rule": RULE, "modules": dict(sorted(found.items()))}
 
 
-def code_version(modules: Iterable[str], package_root: str | os.PathLike | None = None) -> str:
+#: the libraries whose code computes features beside ours (decoding, the networks): their
+#: versions are part of :func:`code_version` with ``libraries=True``
+FEATURE_LIBRARIES = ("torch", "torchvision", "timm", "pillow", "numpy")
+
+
+def library_versions(names: Iterable[str] = FEATURE_LIBRARIES) -> dict[str, str | None]:
+    """The installed version of each distribution (None where it is not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def code_version(modules: Iterable[str], package_root: str | os.PathLike | None = None, libraries: bool = False) -> str:
     """sha256 (first 16 hex digits) of the :func:`module_hash` of each named package module
-    (paths relative to the package, e.g. ``"features.py"``), in the order given: what a cache
-    keys its entries by, so that an entry computed by other code (not a docstring, comment or
-    layout edit) is a miss rather than a stale hit. A module that does not exist counts as
-    None."""
+    (paths relative to the package, e.g. ``"features.py"``), in the order given, and with
+    ``libraries`` the versions of :data:`FEATURE_LIBRARIES`: what a cache keys its entries by,
+    so that an entry computed by other code (not a docstring, comment or layout edit) is a miss
+    rather than a stale hit. A module that does not exist counts as None. A cache computes it
+    when its module is imported, so that an edit made while a process runs (a kernel) does not
+    label what the loaded code computes with the edited code's version."""
     root = Path(package_root or PACKAGE_ROOT)
     hashes = [[relative, module_hash(root / relative)] for relative in modules]
-    return hashlib.sha256(json.dumps([RULE, hashes]).encode()).hexdigest()[:16]
+    versions = library_versions() if libraries else None
+    return hashlib.sha256(json.dumps([RULE, hashes, versions]).encode()).hexdigest()[:16]
 
 
 def write_code_record(path: str | os.PathLike) -> None:

@@ -7,10 +7,12 @@ An entry is keyed by what determines the features bit for bit:
 * the backbone (name, weights sha256, preprocessing: input size and resize mode), the
   layers, the patch parameters (``patch_size``, ``per_layer_dim``, ``target_dim``), the
   forward precision and the device type;
-* the code that computes them (:data:`anomalib_study.features.EXTRACTION_MODULES` and
-  :data:`anomalib_study.patches.PATCH_MODULES`, by
-  :func:`anomalib_study.freshness.code_version`: an edit to decoding, preprocessing, a
-  backbone or the patch maker makes every entry a miss, never a stale hit);
+* the code that computes them (:data:`anomalib_study.patches.PATCH_CODE`: the modules
+  :data:`anomalib_study.features.EXTRACTION_MODULES` and
+  :data:`anomalib_study.patches.PATCH_MODULES`, and the versions of torch, torchvision,
+  timm, Pillow and numpy, taken when the module is imported: an edit to decoding,
+  preprocessing, a backbone or the patch maker, or an upgrade, makes every entry a miss,
+  never a stale hit);
 * the ordered sha256 of the image files' bytes (:meth:`FeatureCache.content_hashes`: a
   changed file is a miss) and the batch size, since a batch's composition is part of how
   the features were computed (float kernels may sum differently for another batch).

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalib_study.errors import DataError, ParameterError
+from anomalib_study.features import EXTRACTION_MODULES
 from anomalib_study.freshness import code_version
 from anomalib_study.patch_cache import PatchBatch as PatchBatch
 from anomalib_study.patch_cache import PatchCache
@@ -32,6 +33,9 @@ __all__ = ["PatchFeatures", "PatchBatch", "patch_features", "iter_patch_features
 #: the modules beside :data:`anomalib_study.features.EXTRACTION_MODULES` whose code computes or
 #: stores patch features: part of every patch cache key (a code edit makes the stored patches a miss)
 PATCH_MODULES = ("patches.py", "patch_cache.py")
+#: the code version of every module that computes or stores patch features, and of the feature
+#: libraries, taken when this module is imported (see :data:`anomalib_study.features.EXTRACTION_CODE`)
+PATCH_CODE = code_version(EXTRACTION_MODULES + PATCH_MODULES, libraries=True)
 
 
 def _check_dim(name: str, value) -> int | None:
@@ -251,7 +255,7 @@ def iter_patch_features(
 def _cache_key(store, backbone, paths, maker, layers, batch_size, device, precision) -> tuple[str, dict]:
     """The patch cache's key of one extraction (see :mod:`anomalib_study.patch_cache`)."""
     from anomalib_study.backbones import resolve_device
-    from anomalib_study.features import EXTRACTION_MODULES, FeatureCache
+    from anomalib_study.features import FeatureCache
 
     hashes = FeatureCache(store.root.parent / "features").content_hashes(paths)
     fields = {
@@ -265,7 +269,7 @@ def _cache_key(store, backbone, paths, maker, layers, batch_size, device, precis
         "precision": precision,
         "device": resolve_device(device).type,
         "batch_size": int(batch_size),
-        "code": code_version(EXTRACTION_MODULES + PATCH_MODULES),
+        "code": PATCH_CODE,
     }
     return store.key(fields, hashes)
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from anomalib_study import comparison, runner, schema
 from anomalib_study.errors import ParameterError, StudyError
+from anomalib_study.io import atomic_write
 from anomalib_study.methods import Tolerance
 from anomalib_study.report_files import report_files_match
 from anomalib_study.verify_compare import (
@@ -102,6 +103,8 @@ class VerifyResult:
             or ``"unknown: <why>"``.
         schema: keys only one side has; ``wording``: text that differs; ``tolerated``:
             numbers that differ within their tolerance (all three: not drifts).
+        resumed: when the re-run compared is one an earlier verify left in the kept scratch
+            folder (current, so not run again), when that re-run started; else "".
     """
 
     report: str
@@ -117,6 +120,7 @@ class VerifyResult:
     schema: list[Drift] = field(default_factory=list)
     wording: list[Drift] = field(default_factory=list)
     tolerated: list[Drift] = field(default_factory=list)
+    resumed: str = ""
 
     @property
     def notebook(self) -> str:
@@ -194,6 +198,10 @@ def _study_file(named: str, metrics_path: Path, reports: Path) -> Path:
     )
 
 
+#: the file verify writes into a kept scratch folder: only a folder holding it is resumed from
+SCRATCH_MARKER = ".anomalib-study-verify"
+
+
 @contextlib.contextmanager
 def _scratch_folder(scratch: str | os.PathLike | None, reports: Path) -> Iterator[Path]:
     if scratch is None:
@@ -207,7 +215,19 @@ def _scratch_folder(scratch: str | os.PathLike | None, reports: Path) -> Iterato
             f"--keep-scratch {scratch}: the scratch folder must lie outside the reports folder "
             f"{reports} (verify never writes into it); choose another folder"
         )
+    marker = folder / SCRATCH_MARKER
+    if folder.is_dir() and any(folder.iterdir()) and not marker.is_file():
+        # reports there that verify did not re-run (another study's output, a clone's reports/) must
+        # never be compared as if they were re-runs
+        raise ParameterError(
+            f"--keep-scratch {scratch}: the folder holds files an earlier verify did not leave (no "
+            f"{SCRATCH_MARKER} in it); give a new or empty folder, or the one a verify kept"
+        )
     folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(marker, "w") as handle:
+        handle.write(
+            "re-runs of `anomalib-study verify`, kept with --keep-scratch: a verify given this folder resumes\n"
+        )
     yield folder
 
 
@@ -428,6 +448,8 @@ def _rerun_study(
         new = json.loads(new_path.read_text(encoding="utf-8"))
         result = judge(entry.report, entry.metrics, new, tolerance, roots=roots, committed_roots=committed_roots)
         result.committed, result.rerun = entry.path, new_path
+        if cell.status == "unchanged":  # a current re-run an earlier verify left in the kept folder
+            result.resumed = str(new.get("_run", {}).get("started_at") or "an earlier verify")
         yield entry, result
 
 
@@ -502,6 +524,8 @@ def _details(result: VerifyResult, shown: int) -> list[str]:
     if len(drifted) > shown:
         details.append(f"  ... and {len(drifted) - shown} more drifted key(s)")
     details += [f"  differs: {line}" for line in result.differences]
+    if result.resumed:
+        details.append(f"  re-run not repeated: the current one kept in the scratch folder, run {result.resumed}")
     if result.freshness and result.freshness != "current":
         details.append(f"  freshness of the committed report: {result.freshness}")
     if result.message and result.status in ("failed", "skipped"):

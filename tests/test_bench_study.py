@@ -77,14 +77,19 @@ def test_cache_reads_are_told_apart_sharing_within_the_run_from_a_cache_filled_b
         },
         "_run": {"code": {"modules": {"patch_cache.py": "x"}}},
     }
-    knn = {"index": {"feature_cache": {"normal images": {"read": 2, "computed": 3, "key": "K"}, "test images": "off"}}}
+    knn = {
+        "feature_cache": {
+            "normal images": {"read": 2, "computed": 3, "key": "K", "read_images": "R", "computed_images": "C"},
+            "test images": "off",
+        }
+    }
     assert bench.cache_uses(patchcore) == [
         {"cache": "patch", "read": True, "key": "A"},
         {"cache": "patch", "read": False, "key": "B"},
     ]
     assert bench.cache_uses(knn) == [
-        {"cache": "feature", "read": True, "key": "K"},
-        {"cache": "feature", "read": False, "key": "K"},
+        {"cache": "feature", "read": True, "key": "K:R"},
+        {"cache": "feature", "read": False, "key": "K:C"},
     ]
     writer = {
         "cell": "w",

@@ -42,6 +42,9 @@ def test_every_mode_is_scored_against_the_types(metrics):
         assert row["nmi"] == pytest.approx(again["nmi"]) and metrics[f"nmi_{mode}"] == row["nmi"]
         assert row["ari"] == pytest.approx(again["ari"]) and row["f1"] == pytest.approx(again["f1"])
         assert np.sum(row["confusion"]["counts"]) == protocol["n_images"]
+        used = row["patch_cache"]  # every mode clusters the test images' patch features: their cache use is its own
+        assert used["anomaly clustering: patch features"]["patch_cache"] in ("hit", "extracted")
+        assert ("anomaly clustering: normal patch features" in used) == (mode == "semi_supervised")
     assert metrics["modes"]["average"]["tau"] is None and metrics["modes"]["average"]["tau_curve"] == []
     assert metrics["environment"]["weights_sha256"] == metrics["backbone"]["weights_sha256"]
     assert metrics["environment"]["seed"] == 0

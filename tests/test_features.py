@@ -59,7 +59,8 @@ def test_cached_rows_equal_uncached_and_skip_decoding(backbone, tmp_path, monkey
     np.testing.assert_array_equal(first, uncached)
     assert off == {"feature_cache": "off"}
     key = FeatureCache.model_key(backbone)
-    assert computed == {"feature_cache": {"read": 0, "computed": 4, "key": key}}
+    assert computed["feature_cache"]["read"] == 0 and computed["feature_cache"]["computed"] == 4
+    assert computed["feature_cache"]["key"] == key and computed["feature_cache"]["read_images"] is None
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a cached image was decoded or hashed again")
@@ -69,7 +70,13 @@ def test_cached_rows_equal_uncached_and_skip_decoding(backbone, tmp_path, monkey
     for store in (cache, FeatureCache(tmp_path / "cache")):  # same instance, and a fresh one reading the disk
         second = extract_embeddings(backbone, paths[::-1], cache=store, progress=False, record=read)
         np.testing.assert_array_equal(second, uncached[::-1])
-        assert read == {"feature_cache": {"read": 4, "computed": 0, "key": key}}
+        assert read["feature_cache"] == {
+            "read": 4,
+            "computed": 0,
+            "key": key,
+            "read_images": computed["feature_cache"]["computed_images"],  # what the first call stored
+            "computed_images": None,
+        }
 
 
 def test_default_cache_lives_under_the_cache_env(backbone, tmp_path, monkeypatch):
@@ -118,11 +125,10 @@ def test_cache_key_moves_with_the_code_that_computes_the_embeddings(backbone, mo
     from anomalib_study import features, freshness
 
     key = FeatureCache.model_key(backbone)
-    assert FeatureCache.key_fields(backbone)["code"] == freshness.code_version(features.EXTRACTION_MODULES)
-    real = freshness.module_hash
-    monkeypatch.setattr(  # as if preprocessing.py had been edited: the stored embeddings are not reused
-        freshness, "module_hash", lambda path: "edited" if str(path).endswith("preprocessing.py") else real(path)
-    )
+    # the modules' code and the feature libraries' versions, as they were when features was imported
+    assert features.EXTRACTION_CODE == freshness.code_version(features.EXTRACTION_MODULES, libraries=True)
+    assert FeatureCache.key_fields(backbone)["code"] == features.EXTRACTION_CODE
+    monkeypatch.setattr(features, "EXTRACTION_CODE", "another version")  # an edited module, an upgrade
     assert FeatureCache.model_key(backbone) != key
 
 

@@ -50,6 +50,19 @@ def test_a_code_version_moves_with_a_statement_of_a_named_module_only(tmp_path):
     (tmp_path / "b.py").write_text(MODULE.replace("r ** 2", "r ** 3"))
     assert freshness.code_version(["a.py", "b.py"], package_root=tmp_path) != base
     assert freshness.code_version(["a.py", "gone.py"], package_root=tmp_path) != base
+    with_libraries = freshness.code_version(["a.py", "b.py"], package_root=tmp_path, libraries=True)
+    assert with_libraries != freshness.code_version(["a.py", "b.py"], package_root=tmp_path)
+    versions = freshness.library_versions()
+    assert set(versions) == set(freshness.FEATURE_LIBRARIES) and versions["torch"]
+    assert freshness.library_versions(["no-such-distribution"]) == {"no-such-distribution": None}
+
+
+def test_an_upgraded_library_moves_the_code_version(tmp_path, monkeypatch):
+    (tmp_path / "a.py").write_text(MODULE)
+    base = freshness.code_version(["a.py"], package_root=tmp_path, libraries=True)
+    real = freshness.library_versions()
+    monkeypatch.setattr(freshness, "library_versions", lambda: {**real, "torch": "99.0"})
+    assert freshness.code_version(["a.py"], package_root=tmp_path, libraries=True) != base
 
 
 def test_a_record_names_the_loaded_modules_and_what_changed_since(tmp_path):

@@ -81,17 +81,18 @@ def test_what_changes_the_features_is_a_miss(tmp_path, images, backbone):
 
 
 def test_an_edit_to_the_extraction_code_is_a_miss(tmp_path, images, backbone, monkeypatch):
-    from anomalib_study import freshness
+    from anomalib_study import features, freshness, patches
 
+    assert patches.PATCH_CODE == freshness.code_version(
+        features.EXTRACTION_MODULES + patches.PATCH_MODULES, libraries=True
+    )
     paths, _ = images
     cache = PatchCache(tmp_path / "patches", limit=2**30)
     _, base = _run(backbone, paths, cache)
-    real = freshness.module_hash
-    for edited in ("patches.py", "backbone_models.py"):
-        with monkeypatch.context() as patch:
-            patch.setattr(freshness, "module_hash", lambda path: "edited" if str(path).endswith(edited) else real(path))
-            _, after = _run(backbone, paths, cache)
-        assert after["patch_cache"] == "extracted" and after["key"] != base["key"], edited
+    with monkeypatch.context() as patch:
+        patch.setattr(patches, "PATCH_CODE", "another version")  # an edited module, an upgrade
+        _, after = _run(backbone, paths, cache)
+    assert after["patch_cache"] == "extracted" and after["key"] != base["key"]
     _, again = _run(backbone, paths, cache)
     assert again == {"patch_cache": "hit", "key": base["key"]}
 

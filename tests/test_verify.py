@@ -529,11 +529,23 @@ def test_a_kept_scratch_folder_resumes_without_running_a_current_rerun_again(rep
     started = json.loads(rerun.read_text())["_run"]["started_at"]
     lines = []
     again = verify.verify_reports(reports, scratch=scratch, log=lines.append)
-    assert again[0].status == "matched" and again[0].rerun == rerun
+    assert again[0].status == "matched" and again[0].rerun == rerun and not first[0].resumed
     assert json.loads(rerun.read_text())["_run"]["started_at"] == started  # compared, not run again
-    assert any("unchanged" in line for line in lines)
+    assert (
+        again[0].resumed == started
+        and f"re-run not repeated: the current one kept in the scratch folder, run {started}" in lines[-1]
+    )
     _edit(_committed(reports), lambda data: data.update(image_auroc=0.601))  # the committed side still decides
     assert verify.verify_reports(reports, scratch=scratch, log=lambda line: None)[0].status == "drifted"
+
+
+def test_a_folder_verify_did_not_keep_is_never_resumed_from(reports, tmp_path):
+    import shutil
+
+    elsewhere = tmp_path / "other_reports"  # e.g. the output of `anomalib-study run`: not re-runs
+    shutil.copytree(reports, elsewhere)
+    with pytest.raises(ParameterError, match="holds files an earlier verify did not leave"):
+        verify.verify_reports(reports, scratch=elsewhere, log=lambda line: None)
 
 
 def test_real_data_cells_are_skipped_not_drifts(reports, project):

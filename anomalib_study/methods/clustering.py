@@ -536,7 +536,8 @@ class AnomalyClusteringMethod(Method):
 
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        Z, grid = make(modes[0]).extract(paths, desc="anomaly clustering: patch features")
+        extractor = make(modes[0])
+        Z, grid = extractor.extract(paths, desc="anomaly clustering: patch features")
         timings["extract_s"] = time.perf_counter() - started
         Z_normal = None
         runs = []
@@ -556,6 +557,8 @@ class AnomalyClusteringMethod(Method):
             timings[f"{mode}_s"] = time.perf_counter() - started
             timings.update({f"{mode}_{key}": value for key, value in model.timings_.items()})
             description = model.describe()
+            # every mode clusters the patch features extracted above: their cache use is each mode's too
+            description["patch_cache"] = {**extractor.patch_cache_used(), **description["patch_cache"]}
             chosen = {"weights": model.weights_, "embeddings": model.embeddings_}
             curve = []
             if model.patch_scores_ is not None:
