@@ -5,7 +5,8 @@
 The grid: notebook 01 (deep kNN) on the synthetic DAGM-layout set, one cell per ``k`` of
 :data:`FULL` (a variants study written to a temporary folder, like any study file). The
 same grid runs twice with :func:`anomalib_study.runner.run_study`, each into a fresh
-temporary reports folder (the real ``reports/`` is not touched): ``jobs=1`` and
+temporary reports folder (the real ``reports/`` is not touched) and from an empty embedding
+cache (the second run must not read what the first stored): ``jobs=1`` and
 ``scheduler=<a LocalCluster of 2 worker processes x 1 thread on loopback>`` (or the cluster
 at ``--scheduler``). The JSON has both wall times, their ratio, the cells' own durations,
 the cluster's start-up time (apart: an existing cluster does not pay it) and the headline
@@ -23,6 +24,7 @@ import argparse
 import datetime as _dt
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +36,7 @@ if str(REPO) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(REPO))
 
 from anomalib_study import __version__, runner  # noqa: E402
-from anomalib_study.io import write_json  # noqa: E402
+from anomalib_study.io import cache_root, write_json  # noqa: E402
 
 DEFAULT_OUT = REPO / "reports" / "benchmarks" / "dask_grid.json"
 NOTEBOOK = REPO / "notebooks" / "01_knn_detection.ipynb"
@@ -105,6 +107,13 @@ def timed_run(study: Path, reports: Path, **options: Any) -> dict[str, Any]:
     return {"wall_s": round(wall, 2), "cell_durations_s": {r.name: r.duration_s for r in results}, "metrics": metrics}
 
 
+def _empty_embedding_cache() -> None:
+    """Each timed run starts from an empty embedding cache on this machine (within a run, the grid's
+    first cell computes the embeddings and the others read them; a cluster at ``--scheduler`` on
+    other hosts keeps its own caches)."""
+    shutil.rmtree(cache_root() / "features", ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 1-cell grid of a tiny notebook (smoke test)")
@@ -117,8 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(folder)
         study = write_study(work, settings)
         runner.synthetic_root()  # generated once, before either timing (the workers then find it)
+        _empty_embedding_cache()
         local = timed_run(study, work / "local", jobs=1)
         cluster_start_s = None
+        _empty_embedding_cache()  # else the cluster's cells would read what the local run stored
         if args.scheduler:
             on_cluster = timed_run(study, work / "cluster", scheduler=args.scheduler)
         else:
