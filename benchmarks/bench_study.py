@@ -143,18 +143,37 @@ def cache_uses(metrics: Any) -> list[dict[str, Any]]:
     return found
 
 
-def cache_check(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cache reads of the current cells, in the order they ran: a read of a key an earlier
-    current cell wrote is sharing within this regeneration; any other read came from a cache
-    filled before it, so the total is then less than an empty cache's."""
+def _entry_file(use: dict[str, Any], root: Path) -> Path:
+    """The file written when a cache entry was created: a patch entry's ``entry.json``, an
+    embedding model folder's ``key.json`` (its images are added later, never before it)."""
+    if use["cache"] == "patch":
+        return root / "patches" / use["key"] / "entry.json"
+    return root / "features" / use["key"].split(":", 1)[0] / "key.json"
+
+
+def cache_check(cells: list[dict[str, Any]], root: Path | None = None) -> dict[str, Any]:
+    """The cache reads of the current cells, in the order they ran. A read is sharing within
+    this regeneration when an earlier current cell wrote the same entry (the same images), or
+    when the entry it came from was created after the first current cell started (its file
+    in the cache folder ``root`` on this machine: an embedding read of images another cell
+    computed among others); any other read came from a cache filled before the regeneration,
+    so the total is then less than an empty cache's."""
     written: set[tuple[str, str]] = set()
     shared, earlier = 0, []
     ran = sorted((c for c in cells if c.get("freshness") == "current"), key=lambda c: c.get("started_at") or "")
+    try:  # when the regeneration's first current cell started (None: unknown)
+        first = _dt.datetime.fromisoformat(ran[0]["started_at"]).timestamp() if ran else None
+    except (KeyError, TypeError, ValueError):
+        first = None
     for cell in ran:
         for use in cell.get("caches") or []:
             if not use["read"]:
                 continue
-            if (use["cache"], use["key"]) in written:
+            entry = _entry_file(use, root) if root is not None else None
+            created_since = (
+                first is not None and entry is not None and entry.is_file() and entry.stat().st_mtime >= first
+            )
+            if (use["cache"], use["key"]) in written or created_since:
                 shared += 1
             else:
                 earlier.append(f"{cell['notebook']}/{cell['cell']} ({use['cache']} cache)")
@@ -245,7 +264,7 @@ def run(study: Path, reports: Path, before: str | None) -> dict[str, Any]:
         "after": totals(cells),
         "cells": cells,
     }
-    result["caches"] = cache_check(cells)
+    result["caches"] = cache_check(cells, io.cache_root())
     result["goal"] = goal(result["after"], cells)
     if result["goal"]["met"] is not None and not result["caches"]["as_from_an_empty_cache"]:
         result["goal"]["met"] = None  # not what a clean clone with an empty cache would take

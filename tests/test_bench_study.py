@@ -117,6 +117,26 @@ def test_cache_reads_are_told_apart_sharing_within_the_run_from_a_cache_filled_b
     assert not check["as_from_an_empty_cache"]
 
 
+def test_a_read_of_an_entry_created_during_the_regeneration_is_shared(tmp_path):
+    import os
+
+    folder = tmp_path / "features" / "K"
+    folder.mkdir(parents=True)
+    (folder / "key.json").write_text("{}")
+    os.utime(folder / "key.json", (1_800_000_000, 1_800_000_000))  # 2027-01-15: after the cell below started
+    reader = {  # its images were computed by other cells among theirs: no earlier use has this digest
+        "cell": "ood",
+        "notebook": "01",
+        "started_at": "2026-12-07T17:00:00+00:00",
+        "freshness": "current",
+        "caches": [{"cache": "feature", "read": True, "key": "K:digest"}],
+    }
+    assert bench.cache_check([reader], tmp_path)["as_from_an_empty_cache"]
+    os.utime(folder / "key.json", (1_700_000_000, 1_700_000_000))  # 2023: filled before the regeneration
+    assert not bench.cache_check([reader], tmp_path)["as_from_an_empty_cache"]
+    assert not bench.cache_check([reader])["as_from_an_empty_cache"]  # no cache folder to look at
+
+
 def test_run_reads_the_suites_reports_and_judges_nothing_when_reports_are_missing(tmp_path):
     study = tmp_path / "suite.yaml"
     study.write_text(f"studies:\n  - {REPO / 'studies' / 'knn.yaml'}\n  - {REPO / 'studies' / 'comparison.yaml'}\n")
