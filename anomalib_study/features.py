@@ -372,7 +372,7 @@ def extract_embeddings(
     dict) such images are skipped instead: position in ``paths`` -> reason is recorded
     there, their rows are NaN, and nothing is cached for them. With ``record`` (a dict) what
     the cache did is written there: ``{"feature_cache": "off"}``, or ``{"feature_cache":
-    {"read": images read from it, "computed": images run, "key": its model key}}``.
+    {"read", "computed", "key", "read_images", "computed_images"}}`` (:func:`_cache_use`).
     """
     paths = _check_arguments(paths, batch_size, num_workers)
     device = _prepare(backbone, device)
