@@ -314,7 +314,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify",
         help="re-run committed reports in a scratch folder and compare their metrics (exit 1 when a number drifted; "
-        "schema and wording differences are listed)",
+        "schema and wording differences are listed; --adopt regenerates the stale ones that matched)",
     )
     p.add_argument(
         "--only",
@@ -343,6 +343,15 @@ def _build_parser() -> argparse.ArgumentParser:
             "re-run into DIR and keep it (default: a temporary folder, removed); verify again with the same DIR "
             "to resume: re-runs it left there that are current (same notebook, code, parameters, data folder) are "
             "compared, not run again"
+        ),
+    )
+    p.add_argument(
+        "--adopt",
+        action="store_true",
+        help=(
+            "replace each committed report that is not current (stale, or of unknown freshness) and whose re-run "
+            "matched by the re-run, so one verify both checks and regenerates; drifted, failed and current reports "
+            "are left as they are (the only option that writes into --reports)"
         ),
     )
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
@@ -564,6 +573,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         data_root=args.data,
         scratch=args.keep_scratch,
+        adopt=args.adopt,
         kernel_name=args.kernel,
     )
     return exit_code(results)

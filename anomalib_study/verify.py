@@ -6,7 +6,10 @@ again, from the study file named in its ``_run["study"]``, with
 ``scratch``, kept: verify then resumes, comparing the re-runs already there that are current
 instead of running them again), and the two metrics are compared key by key
 (:mod:`anomalib_study.verify_compare`); the committed reports folder is only read, never
-written. The comparison tells numbers from bookkeeping:
+written, unless ``adopt`` is given: then each committed report that is not current (stale, or
+of unknown freshness) and whose re-run matched is replaced by the re-run, so that one pass over
+every report both checks the committed figures and regenerates them at the code it checked
+(:func:`adopt_rerun`). The comparison tells numbers from bookkeeping:
 
 * numbers decide: a report is ``"matched"`` when every number (ints, floats, lists of them,
   the per-image scores, labels inside those tables) is equal up to float rounding, or within
@@ -64,6 +67,7 @@ __all__ = [
     "Comparison",
     "Drift",
     "VerifyResult",
+    "adopt_rerun",
     "compare",
     "compare_metrics",
     "committed_reports",
@@ -105,6 +109,8 @@ class VerifyResult:
             numbers that differ within their tolerance (all three: not drifts).
         resumed: when the re-run compared is one an earlier verify left in the kept scratch
             folder (current, so not run again), when that re-run started; else "".
+        adopted: the re-run replaced the committed report (``adopt``); ``freshness`` is
+            still the replaced report's.
     """
 
     report: str
@@ -121,6 +127,7 @@ class VerifyResult:
     wording: list[Drift] = field(default_factory=list)
     tolerated: list[Drift] = field(default_factory=list)
     resumed: str = ""
+    adopted: bool = False
 
     @property
     def notebook(self) -> str:
@@ -238,6 +245,7 @@ def verify_reports(
     data_root: str | os.PathLike | None = None,
     scratch: str | os.PathLike | None = None,
     *,
+    adopt: bool = False,
     kernel_name: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[VerifyResult]:
@@ -257,12 +265,22 @@ def verify_reports(
             and current (same notebook, parameters, data and code, by the runner's rule) is
             compared without running it again, so a verify over every report can be spread
             over several sessions.
+        adopt: replace each committed report that is not current and whose re-run matched
+            by that re-run (:func:`adopt_rerun`), as soon as its study file's re-runs are
+            compared (a verify stopped midway keeps what it adopted); drifted, failed and
+            current reports are left as they are. Not with ``tolerance``: a report adopted
+            must hold the committed numbers by each number's own rule.
         kernel_name: the Jupyter kernel (see :func:`anomalib_study.runner.run_study`).
         log: called with the runner's progress lines, then the table (:func:`format_table`).
 
     Returns one :class:`VerifyResult` per selected report (use :func:`exit_code`).
     """
     tolerance = check_tolerance(tolerance)
+    if adopt and tolerance:
+        raise ParameterError(
+            f"--adopt with --tolerance {tolerance:g}: a report is adopted only when every number matched by its "
+            "own rule; drop --tolerance"
+        )
     reports = Path(reports_dir)
     selected = _select(committed_reports(reports), only)
     if not selected:
@@ -305,15 +323,55 @@ def verify_reports(
                 committed_roots,
                 resume=scratch is not None,
             ):
+                result.freshness = _freshness(entry.path)
+                if adopt and result.status == "matched" and not result.freshness.startswith("current"):
+                    adopt_rerun(result, log)
                 results[entry.report] = result
         ordered = [results[report] for report, _ in selected]
         for result, (_, path) in zip(ordered, selected):
-            result.freshness = _freshness(path)
+            result.freshness = result.freshness or _freshness(path)
         if scratch is None:  # the temporary folder goes: no path into it may be handed back
             for result in ordered:
                 result.rerun = None
     log(format_table(ordered, tolerance))
     return ordered
+
+
+def _replaced_path(rerun: Path) -> Path:
+    """Where :func:`adopt_rerun` keeps the metrics of the report a re-run replaced (beside the re-run)."""
+    return rerun.with_name(rerun.name[: -len(".metrics.json")] + ".replaced-by-verify.json")
+
+
+def adopt_rerun(result: VerifyResult, log: Callable[[str], None] = print) -> None:
+    """Replace the committed report of ``result`` (matched) by its re-run: every file the
+    re-run's ``_run["files"]`` records, then its metrics (each written atomically, the metrics
+    last, as the runner writes a report); side files only the replaced report recorded, and
+    its ``.failed.*`` files, are removed. Sets ``result.adopted``.
+
+    The replaced metrics are kept beside the re-run (``<cell>.replaced-by-verify.json``): a
+    verify resumed from that scratch folder compares the re-run with them, not with its own
+    copy, so its summary still says how the regenerated report compares with the one it replaced."""
+    if result.status != "matched" or result.rerun is None or result.committed is None:
+        raise ValueError(f"{result.report}: only a matched report with its re-run can be adopted")
+    source, target = result.rerun.parent, result.committed.parent
+    with atomic_write(_replaced_path(result.rerun)) as handle:  # what a resumed verify compares it with
+        handle.write(result.committed.read_bytes())
+    new_metrics = result.rerun.read_bytes()
+    new_files = json.loads(new_metrics)["_run"]["files"]
+    old_files = json.loads(result.committed.read_text(encoding="utf-8")).get("_run", {}).get("files") or {}
+    for name in new_files:
+        with atomic_write(target / name) as handle:
+            handle.write((source / name).read_bytes())
+    with atomic_write(result.committed) as handle:  # last: a complete report is one with matching metrics
+        handle.write(new_metrics)
+    cell = result.committed.name[: -len(".metrics.json")]
+    gone = [name for name in old_files if name not in new_files]
+    gone += [f"{cell}.failed.{suffix}" for suffix in ("ipynb", "html", "json")]
+    for name in gone:
+        with contextlib.suppress(FileNotFoundError):
+            (target / name).unlink()
+    result.adopted = True
+    log(f"{result.report}: matched; the re-run replaces the committed report ({result.freshness})")
 
 
 #: the files of a committed report beside its metrics (a report is all of them)
@@ -446,8 +504,14 @@ def _rerun_study(
             )
             continue
         new = json.loads(new_path.read_text(encoding="utf-8"))
-        result = judge(entry.report, entry.metrics, new, tolerance, roots=roots, committed_roots=committed_roots)
-        result.committed, result.rerun = entry.path, new_path
+        committed, adopted = entry.metrics, False
+        replaced = _replaced_path(new_path)
+        if cell.status == "unchanged" and replaced.is_file() and entry.path.read_bytes() == new_path.read_bytes():
+            # this re-run was adopted by an earlier verify: the committed report is now a copy of it, so the
+            # comparison that counts is the one with the report it replaced, kept beside the re-run
+            committed, adopted = json.loads(replaced.read_text(encoding="utf-8")), True
+        result = judge(entry.report, committed, new, tolerance, roots=roots, committed_roots=committed_roots)
+        result.committed, result.rerun, result.adopted = entry.path, new_path, adopted
         if cell.status == "unchanged":  # a current re-run an earlier verify left in the kept folder
             result.resumed = str(new.get("_run", {}).get("started_at") or "an earlier verify")
         yield entry, result
@@ -528,6 +592,8 @@ def _details(result: VerifyResult, shown: int) -> list[str]:
         details.append(f"  re-run not repeated: the current one kept in the scratch folder, run {result.resumed}")
     if result.freshness and result.freshness != "current":
         details.append(f"  freshness of the committed report: {result.freshness}")
+    if result.adopted:
+        details.append("  adopted: the re-run replaced the committed report (--adopt)")
     if result.message and result.status in ("failed", "skipped"):
         details.append(f"  {result.status}: {result.message}")
     return details
@@ -543,6 +609,8 @@ def _counts(results: Sequence[VerifyResult], shown: int = 3) -> tuple[list[str],
             keys = list(dict.fromkeys(d.family for r in chosen for d in r.drifts))
             statuses.append(f"{len(chosen)} {status}" + (f" ({_listed(keys, shown)})" if keys else ""))
     kinds = [f"{n} with {kind} differences" for kind in ("schema", "wording") if (n := _with(results, kind))]
+    if adopted := _with(results, "adopted"):
+        kinds.append(f"{adopted} adopted (re-run replaced a committed report that was not current)")
     return statuses, kinds
 
 

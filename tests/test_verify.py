@@ -539,6 +539,50 @@ def test_a_kept_scratch_folder_resumes_without_running_a_current_rerun_again(rep
     assert verify.verify_reports(reports, scratch=scratch, log=lambda line: None)[0].status == "drifted"
 
 
+def test_adopt_replaces_a_stale_report_that_matched_and_nothing_else(reports, tmp_path):
+    committed = _committed(reports)
+    # a report the current code did not run (its notebook changed since, by the freshness rule)
+    _edit(committed, lambda data: data["_run"].update(notebook_sha256="0" * 64))
+    assert verify._freshness(committed).startswith("stale")
+    lines = []
+    results = verify.verify_reports(reports, scratch=tmp_path / "scratch", adopt=True, log=lines.append)
+    result = results[0]
+    assert result.status == "matched" and result.adopted and result.freshness.startswith("stale")
+    rerun = tmp_path / "scratch" / "tiny" / "synth-tiny.metrics.json"
+    assert committed.read_bytes() == rerun.read_bytes()  # the re-run's report, every file of it
+    for name in json.loads(rerun.read_text())["_run"]["files"]:
+        assert (reports / "tiny" / name).read_bytes() == (rerun.parent / name).read_bytes()
+    assert verify._freshness(committed) == "current"
+    assert "tiny/synth-tiny: matched; the re-run replaces the committed report (stale" in "\n".join(lines)
+    assert "adopted: the re-run replaced the committed report" in lines[-1]
+    assert lines[-1].endswith("verify: 1 matched; 1 adopted (re-run replaced a committed report that was not current)")
+    # resumed from the same scratch folder: the re-run is compared with the report it replaced, kept there
+    replaced = rerun.with_name("synth-tiny.replaced-by-verify.json")
+    assert json.loads(replaced.read_text())["_run"]["notebook_sha256"] == "0" * 64
+    resumed = verify.verify_reports(reports, scratch=tmp_path / "scratch", adopt=True, log=lambda line: None)[0]
+    assert resumed.status == "matched" and resumed.adopted and resumed.resumed  # compared, not run again
+    assert committed.read_bytes() == rerun.read_bytes()
+    _edit(replaced, lambda data: data.update(image_auroc=0.601))  # that comparison, not one with its own copy
+    assert verify.verify_reports(reports, scratch=tmp_path / "scratch", log=lambda line: None)[0].status == "drifted"
+    # a current report that matches, and a stale one that drifted, are left as they are
+    before = _folder_hash(reports)
+    again = verify.verify_reports(reports, adopt=True, log=lambda line: None)
+    assert again[0].status == "matched" and not again[0].adopted and _folder_hash(reports) == before
+    _edit(committed, lambda data: (data["_run"].update(notebook_sha256="0" * 64), data.update(image_auroc=0.601)))
+    before = _folder_hash(reports)
+    drifted = verify.verify_reports(reports, adopt=True, log=lambda line: None)
+    assert drifted[0].status == "drifted" and not drifted[0].adopted and _folder_hash(reports) == before
+
+
+def test_adopt_refuses_a_tolerance(reports, capsys):
+    before = _folder_hash(reports)
+    with pytest.raises(ParameterError, match="adopted only when every number matched by its own rule"):
+        verify.verify_reports(reports, tolerance=0.01, adopt=True, log=lambda line: None)
+    assert main(["verify", "--reports", str(reports), "--adopt", "--tolerance", "0.01"]) != 0
+    assert "drop --tolerance" in capsys.readouterr().err
+    assert _folder_hash(reports) == before
+
+
 def test_a_folder_verify_did_not_keep_is_never_resumed_from(reports, tmp_path):
     import shutil
 
