@@ -329,7 +329,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="largest absolute difference of two numbers that still matches, on top of each number's own "
         "tolerance (default 0: exact up to float rounding, or within a method's declared tolerance)",
     )
-    p.add_argument("--reports", default="reports", help="the committed reports folder, only read (default reports)")
+    p.add_argument(
+        "--reports", default="reports", help="the committed reports folder, only read unless --adopt (default reports)"
+    )
     p.add_argument(
         "--data",
         default=None,

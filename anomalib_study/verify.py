@@ -7,9 +7,12 @@ again, from the study file named in its ``_run["study"]``, with
 instead of running them again), and the two metrics are compared key by key
 (:mod:`anomalib_study.verify_compare`); the committed reports folder is only read, never
 written, unless ``adopt`` is given: then each committed report that is not current (stale, or
-of unknown freshness) and whose re-run matched is replaced by the re-run, so that one pass over
-every report both checks the committed figures and regenerates them at the code it checked
-(:func:`adopt_rerun`). The comparison tells numbers from bookkeeping:
+of unknown freshness) and whose re-run matched, and is current, is replaced by the re-run, so
+that one pass over every report both checks the committed figures and regenerates them at the
+code it checked (:func:`adopt_rerun`; the front page is written again). A cell that reads the
+other reports (the comparison, notebook 05) is never adopted: its re-run read the scratch
+folder's reports; run it with ``anomalib-study run`` once the others are current. The
+comparison tells numbers from bookkeeping:
 
 * numbers decide: a report is ``"matched"`` when every number (ints, floats, lists of them,
   the per-image scores, labels inside those tables) is equal up to float rounding, or within
@@ -42,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from anomalib_study import comparison, runner, schema
+from anomalib_study import comparison, io, runner, schema
 from anomalib_study.errors import ParameterError, StudyError
 from anomalib_study.io import atomic_write
 from anomalib_study.methods import Tolerance
@@ -109,8 +112,10 @@ class VerifyResult:
             numbers that differ within their tolerance (all three: not drifts).
         resumed: when the re-run compared is one an earlier verify left in the kept scratch
             folder (current, so not run again), when that re-run started; else "".
-        adopted: the re-run replaced the committed report (``adopt``); ``freshness`` is
-            still the replaced report's.
+        adopted: the re-run replaced the committed report (``adopt``; in a verify resumed
+            from the same scratch folder, an earlier verify did, and the comparison is with the
+            report it replaced); ``freshness`` is then the replaced report's.
+        reads_reports: the cell reads the other reports (notebook 05's comparison): never adopted.
     """
 
     report: str
@@ -128,6 +133,7 @@ class VerifyResult:
     tolerated: list[Drift] = field(default_factory=list)
     resumed: str = ""
     adopted: bool = False
+    reads_reports: bool = False
 
     @property
     def notebook(self) -> str:
@@ -205,6 +211,16 @@ def _study_file(named: str, metrics_path: Path, reports: Path) -> Path:
     )
 
 
+def _as_named(study_path: Path) -> Path:
+    """The study file as reports name it: relative to the current folder when it lies under it
+    (``studies/knn.yaml``, as ``anomalib-study run studies/knn.yaml`` records it), so that a re-run,
+    adopted or not, names it as the committed reports do and a clone elsewhere finds it."""
+    try:
+        return study_path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return study_path
+
+
 #: the file verify writes into a kept scratch folder: only a folder holding it is resumed from
 SCRATCH_MARKER = ".anomalib-study-verify"
 
@@ -220,7 +236,7 @@ def _scratch_folder(scratch: str | os.PathLike | None, reports: Path) -> Iterato
     if folder == committed or committed in folder.parents or folder in committed.parents:
         raise ParameterError(
             f"--keep-scratch {scratch}: the scratch folder must lie outside the reports folder "
-            f"{reports} (verify never writes into it); choose another folder"
+            f"{reports} (the re-runs must not mix with the reports they are compared with); choose another folder"
         )
     marker = folder / SCRATCH_MARKER
     if folder.is_dir() and any(folder.iterdir()) and not marker.is_file():
@@ -253,7 +269,7 @@ def verify_reports(
 
     Args:
         reports_dir: the committed reports (``<reports_dir>/<notebook>/<cell>.metrics.json``);
-            only read.
+            only read, unless ``adopt``.
         only: cell names or ``<notebook>/<cell>``, glob patterns allowed (None: every report);
             a pattern that matches nothing is a StudyError.
         tolerance: largest absolute difference of two numbers that still matches, on top of
@@ -266,10 +282,12 @@ def verify_reports(
             compared without running it again, so a verify over every report can be spread
             over several sessions.
         adopt: replace each committed report that is not current and whose re-run matched
-            by that re-run (:func:`adopt_rerun`), as soon as its study file's re-runs are
-            compared (a verify stopped midway keeps what it adopted); drifted, failed and
-            current reports are left as they are. Not with ``tolerance``: a report adopted
-            must hold the committed numbers by each number's own rule.
+            (and is itself current) by that re-run (:func:`adopt_rerun`), under the reports
+            folder's lock, as soon as its study file's re-runs are compared (a verify stopped
+            midway keeps what it adopted), then write the front page again; drifted, failed
+            and current reports, and cells that read the other reports, are left as they
+            are. Not with ``tolerance``: a report adopted must hold the committed numbers by
+            each number's own rule.
         kernel_name: the Jupyter kernel (see :func:`anomalib_study.runner.run_study`).
         log: called with the runner's progress lines, then the table (:func:`format_table`).
 
@@ -304,6 +322,7 @@ def verify_reports(
             continue
         by_study.setdefault(study, []).append(_Committed(report, folder, cell, path, metrics))
 
+    adopted_any = False
     with _scratch_folder(scratch, reports) as out:
         # paths compared relative to their roots: the re-run's on this machine, the committed
         # reports folder for the re-runs' scratch folder; the committed data and cache roots
@@ -323,18 +342,40 @@ def verify_reports(
                 committed_roots,
                 resume=scratch is not None,
             ):
-                result.freshness = _freshness(entry.path)
-                if adopt and result.status == "matched" and not result.freshness.startswith("current"):
-                    adopt_rerun(result, log)
+                if not result.freshness:
+                    result.freshness = _freshness(entry.path)
+                if _adoptable(adopt, result, entry):
+                    with io.folder_lock(runner.reports_lock(reports), f"the reports folder {reports}", wait=False):
+                        if _read_committed(entry.path)[1] == entry.metrics:  # not replaced since it was compared
+                            adopt_rerun(result, log)
+                            adopted_any = True
+                        else:
+                            log(f"{entry.report}: not adopted: the committed report changed while it was re-run")
                 results[entry.report] = result
         ordered = [results[report] for report, _ in selected]
         for result, (_, path) in zip(ordered, selected):
             result.freshness = result.freshness or _freshness(path)
+        if adopted_any:
+            runner.write_index(reports)
+            log(
+                f"verify: wrote {reports / 'index.html'}; run the comparison again (anomalib-study run "
+                "studies/comparison.yaml) once every other report is current"
+            )
         if scratch is None:  # the temporary folder goes: no path into it may be handed back
             for result in ordered:
                 result.rerun = None
     log(format_table(ordered, tolerance))
     return ordered
+
+
+def _adoptable(adopt: bool, result: VerifyResult, entry: _Committed) -> bool:
+    """Whether ``--adopt`` replaces this committed report by its re-run: it matched, was not
+    current, the re-run is current, and the cell does not read the other reports."""
+    if not adopt or result.adopted or result.status != "matched" or result.rerun is None or result.reads_reports:
+        return False
+    if result.freshness.startswith("current"):
+        return False
+    return _freshness(result.rerun).startswith("current")
 
 
 def _replaced_path(rerun: Path) -> Path:
@@ -357,14 +398,19 @@ def adopt_rerun(result: VerifyResult, log: Callable[[str], None] = print) -> Non
     with atomic_write(_replaced_path(result.rerun)) as handle:  # what a resumed verify compares it with
         handle.write(result.committed.read_bytes())
     new_metrics = result.rerun.read_bytes()
-    new_files = json.loads(new_metrics)["_run"]["files"]
-    old_files = json.loads(result.committed.read_text(encoding="utf-8")).get("_run", {}).get("files") or {}
+    cell = result.committed.name[: -len(".metrics.json")]
+
+    def own(files: Any) -> list[str]:  # the report's own files, beside its metrics (never a path elsewhere)
+        names = list(files) if isinstance(files, dict) else []
+        return [n for n in names if Path(n).name == n and n.startswith(f"{cell}.")]
+
+    new_files = own(json.loads(new_metrics)["_run"]["files"])
+    old_files = own(json.loads(result.committed.read_text(encoding="utf-8")).get("_run", {}).get("files"))
     for name in new_files:
         with atomic_write(target / name) as handle:
             handle.write((source / name).read_bytes())
     with atomic_write(result.committed) as handle:  # last: a complete report is one with matching metrics
         handle.write(new_metrics)
-    cell = result.committed.name[: -len(".metrics.json")]
     gone = [name for name in old_files if name not in new_files]
     gone += [f"{cell}.failed.{suffix}" for suffix in ("ipynb", "html", "json")]
     for name in gone:
@@ -411,10 +457,12 @@ def _read_committed(path: Path) -> tuple[str, dict[str, Any]]:
     return "", metrics
 
 
-def _freshness(metrics_path: Path) -> str:
-    """The committed report's freshness, by the front page's rule (:func:`comparison.report_freshness`)."""
+def _freshness(metrics_path: Path, metrics: dict[str, Any] | None = None) -> str:
+    """A report's freshness, by the front page's rule (:func:`comparison.report_freshness`);
+    ``metrics``: its metrics when not read from ``metrics_path`` (a replaced report's)."""
     cell = metrics_path.name[: -len(".metrics.json")]
-    metrics = comparison.io.read_json_object(metrics_path)
+    if metrics is None:
+        metrics = io.read_json_object(metrics_path)
     fresh, why = comparison.report_freshness(
         comparison.Report(metrics_path.parent.name, cell, metrics_path.parent, metrics, None)
     )
@@ -435,7 +483,11 @@ def _rerun_study(
 ) -> Iterator[tuple[_Committed, VerifyResult]]:
     try:  # a study file, or a suite whose parts run several notebooks
         studies = {study.notebook.stem: study for study in runner.read_studies(study_path)}
-        cells = {stem: {cell.name for cell in runner.expand_grid(study)} for stem, study in studies.items()}
+        grids = {stem: runner.expand_grid(study) for stem, study in studies.items()}
+        cells = {stem: {cell.name for cell in grid} for stem, grid in grids.items()}
+        reads_reports = {
+            stem: {cell.name for cell in grid if runner.uses_reports(cell.parameters)} for stem, grid in grids.items()
+        }
     except StudyError as error:
         for entry in entries:
             yield entry, VerifyResult(entry.report, "failed", committed=entry.path, message=str(error))
@@ -472,7 +524,7 @@ def _rerun_study(
         return
     try:
         ran = runner.run_study(
-            study_path,
+            _as_named(study_path),
             reports_dir=out,
             only=[f"{e.folder}/{e.cell}" for e in runnable],
             force=not resume,  # resume: a current re-run in the kept scratch folder is not run again
@@ -512,6 +564,9 @@ def _rerun_study(
             committed, adopted = json.loads(replaced.read_text(encoding="utf-8")), True
         result = judge(entry.report, committed, new, tolerance, roots=roots, committed_roots=committed_roots)
         result.committed, result.rerun, result.adopted = entry.path, new_path, adopted
+        result.reads_reports = entry.cell in reads_reports.get(entry.folder, set())
+        if adopted:
+            result.freshness = _freshness(entry.path, committed)
         if cell.status == "unchanged":  # a current re-run an earlier verify left in the kept folder
             result.resumed = str(new.get("_run", {}).get("started_at") or "an earlier verify")
         yield entry, result
@@ -610,7 +665,7 @@ def _counts(results: Sequence[VerifyResult], shown: int = 3) -> tuple[list[str],
             statuses.append(f"{len(chosen)} {status}" + (f" ({_listed(keys, shown)})" if keys else ""))
     kinds = [f"{n} with {kind} differences" for kind in ("schema", "wording") if (n := _with(results, kind))]
     if adopted := _with(results, "adopted"):
-        kinds.append(f"{adopted} adopted (re-run replaced a committed report that was not current)")
+        kinds.append(f"{adopted} adopted (the re-run replaced a committed report that was not current)")
     return statuses, kinds
 
 

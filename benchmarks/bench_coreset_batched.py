@@ -82,8 +82,10 @@ def compare(rows: np.ndarray, ratio: float, seed: int = 0) -> dict:
         sides[name] = (selected, time.perf_counter() - started)
         print(f"{name}: {selected.size} rows selected in {sides[name][1]:.1f} s", flush=True)
     (batched, batched_s), (plain, plain_s) = sides["batched_64"], sides["matrix_vector"]
-    same = batched.shape == plain.shape and bool((batched == plain).all())
-    differing = np.flatnonzero(batched != plain) if batched.shape == plain.shape else np.array([0])
+    if batched.shape != plain.shape:
+        raise RuntimeError(f"the two samplers selected {batched.size} and {plain.size} rows: a bug in the sampler")
+    same = bool((batched == plain).all())
+    differing = np.flatnonzero(batched != plain)
     return {
         "selected": int(plain.size),
         "batched_64_s": round(batched_s, 2),

@@ -1,5 +1,5 @@
 """benchmarks/bench_coreset_batched.py: both selections compared on generated rows (known answers:
-well-separated clusters leave no near-tie, duplicated rows tie exactly)."""
+one centre per well-separated cluster leaves no near-tie; a changed pick is reported at its step)."""
 
 from __future__ import annotations
 

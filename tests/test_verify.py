@@ -541,9 +541,11 @@ def test_a_kept_scratch_folder_resumes_without_running_a_current_rerun_again(rep
 
 def test_adopt_replaces_a_stale_report_that_matched_and_nothing_else(reports, tmp_path):
     committed = _committed(reports)
-    # a report the current code did not run (its notebook changed since, by the freshness rule)
+    # a report the current code did not run (its notebook changed since, by the freshness rule), which
+    # had failed once (its .failed.* files stay beside the last good report until a run succeeds)
     _edit(committed, lambda data: data["_run"].update(notebook_sha256="0" * 64))
     assert verify._freshness(committed).startswith("stale")
+    (reports / "tiny" / "synth-tiny.failed.html").write_text("<html>failed</html>")
     lines = []
     results = verify.verify_reports(reports, scratch=tmp_path / "scratch", adopt=True, log=lines.append)
     result = results[0]
@@ -553,9 +555,17 @@ def test_adopt_replaces_a_stale_report_that_matched_and_nothing_else(reports, tm
     for name in json.loads(rerun.read_text())["_run"]["files"]:
         assert (reports / "tiny" / name).read_bytes() == (rerun.parent / name).read_bytes()
     assert verify._freshness(committed) == "current"
+    assert not (reports / "tiny" / "synth-tiny.failed.html").exists()
+    assert json.loads(committed.read_text())["_run"]["study"] == "studies/tiny.yaml"  # as `run` names it
+    assert "synth-tiny" in (reports / "index.html").read_text()  # the front page written again
+    assert [r.status for r in runner.run_study("studies/tiny.yaml", reports_dir=reports, log=lambda line: None)][
+        0
+    ] == "unchanged"  # the runner takes the adopted report as current
     assert "tiny/synth-tiny: matched; the re-run replaces the committed report (stale" in "\n".join(lines)
     assert "adopted: the re-run replaced the committed report" in lines[-1]
-    assert lines[-1].endswith("verify: 1 matched; 1 adopted (re-run replaced a committed report that was not current)")
+    assert lines[-1].endswith(
+        "verify: 1 matched; 1 adopted (the re-run replaced a committed report that was not current)"
+    )
     # resumed from the same scratch folder: the re-run is compared with the report it replaced, kept there
     replaced = rerun.with_name("synth-tiny.replaced-by-verify.json")
     assert json.loads(replaced.read_text())["_run"]["notebook_sha256"] == "0" * 64
@@ -572,6 +582,22 @@ def test_adopt_replaces_a_stale_report_that_matched_and_nothing_else(reports, tm
     before = _folder_hash(reports)
     drifted = verify.verify_reports(reports, adopt=True, log=lambda line: None)
     assert drifted[0].status == "drifted" and not drifted[0].adopted and _folder_hash(reports) == before
+
+
+def test_adopt_leaves_a_comparison_cell_and_a_stale_rerun_alone(reports, tmp_path, monkeypatch):
+    entry = verify._Committed("tiny/synth-tiny", "tiny", "synth-tiny", _committed(reports), {})
+    rerun = tmp_path / "synth-tiny.metrics.json"
+    result = verify.VerifyResult("tiny/synth-tiny", "matched", rerun=rerun, freshness="stale: notebook changed")
+    monkeypatch.setattr(verify, "_freshness", lambda path, metrics=None: "current")
+    assert verify._adoptable(True, result, entry)
+    assert not verify._adoptable(False, result, entry)
+    result.reads_reports = True  # the comparison read the scratch folder's reports: never adopted
+    assert not verify._adoptable(True, result, entry)
+    result.reads_reports = False
+    monkeypatch.setattr(verify, "_freshness", lambda path, metrics=None: "stale: code changed during the verify")
+    assert not verify._adoptable(True, result, entry)  # a re-run no longer current is not adopted
+    for status in ("drifted", "failed", "skipped"):
+        assert not verify._adoptable(True, verify.VerifyResult("r", status, rerun=rerun, freshness="stale"), entry)
 
 
 def test_adopt_refuses_a_tolerance(reports, capsys):
