@@ -356,6 +356,14 @@ def _build_parser() -> argparse.ArgumentParser:
             "are left as they are (the only option that writes into --reports)"
         ),
     )
+    p.add_argument(
+        "--adopt-drifted",
+        action="store_true",
+        help=(
+            "with --adopt, a drifted re-run replaces its committed report too (for a drift understood: a report of "
+            "older code or another CPU); its drifts are listed, and a resumed verify still reports them"
+        ),
+    )
     p.add_argument("--kernel", default=None, help="Jupyter kernel (default: anomalib-study if installed)")
 
     p = sub.add_parser("download", help="download and verify MVTec AD or DAGM 2007 (needs internet)")
@@ -576,6 +584,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         data_root=args.data,
         scratch=args.keep_scratch,
         adopt=args.adopt,
+        adopt_drifted=args.adopt_drifted,
         kernel_name=args.kernel,
     )
     return exit_code(results)

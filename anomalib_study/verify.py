@@ -11,8 +11,10 @@ of unknown freshness) and whose re-run matched, and is current, is replaced by t
 that one pass over every report both checks the committed figures and regenerates them at the
 code it checked (:func:`adopt_rerun`; the front page is written again). A cell that reads the
 other reports (the comparison, notebook 05) is never adopted: its re-run read the scratch
-folder's reports; run it with ``anomalib-study run`` once the others are current. The
-comparison tells numbers from bookkeeping:
+folder's reports; run it with ``anomalib-study run`` once the others are current. With
+``adopt_drifted`` a drifted re-run is adopted too (its figures change: the output lists each
+one's drifts, and a verify resumed from the same scratch folder still reports them as drifts
+from the report replaced). The comparison tells numbers from bookkeeping:
 
 * numbers decide: a report is ``"matched"`` when every number (ints, floats, lists of them,
   the per-image scores, labels inside those tables) is equal up to float rounding, or within
@@ -262,6 +264,7 @@ def verify_reports(
     scratch: str | os.PathLike | None = None,
     *,
     adopt: bool = False,
+    adopt_drifted: bool = False,
     kernel_name: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[VerifyResult]:
@@ -288,12 +291,17 @@ def verify_reports(
             and current reports, and cells that read the other reports, are left as they
             are. Not with ``tolerance``: a report adopted must hold the committed numbers by
             each number's own rule.
+        adopt_drifted: with ``adopt``, a drifted re-run replaces its committed report too: for
+            a drift understood (a report run by older code or on another CPU), it saves running
+            the cell once more; its drifts stay in the output and in every resumed verify.
         kernel_name: the Jupyter kernel (see :func:`anomalib_study.runner.run_study`).
         log: called with the runner's progress lines, then the table (:func:`format_table`).
 
     Returns one :class:`VerifyResult` per selected report (use :func:`exit_code`).
     """
     tolerance = check_tolerance(tolerance)
+    if adopt_drifted and not adopt:
+        raise ParameterError("--adopt-drifted needs --adopt")
     if adopt and tolerance:
         raise ParameterError(
             f"--adopt with --tolerance {tolerance:g}: a report is adopted only when every number matched by its "
@@ -344,7 +352,7 @@ def verify_reports(
             ):
                 if not result.freshness:
                     result.freshness = _freshness(entry.path)
-                if _adoptable(adopt, result, entry):
+                if _adoptable(adopt, result, entry, adopt_drifted):
                     with io.folder_lock(runner.reports_lock(reports), f"the reports folder {reports}", wait=False):
                         if _read_committed(entry.path)[1] == entry.metrics:  # not replaced since it was compared
                             adopt_rerun(result, log)
@@ -368,10 +376,12 @@ def verify_reports(
     return ordered
 
 
-def _adoptable(adopt: bool, result: VerifyResult, entry: _Committed) -> bool:
-    """Whether ``--adopt`` replaces this committed report by its re-run: it matched, was not
-    current, the re-run is current, and the cell does not read the other reports."""
-    if not adopt or result.adopted or result.status != "matched" or result.rerun is None or result.reads_reports:
+def _adoptable(adopt: bool, result: VerifyResult, entry: _Committed, drifted: bool = False) -> bool:
+    """Whether ``--adopt`` replaces this committed report by its re-run: it matched (or, with
+    ``drifted``, drifted), was not current, the re-run is current, and the cell does not read
+    the other reports."""
+    statuses = ("matched", "drifted") if drifted else ("matched",)
+    if not adopt or result.adopted or result.status not in statuses or result.rerun is None or result.reads_reports:
         return False
     if result.freshness.startswith("current"):
         return False
@@ -392,8 +402,8 @@ def adopt_rerun(result: VerifyResult, log: Callable[[str], None] = print) -> Non
     The replaced metrics are kept beside the re-run (``<cell>.replaced-by-verify.json``): a
     verify resumed from that scratch folder compares the re-run with them, not with its own
     copy, so its summary still says how the regenerated report compares with the one it replaced."""
-    if result.status != "matched" or result.rerun is None or result.committed is None:
-        raise ValueError(f"{result.report}: only a matched report with its re-run can be adopted")
+    if result.status not in ("matched", "drifted") or result.rerun is None or result.committed is None:
+        raise ValueError(f"{result.report}: only a matched or drifted report with its re-run can be adopted")
     source, target = result.rerun.parent, result.committed.parent
     with atomic_write(_replaced_path(result.rerun)) as handle:  # what a resumed verify compares it with
         handle.write(result.committed.read_bytes())
@@ -417,7 +427,9 @@ def adopt_rerun(result: VerifyResult, log: Callable[[str], None] = print) -> Non
         with contextlib.suppress(FileNotFoundError):
             (target / name).unlink()
     result.adopted = True
-    log(f"{result.report}: matched; the re-run replaces the committed report ({result.freshness})")
+    worst = result.worst
+    changed = f"; its figures change, worst {worst.describe()}" if result.status == "drifted" and worst else ""
+    log(f"{result.report}: {result.status}; the re-run replaces the committed report ({result.freshness}){changed}")
 
 
 #: the files of a committed report beside its metrics (a report is all of them)
@@ -648,7 +660,10 @@ def _details(result: VerifyResult, shown: int) -> list[str]:
     if result.freshness and result.freshness != "current":
         details.append(f"  freshness of the committed report: {result.freshness}")
     if result.adopted:
-        details.append("  adopted: the re-run replaced the committed report (--adopt)")
+        details.append(
+            "  adopted: the re-run replaced the committed report (--adopt"
+            + (", --adopt-drifted: the drifts above are the figures that changed)" if result.drifts else ")")
+        )
     if result.message and result.status in ("failed", "skipped"):
         details.append(f"  {result.status}: {result.message}")
     return details

@@ -598,6 +598,28 @@ def test_adopt_leaves_a_comparison_cell_and_a_stale_rerun_alone(reports, tmp_pat
     assert not verify._adoptable(True, result, entry)  # a re-run no longer current is not adopted
     for status in ("drifted", "failed", "skipped"):
         assert not verify._adoptable(True, verify.VerifyResult("r", status, rerun=rerun, freshness="stale"), entry)
+    drifted = verify.VerifyResult("r", "drifted", rerun=rerun, freshness="stale")
+    monkeypatch.setattr(verify, "_freshness", lambda path, metrics=None: "current")
+    assert verify._adoptable(True, drifted, entry, drifted=True)  # --adopt-drifted
+    assert not verify._adoptable(True, verify.VerifyResult("r", "failed", rerun=rerun, freshness="stale"), entry, True)
+
+
+def test_adopt_drifted_replaces_a_drifted_report_and_a_resumed_verify_still_reports_the_drift(reports, tmp_path):
+    committed = _committed(reports)
+    _edit(committed, lambda data: (data["_run"].update(notebook_sha256="0" * 64), data.update(image_auroc=0.601)))
+    scratch = tmp_path / "scratch"
+    lines = []
+    result = verify.verify_reports(reports, scratch=scratch, adopt=True, log=lambda line: None)[0]
+    assert result.status == "drifted" and not result.adopted  # --adopt alone: left as it is
+    result = verify.verify_reports(reports, scratch=scratch, adopt=True, adopt_drifted=True, log=lines.append)[0]
+    assert result.status == "drifted" and result.adopted and verify.exit_code([result]) == 1
+    assert json.loads(committed.read_text())["image_auroc"] == 0.6  # the re-run's figure
+    assert "drifted; the re-run replaces the committed report (stale" in "\n".join(lines)
+    assert "image_auroc: committed 0.601, re-run 0.6" in "\n".join(lines)
+    again = verify.verify_reports(reports, scratch=scratch, log=lambda line: None)[0]
+    assert again.status == "drifted" and again.adopted and again.resumed  # compared with the report replaced
+    with pytest.raises(ParameterError, match="--adopt-drifted needs --adopt"):
+        verify.verify_reports(reports, adopt_drifted=True, log=lambda line: None)
 
 
 def test_adopt_refuses_a_tolerance(reports, capsys):
