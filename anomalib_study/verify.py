@@ -394,7 +394,8 @@ def _replaced_path(rerun: Path) -> Path:
 
 
 def adopt_rerun(result: VerifyResult, log: Callable[[str], None] = print) -> None:
-    """Replace the committed report of ``result`` (matched) by its re-run: every file the
+    """Replace the committed report of ``result`` (matched, or drifted under ``adopt_drifted``)
+    by its re-run: every file the
     re-run's ``_run["files"]`` records, then its metrics (each written atomically, the metrics
     last, as the runner writes a report); side files only the replaced report recorded, and
     its ``.failed.*`` files, are removed. Sets ``result.adopted``.
