@@ -352,8 +352,8 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "replace each committed report that is not current (stale, or of unknown freshness) and whose re-run "
-            "matched by the re-run, so one verify both checks and regenerates; drifted, failed and current reports "
-            "are left as they are (the only option that writes into --reports)"
+            "matched by the re-run, so one verify both checks and regenerates; drifted (unless --adopt-drifted),"
+            " failed and current reports are left as they are (the only option that writes into --reports)"
         ),
     )
     p.add_argument(
