@@ -26,9 +26,9 @@ differently and 2 of the 17,536 differ (:func:`selection_overlap` 0.99989; the r
 AUROC 0.93796 -> 0.93809), and on Magnetic-tile DINOv2 at 320 px squashed (331,540 patches,
 1 %: 3,315 kept) step 666 did and 158 differ (overlap 0.952; image AUROC 0.91984 -> 0.92107,
 pixel AUROC 0.75432 -> 0.75538; with the loop's selection the current code gives the earlier
-figures within 2.6e-6). The loop is no steadier across machines: its selection follows the
-features' last bits too (KolektorSDD DINOv2 at 448 px aspect-kept, 1 %: the same loop code gave
-image AUROC 0.93407 on an AMD EPYC and 0.93626 on an Intel Xeon).
+figures within 2.6e-6). The loop's figures are no steadier across machines: the same loop code
+gave image AUROC 0.93407 on an AMD EPYC and 0.93626 on an Intel Xeon (KolektorSDD DINOv2 at
+448 px aspect-kept, 1 %; where the features' last bits were amplified was not measurable here).
 
 ``precision="bf16"`` or ``"fp16"`` keeps the projected features in that type (half the
 memory, and the one pass per centre reads half the bytes; faster where the matrix-vector
