@@ -346,3 +346,28 @@ def test_bench_patchcore_precision_compares_another_setting(tmp_path, capsys):
     other.write_text(json.dumps({"cells": {"mvtec_ad-bottle-dinov2_vits14": {**row, "compared": "bf16"}}}))
     kept = module.run(None, ["mvtec_ad-bottle-*"], 1, other, resume=True, stored_only=True, compare="fp32@8")
     assert kept["cells"] == {}
+
+
+def test_bench_ae_reproducibility_quick_repeats_bit_for_bit(tmp_path):
+    """bench_ae_reproducibility.py --quick: one seed, one thread count, trained twice in two fresh
+    processes; the same seed and thread count on one machine give the same losses and figures."""
+    module = _load_script("bench_ae_reproducibility")
+    out = tmp_path / "ae_reproducibility.json"
+    assert module.main(["--quick", "--seeds", "0", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["quick"] is True and report["committed_report"] is None
+    assert [(r["seed"], r["threads"]) for r in report["runs"]] == [(0, 1)]
+    assert report["repeat"]["identical"] is True
+    assert report["repeat"]["run"]["val_losses"] == report["runs"][0]["val_losses"]
+    assert report["over_seeds"]["1"]["image_auroc"]["range"] == 0.0
+    assert report["all_runs"]["epochs_run"] == [1]
+    assert isinstance(report["machine"]["native_bf16"], bool)
+    assert any(line.startswith("repeat of seed 0 with 1 thread(s): bit for bit") for line in module.summary(report))
+
+
+def test_bench_ae_reproducibility_refuses_bad_arguments(capsys):
+    module = _load_script("bench_ae_reproducibility")
+    with pytest.raises(SystemExit):
+        module.main(["--quick", "--threads", "0"])
+    with pytest.raises(SystemExit, match="is not a cell"):
+        module.cell_arguments("no-such-cell", None, quick=False)
