@@ -102,9 +102,10 @@ def render_html(notebook_node: Any, title: str) -> str:
     return body
 
 
-def kernel_env(threads: int) -> dict[str, str]:
-    """The OpenMP/MKL thread variables for a kernel: the client's own values where it sets them, else ``threads``."""
-    return {name: os.environ.get(name) or str(threads) for name in THREAD_VARIABLES}
+def kernel_env(threads: int, pinned: bool = False) -> dict[str, str]:
+    """The OpenMP/MKL thread variables for a kernel: ``threads`` where ``pinned``; else the client's own
+    values where it sets them, else ``threads``."""
+    return {name: (None if pinned else os.environ.get(name)) or str(threads) for name in THREAD_VARIABLES}
 
 
 @functools.cache

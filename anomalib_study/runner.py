@@ -394,6 +394,7 @@ def run_study(
     kernel_name: str | None = None,
     device: str | None = None,
     scheduler: str | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[CellResult]:
     """Execute a study's grid and render its reports; returns one CellResult per selected cell.
@@ -416,6 +417,9 @@ def run_study(
         scheduler: the address of a Dask scheduler (e.g. ``"tcp://10.0.0.5:8786"``): the
             cells run on its workers, as many at once as they have threads, and the
             reports are written here as each result arrives (see the module docstring).
+        threads: the OpenMP/MKL threads of every kernel, in place of ``cpu_count // jobs`` and of the
+            client's own variables (``verify`` re-runs a report with the count it recorded: training
+            sums in an order set by the threads). Not with ``scheduler``.
         log: called with one line per cell start / finish.
 
     A failing notebook does not stop the study: its cell has status ``"failed"`` (use
@@ -432,6 +436,10 @@ def run_study(
             f"--jobs {jobs} and --scheduler are exclusive: on a Dask cluster the workers' threads "
             "set how many cells run at once (`dask worker --nthreads N`)"
         )
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ParameterError(f"threads must be a whole number >= 1, got {threads!r}")
+    if scheduler is not None and threads is not None:
+        raise ParameterError("threads and scheduler are exclusive: on a Dask cluster the workers set the threads")
     studies = read_studies(study_file)
     refuse_duplicates(study_file, studies)
 
@@ -484,7 +492,11 @@ def run_study(
     with io.folder_lock(reports_lock(reports), f"the reports folder {reports}", wait=False):
         client = connect_cluster(scheduler) if scheduler is not None else None
         try:
-            threads = cluster_kernel_threads(client) if client is not None else max(1, (os.cpu_count() or 1) // jobs)
+            pinned = threads is not None
+            if client is not None:
+                threads = cluster_kernel_threads(client)
+            elif threads is None:
+                threads = max(1, (os.cpu_count() or 1) // jobs)
             # parts in order: a later part may read the earlier reports
             for study, cells, uses in zip(studies, grids, used):
                 if not cells and not uses:
@@ -501,7 +513,7 @@ def run_study(
                         force,
                         log,
                         total,
-                        kernel_env(threads),
+                        kernel_env(threads, pinned=pinned),
                         on_cluster=client is not None,
                     )
 

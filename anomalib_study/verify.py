@@ -28,6 +28,9 @@ from the report replaced). The comparison tells numbers from bookkeeping:
   folder, the Python environment, the home folder), inside free text too; times, memory and
   provenance are left out (:data:`UNCOMPARED`).
 
+Each cell is re-run with the thread count its committed report recorded (:func:`rerun_threads`):
+a seeded training repeats bit for bit only with the same threads on the same CPU.
+
 Provenance differences (package version, git commit, CPU, cores, threads, GPU, python and
 torch versions, platform, backbone weights hash, seed, device, the runner's inputs hash, the
 cell's parameters) are printed one line each: they explain a drift but are not one. A cell
@@ -51,7 +54,7 @@ from anomalib_study import comparison, io, runner, schema
 from anomalib_study.errors import ParameterError, StudyError
 from anomalib_study.io import atomic_write
 from anomalib_study.methods import Tolerance
-from anomalib_study.report_files import report_files_match
+from anomalib_study.report_files import CellResult, report_files_match
 from anomalib_study.verify_compare import (
     MISSING,
     UNCOMPARED,
@@ -82,6 +85,8 @@ __all__ = [
     "judge",
     "notebook_summaries",
     "provenance_differences",
+    "recorded_threads",
+    "rerun_threads",
     "tolerance_table",
     "verify_reports",
 ]
@@ -482,6 +487,40 @@ def _freshness(metrics_path: Path, metrics: dict[str, Any] | None = None) -> str
     return fresh if not why else f"{fresh}: {why}"
 
 
+def recorded_threads(metrics: Mapping[str, Any]) -> int | None:
+    """The threads a report's kernel computed with: torch's count in ``environment.threads``, else the
+    ``OMP_NUM_THREADS`` the runner gave it (``_run.provenance.threads``); None where neither is recorded."""
+    environment = metrics.get("environment") or {}
+    provenance = (metrics.get("_run") or {}).get("provenance") or {}
+    for value in (
+        (environment.get("threads") or {}).get("torch"),
+        (environment.get("threads") or {}).get("OMP_NUM_THREADS"),
+        (provenance.get("threads") or {}).get("OMP_NUM_THREADS"),
+    ):
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            continue
+        if count >= 1:
+            return count
+    return None
+
+
+def rerun_threads(
+    metrics: Mapping[str, Any], cores: int | None = None, log: Callable[[str], None] = print, report: str = ""
+) -> int | None:
+    """The thread count to re-run a committed report with: the one it recorded (a seeded training is
+    repeatable only with the same threads, on the same CPU), unless this machine has fewer cores
+    (then None, the runner's default, and a line saying so: oversubscribed threads only slow it down)."""
+    count = recorded_threads(metrics)
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    if count is not None and count > cores:
+        log(f"verify: {report or 'a report'} ran with {count} threads; this machine has {cores} cores: re-run with "
+            "the default (a trained model may drift for that alone)")
+        return None
+    return count
+
+
 def _rerun_study(
     study_path: Path,
     entries: list[_Committed],
@@ -535,20 +574,28 @@ def _rerun_study(
             runnable.append(entry)
     if not runnable:
         return
-    try:
-        ran = runner.run_study(
-            _as_named(study_path),
-            reports_dir=out,
-            only=[f"{e.folder}/{e.cell}" for e in runnable],
-            force=not resume,  # resume: a current re-run in the kept scratch folder is not run again
-            data_root=data_root,
-            kernel_name=kernel_name,
-            log=log,
-        )
-    except StudyError as error:
-        for entry in runnable:
-            yield entry, VerifyResult(entry.report, "failed", committed=entry.path, message=str(error))
-        return
+    by_threads: dict[int | None, list[_Committed]] = {}
+    for entry in runnable:  # each re-run with the thread count its committed report ran with, where this machine has it
+        by_threads.setdefault(rerun_threads(entry.metrics, log=log, report=entry.report), []).append(entry)
+    ran: list[CellResult] = []
+    for threads, group in by_threads.items():
+        if threads is not None:
+            log(f"verify: {len(group)} report(s) re-run with {threads} thread(s) per kernel, as committed")
+        try:
+            ran += runner.run_study(
+                _as_named(study_path),
+                reports_dir=out,
+                only=[f"{e.folder}/{e.cell}" for e in group],
+                force=not resume,  # resume: a current re-run in the kept scratch folder is not run again
+                data_root=data_root,
+                kernel_name=kernel_name,
+                threads=threads,
+                log=log,
+            )
+        except StudyError as error:
+            for entry in group:
+                yield entry, VerifyResult(entry.report, "failed", committed=entry.path, message=str(error))
+            runnable = [entry for entry in runnable if entry not in group]
     by_name = {(result.notebook, result.name): result for result in ran}
     for entry in runnable:
         cell = by_name[(entry.folder, entry.cell)]

@@ -514,6 +514,25 @@ def test_parallel_jobs_give_the_same_outputs(project):
     )
 
 
+def test_pinned_threads_override_the_jobs_share_and_the_clients_variables(project, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the client's own value: used unless threads pins another
+    results, _ = _run(project, force=True, kernel_name="python3", only="plain-tiny", threads=1)
+    assert results["plain-tiny"].metrics["threads"] == "1"
+    results, _ = _run(project, force=True, kernel_name="python3", only="plain-tiny")
+    assert results["plain-tiny"].metrics["threads"] == "3"
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_thread_counts_are_refused_before_anything_runs(project, threads):
+    with pytest.raises(ParameterError, match="threads must be a whole number >= 1"):
+        _run(project, threads=threads)
+
+
+def test_threads_and_a_scheduler_are_exclusive(project):
+    with pytest.raises(ParameterError, match="threads and scheduler are exclusive"):
+        _run(project, threads=1, scheduler="tcp://127.0.0.1:1")
+
+
 def test_shipped_study_files_are_valid():
     studies = sorted((REPO / "studies").glob("*.yaml"))
     assert {p.name for p in studies} >= {"default.yaml", "knn.yaml", "autoencoder_smoke.yaml", "autoencoder.yaml"}

@@ -521,6 +521,36 @@ def test_tolerance_and_a_changed_commit_or_machine_is_a_difference_not_a_drift(r
     assert result.rerun == tmp_path / "scratch" / "tiny" / "synth-tiny.metrics.json" and result.rerun.is_file()
 
 
+def test_a_rerun_uses_the_thread_count_its_committed_report_recorded(reports, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the client's own count: the committed report's wins
+    _edit(_committed(reports), lambda data: data["_run"]["provenance"]["threads"].update(OMP_NUM_THREADS="1"))
+    lines = []
+    result = verify.verify_reports(reports, scratch=tmp_path / "scratch", log=lines.append)[0]
+    assert result.status == "matched"
+    rerun = json.loads(result.rerun.read_text())
+    assert rerun["_run"]["provenance"]["threads"]["OMP_NUM_THREADS"] == "1"
+    assert "verify: 1 report(s) re-run with 1 thread(s) per kernel, as committed" in lines
+    assert not any(line.startswith("threads (OMP_NUM_THREADS)") for line in result.differences)
+
+
+def test_recorded_threads_and_the_count_a_rerun_gets():
+    assert verify.recorded_threads({"environment": {"threads": {"OMP_NUM_THREADS": "1", "torch": 4}}}) == 4
+    assert verify.recorded_threads({"environment": {"threads": {"OMP_NUM_THREADS": "1", "torch": None}}}) == 1
+    assert verify.recorded_threads({"_run": {"provenance": {"threads": {"OMP_NUM_THREADS": "3"}}}}) == 3
+    assert verify.recorded_threads({"_run": {"provenance": {"threads": {"OMP_NUM_THREADS": None}}}}) is None
+    assert verify.recorded_threads({"environment": {"threads": {"torch": "many"}}}) is None
+    assert verify.recorded_threads({}) is None
+    lines = []
+    many = {"environment": {"threads": {"torch": 64}}}
+    assert verify.rerun_threads(many, cores=2, log=lines.append, report="nb/cell") is None
+    assert lines == [
+        "verify: nb/cell ran with 64 threads; this machine has 2 cores: re-run with the default "
+        "(a trained model may drift for that alone)"
+    ]
+    assert verify.rerun_threads({"environment": {"threads": {"torch": 2}}}, cores=2, log=lines.append) == 2
+    assert verify.rerun_threads({}, cores=2, log=lines.append) is None and len(lines) == 1
+
+
 def test_a_kept_scratch_folder_resumes_without_running_a_current_rerun_again(reports, tmp_path):
     scratch = tmp_path / "scratch"
     first = verify.verify_reports(reports, scratch=scratch, log=lambda line: None)
