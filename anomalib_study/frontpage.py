@@ -2,7 +2,9 @@
 
 It opens with the findings (:mod:`anomalib_study.findings_html`: the findings in a few
 sentences, detection at a glance, each seed work's table beside its published figures, the
-plots, the ablations), then lists every report, one collapsed section per notebook. Numbers
+plots, the ablations; where ``benchmarks/ae_reproducibility.json`` exists, the spread an
+autoencoder's figures carry from training alone is one of the findings), then lists every
+report, one collapsed section per notebook. Numbers
 come from the metrics files through :mod:`anomalib_study.comparison` (never from a rendered
 notebook); the plots are PNGs embedded in the page, nothing is loaded from the network. The
 page is deterministic: the same files give the same bytes.
@@ -11,6 +13,7 @@ page is deterministic: the same files give the same bytes.
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -84,7 +87,7 @@ def write_index(
             + _comparison_link(reports)
             + "</nav>"
         )
-        parts += found_parts
+        parts += _with_repeatability(found_parts, repeatability_finding(reports))
         parts.append("<h2 id='reports'>Every report</h2>")
         parts.append(_status_line(table))
         parts += _reports_section(reports, table, found, dict(skipped or {}))
@@ -98,6 +101,41 @@ def write_index(
     with io.atomic_write(index, "w") as handle:
         handle.write("\n".join(parts))
     return index
+
+
+#: the autoencoder repeatability benchmark's report (``benchmarks/bench_ae_reproducibility.py``), under the reports folder
+REPEATABILITY = Path("benchmarks") / "ae_reproducibility.json"
+
+
+def repeatability_finding(reports: Path) -> str | None:
+    """One finding, as HTML: how far an autoencoder's figures move from training alone (seeds and
+    thread counts, one cell, one CPU), read from :data:`REPEATABILITY`; None where that file is
+    absent, unreadable or a ``--quick`` smoke run."""
+    try:
+        bench = json.loads((reports / REPEATABILITY).read_text(encoding="utf-8"))
+        runs, auroc = bench["runs"], bench["all_runs"]["image_auroc"]
+        seeds = sorted({int(r["seed"]) for r in runs})
+        threads = sorted({int(r["threads"]) for r in runs})
+        text = (
+            f"Autoencoder figures carry a spread from training alone: {bench['cell']} trained {len(runs)} times "
+            f"(seeds {', '.join(map(str, seeds))} x {' and '.join(map(str, threads))} thread(s), "
+            f"{bench['machine']['cpu']}) gave image AUROC {float(auroc['min']):.3f}-{float(auroc['max']):.3f}; "
+            "a difference between autoencoder figures smaller than that is not a finding "
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if bench.get("quick") or not runs:
+        return None
+    link = f"<a href='{html.escape(REPEATABILITY.as_posix())}'>{html.escape(REPEATABILITY.as_posix())}</a>"
+    return f"{html.escape(text)}({link})."
+
+
+def _with_repeatability(found_parts: list[str], finding: str | None) -> list[str]:
+    """``found_parts`` with ``finding`` as the last item of the findings list (which opens them)."""
+    if finding is None or not found_parts or not found_parts[0].startswith("<h2 id='found'>"):
+        return found_parts
+    end = found_parts.index("</ul>")
+    return found_parts[:end] + [f"<li>{finding}</li>"] + found_parts[end:]
 
 
 def _comparison_link(reports: Path) -> str:

@@ -155,6 +155,34 @@ def test_front_page_opens_with_the_findings_and_lists_every_report_collapsed(stu
     assert "<script" not in page and not re.search(r"(src|href)=['\"]https?:", page)
 
 
+def test_the_autoencoder_repeatability_benchmark_is_a_finding_when_present(study):
+    import json
+
+    page = frontpage.write_index(study, sources_hash=SOURCES).read_text()
+    assert "spread from training alone" not in page  # no benchmark report: no finding
+    bench = {
+        "quick": False,
+        "cell": "kolektorsdd-pretrained-efficientnet_lite0",
+        "runs": [{"seed": s, "threads": t} for t in (1, 2) for s in (0, 1, 2)],
+        "all_runs": {"image_auroc": {"min": 0.5587, "max": 0.6593, "range": 0.1006}},
+        "machine": {"cpu": "Some CPU"},
+    }
+    (study / "benchmarks").mkdir()
+    (study / "benchmarks" / "ae_reproducibility.json").write_text(json.dumps(bench))
+    page = frontpage.write_index(study, sources_hash=SOURCES).read_text()
+    findings_list = page.split("<ul class='findings'>")[1].split("</ul>")[0]
+    assert (
+        "<li>Autoencoder figures carry a spread from training alone: kolektorsdd-pretrained-efficientnet_lite0 "
+        "trained 6 times (seeds 0, 1, 2 x 1 and 2 thread(s), Some CPU) gave image AUROC 0.559-0.659; "
+        in findings_list
+    )
+    assert "<a href='benchmarks/ae_reproducibility.json'>" in findings_list
+    (study / "benchmarks" / "ae_reproducibility.json").write_text(json.dumps({**bench, "quick": True}))
+    assert "spread from training alone" not in frontpage.write_index(study, sources_hash=SOURCES).read_text()
+    (study / "benchmarks" / "ae_reproducibility.json").write_text("{not json")
+    assert "spread from training alone" not in frontpage.write_index(study, sources_hash=SOURCES).read_text()
+
+
 def test_front_page_stays_small_with_many_reports(tmp_path):
     for i in range(40):
         _write(
