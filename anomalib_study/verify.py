@@ -521,6 +521,16 @@ def rerun_threads(
     return count
 
 
+def _kept_with_other_threads(kept: Path, threads: int | None) -> bool:
+    """Whether the re-run kept at ``kept`` (a scratch folder's) ran with other threads than ``threads``."""
+    if threads is None or not kept.is_file():
+        return False
+    try:
+        return recorded_threads(json.loads(kept.read_text(encoding="utf-8"))) not in (None, threads)
+    except (OSError, ValueError):
+        return False
+
+
 def _rerun_study(
     study_path: Path,
     entries: list[_Committed],
@@ -574,11 +584,15 @@ def _rerun_study(
             runnable.append(entry)
     if not runnable:
         return
-    by_threads: dict[int | None, list[_Committed]] = {}
-    for entry in runnable:  # each re-run with the thread count its committed report ran with, where this machine has it
-        by_threads.setdefault(rerun_threads(entry.metrics, log=log, report=entry.report), []).append(entry)
+    # each re-run with the thread count its committed report ran with, where this machine has it; resuming, a
+    # kept re-run made with other threads is run again (the runner's "current" test does not look at threads)
+    groups: dict[tuple[int | None, bool], list[_Committed]] = {}
+    for entry in runnable:
+        threads = rerun_threads(entry.metrics, log=log, report=entry.report)
+        force = not resume or _kept_with_other_threads(out / entry.folder / f"{entry.cell}.metrics.json", threads)
+        groups.setdefault((threads, force), []).append(entry)
     ran: list[CellResult] = []
-    for threads, group in by_threads.items():
+    for (threads, force), group in groups.items():
         if threads is not None:
             log(f"verify: {len(group)} report(s) re-run with {threads} thread(s) per kernel, as committed")
         try:
@@ -586,7 +600,7 @@ def _rerun_study(
                 _as_named(study_path),
                 reports_dir=out,
                 only=[f"{e.folder}/{e.cell}" for e in group],
-                force=not resume,  # resume: a current re-run in the kept scratch folder is not run again
+                force=force,  # resume: a current re-run in the kept scratch folder is not run again
                 data_root=data_root,
                 kernel_name=kernel_name,
                 threads=threads,

@@ -531,6 +531,16 @@ def test_a_rerun_uses_the_thread_count_its_committed_report_recorded(reports, tm
     assert rerun["_run"]["provenance"]["threads"]["OMP_NUM_THREADS"] == "1"
     assert "verify: 1 report(s) re-run with 1 thread(s) per kernel, as committed" in lines
     assert not any(line.startswith("threads (OMP_NUM_THREADS)") for line in result.differences)
+    # resumed from the kept folder: a current re-run with the recorded threads is kept, one with others run again
+    started = rerun["_run"]["started_at"]
+    again = verify.verify_reports(reports, scratch=tmp_path / "scratch", log=lambda line: None)[0]
+    assert again.resumed == started and json.loads(again.rerun.read_text())["_run"]["started_at"] == started
+    if (os.cpu_count() or 1) < 2:
+        return  # a committed count above this machine's cores is not pinned (tested below)
+    _edit(_committed(reports), lambda data: data["_run"]["provenance"]["threads"].update(OMP_NUM_THREADS="2"))
+    again = verify.verify_reports(reports, scratch=tmp_path / "scratch", log=lambda line: None)[0]
+    assert not again.resumed and again.status == "matched"
+    assert json.loads(again.rerun.read_text())["_run"]["provenance"]["threads"]["OMP_NUM_THREADS"] == "2"
 
 
 def test_recorded_threads_and_the_count_a_rerun_gets():
