@@ -531,6 +531,26 @@ def _kept_with_other_threads(kept: Path, threads: int | None) -> bool:
         return False
 
 
+def _rerun_groups(
+    entries: Sequence[_Committed],
+    reads_reports: Mapping[str, set[str]],
+    out: Path,
+    resume: bool,
+    log: Callable[[str], None] = print,
+) -> list[tuple[int | None, bool, list[_Committed]]]:
+    """``(threads, force, entries)`` per :func:`runner.run_study` call, in order: each re-run with the
+    thread count its committed report ran with (:func:`rerun_threads`); resuming, a re-run kept in ``out``
+    with other threads is run again (``force``: the runner's "current" test does not look at threads);
+    a cell that reads the other reports (the comparison) after every other group, as a suite orders it."""
+    groups: dict[tuple[bool, int | None, bool], list[_Committed]] = {}
+    for entry in entries:
+        threads = rerun_threads(entry.metrics, log=log, report=entry.report)
+        force = not resume or _kept_with_other_threads(out / entry.folder / f"{entry.cell}.metrics.json", threads)
+        reads = entry.cell in reads_reports.get(entry.folder, set())
+        groups.setdefault((reads, threads, force), []).append(entry)
+    return [(threads, force, group) for (_, threads, force), group in sorted(groups.items(), key=lambda i: i[0][0])]
+
+
 def _rerun_study(
     study_path: Path,
     entries: list[_Committed],
@@ -584,15 +604,8 @@ def _rerun_study(
             runnable.append(entry)
     if not runnable:
         return
-    # each re-run with the thread count its committed report ran with, where this machine has it; resuming, a
-    # kept re-run made with other threads is run again (the runner's "current" test does not look at threads)
-    groups: dict[tuple[int | None, bool], list[_Committed]] = {}
-    for entry in runnable:
-        threads = rerun_threads(entry.metrics, log=log, report=entry.report)
-        force = not resume or _kept_with_other_threads(out / entry.folder / f"{entry.cell}.metrics.json", threads)
-        groups.setdefault((threads, force), []).append(entry)
     ran: list[CellResult] = []
-    for (threads, force), group in groups.items():
+    for threads, force, group in _rerun_groups(runnable, reads_reports, out, resume, log):
         if threads is not None:
             log(f"verify: {len(group)} report(s) re-run with {threads} thread(s) per kernel, as committed")
         try:

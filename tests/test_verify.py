@@ -543,6 +543,32 @@ def test_a_rerun_uses_the_thread_count_its_committed_report_recorded(reports, tm
     assert json.loads(again.rerun.read_text())["_run"]["provenance"]["threads"]["OMP_NUM_THREADS"] == "2"
 
 
+def test_rerun_groups_follow_the_recorded_threads_and_run_the_comparison_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(verify.os, "cpu_count", lambda: 8)  # every recorded count fits this machine
+
+    def committed(folder, cell, threads):
+        metrics = {"environment": {"threads": {"torch": threads}}}
+        return verify._Committed(f"{folder}/{cell}", folder, cell, tmp_path / f"{cell}.json", metrics)
+
+    comparison = committed("05", "all", 1)  # first in the list, with the threads of the first group
+    one, two, two_again = committed("01", "a", 1), committed("01", "b", 2), committed("02", "c", 2)
+    groups = verify._rerun_groups([comparison, one, two, two_again], {"05": {"all"}}, tmp_path, resume=False)
+    assert [(threads, force, [e.cell for e in group]) for threads, force, group in groups] == [
+        (1, True, ["a"]),
+        (2, True, ["b", "c"]),
+        (1, True, ["all"]),
+    ]
+    # resuming: a kept re-run with the committed threads is not forced, one with other threads is
+    (tmp_path / "01").mkdir()
+    (tmp_path / "01" / "a.metrics.json").write_text(json.dumps({"environment": {"threads": {"torch": 1}}}))
+    (tmp_path / "01" / "b.metrics.json").write_text(json.dumps({"environment": {"threads": {"torch": 1}}}))
+    groups = verify._rerun_groups([one, two], {}, tmp_path, resume=True)
+    assert [(threads, force, [e.cell for e in group]) for threads, force, group in groups] == [
+        (1, False, ["a"]),
+        (2, True, ["b"]),
+    ]
+
+
 def test_recorded_threads_and_the_count_a_rerun_gets():
     assert verify.recorded_threads({"environment": {"threads": {"OMP_NUM_THREADS": "1", "torch": 4}}}) == 4
     assert verify.recorded_threads({"environment": {"threads": {"OMP_NUM_THREADS": "1", "torch": None}}}) == 1
