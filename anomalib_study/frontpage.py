@@ -103,7 +103,7 @@ def write_index(
     return index
 
 
-#: the autoencoder repeatability benchmark's report (``benchmarks/bench_ae_reproducibility.py``), under the reports folder
+#: the autoencoder repeatability benchmark's report (``benchmarks/bench_ae_reproducibility.py``), under reports/
 REPEATABILITY = Path("benchmarks") / "ae_reproducibility.json"
 
 

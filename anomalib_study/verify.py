@@ -515,8 +515,10 @@ def rerun_threads(
     count = recorded_threads(metrics)
     cores = cores if cores is not None else (os.cpu_count() or 1)
     if count is not None and count > cores:
-        log(f"verify: {report or 'a report'} ran with {count} threads; this machine has {cores} cores: re-run with "
-            "the default (a trained model may drift for that alone)")
+        log(
+            f"verify: {report or 'a report'} ran with {count} threads; this machine has {cores} cores: re-run with "
+            "the default (a trained model may drift for that alone)"
+        )
         return None
     return count
 

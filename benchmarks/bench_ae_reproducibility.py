@@ -54,11 +54,19 @@ def cell_arguments(cell: str, data: Path | None, quick: bool) -> dict[str, Any]:
     from anomalib_study.runner import expand_grid, read_study, resolve_parameters, synthetic_root
 
     if quick:
-        return {"dataset": "dagm", "root": str(synthetic_root()), "model": "conv", "loss": "mse_ssim", "epochs": 1,
-                "image_size": 64}
+        return {
+            "dataset": "dagm",
+            "root": str(synthetic_root()),
+            "model": "conv",
+            "loss": "mse_ssim",
+            "epochs": 1,
+            "image_size": 64,
+        }
     cells = {c.name: c for c in expand_grid(read_study(STUDY))}
     if cell not in cells:
-        raise SystemExit(f"--cell {cell!r} is not a cell of {STUDY.relative_to(REPO)} (cells: {', '.join(sorted(cells))})")
+        raise SystemExit(
+            f"--cell {cell!r} is not a cell of {STUDY.relative_to(REPO)} (cells: {', '.join(sorted(cells))})"
+        )
     parameters, reason = resolve_parameters(cells[cell].parameters, data=data, synthetic=synthetic_root)
     if reason:
         raise SystemExit(f"--cell {cell}: {reason}; pass --data ../shared/data")
@@ -96,11 +104,20 @@ def train(arguments: dict[str, Any], seed: int, threads: int, work: Path) -> dic
     out = work / f"seed{seed}-threads{threads}-{time.monotonic_ns()}.json"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     code = (
-        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench_ae_reproducibility as b; "
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "import bench_ae_reproducibility as b; "
         "b.worker(json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))"
     )
-    command = [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(arguments), str(seed),
-               str(threads), str(out)]
+    command = [
+        sys.executable,
+        "-c",
+        code,
+        str(Path(__file__).resolve().parent),
+        json.dumps(arguments),
+        str(seed),
+        str(threads),
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the run with seed {seed} and {threads} thread(s) failed:\n{done.stderr[-3000:]}")
@@ -170,23 +187,31 @@ def run(cell: str, data: Path | None, seeds: Sequence[int], threads: Sequence[in
 
 
 def summary(report: dict[str, Any]) -> list[str]:
-    lines = [f"{report['cell'] or 'synthetic (quick)'}: {report['all_runs']['runs']} runs on {report['machine']['cpu']} "
-             f"(native bf16 {report['machine']['native_bf16']})"]
+    lines = [
+        f"{report['cell'] or 'synthetic (quick)'}: {report['all_runs']['runs']} runs on {report['machine']['cpu']} "
+        f"(native bf16 {report['machine']['native_bf16']})"
+    ]
     repeat = report["repeat"]
     lines.append(
         f"repeat of seed {repeat['of']['seed']} with {repeat['of']['threads']} thread(s): "
         + ("bit for bit the same" if repeat["identical"] else "DIFFERENT (not deterministic on one machine)")
     )
     for count, s in report["over_seeds"].items():
-        lines.append(f"over seeds, {count} thread(s): image AUROC {s['image_auroc']['min']:.4f}-{s['image_auroc']['max']:.4f}"
-                     f" (range {s['image_auroc']['range']:.4f}), stopping epochs {s['epochs_run']}")
+        lines.append(
+            f"over seeds, {count} thread(s): image AUROC {s['image_auroc']['min']:.4f}-{s['image_auroc']['max']:.4f}"
+            f" (range {s['image_auroc']['range']:.4f}), stopping epochs {s['epochs_run']}"
+        )
     for seed, s in report["over_threads"].items():
-        lines.append(f"over thread counts, seed {seed}: image AUROC range {s['image_auroc']['range']:.4f}, "
-                     f"stopping epochs {s['epochs_run']}")
+        lines.append(
+            f"over thread counts, seed {seed}: image AUROC range {s['image_auroc']['range']:.4f}, "
+            f"stopping epochs {s['epochs_run']}"
+        )
     committed = report.get("committed_report")
     if committed:
-        lines.append(f"committed report: image AUROC {committed['image_auroc']:.6f}, {committed['epochs_run']} epochs, "
-                     f"seed {committed['seed']}, {committed['threads']} thread(s) on {committed['cpu']}")
+        lines.append(
+            f"committed report: image AUROC {committed['image_auroc']:.6f}, {committed['epochs_run']} epochs, "
+            f"seed {committed['seed']}, {committed['threads']} thread(s) on {committed['cpu']}"
+        )
     return lines
 
 
@@ -197,8 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--quick", action="store_true", help="synthetic set, 64 px, 1 epoch (smoke test)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; --quick writes nothing unless given)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON report (default {DEFAULT_OUT.relative_to(REPO)}; --quick writes nothing unless given)",
+    )
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]

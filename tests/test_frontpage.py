@@ -173,8 +173,7 @@ def test_the_autoencoder_repeatability_benchmark_is_a_finding_when_present(study
     findings_list = page.split("<ul class='findings'>")[1].split("</ul>")[0]
     assert (
         "<li>Autoencoder figures carry a spread from training alone: kolektorsdd-pretrained-efficientnet_lite0 "
-        "trained 6 times (seeds 0, 1, 2 x 1 and 2 thread(s), Some CPU) gave image AUROC 0.559-0.659; "
-        in findings_list
+        "trained 6 times (seeds 0, 1, 2 x 1 and 2 thread(s), Some CPU) gave image AUROC 0.559-0.659; " in findings_list
     )
     assert "<a href='benchmarks/ae_reproducibility.json'>" in findings_list
     (study / "benchmarks" / "ae_reproducibility.json").write_text(json.dumps({**bench, "quick": True}))
