@@ -172,14 +172,16 @@ def figure_img(fig, alt: str, dpi: int = 100) -> str:
 
 
 # --------------------------------------------------------------------------- sections
-def found_html(headline: pd.DataFrame, seeds: Sequence[Any]) -> list[str]:
-    """What the study found, in a few sentences (:func:`anomalib_study.findings.key_findings`)."""
+def found_html(headline: pd.DataFrame, seeds: Sequence[Any], extra: Sequence[str] = ()) -> list[str]:
+    """What the study found, in a few sentences (:func:`anomalib_study.findings.key_findings`), then
+    ``extra`` findings given as HTML (read from elsewhere than the reports, e.g. a benchmark)."""
     lines = findings.key_findings(headline, list(seeds))
     if not lines:
         return []
     return (
         ["<h2 id='found'>What the study found</h2>", "<ul class='findings'>"]
         + [f"<li>{_esc(line)}</li>" for line in lines]
+        + [f"<li>{item}</li>" for item in extra]
         + ["</ul>"]
     )
 
@@ -331,13 +333,16 @@ def ablations_html(runs: pd.DataFrame, reports: pd.DataFrame) -> list[str]:
     return parts
 
 
-def findings_parts(reports: pd.DataFrame, link_prefix: str | None = "") -> list[str]:
-    """Every findings section in page order, from :func:`anomalib_study.comparison.collect_reports`'s table."""
+def findings_parts(
+    reports: pd.DataFrame, link_prefix: str | None = "", extra_findings: Sequence[str] = ()
+) -> list[str]:
+    """Every findings section in page order, from :func:`anomalib_study.comparison.collect_reports`'s table
+    (``extra_findings``: see :func:`found_html`)."""
     runs = findings.annotate(reports)
     headline = findings.headline_table(runs)
     seeds = findings.seed_tables(runs)
     return (
-        found_html(headline, seeds)
+        found_html(headline, seeds, extra_findings)
         + glance_html(headline, runs, link_prefix)
         + seed_html(seeds)
         + plots_html(runs)

@@ -79,7 +79,9 @@ def write_index(
         parts.append("<p>No reports yet: run <code>anomalib-study run studies/default.yaml</code>.</p>")
     else:
         method_reports = table[table["task"] != ""] if len(table) else table
-        found_parts = findings_html.findings_parts(method_reports) if len(method_reports) else []
+        finding = repeatability_finding(reports)
+        extra = [finding] if finding else []
+        found_parts = findings_html.findings_parts(method_reports, extra_findings=extra) if len(method_reports) else []
         shown = {anchor for anchor, _ in _NAV if f"id='{anchor}'" in "".join(found_parts)} | {"reports"}
         parts.append(
             "<nav>"
@@ -87,7 +89,7 @@ def write_index(
             + _comparison_link(reports)
             + "</nav>"
         )
-        parts += _with_repeatability(found_parts, repeatability_finding(reports))
+        parts += found_parts
         parts.append("<h2 id='reports'>Every report</h2>")
         parts.append(_status_line(table))
         parts += _reports_section(reports, table, found, dict(skipped or {}))
@@ -128,14 +130,6 @@ def repeatability_finding(reports: Path) -> str | None:
         return None
     link = f"<a href='{html.escape(REPEATABILITY.as_posix())}'>{html.escape(REPEATABILITY.as_posix())}</a>"
     return f"{html.escape(text)}({link})."
-
-
-def _with_repeatability(found_parts: list[str], finding: str | None) -> list[str]:
-    """``found_parts`` with ``finding`` as the last item of the findings list (which opens them)."""
-    if finding is None or not found_parts or not found_parts[0].startswith("<h2 id='found'>"):
-        return found_parts
-    end = found_parts.index("</ul>")
-    return found_parts[:end] + [f"<li>{finding}</li>"] + found_parts[end:]
 
 
 def _comparison_link(reports: Path) -> str:
